@@ -1,0 +1,662 @@
+"""The trio device client: keeps a WebSocket to the hub, batches points, resends them until acked."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import random
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import attrs
+import trio
+import trio_websocket
+from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
+
+from device_client.outbox import TOO_LARGE, Entry, Outbox, OutboxFull, check_points
+from device_client.protocol import (
+    DEFAULT_LIMITS,
+    DEVICE_PATH,
+    PROTOCOL_VERSION,
+    Ack,
+    CloseCode,
+    Error,
+    Hello,
+    Limits,
+    ProtocolError,
+    Welcome,
+    decode,
+    encode,
+)
+
+__all__ = ["STABLE_SESSION", "ClientStats", "DeviceClient", "backoff_delay", "device_url"]
+
+log = logging.getLogger("device_client")
+
+#: A session that lasted this long (seconds) resets the reconnect backoff.
+STABLE_SESSION = 10.0
+#: Longest Retry-After (seconds) honoured from a 429/503 answer.
+MAX_RETRY_AFTER = 3600.0
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+@attrs.define
+class ClientStats:
+    """Counters of one client, updated from its trio tasks."""
+
+    connected: bool = False
+    epoch: int = 0  # session epoch from the last Welcome
+    connects: int = 0  # sessions welcomed by the hub
+    reconnects: int = 0  # sessions after the first
+    connect_failures: int = 0  # attempts refused before the upgrade or failing before Welcome
+    batches_queued: int = 0
+    points_queued: int = 0
+    batches_sent: int = 0  # telemetry messages written to the socket, resends included
+    resent: int = 0  # of those, messages sent before (on an earlier connection or before a restart)
+    batches_acked: int = 0
+    points_acked: int = 0
+    rejected: int = 0  # batches the hub refused for good (dropped, never resent)
+    points_rejected: int = 0
+
+
+@attrs.frozen
+class _End:
+    """How a session ended, for the reconnect decision."""
+
+    to_max: bool = False  # back off to the maximum: retrying fast is useless or harmful
+    retry_after: float | None = None  # the hub said when to come back
+
+
+def backoff_delay(failures: int, initial: float, maximum: float, *, to_max: bool = False) -> float:
+    """Seconds to wait before reconnect attempt number `failures` (0-based), with full jitter.
+
+    Normally `uniform(0, min(maximum, initial * 2**failures))`; with `to_max`,
+    `uniform(maximum / 2, maximum)` so that a refused device never retries fast.
+    """
+    if to_max:
+        return random.uniform(maximum / 2, maximum)
+    return random.uniform(0, min(maximum, initial * 2 ** min(failures, 62)))
+
+
+def device_url(url: str) -> str:
+    """The device endpoint URL: `ws://host:port` alone gets the path `/v1/device`."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"hub URL must be ws://HOST[:PORT][/v1/device] or wss://..., not {url!r}")
+    if parts.path in ("", "/"):
+        parts = parts._replace(path=DEVICE_PATH)
+    return urllib.parse.urlunsplit(parts)
+
+
+def _retry_after(headers: tuple[tuple[bytes, bytes], ...]) -> float | None:
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            try:
+                seconds = float(value.decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError):
+                return None  # an HTTP date: fall back to our own backoff
+            return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return None
+
+
+class DeviceClient:
+    """A device's connection to the hub: `send` points, they are delivered at least once.
+
+    Use as ``async with DeviceClient(url, token) as client:``. Points are buffered and
+    turned into numbered batches kept in an outbox (in memory, or an SQLite file with
+    `outbox_path`) until the hub acks them; after any disconnect the client reconnects
+    with jittered exponential backoff and resends what is not acked, in order. When the
+    outbox is full, `send` and `send_batch` wait (pass ``block=False`` to get `OutboxFull`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        firmware: str = "",
+        model: str = "",
+        interval: float = 0.0,
+        outbox_path: str | os.PathLike[str] | None = None,
+        outbox_limit: int = 1000,
+        outbox_bytes: int | None = None,
+        batch_points: int = 500,
+        linger: float = 0.05,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        connect_timeout: float = 10.0,
+        close_timeout: float = 10.0,
+        on_rejected: Callable[[int, str, str], None] | None = None,
+    ) -> None:
+        if not token or not token.isascii() or not token.isprintable() or " " in token:
+            raise ValueError("token must be printable ASCII without spaces")
+        if len(firmware) > 64 or len(model) > 64:
+            raise ValueError("firmware and model are at most 64 characters")
+        if not 0 <= interval <= 7 * 86_400:
+            raise ValueError("interval must be 0..604800 seconds")
+        if batch_points < 1:
+            raise ValueError("batch_points must be at least 1")
+        if not 0 < backoff_initial <= backoff_max:
+            raise ValueError("need 0 < backoff_initial <= backoff_max")
+        self.url = device_url(url)
+        self._name = token.split(".", 1)[0]
+        self._headers = [(b"authorization", b"Bearer " + token.encode("ascii"))]
+        self._hello = Hello(firmware=firmware, model=model, interval=float(interval), proto=PROTOCOL_VERSION)
+        self._outbox_path = outbox_path
+        self._outbox_limit = outbox_limit
+        self._outbox_bytes = outbox_bytes
+        self._batch_points = batch_points
+        self._linger = linger
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._connect_timeout = connect_timeout
+        self._disconnect_timeout = min(5.0, connect_timeout)
+        self._close_timeout = close_timeout
+        self._on_rejected = on_rejected
+        self._commands: dict[str, Callable[..., Awaitable[Any]]] = {}
+        self.stats = ClientStats()
+        self._limits: Limits = DEFAULT_LIMITS
+        self._window = 1
+        self._probe_until = 0  # after a 1009 close: send one at a time up to this seq to find the culprit
+        self._outbox: Outbox | None = None
+        self._buffer: list[dict[str, Any]] = []
+        self._buffer_since = 0.0
+        self._buffered = trio.Event()
+        self._changed = trio.Event()
+        self._flush_lock = trio.Lock()
+        self._stop = trio.Event()
+        self._loop_done = trio.Event()
+        self._running = False
+        self._end: _End | None = None
+        self._last_session_stable = False
+        self._nursery_manager: Any = None
+        self._main_scope = trio.CancelScope(shield=True)
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def __aenter__(self) -> DeviceClient:
+        if self._nursery_manager is not None:
+            raise RuntimeError("a DeviceClient can be entered only once")
+        self._outbox = Outbox(
+            self._outbox_path, max_batches=self._outbox_limit, max_bytes=self._outbox_bytes
+        )
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        self._running = True
+        nursery.start_soon(self._main)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        try:
+            with trio.CancelScope(shield=True):
+                if exc is None or isinstance(exc, Exception | trio.Cancelled):
+                    await self._drain()
+                self._stop.set()
+                with trio.move_on_after(self._disconnect_timeout + 1.0):
+                    await self._loop_done.wait()
+            self._main_scope.cancel()
+            await self._nursery_manager.__aexit__(None, None, None)
+        finally:
+            self._running = False
+            self._main_scope.cancel()
+            assert self._outbox is not None
+            self._outbox.close()
+        return False
+
+    async def _main(self) -> None:
+        # Shielded so that a cancelled caller still gets its graceful close in __aexit__,
+        # which always cancels this scope.
+        try:
+            with self._main_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._linger_loop)
+                    nursery.start_soon(self._connection_loop)
+        finally:
+            self._running = False
+            self._notify()
+
+    async def _drain(self) -> None:
+        if not self._running:
+            return
+        assert self._outbox is not None
+        with trio.move_on_after(self._close_timeout):
+            await self._flush(block=True)
+            while self._outbox and self._running:
+                await self._changed.wait()
+        if self._outbox or self._buffer:
+            where = "kept in the outbox file" if self._outbox_path is not None else "lost"
+            log.warning(
+                "%s: closing with %d batches not acked and %d points buffered (%s)",
+                self._name, len(self._outbox), len(self._buffer), where,
+            )
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def device(self) -> str:
+        """The device name (from the token until the hub's Welcome confirms it)."""
+        return self._name
+
+    @property
+    def pending(self) -> int:
+        """Batches in the outbox, not acked yet."""
+        return len(self._outbox) if self._outbox is not None else 0
+
+    @property
+    def buffered(self) -> int:
+        """Points sent with `send` and not yet turned into a batch."""
+        return len(self._buffer)
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the newest batch (or the hub's ack, if higher)."""
+        return self._outbox.last_seq if self._outbox is not None else 0
+
+    async def send(
+        self,
+        measurement: str,
+        fields: dict[str, Any],
+        *,
+        tags: dict[str, str] | None = None,
+        ts: int | None = None,
+        block: bool = True,
+    ) -> None:
+        """Buffer one point; it is sent in a batch after `linger` seconds or `batch_points` points.
+
+        `ts` is ms since the epoch (default: now by this device's clock). Python ints become
+        integer fields, floats float fields. Raises `ProtocolError` for a point the hub
+        would refuse. Waits while the outbox is full, or raises `OutboxFull` with ``block=False``.
+        """
+        self._check_open()
+        point = {
+            "measurement": measurement,
+            "ts": int(time.time() * 1000) if ts is None else ts,
+            "fields": dict(fields),
+            "tags": dict(tags) if tags else {},
+        }
+        check_points([point], self._limits)
+        while len(self._buffer) >= self._batch_size():
+            await self._flush(block)
+        if not self._buffer:
+            self._buffer_since = trio.current_time()
+            self._buffered.set()
+        self._buffer.append(point)
+        if len(self._buffer) >= self._batch_size() and (block or not self._flush_lock.locked()):
+            # On OutboxFull the point stays buffered; the linger task queues it once there is room.
+            with contextlib.suppress(OutboxFull):
+                await self._flush(block)
+
+    async def send_batch(self, points: list[dict[str, Any]], *, block: bool = True) -> int:
+        """Queue `points` as one batch now and return its sequence number.
+
+        Each point is ``{"measurement", "ts", "fields", "tags"?}``; at most the hub's
+        `max_points`. Raises `ProtocolError` for bad points; waits for room in the
+        outbox, or raises `OutboxFull` with ``block=False``.
+        """
+        self._check_open()
+        assert self._outbox is not None
+        check_points(points, self._limits)
+        if self._outbox.full:
+            if not block:
+                raise OutboxFull(f"{len(self._outbox)} batches wait for an ack")
+            await self._wait_room()
+        return self._queue(points)
+
+    async def flush(self) -> None:
+        """Turn the buffered points into batches now (waits for room in the outbox)."""
+        self._check_open()
+        await self._flush(block=True)
+
+    async def wait_acked(self, seq: int | None = None) -> None:
+        """Wait until batch `seq` and all before it are acked or rejected (default: all so far)."""
+        self._check_open()
+        assert self._outbox is not None
+        if seq is None:
+            await self._flush(block=True)
+            seq = self._outbox.last_seq
+        while self._outbox.pending_upto(seq):
+            self._check_open()
+            await self._changed.wait()
+
+    async def wait_connected(self) -> None:
+        """Wait until the hub has welcomed the current connection."""
+        self._check_open()
+        while not self.stats.connected:
+            self._check_open()
+            await self._changed.wait()
+
+    def command(self, name: str) -> Callable[[_Handler], _Handler]:
+        """Decorator registering an async handler for the hub's command `name`.
+
+        A hook for the command channel still to come: handlers are stored, nothing
+        is sent or received for them yet.
+        """
+
+        def register(handler: _Handler) -> _Handler:
+            if not inspect.iscoroutinefunction(handler):
+                raise TypeError("a command handler must be an async function")
+            self._commands[name] = handler
+            return handler
+
+        return register
+
+    @property
+    def commands(self) -> dict[str, Callable[..., Awaitable[Any]]]:
+        """The registered command handlers by name."""
+        return dict(self._commands)
+
+    # ------------------------------------------------------------------ buffering
+
+    def _check_open(self) -> None:
+        if not self._running:
+            raise RuntimeError("use `async with DeviceClient(...)`; this client is not running")
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _batch_size(self) -> int:
+        return min(self._batch_points, self._limits.max_points)
+
+    def _queue(self, points: list[dict[str, Any]]) -> int:
+        assert self._outbox is not None
+        seq = self._outbox.add(points, limits=None)
+        self.stats.batches_queued += 1
+        self.stats.points_queued += len(points)
+        self._notify()
+        return seq
+
+    async def _wait_room(self) -> None:
+        assert self._outbox is not None
+        while self._outbox.full:
+            self._check_open()
+            await self._changed.wait()
+
+    async def _flush(self, block: bool) -> None:
+        assert self._outbox is not None
+        if not block and self._flush_lock.locked():
+            raise OutboxFull("another flush waits for room in the outbox")
+        async with self._flush_lock:
+            while self._buffer:
+                if self._outbox.full:
+                    if not block:
+                        raise OutboxFull(f"{len(self._outbox)} batches wait for an ack")
+                    await self._wait_room()
+                    continue
+                n = self._batch_size()
+                while True:
+                    try:
+                        self._queue(self._buffer[:n])
+                        break
+                    except ProtocolError as exc:
+                        if exc.code != TOO_LARGE:
+                            raise
+                        if n == 1:
+                            log.error("%s: dropping a point too large for any message: %s", self._name, exc)
+                            break
+                        n //= 2
+                del self._buffer[:n]
+                self._buffer_since = trio.current_time()
+
+    async def _linger_loop(self) -> None:
+        while True:
+            if not self._buffer:
+                self._buffered = trio.Event()
+                await self._buffered.wait()
+                continue
+            deadline = self._buffer_since + self._linger
+            if trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+                continue
+            await self._flush(block=True)
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connection_loop(self) -> None:
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                end = await self._session()
+                if self._stop.is_set():
+                    return
+                if self._last_session_stable:
+                    failures = 0
+                if end.retry_after is not None:
+                    delay = end.retry_after + random.uniform(0, self._backoff_initial)
+                else:
+                    delay = backoff_delay(failures, self._backoff_initial, self._backoff_max, to_max=end.to_max)
+                failures += 1
+                log.debug("%s: reconnecting in %.2f s", self._name, delay)
+                with trio.move_on_after(delay):
+                    await self._stop.wait()
+        finally:
+            self._loop_done.set()
+
+    async def _session(self) -> _End:
+        assert self._outbox is not None
+        self._end = None
+        self._last_session_stable = False
+        try:
+            async with trio_websocket.open_websocket_url(
+                self.url,
+                extra_headers=self._headers,
+                connect_timeout=self._connect_timeout,
+                disconnect_timeout=self._disconnect_timeout,
+            ) as ws:
+                await self._converse(ws)
+        except ConnectionRejected as exc:
+            self.stats.connect_failures += 1
+            self._set_end(self._rejected(exc))
+        except HandshakeError as exc:  # includes connect and disconnect timeouts
+            if self._end is None:
+                self.stats.connect_failures += 1
+                log.info("%s: cannot connect to %s: %r", self._name, self.url, exc.__cause__ or exc)
+        except ConnectionClosed as exc:  # closed before or right after the Welcome
+            self._set_end(self._closed(exc.reason))
+        except trio.TooSlowError:
+            self.stats.connect_failures += 1
+            log.warning("%s: no welcome from the hub within %s s", self._name, self._connect_timeout)
+        except ProtocolError as exc:
+            self.stats.connect_failures += 1
+            log.warning("%s: the hub sent an invalid message: %s", self._name, exc)
+        except OSError as exc:
+            self.stats.connect_failures += 1
+            log.info("%s: connection failed: %r", self._name, exc)
+        except Exception:
+            log.exception("%s: connection failed unexpectedly", self._name)
+            self._set_end(_End(to_max=True))
+        finally:
+            self.stats.connected = False
+            self._outbox.reset_inflight()
+            self._notify()
+        return self._end or _End()
+
+    def _set_end(self, end: _End) -> None:
+        if self._end is None:
+            self._end = end
+
+    async def _converse(self, ws: trio_websocket.WebSocketConnection) -> None:
+        await ws.send_message(encode(self._hello))
+        with trio.fail_after(self._connect_timeout):
+            welcome = await self._receive_welcome(ws)
+        self._on_welcome(welcome)
+        welcomed = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, ws, nursery.cancel_scope)
+                nursery.start_soon(self._sender, ws, nursery.cancel_scope)
+                nursery.start_soon(self._stopper, nursery.cancel_scope)
+        finally:
+            self._last_session_stable = trio.current_time() - welcomed >= STABLE_SESSION
+
+    async def _receive_welcome(self, ws: trio_websocket.WebSocketConnection) -> Welcome:
+        while True:
+            msg = decode(await ws.get_message())
+            if isinstance(msg, Welcome):
+                return msg
+            if isinstance(msg, Error):
+                self._on_error(msg)
+            else:
+                log.warning("%s: unexpected %s before the welcome", self._name, type(msg).__name__)
+
+    def _on_welcome(self, welcome: Welcome) -> None:
+        assert self._outbox is not None
+        if welcome.proto != PROTOCOL_VERSION:
+            log.warning("%s: hub speaks protocol %d, we speak %d", self._name, welcome.proto, PROTOCOL_VERSION)
+        self._name = welcome.device or self._name
+        self._count_acked(self._outbox.welcome(welcome.ack))
+        self._window = max(1, welcome.window)
+        if welcome.max_points > 0:
+            self._limits = attrs.evolve(self._limits, max_points=welcome.max_points)
+        self.stats.connected = True
+        self.stats.epoch = welcome.epoch
+        self.stats.connects += 1
+        if self.stats.connects > 1:
+            self.stats.reconnects += 1
+        log.info(
+            "%s: connected to %s (epoch %d); hub holds up to seq %d; %d batches to send",
+            self._name, self.url, welcome.epoch, welcome.ack, len(self._outbox),
+        )
+        self._notify()
+
+    async def _stopper(self, scope: trio.CancelScope) -> None:
+        await self._stop.wait()
+        scope.cancel()
+
+    async def _reader(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+        # Always receiving: trio-websocket answers the hub's pings only while its queue drains.
+        try:
+            while True:
+                text = await ws.get_message()
+                try:
+                    msg = decode(text)
+                except ProtocolError as exc:
+                    log.warning("%s: ignoring an invalid message from the hub: %s", self._name, exc)
+                    continue
+                if isinstance(msg, Ack):
+                    self._on_ack(msg.seq)
+                elif isinstance(msg, Error):
+                    self._on_error(msg)
+                else:
+                    log.warning("%s: unexpected %s from the hub", self._name, type(msg).__name__)
+        except ConnectionClosed as exc:
+            self._set_end(self._closed(exc.reason))
+        scope.cancel()
+
+    async def _sender(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+        assert self._outbox is not None
+        outbox = self._outbox
+        try:
+            while True:
+                changed = self._changed
+                before = outbox.sent_max
+                sent = False
+                for entry in outbox.take(self._window_now()):
+                    if entry.seq not in outbox:
+                        continue  # acked or rejected while we sent the ones before it
+                    await ws.send_message(entry.text)
+                    sent = True
+                    self.stats.batches_sent += 1
+                    if entry.seq <= before:
+                        self.stats.resent += 1
+                if not sent:
+                    await changed.wait()
+        except ConnectionClosed as exc:
+            self._set_end(self._closed(ws.closed or exc.reason))
+        scope.cancel()
+
+    def _window_now(self) -> int:
+        assert self._outbox is not None
+        if self._probe_until:
+            first = self._outbox.first_seq
+            if first is not None and first <= self._probe_until:
+                return 1
+            self._probe_until = 0
+        return self._window
+
+    # ------------------------------------------------------------------ hub answers
+
+    def _count_acked(self, done: list[Entry]) -> None:
+        if done:
+            self.stats.batches_acked += len(done)
+            self.stats.points_acked += sum(e.points for e in done)
+
+    def _on_ack(self, seq: int) -> None:
+        assert self._outbox is not None
+        self._count_acked(self._outbox.ack(seq))
+        self._notify()
+
+    def _on_error(self, error: Error) -> None:
+        if error.seq is None:
+            log.warning("%s: hub error %s: %s", self._name, error.code, error.detail)
+            return
+        self._reject(error.seq, error.code, error.detail)
+
+    def _reject(self, seq: int, code: str, detail: str) -> None:
+        assert self._outbox is not None
+        entry = self._outbox.reject(seq)
+        if entry is None:
+            log.info("%s: hub refused batch %d, which is no longer pending (%s)", self._name, seq, code)
+            return
+        self.stats.rejected += 1
+        self.stats.points_rejected += entry.points
+        log.warning(
+            "%s: hub refused batch %d (%d points) for good: %s %s", self._name, seq, entry.points, code, detail
+        )
+        self._notify()
+        if self._on_rejected is not None:
+            try:
+                self._on_rejected(seq, code, detail)
+            except Exception:
+                log.exception("%s: the on_rejected callback failed", self._name)
+
+    def _rejected(self, exc: ConnectionRejected) -> _End:
+        status = exc.status_code
+        if status == 401:
+            log.error("%s: hub refused the token (401); retrying slowly", self._name)
+            return _End(to_max=True)
+        if status == 403:
+            log.error("%s: hub forbids this connection (403); retrying slowly", self._name)
+            return _End(to_max=True)
+        if status in (429, 503):
+            after = _retry_after(exc.headers)
+            log.info("%s: hub is busy (%d), retry after %s s", self._name, status, after)
+            return _End(retry_after=after)
+        log.warning("%s: hub refused the connection with HTTP %d", self._name, status)
+        return _End()
+
+    def _closed(self, reason: CloseReason | None) -> _End:
+        code = reason.code if reason is not None else 1006
+        text = reason.reason if reason is not None else None
+        if code == CloseCode.REPLACED:
+            log.warning("%s: replaced by another connection with the same token; backing off", self._name)
+            return _End(to_max=True)
+        if code in (CloseCode.REVOKED, CloseCode.POLICY):
+            log.error("%s: hub closed the connection (%d %s); retrying slowly", self._name, code, text)
+            return _End(to_max=True)
+        if code == CloseCode.TOO_BIG:
+            self._too_big()
+            return _End()
+        log.info("%s: connection closed (%d %s)", self._name, code, text)
+        return _End()
+
+    def _too_big(self) -> None:
+        assert self._outbox is not None
+        inflight = self._outbox.inflight_seqs()
+        if self._probe_until and len(inflight) == 1:
+            log.error("%s: batch %d is too large for the hub (closed with 1009): dropping it", self._name, inflight[0])
+            self._reject(inflight[0], TOO_LARGE, "the hub closed the connection with 1009 (message too big)")
+            return
+        log.error(
+            "%s: hub closed with 1009 (message too big), a client bug; resending batches %s one at a time",
+            self._name, inflight,
+        )
+        self._probe_until = max(inflight, default=0)

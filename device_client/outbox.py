@@ -1,0 +1,293 @@
+"""The device outbox: numbered, encoded telemetry batches awaiting the hub's ack (sans-I/O, optionally on SQLite)."""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from collections import OrderedDict
+from types import TracebackType
+from typing import Any
+
+import attrs
+
+from device_client.protocol import (
+    DEFAULT_LIMITS,
+    INT64_MAX,
+    ErrorCode,
+    Limits,
+    ProtocolError,
+    Telemetry,
+    encode,
+    validate_points,
+)
+
+__all__ = ["DEFAULT_MAX_MESSAGE", "TOO_LARGE", "Entry", "Outbox", "OutboxFull", "check_points"]
+
+#: Largest encoded telemetry message (characters) the outbox accepts: trio-websocket's default frame limit.
+DEFAULT_MAX_MESSAGE = 1_048_576
+#: Error code for a batch whose encoded message is over the size limit (the hub closes with 1009 for those).
+TOO_LARGE = "too_large"
+
+
+class OutboxFull(Exception):
+    """The outbox holds its maximum of batches or bytes; wait for acks or drop the batch."""
+
+
+@attrs.frozen
+class Entry:
+    """One queued telemetry batch: its sequence number, the encoded message text and its point count."""
+
+    seq: int
+    text: str
+    points: int
+
+
+def check_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[str, Any]]:
+    """Validate points as the hub will (in place: a missing `tags` becomes `{}`), and refuse NaN/infinity."""
+    validate_points(points, limits)
+    for p in points:
+        for key, value in p["fields"].items():
+            if type(value) is float and not math.isfinite(value):
+                raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} is NaN or infinite")
+    return points
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (seq INTEGER PRIMARY KEY, points INTEGER NOT NULL, text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class Outbox:
+    """Batches not yet acked, in sequence order, plus what is in flight on the current connection.
+
+    Plain state, no I/O except the optional SQLite file: `add` numbers and encodes a batch,
+    `take(window)` hands out what to (re)send, `ack`/`reject`/`welcome` drop what is done,
+    `reset_inflight` forgets the connection. With `path`, entries and the sequence counter
+    are committed (WAL, synchronous=FULL) before a method returns, so a reboot loses nothing.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        max_batches: int = 1000,
+        max_bytes: int | None = None,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        if max_batches < 1:
+            raise ValueError("max_batches must be at least 1")
+        self.max_batches = max_batches
+        self.max_bytes = max_bytes
+        self.max_message = max_message
+        self._entries: OrderedDict[int, Entry] = OrderedDict()
+        self._bytes = 0
+        self._last_seq = 0
+        self._acked = 0
+        self._cursor = 0  # highest seq handed out by take() on this connection
+        self._inflight = 0  # entries with seq <= _cursor
+        self._sent_max = 0  # highest seq ever handed out (resend detection)
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            self._open(path)
+
+    # ------------------------------------------------------------------ persistence
+
+    def _open(self, path: str | os.PathLike[str]) -> None:
+        db = sqlite3.connect(os.fspath(path))
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            for seq, points, text in db.execute("SELECT seq, points, text FROM entries ORDER BY seq"):
+                self._entries[seq] = Entry(seq, text, points)
+                self._bytes += len(text)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        last_entry = next(reversed(self._entries)) if self._entries else 0
+        self._last_seq = max(meta.get("last_seq", 0), last_entry)
+        self._acked = meta.get("acked", 0)
+        # Entries found on disk may have reached the hub before the restart: count them as resends.
+        self._sent_max = last_entry
+
+    def _commit(self, sql: str, args: tuple[Any, ...], **meta: int) -> None:
+        if self._db is None:
+            return
+        with self._db:
+            if sql:
+                self._db.execute(sql, args)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(meta.items())
+            )
+
+    def close(self) -> None:
+        """Close the SQLite file, if any (the in-memory state stays readable)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def last_seq(self) -> int:
+        """The highest sequence number used or acked so far; the next batch gets `last_seq + 1`."""
+        return self._last_seq
+
+    @property
+    def acked(self) -> int:
+        """The highest cumulative ack seen."""
+        return self._acked
+
+    @property
+    def sent_max(self) -> int:
+        """The highest sequence number ever handed out by `take` (or found on disk at open)."""
+        return self._sent_max
+
+    @property
+    def inflight(self) -> int:
+        """How many pending batches were sent on the current connection and are not acked yet."""
+        return self._inflight
+
+    @property
+    def bytes(self) -> int:
+        """Total length of the pending encoded messages."""
+        return self._bytes
+
+    @property
+    def full(self) -> bool:
+        """True when `add` would raise `OutboxFull`."""
+        if len(self._entries) >= self.max_batches:
+            return True
+        return self.max_bytes is not None and bool(self._entries) and self._bytes >= self.max_bytes
+
+    @property
+    def first_seq(self) -> int | None:
+        """The lowest pending sequence number, or None when the outbox is empty."""
+        return next(iter(self._entries)) if self._entries else None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self._entries
+
+    def entries(self) -> list[Entry]:
+        """The pending entries in sequence order."""
+        return list(self._entries.values())
+
+    def inflight_seqs(self) -> list[int]:
+        """Sequence numbers sent on the current connection and still pending."""
+        out = []
+        for seq in self._entries:
+            if seq > self._cursor:
+                break
+            out.append(seq)
+        return out
+
+    def pending_upto(self, seq: int) -> bool:
+        """True while some batch with sequence <= `seq` is neither acked nor rejected."""
+        first = self.first_seq
+        return first is not None and first <= seq
+
+    # ------------------------------------------------------------------ transitions
+
+    def add(self, points: list[dict[str, Any]], *, limits: Limits | None = DEFAULT_LIMITS) -> int:
+        """Number, encode and store one batch; return its seq.
+
+        Validates with `limits` first (pass None when the points are already checked).
+        Raises `ProtocolError` for bad points or an encoded message over `max_message`
+        (code `too_large`), `OutboxFull` when full.
+        """
+        if limits is not None:
+            check_points(points, limits)
+        if self.full:
+            raise OutboxFull(f"outbox holds {len(self._entries)} batches, {self._bytes} bytes")
+        seq = self._last_seq + 1
+        if seq > INT64_MAX:
+            raise OverflowError("sequence numbers exhausted")
+        try:
+            text = encode(Telemetry(seq, points))
+        except ValueError as exc:  # NaN or infinity slipped past an unchecked add
+            raise ProtocolError(ErrorCode.BAD_FIELD, "a field is NaN or infinite") from exc
+        if len(text) > self.max_message:
+            raise ProtocolError(TOO_LARGE, f"encoded batch is {len(text)} characters, over {self.max_message}")
+        self._commit(
+            "INSERT INTO entries (seq, points, text) VALUES (?, ?, ?)", (seq, len(points), text), last_seq=seq
+        )
+        self._entries[seq] = Entry(seq, text, len(points))
+        self._bytes += len(text)
+        self._last_seq = seq
+        return seq
+
+    def ack(self, seq: int) -> list[Entry]:
+        """Cumulative ack: drop and return every pending entry with sequence <= `seq`."""
+        if seq <= self._acked and not self.pending_upto(seq):
+            return []
+        self._commit(
+            "DELETE FROM entries WHERE seq <= ?",
+            (seq,),
+            acked=max(self._acked, seq),
+            last_seq=max(self._last_seq, seq),
+        )
+        self._acked = max(self._acked, seq)
+        self._last_seq = max(self._last_seq, seq)
+        done = []
+        while self._entries:
+            first = next(iter(self._entries))
+            if first > seq:
+                break
+            done.append(self._drop(first))
+        return done
+
+    def reject(self, seq: int) -> Entry | None:
+        """Drop the batch the hub refused for good; return it (None if it was not pending)."""
+        if seq not in self._entries:
+            return None
+        self._commit("DELETE FROM entries WHERE seq = ?", (seq,))
+        return self._drop(seq)
+
+    def welcome(self, ack: int) -> list[Entry]:
+        """Apply a `Welcome`: drop entries the hub already holds; new batches get numbers above `ack`."""
+        return self.ack(ack)
+
+    def take(self, window: int) -> list[Entry]:
+        """The next entries to send, in order, so that at most `window` are in flight; marks them sent."""
+        room = window - self._inflight
+        if room <= 0:
+            return []
+        out = []
+        for seq, entry in self._entries.items():
+            if seq <= self._cursor:
+                continue
+            out.append(entry)
+            if len(out) == room:
+                break
+        if out:
+            self._cursor = out[-1].seq
+            self._inflight += len(out)
+            self._sent_max = max(self._sent_max, self._cursor)
+        return out
+
+    def reset_inflight(self) -> None:
+        """The connection is gone: every pending entry is to be sent again."""
+        self._cursor = 0
+        self._inflight = 0
+
+    def _drop(self, seq: int) -> Entry:
+        entry = self._entries.pop(seq)
+        self._bytes -= len(entry.text)
+        if seq <= self._cursor:
+            self._inflight -= 1
+        return entry

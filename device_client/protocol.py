@@ -1,0 +1,397 @@
+"""The device wire protocol: message types, limits, and a pure codec (no I/O).
+
+Both the hub and `device_client` import this module. `decode` turns one WebSocket text
+frame into a message or raises `ProtocolError(code, detail)`; `encode` turns a message
+into the text to send. The spec for outside implementers is `docs/protocol.md`.
+
+Telemetry points stay plain dicts on purpose (``{"measurement", "ts", "fields",
+"tags"}``): the hub validates them in place and builds line protocol straight from
+them, with no per-point object on the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "DEVICE_PATH",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "CloseCode",
+    "Error",
+    "ErrorCode",
+    "Hello",
+    "Limits",
+    "Message",
+    "ProtocolError",
+    "Telemetry",
+    "Welcome",
+    "decode",
+    "encode",
+    "int_value",
+    "validate_points",
+]
+
+PROTOCOL_VERSION = 1
+DEVICE_PATH = "/v1/device"
+
+#: Smallest and largest accepted point timestamps (ms since the Unix epoch): 2000-01-01 .. 2100-01-01.
+MIN_TS_MS = 946_684_800_000
+MAX_TS_MS = 4_102_444_800_000
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+RESERVED_TAGS = frozenset({"device"})
+
+
+class ErrorCode:
+    """Stable error codes carried by `Error` frames (see docs/protocol.md)."""
+
+    BAD_JSON = "bad_json"  # not JSON, NaN/Infinity, too deeply nested
+    BAD_MESSAGE = "bad_message"  # JSON, but not an object with a known "type" and right fields
+    BAD_FRAME = "bad_frame"  # a binary frame where text is expected
+    NOT_READY = "not_ready"  # telemetry before hello, or a second hello
+    UNSUPPORTED_VERSION = "unsupported_version"
+    TOO_MANY_POINTS = "too_many_points"
+    BAD_POINT = "bad_point"  # a point is not an object with the right keys
+    BAD_NAME = "bad_name"  # measurement, tag key or field key not allowed
+    RESERVED_TAG = "reserved_tag"  # e.g. a "device" tag: the hub sets it
+    BAD_TAG = "bad_tag"  # tag value not allowed
+    BAD_FIELD = "bad_field"  # field value of a wrong type, out of range, or too long
+    BAD_TIME = "bad_time"  # timestamp missing, not an integer, or out of range
+    BAD_SEQ = "bad_seq"  # sequence number missing or out of range
+    TOO_MANY_ERRORS = "too_many_errors"
+    INTERNAL = "internal"
+
+
+class CloseCode:
+    """WebSocket close codes the hub uses (see docs/protocol.md)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # hub shutting down: reconnect with backoff
+    UNSUPPORTED_DATA = 1003
+    POLICY = 1008  # too many protocol errors, hello timeout
+    TOO_BIG = 1009  # frame over the size limit
+    INTERNAL = 1011
+    TRY_LATER = 1013  # overloaded: reconnect with backoff
+    REPLACED = 4001  # another connection authenticated as the same device
+    REVOKED = 4003  # the device's token was revoked while connected
+
+
+class ProtocolError(Exception):
+    """An input the protocol refuses; `code` is stable, `detail` is safe to show the peer."""
+
+    def __init__(self, code: str, detail: str = "", seq: int | None = None) -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+        self.seq = seq
+
+
+@attrs.frozen
+class Limits:
+    """Validation limits; the hub's are configurable and sent to the device in `Welcome`."""
+
+    max_points: int = 5000  # points per telemetry message
+    max_fields: int = 100  # fields per point
+    max_tags: int = 32  # tags per point
+    max_name_len: int = 128  # measurement, tag key, field key
+    max_tag_value_len: int = 256
+    max_string_len: int = 4096  # string field value
+
+
+DEFAULT_LIMITS = Limits()
+
+# ---------------------------------------------------------------------------- messages
+
+
+@attrs.frozen
+class Hello:
+    """Device -> hub, first message: who the firmware is and how often it reports."""
+
+    firmware: str = ""
+    model: str = ""
+    interval: float = 0.0  # declared reporting interval in seconds; 0 = not declared
+    proto: int = PROTOCOL_VERSION
+
+
+@attrs.frozen
+class Welcome:
+    """Hub -> device, answer to `Hello`: identity, the last durable sequence, session terms."""
+
+    device: str
+    ack: int  # highest sequence the hub has made durable; number new batches above it
+    epoch: int  # session epoch: increases with every accepted connection of this device
+    window: int  # most unacked telemetry messages the device may have in flight
+    max_points: int
+    ping_interval: float
+    proto: int = PROTOCOL_VERSION
+
+
+@attrs.frozen
+class Telemetry:
+    """Device -> hub: one batch of points under a per-device sequence number."""
+
+    seq: int
+    points: list[dict[str, Any]] = attrs.field(eq=False)
+
+
+@attrs.frozen
+class Ack:
+    """Hub -> device: every telemetry batch with sequence <= `seq` is durable."""
+
+    seq: int
+
+
+@attrs.frozen
+class Error:
+    """Hub -> device: an input was refused. `seq` names the refused batch, if any."""
+
+    code: str
+    detail: str = ""
+    seq: int | None = None
+
+
+Message = Hello | Welcome | Telemetry | Ack | Error
+
+_TYPE_NAMES: dict[type, str] = {
+    Hello: "hello",
+    Welcome: "welcome",
+    Telemetry: "telemetry",
+    Ack: "ack",
+    Error: "error",
+}
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def int_value(n: int) -> dict[str, int]:
+    """Wire form of an integer field value: plain JSON numbers are always floats."""
+    return {"int": n}
+
+
+def _wire_value(v: Any) -> Any:
+    # Python ints become explicit integer fields; bool is an int subclass, keep it bool.
+    if isinstance(v, int) and not isinstance(v, bool):
+        return {"int": v}
+    return v
+
+
+def _wire_point(p: dict[str, Any]) -> dict[str, Any]:
+    fields = p["fields"]
+    if any(type(v) is int for v in fields.values()):
+        p = {**p, "fields": {k: _wire_value(v) for k, v in fields.items()}}
+    return p
+
+
+def encode(msg: Message) -> str:
+    """The JSON text of one message, compact, ready for a WebSocket text frame."""
+    kind = _TYPE_NAMES[type(msg)]
+    if isinstance(msg, Telemetry):
+        body: dict[str, Any] = {
+            "type": kind,
+            "seq": msg.seq,
+            "points": [_wire_point(p) for p in msg.points],
+        }
+    else:
+        body = {"type": kind, **attrs.asdict(msg)}
+        if isinstance(msg, Error) and msg.seq is None:
+            del body["seq"]
+    return json.dumps(body, separators=(",", ":"), allow_nan=False)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(ErrorCode.BAD_JSON, f"{name} is not allowed")
+
+
+def _parse(text: str | bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_JSON, "nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(ErrorCode.BAD_JSON, "not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message is a JSON object")
+    return obj
+
+
+def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    value = obj.get(key, default)
+    if value is ...:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"missing {key!r}")
+    if value is default:
+        return value
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{key!r} has the wrong type")
+    return value
+
+
+def _float(value: float, key: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{key!r} out of range") from None
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _seq(obj: dict[str, Any]) -> int:
+    seq = obj.get("seq")
+    if type(seq) is not int or not 0 < seq <= INT64_MAX:
+        raise ProtocolError(ErrorCode.BAD_SEQ, "seq must be an integer from 1 to 2**63-1")
+    return seq
+
+
+def _check_name(name: Any, what: str, limits: Limits) -> None:
+    if type(name) is not str or not name:
+        raise ProtocolError(ErrorCode.BAD_NAME, f"{what} must be a non-empty string")
+    if len(name) > limits.max_name_len:
+        raise ProtocolError(ErrorCode.BAD_NAME, f"{what} longer than {limits.max_name_len}")
+    if name == "time":
+        raise ProtocolError(ErrorCode.BAD_NAME, f"{what} 'time' is reserved by InfluxDB")
+    if name[0] == "_":
+        raise ProtocolError(ErrorCode.BAD_NAME, f"{what} {name[:20]!r} starts with '_' (reserved)")
+    if not name.isprintable() or "\\" in name:
+        raise ProtocolError(ErrorCode.BAD_NAME, f"{what} {name[:20]!r} has a control character or backslash")
+
+
+def _check_tag_value(value: Any, key: str, limits: Limits) -> None:
+    if type(value) is not str or not value:
+        raise ProtocolError(ErrorCode.BAD_TAG, f"tag {key!r} must be a non-empty string")
+    if len(value) > limits.max_tag_value_len:
+        raise ProtocolError(ErrorCode.BAD_TAG, f"tag {key!r} longer than {limits.max_tag_value_len}")
+    if not value.isprintable() or "\\" in value:
+        raise ProtocolError(ErrorCode.BAD_TAG, f"tag {key!r} has a control character or backslash")
+
+
+def _check_field_value(value: Any, key: str, limits: Limits) -> None:
+    t = type(value)
+    if t is float:
+        # parse_constant refuses NaN/Infinity literals; 1e400 still parses to inf.
+        if not math.isfinite(value):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} is out of range")
+        return
+    if t is bool:
+        return
+    if t is int:
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} out of range")
+        return
+    if t is str:
+        if len(value) > limits.max_string_len:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} longer than {limits.max_string_len}")
+        if "\n" in value or "\r" in value:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} has a line break")
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} is not valid Unicode") from None
+        return
+    if t is dict and len(value) == 1 and type(value.get("int")) is int:
+        if not INT64_MIN <= value["int"] <= INT64_MAX:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} outside the int64 range")
+        return
+    raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} must be a number, boolean, string or {{\"int\": n}}")
+
+
+def validate_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[str, Any]]:
+    """Check a telemetry `points` list in place and return it, or raise `ProtocolError`.
+
+    After this, each point has `measurement` (str), `ts` (int ms), `fields` (a non-empty
+    dict of float | bool | str | int | {"int": n}) and `tags` (a dict, maybe empty).
+    A plain JSON integer in `fields` means a float: see `int_value`.
+    """
+    if type(points) is not list or not points:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "points must be a non-empty list")
+    if len(points) > limits.max_points:
+        raise ProtocolError(ErrorCode.TOO_MANY_POINTS, f"more than {limits.max_points} points")
+    for p in points:
+        if type(p) is not dict:
+            raise ProtocolError(ErrorCode.BAD_POINT, "a point is a JSON object")
+        _check_name(p.get("measurement"), "measurement", limits)
+        ts = p.get("ts")
+        if type(ts) is not int or not MIN_TS_MS <= ts <= MAX_TS_MS:
+            raise ProtocolError(ErrorCode.BAD_TIME, "ts must be integer milliseconds between 2000 and 2100")
+        fields = p.get("fields")
+        if type(fields) is not dict or not fields:
+            raise ProtocolError(ErrorCode.BAD_POINT, "fields must be a non-empty object")
+        if len(fields) > limits.max_fields:
+            raise ProtocolError(ErrorCode.BAD_POINT, f"more than {limits.max_fields} fields")
+        for key, value in fields.items():
+            _check_name(key, "field key", limits)
+            _check_field_value(value, key, limits)
+        tags = p.get("tags")
+        if tags is None:
+            p["tags"] = {}
+        elif type(tags) is not dict:
+            raise ProtocolError(ErrorCode.BAD_POINT, "tags must be an object")
+        elif tags:
+            if len(tags) > limits.max_tags:
+                raise ProtocolError(ErrorCode.BAD_POINT, f"more than {limits.max_tags} tags")
+            for key, value in tags.items():
+                _check_name(key, "tag key", limits)
+                if key in RESERVED_TAGS:
+                    raise ProtocolError(ErrorCode.RESERVED_TAG, f"tag {key!r} is set by the hub")
+                _check_tag_value(value, key, limits)
+        if len(p) > 4 and not p.keys() <= {"measurement", "ts", "fields", "tags"}:
+            raise ProtocolError(ErrorCode.BAD_POINT, "unknown key in point")
+    return points
+
+
+def decode(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse one text frame into a message; raise `ProtocolError` for anything refused.
+
+    Telemetry points are validated with `limits`; a refused batch carries its `seq` on
+    the error when the seq itself was readable.
+    """
+    obj = _parse(text)
+    kind = obj.get("type")
+    if kind == "telemetry":
+        seq = _seq(obj)
+        try:
+            return Telemetry(seq, validate_points(obj.get("points"), limits))
+        except ProtocolError as exc:
+            exc.seq = seq
+            raise
+    if kind == "ack":
+        return Ack(_seq(obj))
+    if kind == "hello":
+        proto = _get(obj, "proto", int)
+        interval = _get(obj, "interval", (int, float), 0.0)
+        if not 0 <= interval <= 86_400 * 7:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "interval must be 0..604800 seconds")
+        firmware = _get(obj, "firmware", str, "")
+        model = _get(obj, "model", str, "")
+        if len(firmware) > 64 or len(model) > 64:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "firmware and model are at most 64 characters")
+        return Hello(firmware=firmware, model=model, interval=float(interval), proto=proto)
+    if kind == "welcome":
+        return Welcome(
+            device=_get(obj, "device", str),
+            ack=_get(obj, "ack", int),
+            epoch=_get(obj, "epoch", int),
+            window=_get(obj, "window", int),
+            max_points=_get(obj, "max_points", int),
+            ping_interval=_float(_get(obj, "ping_interval", (int, float)), "ping_interval"),
+            proto=_get(obj, "proto", int),
+        )
+    if kind == "error":
+        seq = obj.get("seq")
+        return Error(
+            code=_get(obj, "code", str),
+            detail=_get(obj, "detail", str, ""),
+            seq=seq if type(seq) is int else None,
+        )
+    raise ProtocolError(ErrorCode.BAD_MESSAGE, "unknown or missing message type")

@@ -1,0 +1,1 @@
+"""The telemetry hub: device WebSocket endpoint, ingest pipeline, sinks, registry."""

@@ -1,0 +1,163 @@
+"""The hub process: one nursery tree from `serve` down, and `run` with signal handling."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from device_client.protocol import CloseCode
+from hub.config import HubConfig
+from hub.device_server import DeviceServer
+from hub.ledger import Ledgers
+from hub.pipeline import Pipeline, PipelineConfig
+from hub.presence import Presence
+from hub.registry import Registry
+from hub.sinks import FileSink, InfluxV2Sink, Sink
+from hub.spool import Spool
+from hub.stats import Stats
+
+__all__ = ["HubHandle", "make_sink", "registry_path", "run", "serve"]
+
+log = logging.getLogger("hub")
+
+#: Seconds between "hub status" log lines.
+STATUS_EVERY = 10.0
+
+
+@attrs.define(eq=False)
+class HubHandle:
+    """What `serve` reports once it listens: the port, live figures, and a way to stop it."""
+
+    port: int
+    stats: Stats
+    presence: Presence
+    server: DeviceServer
+    sink: Sink
+    _stop: trio.Event = attrs.field(factory=trio.Event)
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown: stop accepting, drain and flush, close sessions."""
+        self._stop.set()
+
+
+def registry_path(config: HubConfig) -> str:
+    """Where the device registry lives."""
+    return str(config.storage.path / "registry.sqlite3")
+
+
+def make_sink(config: HubConfig) -> Sink:
+    """The configured InfluxDB v2-API sink, or the embedded line-protocol file sink."""
+    influx = config.influx
+    if influx.url:
+        return InfluxV2Sink(
+            influx.url, influx.token, influx.org, influx.bucket, timeout_s=influx.timeout, gzip=influx.gzip
+        )
+    storage = config.storage
+    return FileSink(storage.path / "lines", max_bytes=storage.file_max_bytes, max_age_s=storage.file_max_age)
+
+
+def _pipeline_config(config: HubConfig) -> PipelineConfig:
+    b = config.batch
+    return PipelineConfig(
+        max_lines=b.max_lines,
+        max_delay=b.max_delay,
+        queue_items=b.queue_items,
+        write_attempts=b.write_attempts,
+        backoff_initial=b.backoff_initial,
+        backoff_max=b.backoff_max,
+    )
+
+
+async def _log_status(handle: HubHandle) -> None:
+    while True:
+        await trio.sleep(STATUS_EVERY)
+        s = handle.stats
+        log.info(
+            "hub status",
+            extra={
+                "kv": {
+                    "connections": s.connections,
+                    "online": handle.presence.online_count(),
+                    "points_in": s.points_in,
+                    "written": s.points_written,
+                    "spooled": s.points_spooled,
+                    "replayed": s.points_replayed,
+                    "dropped": s.points_dropped,
+                    "spool_bytes": s.spool_bytes,
+                }
+            },
+        )
+
+
+async def serve(
+    config: HubConfig,
+    *,
+    sink: Sink | None = None,
+    task_status: trio.TaskStatus[HubHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a hub until `HubHandle.stop()`; report the handle once devices can connect."""
+    config.storage.path.mkdir(parents=True, exist_ok=True)
+    sink = sink or make_sink(config)
+    registry = Registry(registry_path(config))
+    spool = Spool(config.storage.path / "spool", config.storage.spool_max_bytes)
+    stats = Stats()
+    try:
+        ledgers = Ledgers(registry)
+        pipeline = Pipeline(sink, spool, _pipeline_config(config), stats, ledgers.on_durable_callback())
+        presence = Presence(pipeline.submit)
+        server = DeviceServer(config, registry, ledgers, pipeline, presence, stats)
+        log.info("storage", extra={"kv": {"sink": sink.description}})
+        async with trio.open_nursery() as nursery:
+            drained = trio.Event()
+
+            async def run_pipeline(task_status: trio.TaskStatus[None]) -> None:
+                await pipeline.run(task_status=task_status)
+                drained.set()
+
+            await nursery.start(run_pipeline)
+            port = await nursery.start(server.listen)
+            handle = HubHandle(port, stats, presence, server, sink)
+            nursery.start_soon(_log_status, handle)
+            task_status.started(handle)
+
+            await handle._stop.wait()
+            log.info("shutting down: no new connections, draining the pipeline")
+            server.stop_accepting()
+            for session in list(server.sessions.values()):
+                await presence.offline(session.name, session.epoch, "hub_shutdown")
+            presence.closed = True
+            pipeline.close_input()
+            with trio.move_on_after(config.server.shutdown_grace) as grace:
+                await drained.wait()
+            if grace.cancelled_caught:
+                log.error("pipeline did not drain in time; unacked batches will be resent by devices")
+            await server.close_all(CloseCode.GOING_AWAY, "hub shutting down")
+            nursery.cancel_scope.cancel()
+        log.info("hub stopped", extra={"kv": {"written": stats.points_written, "spooled": stats.points_spooled}})
+    finally:
+        spool.close()
+        sink.close()
+        registry.close()
+
+
+async def serve_until_signal(config: HubConfig, on_ready: Callable[[HubHandle], None] | None = None) -> None:
+    """`serve` until SIGINT or SIGTERM, then shut down gracefully (a second signal aborts)."""
+    async with trio.open_nursery() as nursery:
+        handle: HubHandle = await nursery.start(serve, config)
+        if on_ready is not None:
+            on_ready(handle)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal received", extra={"kv": {"signal": signal.Signals(signum).name}})
+                handle.stop()
+                break
+
+
+def run(config: HubConfig) -> int:
+    """Entry point of `hub serve`: run until a signal; the exit code."""
+    trio.run(serve_until_signal, config)
+    return 0

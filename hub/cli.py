@@ -1,0 +1,327 @@
+"""The `hub` command: run the hub (`serve`), manage device tokens (`device ...`), or try it out (`demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from hub.config import INFLUX_TOKEN_ENV, ConfigError, HubConfig, load_config
+from hub.logs import FORMATS, LEVELS, setup_logging
+from hub.registry import REGISTRY_FILE, DeviceRecord, Registry, RegistryError, registry_path
+
+__all__ = ["build_parser", "main"]
+
+_DEFAULTS = HubConfig()
+
+_DESCRIPTION = """\
+Command-line options override the config file (--config),
+which overrides the built-in defaults shown."""
+
+_SERVE_EPILOG = f"""\
+The InfluxDB token is read from the {INFLUX_TOKEN_ENV} environment variable only (never from the
+command line or the config file). Without --influx-url (or [influx] url in the config file) the hub
+writes line-protocol files under DATA_DIR/lines (the embedded sink) and needs no database.
+See docs/hub.example.toml for every setting."""
+
+
+def _default(dotted: str) -> Any:
+    section, _, key = dotted.rpartition(".")
+    return getattr(getattr(_DEFAULTS, section) if section else _DEFAULTS, key)
+
+
+@attrs.frozen
+class _Option:
+    """A command-line option that overrides one config setting."""
+
+    flag: str
+    key: str  # "section.key" in HubConfig
+    type: Callable[[str], Any]
+    metavar: str
+    help: str
+    shown: str = ""  # how to show the default, when its value alone says too little
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {port}")
+    return port
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+    return value
+
+
+_HOST = _Option("--host", "server.host", str, "H", "address the device WebSocket listener binds to")
+_PORT = _Option("--port", "server.port", _port, "P", "TCP port of the device listener (0: any free port)")
+_DATA_DIR = _Option("--data-dir", "storage.data_dir", str, "DIR", "directory for registry, spool, embedded sink")
+_INFLUX = (
+    _Option("--influx-url", "influx.url", str, "URL", "InfluxDB v2 write API base URL", "none: embedded sink"),
+    _Option("--influx-org", "influx.org", str, "ORG", "InfluxDB organisation", "none"),
+    _Option("--influx-bucket", "influx.bucket", str, "B", "InfluxDB bucket (on 1.x: database/retention)"),
+)
+_TUNING = (
+    _Option("--ping-interval", "presence.ping_interval", float, "S", "seconds between pings to a device"),
+    _Option("--ping-timeout", "presence.ping_timeout", float, "S", "seconds to wait for a pong, then drop"),
+    _Option("--window", "server.window", int, "N", "unacked telemetry messages a device may have in flight"),
+    _Option(
+        "--max-message-bytes",
+        "server.max_message_bytes",
+        int,
+        "N",
+        "largest message accepted (larger: close 1009)",
+    ),
+    _Option("--batch-max-lines", "batch.max_lines", int, "N", "most lines per database write"),
+    _Option("--batch-max-delay", "batch.max_delay", float, "S", "longest a line waits for its batch to fill"),
+    _Option("--spool-max-bytes", "storage.spool_max_bytes", int, "N", "spool bound while the database is down"),
+)
+
+
+def _show(key: str) -> str:
+    value = _default(key)
+    if key.endswith("_bytes"):
+        for size, unit in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+            if value >= size and value % size == 0:
+                return f"{value} = {value // size} {unit}"
+    return str(value)
+
+
+def _add_options(parser: argparse.ArgumentParser, options: Sequence[_Option]) -> None:
+    for opt in options:
+        parser.add_argument(
+            opt.flag,
+            dest=opt.key,
+            type=opt.type,
+            metavar=opt.metavar,
+            default=None,  # None: not given, the config file or the built-in default applies
+            help=f"{opt.help} (default: {opt.shown or _show(opt.key)})",
+        )
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (default: none, built-in defaults)")
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        dest="log_level",
+        choices=LEVELS,
+        default=None,
+        help=f"least severe log events written to stderr (default: {_DEFAULTS.log_level})",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="kv",
+        help="kv: key=value pairs, json: one JSON object per line (default: kv)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `hub` command."""
+    parser = argparse.ArgumentParser(
+        prog="hub",
+        description="IoT telemetry hub: devices stream telemetry over WebSocket, the hub writes InfluxDB.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the hub",
+        description="Run the hub until SIGINT/SIGTERM.\n" + _DESCRIPTION,
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config(serve)
+    _add_options(serve, (_HOST, _PORT, _DATA_DIR, *_INFLUX, *_TUNING))
+    _add_logging(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    device = commands.add_parser(
+        "device",
+        help="register devices and manage their tokens",
+        description=f"Manage the device registry (DATA_DIR/{REGISTRY_FILE}); safe to use while a hub runs.",
+    )
+    actions = device.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, func, text in (
+        ("add", _cmd_add, "register a device and print its token (shown only this once)"),
+        ("list", _cmd_list, "list devices: name, state, created, session epoch, last acked sequence"),
+        ("revoke", _cmd_revoke, "refuse the device's token from now on"),
+        ("rotate", _cmd_rotate, "give the device a new token (the old one stops working) and un-revoke it"),
+    ):
+        sub = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        if name == "list":
+            sub.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+        else:
+            sub.add_argument("name", metavar="NAME", help="device name (1-64 of A-Z a-z 0-9 _ -)")
+        _add_config(sub)
+        _add_options(sub, (_DATA_DIR,))
+        sub.set_defaults(func=func)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a hub and a simulated fleet in one process",
+        description="Run a hub and a fleet of simulated devices in this process, to see the hub at work.\n"
+        + _DESCRIPTION,
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--devices", type=_positive_int, default=20, metavar="N", help="simulated devices (default: 20)")
+    demo.add_argument(
+        "--duration",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="seconds to run; 0: until Ctrl-C (default: 0)",
+    )
+    _add_config(demo)
+    _add_options(demo, (_PORT, _DATA_DIR, *_INFLUX))
+    _add_logging(demo)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _error(message: str) -> None:
+    print(f"hub: error: {message}", file=sys.stderr)
+
+
+def _config(args: argparse.Namespace) -> HubConfig | None:
+    """The config from --config plus every "section.key" option given; None (after a message) if invalid."""
+    overrides = {key: value for key, value in vars(args).items() if "." in key or key == "log_level"}
+    try:
+        return load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        _error(f"bad configuration: {exc}")
+        return None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if config is None:
+        return 2
+    setup_logging(config.log_level, args.log_format)
+    from hub.app import run  # imported here: the device commands need none of the server's modules
+
+    return run(config)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if config is None:
+        return 2
+    setup_logging(config.log_level, args.log_format)
+    from hub.demo import run_demo
+
+    return run_demo(config, devices=args.devices, duration=args.duration)
+
+
+def _registry_command(
+    action: Callable[[Registry, argparse.Namespace], None],
+) -> Callable[[argparse.Namespace], int]:
+    """Run `action` on the configured registry; registry and storage errors become a message and exit 1."""
+
+    def command(args: argparse.Namespace) -> int:
+        config = _config(args)
+        if config is None:
+            return 2
+        path = registry_path(config.storage.data_dir)
+        try:
+            with Registry(path) as registry:
+                action(registry, args)
+        except RegistryError as exc:
+            _error(str(exc))
+            return 1
+        except (OSError, sqlite3.Error) as exc:
+            _error(f"registry {path}: {exc}")
+            return 1
+        return 0
+
+    return command
+
+
+def _print_token(token: str) -> None:
+    print(token)
+    print("hub: this token will not be shown again: give it to the device now", file=sys.stderr)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _state(record: DeviceRecord) -> str:
+    return "revoked" if record.revoked else "active"
+
+
+@_registry_command
+def _cmd_add(registry: Registry, args: argparse.Namespace) -> None:
+    _print_token(registry.add(args.name))
+
+
+@_registry_command
+def _cmd_rotate(registry: Registry, args: argparse.Namespace) -> None:
+    _print_token(registry.rotate(args.name))
+
+
+@_registry_command
+def _cmd_revoke(registry: Registry, args: argparse.Namespace) -> None:
+    registry.revoke(args.name)
+    print(f"hub: device {args.name!r} revoked", file=sys.stderr)
+
+
+@_registry_command
+def _cmd_list(registry: Registry, args: argparse.Namespace) -> None:
+    records = registry.list()
+    if args.json:
+        rows = [
+            {
+                "name": r.name,
+                "state": _state(r),
+                "created": _iso(r.created),
+                "epoch": r.epoch,
+                "acked_seq": r.acked_seq,
+            }
+            for r in records
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    table = [("NAME", "STATE", "CREATED", "EPOCH", "ACKED_SEQ")]
+    table += [(r.name, _state(r), _iso(r.created), str(r.epoch), str(r.acked_seq)) for r in records]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if not records:
+        print("hub: no devices registered", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `hub` command with `argv` (default: sys.argv[1:]); return the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Hub configuration: frozen sections read from a TOML file, environment variables for secrets."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from device_client.protocol import Limits
+
+__all__ = [
+    "BatchConfig",
+    "ConfigError",
+    "HubConfig",
+    "InfluxConfig",
+    "PresenceConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "load_config",
+]
+
+#: Environment variable that carries the InfluxDB token (never put it in the TOML file).
+INFLUX_TOKEN_ENV = "HUB_INFLUX_TOKEN"
+
+
+class ConfigError(Exception):
+    """The configuration file or an override is not valid."""
+
+
+@attrs.frozen
+class ServerConfig:
+    """The device WebSocket listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_message_bytes: int = 256 * 1024  # larger frames are closed with 1009
+    handshake_timeout: float = 5.0  # seconds for a client to finish the HTTP upgrade
+    hello_timeout: float = 10.0  # seconds after the upgrade for the device's hello
+    window: int = 16  # unacked telemetry messages a device may have in flight
+    max_errors: int = 10  # protocol errors in one session before it is closed with 1008
+    shutdown_grace: float = 10.0  # seconds to drain the pipeline on SIGINT/SIGTERM
+
+
+@attrs.frozen
+class PresenceConfig:
+    """Keepalive and online/offline detection."""
+
+    ping_interval: float = 10.0  # seconds between WebSocket pings to each device
+    ping_timeout: float = 10.0  # no pong within this: the device is marked offline and dropped
+
+
+@attrs.frozen
+class InfluxConfig:
+    """An InfluxDB v2 write API (InfluxDB 2.x/3.x/1.8+, VictoriaMetrics). No url: embedded file sink."""
+
+    url: str = ""
+    org: str = ""
+    bucket: str = "telemetry"
+    token: str = attrs.field(default="", repr=False)  # from HUB_INFLUX_TOKEN
+    timeout: float = 10.0
+    gzip: bool = True
+
+
+@attrs.frozen
+class StorageConfig:
+    """Local state: registry, spool and the embedded line-protocol files."""
+
+    data_dir: str = "./var/hub"
+    spool_max_bytes: int = 1024**3
+    file_max_bytes: int = 64 * 1024**2  # embedded sink: rotate files at this size
+    file_max_age: float = 3600.0  # ... or at this age in seconds
+
+    @property
+    def path(self) -> Path:
+        """The data directory as a Path."""
+        return Path(self.data_dir)
+
+
+@attrs.frozen
+class BatchConfig:
+    """The batcher and writer."""
+
+    max_lines: int = 5000
+    max_delay: float = 0.2
+    queue_items: int = 1024
+    write_attempts: int = 3
+    backoff_initial: float = 0.2
+    backoff_max: float = 30.0
+
+
+@attrs.frozen
+class HubConfig:
+    """The whole configuration of one hub process."""
+
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    presence: PresenceConfig = attrs.field(factory=PresenceConfig)
+    influx: InfluxConfig = attrs.field(factory=InfluxConfig)
+    storage: StorageConfig = attrs.field(factory=StorageConfig)
+    batch: BatchConfig = attrs.field(factory=BatchConfig)
+    limits: Limits = attrs.field(factory=Limits)
+    log_level: str = "info"
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "presence": PresenceConfig,
+    "influx": InfluxConfig,
+    "storage": StorageConfig,
+    "batch": BatchConfig,
+    "limits": Limits,
+}
+
+
+#: Numeric options for which 0 makes sense (any free port; flush every message at once).
+_ZERO_OK = frozenset({"port", "max_delay"})
+
+
+def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    known = {f.name: f for f in attrs.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown option {key!r} (known: {', '.join(sorted(known))})")
+        default = known[key].default
+        if key == "token":
+            raise ConfigError(f"{where}: put the token in the {INFLUX_TOKEN_ENV} environment variable")
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ConfigError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if key in _ZERO_OK:
+                if value < 0:
+                    raise ConfigError(f"{where}.{key}: must not be negative")
+            elif value <= 0:
+                raise ConfigError(f"{where}.{key}: must be greater than zero")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> HubConfig:
+    """Read the TOML file (if any), apply `overrides` ("section.key" -> value), take secrets from `env`.
+
+    Raises `ConfigError` with a message naming the bad option.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    top: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+        elif key == "log_level":
+            top[key] = value
+        else:
+            raise ConfigError(f"unknown section or option {key!r}")
+    merged = {name: dict(data.get(name, {})) for name in _SECTIONS}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        if key and section in merged:
+            merged[section][key] = value
+        elif dotted == "log_level":
+            top[dotted] = value
+        else:
+            raise ConfigError(f"unknown option {dotted!r}")
+    sections = {name: _section(cls, merged[name], name) for name, cls in _SECTIONS.items()}
+    token = env.get(INFLUX_TOKEN_ENV, "")
+    if token:
+        sections["influx"] = attrs.evolve(sections["influx"], token=token)
+    level = top.get("log_level", "info")
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: expected debug, info, warning or error, got {level!r}")
+    return HubConfig(log_level=level, **sections)

@@ -1,0 +1,382 @@
+"""The device endpoint: handshake checks before the upgrade, then one session per device."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from device_client import protocol
+from device_client.protocol import Ack, CloseCode, ErrorCode, Hello, ProtocolError, Telemetry, Welcome
+from hub.config import HubConfig
+from hub.ledger import DeviceLedger, Ledgers
+from hub.lineproto import LineBuilder
+from hub.pipeline import Pipeline
+from hub.presence import Presence
+from hub.registry import Registry
+from hub.stats import Stats
+
+__all__ = ["DeviceServer", "DeviceSession"]
+
+log = logging.getLogger("hub.session")
+
+#: Protocol errors are counted over this many seconds when deciding to close a session.
+ERROR_WINDOW = 60.0
+#: Longest wait for a peer to answer our close frame.
+CLOSE_TIMEOUT = 2.0
+
+
+def _remote(request_or_ws: WebSocketRequest | WebSocketConnection) -> str:
+    remote = request_or_ws.remote
+    return f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
+
+
+class DeviceServer:
+    """Listens on /v1/device, authenticates handshakes and runs a `DeviceSession` per device."""
+
+    def __init__(
+        self,
+        config: HubConfig,
+        registry: Registry,
+        ledgers: Ledgers,
+        pipeline: Pipeline,
+        presence: Presence,
+        stats: Stats,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.ledgers = ledgers
+        self.pipeline = pipeline
+        self.presence = presence
+        self.stats = stats
+        self.sessions: dict[str, DeviceSession] = {}
+        self.closing = False
+        self._device_locks: dict[str, trio.Lock] = {}
+        self._listen_scope = trio.CancelScope()
+
+    async def listen(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept devices until `stop_accepting`; return once every session has ended. Reports the port."""
+        cfg = self.config.server
+        async with trio.open_nursery() as handlers:
+
+            async def accept_loop(task_status: trio.TaskStatus[Any]) -> None:
+                with self._listen_scope:
+                    await serve_websocket(
+                        self._handle,
+                        cfg.host,
+                        cfg.port,
+                        None,
+                        handler_nursery=handlers,
+                        max_message_size=cfg.max_message_bytes,
+                        connect_timeout=cfg.handshake_timeout,
+                        disconnect_timeout=CLOSE_TIMEOUT,
+                        task_status=task_status,
+                    )
+
+            server = await handlers.start(accept_loop)
+            log.info("device endpoint listening", extra={"kv": {"host": cfg.host, "port": server.port}})
+            task_status.started(server.port)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket and stop every session from reading more telemetry."""
+        self.closing = True
+        self._listen_scope.cancel()
+        for session in list(self.sessions.values()):
+            session.stop_reading()
+
+    async def close_all(self, code: int, reason: str) -> None:
+        """Send each session its last ack and close it with `code`."""
+        async with trio.open_nursery() as nursery:
+            for session in list(self.sessions.values()):
+                nursery.start_soon(session.close, code, reason)
+
+    # ------------------------------------------------------------------ handshake
+
+    async def _refuse(self, request: WebSocketRequest, status: int, why: str, body: str) -> None:
+        self.stats.refused += 1
+        log.warning("handshake refused", extra={"kv": {"status": status, "reason": why, "remote": _remote(request)}})
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        if status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="hub"'))
+        await request.reject(status, extra_headers=headers, body=body.encode() + b"\n")
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        path, _, query = request.path.partition("?")
+        if path != protocol.DEVICE_PATH:
+            await self._refuse(request, 404, "unknown_path", f"no endpoint here; devices use {protocol.DEVICE_PATH}")
+            return
+        headers: dict[bytes, bytes] = {k.lower(): v for k, v in request.headers}
+        if "token" in query.lower():
+            # Never log the query string: it would put the credential in the logs.
+            await self._refuse(request, 401, "token_in_url", "credentials go in the Authorization header, not the URL")
+            return
+        if b"origin" in headers:
+            await self._refuse(request, 403, "origin_present", "browsers may not connect to the device endpoint")
+            return
+        if self.closing:
+            await self._refuse(request, 503, "shutting_down", "hub shutting down; retry later")
+            return
+        auth = headers.get(b"authorization", b"")
+        name = None
+        if auth[:7].lower() == b"bearer ":
+            try:
+                name = self.registry.authenticate(auth[7:].strip().decode("ascii"))
+            except UnicodeDecodeError:
+                name = None
+        if name is None:
+            await self._refuse(request, 401, "bad_credentials", "missing, unknown or revoked device token")
+            return
+        ws = await request.accept()
+        session = DeviceSession(self, ws, name, _remote(request))
+        await session.run()
+
+    def device_lock(self, name: str) -> trio.Lock:
+        """The lock that orders session hand-over for one device."""
+        lock = self._device_locks.get(name)
+        if lock is None:
+            lock = self._device_locks[name] = trio.Lock()
+        return lock
+
+
+class DeviceSession:
+    """One authenticated device connection: hello/welcome, telemetry in, acks and pings out."""
+
+    def __init__(self, server: DeviceServer, ws: WebSocketConnection, name: str, remote: str) -> None:
+        self.server = server
+        self.ws = ws
+        self.name = name
+        self.remote = remote
+        self.epoch = 0
+        self.reason = "closed"
+        self.ledger: DeviceLedger | None = None
+        self._last_ack = 0
+        self._errors: deque[float] = deque()
+        self._builder = LineBuilder(name)
+        self._reader_scope = trio.CancelScope()
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+
+    def _kv(self, **extra: Any) -> dict[str, Any]:
+        return {"kv": {"device": self.name, "epoch": self.epoch, "remote": self.remote, **extra}}
+
+    async def run(self) -> None:
+        """Serve the session until the peer leaves, it is replaced, or the hub closes it."""
+        try:
+            with self._scope:
+                hello = await self._receive_hello()
+                if hello is None:
+                    return
+                if not await self._start(hello):
+                    return
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._send_acks)
+                        nursery.start_soon(self._ping)
+                        with self._reader_scope:
+                            await self._read()
+                        if not self.server.closing:
+                            nursery.cancel_scope.cancel()
+                finally:
+                    if self.epoch:
+                        with trio.CancelScope(shield=True):
+                            await self.server.presence.offline(self.name, self.epoch, self.reason)
+        except ConnectionClosed:
+            pass  # gone during the handshake phase: nothing to clean up
+        except Exception:
+            log.exception("device session failed", extra=self._kv())
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self.ws.aclose(CloseCode.INTERNAL, "internal error")
+        finally:
+            if self.server.sessions.get(self.name) is self:
+                del self.server.sessions[self.name]
+                self.server.stats.connections -= 1
+            self._done.set()
+
+    async def _receive_hello(self) -> Hello | None:
+        cfg = self.server.config.server
+        with trio.move_on_after(cfg.hello_timeout):
+            try:
+                text = await self.ws.get_message()
+            except ConnectionClosed:
+                return None
+            try:
+                msg = protocol.decode(text, self.server.config.limits)
+            except ProtocolError as exc:
+                await self._close_with_error(exc.code, exc.detail)
+                return None
+            if not isinstance(msg, Hello):
+                await self._close_with_error(ErrorCode.NOT_READY, "the first message must be hello")
+                return None
+            if msg.proto != protocol.PROTOCOL_VERSION:
+                await self._close_with_error(
+                    ErrorCode.UNSUPPORTED_VERSION, f"this hub speaks proto {protocol.PROTOCOL_VERSION}"
+                )
+                return None
+            return msg
+        await self._close_with_error(ErrorCode.NOT_READY, "no hello in time")
+        return None
+
+    async def _close_with_error(self, code: str, detail: str) -> None:
+        log.warning("device refused", extra=self._kv(code=code))
+        self.server.stats.count_error(code)
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send_message(protocol.encode(protocol.Error(code, detail)))
+            await self.ws.aclose(CloseCode.POLICY, code)
+
+    async def _start(self, hello: Hello) -> bool:
+        server = self.server
+        async with server.device_lock(self.name):
+            old = server.sessions.get(self.name)
+            if old is not None:
+                await old.close(CloseCode.REPLACED, "replaced by a new connection", reason="replaced")
+            if server.closing:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self.ws.aclose(CloseCode.GOING_AWAY, "hub shutting down")
+                return False
+            self.epoch, acked = server.registry.begin_session(self.name)
+            self.ledger = server.ledgers.get(self.name, acked)
+            server.sessions[self.name] = self
+            server.stats.connections += 1
+            server.stats.connects += 1
+        cfg = server.config
+        self._last_ack = self.ledger.durable
+        welcome = Welcome(
+            device=self.name,
+            ack=self.ledger.durable,
+            epoch=self.epoch,
+            window=cfg.server.window,
+            max_points=cfg.limits.max_points,
+            ping_interval=cfg.presence.ping_interval,
+        )
+        await self.ws.send_message(protocol.encode(welcome))
+        await server.presence.online(
+            self.name, self.epoch, firmware=hello.firmware, model=hello.model, interval=hello.interval
+        )
+        log.info("device connected", extra=self._kv(firmware=hello.firmware, model=hello.model))
+        return True
+
+    # ------------------------------------------------------------------ streaming
+
+    async def _read(self) -> None:
+        try:
+            await self._read_loop()
+        except ConnectionClosed:
+            if self.reason == "closed":
+                self.reason = "disconnected"
+
+    async def _read_loop(self) -> None:
+        limits = self.server.config.limits
+        stats = self.server.stats
+        while True:
+            try:
+                text = await self.ws.get_message()
+            except ConnectionClosed as exc:
+                code = exc.reason.code if exc.reason is not None else None
+                if self.reason == "closed":
+                    self.reason = "too_big" if code == CloseCode.TOO_BIG else "disconnected"
+                return
+            stats.messages_in += 1
+            if isinstance(text, bytes):
+                await self._refuse(ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted"))
+                continue
+            try:
+                msg = protocol.decode(text, limits)
+            except ProtocolError as exc:
+                await self._refuse(exc)
+                continue
+            if type(msg) is Telemetry:
+                await self._telemetry(msg)
+            elif type(msg) is Hello:
+                await self._refuse(ProtocolError(ErrorCode.NOT_READY, "hello was already received"))
+            else:
+                detail = "devices send hello and telemetry only"
+                await self._refuse(ProtocolError(ErrorCode.BAD_MESSAGE, detail))
+
+    async def _telemetry(self, msg: Telemetry) -> None:
+        ledger = self.ledger
+        assert ledger is not None
+        stats = self.server.stats
+        seq = msg.seq
+        if seq <= ledger.submitted:
+            stats.resends += 1
+            if seq <= ledger.durable:
+                await self._send_ack(ledger.durable)
+            return  # still in the pipeline: its ack follows when it is durable
+        n = len(msg.points)
+        await self.server.pipeline.submit(self._builder.lines(msg.points), n, (ledger, seq))
+        ledger.submitted = seq
+        stats.points_in += n
+
+    async def _refuse(self, exc: ProtocolError) -> None:
+        """Answer one refused message with an error frame; close the session if they keep coming."""
+        stats = self.server.stats
+        stats.count_error(exc.code)
+        log.info("message refused", extra=self._kv(code=exc.code, seq=exc.seq))
+        await self.ws.send_message(protocol.encode(protocol.Error(exc.code, exc.detail[:200], exc.seq)))
+        ledger = self.ledger
+        if exc.seq is not None and ledger is not None and exc.seq > ledger.submitted:
+            # A refused batch is resolved: let the cumulative ack pass over it, in order.
+            await self.server.pipeline.submit("", 0, (ledger, exc.seq))
+            ledger.submitted = exc.seq
+        now = trio.current_time()
+        self._errors.append(now)
+        while self._errors and self._errors[0] < now - ERROR_WINDOW:
+            self._errors.popleft()
+        if len(self._errors) > self.server.config.server.max_errors:
+            self.reason = ErrorCode.TOO_MANY_ERRORS
+            await self._close_with_error(ErrorCode.TOO_MANY_ERRORS, "too many refused messages")
+            self._scope.cancel()
+
+    async def _send_ack(self, seq: int) -> None:
+        self._last_ack = max(self._last_ack, seq)
+        await self.ws.send_message(protocol.encode(Ack(seq)))
+        self.server.stats.acks_sent += 1
+
+    async def _send_acks(self) -> None:
+        ledger = self.ledger
+        assert ledger is not None
+        try:
+            while True:
+                await self._send_ack(await ledger.wait_beyond(self._last_ack))
+        except ConnectionClosed:
+            self._scope.cancel()
+
+    async def _ping(self) -> None:
+        cfg = self.server.config.presence
+        try:
+            while True:
+                await trio.sleep(cfg.ping_interval)
+                with trio.move_on_after(cfg.ping_timeout) as timeout:
+                    await self.ws.ping()
+                if timeout.cancelled_caught:
+                    self.reason = "ping_timeout"
+                    log.warning("device stopped answering pings", extra=self._kv())
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self.ws.aclose(CloseCode.POLICY, "ping timeout")
+                    self._scope.cancel()
+                    return
+        except ConnectionClosed:
+            self._scope.cancel()
+
+    def stop_reading(self) -> None:
+        """Stop taking telemetry (hub shutdown); acks keep flowing until `close`."""
+        self._reader_scope.cancel()
+
+    async def close(self, code: int, text: str, *, reason: str = "hub_shutdown") -> None:
+        """Send the last ack due, close the WebSocket with `code`, and wait for the session to end."""
+        if self.reason == "closed":
+            self.reason = reason
+        ledger = self.ledger
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            if ledger is not None and ledger.durable > self._last_ack:
+                with contextlib.suppress(ConnectionClosed):
+                    await self._send_ack(ledger.durable)
+            await self.ws.aclose(code, text)
+        self._scope.cancel()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await self._done.wait()

@@ -1,0 +1,104 @@
+"""Logging setup: one event per line on stderr, as key=value pairs (default) or JSON objects.
+
+Convention: a log call carries its structured values in ``extra={"kv": {...}}``::
+
+    log.info("device connected", extra={"kv": {"device": "d1", "epoch": 3}})
+
+which the ``kv`` format writes as::
+
+    ts=2026-11-24T12:00:00.123Z level=info logger=hub.session msg="device connected" device=d1 epoch=3
+
+and the ``json`` format as one object per line with the same keys. A value is quoted (with ``\\``, ``"`` and
+line breaks escaped) when it is empty or contains a space, a quote, ``=`` or a control character. An exception
+attached to the record (``log.exception``, ``exc_info=``) goes in an ``exc`` key, on the same line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["FORMATS", "LEVELS", "JsonFormatter", "KvFormatter", "setup_logging"]
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("kv", "json")
+
+_LEVEL_NAMES = {logging.WARNING: "warning", logging.CRITICAL: "critical"}
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    when = datetime.fromtimestamp(record.created, UTC)
+    return f"{when:%Y-%m-%dT%H:%M:%S}.{int(record.msecs):03d}Z"
+
+
+def _fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, Any]:
+    """The event's keys in output order: ts, level, logger, msg, then the record's kv, then exc."""
+    fields: dict[str, Any] = {
+        "ts": _timestamp(record),
+        "level": _LEVEL_NAMES.get(record.levelno, record.levelname.lower()),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    kv = getattr(record, "kv", None)
+    if isinstance(kv, dict):
+        for key, value in kv.items():
+            fields[str(key)] = value
+    if record.exc_info:
+        fields["exc"] = formatter.formatException(record.exc_info)
+    elif record.exc_text:
+        fields["exc"] = record.exc_text
+    return fields
+
+
+def _kv_value(value: Any) -> str:
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    else:
+        text = str(value)
+    if text == "" or any(c in ' "=' or c < " " or c == "\x7f" for c in text):
+        return '"' + text.translate(_ESCAPES) + '"'
+    return text
+
+
+class KvFormatter(logging.Formatter):
+    """``key=value`` pairs on one line (logfmt)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of key=value pairs."""
+        return " ".join(f"{key}={_kv_value(value)}" for key, value in _fields(record, self).items())
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; values that JSON cannot hold are written as strings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        return json.dumps(_fields(record, self), default=str, ensure_ascii=False)
+
+
+class _HubHandler(logging.StreamHandler):
+    """Marks the handler `setup_logging` installed, so a second call replaces it instead of adding one."""
+
+
+def setup_logging(level: str, fmt: str = "kv") -> None:
+    """Send all logging to stderr at `level` (debug, info, warning, error), in format `fmt` (kv or json).
+
+    Raises ValueError for an unknown level or format.
+    """
+    if level.lower() not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    handler = _HubHandler(sys.stderr)
+    handler.setFormatter(KvFormatter() if fmt == "kv" else JsonFormatter())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _HubHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

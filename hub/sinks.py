@@ -1,0 +1,263 @@
+"""Where batches of line protocol go: InfluxDB's v2 write API or local files (blocking; run in a thread)."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = [
+    "FileSink",
+    "InfluxV2Sink",
+    "Sink",
+    "SinkError",
+    "SinkRejected",
+    "SinkTooLarge",
+    "SinkUnavailable",
+    "error_for_status",
+    "parse_retry_after",
+]
+
+log = logging.getLogger("hub.sinks")
+
+
+class SinkError(Exception):
+    """A write failed; `status` is the HTTP status if there was one, `retry_after` seconds if advised."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class SinkUnavailable(SinkError):
+    """Not written, try again later: connection error, timeout, 429, 5xx, or 401/403 (misconfiguration)."""
+
+
+class SinkRejected(SinkError):
+    """The data was refused (400/422: a bad line or a field type conflict); retrying it will not help."""
+
+
+class SinkTooLarge(SinkError):
+    """The request body was too large (413): send it in smaller pieces."""
+
+
+class Sink(Protocol):
+    """A destination for line protocol. Methods block; the pipeline calls them from a worker thread."""
+
+    description: str
+
+    def write(self, body: str) -> None:
+        """Write lines joined by `\\n` (ms precision) durably, or raise `SinkError`."""
+        ...
+
+    def check(self) -> bool:
+        """Whether the destination is reachable right now (cheap)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
+
+
+def error_for_status(status: int, headers: Mapping[str, str] | None, detail: str) -> SinkError:
+    """The `SinkError` subclass a failed HTTP write answer maps to."""
+    retry_after = parse_retry_after(headers.get("Retry-After") if headers is not None else None)
+    message = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
+    if status in (400, 422):
+        return SinkRejected(message, status)
+    if status == 413:
+        return SinkTooLarge(message, status)
+    # 429, 5xx, 401/403 and anything unexpected (404 bucket not found, ...): keep the data, retry.
+    return SinkUnavailable(message, status, retry_after)
+
+
+def _short(data: Any, limit: int = 300) -> str:
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
+    text = str(data or "").strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class InfluxV2Sink:
+    """InfluxDB v2 write API (`/api/v2/write`, also served by VictoriaMetrics and InfluxDB 1.8+).
+
+    Uses influxdb-client's synchronous write API with its own retries off: the pipeline retries.
+    """
+
+    def __init__(
+        self, url: str, token: str, org: str, bucket: str, timeout_s: float = 10.0, gzip: bool = True
+    ) -> None:
+        # Imported here: the base install (device side) has no influxdb-client.
+        import urllib3
+        from influxdb_client import InfluxDBClient, WritePrecision
+        from influxdb_client.client.write_api import SYNCHRONOUS
+        from influxdb_client.rest import ApiException
+        from influxdb_client.service.ping_service import PingService
+
+        self.url = url
+        self.org = org
+        self.bucket = bucket
+        self.description = f"InfluxDB v2 API at {url}, org {org!r}, bucket {bucket!r}"
+        self._timeout_ms = max(1, int(timeout_s * 1000))
+        self._client = InfluxDBClient(
+            url=url, token=token, org=org, timeout=self._timeout_ms, enable_gzip=gzip, retries=False
+        )
+        self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
+        self._ping = PingService(self._client.api_client)
+        self._precision = WritePrecision.MS
+        self._api_exception = ApiException
+        self._transport_errors: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, OSError)
+
+    def write(self, body: str) -> None:
+        """POST the lines; raise `SinkUnavailable`, `SinkRejected` or `SinkTooLarge` on failure."""
+        try:
+            self._write_api.write(
+                bucket=self.bucket, org=self.org, record=body.encode(), write_precision=self._precision
+            )
+        except self._api_exception as exc:
+            if not exc.status:  # no HTTP answer (TLS failure, bad request setup)
+                raise SinkUnavailable(f"{self.url}: {exc.reason}") from exc
+            raise error_for_status(exc.status, exc.headers, _short(exc.body)) from exc
+        except self._transport_errors as exc:
+            raise SinkUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+
+    def check(self) -> bool:
+        """Whether `/ping` answers within a couple of seconds."""
+        try:
+            self._ping.get_ping(_request_timeout=min(self._timeout_ms, 2000))
+        except (self._api_exception, *self._transport_errors) as exc:
+            log.debug("ping %s failed: %s", self.url, exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._write_api.close()
+        self._client.close()
+
+
+def _utc_stamp(now: float) -> str:
+    dt = datetime.fromtimestamp(now, UTC)
+    return dt.strftime("%Y%m%dT%H%M%S") + f".{dt.microsecond // 1000:03d}Z"
+
+
+class FileSink:
+    """The embedded default sink: appends line protocol to `lines-<UTC time>.lp` files, fsynced per write.
+
+    A new file starts when the current one would pass `max_bytes` or is older than `max_age_s`.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        max_bytes: int = 64 * 2**20,
+        max_age_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._size = 0
+        self._opened_at = 0.0
+        self.description = (
+            f"line-protocol files in {self.directory} (import each with: "
+            f"influx write --bucket B --precision ms --file F)"
+        )
+
+    @property
+    def current_file(self) -> Path | None:
+        """The file being appended to, if any."""
+        return self._path
+
+    def _open_new(self) -> None:
+        self._close_file()
+        now = time.time()
+        path = self.directory / f"lines-{_utc_stamp(now)}.lp"
+        n = 1
+        while path.exists():
+            path = self.directory / f"lines-{_utc_stamp(now)}-{n}.lp"
+            n += 1
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _fsync_dir(self.directory)  # the new directory entry must survive a crash too
+        self._path = path
+        self._size = 0
+        self._opened_at = self._clock()
+        log.info("file sink: writing %s", path)
+
+    def write(self, body: str) -> None:
+        """Append and fsync; a failed write is cut back off the file and raises `SinkUnavailable`."""
+        data = body.encode()
+        try:
+            if (
+                self._fd is None
+                or (self._size and self._size + len(data) > self.max_bytes)
+                or self._clock() - self._opened_at >= self.max_age_s
+            ):
+                self._open_new()
+            assert self._fd is not None
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+                os.fsync(self._fd)
+            except OSError:
+                try:
+                    os.ftruncate(self._fd, self._size)
+                except OSError as exc:
+                    log.error("file sink: cannot cut a failed write off %s: %s", self._path, exc)
+                raise
+        except OSError as exc:
+            raise SinkUnavailable(f"file sink {self.directory}: {exc}") from exc
+        self._size += len(data)
+
+    def check(self) -> bool:
+        """Whether the directory is writable."""
+        return os.access(self.directory, os.W_OK)
+
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        """Close the current file."""
+        self._close_file()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,32 @@
+"""Counters the hub keeps about itself (shown in logs and the progress line; exported later)."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.define
+class Stats:
+    """Mutable counters, updated from trio tasks only (no locking needed)."""
+
+    connections: int = 0  # open device sessions
+    connects: int = 0  # accepted device sessions since start
+    refused: int = 0  # handshakes refused before the upgrade
+    messages_in: int = 0
+    points_in: int = 0  # points accepted into the pipeline
+    points_written: int = 0  # points written to the sink
+    points_spooled: int = 0  # points appended to the spool
+    points_replayed: int = 0  # points written from the spool after an outage
+    points_dropped: int = 0  # lines the database refused (400/422) and we dropped
+    batches_written: int = 0
+    write_errors: int = 0  # failed write attempts (any cause)
+    write_retries: int = 0
+    spool_bytes: int = 0
+    spool_full: int = 0  # times the spool was full and ingest had to wait
+    acks_sent: int = 0
+    resends: int = 0  # telemetry messages whose seq was already submitted
+    protocol_errors: dict[str, int] = attrs.field(factory=dict)
+
+    def count_error(self, code: str) -> None:
+        """Count one refused input under its protocol error code."""
+        self.protocol_errors[code] = self.protocol_errors.get(code, 0) + 1
