@@ -460,7 +460,7 @@ class DeviceClient:
                 self.stats.connect_failures += 1
                 log.info("%s: cannot connect to %s: %r", self._name, self.url, exc.__cause__ or exc)
         except ConnectionClosed as exc:  # closed before or right after the Welcome
-            self._set_end(self._closed(exc.reason))
+            self._on_close(exc.reason)
         except trio.TooSlowError:
             self.stats.connect_failures += 1
             log.warning("%s: no welcome from the hub within %s s", self._name, self._connect_timeout)
@@ -482,6 +482,11 @@ class DeviceClient:
     def _set_end(self, end: _End) -> None:
         if self._end is None:
             self._end = end
+
+    def _on_close(self, reason: CloseReason | None) -> None:
+        # Reader and sender may both see the close: act on it once.
+        if self._end is None:
+            self._end = self._closed(reason)
 
     async def _converse(self, ws: trio_websocket.WebSocketConnection) -> None:
         await ws.send_message(encode(self._hello))
@@ -548,7 +553,7 @@ class DeviceClient:
                 else:
                     log.warning("%s: unexpected %s from the hub", self._name, type(msg).__name__)
         except ConnectionClosed as exc:
-            self._set_end(self._closed(exc.reason))
+            self._on_close(exc.reason)
         scope.cancel()
 
     async def _sender(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
@@ -570,7 +575,7 @@ class DeviceClient:
                 if not sent:
                     await changed.wait()
         except ConnectionClosed as exc:
-            self._set_end(self._closed(ws.closed or exc.reason))
+            self._on_close(ws.closed or exc.reason)
         scope.cancel()
 
     def _window_now(self) -> int:

@@ -80,4 +80,4 @@ class Presence:
             {"online": {"int": int(online)}, "epoch": {"int": epoch}},
             ts,
         )
-        await self._submit(text, 1, None)
+        await self._submit(text + "\n", 1, None)

@@ -273,6 +273,7 @@ class ScriptedWriteServer:
         self.responder: Responder = responder or (lambda path, body: (204, {}, b""))
         self.requests: list[tuple[str, str]] = []
         self.accepted: list[str] = []
+        self.headers: list[dict[str, str]] = []  # request headers of each request
         self.times: list[float] = []  # time.monotonic() of each request
         self._lock = threading.Lock()
         self.port = port or free_port()
@@ -300,6 +301,7 @@ class ScriptedWriteServer:
                 body = raw.decode()
                 with owner._lock:
                     owner.requests.append((self.path, body))
+                    owner.headers.append(dict(self.headers.items()))
                     owner.times.append(time.monotonic())
                 status, headers, payload = owner.responder(self.path, body)
                 if 200 <= status < 300:
