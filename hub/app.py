@@ -110,7 +110,6 @@ async def serve(
         pipeline = Pipeline(sink, spool, _pipeline_config(config), stats, ledgers.on_durable_callback())
         presence = Presence(pipeline.submit)
         server = DeviceServer(config, registry, ledgers, pipeline, presence, stats)
-        log.info("storage", extra={"kv": {"sink": sink.description}})
         async with trio.open_nursery() as nursery:
             drained = trio.Event()
 

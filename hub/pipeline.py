@@ -93,7 +93,7 @@ class Pipeline:
         self._spooled = trio.Event()  # set after an append: wakes the replayer
         self._room = trio.Event()  # set after a pop: wakes a writer waiting for spool room
         self._sink_up = True
-        self._spool_full = False
+        self._spool_full = False  # in a spool-full episode: from full until at most a quarter full
         stats.spool_bytes = spool.bytes_used
 
     # ------------------------------------------------------------------ public face
@@ -243,9 +243,6 @@ class Pipeline:
             break
         self._stats.points_spooled += lines
         self._stats.spool_bytes = self._spool.bytes_used
-        if self._spool_full:
-            self._spool_full = False
-            log.info("spool has room again (%d bytes used)", self._spool.bytes_used)
         self._spooled.set()
 
     async def _spool_oversized(self, text: str, lines: int, exc: SpoolFull) -> None:
@@ -292,6 +289,9 @@ class Pipeline:
             delay = cfg.backoff_initial
             self._stats.spool_bytes = self._spool.bytes_used
             self._room.set()
+            if self._spool_full and self._spool.bytes_used <= self._spool.max_bytes // 4:
+                self._spool_full = False  # the episode ends with hysteresis, not at every freed record
+                log.info("spool has room again (%d bytes used)", self._spool.bytes_used)
             if not self._sink_up:
                 self._note_sink_up()
             if not self._spool.records:

@@ -38,6 +38,7 @@ class Plan:
     ack: bool = True  # send acks
     close_after: int | None = None  # close after this many telemetry messages
     close_code: int = CloseCode.GOING_AWAY
+    ping_every: float | None = None  # ping the device this often (seconds), as the real hub does
 
 
 @attrs.define
@@ -72,6 +73,7 @@ class FakeHub:
     durable: dict[str, int] = attrs.field(factory=dict)
     points: dict[str, dict[int, list[dict[str, Any]]]] = attrs.field(factory=dict)
     errors_sent: int = 0
+    pongs: int = 0
 
     async def start(self, nursery: trio.Nursery) -> str:
         server = await nursery.start(
@@ -112,8 +114,20 @@ class FakeHub:
         conn = Conn(device, headers)
         self.conns.append(conn)
         plan = self.plans.pop(0) if self.plans else self.default
-        with contextlib.suppress(ConnectionClosed):  # the client went away: nothing to do
-            await self._session(ws, conn, plan)
+        async with trio.open_nursery() as nursery:
+            if plan.ping_every is not None:
+                nursery.start_soon(self._pinger, ws, plan.ping_every)
+            with contextlib.suppress(ConnectionClosed):  # the client went away: nothing to do
+                await self._session(ws, conn, plan)
+            nursery.cancel_scope.cancel()
+
+    async def _pinger(self, ws: Any, every: float) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                with trio.fail_after(5):
+                    await ws.ping()
+                self.pongs += 1
+                await trio.sleep(every)
 
     async def _session(self, ws: Any, conn: Conn, plan: Plan) -> None:
         hello = decode(await ws.get_message())
@@ -409,6 +423,21 @@ async def test_cancelled_caller_still_delivers_on_close(hub: FakeHub) -> None:
             await trio.sleep_forever()
     assert hub.seqs("dev1") == [1]
     assert c.stats.points_acked == 1
+
+
+async def test_pings_are_answered_and_close_is_clean(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = FakeHub(default=Plan(ping_every=0.001))
+    await hub.start(nursery)
+    for _ in range(5):
+        async with DeviceClient(hub.url, "dev1.s") as c:
+            await eventually(lambda: hub.pongs >= 3)
+            await c.send_batch(batch())
+            await c.wait_acked()
+        hub.pongs = 0
+    assert [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
+    assert all(conn.received for conn in hub.conns)
 
 
 async def test_command_hook_stores_handlers() -> None:

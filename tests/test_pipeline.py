@@ -1,0 +1,376 @@
+"""The pipeline end to end with real sinks and servers: batching, acks after durability, spool, replay, splits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from hub.pipeline import Mark, Pipeline, PipelineConfig
+from hub.sinks import FileSink, InfluxV2Sink
+from hub.spool import Spool
+from hub.stats import Stats
+from tests.servers import ScriptedWriteServer, VictoriaMetrics, free_port
+
+TS = 1_700_000_000_000
+
+FAST = PipelineConfig(
+    max_lines=50, max_delay=0.05, queue_items=8, write_attempts=2, backoff_initial=0.05, backoff_max=0.2
+)
+
+
+def lines(start: int, n: int, measurement: str = "m") -> str:
+    return "".join(f"{measurement},device=d f={i} {TS + i}\n" for i in range(start, start + n))
+
+
+class Acks:
+    """The `on_durable` callback: records marks in the order they come back."""
+
+    def __init__(self) -> None:
+        self.marks: list[Mark] = []
+
+    async def __call__(self, marks: list[Mark]) -> None:
+        self.marks.extend(marks)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll until `condition()` holds; fail after a generous deadline."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.02)
+
+
+def v2(url: str, timeout_s: float = 5.0) -> InfluxV2Sink:
+    return InfluxV2Sink(url, token="t", org="o", bucket="b", timeout_s=timeout_s)
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedWriteServer]:
+    server = ScriptedWriteServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def make(sink: object, spool_dir: Path, config: PipelineConfig = FAST, max_bytes: int = 10_000_000,
+         ) -> tuple[Pipeline, Stats, Acks, Spool]:
+    stats, acks = Stats(), Acks()
+    spool = Spool(spool_dir, max_bytes=max_bytes)
+    return Pipeline(sink, spool, config, stats, acks), stats, acks, spool  # type: ignore[arg-type]
+
+
+async def test_writes_and_acks_in_order(victoria: VictoriaMetrics, tmp_path: Path) -> None:
+    sink = v2(victoria.url)
+    pipeline, stats, acks, spool = make(sink, tmp_path / "spool")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        for seq in range(1, 41):
+            await pipeline.submit(lines((seq - 1) * 10, 10), 10, ("dev", seq))
+        await pipeline.submit("", 0, ("dev", 41))  # a mark with no lines still comes back, in order
+        pipeline.close_input()
+    sink.close()
+    spool.close()
+    assert acks.marks == [("dev", seq) for seq in range(1, 42)]
+    (series,) = victoria.wait_for_count('{__name__="m_f"}', 400)
+    assert series["timestamps"] == [TS + i for i in range(400)]
+    assert (stats.points_written, stats.points_spooled, stats.points_dropped, stats.write_errors) == (400, 0, 0, 0)
+    assert 8 <= stats.batches_written <= 40
+
+
+async def test_batch_flushes_at_max_lines(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
+    config = PipelineConfig(max_lines=25, max_delay=3600, queue_items=4)
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        for seq in range(10):
+            await pipeline.submit(lines(seq * 5, 5), 5, ("d", seq))
+        await eventually(lambda: len(acks.marks) == 10)
+        assert [body.count("\n") for _, body in scripted.requests] == [25, 25]
+        await pipeline.submit(lines(50, 3), 3, ("d", 10))
+        pipeline.close_input()  # shutdown flushes the partial batch
+    spool.close()
+    assert [body.count("\n") for _, body in scripted.requests] == [25, 25, 3]
+    assert scripted.accepted_lines() == lines(0, 53).splitlines()
+
+
+async def test_batch_flushes_after_max_delay(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
+    config = PipelineConfig(max_lines=1000, max_delay=0.05)
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        await pipeline.submit(lines(0, 3), 3, ("d", 1))
+        await eventually(lambda: acks.marks == [("d", 1)])  # input still open: the delay flushed it
+        assert scripted.accepted_lines() == lines(0, 3).splitlines()
+        pipeline.close_input()
+    spool.close()
+
+
+async def test_batch_flushes_at_max_bytes(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
+    one = lines(0, 1)
+    config = PipelineConfig(max_lines=1000, max_delay=3600, max_bytes=len(one) * 4)
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        for i in range(4):
+            await pipeline.submit(lines(i, 1), 1, ("d", i))
+        await eventually(lambda: len(acks.marks) == 4)
+        pipeline.close_input()
+    spool.close()
+    assert [body.count("\n") for _, body in scripted.requests] == [4]
+
+
+async def test_rejected_lines_split_out_and_dropped(
+    scripted: ScriptedWriteServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse_bad(path: str, body: str) -> tuple[int, dict[str, str], bytes]:
+        if "bad" in body:
+            return 400, {}, b'{"code":"invalid","message":"unable to parse"}'
+        return 204, {}, b""
+
+    scripted.responder = refuse_bad
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool")
+    good = lines(0, 20).splitlines(keepends=True)
+    batch = good[:3] + ["bad line one\n"] + good[3:17] + ["bad line two\n"] + good[17:]
+    with caplog.at_level(logging.WARNING, logger="hub.pipeline"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            await pipeline.submit("".join(batch), len(batch), ("d", 1))
+            pipeline.close_input()
+    spool.close()
+    assert acks.marks == [("d", 1)]
+    assert scripted.accepted_lines() == [g.rstrip("\n") for g in good]
+    assert (stats.points_written, stats.points_dropped, stats.points_spooled) == (20, 2, 0)
+    assert stats.write_errors >= 2
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 2 and "bad line one" in dropped[0] and "bad line two" in dropped[1]
+
+
+async def test_too_large_split_until_it_fits(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
+    scripted.responder = lambda path, body: (413, {}, b"") if body.count("\n") > 4 else (204, {}, b"")
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        await pipeline.submit(lines(0, 37), 37, ("d", 1))
+        pipeline.close_input()
+    spool.close()
+    assert acks.marks == [("d", 1)]
+    assert scripted.accepted_lines() == lines(0, 37).splitlines()
+    assert all(body.count("\n") <= 4 for body in scripted.accepted)
+    assert (stats.points_written, stats.points_dropped) == (37, 0)
+
+
+async def test_retry_after_honoured(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
+    answers = iter([(429, {"Retry-After": "1"}, b"slow down")])
+    scripted.responder = lambda path, body: next(answers, (204, {}, b""))
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        await pipeline.submit(lines(0, 5), 5, ("d", 1))
+        pipeline.close_input()
+    spool.close()
+    assert acks.marks == [("d", 1)]
+    assert len(scripted.requests) == 2
+    assert scripted.times[1] - scripted.times[0] >= 0.9  # waited as told (backoff_initial is 0.05)
+    assert (stats.write_errors, stats.write_retries, stats.points_written, stats.points_spooled) == (1, 1, 5, 0)
+
+
+async def test_sink_down_spools_then_replays_in_order(
+    scripted: ScriptedWriteServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = True
+    scripted.responder = lambda path, body: (503, {}, b"") if down else (204, {}, b"")
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool")
+    with caplog.at_level(logging.INFO, logger="hub.pipeline"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            for seq in range(20):
+                await pipeline.submit(lines(seq * 10, 10), 10, ("d", seq))
+            await eventually(lambda: len(acks.marks) == 20)  # acked while down: they are in the spool
+            assert scripted.accepted == [] and pipeline.spool_depth > 0 and not pipeline.sink_up
+            assert stats.points_spooled == 200 and stats.spool_bytes == spool.bytes_used > 0
+            down = False
+            for seq in range(20, 30):  # new data goes behind the spooled data
+                await pipeline.submit(lines(seq * 10, 10), 10, ("d", seq))
+            await eventually(lambda: pipeline.spool_depth == 0 and len(acks.marks) == 30)
+            pipeline.close_input()
+    spool.close()
+    assert acks.marks == [("d", seq) for seq in range(30)]
+    assert scripted.accepted_lines() == lines(0, 300).splitlines()
+    assert stats.points_written == 300 and stats.points_replayed >= 200 and stats.spool_bytes == 0
+    text = caplog.text
+    assert "sink down" in text and "sink back" in text and "spool drained" in text
+    assert text.index("sink down") < text.index("sink back") < text.index("spool drained")
+
+
+async def test_victoriametrics_outage_mid_stream(victoria: VictoriaMetrics, tmp_path: Path) -> None:
+    sink = v2(victoria.url, timeout_s=2.0)
+    pipeline, stats, acks, spool = make(sink, tmp_path / "spool")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        seq = 0
+
+        async def send(n_messages: int) -> None:
+            nonlocal seq
+            for _ in range(n_messages):
+                await pipeline.submit(lines(seq * 20, 20), 20, ("d", seq))
+                seq += 1
+
+        await send(10)
+        await eventually(lambda: len(acks.marks) == 10)
+        await trio.to_thread.run_sync(victoria.stop)
+        await send(10)
+        await eventually(lambda: len(acks.marks) == 20)
+        assert stats.points_spooled > 0 and pipeline.spool_depth > 0
+        await trio.to_thread.run_sync(victoria.start)
+        await send(10)
+        await eventually(lambda: pipeline.spool_depth == 0 and len(acks.marks) == 30)
+        pipeline.close_input()
+    sink.close()
+    spool.close()
+    assert acks.marks == [("d", s) for s in range(30)]
+    (series,) = victoria.wait_for_count('{__name__="m_f"}', 600)
+    assert series["timestamps"] == [TS + i for i in range(600)]
+    assert stats.points_replayed > 0
+
+
+async def test_spool_from_previous_run_replayed_first(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
+    old = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    old.append(lines(0, 5, "old"))
+    old.append(lines(5, 5, "old") + "bad old line\n")
+    old.close()
+    scripted.responder = lambda path, body: (400, {}, b"") if "bad" in body else (204, {}, b"")
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool")
+    assert pipeline.spool_depth == 2
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        await pipeline.submit(lines(0, 5, "new"), 5, ("d", 1))
+        await eventually(lambda: pipeline.spool_depth == 0 and acks.marks == [("d", 1)])
+        pipeline.close_input()
+    spool.close()
+    assert scripted.accepted_lines() == (lines(0, 10, "old") + lines(0, 5, "new")).splitlines()
+    assert stats.points_dropped == 1 and stats.points_replayed >= 10
+
+
+async def test_spool_full_throttles_ingest_until_sink_back(
+    scripted: ScriptedWriteServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = True
+    scripted.responder = lambda path, body: (503, {}, b"") if down else (204, {}, b"")
+    config = PipelineConfig(max_lines=10, max_delay=0.01, queue_items=2, write_attempts=1,
+                            backoff_initial=0.05, backoff_max=0.2)
+    three_records = sum(8 + len(lines(seq * 10, 10)) for seq in range(3))
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config, max_bytes=three_records)
+    submitted = 0
+
+    async def produce() -> None:
+        nonlocal submitted
+        for seq in range(20):
+            await pipeline.submit(lines(seq * 10, 10), 10, ("d", seq))
+            submitted += 1
+
+    with caplog.at_level(logging.INFO, logger="hub.pipeline"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            nursery.start_soon(produce)
+            await eventually(lambda: stats.spool_full == 1 and pipeline.queued == 2)
+            await trio.sleep(0.3)  # a few replay attempts fail meanwhile; nothing more may be acked
+            assert len(acks.marks) == 3 and pipeline.spool_depth == 3
+            assert submitted < 20
+            down = False
+            await eventually(lambda: submitted == 20)
+            await eventually(lambda: pipeline.spool_depth == 0 and len(acks.marks) == 20)
+            pipeline.close_input()
+    spool.close()
+    assert acks.marks == [("d", seq) for seq in range(20)]
+    assert scripted.accepted_lines() == lines(0, 200).splitlines()
+    assert stats.spool_full == 1
+    assert caplog.text.count("spool full") == 1 and "room again" in caplog.text
+
+
+async def test_shutdown_with_sink_down_spools_everything(tmp_path: Path) -> None:
+    config = PipelineConfig(max_lines=10, max_delay=0.05, write_attempts=1)
+    sink = v2(f"http://127.0.0.1:{free_port()}")
+    pipeline, stats, acks, spool = make(sink, tmp_path / "spool", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        for seq in range(5):
+            await pipeline.submit(lines(seq * 7, 7), 7, ("d", seq))
+        pipeline.close_input()
+    spool.close()
+    assert acks.marks == [("d", seq) for seq in range(5)]
+    with Spool(tmp_path / "spool", max_bytes=10_000_000) as reopened:
+        kept = []
+        while (r := reopened.peek()) is not None:
+            kept.append(r)
+            reopened.pop()
+    assert "".join(kept) == lines(0, 35)
+    assert stats.points_spooled == 35 and stats.points_written == 0
+    with pytest.raises(trio.ClosedResourceError):
+        await pipeline.submit(lines(0, 1), 1, None)
+
+
+async def test_hard_cancel_loses_no_acked_line(tmp_path: Path) -> None:
+    config = PipelineConfig(max_lines=10, max_delay=0.01, write_attempts=1, queue_items=4)
+    sink = v2(f"http://127.0.0.1:{free_port()}")
+    pipeline, stats, acks, spool = make(sink, tmp_path / "spool", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+
+        async def produce() -> None:
+            for seq in range(10_000):
+                await pipeline.submit(lines(seq * 3, 3), 3, ("d", seq))
+
+        nursery.start_soon(produce)
+        await eventually(lambda: len(acks.marks) >= 30)
+        nursery.cancel_scope.cancel()
+    spool.close()
+    acked = {seq for _, seq in acks.marks}
+    with Spool(tmp_path / "spool", max_bytes=10_000_000) as reopened:
+        kept = set()
+        while (r := reopened.peek()) is not None:
+            kept.update(r.splitlines())
+            reopened.pop()
+    for seq in acked:
+        assert set(lines(seq * 3, 3).splitlines()) <= kept, seq
+
+
+async def test_unauthorized_is_retried_and_logged_loudly(
+    scripted: ScriptedWriteServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted.responder = lambda path, body: (401, {}, b'{"message":"unauthorized access"}')
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool")
+    with caplog.at_level(logging.INFO, logger="hub.pipeline"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            await pipeline.submit(lines(0, 2), 2, ("d", 1))
+            await eventually(lambda: acks.marks == [("d", 1)] and stats.write_retries >= 3)
+            pipeline.close_input()
+    spool.close()
+    assert stats.points_spooled == 2 and stats.points_dropped == 0
+    assert any(r.levelno == logging.ERROR and "credentials" in r.getMessage() for r in caplog.records)
+
+
+async def test_file_sink_pipeline(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "files")
+    pipeline, stats, acks, spool = make(sink, tmp_path / "spool")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        for seq in range(10):
+            await pipeline.submit(lines(seq * 10, 10), 10, ("d", seq))
+        pipeline.close_input()
+    sink.close()
+    spool.close()
+    assert len(acks.marks) == 10
+    assert "".join(p.read_text() for p in sorted((tmp_path / "files").glob("*.lp"))) == lines(0, 100)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        PipelineConfig(max_lines=0)
+    with pytest.raises(ValueError):
+        PipelineConfig(write_attempts=0)
+    with pytest.raises(ValueError):
+        PipelineConfig(max_delay=-1)
