@@ -18,7 +18,7 @@ import trio
 import trio_websocket
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
 
-from device_client.outbox import TOO_LARGE, Entry, Outbox, OutboxFull, check_points
+from device_client.outbox import DEFAULT_MAX_MESSAGE, TOO_LARGE, Entry, Outbox, OutboxFull, check_points
 from device_client.protocol import (
     DEFAULT_LIMITS,
     DEVICE_PATH,
@@ -127,6 +127,7 @@ class DeviceClient:
         outbox_limit: int = 1000,
         outbox_bytes: int | None = None,
         batch_points: int = 500,
+        max_message: int = DEFAULT_MAX_MESSAGE,
         linger: float = 0.05,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
@@ -151,6 +152,7 @@ class DeviceClient:
         self._outbox_path = outbox_path
         self._outbox_limit = outbox_limit
         self._outbox_bytes = outbox_bytes
+        self._max_message = max_message
         self._batch_points = batch_points
         self._linger = linger
         self._backoff_initial = backoff_initial
@@ -184,7 +186,10 @@ class DeviceClient:
         if self._nursery_manager is not None:
             raise RuntimeError("a DeviceClient can be entered only once")
         self._outbox = Outbox(
-            self._outbox_path, max_batches=self._outbox_limit, max_bytes=self._outbox_bytes
+            self._outbox_path,
+            max_batches=self._outbox_limit,
+            max_bytes=self._outbox_bytes,
+            max_message=self._max_message,
         )
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()

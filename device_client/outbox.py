@@ -24,8 +24,8 @@ from device_client.protocol import (
 
 __all__ = ["DEFAULT_MAX_MESSAGE", "TOO_LARGE", "Entry", "Outbox", "OutboxFull", "check_points"]
 
-#: Largest encoded telemetry message (characters) the outbox accepts: trio-websocket's default frame limit.
-DEFAULT_MAX_MESSAGE = 1_048_576
+#: Largest encoded telemetry message (characters) the outbox accepts: the hub's default `max_message_bytes`.
+DEFAULT_MAX_MESSAGE = 262_144
 #: Error code for a batch whose encoded message is over the size limit (the hub closes with 1009 for those).
 TOO_LARGE = "too_large"
 

@@ -303,7 +303,7 @@ def _check_field_value(value: Any, key: str, limits: Limits) -> None:
         if not INT64_MIN <= value["int"] <= INT64_MAX:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} outside the int64 range")
         return
-    raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} must be a number, boolean, string or {{\"int\": n}}")
+    raise ProtocolError(ErrorCode.BAD_FIELD, f'field {key!r} must be a number, boolean, string or {{"int": n}}')
 
 
 def validate_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[str, Any]]:
@@ -320,7 +320,10 @@ def validate_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[s
     for p in points:
         if type(p) is not dict:
             raise ProtocolError(ErrorCode.BAD_POINT, "a point is a JSON object")
-        _check_name(p.get("measurement"), "measurement", limits)
+        measurement = p.get("measurement")
+        _check_name(measurement, "measurement", limits)
+        if measurement[0] == "#":
+            raise ProtocolError(ErrorCode.BAD_NAME, "a measurement may not start with '#' (a comment in line protocol)")
         ts = p.get("ts")
         if type(ts) is not int or not MIN_TS_MS <= ts <= MAX_TS_MS:
             raise ProtocolError(ErrorCode.BAD_TIME, "ts must be integer milliseconds between 2000 and 2100")

@@ -110,9 +110,7 @@ class InfluxV2Sink:
     Uses influxdb-client's synchronous write API with its own retries off: the pipeline retries.
     """
 
-    def __init__(
-        self, url: str, token: str, org: str, bucket: str, timeout_s: float = 10.0, gzip: bool = True
-    ) -> None:
+    def __init__(self, url: str, token: str, org: str, bucket: str, timeout_s: float = 10.0, gzip: bool = True) -> None:
         # Imported here: the base install (device side) has no influxdb-client.
         import urllib3
         from influxdb_client import InfluxDBClient, WritePrecision
@@ -162,9 +160,9 @@ class InfluxV2Sink:
         self._client.close()
 
 
-def _utc_stamp(now: float) -> str:
-    dt = datetime.fromtimestamp(now, UTC)
-    return dt.strftime("%Y%m%dT%H%M%S") + f".{dt.microsecond // 1000:03d}Z"
+def _utc_stamp(ms: int) -> str:
+    dt = datetime.fromtimestamp(ms / 1000, UTC)
+    return dt.strftime("%Y%m%dT%H%M%S") + f".{ms % 1000:03d}Z"
 
 
 class FileSink:
@@ -189,6 +187,7 @@ class FileSink:
         self._path: Path | None = None
         self._size = 0
         self._opened_at = 0.0
+        self._last_ms = 0
         self.description = (
             f"line-protocol files in {self.directory} (import each with: "
             f"influx write --bucket B --precision ms --file F)"
@@ -201,13 +200,12 @@ class FileSink:
 
     def _open_new(self) -> None:
         self._close_file()
-        now = time.time()
-        path = self.directory / f"lines-{_utc_stamp(now)}.lp"
-        n = 1
-        while path.exists():
-            path = self.directory / f"lines-{_utc_stamp(now)}-{n}.lp"
-            n += 1
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # Names sort in write order: a name already taken moves on by a millisecond.
+        ms = max(int(time.time() * 1000), self._last_ms + 1)
+        while (path := self.directory / f"lines-{_utc_stamp(ms)}.lp").exists():
+            ms += 1
+        self._last_ms = ms
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
         _fsync_dir(self.directory)  # the new directory entry must survive a crash too
         self._path = path
         self._size = 0

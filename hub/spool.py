@@ -55,9 +55,7 @@ class Spool:
     (under `segment_bytes`, default `max_bytes // 8` clamped to 64 KiB..16 MiB).
     """
 
-    def __init__(
-        self, directory: str | os.PathLike[str], max_bytes: int, segment_bytes: int | None = None
-    ) -> None:
+    def __init__(self, directory: str | os.PathLike[str], max_bytes: int, segment_bytes: int | None = None) -> None:
         if max_bytes <= _HEADER.size:
             raise ValueError("max_bytes too small")
         self.directory = Path(directory)
@@ -123,9 +121,7 @@ class Spool:
             self._records += records
             self._bytes += size - start
         if self._records:
-            log.info(
-                "spool %s: %d records (%d bytes) from a previous run", self.directory, self._records, self._bytes
-            )
+            log.info("spool %s: %d records (%d bytes) from a previous run", self.directory, self._records, self._bytes)
 
     def _read_head(self) -> tuple[int | None, int]:
         path = self.directory / _HEAD

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# Test modules import helpers as `tests.servers`; pytest puts only tests/ itself on sys.path.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from tests.servers import InfluxDB1, VictoriaMetrics  # noqa: E402
+from tests.servers import InfluxDB1, VictoriaMetrics
 
 
 @pytest.fixture

@@ -224,9 +224,7 @@ class InfluxDB1(_Process):
     def __init__(self, directory: Path, port: int | None = None) -> None:
         super().__init__(directory, port)
         self.config_path = self.directory / "influxdb.conf"
-        self.config_path.write_text(
-            _INFLUXDB1_CONFIG.format(rpc_port=free_port(), dir=self.directory, port=self.port)
-        )
+        self.config_path.write_text(_INFLUXDB1_CONFIG.format(rpc_port=free_port(), dir=self.directory, port=self.port))
 
     def _args(self) -> list[str]:
         return ["-config", str(self.config_path)]
@@ -239,8 +237,11 @@ class InfluxDB1(_Process):
         params = {"q": influxql, "epoch": "ms"}
         if db:
             params["db"] = db
-        status, body = http_post(f"{self.url}/query", urllib.parse.urlencode(params).encode(),
-                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+        status, body = http_post(
+            f"{self.url}/query",
+            urllib.parse.urlencode(params).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
         result = json.loads(body)
         assert status == 200 and "error" not in result, f"{influxql}: HTTP {status} {result}"
         for r in result.get("results", []):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import socket
 from functools import partial
 from typing import Any
 
@@ -39,6 +41,7 @@ class Plan:
     close_after: int | None = None  # close after this many telemetry messages
     close_code: int = CloseCode.GOING_AWAY
     ping_every: float | None = None  # ping the device this often (seconds), as the real hub does
+    hold: float | None = None  # close (with close_code) this many seconds after the welcome
 
 
 @attrs.define
@@ -60,12 +63,14 @@ class FakeHub:
     window: int = 8
     max_points: int = 5000
     refuse_status: int | None = None  # refuse every handshake with this HTTP status
+    refuse_first: int = 0  # refuse this many handshakes with 503 first
     retry_after: bytes | None = None
     reject_seqs: set[int] = attrs.field(factory=set)
     plans: list[Plan] = attrs.field(factory=list)  # one per connection, then `default`
     default: Plan = attrs.field(factory=Plan)
     lazy_acks: bool = False  # ack only when `window` batches are unacked or after a quiet moment
     max_message_size: int = 1_048_576
+    notice: str | None = None  # an informational error (no seq) sent right after the welcome
     url: str = ""
     epoch: int = 0
     attempts: list[float] = attrs.field(factory=list)
@@ -100,6 +105,10 @@ class FakeHub:
             return
         if b"origin" in headers:
             await request.reject(403)
+            return
+        if self.refuse_first:
+            self.refuse_first -= 1
+            await request.reject(503)
             return
         if self.refuse_status is not None:
             extra = [(b"retry-after", self.retry_after)] if self.retry_after else []
@@ -137,9 +146,20 @@ class FakeHub:
         device = conn.device
         welcome = Welcome(device, self.durable.get(device, 0), self.epoch, self.window, self.max_points, 30.0)
         await ws.send_message(encode(welcome))
+        if self.notice is not None:
+            await ws.send_message(encode(Error(self.notice, "just so you know")))
         if plan.close_after == 0:
             await ws.aclose(plan.close_code)
             return
+        if plan.hold is not None:
+            with trio.move_on_after(plan.hold):
+                await self._session_loop(ws, conn, plan)
+            await ws.aclose(plan.close_code)
+            return
+        await self._session_loop(ws, conn, plan)
+
+    async def _session_loop(self, ws: Any, conn: Conn, plan: Plan) -> None:
+        device = conn.device
         unacked = 0
         while True:
             with trio.move_on_after(0.02 if self.lazy_acks and unacked else math.inf) as idle:
@@ -200,10 +220,19 @@ def batch(n: int = 1, base: int = 0, **fields: Any) -> list[dict[str, Any]]:
     ]
 
 
-async def eventually(predicate: Any, timeout: float = 10.0) -> None:
+def closed_port_url() -> str:
+    """A loopback URL where nothing listens (a port the kernel just handed out and took back)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"ws://127.0.0.1:{port}{DEVICE_PATH}"
+
+
+async def eventually(predicate: Any, timeout: float = 10.0, poll: float = 0.005) -> None:
+    """Wait until `predicate()` holds, checking every `poll` seconds, failing after `timeout`."""
     with trio.fail_after(timeout):
         while not predicate():
-            await trio.sleep(0.005)
+            await trio.sleep(poll)
 
 
 # ---------------------------------------------------------------------------- sending and acks
@@ -252,7 +281,7 @@ async def test_default_timestamp_is_the_device_clock(hub: FakeHub) -> None:
 
 
 async def test_bad_points_fail_at_send() -> None:
-    async with DeviceClient("ws://127.0.0.1:9", "dev1.s", **FAST) as c:
+    async with DeviceClient(closed_port_url(), "dev1.s", **FAST) as c:
         with pytest.raises(ProtocolError) as info:
             await c.send("m", {"v": float("nan")})
         assert info.value.code == ErrorCode.BAD_FIELD
@@ -310,6 +339,28 @@ async def test_outbox_full_blocks_or_raises(nursery: trio.Nursery) -> None:
         assert c.stats.points_acked >= 1
         await c.wait_acked()
     assert hub.seqs("dev1") == [1, 2, 3]
+
+
+async def test_send_without_blocking_raises_when_full(nursery: trio.Nursery) -> None:
+    hub = FakeHub(default=Plan(durable=False, ack=False))
+    await hub.start(nursery)
+    async with DeviceClient(hub.url, "dev1.s", outbox_limit=1, batch_points=1, close_timeout=0) as c:
+        await c.send("m", {"v": 1.0}, ts=TS)  # batch 1: the outbox is full now
+        await c.send("m", {"v": 2.0}, ts=TS + 1, block=False)  # accepted into the buffer
+        assert c.pending == 1 and c.buffered == 1
+        with pytest.raises(OutboxFull):
+            await c.send("m", {"v": 3.0}, ts=TS + 2, block=False)
+        assert c.pending == 1 and c.buffered == 1
+
+
+async def test_error_without_seq_is_only_logged(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    hub = FakeHub(notice="rate_limited")
+    await hub.start(nursery)
+    async with DeviceClient(hub.url, "dev1.s") as c:
+        await c.send_batch(batch())
+        await c.wait_acked()
+        assert c.stats.connects == 1 and c.stats.rejected == 0
+    assert any("rate_limited" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
 # ---------------------------------------------------------------------------- resend and acks
@@ -466,10 +517,10 @@ async def test_401_backs_off_to_the_max(nursery: trio.Nursery, autojump_clock: A
     hub = FakeHub(tokens={"good.token": "good"})
     await hub.start(nursery)
     async with DeviceClient(hub.url, "bad.token", backoff_initial=0.5, backoff_max=30.0, close_timeout=1) as c:
-        await eventually(lambda: len(hub.attempts) >= 4, timeout=1000)
+        await eventually(lambda: len(hub.attempts) >= 4, timeout=1000, poll=0.25)
         assert not c.stats.connected and c.stats.connects == 0
         assert c.stats.connect_failures >= 3
-    gaps = [b - a for a, b in zip(hub.attempts, hub.attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(hub.attempts)]
     assert all(15.0 <= g <= 30.5 for g in gaps), gaps
     assert hub.conns == []
 
@@ -485,7 +536,7 @@ async def test_close_codes_choose_the_backoff(
     hub = FakeHub(plans=[Plan(close_after=0, close_code=code)])
     await hub.start(nursery)
     async with DeviceClient(hub.url, "dev1.s", backoff_initial=0.5, backoff_max=30.0) as c:
-        await eventually(lambda: c.stats.connects == 2, timeout=1000)
+        await eventually(lambda: c.stats.connects == 2, timeout=1000, poll=0.25)
         assert c.stats.reconnects == 1
     gap = hub.attempts[1] - hub.attempts[0]
     if slow:
@@ -494,21 +545,33 @@ async def test_close_codes_choose_the_backoff(
         assert gap <= 1.0
 
 
+async def test_a_long_session_resets_the_backoff(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    # Six refusals grow the backoff; a 20 s session then resets it: the next attempt comes within `initial`.
+    hub = FakeHub(refuse_first=6, plans=[Plan(hold=20.0)])
+    await hub.start(nursery)
+    async with DeviceClient(hub.url, "dev1.s", backoff_initial=0.5, backoff_max=30.0) as c:
+        await eventually(lambda: c.stats.connects == 2, timeout=1000, poll=0.25)
+    assert len(hub.attempts) == 8
+    assert hub.attempts[7] - hub.attempts[6] >= 20.0
+    closed_at = hub.attempts[6] + 20.0
+    assert hub.attempts[7] - closed_at <= 0.5 + 0.01
+
+
 async def test_503_honours_retry_after(nursery: trio.Nursery, autojump_clock: Any) -> None:
     hub = FakeHub(refuse_status=503, retry_after=b"7")
     await hub.start(nursery)
     async with DeviceClient(hub.url, "dev1.s", backoff_initial=0.5, backoff_max=30.0):
-        await eventually(lambda: len(hub.attempts) >= 3, timeout=1000)
-    gaps = [b - a for a, b in zip(hub.attempts, hub.attempts[1:], strict=False)]
+        await eventually(lambda: len(hub.attempts) >= 3, timeout=1000, poll=0.25)
+    gaps = [b - a for a, b in itertools.pairwise(hub.attempts)]
     assert all(7.0 <= g <= 7.6 for g in gaps), gaps
 
 
 async def test_backoff_grows_while_the_hub_is_unreachable(autojump_clock: Any) -> None:
-    # Nothing listens on port 9 (discard) on loopback: every attempt fails at once.
-    async with DeviceClient("ws://127.0.0.1:9", "dev1.s", backoff_initial=0.5, backoff_max=30.0,
+    # Nothing listens there: every attempt fails at once.
+    async with DeviceClient(closed_port_url(), "dev1.s", backoff_initial=0.5, backoff_max=30.0,
                             close_timeout=0) as c:
-        await eventually(lambda: c.stats.connect_failures >= 12, timeout=10_000)
+        await eventually(lambda: c.stats.connect_failures >= 12, timeout=10_000, poll=0.25)
         start = trio.current_time()
-        await eventually(lambda: c.stats.connect_failures >= 22, timeout=10_000)
+        await eventually(lambda: c.stats.connect_failures >= 22, timeout=10_000, poll=0.25)
         # Ten attempts at the 30 s cap average 15 s each; uncapped doubling would be far longer.
         assert 10 * 2 < trio.current_time() - start < 10 * 30

@@ -84,7 +84,7 @@ def test_bad_override_value() -> None:
         load_config(None, env={}, overrides={"presence.ping_timeout": -1.0})
     with pytest.raises(ConfigError, match=r"server\.window: must be greater than zero"):
         load_config(None, env={}, overrides={"server.window": 0})
-    with pytest.raises(ConfigError, match="unknown option 'bogus.x'"):
+    with pytest.raises(ConfigError, match=r"unknown option 'bogus\.x'"):
         load_config(None, env={}, overrides={"bogus.x": 1})
     with pytest.raises(ConfigError, match="unknown option 'bogus'"):
         load_config(None, env={}, overrides={"bogus": 1})

@@ -97,8 +97,7 @@ async def stream(client: DeviceClient, device_index: int, batches: int, size: in
 
 def clients(hub_url: str, tokens: dict[str, str], n: int, tmp_path: Path) -> list[DeviceClient]:
     return [
-        DeviceClient(hub_url, tokens[f"dev{d}"], backoff_initial=0.05, backoff_max=0.5, model="e2e")
-        for d in range(n)
+        DeviceClient(hub_url, tokens[f"dev{d}"], backoff_initial=0.05, backoff_max=0.5, model="e2e") for d in range(n)
     ]
 
 

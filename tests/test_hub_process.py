@@ -47,4 +47,3 @@ async def test_signal_stops_gracefully(tmp_path: Path, signum: int) -> None:
     log = hub.log()
     assert "signal received" in log and "hub stopped" in log
     assert "Traceback" not in log
-

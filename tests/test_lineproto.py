@@ -13,8 +13,9 @@ from tests.servers import InfluxDB1, VictoriaMetrics
 TS = 1_700_000_000_000
 
 
-def point(measurement: str = "env", fields: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-          ts: int = TS) -> dict[str, Any]:
+def point(
+    measurement: str = "env", fields: dict[str, Any] | None = None, tags: dict[str, str] | None = None, ts: int = TS
+) -> dict[str, Any]:
     return {"measurement": measurement, "ts": ts, "fields": fields or {"v": 1.5}, "tags": tags or {}}
 
 
@@ -161,5 +162,11 @@ def test_round_trip_through_influxdb1_all_types_and_escapes(influxdb1: InfluxDB1
     ]
     # Field types as InfluxDB stored them: plain ints became floats, {"int"} an integer.
     keys = influxdb1.query('SHOW FIELD KEYS FROM "my meas,x"', "t")["results"][0]["series"][0]["values"]
-    assert dict(keys) == {"b": "boolean", "f": "float", "i": "integer", "k ,=": "float", "plain": "float",
-                          "s": "string"}
+    assert dict(keys) == {
+        "b": "boolean",
+        "f": "float",
+        "i": "integer",
+        "k ,=": "float",
+        "plain": "float",
+        "s": "string",
+    }

@@ -55,9 +55,10 @@ def scripted() -> Iterator[ScriptedWriteServer]:
     server.stop()
 
 
-def make(sink: object, spool_dir: Path, config: PipelineConfig = FAST, max_bytes: int = 10_000_000,
-         ) -> tuple[Pipeline, Stats, Acks, Spool]:
-    stats, acks = Stats(), Acks()
+def make(
+    sink: object, spool_dir: Path, config: PipelineConfig = FAST, max_bytes: int = 10_000_000, acks: Acks | None = None
+) -> tuple[Pipeline, Stats, Acks, Spool]:
+    stats, acks = Stats(), acks or Acks()
     spool = Spool(spool_dir, max_bytes=max_bytes)
     return Pipeline(sink, spool, config, stats, acks), stats, acks, spool  # type: ignore[arg-type]
 
@@ -82,7 +83,7 @@ async def test_writes_and_acks_in_order(victoria: VictoriaMetrics, tmp_path: Pat
 
 async def test_batch_flushes_at_max_lines(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
     config = PipelineConfig(max_lines=25, max_delay=3600, queue_items=4)
-    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
+    pipeline, _stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
         for seq in range(10):
@@ -98,7 +99,7 @@ async def test_batch_flushes_at_max_lines(scripted: ScriptedWriteServer, tmp_pat
 
 async def test_batch_flushes_after_max_delay(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
     config = PipelineConfig(max_lines=1000, max_delay=0.05)
-    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
+    pipeline, _stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
         await pipeline.submit(lines(0, 3), 3, ("d", 1))
@@ -111,7 +112,7 @@ async def test_batch_flushes_after_max_delay(scripted: ScriptedWriteServer, tmp_
 async def test_batch_flushes_at_max_bytes(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
     one = lines(0, 1)
     config = PipelineConfig(max_lines=1000, max_delay=3600, max_bytes=len(one) * 4)
-    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
+    pipeline, _stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
         for i in range(4):
@@ -133,7 +134,7 @@ async def test_rejected_lines_split_out_and_dropped(
     scripted.responder = refuse_bad
     pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool")
     good = lines(0, 20).splitlines(keepends=True)
-    batch = good[:3] + ["bad line one\n"] + good[3:17] + ["bad line two\n"] + good[17:]
+    batch = [*good[:3], "bad line one\n", *good[3:17], "bad line two\n", *good[17:]]
     with caplog.at_level(logging.WARNING, logger="hub.pipeline"):
         async with trio.open_nursery() as nursery:
             await nursery.start(pipeline.run)
@@ -259,8 +260,9 @@ async def test_spool_full_throttles_ingest_until_sink_back(
 ) -> None:
     down = True
     scripted.responder = lambda path, body: (503, {}, b"") if down else (204, {}, b"")
-    config = PipelineConfig(max_lines=10, max_delay=0.01, queue_items=2, write_attempts=1,
-                            backoff_initial=0.05, backoff_max=0.2)
+    config = PipelineConfig(
+        max_lines=10, max_delay=0.01, queue_items=2, write_attempts=1, backoff_initial=0.05, backoff_max=0.2
+    )
     three_records = sum(8 + len(lines(seq * 10, 10)) for seq in range(3))
     pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config, max_bytes=three_records)
     submitted = 0
@@ -312,10 +314,7 @@ async def test_shutdown_with_sink_down_spools_everything(tmp_path: Path) -> None
         await pipeline.submit(lines(0, 1), 1, None)
 
 
-async def test_hard_cancel_loses_no_acked_line(tmp_path: Path) -> None:
-    config = PipelineConfig(max_lines=10, max_delay=0.01, write_attempts=1, queue_items=4)
-    sink = v2(f"http://127.0.0.1:{free_port()}")
-    pipeline, stats, acks, spool = make(sink, tmp_path / "spool", config)
+async def run_until_cancelled(pipeline: Pipeline, acks: Acks) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
 
@@ -326,6 +325,23 @@ async def test_hard_cancel_loses_no_acked_line(tmp_path: Path) -> None:
         nursery.start_soon(produce)
         await eventually(lambda: len(acks.marks) >= 30)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("cancel_from_callback", [False, True])
+async def test_hard_cancel_loses_no_acked_line(tmp_path: Path, cancel_from_callback: bool) -> None:
+    config = PipelineConfig(max_lines=10, max_delay=0.01, write_attempts=1, queue_items=4)
+    sink = v2(f"http://127.0.0.1:{free_port()}")
+    cancel_scope = trio.CancelScope()
+
+    class CancellingAcks(Acks):
+        async def __call__(self, marks: list[Mark]) -> None:
+            await super().__call__(marks)
+            if cancel_from_callback and len(self.marks) >= 30:
+                cancel_scope.cancel()  # right at an ack: whatever it acked must already be on disk
+
+    pipeline, _stats, acks, spool = make(sink, tmp_path / "spool", config, acks=CancellingAcks())
+    with cancel_scope:
+        await run_until_cancelled(pipeline, acks)
     spool.close()
     acked = {seq for _, seq in acks.marks}
     with Spool(tmp_path / "spool", max_bytes=10_000_000) as reopened:
@@ -333,6 +349,7 @@ async def test_hard_cancel_loses_no_acked_line(tmp_path: Path) -> None:
         while (r := reopened.peek()) is not None:
             kept.update(r.splitlines())
             reopened.pop()
+    assert len(acked) >= 30
     for seq in acked:
         assert set(lines(seq * 3, 3).splitlines()) <= kept, seq
 
@@ -355,7 +372,7 @@ async def test_unauthorized_is_retried_and_logged_loudly(
 
 async def test_file_sink_pipeline(tmp_path: Path) -> None:
     sink = FileSink(tmp_path / "files")
-    pipeline, stats, acks, spool = make(sink, tmp_path / "spool")
+    pipeline, _stats, acks, spool = make(sink, tmp_path / "spool")
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
         for seq in range(10):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 
@@ -88,7 +89,7 @@ def test_battery_discharges_and_recharges() -> None:
     assert all(0.0 <= p <= 100.0 for p in percents)
     assert all(2.9 < v < 4.35 for v in volts)
     assert any(r["charging"] for r in readings) and not all(r["charging"] for r in readings)
-    drops = sum(1 for a, b in zip(readings, readings[1:], strict=False) if not b["charging"] and b["percent"] < a["percent"])
+    drops = sum(1 for a, b in itertools.pairwise(readings) if not b["charging"] and b["percent"] < a["percent"])
     assert drops > len(readings) / 2  # mostly discharging
     # Voltage follows the charge: fuller means higher voltage (off the charger).
     idle = [r for r in readings if not r["charging"]]
@@ -109,7 +110,7 @@ def test_power_meter_energy_is_a_growing_integer_counter() -> None:
     reports = run("pm-10", 4, 24 * 6 * 3)  # three days every 10 minutes
     energy = series(reports, "power", "energy")
     assert all(type(e) is int for e in energy)
-    assert all(b >= a for a, b in zip(energy, energy[1:], strict=False)) and energy[-1] > energy[0]
+    assert all(b >= a for a, b in itertools.pairwise(energy)) and energy[-1] > energy[0]
     power = series(reports, "power", "power")
     volts = series(reports, "power", "voltage")
     assert all(p >= 0 for p in power)
@@ -127,7 +128,7 @@ def test_tracker_moves_plausibly() -> None:
     speeds = series(reports, "position", "speed")
     assert all(0 <= s < 20 for s in speeds)
     assert max(speeds) > 1  # it moved at some point
-    for (a, b), (c, d) in zip(zip(lats, lons, strict=True), zip(lats[1:], lons[1:], strict=True), strict=False):
+    for (a, b), (c, d) in itertools.pairwise(zip(lats, lons, strict=True)):
         assert abs(c - a) < 0.02 and abs(d - b) < 0.03  # at most ~1.2 km per minute
     rssi = series(reports, "radio", "rssi")
     assert all(-120 <= r <= -30 for r in rssi)

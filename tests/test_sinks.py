@@ -262,6 +262,18 @@ def test_file_sink_starts_a_new_file_after_restart(tmp_path: Path) -> None:
     assert [f.read_text() for f in lp_files(tmp_path)] == [body(1), body(1, start=1)]
 
 
+def test_file_sink_names_sort_in_write_order_even_within_a_millisecond(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path, max_bytes=1)  # every write starts a new file
+    try:
+        for i in range(30):
+            sink.write(body(1, start=i))
+    finally:
+        sink.close()
+    files = lp_files(tmp_path)
+    assert len(files) == 30
+    assert [f.read_text() for f in files] == [body(1, start=i) for i in range(30)]
+
+
 def test_file_sink_check_fails_without_directory(tmp_path: Path) -> None:
     sink = FileSink(tmp_path / "gone")
     os.rmdir(tmp_path / "gone")
@@ -274,8 +286,12 @@ def test_file_sink_files_import_into_influxdb(tmp_path: Path, influxdb1: InfluxD
 
     b = LineBuilder("dev 1")
     points = [
-        {"measurement": "env", "ts": TS + i, "fields": {"t": 20.5, "n": {"int": i}, "s": 'x "y"', "ok": True},
-         "tags": {"room": "a b"}}
+        {
+            "measurement": "env",
+            "ts": TS + i,
+            "fields": {"t": 20.5, "n": {"int": i}, "s": 'x "y"', "ok": True},
+            "tags": {"room": "a b"},
+        }
         for i in range(40)
     ]
     sink = FileSink(tmp_path / "files", max_bytes=1500)
@@ -294,3 +310,27 @@ def test_file_sink_files_import_into_influxdb(tmp_path: Path, influxdb1: InfluxD
     rows = influxdb1.rows("SELECT * FROM env", "imported")
     assert [r["n"] for r in rows] == list(range(40))
     assert rows[0] == {"time": TS, "t": 20.5, "n": 0, "s": 'x "y"', "ok": True, "device": "dev 1", "room": "a b"}
+
+
+# ---------------------------------------------------------------------------- the server helpers themselves
+
+
+def test_victoria_restart_keeps_port_and_data(victoria: VictoriaMetrics) -> None:
+    sink = v2(victoria.url)
+    try:
+        sink.write(body(3))
+        victoria.wait_for_count('{__name__="m_f"}', 3)
+        port = victoria.port
+        victoria.restart()
+        assert victoria.port == port and victoria.running
+        sink.write(body(2, start=3))
+        (series,) = victoria.wait_for_count('{__name__="m_f"}', 5)
+        assert series["timestamps"] == [TS + i for i in range(5)]
+    finally:
+        sink.close()
+
+
+def test_missing_server_binary_fails_with_package_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(VictoriaMetrics, "binary", "victoria-metrics-not-installed")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y victoria-metrics"):
+        VictoriaMetrics(tmp_path)

@@ -229,7 +229,10 @@ _CHILD = textwrap.dedent(
 
 def test_kill_minus_9_loses_no_acked_record(tmp_path: Path) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent
+        [sys.executable, "-c", _CHILD, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
     )
     try:
         assert child.stdout is not None

@@ -1,0 +1,226 @@
+"""The simulated fleet and the `firmware-sim` command, against the test hub from test_client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from firmware_sim import MODELS, FleetTotals, run_fleet
+from firmware_sim.cli import build_parser, main
+from tests.test_client import FakeHub, Plan, eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = [f"sim-{i:04d}.secret{i}" for i in range(1, 7)]
+
+
+@pytest.fixture
+async def hub(nursery: trio.Nursery) -> FakeHub:
+    h = FakeHub()
+    await h.start(nursery)
+    return h
+
+
+def devices_seen(hub: FakeHub) -> set[str]:
+    return {name for name, held in hub.points.items() if held}
+
+
+async def test_fleet_streams_and_everything_is_acked(hub: FakeHub) -> None:
+    seen: list[FleetTotals] = []
+    start_ms = time.time() * 1000
+    totals = await run_fleet(
+        hub.url, TOKENS, interval=0.05, duration=0.6, seed=1, progress=seen.append, progress_every=0.1,
+        clock_skew=2.0,
+    )
+    end_ms = time.time() * 1000
+    assert totals.devices == 6 and totals.points_sent > 0
+    assert totals.points_acked == totals.points_sent
+    assert totals.pending == 0 and totals.buffered == 0
+    assert totals.reconnects == 0 and totals.rejected == 0 and totals.connected == 0
+    assert seen and seen[-1] == totals
+    assert any(t.connected == 6 for t in seen)
+    assert devices_seen(hub) == {t.split(".")[0] for t in TOKENS}
+    assert sum(len(hub.all_points(d)) for d in devices_seen(hub)) == totals.points_acked
+    models = {conn.device: conn.hello.model for conn in hub.conns}
+    assert sorted(models.values()) == sorted(list(MODELS) * 2)  # round-robin over the models
+    for conn in hub.conns:
+        assert conn.hello.interval == 0.05 and conn.hello.firmware == MODELS[conn.hello.model].firmware
+    expected = {"th-100": {"environment", "battery"}, "pm-10": {"power"}, "tracker": {"position", "radio", "battery"}}
+    for device, model in models.items():
+        points = hub.all_points(device)
+        assert {p["measurement"] for p in points} == expected[model]
+        assert all(start_ms - 2100 <= p["ts"] <= end_ms + 2100 for p in points)
+
+
+async def test_each_device_has_its_own_clock(hub: FakeHub) -> None:
+    await run_fleet(hub.url, TOKENS, interval=0.05, duration=0.3, seed=2, clock_skew=3600.0)
+    firsts = sorted(min(p["ts"] for p in hub.all_points(d)) for d in devices_seen(hub))
+    assert len(firsts) == 6
+    assert firsts[-1] - firsts[0] > 60_000  # offsets of up to an hour, while the run took well under a minute
+
+
+async def test_stop_event_ends_the_fleet_gracefully(hub: FakeHub) -> None:
+    stop = trio.Event()
+    result: list[FleetTotals] = []
+
+    async def fleet() -> None:
+        result.append(await run_fleet(hub.url, TOKENS[:3], interval=0.02, seed=3, stop=stop))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fleet)
+        await eventually(lambda: len(devices_seen(hub)) == 3)
+        stop.set()
+    (totals,) = result
+    assert totals.points_sent > 0 and totals.points_acked == totals.points_sent and totals.pending == 0
+
+
+async def test_cancelled_fleet_still_delivers_what_it_sent(hub: FakeHub) -> None:
+    seen: list[FleetTotals] = []
+    with trio.move_on_after(0.5):
+        await run_fleet(hub.url, TOKENS[:3], interval=0.02, seed=4, progress=seen.append, progress_every=10)
+    final = seen[-1]
+    assert final.points_sent > 0 and final.points_acked == final.points_sent
+    assert sum(len(hub.all_points(d)) for d in devices_seen(hub)) == final.points_sent
+
+
+async def test_fleet_resends_after_the_hub_drops_connections(nursery: trio.Nursery) -> None:
+    hub = FakeHub(plans=[Plan(durable=False, ack=False, close_after=2) for _ in range(3)])
+    await hub.start(nursery)
+    totals = await run_fleet(
+        hub.url, TOKENS[:3], interval=0.02, duration=0.5, seed=5,
+        client_options={"backoff_initial": 0.01, "backoff_max": 0.05},
+    )
+    assert totals.reconnects == 3
+    assert totals.points_acked == totals.points_sent > 0
+    assert sum(len(hub.all_points(d)) for d in devices_seen(hub)) == totals.points_sent
+
+
+async def test_fleet_with_persistent_outboxes(hub: FakeHub, tmp_path: Path) -> None:
+    totals = await run_fleet(hub.url, TOKENS[:2], interval=0.05, duration=0.3, seed=6, outbox_dir=tmp_path / "ob")
+    assert totals.points_acked == totals.points_sent > 0
+    assert sorted(p.name for p in (tmp_path / "ob").glob("*.sqlite3")) == [
+        "sim-0001.outbox.sqlite3", "sim-0002.outbox.sqlite3",
+    ]
+
+
+async def test_fleet_checks_its_arguments() -> None:
+    with pytest.raises(ValueError):
+        await run_fleet("ws://127.0.0.1:9", [])
+    with pytest.raises(ValueError):
+        await run_fleet("ws://127.0.0.1:9", TOKENS, models=["toaster"])
+    with pytest.raises(ValueError):
+        await run_fleet("ws://127.0.0.1:9", ["a.1", "a.2"])
+    with pytest.raises(ValueError):
+        await run_fleet("http://127.0.0.1:9", TOKENS)
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def test_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    parser = build_parser()
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in out
+        assert action.help
+    for option in ("--hub", "--devices", "--tokens", "--register", "--interval", "--duration", "--seed",
+                   "--outbox-dir"):
+        assert option in out
+
+
+def test_bad_arguments_exit_with_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("a.1\n")
+    for argv in (
+        [],  # no --tokens nor --register
+        ["--tokens", str(tokens), "--devices", "2"],
+        ["--tokens", str(tmp_path / "missing.txt")],
+        ["--tokens", str(tokens), "--models", "toaster"],
+        ["--tokens", str(tokens), "--hub", "http://x"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2, argv
+    capsys.readouterr()
+
+
+def sim_command(hub: FakeHub, *args: str) -> list[str]:
+    return [sys.executable, "-m", "firmware_sim.cli", "--hub", hub.url.removesuffix("/v1/device"), *args]
+
+
+async def test_cli_runs_a_fleet_from_a_tokens_file(hub: FakeHub, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("# demo devices\n" + "\n".join(TOKENS[:3]) + "\n\n")
+    result = await trio.run_process(
+        sim_command(hub, "--tokens", str(tokens), "--devices", "2", "--interval", "0.1", "--duration", "1",
+                    "--progress-every", "0.2"),
+        capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert devices_seen(hub) == {"sim-0001", "sim-0002"}
+    assert "devices 2/2 connected" in stderr  # a progress line (not a TTY: one line each period)
+    assert "done:" in stderr and "pending 0 batches" in stderr.splitlines()[-1]
+
+
+async def test_cli_stops_gracefully_on_sigint(hub: FakeHub, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("\n".join(TOKENS[:3]) + "\n")
+    log = tmp_path / "stderr.txt"
+    with log.open("wb") as err:
+        proc = await trio.lowlevel.open_process(
+            sim_command(hub, "--tokens", str(tokens), "--interval", "0.05"), stderr=err, cwd=ROOT
+        )
+        try:
+            await eventually(lambda: len(devices_seen(hub)) == 3, timeout=30)
+            proc.send_signal(signal.SIGINT)
+            with trio.fail_after(30):
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+    stderr = log.read_text()
+    assert code == 0, stderr
+    assert "stopping" in stderr
+    last = stderr.splitlines()[-1]
+    assert last.startswith("done:") and "pending 0 batches" in last
+    sent = int(last.split("points sent ")[1].split()[0])
+    assert sent == sum(len(hub.all_points(d)) for d in devices_seen(hub))
+
+
+async def test_cli_register_creates_and_rekeys_devices(hub: FakeHub, tmp_path: Path) -> None:
+    registry_module = pytest.importorskip("hub.registry")
+    registry = tmp_path / "registry.sqlite3"
+    args = ("--register", str(registry), "--devices", "3", "--interval", "0.1", "--duration", "0.5")
+    first = await trio.run_process(sim_command(hub, *args), capture_stderr=True, check=False, cwd=ROOT)
+    assert first.returncode == 0, first.stderr.decode()
+    first_tokens = {c.headers[b"authorization"].decode().removeprefix("Bearer ") for c in hub.conns}
+    with registry_module.Registry(registry) as reg:
+        assert sorted(reg.authenticate(t) for t in first_tokens) == ["sim-0001", "sim-0002", "sim-0003"]
+    hub.conns.clear()
+    second = await trio.run_process(sim_command(hub, *args), capture_stderr=True, check=False, cwd=ROOT)
+    assert second.returncode == 0, second.stderr.decode()
+    second_tokens = {c.headers[b"authorization"].decode().removeprefix("Bearer ") for c in hub.conns}
+    assert len(second_tokens) == 3 and not second_tokens & first_tokens
+    with registry_module.Registry(registry) as reg:
+        assert sorted(reg.authenticate(t) for t in second_tokens) == ["sim-0001", "sim-0002", "sim-0003"]
+        assert all(reg.authenticate(t) is None for t in first_tokens)  # re-keyed
+
+
+def test_entry_point_is_installed() -> None:
+    exe = Path(sys.executable).parent / "firmware-sim"
+    if not exe.exists():
+        pytest.skip("console script not installed in this environment")
+    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=False,
+                            env={**os.environ, "COLUMNS": "100"})
+    assert result.returncode == 0 and "--tokens" in result.stdout
