@@ -476,7 +476,10 @@ class DeviceClient:
             self.stats.connect_failures += 1
             log.info("%s: connection failed: %r", self._name, exc)
         except Exception:
-            log.exception("%s: connection failed unexpectedly", self._name)
+            if self._stop.is_set():  # e.g. trio-websocket #184: a ping racing our own close
+                log.debug("%s: error while closing", self._name, exc_info=True)
+            else:
+                log.exception("%s: connection failed unexpectedly", self._name)
             self._set_end(_End(to_max=True))
         finally:
             self.stats.connected = False

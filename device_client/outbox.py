@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_MAX_MESSAGE", "TOO_LARGE", "Entry", "Outbox", "OutboxFull", 
 #: Largest encoded telemetry message (characters) the outbox accepts: the hub's default `max_message_bytes`.
 DEFAULT_MAX_MESSAGE = 262_144
 #: Error code for a batch whose encoded message is over the size limit (the hub closes with 1009 for those).
-TOO_LARGE = "too_large"
+TOO_LARGE = ErrorCode.TOO_LARGE
 
 
 class OutboxFull(Exception):

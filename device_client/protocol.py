@@ -64,6 +64,7 @@ class ErrorCode:
     BAD_TIME = "bad_time"  # timestamp missing, not an integer, or out of range
     BAD_SEQ = "bad_seq"  # sequence number missing or out of range
     TOO_MANY_ERRORS = "too_many_errors"
+    TOO_LARGE = "too_large"  # client side: a batch over the hub's frame limit (the hub closes with 1009)
     INTERNAL = "internal"
 
 

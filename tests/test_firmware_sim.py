@@ -7,7 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -31,12 +34,27 @@ def devices_seen(hub: FakeHub) -> set[str]:
     return {name for name, held in hub.points.items() if held}
 
 
+async def run_until(done: Callable[[], bool], hub: FakeHub, tokens: list[str], **options: Any) -> FleetTotals:
+    """Run a fleet until `done()` holds (checked while it runs), then stop it gracefully."""
+    stop = trio.Event()
+    result: list[FleetTotals] = []
+
+    async def fleet() -> None:
+        result.append(await run_fleet(hub.url, tokens, stop=stop, **options))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fleet)
+        await eventually(done, timeout=30)
+        stop.set()
+    return result[0]
+
+
 async def test_fleet_streams_and_everything_is_acked(hub: FakeHub) -> None:
     seen: list[FleetTotals] = []
     start_ms = time.time() * 1000
-    totals = await run_fleet(
-        hub.url, TOKENS, interval=0.05, duration=0.6, seed=1, progress=seen.append, progress_every=0.1,
-        clock_skew=2.0,
+    totals = await run_until(
+        lambda: len(devices_seen(hub)) == 6 and min(len(hub.all_points(d)) for d in devices_seen(hub)) >= 6,
+        hub, TOKENS, interval=0.05, seed=1, progress=seen.append, progress_every=0.05, clock_skew=2.0,
     )
     end_ms = time.time() * 1000
     assert totals.devices == 6 and totals.points_sent > 0
@@ -44,7 +62,7 @@ async def test_fleet_streams_and_everything_is_acked(hub: FakeHub) -> None:
     assert totals.pending == 0 and totals.buffered == 0
     assert totals.reconnects == 0 and totals.rejected == 0 and totals.connected == 0
     assert seen and seen[-1] == totals
-    assert any(t.connected == 6 for t in seen)
+    assert len(hub.conns) == 6
     assert devices_seen(hub) == {t.split(".")[0] for t in TOKENS}
     assert sum(len(hub.all_points(d)) for d in devices_seen(hub)) == totals.points_acked
     models = {conn.device: conn.hello.model for conn in hub.conns}
@@ -59,31 +77,34 @@ async def test_fleet_streams_and_everything_is_acked(hub: FakeHub) -> None:
 
 
 async def test_each_device_has_its_own_clock(hub: FakeHub) -> None:
-    await run_fleet(hub.url, TOKENS, interval=0.05, duration=0.3, seed=2, clock_skew=3600.0)
+    await run_until(lambda: len(devices_seen(hub)) == 6, hub, TOKENS, interval=0.05, seed=2, clock_skew=3600.0)
     firsts = sorted(min(p["ts"] for p in hub.all_points(d)) for d in devices_seen(hub))
     assert len(firsts) == 6
     assert firsts[-1] - firsts[0] > 60_000  # offsets of up to an hour, while the run took well under a minute
 
 
 async def test_stop_event_ends_the_fleet_gracefully(hub: FakeHub) -> None:
-    stop = trio.Event()
-    result: list[FleetTotals] = []
-
-    async def fleet() -> None:
-        result.append(await run_fleet(hub.url, TOKENS[:3], interval=0.02, seed=3, stop=stop))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(fleet)
-        await eventually(lambda: len(devices_seen(hub)) == 3)
-        stop.set()
-    (totals,) = result
+    totals = await run_until(lambda: len(devices_seen(hub)) == 3, hub, TOKENS[:3], interval=0.02, seed=3)
     assert totals.points_sent > 0 and totals.points_acked == totals.points_sent and totals.pending == 0
+
+
+async def test_fleet_ends_after_its_duration(hub: FakeHub) -> None:
+    start = trio.current_time()
+    totals = await run_fleet(hub.url, TOKENS[:2], interval=0.05, duration=0.3, seed=3)
+    assert trio.current_time() - start >= 0.3
+    assert totals.points_acked == totals.points_sent and totals.pending == 0
 
 
 async def test_cancelled_fleet_still_delivers_what_it_sent(hub: FakeHub) -> None:
     seen: list[FleetTotals] = []
-    with trio.move_on_after(0.5):
-        await run_fleet(hub.url, TOKENS[:3], interval=0.02, seed=4, progress=seen.append, progress_every=10)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(run_fleet, hub.url, TOKENS[:3], interval=0.02, seed=4, progress=seen.append, progress_every=10)
+            )
+            await eventually(lambda: len(devices_seen(hub)) == 3)
+            scope.cancel()
+    assert scope.cancelled_caught
     final = seen[-1]
     assert final.points_sent > 0 and final.points_acked == final.points_sent
     assert sum(len(hub.all_points(d)) for d in devices_seen(hub)) == final.points_sent
@@ -92,8 +113,8 @@ async def test_cancelled_fleet_still_delivers_what_it_sent(hub: FakeHub) -> None
 async def test_fleet_resends_after_the_hub_drops_connections(nursery: trio.Nursery) -> None:
     hub = FakeHub(plans=[Plan(durable=False, ack=False, close_after=2) for _ in range(3)])
     await hub.start(nursery)
-    totals = await run_fleet(
-        hub.url, TOKENS[:3], interval=0.02, duration=0.5, seed=5,
+    totals = await run_until(
+        lambda: len(hub.conns) >= 6 and len(devices_seen(hub)) == 3, hub, TOKENS[:3], interval=0.02, seed=5,
         client_options={"backoff_initial": 0.01, "backoff_max": 0.05},
     )
     assert totals.reconnects == 3
@@ -102,7 +123,9 @@ async def test_fleet_resends_after_the_hub_drops_connections(nursery: trio.Nurse
 
 
 async def test_fleet_with_persistent_outboxes(hub: FakeHub, tmp_path: Path) -> None:
-    totals = await run_fleet(hub.url, TOKENS[:2], interval=0.05, duration=0.3, seed=6, outbox_dir=tmp_path / "ob")
+    totals = await run_until(
+        lambda: len(devices_seen(hub)) == 2, hub, TOKENS[:2], interval=0.05, seed=6, outbox_dir=tmp_path / "ob"
+    )
     assert totals.points_acked == totals.points_sent > 0
     assert sorted(p.name for p in (tmp_path / "ob").glob("*.sqlite3")) == [
         "sim-0001.outbox.sqlite3", "sim-0002.outbox.sqlite3",
@@ -162,7 +185,7 @@ async def test_cli_runs_a_fleet_from_a_tokens_file(hub: FakeHub, tmp_path: Path)
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("# demo devices\n" + "\n".join(TOKENS[:3]) + "\n\n")
     result = await trio.run_process(
-        sim_command(hub, "--tokens", str(tokens), "--devices", "2", "--interval", "0.1", "--duration", "1",
+        sim_command(hub, "--tokens", str(tokens), "--devices", "2", "--interval", "0.1", "--duration", "1.5",
                     "--progress-every", "0.2"),
         capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
     )
