@@ -5,34 +5,21 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import trio
 
+from firmware_sim.cli import register_devices
 from firmware_sim.fleet import FleetTotals, run_fleet
 from hub.app import HubHandle, registry_path, serve
 from hub.config import HubConfig
-from hub.registry import DeviceExists, Registry
 
-__all__ = ["demo_tokens", "run_demo"]
+__all__ = ["run_demo"]
 
 #: Seconds between progress lines.
 PROGRESS_EVERY = 2.0
 #: Reporting interval of the simulated devices in the demo (seconds).
 DEMO_INTERVAL = 1.0
-
-
-def demo_tokens(config: HubConfig, devices: int) -> list[str]:
-    """Register (or re-key) `sim-0001`.. in the hub's registry; their fresh tokens."""
-    config.storage.path.mkdir(parents=True, exist_ok=True)
-    tokens = []
-    with Registry(registry_path(config)) as registry:
-        for i in range(1, devices + 1):
-            name = f"sim-{i:04d}"
-            try:
-                tokens.append(registry.add(name))
-            except DeviceExists:
-                tokens.append(registry.rotate(name))
-    return tokens
 
 
 def _progress_line(handle: HubHandle, totals: FleetTotals) -> str:
@@ -45,7 +32,8 @@ def _progress_line(handle: HubHandle, totals: FleetTotals) -> str:
 
 
 async def _demo(config: HubConfig, devices: int, duration: float) -> None:
-    tokens = demo_tokens(config, devices)
+    config.storage.path.mkdir(parents=True, exist_ok=True)
+    tokens = register_devices(Path(registry_path(config)), devices)
     async with trio.open_nursery() as nursery:
         handle: HubHandle = await nursery.start(serve, config)
         host = "127.0.0.1" if config.server.host in ("0.0.0.0", "") else config.server.host

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from hub.spool import fsync_dir
+
 __all__ = [
     "FileSink",
     "InfluxV2Sink",
@@ -206,7 +208,7 @@ class FileSink:
             ms += 1
         self._last_ms = ms
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
-        _fsync_dir(self.directory)  # the new directory entry must survive a crash too
+        fsync_dir(self.directory)  # the new directory entry must survive a crash too
         self._path = path
         self._size = 0
         self._opened_at = self._clock()
@@ -251,11 +253,3 @@ class FileSink:
     def close(self) -> None:
         """Close the current file."""
         self._close_file()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

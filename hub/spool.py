@@ -40,7 +40,8 @@ def _segment_name(number: int) -> str:
     return f"seg-{number:020d}.spool"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (new, renamed or removed files) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -219,7 +220,7 @@ class Spool:
         path = self.directory / _segment_name(number)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
         self._tail_fd = fd
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._segments[number] = 0
         if not self._records:
             # Everything before the new segment is consumed: move the head there, drop the rest.
@@ -313,7 +314,7 @@ class Spool:
         finally:
             os.close(fd)
         os.replace(tmp, self.directory / _HEAD)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._head_segment, self._head_offset = segment, offset
         for number in [n for n in self._segments if n < segment]:
             del self._segments[number]

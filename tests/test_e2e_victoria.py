@@ -95,10 +95,21 @@ async def stream(client: DeviceClient, device_index: int, batches: int, size: in
         await client.wait_acked()
 
 
-def clients(hub_url: str, tokens: dict[str, str], n: int, tmp_path: Path) -> list[DeviceClient]:
+def clients(hub_url: str, tokens: dict[str, str], n: int) -> list[DeviceClient]:
     return [
         DeviceClient(hub_url, tokens[f"dev{d}"], backoff_initial=0.05, backoff_max=0.5, model="e2e") for d in range(n)
     ]
+
+
+def start_fleet(nursery: trio.Nursery, fleet: list[DeviceClient], batches: int, size: int, pause: float = 0.0) -> None:
+    """One task per client: open it, stream its batches, wait for every ack."""
+
+    async def run(client: DeviceClient, d: int) -> None:
+        async with client:
+            await stream(client, d, batches, size, pause)
+
+    for d, client in enumerate(fleet):
+        nursery.start_soon(run, client, d)
 
 
 async def test_fleet_streams_every_point_into_victoria(tmp_path: Path, exact_victoria: VictoriaMetrics) -> None:
@@ -108,13 +119,7 @@ async def test_fleet_streams_every_point_into_victoria(tmp_path: Path, exact_vic
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         async with trio.open_nursery() as fleet:
-            for d, client in enumerate(clients(url(hub), tokens, devices, tmp_path)):
-
-                async def run(client: DeviceClient = client, d: int = d) -> None:
-                    async with client:
-                        await stream(client, d, batches, size)
-
-                fleet.start_soon(run)
+            start_fleet(fleet, clients(url(hub), tokens, devices), batches, size)
         hub.stop()
     assert hub.stats.points_written >= devices * batches * size  # plus the presence points
     check_database(exact_victoria, devices, batches, size, exactly_once=True)
@@ -133,13 +138,7 @@ async def test_database_outage_mid_stream_loses_nothing_and_writes_once(
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         async with trio.open_nursery() as fleet:
-            for d, client in enumerate(clients(url(hub), tokens, devices, tmp_path)):
-
-                async def run(client: DeviceClient = client, d: int = d) -> None:
-                    async with client:
-                        await stream(client, d, batches, size, pause=0.02)
-
-                fleet.start_soon(run)
+            start_fleet(fleet, clients(url(hub), tokens, devices), batches, size, pause=0.02)
             with trio.fail_after(60):
                 while hub.stats.points_written < devices * size * 5:
                     await trio.sleep(0.02)
@@ -166,14 +165,8 @@ async def test_hub_killed_mid_stream_loses_nothing_acked(tmp_path: Path, victori
     try:
         acked_before_kill = 0
         async with trio.open_nursery() as fleet:
-            fleet_clients = clients(hub.url, tokens, devices, tmp_path)
-            for d, client in enumerate(fleet_clients):
-
-                async def run(client: DeviceClient = client, d: int = d) -> None:
-                    async with client:
-                        await stream(client, d, batches, size, pause=0.02)
-
-                fleet.start_soon(run)
+            fleet_clients = clients(hub.url, tokens, devices)
+            start_fleet(fleet, fleet_clients, batches, size, pause=0.02)
             with trio.fail_after(60):
                 while sum(c.stats.points_acked for c in fleet_clients) < devices * size * 10:
                     await trio.sleep(0.02)
