@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
+from functools import partial
 from typing import Any
 
 import trio
@@ -26,6 +27,8 @@ log = logging.getLogger("hub.session")
 
 #: Protocol errors are counted over this many seconds when deciding to close a session.
 ERROR_WINDOW = 60.0
+#: Seconds between checks of the registry for devices revoked while connected.
+REVOKE_CHECK_EVERY = 2.0
 #: Longest wait for a peer to answer our close frame.
 CLOSE_TIMEOUT = 2.0
 
@@ -57,6 +60,7 @@ class DeviceServer:
         self.closing = False
         self._device_locks: dict[str, trio.Lock] = {}
         self._listen_scope = trio.CancelScope()
+        self._watch_scope = trio.CancelScope()
 
     async def listen(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept devices until `stop_accepting`; return once every session has ended. Reports the port."""
@@ -78,13 +82,26 @@ class DeviceServer:
                     )
 
             server = await handlers.start(accept_loop)
+            handlers.start_soon(self._close_revoked, handlers)
             log.info("device endpoint listening", extra={"kv": {"host": cfg.host, "port": server.port}})
             task_status.started(server.port)
+
+    async def _close_revoked(self, handlers: trio.Nursery) -> None:
+        """Close the sessions of devices revoked while connected (`hub device revoke` runs in another process)."""
+        with self._watch_scope:
+            while True:
+                await trio.sleep(REVOKE_CHECK_EVERY)
+                revoked = await trio.to_thread.run_sync(self.registry.revoked_names)
+                for name in revoked & self.sessions.keys():
+                    session = self.sessions[name]
+                    log.warning("device revoked: closing its session", extra=session._kv())
+                    handlers.start_soon(partial(session.close, CloseCode.REVOKED, "token revoked", reason="revoked"))
 
     def stop_accepting(self) -> None:
         """Close the listening socket and stop every session from reading more telemetry."""
         self.closing = True
         self._listen_scope.cancel()
+        self._watch_scope.cancel()
         for session in list(self.sessions.values()):
             session.stop_reading()
 

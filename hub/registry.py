@@ -183,6 +183,12 @@ class Registry:
 
     # -- the hub's calls
 
+    def revoked_names(self) -> set[str]:
+        """Names of all revoked devices (the hub closes their open sessions)."""
+        with self._lock:
+            rows = self._db.execute("SELECT name FROM devices WHERE revoked = 1").fetchall()
+        return {row[0] for row in rows}
+
     def authenticate(self, token: str) -> str | None:
         """The name of the device the token belongs to; None for unknown, wrong, revoked or malformed."""
         if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN or not token.isascii():

@@ -361,3 +361,37 @@ async def test_unanswered_pings_mark_the_device_offline(tmp_path: Path) -> None:
             assert hub.presence.status["ok"].online  # the well-behaved device answers and stays
         hub.stop()
     assert any(",device=mute,reason=ping_timeout " in ln and "online=0i" in ln for ln in status_lines(tmp_path))
+
+
+async def test_revoking_a_connected_device_closes_it_with_4003(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1", "d2")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        async with connect(hub, tokens["d1"]) as ws, connect(hub, tokens["d2"]) as other:
+            await hello(ws)
+            await hello(other)
+            with Registry(tmp_path / "registry.sqlite3") as registry:  # as `hub device revoke d1` does
+                registry.revoke("d1")
+            with pytest.raises(ConnectionClosed) as closed:
+                await receive(ws)
+            assert closed.value.reason.code == CloseCode.REVOKED
+            await send_batch(other, 1, points(1))
+            await wait_ack(other, 1)
+        with pytest.raises(ConnectionRejected) as refused:
+            async with connect(hub, tokens["d1"]):
+                pass
+        assert refused.value.status_code == 401
+        hub.stop()
+    assert any(",device=d1,reason=revoked " in ln for ln in status_lines(tmp_path))
+
+
+async def test_plain_http_request_gets_400(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        stream = await trio.open_tcp_stream("127.0.0.1", hub.port)
+        await stream.send_all(b"GET /v1/device HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(10):
+            answer = await stream.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 400")
+        await stream.aclose()
+        hub.stop()
