@@ -64,6 +64,7 @@ class ErrorCode:
     BAD_TIME = "bad_time"  # timestamp missing, not an integer, or out of range
     BAD_SEQ = "bad_seq"  # sequence number missing or out of range
     TOO_MANY_ERRORS = "too_many_errors"
+    UNKNOWN_COMMAND = "unknown_command"  # a command ack/result for an id this device was not sent
     TOO_LARGE = "too_large"  # client side: a batch over the hub's frame limit (the hub closes with 1009)
     INTERNAL = "internal"
 
@@ -156,7 +157,38 @@ class Error:
     seq: int | None = None
 
 
-Message = Hello | Welcome | Telemetry | Ack | Error
+@attrs.frozen
+class Command:
+    """Hub -> device: run command `name` with `args`; answer `CommandAck` at once, `CommandResult` when done.
+
+    The same `id` may arrive again (after a reconnect or a hub restart): do not run it twice;
+    answer the ack again, and the result again if it is known.
+    """
+
+    id: str
+    name: str
+    args: dict[str, Any]
+    timeout: float  # seconds the hub waits for the result after delivery
+
+
+@attrs.frozen
+class CommandAck:
+    """Device -> hub: command `id` was received (it is now `delivered`)."""
+
+    id: str
+
+
+@attrs.frozen
+class CommandResult:
+    """Device -> hub: command `id` finished; `ok` false means it failed, with `error` saying why."""
+
+    id: str
+    ok: bool
+    result: Any = None  # any JSON value, at most MAX_RESULT_BYTES encoded
+    error: str = ""
+
+
+Message = Hello | Welcome | Telemetry | Ack | Error | Command | CommandAck | CommandResult
 
 _TYPE_NAMES: dict[type, str] = {
     Hello: "hello",
@@ -164,7 +196,18 @@ _TYPE_NAMES: dict[type, str] = {
     Telemetry: "telemetry",
     Ack: "ack",
     Error: "error",
+    Command: "command",
+    CommandAck: "command_ack",
+    CommandResult: "command_result",
 }
+
+#: Longest command id, command name, and result error text.
+MAX_ID_LEN = 64
+MAX_COMMAND_NAME_LEN = 64
+MAX_ERROR_LEN = 1024
+#: Largest encoded command `args` or `result` (bytes of JSON).
+MAX_ARGS_BYTES = 16 * 1024
+MAX_RESULT_BYTES = 16 * 1024
 
 # ---------------------------------------------------------------------------- encoding
 
@@ -201,6 +244,11 @@ def encode(msg: Message) -> str:
         body = {"type": kind, **attrs.asdict(msg)}
         if isinstance(msg, Error) and msg.seq is None:
             del body["seq"]
+        elif isinstance(msg, CommandResult):
+            if msg.ok:
+                del body["error"]
+            if msg.result is None:
+                del body["result"]
     return json.dumps(body, separators=(",", ":"), allow_nan=False)
 
 
@@ -245,6 +293,30 @@ def _float(value: float, key: str) -> float:
 
 def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _command_id(obj: dict[str, Any]) -> str:
+    cid = obj.get("id")
+    if type(cid) is not str or not 0 < len(cid) <= MAX_ID_LEN or not cid.isprintable():
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"id must be a string of 1..{MAX_ID_LEN} printable characters")
+    return cid
+
+
+def check_command_name(name: Any) -> str:
+    """A command name: 1..64 of A-Z a-z 0-9 _ . - (raises `ProtocolError` otherwise)."""
+    if (
+        type(name) is not str
+        or not 0 < len(name) <= MAX_COMMAND_NAME_LEN
+        or not name.isascii()
+        or not name.replace("_", "a").replace(".", "a").replace("-", "a").isalnum()
+    ):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "a command name is 1..64 of A-Z a-z 0-9 _ . -")
+    return name
+
+
+def json_size(value: Any) -> int:
+    """Bytes of `value` as compact JSON (for the args/result bounds)."""
+    return len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
 
 
 def _seq(obj: dict[str, Any]) -> int:
@@ -390,6 +462,24 @@ def decode(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
             max_points=_get(obj, "max_points", int),
             ping_interval=_float(_get(obj, "ping_interval", (int, float)), "ping_interval"),
             proto=_get(obj, "proto", int),
+        )
+    if kind == "command_ack":
+        return CommandAck(_command_id(obj))
+    if kind == "command_result":
+        cid = _command_id(obj)
+        ok = _get(obj, "ok", bool)
+        error = _get(obj, "error", str, "")[:MAX_ERROR_LEN]
+        result = obj.get("result")
+        if result is not None and json_size(result) > MAX_RESULT_BYTES:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"result larger than {MAX_RESULT_BYTES} bytes of JSON")
+        return CommandResult(cid, ok, result, error)
+    if kind == "command":
+        args = _get(obj, "args", dict, None)
+        return Command(
+            id=_command_id(obj),
+            name=check_command_name(obj.get("name")),
+            args={} if args is None else args,
+            timeout=_float(_get(obj, "timeout", (int, float)), "timeout"),
         )
     if kind == "error":
         seq = obj.get("seq")

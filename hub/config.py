@@ -14,7 +14,9 @@ from device_client.protocol import Limits
 
 __all__ = [
     "BatchConfig",
+    "CommandsConfig",
     "ConfigError",
+    "ControlConfig",
     "HubConfig",
     "InfluxConfig",
     "PresenceConfig",
@@ -51,6 +53,31 @@ class PresenceConfig:
 
     ping_interval: float = 10.0  # seconds between WebSocket pings to each device
     ping_timeout: float = 10.0  # no pong within this: the device is marked offline and dropped
+    late_factor: float = 1.5  # no telemetry for interval x this (+ late_grace): the device is "late"
+    late_grace: float = 2.0
+
+
+@attrs.frozen
+class ControlConfig:
+    """The operator control channel (/v1/control, same port as devices)."""
+
+    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed, e.g. "https://ops.example.com"
+    auth_timeout: float = 5.0  # seconds for a browser's first-message auth
+    max_message_bytes: int = 64 * 1024
+    max_subscriptions: int = 16  # per control session
+    buffer: int = 1000  # events buffered per subscription before coalescing/dropping
+    max_errors: int = 20  # bad frames in a session before it is closed with 1008
+
+
+@attrs.frozen
+class CommandsConfig:
+    """The durable command queue."""
+
+    default_ttl: float = 3600.0  # seconds a command may wait for delivery
+    max_ttl: float = 172800.0
+    default_timeout: float = 30.0  # seconds for the result after delivery
+    max_timeout: float = 300.0
+    max_queue: int = 50  # unfinished commands per device
 
 
 @attrs.frozen
@@ -99,6 +126,8 @@ class HubConfig:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     presence: PresenceConfig = attrs.field(factory=PresenceConfig)
     influx: InfluxConfig = attrs.field(factory=InfluxConfig)
+    control: ControlConfig = attrs.field(factory=ControlConfig)
+    commands: CommandsConfig = attrs.field(factory=CommandsConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
     batch: BatchConfig = attrs.field(factory=BatchConfig)
     limits: Limits = attrs.field(factory=Limits)
@@ -109,6 +138,8 @@ _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "presence": PresenceConfig,
     "influx": InfluxConfig,
+    "control": ControlConfig,
+    "commands": CommandsConfig,
     "storage": StorageConfig,
     "batch": BatchConfig,
     "limits": Limits,
@@ -128,7 +159,10 @@ def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
         default = known[key].default
         if key == "token":
             raise ConfigError(f"{where}: put the token in the {INFLUX_TOKEN_ENV} environment variable")
-        if isinstance(default, bool):
+        if isinstance(default, tuple):
+            ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+            value = tuple(value) if ok else value
+        elif isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, float):
             ok = isinstance(value, int | float) and not isinstance(value, bool)
