@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable
+from functools import partial
 
 import attrs
 import trio
 
 from device_client.protocol import CloseCode
+from hub.commands import CommandService, CommandStore
 from hub.config import HubConfig
 from hub.device_server import DeviceServer
 from hub.ledger import Ledgers
@@ -19,6 +21,7 @@ from hub.registry import Registry
 from hub.sinks import FileSink, InfluxV2Sink, Sink
 from hub.spool import Spool
 from hub.stats import Stats
+from hub.subscriptions import Broadcaster
 
 __all__ = ["HubHandle", "make_sink", "registry_path", "run", "serve"]
 
@@ -37,6 +40,10 @@ class HubHandle:
     presence: Presence
     server: DeviceServer
     sink: Sink
+    commands: CommandService
+    registry: Registry
+    ledgers: Ledgers
+    broadcaster: Broadcaster
     _stop: trio.Event = attrs.field(factory=trio.Event)
 
     def stop(self) -> None:
@@ -93,6 +100,14 @@ async def _log_status(handle: HubHandle) -> None:
         )
 
 
+def _last_seen(ledgers: Ledgers) -> Callable[[str], float | None]:
+    def last_seen(name: str) -> float | None:
+        ledger = ledgers.find(name)
+        return None if ledger is None else ledger.last_seen
+
+    return last_seen
+
+
 async def serve(
     config: HubConfig,
     *,
@@ -103,13 +118,24 @@ async def serve(
     config.storage.path.mkdir(parents=True, exist_ok=True)
     sink = sink or make_sink(config)
     registry = Registry(registry_path(config))
+    command_store = CommandStore(config.storage.path / "commands.sqlite3")
     spool = Spool(config.storage.path / "spool", config.storage.spool_max_bytes)
     stats = Stats()
     try:
         ledgers = Ledgers(registry)
+        broadcaster = Broadcaster()
         pipeline = Pipeline(sink, spool, _pipeline_config(config), stats, ledgers.on_durable_callback())
-        presence = Presence(pipeline.submit)
-        server = DeviceServer(config, registry, ledgers, pipeline, presence, stats)
+        presence = Presence(
+            pipeline.submit, late_factor=config.presence.late_factor, late_grace=config.presence.late_grace
+        )
+        commands = CommandService(
+            command_store,
+            config.commands,
+            device_exists=lambda name: registry.get(name) is not None,
+            write=pipeline.submit,
+            on_change=broadcaster.command,
+        )
+        server = DeviceServer(config, registry, ledgers, pipeline, presence, stats, commands, broadcaster)
         async with trio.open_nursery() as nursery:
             drained = trio.Event()
 
@@ -118,8 +144,18 @@ async def serve(
                 drained.set()
 
             await nursery.start(run_pipeline)
+            background = trio.CancelScope()
+
+            async def run_background(task_status: trio.TaskStatus[None]) -> None:
+                with background:
+                    async with trio.open_nursery() as tasks:
+                        await tasks.start(commands.run)
+                        await tasks.start(partial(presence.watch_late, _last_seen(ledgers)))
+                        task_status.started()
+
+            await nursery.start(run_background)
             port = await nursery.start(server.listen)
-            handle = HubHandle(port, stats, presence, server, sink)
+            handle = HubHandle(port, stats, presence, server, sink, commands, registry, ledgers, broadcaster)
             nursery.start_soon(_log_status, handle)
             task_status.started(handle)
 
@@ -128,7 +164,9 @@ async def serve(
             server.stop_accepting()
             for session in list(server.sessions.values()):
                 await presence.offline(session.name, session.epoch, "hub_shutdown")
+            background.cancel()
             presence.closed = True
+            commands.points_closed = True
             pipeline.close_input()
             with trio.move_on_after(config.server.shutdown_grace) as grace:
                 await drained.wait()
@@ -140,6 +178,7 @@ async def serve(
     finally:
         spool.close()
         sink.close()
+        command_store.close()
         registry.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import deque
 from functools import partial
 from typing import Any
@@ -12,7 +13,19 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from device_client import protocol
-from device_client.protocol import Ack, CloseCode, ErrorCode, Hello, ProtocolError, Telemetry, Welcome
+from device_client.protocol import (
+    Ack,
+    CloseCode,
+    Command,
+    CommandAck,
+    CommandResult,
+    ErrorCode,
+    Hello,
+    ProtocolError,
+    Telemetry,
+    Welcome,
+)
+from hub.commands import CommandService
 from hub.config import HubConfig
 from hub.ledger import DeviceLedger, Ledgers
 from hub.lineproto import LineBuilder
@@ -20,6 +33,7 @@ from hub.pipeline import Pipeline
 from hub.presence import Presence
 from hub.registry import Registry
 from hub.stats import Stats
+from hub.subscriptions import Broadcaster
 
 __all__ = ["DeviceServer", "DeviceSession"]
 
@@ -27,6 +41,8 @@ log = logging.getLogger("hub.session")
 
 #: Protocol errors are counted over this many seconds when deciding to close a session.
 ERROR_WINDOW = 60.0
+#: The operators' endpoint, served on the same listener.
+CONTROL_PATH = "/v1/control"
 #: Seconds between checks of the registry for devices revoked while connected.
 REVOKE_CHECK_EVERY = 2.0
 #: Longest wait for a peer to answer our close frame.
@@ -49,8 +65,13 @@ class DeviceServer:
         pipeline: Pipeline,
         presence: Presence,
         stats: Stats,
+        commands: CommandService,
+        broadcaster: Broadcaster,
     ) -> None:
         self.config = config
+        self.commands = commands
+        self.broadcaster = broadcaster
+        self.control: Any = None  # the ControlServer, served on the same listener at CONTROL_PATH
         self.registry = registry
         self.ledgers = ledgers
         self.pipeline = pipeline
@@ -61,11 +82,13 @@ class DeviceServer:
         self._device_locks: dict[str, trio.Lock] = {}
         self._listen_scope = trio.CancelScope()
         self._watch_scope = trio.CancelScope()
+        self._handlers: trio.Nursery | None = None
 
     async def listen(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept devices until `stop_accepting`; return once every session has ended. Reports the port."""
         cfg = self.config.server
         async with trio.open_nursery() as handlers:
+            self._handlers = handlers
 
             async def accept_loop(task_status: trio.TaskStatus[Any]) -> None:
                 with self._listen_scope:
@@ -82,20 +105,25 @@ class DeviceServer:
                     )
 
             server = await handlers.start(accept_loop)
-            handlers.start_soon(self._close_revoked, handlers)
+            handlers.start_soon(self._close_revoked)
             log.info("device endpoint listening", extra={"kv": {"host": cfg.host, "port": server.port}})
             task_status.started(server.port)
 
-    async def _close_revoked(self, handlers: trio.Nursery) -> None:
+    async def _close_revoked(self) -> None:
         """Close the sessions of devices revoked while connected (`hub device revoke` runs in another process)."""
         with self._watch_scope:
             while True:
                 await trio.sleep(REVOKE_CHECK_EVERY)
                 revoked = await trio.to_thread.run_sync(self.registry.revoked_names)
                 for name in revoked & self.sessions.keys():
-                    session = self.sessions[name]
-                    log.warning("device revoked: closing its session", extra=session._kv())
-                    handlers.start_soon(partial(session.close, CloseCode.REVOKED, "token revoked", reason="revoked"))
+                    self.revoke(name)
+
+    def revoke(self, name: str) -> None:
+        """Close the open session of a device whose token was just revoked (4003)."""
+        session = self.sessions.get(name)
+        if session is not None and self._handlers is not None:
+            log.warning("device revoked: closing its session", extra=session._kv())
+            self._handlers.start_soon(partial(session.close, CloseCode.REVOKED, "token revoked", reason="revoked"))
 
     def stop_accepting(self) -> None:
         """Close the listening socket and stop every session from reading more telemetry."""
@@ -123,6 +151,9 @@ class DeviceServer:
 
     async def _handle(self, request: WebSocketRequest) -> None:
         path, _, query = request.path.partition("?")
+        if path == CONTROL_PATH and self.control is not None:
+            await self.control.handle(request)
+            return
         if path != protocol.DEVICE_PATH:
             await self._refuse(request, 404, "unknown_path", f"no endpoint here; devices use {protocol.DEVICE_PATH}")
             return
@@ -173,6 +204,8 @@ class DeviceSession:
         self._last_ack = 0
         self._errors: deque[float] = deque()
         self._builder = LineBuilder(name)
+        queue = 2 * server.config.commands.max_queue
+        self._commands_out, self._commands_in = trio.open_memory_channel[Command](queue)
         self._reader_scope = trio.CancelScope()
         self._scope = trio.CancelScope()
         self._done = trio.Event()
@@ -193,11 +226,14 @@ class DeviceSession:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._send_acks)
                         nursery.start_soon(self._ping)
+                        nursery.start_soon(self._send_commands)
+                        self.server.commands.attach(self.name, self._offer_command)
                         with self._reader_scope:
                             await self._read()
                         if not self.server.closing:
                             nursery.cancel_scope.cancel()
                 finally:
+                    self.server.commands.detach(self.name, self._offer_command)
                     if self.epoch:
                         with trio.CancelScope(shield=True):
                             await self.server.presence.offline(self.name, self.epoch, self.reason)
@@ -306,12 +342,15 @@ class DeviceSession:
             except ProtocolError as exc:
                 await self._refuse(exc)
                 continue
-            if type(msg) is Telemetry:
+            kind = type(msg)
+            if kind is Telemetry:
                 await self._telemetry(msg)
-            elif type(msg) is Hello:
+            elif kind is CommandAck or kind is CommandResult:
+                await self._command_answer(msg)
+            elif kind is Hello:
                 await self._refuse(ProtocolError(ErrorCode.NOT_READY, "hello was already received"))
             else:
-                detail = "devices send hello and telemetry only"
+                detail = "devices send hello, telemetry, command_ack and command_result only"
                 await self._refuse(ProtocolError(ErrorCode.BAD_MESSAGE, detail))
 
     async def _telemetry(self, msg: Telemetry) -> None:
@@ -324,10 +363,48 @@ class DeviceSession:
             if seq <= ledger.durable:
                 await self._send_ack(ledger.durable)
             return  # still in the pipeline: its ack follows when it is durable
-        n = len(msg.points)
-        await self.server.pipeline.submit(self._builder.lines(msg.points), n, (ledger, seq))
+        points = msg.points
+        n = len(points)
+        await self.server.pipeline.submit(self._builder.lines(points), n, (ledger, seq))
         ledger.submitted = seq
         stats.points_in += n
+        ledger.last_seen = time.time()
+        latest = ledger.latest
+        for p in points:
+            latest[p["measurement"]] = p
+        server = self.server
+        if server.broadcaster.has_telemetry_subscribers(self.name):
+            server.broadcaster.telemetry(self.name, points)
+        status = server.presence.status.get(self.name)
+        if status is not None and status.state == "late":
+            await server.presence.seen(self.name)
+
+    async def _command_answer(self, msg: CommandAck | CommandResult) -> None:
+        commands = self.server.commands
+        if type(msg) is CommandAck:
+            known = await commands.on_ack(self.name, msg.id)
+        else:
+            known = await commands.on_result(self.name, msg.id, msg.ok, msg.result, msg.error)
+        if not known:
+            await self._refuse(ProtocolError(ErrorCode.UNKNOWN_COMMAND, "no such command was sent to this device"))
+
+    def _offer_command(self, command: Command) -> bool:
+        try:
+            self._commands_out.send_nowait(command)
+        except trio.WouldBlock:
+            log.warning("command queue of the session full", extra=self._kv(command_id=command.id))
+            return False
+        return True
+
+    async def _send_commands(self) -> None:
+        commands = self.server.commands
+        try:
+            async for command in self._commands_in:
+                if commands.is_open(command.id):
+                    await self.ws.send_message(protocol.encode(command))
+                    await commands.on_sent(self.name, command.id)
+        except ConnectionClosed:
+            self._scope.cancel()
 
     async def _refuse(self, exc: ProtocolError) -> None:
         """Answer one refused message with an error frame; close the session if they keep coming."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 import trio
@@ -23,6 +24,8 @@ class DeviceLedger:
     name: str
     durable: int
     submitted: int
+    last_seen: float | None = None  # Unix time of the last telemetry message
+    latest: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # measurement -> its newest point
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def advance(self, seq: int) -> None:
@@ -53,6 +56,10 @@ class Ledgers:
         if ledger is None:
             ledger = self._by_name[name] = DeviceLedger(name, acked_seq, acked_seq)
         return ledger
+
+    def find(self, name: str) -> DeviceLedger | None:
+        """The ledger of `name` if it connected since the hub started."""
+        return self._by_name.get(name)
 
     def on_durable_callback(self) -> Callable[[list[tuple[object, int]]], Awaitable[None]]:
         """The pipeline's `on_durable`: store the new seqs in the registry, then let acks go out."""

@@ -1,4 +1,4 @@
-"""Device presence: online/offline state with reason and session epoch, written as points."""
+"""Device presence: online / late / offline with a reason and the session epoch, written as points."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import attrs
+import trio
 
 from hub.lineproto import line
 
@@ -14,21 +15,28 @@ __all__ = ["DeviceStatus", "Presence"]
 
 log = logging.getLogger("hub.presence")
 
-#: Measurement of presence points: tags device, reason; fields online (1/0), epoch.
+#: Measurement of presence points: tags device, reason; fields online (1/0), late (1/0), epoch.
 STATUS_MEASUREMENT = "device_status"
+#: Seconds between checks for late devices.
+LATE_CHECK_EVERY = 1.0
 
 
 @attrs.frozen
 class DeviceStatus:
     """What the hub knows of one device's presence."""
 
-    online: bool
+    state: str  # "online", "late" (connected, but no telemetry within its declared interval) or "offline"
     epoch: int
     since: float  # Unix time of the last transition
     reason: str
     firmware: str = ""
     model: str = ""
     interval: float = 0.0
+
+    @property
+    def online(self) -> bool:
+        """Connected (online or late)."""
+        return self.state != "offline"
 
 
 class Presence:
@@ -38,14 +46,31 @@ class Presence:
     session's late "offline" never overrides its successor's "online".
     """
 
-    def __init__(self, submit: Callable[[str, int, None], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        submit: Callable[[str, int, None], Awaitable[None]],
+        *,
+        late_factor: float = 1.5,
+        late_grace: float = 2.0,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
         self._submit = submit
+        self._late_factor = late_factor
+        self._late_grace = late_grace
+        self.on_change = on_change
         self._last_ts: dict[str, int] = {}
         self.status: dict[str, DeviceStatus] = {}
         self.closed = False
 
+    def counts(self) -> dict[str, int]:
+        """Devices by state (online, late, offline) among those seen since the hub started."""
+        out = {"online": 0, "late": 0, "offline": 0}
+        for s in self.status.values():
+            out[s.state] += 1
+        return out
+
     def online_count(self) -> int:
-        """Devices online now."""
+        """Devices connected now (online or late)."""
         return sum(1 for s in self.status.values() if s.online)
 
     async def online(self, name: str, epoch: int, *, firmware: str, model: str, interval: float) -> None:
@@ -53,31 +78,56 @@ class Presence:
         current = self.status.get(name)
         if current is not None and current.epoch > epoch:
             return
-        self.status[name] = DeviceStatus(True, epoch, time.time(), "connected", firmware, model, interval)
-        await self._write(name, epoch, True, "connected")
+        await self._set(name, DeviceStatus("online", epoch, time.time(), "connected", firmware, model, interval))
 
     async def offline(self, name: str, epoch: int, reason: str) -> None:
         """Mark `name` offline if `epoch` is still its current session."""
         current = self.status.get(name)
         if current is None or current.epoch != epoch or not current.online:
             return
-        self.status[name] = attrs.evolve(current, online=False, since=time.time(), reason=reason)
-        await self._write(name, epoch, False, reason)
+        await self._set(name, attrs.evolve(current, state="offline", since=time.time(), reason=reason))
 
-    async def _write(self, name: str, epoch: int, online: bool, reason: str) -> None:
+    async def seen(self, name: str) -> None:
+        """Telemetry arrived: a late device is online again."""
+        current = self.status.get(name)
+        if current is not None and current.state == "late":
+            await self._set(name, attrs.evolve(current, state="online", since=time.time(), reason="data"))
+
+    async def watch_late(
+        self,
+        last_seen: Callable[[str], float | None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Mark devices late that declared an interval and sent nothing for interval x factor + grace."""
+        task_status.started()
+        while True:
+            await trio.sleep(LATE_CHECK_EVERY)
+            now = time.time()
+            for name, status in list(self.status.items()):
+                if status.state != "online" or status.interval <= 0:
+                    continue
+                seen = max(last_seen(name) or 0.0, status.since)
+                if now - seen > status.interval * self._late_factor + self._late_grace:
+                    await self._set(name, attrs.evolve(status, state="late", since=now, reason="no_data"))
+
+    async def _set(self, name: str, status: DeviceStatus) -> None:
+        self.status[name] = status
         log.info(
-            "device online" if online else "device offline",
-            extra={"kv": {"device": name, "epoch": epoch, "reason": reason}},
+            "device " + status.state,
+            extra={"kv": {"device": name, "epoch": status.epoch, "reason": status.reason}},
         )
+        if self.on_change is not None:
+            self.on_change(name)
         if self.closed:
             return
         # Strictly increasing per device, so two transitions in one millisecond keep their order.
         ts = max(int(time.time() * 1000), self._last_ts.get(name, 0) + 1)
         self._last_ts[name] = ts
-        text = line(
-            STATUS_MEASUREMENT,
-            {"device": name, "reason": reason},
-            {"online": {"int": int(online)}, "epoch": {"int": epoch}},
-            ts,
-        )
+        fields = {
+            "online": {"int": int(status.online)},
+            "late": {"int": int(status.state == "late")},
+            "epoch": {"int": status.epoch},
+        }
+        text = line(STATUS_MEASUREMENT, {"device": name, "reason": status.reason}, fields, ts)
         await self._submit(text + "\n", 1, None)

@@ -1,0 +1,254 @@
+"""Durable commands through a real hub to real WebSocket devices: the whole state machine, restarts included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from trio_websocket import WebSocketConnection
+
+from device_client import protocol
+from device_client.protocol import Command, CommandAck, CommandResult, Error, ErrorCode
+from hub.commands import CommandError
+from tests.hubtools import (
+    add_devices,
+    connect,
+    hello,
+    hub_config,
+    points,
+    receive,
+    send_batch,
+    start_hub,
+    status_lines,
+    wait_ack,
+    written_lines,
+)
+
+
+async def next_command(ws: WebSocketConnection) -> Command:
+    while True:
+        msg = await receive(ws)
+        if isinstance(msg, Command):
+            return msg
+
+
+async def answer(ws: WebSocketConnection, cmd: Command, *, ok: bool = True, result: object = None) -> None:
+    await ws.send_message(protocol.encode(CommandAck(cmd.id)))
+    await ws.send_message(protocol.encode(CommandResult(cmd.id, ok, result, "" if ok else "it broke")))
+
+
+def states(rec) -> list[str]:
+    return [state for state, _ in rec.history]
+
+
+async def test_round_trip_and_transition_points(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            rec = await hub.commands.submit("d1", "echo", {"x": 1}, operator="alice")
+            cmd = await next_command(ws)
+            assert (cmd.id, cmd.name, cmd.args, cmd.timeout) == (rec.command_id, "echo", {"x": 1}, 30.0)
+            await answer(ws, cmd, result={"x": 1})
+            final = await hub.commands.wait_final(rec.command_id, 10)
+            assert final.state == "succeeded" and final.result == {"x": 1}
+            assert states(final) == ["queued", "sent", "delivered", "succeeded"]
+
+            failing = await hub.commands.submit("d1", "explode")
+            await answer(ws, await next_command(ws), ok=False)
+            final = await hub.commands.wait_final(failing.command_id, 10)
+            assert (final.state, final.error) == ("failed", "it broke")
+        hub.stop()
+    lines = [ln for ln in written_lines(tmp_path) if ln.startswith("command,")]
+    assert [ln.split(" ")[0] for ln in lines if "name=echo" in ln] == [
+        f"command,device=d1,name=echo,state={s}" for s in ("queued", "sent", "delivered", "succeeded")
+    ]
+    assert all(f'command_id="{rec.command_id}"' in ln for ln in lines if "name=echo" in ln)
+
+
+async def test_offline_device_gets_command_within_ttl_never_after(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        stale = await hub.commands.submit("d1", "too_late", ttl=0.3)
+        fresh = await hub.commands.submit("d1", "in_time", ttl=60)
+        expired = await hub.commands.wait_final(stale.command_id, 10)
+        assert states(expired) == ["queued", "expired"]
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            cmd = await next_command(ws)
+            assert cmd.id == fresh.command_id  # the expired one is never sent
+            await answer(ws, cmd)
+            assert (await hub.commands.wait_final(fresh.command_id, 10)).state == "succeeded"
+            await send_batch(ws, 1, points(1))
+            seen = await wait_ack(ws, 1)
+            assert not any(isinstance(m, Command) for m in seen)
+        hub.stop()
+
+
+async def test_restart_keeps_every_unfinished_command_and_resumes(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1", "d2")
+    config = hub_config(tmp_path)
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        queued = await hub.commands.submit("d2", "for_offline")  # d2 never connects before the restart
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            sent = await hub.commands.submit("d1", "unacked")
+            assert (await next_command(ws)).id == sent.command_id  # received, never acknowledged
+            delivered = await hub.commands.submit("d1", "no_result_yet", timeout=300)
+            cmd = await next_command(ws)
+            await ws.send_message(protocol.encode(CommandAck(cmd.id)))
+            with trio.fail_after(10):
+                while hub.commands.get(delivered.command_id).state != "delivered":
+                    await trio.sleep(0.01)
+            assert hub.commands.get(sent.command_id).state == "sent"
+        hub.stop()
+
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        assert [hub.commands.get(c.command_id).state for c in (queued, sent, delivered)] == [
+            "queued",
+            "sent",
+            "delivered",
+        ]
+        async with connect(hub, tokens["d1"]) as ws, connect(hub, tokens["d2"]) as ws2:
+            await hello(ws)
+            # Both unanswered commands come again, in order; the device deduplicates by id.
+            again = [await next_command(ws), await next_command(ws)]
+            assert [c.id for c in again] == [sent.command_id, delivered.command_id]
+            for cmd in again:
+                await answer(ws, cmd)
+            await hello(ws2)
+            await answer(ws2, await next_command(ws2))
+            for c in (queued, sent, delivered):
+                assert (await hub.commands.wait_final(c.command_id, 10)).state == "succeeded"
+        hub.stop()
+
+
+async def test_cancel_only_before_delivery(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        doomed = await hub.commands.submit("d1", "never")
+        assert (await hub.commands.cancel(doomed.command_id)).state == "cancelled"
+        with pytest.raises(CommandError) as err:
+            await hub.commands.cancel(doomed.command_id)
+        assert err.value.code == "invalid_state"
+        with pytest.raises(CommandError) as err:
+            await hub.commands.cancel("c-nope")
+        assert err.value.code == "not_found"
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            live = await hub.commands.submit("d1", "live")
+            cmd = await next_command(ws)
+            assert cmd.id == live.command_id  # the cancelled one was not sent
+            await ws.send_message(protocol.encode(CommandAck(cmd.id)))
+            with trio.fail_after(10):
+                while hub.commands.get(live.command_id).state != "delivered":
+                    await trio.sleep(0.01)
+            with pytest.raises(CommandError) as err:
+                await hub.commands.cancel(live.command_id)
+            assert err.value.code == "invalid_state"
+        hub.stop()
+
+
+async def test_no_result_in_time_is_timed_out_and_a_late_result_changes_nothing(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            rec = await hub.commands.submit("d1", "slow", timeout=0.3)
+            cmd = await next_command(ws)
+            await ws.send_message(protocol.encode(CommandAck(cmd.id)))
+            final = await hub.commands.wait_final(rec.command_id, 10)
+            assert states(final) == ["queued", "sent", "delivered", "timed_out"]
+            await ws.send_message(protocol.encode(CommandResult(cmd.id, True, "late")))
+            await send_batch(ws, 1, points(1))
+            seen = await wait_ack(ws, 1)
+            assert not any(isinstance(m, Error) for m in seen)  # known command: no error, no change
+            assert hub.commands.get(rec.command_id).state == "timed_out"
+        hub.stop()
+
+
+async def test_idempotency_key_makes_a_retried_send_harmless(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        first = await hub.commands.submit("d1", "reboot", idempotency_key="op-42")
+        second = await hub.commands.submit("d1", "reboot", idempotency_key="op-42")
+        assert second.command_id == first.command_id
+        other = await hub.commands.submit("d1", "reboot", idempotency_key="op-43")
+        assert other.command_id != first.command_id
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            got = [(await next_command(ws)).id, (await next_command(ws)).id]
+            assert got == [first.command_id, other.command_id]
+        assert len(hub.commands.list("d1")) == 2
+        hub.stop()
+
+
+async def test_queue_bound_and_bad_requests(tmp_path: Path) -> None:
+    add_devices(tmp_path, "d1")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path, **{"commands.max_queue": 2}))
+        await hub.commands.submit("d1", "a")
+        await hub.commands.submit("d1", "b")
+        cases = [
+            (("d1", "c"), {}, "queue_full"),
+            (("ghost", "a"), {}, "not_found"),
+            (("d1", "bad name"), {}, "bad_command"),
+            (("d1", "a", ["not", "an", "object"]), {}, "bad_command"),
+            (("d1", "a"), {"ttl": 10**9}, "bad_command"),
+            (("d1", "a"), {"timeout": 0}, "bad_command"),
+            (("d1", "a", {"blob": "x" * 20000}), {}, "bad_command"),
+        ]
+        for args, kwargs, code in cases:
+            with pytest.raises(CommandError) as err:
+                await hub.commands.submit(*args, **kwargs)
+            assert err.value.code == code, (args, kwargs)
+        hub.stop()
+
+
+async def test_answers_for_commands_never_sent_or_of_another_device_are_refused(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1", "d2")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        theirs = await hub.commands.submit("d2", "private")
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            for msg in (
+                CommandResult("c-forged", True),
+                CommandAck(theirs.command_id),
+                CommandResult(theirs.command_id, True),
+            ):
+                await ws.send_message(protocol.encode(msg))
+                reply = await receive(ws)
+                assert isinstance(reply, Error) and reply.code == ErrorCode.UNKNOWN_COMMAND
+        assert hub.commands.get(theirs.command_id).state == "queued"
+        hub.stop()
+
+
+async def test_device_that_goes_quiet_is_late_then_online_again(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    config = hub_config(tmp_path, **{"presence.late_factor": 1.0, "presence.late_grace": 0.2})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws, interval=0.2)
+            with trio.fail_after(20):
+                while hub.presence.status["d1"].state != "late":
+                    await trio.sleep(0.05)
+            await send_batch(ws, 1, points(1))
+            await wait_ack(ws, 1)
+            with trio.fail_after(20):
+                while hub.presence.status["d1"].state != "online":
+                    await trio.sleep(0.01)
+            assert hub.presence.status["d1"].reason == "data"
+        hub.stop()
+    lines = status_lines(tmp_path)
+    assert any("reason=no_data" in ln and "late=1i" in ln and "online=1i" in ln for ln in lines)
+    assert any("reason=data" in ln and "late=0i" in ln for ln in lines)
