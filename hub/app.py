@@ -59,6 +59,18 @@ def registry_path(config: HubConfig) -> str:
 def make_sink(config: HubConfig) -> Sink:
     """The configured InfluxDB v2-API sink, or the embedded line-protocol file sink."""
     influx = config.influx
+    if influx.url and influx.api == "v1":
+        from hub.sinks import InfluxV1Sink  # added by the InfluxDB 1.x work
+
+        return InfluxV1Sink(
+            influx.url,
+            influx.database,
+            retention_policy=influx.retention_policy,
+            username=influx.username,
+            password=influx.password,
+            timeout_s=influx.timeout,
+            gzip=influx.gzip,
+        )
     if influx.url:
         return InfluxV2Sink(
             influx.url, influx.token, influx.org, influx.bucket, timeout_s=influx.timeout, gzip=influx.gzip

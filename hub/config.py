@@ -19,14 +19,16 @@ __all__ = [
     "ControlConfig",
     "HubConfig",
     "InfluxConfig",
+    "MetricsConfig",
     "PresenceConfig",
     "ServerConfig",
     "StorageConfig",
     "load_config",
 ]
 
-#: Environment variable that carries the InfluxDB token (never put it in the TOML file).
+#: Environment variables that carry the InfluxDB secrets (never put them in the TOML file).
 INFLUX_TOKEN_ENV = "HUB_INFLUX_TOKEN"
+INFLUX_PASSWORD_ENV = "HUB_INFLUX_PASSWORD"
 
 
 class ConfigError(Exception):
@@ -85,11 +87,26 @@ class InfluxConfig:
     """An InfluxDB v2 write API (InfluxDB 2.x/3.x/1.8+, VictoriaMetrics). No url: embedded file sink."""
 
     url: str = ""
-    org: str = ""
-    bucket: str = "telemetry"
+    api: str = "v2"  # "v2": /api/v2/write (InfluxDB 2.x/3.x/1.8+, VictoriaMetrics); "v1": /write (InfluxDB 1.x)
+    org: str = ""  # v2
+    bucket: str = "telemetry"  # v2
+    database: str = "telemetry"  # v1
+    retention_policy: str = ""  # v1; empty: the database's default
+    username: str = ""  # v1; the password comes from HUB_INFLUX_PASSWORD
     token: str = attrs.field(default="", repr=False)  # from HUB_INFLUX_TOKEN
+    password: str = attrs.field(default="", repr=False)  # from HUB_INFLUX_PASSWORD
     timeout: float = 10.0
     gzip: bool = True
+
+
+@attrs.frozen
+class MetricsConfig:
+    """The hub's own figures: points every `interval`, and an HTTP listener for /metrics and /healthz."""
+
+    interval: float = 10.0  # seconds between hub_* points written to the sink
+    http_host: str = "127.0.0.1"
+    http_port: int = 9108  # 0: any free port
+    http_enabled: bool = True
 
 
 @attrs.frozen
@@ -128,6 +145,7 @@ class HubConfig:
     influx: InfluxConfig = attrs.field(factory=InfluxConfig)
     control: ControlConfig = attrs.field(factory=ControlConfig)
     commands: CommandsConfig = attrs.field(factory=CommandsConfig)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
     batch: BatchConfig = attrs.field(factory=BatchConfig)
     limits: Limits = attrs.field(factory=Limits)
@@ -140,6 +158,7 @@ _SECTIONS: dict[str, type] = {
     "influx": InfluxConfig,
     "control": ControlConfig,
     "commands": CommandsConfig,
+    "metrics": MetricsConfig,
     "storage": StorageConfig,
     "batch": BatchConfig,
     "limits": Limits,
@@ -159,6 +178,8 @@ def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
         default = known[key].default
         if key == "token":
             raise ConfigError(f"{where}: put the token in the {INFLUX_TOKEN_ENV} environment variable")
+        if key == "password":
+            raise ConfigError(f"{where}: put the password in the {INFLUX_PASSWORD_ENV} environment variable")
         if isinstance(default, tuple):
             ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
             value = tuple(value) if ok else value
@@ -223,9 +244,10 @@ def load_config(
         else:
             raise ConfigError(f"unknown option {dotted!r}")
     sections = {name: _section(cls, merged[name], name) for name, cls in _SECTIONS.items()}
-    token = env.get(INFLUX_TOKEN_ENV, "")
-    if token:
-        sections["influx"] = attrs.evolve(sections["influx"], token=token)
+    secrets = {"token": env.get(INFLUX_TOKEN_ENV, ""), "password": env.get(INFLUX_PASSWORD_ENV, "")}
+    sections["influx"] = attrs.evolve(sections["influx"], **{k: v for k, v in secrets.items() if v})
+    if sections["influx"].api not in ("v1", "v2"):
+        raise ConfigError(f"influx.api: expected v1 or v2, got {sections['influx'].api!r}")
     level = top.get("log_level", "info")
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {level!r}")

@@ -26,6 +26,7 @@ def hub_config(data_dir: Path, **overrides: Any) -> HubConfig:
         "server.port": 0,
         "storage.data_dir": str(data_dir),
         "batch.max_delay": 0.02,
+        "metrics.http_port": 0,
     }
     values.update(overrides)
     return load_config(None, env={}, overrides=values)
