@@ -13,7 +13,9 @@ import trio
 from device_client.protocol import CloseCode
 from hub.commands import CommandService, CommandStore
 from hub.config import HubConfig
+from hub.control_server import ControlServer
 from hub.device_server import DeviceServer
+from hub.fleet import device_summary
 from hub.ledger import Ledgers
 from hub.pipeline import Pipeline, PipelineConfig
 from hub.presence import Presence
@@ -44,6 +46,7 @@ class HubHandle:
     registry: Registry
     ledgers: Ledgers
     broadcaster: Broadcaster
+    control: ControlServer
     _stop: trio.Event = attrs.field(factory=trio.Event)
 
     def stop(self) -> None:
@@ -148,6 +151,14 @@ async def serve(
             on_change=broadcaster.command,
         )
         server = DeviceServer(config, registry, ledgers, pipeline, presence, stats, commands, broadcaster)
+        control = ControlServer(config, registry, presence, ledgers, commands, broadcaster, stats, pipeline, server)
+        server.control = control
+
+        def presence_changed(name: str) -> None:
+            status = presence.status.get(name)
+            broadcaster.presence(device_summary(name, registry.get(name), status, ledgers.find(name)))
+
+        presence.on_change = presence_changed
         async with trio.open_nursery() as nursery:
             drained = trio.Event()
 
@@ -162,12 +173,13 @@ async def serve(
                 with background:
                     async with trio.open_nursery() as tasks:
                         await tasks.start(commands.run)
+                        await tasks.start(control.run)
                         await tasks.start(partial(presence.watch_late, _last_seen(ledgers)))
                         task_status.started()
 
             await nursery.start(run_background)
             port = await nursery.start(server.listen)
-            handle = HubHandle(port, stats, presence, server, sink, commands, registry, ledgers, broadcaster)
+            handle = HubHandle(port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control)
             nursery.start_soon(_log_status, handle)
             task_status.started(handle)
 
@@ -184,7 +196,9 @@ async def serve(
                 await drained.wait()
             if grace.cancelled_caught:
                 log.error("pipeline did not drain in time; unacked batches will be resent by devices")
-            await server.close_all(CloseCode.GOING_AWAY, "hub shutting down")
+            async with trio.open_nursery() as closing:
+                closing.start_soon(server.close_all, CloseCode.GOING_AWAY, "hub shutting down")
+                closing.start_soon(control.close_all, CloseCode.GOING_AWAY, "hub shutting down")
             nursery.cancel_scope.cancel()
         log.info("hub stopped", extra={"kv": {"written": stats.points_written, "spooled": stats.points_spooled}})
     finally:

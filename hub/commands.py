@@ -323,8 +323,9 @@ class CommandService:
         )
         self._store.save(rec)
         self._open[rec.command_id] = rec
-        await self._changed(rec)
+        # Offer before the first await: a session attaching meanwhile would otherwise get it twice.
         self._offer(rec)
+        await self._changed(rec)
         return rec
 
     async def cancel(self, command_id: str) -> CommandRecord:

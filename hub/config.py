@@ -166,7 +166,7 @@ _SECTIONS: dict[str, type] = {
 
 
 #: Numeric options for which 0 makes sense (any free port; flush every message at once).
-_ZERO_OK = frozenset({"port", "max_delay"})
+_ZERO_OK = frozenset({"port", "http_port", "max_delay"})
 
 
 def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
