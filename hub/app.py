@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -16,11 +17,13 @@ from hub.config import HubConfig
 from hub.control_server import ControlServer
 from hub.device_server import DeviceServer
 from hub.fleet import device_summary
+from hub.http_listener import serve_http
 from hub.ledger import Ledgers
+from hub.metrics import HubMetrics
 from hub.pipeline import Pipeline, PipelineConfig
 from hub.presence import Presence
 from hub.registry import Registry
-from hub.sinks import FileSink, InfluxV2Sink, Sink
+from hub.sinks import FileSink, InfluxV1Sink, InfluxV2Sink, Sink
 from hub.spool import Spool
 from hub.stats import Stats
 from hub.subscriptions import Broadcaster
@@ -47,6 +50,7 @@ class HubHandle:
     ledgers: Ledgers
     broadcaster: Broadcaster
     control: ControlServer
+    metrics_port: int | None  # the /metrics and /healthz listener, if enabled
     _stop: trio.Event = attrs.field(factory=trio.Event)
 
     def stop(self) -> None:
@@ -63,8 +67,6 @@ def make_sink(config: HubConfig) -> Sink:
     """The configured InfluxDB v2-API sink, or the embedded line-protocol file sink."""
     influx = config.influx
     if influx.url and influx.api == "v1":
-        from hub.sinks import InfluxV1Sink  # added by the InfluxDB 1.x work
-
         return InfluxV1Sink(
             influx.url,
             influx.database,
@@ -159,6 +161,7 @@ async def serve(
             broadcaster.presence(device_summary(name, registry.get(name), status, ledgers.find(name)))
 
         presence.on_change = presence_changed
+        metrics = HubMetrics(stats, presence, commands, pipeline, sink, started_at=time.time())
         async with trio.open_nursery() as nursery:
             drained = trio.Event()
 
@@ -169,17 +172,28 @@ async def serve(
             await nursery.start(run_pipeline)
             background = trio.CancelScope()
 
-            async def run_background(task_status: trio.TaskStatus[None]) -> None:
+            async def run_background(task_status: trio.TaskStatus[int | None]) -> None:
                 with background:
                     async with trio.open_nursery() as tasks:
                         await tasks.start(commands.run)
                         await tasks.start(control.run)
+                        await tasks.start(partial(metrics.write_loop, pipeline.submit, config.metrics.interval))
+                        if config.metrics.http_enabled:
+                            m = config.metrics
+                            http_port = await tasks.start(
+                                partial(serve_http, m.http_host, m.http_port, metrics.routes())
+                            )
+                            log.info("metrics listening", extra={"kv": {"host": m.http_host, "port": http_port}})
+                        else:
+                            http_port = None
                         await tasks.start(partial(presence.watch_late, _last_seen(ledgers)))
-                        task_status.started()
+                        task_status.started(http_port)
 
-            await nursery.start(run_background)
+            metrics_port = await nursery.start(run_background)
             port = await nursery.start(server.listen)
-            handle = HubHandle(port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control)
+            handle = HubHandle(
+                port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, metrics_port
+            )
             nursery.start_soon(_log_status, handle)
             task_status.started(handle)
 

@@ -39,6 +39,7 @@ class HubProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         cmd = [sys.executable, "-m", "hub.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        cmd += ["--metrics-port", "0"]
         self.proc = subprocess.Popen([*cmd, *self.args], stdout=log, stderr=log, env=self.env)
         log.close()
         deadline = time.monotonic() + timeout
