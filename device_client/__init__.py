@@ -1,12 +1,15 @@
-"""Device SDK for the telemetry hub: connect, stream points, get acks (see README.md)."""
+"""Device SDK for the telemetry hub: connect, stream points, get acks, answer commands (see README.md)."""
 
-from device_client.client import ClientStats, DeviceClient, backoff_delay, device_url
-from device_client.outbox import Entry, Outbox, OutboxFull
-from device_client.protocol import CloseCode, ErrorCode, Limits, ProtocolError, int_value
+from device_client.client import ClientStats, CommandContext, DeviceClient, backoff_delay, device_url
+from device_client.outbox import CommandLog, Entry, Outbox, OutboxFull
+from device_client.protocol import MAX_RESULT_BYTES, CloseCode, ErrorCode, Limits, ProtocolError, int_value
 
 __all__ = [
+    "MAX_RESULT_BYTES",
     "ClientStats",
     "CloseCode",
+    "CommandContext",
+    "CommandLog",
     "DeviceClient",
     "Entry",
     "ErrorCode",

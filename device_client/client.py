@@ -7,8 +7,10 @@ import inspect
 import logging
 import os
 import random
+import sqlite3
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -18,23 +20,39 @@ import trio
 import trio_websocket
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
 
-from device_client.outbox import DEFAULT_MAX_MESSAGE, TOO_LARGE, Entry, Outbox, OutboxFull, check_points
+from device_client.outbox import (
+    DEFAULT_MAX_MESSAGE,
+    TOO_LARGE,
+    CommandLog,
+    Entry,
+    Outbox,
+    OutboxFull,
+    check_points,
+)
 from device_client.protocol import (
     DEFAULT_LIMITS,
     DEVICE_PATH,
+    MAX_ERROR_LEN,
+    MAX_RESULT_BYTES,
     PROTOCOL_VERSION,
     Ack,
     CloseCode,
+    Command,
+    CommandAck,
+    CommandResult,
     Error,
+    ErrorCode,
     Hello,
     Limits,
     ProtocolError,
     Welcome,
+    check_command_name,
     decode,
     encode,
+    json_size,
 )
 
-__all__ = ["STABLE_SESSION", "ClientStats", "DeviceClient", "backoff_delay", "device_url"]
+__all__ = ["STABLE_SESSION", "ClientStats", "CommandContext", "DeviceClient", "backoff_delay", "device_url"]
 
 log = logging.getLogger("device_client")
 
@@ -42,6 +60,9 @@ log = logging.getLogger("device_client")
 STABLE_SESSION = 10.0
 #: Longest Retry-After (seconds) honoured from a 429/503 answer.
 MAX_RETRY_AFTER = 3600.0
+
+#: Most command acks and results waiting to be written; the reader waits for room beyond it.
+MAX_OUTGOING = 1000
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
 
@@ -63,6 +84,33 @@ class ClientStats:
     points_acked: int = 0
     rejected: int = 0  # batches the hub refused for good (dropped, never resent)
     points_rejected: int = 0
+    commands_received: int = 0  # command frames from the hub, repeats included
+    commands_run: int = 0  # new command ids taken on (unknown names included)
+    command_repeats: int = 0  # command frames for an id already in the log: answered, not run again
+    commands_succeeded: int = 0
+    commands_failed: int = 0  # unknown names, raising handlers, results too large or not JSON
+    results_sent: int = 0  # command_result frames written, repeats included
+
+
+@attrs.frozen
+class CommandContext:
+    """What a command handler may want besides its args: the command and the client running it."""
+
+    client: DeviceClient = attrs.field(repr=False)
+    id: str
+    name: str
+    timeout: float  # seconds the hub waits for the result after the ack
+
+    def reconnect(self, delay: float = 0.0) -> None:
+        """Once this command's result is written, close the connection and reconnect after `delay` s.
+
+        For a `reboot`: the hub gets the result first. The outbox and the command log are
+        kept. If the connection drops before the result is written, the result goes out
+        on the next connection, and that one is closed after it.
+        """
+        if delay < 0:
+            raise ValueError("delay must not be negative")
+        self.client._reconnect_after[self.id] = delay
 
 
 @attrs.frozen
@@ -70,7 +118,8 @@ class _End:
     """How a session ended, for the reconnect decision."""
 
     to_max: bool = False  # back off to the maximum: retrying fast is useless or harmful
-    retry_after: float | None = None  # the hub said when to come back
+    retry_after: float | None = None  # the hub (or a planned reconnect) said when to come back
+    planned: bool = False  # we closed on purpose (`reconnect`): not a failure
 
 
 def backoff_delay(failures: int, initial: float, maximum: float, *, to_max: bool = False) -> float:
@@ -106,13 +155,14 @@ def _retry_after(headers: tuple[tuple[bytes, bytes], ...]) -> float | None:
 
 
 class DeviceClient:
-    """A device's connection to the hub: `send` points, they are delivered at least once.
+    """A device's connection to the hub: `send` points, they are delivered at least once; run the hub's commands.
 
     Use as ``async with DeviceClient(url, token) as client:``. Points are buffered and
     turned into numbered batches kept in an outbox (in memory, or an SQLite file with
     `outbox_path`) until the hub acks them; after any disconnect the client reconnects
     with jittered exponential backoff and resends what is not acked, in order. When the
     outbox is full, `send` and `send_batch` wait (pass ``block=False`` to get `OutboxFull`).
+    Handlers registered with `command` answer the hub's commands, each id at most once.
     """
 
     def __init__(
@@ -134,6 +184,7 @@ class DeviceClient:
         connect_timeout: float = 10.0,
         close_timeout: float = 10.0,
         on_rejected: Callable[[int, str, str], None] | None = None,
+        command_log_limit: int = 1000,
     ) -> None:
         if not token or not token.isascii() or not token.isprintable() or " " in token:
             raise ValueError("token must be printable ASCII without spaces")
@@ -145,6 +196,8 @@ class DeviceClient:
             raise ValueError("batch_points must be at least 1")
         if not 0 < backoff_initial <= backoff_max:
             raise ValueError("need 0 < backoff_initial <= backoff_max")
+        if command_log_limit < 1:
+            raise ValueError("command_log_limit must be at least 1")
         self.url = device_url(url)
         self._name = token.split(".", 1)[0]
         self._headers = [(b"authorization", b"Bearer " + token.encode("ascii"))]
@@ -162,6 +215,14 @@ class DeviceClient:
         self._close_timeout = close_timeout
         self._on_rejected = on_rejected
         self._commands: dict[str, Callable[..., Awaitable[Any]]] = {}
+        self._with_context: dict[str, bool] = {}
+        self._command_log_limit = command_log_limit
+        self._log: CommandLog | None = None
+        # Command acks and results to write, in order; (command id, text) for a result, (None, text) for an ack.
+        self._outgoing: deque[tuple[str | None, str]] = deque()
+        self._reconnect_after: dict[str, float] = {}  # command id -> delay, from CommandContext.reconnect
+        self._reconnect: tuple[str | None, float] | None = None  # (after this result is written | None, delay)
+        self._tasks: trio.Nursery | None = None
         self.stats = ClientStats()
         self._limits: Limits = DEFAULT_LIMITS
         self._window = 1
@@ -191,6 +252,12 @@ class DeviceClient:
             max_bytes=self._outbox_bytes,
             max_message=self._max_message,
         )
+        try:
+            self._log = CommandLog(self._outbox_path, limit=self._command_log_limit)
+        except BaseException:
+            self._outbox.close()
+            raise
+        self._outgoing.extend(self._log.unsent())  # results finished before a restart, never written
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()
         self._running = True
@@ -212,8 +279,9 @@ class DeviceClient:
         finally:
             self._running = False
             self._main_scope.cancel()
-            assert self._outbox is not None
+            assert self._outbox is not None and self._log is not None
             self._outbox.close()
+            self._log.close()
         return False
 
     async def _main(self) -> None:
@@ -222,6 +290,7 @@ class DeviceClient:
         try:
             with self._main_scope:
                 async with trio.open_nursery() as nursery:
+                    self._tasks = nursery  # command handlers run here, across connections
                     nursery.start_soon(self._linger_loop)
                     nursery.start_soon(self._connection_loop)
         finally:
@@ -234,14 +303,16 @@ class DeviceClient:
         assert self._outbox is not None
         with trio.move_on_after(self._close_timeout):
             await self._flush(block=True)
-            while self._outbox and self._running:
+            while (self._outbox or self._results_waiting()) and self._running:
                 await self._changed.wait()
+        where = "kept in the outbox file" if self._outbox_path is not None else "lost"
         if self._outbox or self._buffer:
-            where = "kept in the outbox file" if self._outbox_path is not None else "lost"
             log.warning(
                 "%s: closing with %d batches not acked and %d points buffered (%s)",
                 self._name, len(self._outbox), len(self._buffer), where,
             )
+        if self._results_waiting():
+            log.warning("%s: closing with %d command results not sent (%s)", self._name, self._results_waiting(), where)
 
     # ------------------------------------------------------------------ public API
 
@@ -338,16 +409,34 @@ class DeviceClient:
             self._check_open()
             await self._changed.wait()
 
-    def command(self, name: str) -> Callable[[_Handler], _Handler]:
-        """Decorator registering an async handler for the hub's command `name`.
+    @property
+    def interval(self) -> float:
+        """The reporting interval (seconds) declared in `hello`; a new value is declared on the next connection."""
+        return self._hello.interval
 
-        A hook for the command channel still to come: handlers are stored, nothing
-        is sent or received for them yet.
+    @interval.setter
+    def interval(self, seconds: float) -> None:
+        if not 0 <= seconds <= 7 * 86_400:
+            raise ValueError("interval must be 0..604800 seconds")
+        self._hello = attrs.evolve(self._hello, interval=float(seconds))
+
+    def command(self, name: str) -> Callable[[_Handler], _Handler]:
+        """Decorator registering the async handler of the hub's command `name` (replacing an earlier one).
+
+        The handler is ``async def handler(args: dict) -> Any`` or
+        ``async def handler(args: dict, ctx: CommandContext) -> Any``. It runs in its own
+        task, once per command id; its return value (JSON, at most `MAX_RESULT_BYTES`)
+        is the result, an exception makes the command fail with ``str(exc)``.
         """
+        try:
+            check_command_name(name)
+        except ProtocolError as exc:
+            raise ValueError(exc.detail) from None
 
         def register(handler: _Handler) -> _Handler:
             if not inspect.iscoroutinefunction(handler):
                 raise TypeError("a command handler must be an async function")
+            self._with_context[name] = _takes_context(handler)
             self._commands[name] = handler
             return handler
 
@@ -357,6 +446,22 @@ class DeviceClient:
     def commands(self) -> dict[str, Callable[..., Awaitable[Any]]]:
         """The registered command handlers by name."""
         return dict(self._commands)
+
+    def reconnect(self, delay: float = 0.0) -> None:
+        """Close the current connection once the command answers queued so far are written; reconnect after `delay` s.
+
+        The outbox and the command log are kept, so nothing is lost. Does nothing while
+        not connected (a reconnect is under way anyway). From a command handler, use
+        `CommandContext.reconnect` instead, so that its own result goes out first.
+        """
+        self._check_open()
+        if delay < 0:
+            raise ValueError("delay must not be negative")
+        if not self.stats.connected:
+            log.debug("%s: reconnect requested while not connected: nothing to do", self._name)
+            return
+        self._reconnect = (None, delay)
+        self._notify()
 
     # ------------------------------------------------------------------ buffering
 
@@ -432,13 +537,16 @@ class DeviceClient:
                 end = await self._session()
                 if self._stop.is_set():
                     return
-                if self._last_session_stable:
-                    failures = 0
-                if end.retry_after is not None:
-                    delay = end.retry_after + random.uniform(0, self._backoff_initial)
+                if end.planned:
+                    failures, delay = 0, end.retry_after or 0.0
                 else:
-                    delay = backoff_delay(failures, self._backoff_initial, self._backoff_max, to_max=end.to_max)
-                failures += 1
+                    if self._last_session_stable:
+                        failures = 0
+                    if end.retry_after is not None:
+                        delay = end.retry_after + random.uniform(0, self._backoff_initial)
+                    else:
+                        delay = backoff_delay(failures, self._backoff_initial, self._backoff_max, to_max=end.to_max)
+                    failures += 1
                 log.debug("%s: reconnecting in %.2f s", self._name, delay)
                 with trio.move_on_after(delay):
                     await self._stop.wait()
@@ -484,6 +592,10 @@ class DeviceClient:
         finally:
             self.stats.connected = False
             self._outbox.reset_inflight()
+            # Acks belong to their connection (the hub sends again what was not acked); results wait for the next.
+            self._outgoing = deque(item for item in self._outgoing if item[0] is not None)
+            if self._reconnect is not None and self._reconnect[0] is None:
+                self._reconnect = None  # the connection is gone anyway
             self._notify()
         return self._end or _End()
 
@@ -556,6 +668,10 @@ class DeviceClient:
                     continue
                 if isinstance(msg, Ack):
                     self._on_ack(msg.seq)
+                elif isinstance(msg, Command):
+                    while len(self._outgoing) >= MAX_OUTGOING:
+                        await self._changed.wait()
+                    self._on_command(msg)
                 elif isinstance(msg, Error):
                     self._on_error(msg)
                 else:
@@ -571,8 +687,16 @@ class DeviceClient:
             while True:
                 changed = self._changed
                 before = outbox.sent_max
-                sent = False
+                sent = await self._send_answers(ws)
+                if self._reconnect is not None and self._reconnect[0] is None and not self._outgoing:
+                    delay = self._reconnect[1]
+                    self._reconnect = None
+                    log.info("%s: closing the connection on request; reconnecting in %.2f s", self._name, delay)
+                    self._set_end(_End(retry_after=delay, planned=True))
+                    break
                 for entry in outbox.take(self._window_now()):
+                    if self._outgoing:
+                        await self._send_answers(ws)
                     if entry.seq not in outbox:
                         continue  # acked or rejected while we sent the ones before it
                     await ws.send_message(entry.text)
@@ -585,6 +709,25 @@ class DeviceClient:
         except ConnectionClosed as exc:
             self._on_close(ws.closed or exc.reason)
         scope.cancel()
+
+    async def _send_answers(self, ws: trio_websocket.WebSocketConnection) -> bool:
+        # Acks and results go before telemetry: they are small and the hub times commands out.
+        sent = False
+        while self._outgoing:
+            cid, text = self._outgoing.popleft()
+            written = False
+            try:
+                await ws.send_message(text)
+                written = True
+            finally:
+                if not written and cid is not None:
+                    self._outgoing.appendleft((cid, text))  # keep the result for the next connection
+            sent = True
+            if cid is not None:
+                self._result_written(cid)
+        if sent:
+            self._notify()
+        return sent
 
     def _window_now(self) -> int:
         assert self._outbox is not None
@@ -608,6 +751,10 @@ class DeviceClient:
         self._notify()
 
     def _on_error(self, error: Error) -> None:
+        if error.code == ErrorCode.UNKNOWN_COMMAND:
+            # Our ack or result named a command the hub does not know (e.g. it expired there): nothing to retry.
+            log.warning("%s: the hub does not know a command we answered; answer dropped: %s", self._name, error.detail)
+            return
         if error.seq is None:
             log.warning("%s: hub error %s: %s", self._name, error.code, error.detail)
             return
@@ -673,3 +820,119 @@ class DeviceClient:
             self._name, inflight,
         )
         self._probe_until = max(inflight, default=0)
+
+    # ------------------------------------------------------------------ commands
+
+    def _results_waiting(self) -> int:
+        return sum(1 for cid, _ in self._outgoing if cid is not None)
+
+    def _queue_result(self, cid: str, text: str) -> None:
+        # At most one copy of a result waits, and after the ack just queued for it.
+        if any(item[0] == cid for item in self._outgoing):
+            self._outgoing = deque(item for item in self._outgoing if item[0] != cid)
+        self._outgoing.append((cid, text))
+
+    def _on_command(self, cmd: Command) -> None:
+        assert self._log is not None and self._tasks is not None
+        self.stats.commands_received += 1
+        self._outgoing.append((None, encode(CommandAck(cmd.id))))
+        status = self._log.status(cmd.id)
+        if status == CommandLog.NEW:
+            self._log.begin(cmd.id)
+            self.stats.commands_run += 1
+            log.info("%s: command %s %s received", self._name, cmd.id, cmd.name)
+            self._tasks.start_soon(self._run_command, cmd, name=f"command {cmd.name} {cmd.id}")
+        else:
+            self.stats.command_repeats += 1
+            text = self._log.result(cmd.id)
+            if text is not None:
+                self._queue_result(cmd.id, text)
+            log.info(
+                "%s: command %s %s received again: %s", self._name, cmd.id, cmd.name,
+                "answering with its result" if text is not None else "still running",
+            )
+        self._notify()
+
+    async def _run_command(self, cmd: Command) -> None:
+        assert self._log is not None
+        done = False
+        try:
+            try:
+                result = await self._call_handler(cmd)
+            except Exception:  # a bug of ours, not the handler's: still answer, never kill the client
+                log.exception("%s: command %s %s: internal error", self._name, cmd.id, cmd.name)
+                result = CommandResult(cmd.id, False, error="internal error on the device")
+            done = True
+        finally:
+            if not done:  # cancelled because the client closes: no result, the hub times it out
+                self._log.abandon(cmd.id)
+                self._reconnect_after.pop(cmd.id, None)
+                log.info("%s: command %s %s cancelled, no result", self._name, cmd.id, cmd.name)
+        self._finish(cmd, result)
+
+    async def _call_handler(self, cmd: Command) -> CommandResult:
+        handler = self._commands.get(cmd.name)
+        if handler is None:
+            log.warning("%s: unknown command %r (%s)", self._name, cmd.name, cmd.id)
+            return CommandResult(cmd.id, False, error=f"unknown command {cmd.name!r}")
+        args = dict(cmd.args)
+        try:
+            if self._with_context[cmd.name]:
+                value = await handler(args, CommandContext(self, cmd.id, cmd.name, cmd.timeout))
+            else:
+                value = await handler(args)
+        except Exception as exc:
+            log.warning(
+                "%s: command %s %s failed: %r", self._name, cmd.id, cmd.name, exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            return CommandResult(cmd.id, False, error=(str(exc) or type(exc).__name__)[:MAX_ERROR_LEN])
+        try:
+            size = json_size(value)
+        except (TypeError, ValueError) as exc:
+            log.warning("%s: command %s %s returned a result that is not JSON: %r", self._name, cmd.id, cmd.name, exc)
+            return CommandResult(cmd.id, False, error="result is not JSON")
+        if size > MAX_RESULT_BYTES:
+            log.warning("%s: command %s %s returned %d bytes of result: too large", self._name, cmd.id, cmd.name, size)
+            return CommandResult(cmd.id, False, error="result too large")
+        return CommandResult(cmd.id, True, value)
+
+    def _finish(self, cmd: Command, result: CommandResult) -> None:
+        assert self._log is not None
+        text = encode(result)
+        try:
+            self._log.finish(cmd.id, text)
+        except sqlite3.Error:
+            log.exception("%s: cannot store the result of command %s in the outbox file", self._name, cmd.id)
+        if result.ok:
+            self.stats.commands_succeeded += 1
+        else:
+            self.stats.commands_failed += 1
+        log.info("%s: command %s %s %s", self._name, cmd.id, cmd.name, "succeeded" if result.ok else "failed")
+        self._queue_result(cmd.id, text)
+        delay = self._reconnect_after.pop(cmd.id, None)
+        if delay is not None:
+            self._reconnect = (cmd.id, delay)
+        self._notify()
+
+    def _result_written(self, cid: str) -> None:
+        assert self._log is not None
+        self.stats.results_sent += 1
+        try:
+            self._log.mark_sent(cid)
+        except sqlite3.Error:
+            log.exception("%s: cannot mark the result of command %s as sent in the outbox file", self._name, cid)
+        if self._reconnect is not None and self._reconnect[0] == cid:
+            self._reconnect = (None, self._reconnect[1])
+
+
+def _takes_context(handler: Callable[..., Any]) -> bool:
+    """True for ``handler(args, ctx)``, False for ``handler(args)``; TypeError for other shapes."""
+    params = list(inspect.signature(handler).parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD]
+    if not positional or len(required) > 2 or len(required) > len(positional):
+        raise TypeError("a command handler takes (args) or (args, ctx)")
+    return len(positional) >= 2

@@ -1,4 +1,4 @@
-"""The device outbox: numbered, encoded telemetry batches awaiting the hub's ack (sans-I/O, optionally on SQLite)."""
+"""The device's durable state: the telemetry outbox and the command log (sans-I/O, optionally on SQLite)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from device_client.protocol import (
     validate_points,
 )
 
-__all__ = ["DEFAULT_MAX_MESSAGE", "TOO_LARGE", "Entry", "Outbox", "OutboxFull", "check_points"]
+__all__ = ["DEFAULT_MAX_MESSAGE", "TOO_LARGE", "CommandLog", "Entry", "Outbox", "OutboxFull", "check_points"]
 
 #: Largest encoded telemetry message (characters) the outbox accepts: the hub's default `max_message_bytes`.
 DEFAULT_MAX_MESSAGE = 262_144
@@ -291,3 +291,140 @@ class Outbox:
         if seq <= self._cursor:
             self._inflight -= 1
         return entry
+
+
+# ---------------------------------------------------------------------------- commands
+
+_COMMANDS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, result TEXT NOT NULL, sent INTEGER NOT NULL);
+"""
+
+
+class CommandLog:
+    """Recent command ids with their encoded `command_result` messages, oldest first, about `limit` of them.
+
+    Plain state like `Outbox`: `begin` marks a new id running, `finish` stores its
+    result, `mark_sent` notes that the result was written to a connection, `unsent`
+    lists the results still to send. With `path` (the outbox file is a good place),
+    finished results and their sent flag are committed to the table `commands` before a
+    method returns, so after a reboot a command the hub sends again is answered, not
+    run again. Running ids live in memory only. Past `limit`, the oldest finished and
+    sent records are forgotten.
+    """
+
+    NEW = "new"
+    RUNNING = "running"
+    DONE = "done"
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, limit: int = 1000) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self._results: OrderedDict[str, str | None] = OrderedDict()  # None while running
+        self._unsent: dict[str, None] = {}  # ids of finished results not written yet, in order
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            self._open(path)
+
+    def _open(self, path: str | os.PathLike[str]) -> None:
+        db = sqlite3.connect(os.fspath(path))
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_COMMANDS_SCHEMA)
+            rows = db.execute("SELECT id, result, sent FROM commands ORDER BY rowid").fetchall()
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        for cid, text, sent in rows:
+            self._results[cid] = text
+            if not sent:
+                self._unsent[cid] = None
+        self._evict()
+
+    def close(self) -> None:
+        """Close the SQLite file, if any (the in-memory state stays readable)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> CommandLog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self._results
+
+    def status(self, cid: str) -> str:
+        """`NEW` for an id not in the log, `RUNNING` while its handler runs, `DONE` once it has a result."""
+        if cid not in self._results:
+            return self.NEW
+        return self.RUNNING if self._results[cid] is None else self.DONE
+
+    def result(self, cid: str) -> str | None:
+        """The encoded result of a finished command, else None."""
+        return self._results.get(cid)
+
+    def unsent(self) -> list[tuple[str, str]]:
+        """(id, encoded result) of the finished commands whose result was not written yet, oldest first."""
+        out = []
+        for cid in self._unsent:
+            text = self._results.get(cid)
+            if text is not None:
+                out.append((cid, text))
+        return out
+
+    def begin(self, cid: str) -> None:
+        """Record a new command as running."""
+        if cid in self._results:
+            raise ValueError(f"command {cid!r} is already in the log")
+        self._results[cid] = None
+        self._evict()
+
+    def finish(self, cid: str, text: str) -> None:
+        """Store the encoded result of a command (committed to the file, if any), not sent yet."""
+        self._commit("INSERT OR REPLACE INTO commands (id, result, sent) VALUES (?, ?, 0)", (cid, text))
+        self._results[cid] = text
+        self._unsent[cid] = None
+        self._evict()
+
+    def abandon(self, cid: str) -> None:
+        """Forget a running command that will give no result (its handler was cancelled)."""
+        if self._results.get(cid, "") is None:
+            del self._results[cid]
+
+    def mark_sent(self, cid: str) -> None:
+        """The result of `cid` was written to a connection: it is not sent again unless asked for."""
+        if cid in self._unsent:
+            self._commit("UPDATE commands SET sent = 1 WHERE id = ?", (cid,))
+            del self._unsent[cid]
+
+    def _evict(self) -> None:
+        extra = len(self._results) - self.limit
+        if extra <= 0:
+            return
+        gone = []
+        for cid, text in self._results.items():
+            if text is not None and cid not in self._unsent:
+                gone.append(cid)
+                if len(gone) == extra:
+                    break
+        if gone:
+            if self._db is not None:
+                with self._db:
+                    self._db.executemany("DELETE FROM commands WHERE id = ?", [(cid,) for cid in gone])
+            for cid in gone:
+                del self._results[cid]
+
+    def _commit(self, sql: str, args: tuple[Any, ...]) -> None:
+        if self._db is not None:
+            with self._db:
+                self._db.execute(sql, args)

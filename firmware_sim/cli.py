@@ -1,4 +1,8 @@
-"""The `firmware-sim` command: run N simulated devices against a hub, with a live progress line."""
+"""The `firmware-sim` command: run N simulated devices against a hub, with a live progress line.
+
+Each device answers the hub's commands: reboot, set_interval, set_config, ping, fail,
+echo (see `firmware_sim.commands` and ``firmware-sim --help``).
+"""
 
 from __future__ import annotations
 
@@ -21,15 +25,33 @@ __all__ = ["build_parser", "format_totals", "main", "read_tokens", "register_dev
 log = logging.getLogger("firmware_sim")
 
 
+_EPILOG = """\
+commands (send them with hubctl; every simulated device answers these):
+  reboot        {"delay": S}?      answers {"rebooting": true, "delay": S}, then drops the
+                                   connection and reconnects after S seconds (default 1, at
+                                   most 300); the outbox is kept, it counts as a reconnect
+  set_interval  {"interval": S}    reporting interval in seconds (0.01..86400); answers
+                                   {"interval", "previous"}; the next hello declares it
+  set_config    {KEY: VALUE, ...}  stores the keys (null deletes one); answers {"config": {...}}
+  ping          {}                 answers {"pong": true, "ts": device clock in ms}
+  fail          {"message": T}?    always fails, on purpose
+  echo          {...}              answers its args
+  other names fail with "unknown command 'NAME'"; bad args fail with a message naming them.
+
+Ctrl-C (or SIGTERM) stops gracefully: every device flushes and waits up to --close-timeout
+for acks; a second Ctrl-C quits at once. Exit status: 0 when everything sent was acked,
+1 when batches were left unacked, 2 for bad arguments.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `firmware-sim`."""
     parser = argparse.ArgumentParser(
         prog="firmware-sim",
-        description="Simulate a fleet of devices streaming telemetry to the hub over WebSocket "
+        description="Simulate a fleet of devices streaming telemetry to the hub over WebSocket\n"
         "(each device is a device_client.DeviceClient with its own clock, model and interval).",
-        epilog="Ctrl-C (or SIGTERM) stops gracefully: every device flushes and waits up to --close-timeout "
-        "for acks; a second Ctrl-C quits at once. Exit status: 0 when everything sent was acked, 1 when "
-        "batches were left unacked, 2 for bad arguments.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--hub", default="ws://127.0.0.1:8765", metavar="URL",
                         help="hub URL; the path /v1/device is added when missing (default: %(default)s)")
@@ -94,7 +116,7 @@ def format_totals(t: FleetTotals) -> str:
     return (
         f"{t.elapsed:7.1f}s  devices {t.connected}/{t.devices} connected  points sent {t.points_sent} "
         f"acked {t.points_acked}  pending {t.pending} batches  reconnects {t.reconnects}  "
-        f"failed connects {t.connect_failures}  rejected {t.rejected}"
+        f"failed connects {t.connect_failures}  rejected {t.rejected}  commands {t.commands}"
     )
 
 

@@ -1,10 +1,13 @@
-"""Run a fleet of simulated devices in one process, each a `DeviceClient` with its own clock and interval."""
+"""Run a fleet of simulated devices in one process, each a `DeviceClient` with its own clock and interval.
+
+Every device answers the commands of `firmware_sim.commands` (reboot, set_interval,
+set_config, ping, fail, echo).
+"""
 
 from __future__ import annotations
 
 import os
 import random
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import attrs
 import trio
 
 from device_client import DeviceClient
+from firmware_sim.commands import SimState, register_commands
 from firmware_sim.sensors import MODELS, make_device
 
 __all__ = ["FleetTotals", "device_seed", "run_fleet"]
@@ -32,6 +36,7 @@ class FleetTotals:
     reconnects: int = 0
     connect_failures: int = 0
     rejected: int = 0  # batches the hub refused for good
+    commands: int = 0  # commands run by the devices (repeats of an id not counted)
     elapsed: float = 0.0
 
 
@@ -49,6 +54,7 @@ def _totals(devices: int, clients: Sequence[DeviceClient], elapsed: float) -> Fl
             ("connected", int(s.connected)), ("points_sent", s.points_queued), ("points_acked", s.points_acked),
             ("batches_acked", s.batches_acked), ("pending", c.pending), ("buffered", c.buffered),
             ("reconnects", s.reconnects), ("connect_failures", s.connect_failures), ("rejected", s.rejected),
+            ("commands", s.commands_run),
         ):
             counts[key] = counts.get(key, 0) + value
     return attrs.evolve(total, **counts)
@@ -75,8 +81,10 @@ async def run_fleet(
     Device i has model ``models[i % len(models)]``, a reporting interval of `interval`
     seconds jittered by ±10 % per report, a start staggered within the first interval,
     and a clock off by up to ±`clock_skew` seconds (its timestamps come from that clock).
-    On the end (or cancellation) every device flushes and waits up to `close_timeout`
-    for acks. `progress` gets the totals every `progress_every` seconds and at the end.
+    Each answers the hub's commands (`firmware_sim.commands`); `set_interval` changes its
+    interval. On the end (or cancellation) every device flushes and waits up to
+    `close_timeout` for acks. `progress` gets the totals every `progress_every` seconds
+    and at the end.
     """
     if not tokens:
         raise ValueError("no tokens: a fleet needs at least one device")
@@ -115,20 +123,29 @@ async def run_fleet(
 
     async def device(index: int) -> None:
         rng = random.Random(device_seed(seed, index) ^ 0x5EED)
-        offset_ms = rng.uniform(-clock_skew, clock_skew) * 1000.0
+        state = SimState(interval, clock_offset_ms=rng.uniform(-clock_skew, clock_skew) * 1000.0)
         sim, client = sims[index], clients[index]
+        register_commands(client, state)
         async with client:
             with trio.CancelScope(deadline=end) as scope:
                 scopes.append(scope)
                 if stop.is_set():
                     scope.cancel()
+                last_report: float | None = None
                 next_report = trio.current_time() + rng.uniform(0.0, interval)
                 while True:
-                    await trio.sleep_until(next_report)
-                    ts = int(time.time() * 1000.0 + offset_ms)
+                    changed = state.interval_changed
+                    with trio.move_on_at(next_report):
+                        await changed.wait()
+                    if changed.is_set():  # set_interval: the next report is one new interval after the last
+                        since = trio.current_time() if last_report is None else last_report
+                        next_report = since + state.interval * rng.uniform(0.9, 1.1)
+                        continue
+                    ts = state.now_ms()
                     for p in sim.read(ts):
                         await client.send(p["measurement"], p["fields"], tags=p["tags"], ts=ts)
-                    next_report += interval * rng.uniform(0.9, 1.1)
+                    last_report = next_report
+                    next_report += state.interval * rng.uniform(0.9, 1.1)
 
     async def stopper() -> None:
         await stop.wait()

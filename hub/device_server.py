@@ -386,7 +386,8 @@ class DeviceSession:
         else:
             known = await commands.on_result(self.name, msg.id, msg.ok, msg.result, msg.error)
         if not known:
-            await self._refuse(ProtocolError(ErrorCode.UNKNOWN_COMMAND, "no such command was sent to this device"))
+            detail = f"command {msg.id!r} was not sent to this device"
+            await self._refuse(ProtocolError(ErrorCode.UNKNOWN_COMMAND, detail))
 
     def _offer_command(self, command: Command) -> bool:
         try:

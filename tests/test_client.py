@@ -19,6 +19,9 @@ from device_client.protocol import (
     DEVICE_PATH,
     Ack,
     CloseCode,
+    Command,
+    CommandAck,
+    CommandResult,
     Error,
     ErrorCode,
     Hello,
@@ -53,6 +56,12 @@ class Conn:
     hello: Hello | None = None
     received: list[int] = attrs.field(factory=list)
     max_inflight: int = 0
+    ws: Any = None
+    frames: list[str] = attrs.field(factory=list)  # message types after the hello, in order
+    acks: list[str] = attrs.field(factory=list)  # command ids acked
+    results: list[CommandResult] = attrs.field(factory=list)
+    close_code: int | None = None  # how the connection ended (either side's close code)
+    closed_at: float | None = None  # trio time at which the hub saw the connection end
 
 
 @attrs.define
@@ -79,6 +88,9 @@ class FakeHub:
     points: dict[str, dict[int, list[dict[str, Any]]]] = attrs.field(factory=dict)
     errors_sent: int = 0
     pongs: int = 0
+    # Commands as the real hub keeps them: sent on every session until a result comes (then dropped here).
+    open_commands: dict[str, dict[str, Command]] = attrs.field(factory=dict)
+    unknown_ids: set[str] = attrs.field(factory=set)  # answer acks/results of these ids with unknown_command
 
     async def start(self, nursery: trio.Nursery) -> str:
         server = await nursery.start(
@@ -96,6 +108,38 @@ class FakeHub:
     def all_points(self, device: str) -> list[dict[str, Any]]:
         held = self.points.get(device, {})
         return [p for seq in sorted(held) for p in held[seq]]
+
+    def live(self, device: str) -> Conn | None:
+        """The device's open connection, if any."""
+        for conn in reversed(self.conns):
+            if conn.device == device and conn.ws is not None and conn.ws.closed is None:
+                return conn
+        return None
+
+    async def command(self, device: str, cmd: Command) -> None:
+        """Queue a command like the hub: sent now if the device is online, again on each session until answered."""
+        self.open_commands.setdefault(device, {})[cmd.id] = cmd
+        await self.send_raw(device, cmd)
+
+    async def send_raw(self, device: str, cmd: Command) -> bool:
+        """Send one command frame on the device's open connection (no bookkeeping); False when offline."""
+        conn = self.live(device)
+        if conn is None:
+            return False
+        with contextlib.suppress(ConnectionClosed):
+            await conn.ws.send_message(encode(cmd))
+            return True
+        return False
+
+    async def drop(self, device: str, code: int = CloseCode.GOING_AWAY) -> None:
+        """Close the device's open connection from the hub side."""
+        conn = self.live(device)
+        assert conn is not None, f"{device} is not connected"
+        await conn.ws.aclose(code)
+
+    def results(self, cid: str) -> list[CommandResult]:
+        """Every result received for command `cid`, over all connections."""
+        return [r for conn in self.conns for r in conn.results if r.id == cid]
 
     async def handler(self, request: WebSocketRequest) -> None:
         self.attempts.append(trio.current_time())
@@ -120,7 +164,7 @@ class FakeHub:
             await request.reject(401)
             return
         ws = await request.accept()
-        conn = Conn(device, headers)
+        conn = Conn(device, headers, ws=ws)
         self.conns.append(conn)
         plan = self.plans.pop(0) if self.plans else self.default
         async with trio.open_nursery() as nursery:
@@ -129,6 +173,8 @@ class FakeHub:
             with contextlib.suppress(ConnectionClosed):  # the client went away: nothing to do
                 await self._session(ws, conn, plan)
             nursery.cancel_scope.cancel()
+        conn.close_code = ws.closed.code if ws.closed is not None else None
+        conn.closed_at = trio.current_time()
 
     async def _pinger(self, ws: Any, every: float) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -148,6 +194,8 @@ class FakeHub:
         await ws.send_message(encode(welcome))
         if self.notice is not None:
             await ws.send_message(encode(Error(self.notice, "just so you know")))
+        for cmd in list(self.open_commands.get(device, {}).values()):
+            await ws.send_message(encode(cmd))
         if plan.close_after == 0:
             await ws.aclose(plan.close_code)
             return
@@ -169,6 +217,8 @@ class FakeHub:
                     await ws.send_message(encode(Ack(self.durable.get(device, 0))))
                     unacked = 0
                 continue
+            if await self._command_answer(ws, conn, text):
+                continue
             unacked += 1
             conn.max_inflight = max(conn.max_inflight, unacked)
             await self._telemetry(ws, conn, plan, text)
@@ -179,6 +229,25 @@ class FakeHub:
             if plan.close_after is not None and len(conn.received) >= plan.close_after:
                 await ws.aclose(plan.close_code)
                 return
+
+    async def _command_answer(self, ws: Any, conn: Conn, text: str) -> bool:
+        """Record a command ack or result (True), or leave the frame to `_telemetry` (False)."""
+        try:
+            msg = decode(text)
+        except ProtocolError:
+            return False
+        conn.frames.append(type(msg).__name__)
+        if isinstance(msg, CommandAck):
+            conn.acks.append(msg.id)
+        elif isinstance(msg, CommandResult):
+            conn.results.append(msg)
+            self.open_commands.get(conn.device, {}).pop(msg.id, None)
+        else:
+            return False
+        if msg.id in self.unknown_ids:
+            self.errors_sent += 1
+            await ws.send_message(encode(Error(ErrorCode.UNKNOWN_COMMAND, f"no command {msg.id!r} for this device")))
+        return True
 
     async def _telemetry(self, ws: Any, conn: Conn, plan: Plan, text: str) -> None:
         device = conn.device

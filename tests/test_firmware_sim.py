@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import trio
 
-from firmware_sim import MODELS, FleetTotals, run_fleet
+from device_client.protocol import Command, CommandResult
+from firmware_sim import COMMANDS, MODELS, FleetTotals, run_fleet
 from firmware_sim.cli import build_parser, main
 from tests.test_client import FakeHub, Plan, eventually
 
@@ -143,6 +144,93 @@ async def test_fleet_checks_its_arguments() -> None:
         await run_fleet("http://127.0.0.1:9", TOKENS)
 
 
+# ---------------------------------------------------------------------------- commands
+
+
+async def ask(hub: FakeHub, device: str, cid: str, name: str, args: dict[str, Any] | None = None) -> CommandResult:
+    """Send a command as the hub does and wait for its first result."""
+    await hub.command(device, Command(cid, name, args or {}, 30.0))
+    await eventually(lambda: hub.results(cid), timeout=30)
+    return hub.results(cid)[0]
+
+
+async def test_simulated_device_answers_every_command(nursery: trio.Nursery) -> None:
+    # First connection: nothing is acked, so what was sent before the reboot must come again after it.
+    hub = FakeHub(plans=[Plan(durable=False, ack=False)])
+    await hub.start(nursery)
+    stop = trio.Event()
+    result: list[FleetTotals] = []
+    dev = "sim-0001"
+
+    async def fleet() -> None:
+        result.append(await run_fleet(hub.url, TOKENS[:1], interval=0.05, seed=7, clock_skew=0.0, stop=stop))
+
+    async with trio.open_nursery() as fleet_nursery:
+        fleet_nursery.start_soon(fleet)
+        await eventually(lambda: hub.conns and hub.conns[0].received, timeout=30)
+        before = int(time.time() * 1000)
+        ping = await ask(hub, dev, "p1", "ping")
+        after = int(time.time() * 1000)
+        assert ping.ok and ping.result["pong"] is True and before <= ping.result["ts"] <= after
+        assert await ask(hub, dev, "e1", "echo", {"x": [1, "a"], "y": None}) == CommandResult(
+            "e1", True, {"x": [1, "a"], "y": None}
+        )
+        assert (await ask(hub, dev, "s1", "set_config", {"a": 1, "b": "x"})).result == {"config": {"a": 1, "b": "x"}}
+        assert (await ask(hub, dev, "s2", "set_config", {"b": None, "c": True})).result == {
+            "config": {"a": 1, "c": True}
+        }
+        too_big = await ask(hub, dev, "s3", "set_config", {"big": "x" * 9000})
+        assert not too_big.ok and "config" in too_big.error
+        assert (await ask(hub, dev, "s4", "set_config")).result == {"config": {"a": 1, "c": True}}
+        assert await ask(hub, dev, "f1", "fail") == CommandResult(
+            "f1", False, error="failed on purpose (the 'fail' test command)"
+        )
+        assert await ask(hub, dev, "f2", "fail", {"message": "as asked"}) == CommandResult(
+            "f2", False, error="as asked"
+        )
+        for cid, args in (("i1", {}), ("i2", {"interval": 0}), ("i3", {"interval": True}),
+                          ("i4", {"interval": "1"}), ("i5", {"interval": 1e9})):
+            bad = await ask(hub, dev, cid, "set_interval", args)
+            assert not bad.ok and "'interval'" in bad.error, (args, bad)
+        assert (await ask(hub, dev, "i6", "set_interval", {"interval": 0.5})).result == {
+            "interval": 0.5, "previous": 0.05
+        }
+        assert await ask(hub, dev, "u1", "warp") == CommandResult("u1", False, error="unknown command 'warp'")
+        assert not (await ask(hub, dev, "r0", "reboot", {"delay": 1000})).ok
+        sent_before_reboot = list(hub.conns[0].received)
+        reboot = await ask(hub, dev, "r1", "reboot", {"delay": 0.05})
+        assert reboot == CommandResult("r1", True, {"rebooting": True, "delay": 0.05})
+        await eventually(lambda: len(hub.conns) == 2 and hub.conns[1].received, timeout=30)
+        stop.set()
+    totals = result[0]
+    first, second = hub.conns
+    assert first.results[-1].id == "r1" and first.frames[-1] == "CommandResult"
+    assert second.hello is not None and second.hello.interval == 0.5  # the new interval is declared
+    assert second.received[: len(sent_before_reboot)] == sent_before_reboot  # the outbox was kept
+    assert totals.reconnects == 1 and totals.connect_failures == 0
+    assert totals.commands == len(first.results) == 17
+    assert totals.points_acked == totals.points_sent == len(hub.all_points(dev)) and totals.pending == 0
+
+
+async def test_set_interval_changes_the_reporting_rate(hub: FakeHub) -> None:
+    dev = "sim-0001"
+
+    def reports() -> int:
+        return len({p["ts"] for p in hub.all_points(dev)})
+
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        # An hour between reports: without the command, the first might come any time in that hour.
+        nursery.start_soon(partial(run_fleet, hub.url, TOKENS[:1], interval=3600.0, seed=8, stop=stop))
+        await eventually(lambda: hub.live(dev) is not None, timeout=30)
+        assert (await ask(hub, dev, "i1", "set_interval", {"interval": 0.02})).ok
+        await eventually(lambda: reports() >= 5, timeout=30)
+        assert (await ask(hub, dev, "i2", "set_interval", {"interval": 3600})).result == {
+            "interval": 3600.0, "previous": 0.02
+        }
+        stop.set()
+
+
 # ---------------------------------------------------------------------------- the command
 
 
@@ -159,6 +247,8 @@ def test_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None
     for option in ("--hub", "--devices", "--tokens", "--register", "--interval", "--duration", "--seed",
                    "--outbox-dir"):
         assert option in out
+    for command in COMMANDS:
+        assert f"\n  {command} " in out  # each simulated command is documented in the epilog
 
 
 def test_bad_arguments_exit_with_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""The device outbox as plain state: numbering, acks, rejects, window, bounds and SQLite persistence."""
+"""The device outbox and command log as plain state: numbering, acks, rejects, window, bounds, dedup, SQLite."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from device_client.outbox import TOO_LARGE, Outbox, OutboxFull
+from device_client.outbox import TOO_LARGE, CommandLog, Outbox, OutboxFull
 from device_client.protocol import ErrorCode, Limits, ProtocolError, Telemetry, decode
 
 TS = 1_700_000_000_000
@@ -195,3 +195,61 @@ def test_persisted_file_uses_wal(tmp_path) -> None:
         ob.add(pts())
         assert ob._db is not None
         assert ob._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+# ---------------------------------------------------------------------------- command log
+
+
+def test_command_log_states() -> None:
+    log = CommandLog()
+    assert log.status("c1") == CommandLog.NEW
+    log.begin("c1")
+    assert log.status("c1") == CommandLog.RUNNING and log.result("c1") is None
+    with pytest.raises(ValueError):
+        log.begin("c1")
+    log.finish("c1", "R1")
+    assert log.status("c1") == CommandLog.DONE and log.result("c1") == "R1"
+    assert log.unsent() == [("c1", "R1")]
+    log.mark_sent("c1")
+    assert log.unsent() == [] and log.result("c1") == "R1"
+    log.begin("c2")
+    log.abandon("c2")  # cancelled: forgotten, so a resend runs it
+    log.abandon("c1")  # finished: kept
+    assert log.status("c2") == CommandLog.NEW and log.status("c1") == CommandLog.DONE
+
+
+def test_command_log_forgets_the_oldest_sent_results_first() -> None:
+    log = CommandLog(limit=3)
+    for i in range(3):
+        log.begin(f"c{i}")
+        log.finish(f"c{i}", f"R{i}")
+    log.mark_sent("c1")
+    log.mark_sent("c2")
+    log.begin("c3")  # over the limit: c1 goes (c0 is not sent yet, c3 runs)
+    assert [c for c in ("c0", "c1", "c2", "c3") if c in log] == ["c0", "c2", "c3"]
+    log.begin("c4")
+    assert "c2" not in log and len(log) == 3
+    log.begin("c5")  # nothing can go: running and unsent records stay
+    assert len(log) == 4 and log.unsent() == [("c0", "R0")]
+
+
+def test_command_log_persists_finished_results(tmp_path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path) as ob, CommandLog(path) as log:  # one file for both
+        ob.add(pts())
+        log.begin("done")
+        log.finish("done", "R-done")
+        log.mark_sent("done")
+        log.begin("unsent")
+        log.finish("unsent", "R-unsent")
+        log.begin("running")
+    with Outbox(path) as ob, CommandLog(path) as log:
+        assert len(ob) == 1
+        assert log.status("done") == CommandLog.DONE and log.result("done") == "R-done"
+        assert log.unsent() == [("unsent", "R-unsent")]
+        assert log.status("running") == CommandLog.NEW
+        log.mark_sent("unsent")
+    with CommandLog(path, limit=1) as log:  # a smaller limit on reopen keeps the newest
+        assert len(log) == 1 and log.result("unsent") == "R-unsent" and log.unsent() == []
+    with CommandLog(path) as log:
+        assert len(log) == 1
