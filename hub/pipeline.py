@@ -6,13 +6,15 @@ or refused by the database and dropped (logged and counted). While the spool hol
 new batches go behind them so the database sees the data in order.
 
 Counters: `points_written` counts every point the sink accepted, replays included;
-`points_replayed` is the part of it that came from the spool.
+`points_replayed` is the part of it that came from the spool. Each successful write also
+records its duration and size (`Stats.count_write`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -308,7 +310,7 @@ class Pipeline:
         while pending:
             body, lines = pending[-1]
             try:
-                await self._sink_write(body)
+                seconds = await self._sink_write(body)
             except (SinkRejected, SinkTooLarge) as exc:
                 stats.write_errors += 1
                 pending.pop()
@@ -329,12 +331,16 @@ class Pipeline:
             pending.pop()
             stats.points_written += lines
             stats.batches_written += 1
+            stats.count_write(seconds, lines)
             if replay:
                 stats.points_replayed += lines
 
-    async def _sink_write(self, body: str) -> None:
+    async def _sink_write(self, body: str) -> float:
+        """Write `body` to the sink; the seconds the write took (waiting for the lock excluded)."""
         async with self._sink_lock:
+            started = time.perf_counter()
             await trio.to_thread.run_sync(self._sink.write, body, abandon_on_cancel=False)
+            return time.perf_counter() - started
 
     async def _spool_call(self, fn: Callable[..., Any], *args: Any) -> Any:
         async with self._spool_lock:

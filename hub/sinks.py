@@ -1,11 +1,16 @@
-"""Where batches of line protocol go: InfluxDB's v2 write API or local files (blocking; run in a thread)."""
+"""Where batches of line protocol go: InfluxDB's v2 or 1.x write API, or local files (blocking; run in a thread)."""
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import gzip as gzip_module
+import http.client
+import json
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +20,7 @@ from hub.spool import fsync_dir
 
 __all__ = [
     "FileSink",
+    "InfluxV1Sink",
     "InfluxV2Sink",
     "Sink",
     "SinkError",
@@ -160,6 +166,120 @@ class InfluxV2Sink:
         """Close the HTTP connection pool."""
         self._write_api.close()
         self._client.close()
+
+
+class InfluxV1Sink:
+    """InfluxDB 1.x write API (`POST /write?db=&rp=&precision=ms`), over one kept-alive HTTP connection.
+
+    Credentials go in an HTTP Basic `Authorization` header (1.x accepts it like `u`/`p`), so the
+    password never appears in a URL or a log line. A 404 (database not found) is `SinkUnavailable`:
+    the data is kept until someone creates the database.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        database: str,
+        *,
+        retention_policy: str = "",
+        username: str = "",
+        password: str = "",
+        timeout_s: float = 10.0,
+        gzip: bool = True,
+    ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"InfluxDB URL must be http(s)://host[:port][/path], not {url!r}")
+        if not database:
+            raise ValueError("InfluxDB 1.x needs a database name")
+        self.url = url.rstrip("/")
+        self.database = database
+        self.retention_policy = retention_policy
+        self.description = (
+            f"InfluxDB 1.x API at {self.url}, database {database!r}"
+            + (f", retention policy {retention_policy!r}" if retention_policy else "")
+            + (f", user {username!r}" if username else "")
+        )
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._base = parts.path.rstrip("/")
+        query = {"db": database, "precision": "ms"}
+        if retention_policy:
+            query["rp"] = retention_policy
+        self._write_path = f"{self._base}/write?{urllib.parse.urlencode(query)}"
+        self._timeout = timeout_s
+        self._gzip = gzip
+        self._headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if gzip:
+            self._headers["Content-Encoding"] = "gzip"
+        if username or password:
+            secret = base64.b64encode(f"{username}:{password}".encode()).decode()
+            self._headers["Authorization"] = f"Basic {secret}"
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=timeout)
+
+    def write(self, body: str) -> None:
+        """POST the lines; raise `SinkUnavailable`, `SinkRejected` or `SinkTooLarge` on failure."""
+        data = body.encode()
+        if self._gzip:
+            data = gzip_module.compress(data, compresslevel=5)
+        # A kept-alive connection the server has closed meanwhile fails on reuse: try once more on a
+        # fresh one (harmless: InfluxDB overwrites a point with the same series and timestamp).
+        for reused in (self._conn is not None, False):
+            conn = self._conn or self._connect(self._timeout)
+            self._conn = None
+            try:
+                conn.request("POST", self._write_path, body=data, headers=self._headers)
+                resp = conn.getresponse()
+                answer = resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                if reused and not isinstance(exc, TimeoutError):  # a timeout means slow, not stale
+                    log.debug("kept-alive connection to %s failed (%s): reconnecting", self.url, exc)
+                    continue
+                raise SinkUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+            if resp.will_close:
+                conn.close()
+            else:
+                self._conn = conn
+            if 200 <= resp.status < 300:
+                return
+            raise error_for_status(resp.status, resp.headers, _error_text(answer))
+
+    def check(self) -> bool:
+        """Whether `/ping` answers 204 within a couple of seconds (a separate connection: thread-safe)."""
+        conn = self._connect(min(self._timeout, 2.0))
+        try:
+            conn.request("GET", f"{self._base}/ping")
+            resp = conn.getresponse()
+            resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            log.debug("ping %s failed: %s", self.url, exc)
+            return False
+        finally:
+            conn.close()
+        return resp.status == 204
+
+    def close(self) -> None:
+        """Close the kept-alive connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _error_text(answer: bytes) -> str:
+    """The `error` of an InfluxDB JSON answer, else the shortened body."""
+    try:
+        decoded = json.loads(answer)
+    except ValueError:
+        return _short(answer)
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
+        return _short(decoded["error"])
+    return _short(answer)
 
 
 def _utc_stamp(ms: int) -> str:

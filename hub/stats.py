@@ -1,4 +1,4 @@
-"""Counters the hub keeps about itself (shown in logs and the progress line; exported later)."""
+"""Counters the hub keeps about itself (shown in logs and the progress line, exported by `hub.metrics`)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,19 @@ class Stats:
     spool_full: int = 0  # times the spool was full and ingest had to wait
     acks_sent: int = 0
     resends: int = 0  # telemetry messages whose seq was already submitted
+    write_seconds_sum: float = 0.0  # time spent in successful sink writes (one per batches_written)
+    write_seconds_last: float = 0.0  # duration of the latest successful write
+    write_seconds_peak: float = 0.0  # longest successful write since the last metrics snapshot
+    batch_lines_peak: int = 0  # most lines in one successful write since the last metrics snapshot
     protocol_errors: dict[str, int] = attrs.field(factory=dict)
 
     def count_error(self, code: str) -> None:
         """Count one refused input under its protocol error code."""
         self.protocol_errors[code] = self.protocol_errors.get(code, 0) + 1
+
+    def count_write(self, seconds: float, lines: int) -> None:
+        """Count one successful sink write of `lines` lines that took `seconds`."""
+        self.write_seconds_sum += seconds
+        self.write_seconds_last = seconds
+        self.write_seconds_peak = max(self.write_seconds_peak, seconds)
+        self.batch_lines_peak = max(self.batch_lines_peak, lines)

@@ -30,7 +30,7 @@ def test_example_sets_every_option() -> None:
     for field in attrs.fields(HubConfig):
         value = getattr(defaults, field.name)
         if attrs.has(type(value)):
-            expected[field.name] = {f.name for f in attrs.fields(type(value))} - {"token"}
+            expected[field.name] = {f.name for f in attrs.fields(type(value))} - {"token", "password"}
         else:
             expected[field.name] = None
     actual = {key: set(value) if isinstance(value, dict) else None for key, value in data.items()}

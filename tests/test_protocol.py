@@ -336,6 +336,10 @@ POINT_ERRORS = [
     (ErrorCode.BAD_NAME, point(measurement="")),
     (ErrorCode.BAD_NAME, point(measurement="m" * 129)),
     (ErrorCode.BAD_NAME, point(measurement="_m")),
+    (ErrorCode.BAD_NAME, point(measurement="#m")),  # a comment line to InfluxDB: lost without an error
+    (ErrorCode.BAD_NAME, point(measurement="time")),
+    (ErrorCode.BAD_NAME, point(fields={"time": 1.0})),
+    (ErrorCode.BAD_NAME, point(tags={"time": "x"})),
     (ErrorCode.BAD_NAME, point(measurement="a\nb")),
     (ErrorCode.BAD_NAME, point(measurement="a\tb")),
     (ErrorCode.BAD_NAME, point(measurement="a\x00b")),
@@ -641,7 +645,9 @@ def test_decode_mutated_valid_messages(value: dict[str, Any]) -> None:
 
 
 _PRINTABLE = st.characters(exclude_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"), exclude_characters="\\")
-names = st.text(_PRINTABLE, min_size=1, max_size=12).filter(lambda s: s.isprintable() and s[0] != "_")
+names = st.text(_PRINTABLE, min_size=1, max_size=12).filter(
+    lambda s: s.isprintable() and s[0] != "_" and s != "time"  # "time" is reserved by InfluxDB
+)
 tag_values = st.text(_PRINTABLE, min_size=1, max_size=20).filter(str.isprintable)
 field_values = (
     st.floats(allow_nan=False, allow_infinity=False)
@@ -652,7 +658,7 @@ field_values = (
 )
 valid_points = st.fixed_dictionaries(
     {
-        "measurement": names,
+        "measurement": names.filter(lambda s: s[0] != "#"),  # a line starting with '#' is a comment
         "ts": st.integers(MIN_TS_MS, MAX_TS_MS),
         "fields": st.dictionaries(names, field_values, min_size=1, max_size=6),
     },
