@@ -11,7 +11,7 @@ import sqlite3
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -120,6 +120,40 @@ class _End:
     to_max: bool = False  # back off to the maximum: retrying fast is useless or harmful
     retry_after: float | None = None  # the hub (or a planned reconnect) said when to come back
     planned: bool = False  # we closed on purpose (`reconnect`): not a failure
+
+
+@contextlib.asynccontextmanager
+async def _open_websocket(
+    url: str, headers: list[tuple[bytes, bytes]], connect_timeout: float, disconnect_timeout: float
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """Like `trio_websocket.open_websocket_url`, but a handshake timeout really ends the attempt.
+
+    trio-websocket's own version waits, after its connect timeout, until the peer closes the socket:
+    a listener that accepts TCP and says nothing would hold the device far past `connect_timeout`.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(connect_timeout):
+                    ws = await trio_websocket.connect_websocket_url(nursery, url, extra_headers=headers)
+            except trio.TooSlowError:
+                nursery.cancel_scope.cancel()
+                raise trio_websocket.ConnectionTimeout from None
+            except OSError as exc:
+                nursery.cancel_scope.cancel()
+                raise HandshakeError from exc
+            try:
+                yield ws
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(disconnect_timeout):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # One real error (e.g. ConnectionRejected from the library's reader task) comes out as itself.
+        real = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(real) == 1:
+            raise real[0] from None
+        raise
 
 
 def backoff_delay(failures: int, initial: float, maximum: float, *, to_max: bool = False) -> float:
@@ -309,7 +343,10 @@ class DeviceClient:
         if self._outbox or self._buffer:
             log.warning(
                 "%s: closing with %d batches not acked and %d points buffered (%s)",
-                self._name, len(self._outbox), len(self._buffer), where,
+                self._name,
+                len(self._outbox),
+                len(self._buffer),
+                where,
             )
         if self._results_waiting():
             log.warning("%s: closing with %d command results not sent (%s)", self._name, self._results_waiting(), where)
@@ -558,12 +595,7 @@ class DeviceClient:
         self._end = None
         self._last_session_stable = False
         try:
-            async with trio_websocket.open_websocket_url(
-                self.url,
-                extra_headers=self._headers,
-                connect_timeout=self._connect_timeout,
-                disconnect_timeout=self._disconnect_timeout,
-            ) as ws:
+            async with _open_websocket(self.url, self._headers, self._connect_timeout, self._disconnect_timeout) as ws:
                 await self._converse(ws)
         except ConnectionRejected as exc:
             self.stats.connect_failures += 1
@@ -648,7 +680,11 @@ class DeviceClient:
             self.stats.reconnects += 1
         log.info(
             "%s: connected to %s (epoch %d); hub holds up to seq %d; %d batches to send",
-            self._name, self.url, welcome.epoch, welcome.ack, len(self._outbox),
+            self._name,
+            self.url,
+            welcome.epoch,
+            welcome.ack,
+            len(self._outbox),
         )
         self._notify()
 
@@ -768,9 +804,7 @@ class DeviceClient:
             return
         self.stats.rejected += 1
         self.stats.points_rejected += entry.points
-        log.warning(
-            "%s: hub refused batch %d (%d points) for good: %s %s", self._name, seq, entry.points, code, detail
-        )
+        log.warning("%s: hub refused batch %d (%d points) for good: %s %s", self._name, seq, entry.points, code, detail)
         self._notify()
         if self._on_rejected is not None:
             try:
@@ -817,7 +851,8 @@ class DeviceClient:
             return
         log.error(
             "%s: hub closed with 1009 (message too big), a client bug; resending batches %s one at a time",
-            self._name, inflight,
+            self._name,
+            inflight,
         )
         self._probe_until = max(inflight, default=0)
 
@@ -848,7 +883,10 @@ class DeviceClient:
             if text is not None:
                 self._queue_result(cmd.id, text)
             log.info(
-                "%s: command %s %s received again: %s", self._name, cmd.id, cmd.name,
+                "%s: command %s %s received again: %s",
+                self._name,
+                cmd.id,
+                cmd.name,
                 "answering with its result" if text is not None else "still running",
             )
         self._notify()
@@ -883,7 +921,11 @@ class DeviceClient:
                 value = await handler(args)
         except Exception as exc:
             log.warning(
-                "%s: command %s %s failed: %r", self._name, cmd.id, cmd.name, exc,
+                "%s: command %s %s failed: %r",
+                self._name,
+                cmd.id,
+                cmd.name,
+                exc,
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
             return CommandResult(cmd.id, False, error=(str(exc) or type(exc).__name__)[:MAX_ERROR_LEN])

@@ -120,9 +120,7 @@ class Outbox:
         with self._db:
             if sql:
                 self._db.execute(sql, args)
-            self._db.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(meta.items())
-            )
+            self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
 
     def close(self) -> None:
         """Close the SQLite file, if any (the in-memory state stays readable)."""
@@ -223,9 +221,7 @@ class Outbox:
             raise ProtocolError(ErrorCode.BAD_FIELD, "a field is NaN or infinite") from exc
         if len(text) > self.max_message:
             raise ProtocolError(TOO_LARGE, f"encoded batch is {len(text)} characters, over {self.max_message}")
-        self._commit(
-            "INSERT INTO entries (seq, points, text) VALUES (?, ?, ?)", (seq, len(points), text), last_seq=seq
-        )
+        self._commit("INSERT INTO entries (seq, points, text) VALUES (?, ?, ?)", (seq, len(points), text), last_seq=seq)
         self._entries[seq] = Entry(seq, text, len(points))
         self._bytes += len(text)
         self._last_seq = seq

@@ -53,36 +53,87 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--hub", default="ws://127.0.0.1:8765", metavar="URL",
-                        help="hub URL; the path /v1/device is added when missing (default: %(default)s)")
-    parser.add_argument("--devices", type=int, metavar="N",
-                        help="number of devices (default: one per token in --tokens, 10 with --register)")
+    parser.add_argument(
+        "--hub",
+        default="ws://127.0.0.1:8765",
+        metavar="URL",
+        help="hub URL; the path /v1/device is added when missing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="number of devices (default: one per token in --tokens, 10 with --register)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tokens", type=Path, metavar="FILE",
-                        help="file with one device token per line ('<name>.<secret>'; blank lines and # comments "
-                        "are skipped); the first N are used")
-    source.add_argument("--register", type=Path, metavar="REGISTRY",
-                        help="local demo: register (or re-key) devices sim-0001..sim-N directly in the hub's "
-                        "registry file REGISTRY (e.g. DATA_DIR/registry.sqlite3) and use their new tokens")
-    parser.add_argument("--interval", type=float, default=10.0, metavar="S",
-                        help="reporting interval per device in seconds, jittered by ±10%% (default: %(default)s)")
-    parser.add_argument("--duration", type=float, metavar="S",
-                        help="stop after S seconds (default: run until Ctrl-C)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N",
-                        help="seed for signals, intervals and clock offsets (default: %(default)s)")
-    parser.add_argument("--models", default=",".join(MODELS), metavar="LIST",
-                        help="comma-separated device models, assigned round-robin (default: %(default)s)")
-    parser.add_argument("--outbox-dir", type=Path, metavar="DIR",
-                        help="keep each device's outbox in DIR/<name>.outbox.sqlite3, so unacked batches "
-                        "survive a restart (default: in memory)")
-    parser.add_argument("--clock-skew", type=float, default=2.0, metavar="S",
-                        help="each device clock is off by up to ±S seconds (default: %(default)s)")
-    parser.add_argument("--close-timeout", type=float, default=10.0, metavar="S",
-                        help="on stop, wait at most S seconds for the last acks (default: %(default)s)")
-    parser.add_argument("--progress-every", type=float, metavar="S",
-                        help="progress refresh period (default: 1 on a terminal, 5 otherwise)")
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="log level of the device clients (default: %(default)s)")
+    source.add_argument(
+        "--tokens",
+        type=Path,
+        metavar="FILE",
+        help="file with one device token per line ('<name>.<secret>'; blank lines and # comments "
+        "are skipped); the first N are used",
+    )
+    source.add_argument(
+        "--register",
+        type=Path,
+        metavar="REGISTRY",
+        help="local demo: register (or re-key) devices sim-0001..sim-N directly in the hub's "
+        "registry file REGISTRY (e.g. DATA_DIR/registry.sqlite3) and use their new tokens",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="reporting interval per device in seconds, jittered by ±10%% (default: %(default)s)",
+    )
+    parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: run until Ctrl-C)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed for signals, intervals and clock offsets (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        metavar="LIST",
+        help="comma-separated device models, assigned round-robin (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--outbox-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep each device's outbox in DIR/<name>.outbox.sqlite3, so unacked batches "
+        "survive a restart (default: in memory)",
+    )
+    parser.add_argument(
+        "--clock-skew",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="each device clock is off by up to ±S seconds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--close-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on stop, wait at most S seconds for the last acks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--progress-every",
+        type=float,
+        metavar="S",
+        help="progress refresh period (default: 1 on a terminal, 5 otherwise)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level of the device clients (default: %(default)s)",
+    )
     return parser
 
 
@@ -156,9 +207,18 @@ async def _run(args: argparse.Namespace, tokens: list[str], models: list[str]) -
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, stop, nursery.cancel_scope, stream)
         totals = await run_fleet(
-            args.hub, tokens, interval=args.interval, models=models, duration=args.duration, seed=args.seed,
-            progress=_progress_printer(stream, tty), progress_every=every, outbox_dir=args.outbox_dir,
-            clock_skew=args.clock_skew, close_timeout=args.close_timeout, stop=stop,
+            args.hub,
+            tokens,
+            interval=args.interval,
+            models=models,
+            duration=args.duration,
+            seed=args.seed,
+            progress=_progress_printer(stream, tty),
+            progress_every=every,
+            outbox_dir=args.outbox_dir,
+            clock_skew=args.clock_skew,
+            close_timeout=args.close_timeout,
+            stop=stop,
         )
         nursery.cancel_scope.cancel()
     if tty:

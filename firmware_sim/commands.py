@@ -119,8 +119,9 @@ def register_commands(client: DeviceClient, state: SimState) -> None:
     @client.command("fail")
     async def fail(args: dict[str, Any]) -> None:
         message = args.get("message")
-        raise RuntimeError(message if isinstance(message, str) and message else
-                           "failed on purpose (the 'fail' test command)")
+        raise RuntimeError(
+            message if isinstance(message, str) and message else "failed on purpose (the 'fail' test command)"
+        )
 
     @client.command("echo")
     async def echo(args: dict[str, Any]) -> dict[str, Any]:

@@ -51,9 +51,15 @@ def _totals(devices: int, clients: Sequence[DeviceClient], elapsed: float) -> Fl
     for c in clients:
         s = c.stats
         for key, value in (
-            ("connected", int(s.connected)), ("points_sent", s.points_queued), ("points_acked", s.points_acked),
-            ("batches_acked", s.batches_acked), ("pending", c.pending), ("buffered", c.buffered),
-            ("reconnects", s.reconnects), ("connect_failures", s.connect_failures), ("rejected", s.rejected),
+            ("connected", int(s.connected)),
+            ("points_sent", s.points_queued),
+            ("points_acked", s.points_acked),
+            ("batches_acked", s.batches_acked),
+            ("pending", c.pending),
+            ("buffered", c.buffered),
+            ("reconnects", s.reconnects),
+            ("connect_failures", s.connect_failures),
+            ("rejected", s.rejected),
             ("commands", s.commands_run),
         ):
             counts[key] = counts.get(key, 0) + value
@@ -116,8 +122,14 @@ async def run_fleet(
         outbox = Path(outbox_dir) / f"{names[index]}.outbox.sqlite3" if outbox_dir is not None else None
         clients.append(
             DeviceClient(
-                hub_url, token, firmware=sim.firmware, model=sim.model, interval=interval, outbox_path=outbox,
-                close_timeout=close_timeout, **(client_options or {}),
+                hub_url,
+                token,
+                firmware=sim.firmware,
+                model=sim.model,
+                interval=interval,
+                outbox_path=outbox,
+                close_timeout=close_timeout,
+                **(client_options or {}),
             )
         )
 

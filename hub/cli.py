@@ -1,4 +1,5 @@
-"""The `hub` command: run the hub (`serve`), manage device tokens (`device ...`), or try it out (`demo`)."""
+"""The `hub` command: run the hub (`serve`), manage device and operator tokens (`device ...`, `operator ...`), or
+try it out (`demo`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Any
 
 import attrs
 
-from hub.config import INFLUX_TOKEN_ENV, ConfigError, HubConfig, load_config
+from hub.config import INFLUX_PASSWORD_ENV, INFLUX_TOKEN_ENV, ConfigError, HubConfig, load_config
 from hub.logs import FORMATS, LEVELS, setup_logging
-from hub.registry import REGISTRY_FILE, DeviceRecord, Registry, RegistryError, registry_path
+from hub.registry import REGISTRY_FILE, ROLES, DeviceRecord, OperatorRecord, Registry, RegistryError, registry_path
 
 __all__ = ["build_parser", "main"]
 
@@ -25,9 +26,11 @@ Command-line options override the config file (--config),
 which overrides the built-in defaults shown."""
 
 _SERVE_EPILOG = f"""\
-The InfluxDB token is read from the {INFLUX_TOKEN_ENV} environment variable only (never from the
-command line or the config file). Without --influx-url (or [influx] url in the config file) the hub
-writes line-protocol files under DATA_DIR/lines (the embedded sink) and needs no database.
+The InfluxDB token is read from the {INFLUX_TOKEN_ENV} environment variable only, the InfluxDB 1.x
+password from {INFLUX_PASSWORD_ENV} (never from the command line or the config file). Without
+--influx-url (or [influx] url in the config file) the hub writes line-protocol files under
+DATA_DIR/lines (the embedded sink) and needs no database. The hub serves its own figures on
+http://METRICS_HOST:METRICS_PORT/metrics (Prometheus) and /healthz, and writes them as hub* points.
 See docs/hub.example.toml for every setting."""
 
 
@@ -62,6 +65,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _influx_api(text: str) -> str:
+    if text not in ("v1", "v2"):
+        raise argparse.ArgumentTypeError(f"must be v1 or v2, not {text!r}")
+    return text
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:  # also refuses NaN
@@ -73,9 +82,37 @@ _HOST = _Option("--host", "server.host", str, "H", "address the device WebSocket
 _PORT = _Option("--port", "server.port", _port, "P", "TCP port of the device listener (0: any free port)")
 _DATA_DIR = _Option("--data-dir", "storage.data_dir", str, "DIR", "directory for registry, spool, embedded sink")
 _INFLUX = (
-    _Option("--influx-url", "influx.url", str, "URL", "InfluxDB v2 write API base URL", "none: embedded sink"),
-    _Option("--influx-org", "influx.org", str, "ORG", "InfluxDB organisation", "none"),
-    _Option("--influx-bucket", "influx.bucket", str, "B", "InfluxDB bucket (on 1.x: database/retention)"),
+    _Option("--influx-url", "influx.url", str, "URL", "InfluxDB base URL", "none: embedded sink"),
+    _Option(
+        "--influx-api",
+        "influx.api",
+        _influx_api,
+        "v1|v2",
+        "write API: v2 (/api/v2/write: InfluxDB 2.x, 3.x, 1.8+, VictoriaMetrics) or v1 (/write: InfluxDB 1.x)",
+    ),
+    _Option("--influx-org", "influx.org", str, "ORG", "InfluxDB organisation (v2)", "none"),
+    _Option("--influx-bucket", "influx.bucket", str, "B", "InfluxDB bucket (v2; on 1.8: database/retention)"),
+    _Option("--influx-database", "influx.database", str, "DB", "InfluxDB 1.x database (v1)"),
+    _Option(
+        "--influx-retention-policy",
+        "influx.retention_policy",
+        str,
+        "RP",
+        "InfluxDB 1.x retention policy (v1)",
+        "none: the database's default",
+    ),
+    _Option(
+        "--influx-username",
+        "influx.username",
+        str,
+        "USER",
+        f"InfluxDB 1.x user (v1; the password comes from {INFLUX_PASSWORD_ENV})",
+        "none",
+    ),
+)
+_METRICS = (
+    _Option("--metrics-host", "metrics.http_host", str, "H", "address the /metrics and /healthz listener binds to"),
+    _Option("--metrics-port", "metrics.http_port", _port, "P", "TCP port of the /metrics and /healthz listener"),
 )
 _TUNING = (
     _Option("--ping-interval", "presence.ping_interval", float, "S", "seconds between pings to a device"),
@@ -151,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config(serve)
-    _add_options(serve, (_HOST, _PORT, _DATA_DIR, *_INFLUX, *_TUNING))
+    _add_options(serve, (_HOST, _PORT, _DATA_DIR, *_INFLUX, *_METRICS, *_TUNING))
     _add_logging(serve)
     serve.set_defaults(func=_cmd_serve)
 
@@ -172,6 +209,34 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
         else:
             sub.add_argument("name", metavar="NAME", help="device name (1-64 of A-Z a-z 0-9 _ -)")
+        _add_config(sub)
+        _add_options(sub, (_DATA_DIR,))
+        sub.set_defaults(func=func)
+
+    operator = commands.add_parser(
+        "operator",
+        help="manage the operators of the control channel and their tokens",
+        description=f"Manage control-channel operators (DATA_DIR/{REGISTRY_FILE}); safe to use while a hub runs.",
+    )
+    op_actions = operator.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, func, text in (
+        ("add", _cmd_operator_add, "create an operator and print its token (shown only this once)"),
+        ("list", _cmd_operator_list, "list operators: name, role, state, created"),
+        ("revoke", _cmd_operator_revoke, "refuse the operator's token from now on (open sessions are closed)"),
+    ):
+        sub = op_actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        if name == "list":
+            sub.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+        else:
+            sub.add_argument("name", metavar="NAME", help="operator name (1-64 of A-Z a-z 0-9 _ -)")
+        if name == "add":
+            sub.add_argument(
+                "--role",
+                choices=ROLES,
+                required=True,
+                help="viewer: watch; operator: also send and cancel commands; admin: also manage devices "
+                "(default: none, required)",
+            )
         _add_config(sub)
         _add_options(sub, (_DATA_DIR,))
         sub.set_defaults(func=func)
@@ -260,9 +325,9 @@ def _registry_command(
     return command
 
 
-def _print_token(token: str) -> None:
+def _print_token(token: str, who: str = "device") -> None:
     print(token)
-    print("hub: this token will not be shown again: give it to the device now", file=sys.stderr)
+    print(f"hub: this token will not be shown again: give it to the {who} now", file=sys.stderr)
 
 
 def _iso(ts: float) -> str:
@@ -307,11 +372,46 @@ def _cmd_list(registry: Registry, args: argparse.Namespace) -> None:
         return
     table = [("NAME", "STATE", "CREATED", "EPOCH", "ACKED_SEQ")]
     table += [(r.name, _state(r), _iso(r.created), str(r.epoch), str(r.acked_seq)) for r in records]
+    _print_table(table)
+    if not records:
+        print("hub: no devices registered", file=sys.stderr)
+
+
+def _print_table(table: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _operator_state(record: OperatorRecord) -> str:
+    return "revoked" if record.revoked else "active"
+
+
+@_registry_command
+def _cmd_operator_add(registry: Registry, args: argparse.Namespace) -> None:
+    _print_token(registry.add_operator(args.name, args.role), "operator")
+
+
+@_registry_command
+def _cmd_operator_revoke(registry: Registry, args: argparse.Namespace) -> None:
+    registry.revoke_operator(args.name)
+    print(f"hub: operator {args.name!r} revoked (open sessions are closed within seconds)", file=sys.stderr)
+
+
+@_registry_command
+def _cmd_operator_list(registry: Registry, args: argparse.Namespace) -> None:
+    records = registry.list_operators()
+    if args.json:
+        rows = [
+            {"name": r.name, "role": r.role, "state": _operator_state(r), "created": _iso(r.created)} for r in records
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    table = [("NAME", "ROLE", "STATE", "CREATED")]
+    table += [(r.name, r.role, _operator_state(r), _iso(r.created)) for r in records]
+    _print_table(table)
     if not records:
-        print("hub: no devices registered", file=sys.stderr)
+        print("hub: no operators", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,14 +18,21 @@ import attrs
 
 __all__ = [
     "NAME_RE",
+    "OPERATOR_TOKEN_PREFIX",
     "REGISTRY_FILE",
+    "ROLES",
     "BadName",
+    "BadRole",
     "DeviceExists",
     "DeviceRecord",
+    "OperatorExists",
+    "OperatorRecord",
     "Registry",
     "RegistryError",
     "UnknownDevice",
+    "UnknownOperator",
     "registry_path",
+    "role_allows",
 ]
 
 #: Device names. No "." in a name: a token is "<name>.<secret>".
@@ -34,10 +41,16 @@ NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 REGISTRY_FILE = "registry.sqlite3"
 #: Longer tokens are refused without a lookup (a real one is at most 64 + 1 + 43 characters).
 MAX_TOKEN_LEN = 200
+#: Operator tokens are "op.<name>.<secret>". Device names hold no ".", so no operator token can pass for a
+#: device token (its name part "op.<name>" is never a device name), and a device token never starts with "op.".
+OPERATOR_TOKEN_PREFIX = "op."
+#: Operator roles, least to most privileged: each may do everything the ones before it may.
+ROLES = ("viewer", "operator", "admin")
 
 _NAME = re.compile(NAME_RE)
 # Compared against when the name is unknown, so a miss costs the same hash + compare as a hit.
 _DUMMY_DIGEST = hashlib.sha256(b"no such device").hexdigest()
+_BAD_NAME_TEXT = "use 1-64 of A-Z a-z 0-9 _ -, starting with a letter or digit"
 _BUSY_TIMEOUT_S = 10.0
 
 _SCHEMA = """
@@ -48,7 +61,14 @@ CREATE TABLE IF NOT EXISTS devices (
     revoked    INTEGER NOT NULL DEFAULT 0,
     epoch      INTEGER NOT NULL DEFAULT 0,
     acked_seq  INTEGER NOT NULL DEFAULT 0
-)
+);
+CREATE TABLE IF NOT EXISTS operators (
+    name       TEXT PRIMARY KEY,
+    role       TEXT NOT NULL,
+    token_hash TEXT NOT NULL,
+    revoked    INTEGER NOT NULL DEFAULT 0,
+    created    REAL NOT NULL
+);
 """
 
 
@@ -68,6 +88,18 @@ class BadName(RegistryError):
     """The name does not match `NAME_RE`."""
 
 
+class OperatorExists(RegistryError):
+    """`add_operator` of a name that is already taken (also by a revoked operator: names are never reused)."""
+
+
+class UnknownOperator(RegistryError):
+    """The named operator does not exist."""
+
+
+class BadRole(RegistryError):
+    """The role is not one of `ROLES`."""
+
+
 @attrs.frozen
 class DeviceRecord:
     """One registered device (the token hash is never exposed)."""
@@ -77,6 +109,21 @@ class DeviceRecord:
     revoked: bool
     epoch: int  # bumped by every accepted session
     acked_seq: int  # highest sequence the hub has made durable
+
+
+@attrs.frozen
+class OperatorRecord:
+    """One operator of the control channel (the token hash is never exposed)."""
+
+    name: str
+    role: str  # one of ROLES
+    created: float  # seconds since the Unix epoch
+    revoked: bool
+
+
+def role_allows(role: str, needed: str) -> bool:
+    """Whether `role` includes the rights of `needed` (viewer < operator < admin); unknown roles allow nothing."""
+    return role in ROLES and needed in ROLES and ROLES.index(role) >= ROLES.index(needed)
 
 
 def registry_path(data_dir: str | os.PathLike[str]) -> Path:
@@ -110,7 +157,7 @@ class Registry:
             # WAL file, handed to the OS); only an OS crash or power cut may roll back the last commits, and
             # the file stays consistent. Points themselves are durable in the sink or the spool either way.
             self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.execute(_SCHEMA)
+            self._db.executescript(_SCHEMA)
         except BaseException:
             self._db.close()
             raise
@@ -135,7 +182,7 @@ class Registry:
     def add(self, name: str) -> str:
         """Register a new device; return its token ``"<name>.<secret>"`` (only its hash is stored)."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise BadName(f"bad device name {name!r}: use 1-64 of A-Z a-z 0-9 _ -, starting with a letter or digit")
+            raise BadName(f"bad device name {name!r}: {_BAD_NAME_TEXT}")
         secret = secrets.token_urlsafe(32)
         try:
             with self._lock, self._db:
@@ -226,6 +273,60 @@ class Registry:
                 "UPDATE devices SET acked_seq = MAX(acked_seq, ?) WHERE name = ?",
                 [(int(seq), name) for name, seq in updates.items()],
             )
+
+    # -- operators of the control channel
+
+    def add_operator(self, name: str, role: str) -> str:
+        """Create an operator; return its token ``"op.<name>.<secret>"`` (only its hash is stored)."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise BadName(f"bad operator name {name!r}: {_BAD_NAME_TEXT}")
+        if role not in ROLES:
+            raise BadRole(f"bad role {role!r}: use {', '.join(ROLES)}")
+        secret = secrets.token_urlsafe(32)
+        try:
+            with self._lock, self._db:
+                self._db.execute(
+                    "INSERT INTO operators (name, role, token_hash, created) VALUES (?, ?, ?, ?)",
+                    (name, role, _digest(secret), time.time()),
+                )
+        except sqlite3.IntegrityError:
+            raise OperatorExists(f"operator {name!r} already exists") from None
+        return f"{OPERATOR_TOKEN_PREFIX}{name}.{secret}"
+
+    def list_operators(self) -> list[OperatorRecord]:
+        """All operators (revoked ones too), sorted by name."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, role, created, revoked FROM operators ORDER BY name").fetchall()
+        return [OperatorRecord(name=n, role=r, created=c, revoked=bool(v)) for n, r, c, v in rows]
+
+    def revoke_operator(self, name: str) -> None:
+        """Refuse the operator's token from now on; the hub closes its open sessions (4003)."""
+        with self._lock, self._db:
+            cur = self._db.execute("UPDATE operators SET revoked = 1 WHERE name = ?", (name,))
+        if cur.rowcount == 0:
+            raise UnknownOperator(f"unknown operator {name!r}")
+
+    def revoked_operators(self) -> set[str]:
+        """Names of all revoked operators (the hub closes their open sessions)."""
+        with self._lock:
+            rows = self._db.execute("SELECT name FROM operators WHERE revoked = 1").fetchall()
+        return {row[0] for row in rows}
+
+    def authenticate_operator(self, token: str) -> tuple[str, str] | None:
+        """``(name, role)`` of the operator the token belongs to; None for unknown, wrong, revoked or malformed."""
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN or not token.isascii():
+            return None
+        if not token.startswith(OPERATOR_TOKEN_PREFIX):
+            return None
+        name, dot, secret = token[len(OPERATOR_TOKEN_PREFIX) :].rpartition(".")
+        if not dot:
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT token_hash, revoked, role FROM operators WHERE name = ?", (name,)).fetchone()
+        stored, revoked, role = (_DUMMY_DIGEST, True, "") if row is None else (row[0], bool(row[1]), row[2])
+        # Same hash + constant-time compare whether or not the name exists: timing reveals no names.
+        match = hmac.compare_digest(_digest(secret), stored)
+        return (name, role) if match and not revoked else None
 
 
 def _record(row: tuple[str, float, int, int, int]) -> DeviceRecord:

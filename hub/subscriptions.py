@@ -1,24 +1,226 @@
-"""Live subscriptions of control sessions (placeholder: replaced by the control-channel work)."""
+"""Live subscriptions of control sessions: a broadcaster and per-subscription coalescing buffers."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
-__all__ = ["Broadcaster"]
+__all__ = ["TOPICS", "Broadcaster", "EventBuffer", "Subscription", "plain_fields", "telemetry_event"]
+
+#: The topics a control session may subscribe to.
+TOPICS = ("telemetry", "presence", "commands")
+
+#: Events a subscription buffers by default (`control.buffer`).
+DEFAULT_BUFFER = 1000
+
+
+class EventBuffer:
+    """A bounded buffer of pending events, one per key, oldest first.
+
+    `put` is O(1) and never blocks: an event whose key is already waiting replaces it in place
+    (counted in `coalesced`); when the buffer is full of distinct keys, the oldest waiting
+    event is dropped (counted in `dropped`). Both counters are cumulative.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self.dropped = 0
+        self.coalesced = 0
+        self._reported = 0
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, key: Hashable, item: Any) -> None:
+        """Add `item` under `key`: replace a waiting item of the same key, or drop the oldest if full."""
+        items = self._items
+        if key in items:
+            items[key] = item  # keeps its place in the queue: a busy key cannot starve the others
+            self.coalesced += 1
+            return
+        if len(items) >= self.capacity:
+            items.popitem(last=False)
+            self.dropped += 1
+        items[key] = item
+
+    def pop(self) -> Any:
+        """The oldest waiting item (raises KeyError when empty)."""
+        return self._items.popitem(last=False)[1]
+
+    def take_notice(self) -> tuple[int, int] | None:
+        """``(dropped, coalesced)`` if events were dropped since the last notice, else None."""
+        if self.dropped == self._reported:
+            return None
+        self._reported = self.dropped
+        return self.dropped, self.coalesced
+
+
+def plain_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Field values as operators see them: an explicit integer ``{"int": n}`` becomes plain ``n``."""
+    if not any(type(v) is dict for v in fields.values()):
+        return fields
+    return {k: v["int"] if type(v) is dict else v for k, v in fields.items()}
+
+
+def telemetry_event(device: str, point: dict[str, Any]) -> dict[str, Any]:
+    """The event of one telemetry point: ``{"device", "measurement", "ts", "fields", "tags"}``."""
+    return {
+        "device": device,
+        "measurement": point["measurement"],
+        "ts": point["ts"],
+        "fields": plain_fields(point["fields"]),
+        "tags": point.get("tags") or {},
+    }
+
+
+class Subscription:
+    """One subscription of one control session: a topic, an optional device filter, a buffer.
+
+    `notify` is the owning session's wake-up call (sync, O(1)); its sender drains `buffer`
+    and turns each item into an event with `render`.
+    """
+
+    def __init__(
+        self,
+        sub_id: int,
+        topic: str,
+        devices: frozenset[str] | None,
+        capacity: int,
+        notify: Callable[[], None],
+    ) -> None:
+        if topic not in TOPICS:
+            raise ValueError(f"unknown topic {topic!r}")
+        self.id = sub_id
+        self.topic = topic
+        self.devices = devices
+        self.buffer = EventBuffer(capacity)
+        self.notify = notify
+        self.active = True
+
+    def render(self, item: Any) -> dict[str, Any]:
+        """The event for a buffered item (telemetry items are ``(device, point)``, others are ready dicts)."""
+        if self.topic == "telemetry":
+            device, point = item
+            return telemetry_event(device, point)
+        return item
+
+    def wants(self, device: str) -> bool:
+        """Whether events of `device` belong to this subscription."""
+        return self.devices is None or device in self.devices
 
 
 class Broadcaster:
-    """Fans hub events out to control-channel subscribers; every method is sync and never blocks."""
+    """Fans hub events out to control-channel subscribers; every publishing method is sync and never blocks.
+
+    Publishing costs O(1) per event and subscriber: the event goes into each matching
+    subscription's `EventBuffer` and the owning session is woken; its own sender task writes
+    to the socket, so a slow client only ever loses its own events.
+    """
+
+    def __init__(self, buffer: int = DEFAULT_BUFFER) -> None:
+        self.buffer = buffer
+        self._next_id = 1
+        self._subs: dict[int, Subscription] = {}
+        self._telemetry_all: dict[int, Subscription] = {}
+        self._telemetry_by_device: dict[str, dict[int, Subscription]] = {}
+        self._presence: dict[int, Subscription] = {}
+        self._commands: dict[int, Subscription] = {}
+
+    # ------------------------------------------------------------------ subscribers
+
+    def subscribe(
+        self,
+        topic: str,
+        devices: Iterable[str] | None,
+        notify: Callable[[], None],
+        *,
+        capacity: int | None = None,
+    ) -> Subscription:
+        """A new subscription to `topic` (for `devices`, or all when None); its id is unique in this hub."""
+        sub = Subscription(
+            self._next_id,
+            topic,
+            None if devices is None else frozenset(devices),
+            capacity or self.buffer,
+            notify,
+        )
+        self._next_id += 1
+        self._subs[sub.id] = sub
+        if topic == "telemetry":
+            if sub.devices is None:
+                self._telemetry_all[sub.id] = sub
+            else:
+                for device in sub.devices:
+                    self._telemetry_by_device.setdefault(device, {})[sub.id] = sub
+        elif topic == "presence":
+            self._presence[sub.id] = sub
+        else:
+            self._commands[sub.id] = sub
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Stop delivering to `sub` (idempotent); its waiting events are discarded."""
+        sub.active = False
+        if self._subs.pop(sub.id, None) is None:
+            return
+        self._telemetry_all.pop(sub.id, None)
+        self._presence.pop(sub.id, None)
+        self._commands.pop(sub.id, None)
+        if sub.topic == "telemetry" and sub.devices is not None:
+            for device in sub.devices:
+                by_id = self._telemetry_by_device.get(device)
+                if by_id is not None:
+                    by_id.pop(sub.id, None)
+                    if not by_id:
+                        del self._telemetry_by_device[device]
+
+    @property
+    def subscriptions(self) -> int:
+        """Subscriptions open in the whole hub."""
+        return len(self._subs)
+
+    def totals(self) -> dict[str, int]:
+        """Events dropped and coalesced so far over the open subscriptions."""
+        subs = self._subs.values()
+        return {
+            "dropped": sum(s.buffer.dropped for s in subs),
+            "coalesced": sum(s.buffer.coalesced for s in subs),
+        }
+
+    # ------------------------------------------------------------------ publishers
 
     def has_telemetry_subscribers(self, device: str) -> bool:
         """Whether anyone watches this device's telemetry (so the caller can skip building events)."""
-        return False
+        return bool(self._telemetry_all) or device in self._telemetry_by_device
 
     def telemetry(self, device: str, points: list[dict[str, Any]]) -> None:
-        """Points just accepted from `device` (validated dicts; do not mutate them)."""
+        """Points just accepted from `device` (validated dicts; they are kept, never mutated)."""
+        subs = list(self._telemetry_all.values())
+        by_device = self._telemetry_by_device.get(device)
+        if by_device:
+            subs.extend(by_device.values())
+        for sub in subs:
+            put = sub.buffer.put
+            for point in points:
+                put((device, point["measurement"]), (device, point))
+            sub.notify()
 
     def presence(self, summary: dict[str, Any]) -> None:
-        """A device summary after a presence change."""
+        """A device summary after a presence change (coalesced per device)."""
+        device = summary["name"]
+        for sub in self._presence.values():
+            if sub.wants(device):
+                sub.buffer.put(device, summary)
+                sub.notify()
 
     def command(self, record: dict[str, Any]) -> None:
-        """A command record after a state change."""
+        """A command record after a state change (coalesced per command id)."""
+        device = record["device"]
+        for sub in self._commands.values():
+            if sub.wants(device):
+                sub.buffer.put(record["command_id"], record)
+                sub.notify()

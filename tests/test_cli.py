@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hub import cli, logs
-from hub.config import INFLUX_TOKEN_ENV, HubConfig, load_config
+from hub.config import INFLUX_PASSWORD_ENV, INFLUX_TOKEN_ENV, HubConfig, load_config
 from hub.registry import Registry, registry_path
 
 
@@ -44,10 +44,18 @@ def run_hub(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 # ---------------------------------------------------------------------------- help
 
 _COMMON = ["--config", "--data-dir"]
-_INFLUX = ["--influx-url", "--influx-org", "--influx-bucket"]
+_INFLUX = [
+    "--influx-url",
+    "--influx-api",
+    "--influx-org",
+    "--influx-bucket",
+    "--influx-database",
+    "--influx-retention-policy",
+    "--influx-username",
+]
 _LOGGING = ["--log-level", "--log-format"]
 HELP = {
-    (): ["serve", "device", "demo"],
+    (): ["serve", "device", "operator", "demo"],
     ("serve",): [
         *_COMMON,
         *_INFLUX,
@@ -61,12 +69,18 @@ HELP = {
         "--batch-max-lines",
         "--batch-max-delay",
         "--spool-max-bytes",
+        "--metrics-host",
+        "--metrics-port",
     ],
     ("device",): ["add", "list", "revoke", "rotate"],
     ("device", "add"): [*_COMMON, "NAME"],
     ("device", "list"): [*_COMMON, "--json"],
     ("device", "revoke"): [*_COMMON, "NAME"],
     ("device", "rotate"): [*_COMMON, "NAME"],
+    ("operator",): ["add", "list", "revoke"],
+    ("operator", "add"): [*_COMMON, "NAME", "--role"],
+    ("operator", "list"): [*_COMMON, "--json"],
+    ("operator", "revoke"): [*_COMMON, "NAME"],
     ("demo",): [*_COMMON, *_INFLUX, *_LOGGING, "--devices", "--duration", "--port"],
 }
 
@@ -292,6 +306,30 @@ def test_serve_builds_config_and_runs(
     event = json.loads(capsys.readouterr().err)
     assert (event["logger"], event["msg"], event["port"]) == ("hub.test", "started", 9100)
     assert logging.getLogger().level == logging.DEBUG
+
+
+def test_serve_influx_v1_and_metrics_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake(monkeypatch, "hub.app", "run", 0)
+    monkeypatch.setenv(INFLUX_PASSWORD_ENV, "pw")
+    argv = ["serve", "--data-dir", str(tmp_path), "--influx-url", "http://db:8086", "--influx-api", "v1"]
+    argv += ["--influx-database", "iot", "--influx-retention-policy", "week", "--influx-username", "hub"]
+    argv += ["--metrics-host", "0.0.0.0", "--metrics-port", "9200"]
+    assert cli.main(argv) == 0
+    [(config, _)] = calls
+    influx = config.influx
+    assert (influx.api, influx.database, influx.retention_policy, influx.username) == ("v1", "iot", "week", "hub")
+    assert influx.password == "pw"
+    assert (config.metrics.http_host, config.metrics.http_port) == ("0.0.0.0", 9200)
+    assert "pw" not in repr(config)
+    for bad in (["--influx-api", "v3"], ["--metrics-port", "70000"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["serve", *bad])
+        assert exc.value.code == 2
+
+
+def test_serve_epilog_names_the_password_variable() -> None:
+    text = " ".join(_parsers()[("serve",)].format_help().split())
+    assert INFLUX_PASSWORD_ENV in text and "/metrics" in text
 
 
 def test_serve_without_options_uses_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

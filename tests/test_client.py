@@ -95,8 +95,13 @@ class FakeHub:
     async def start(self, nursery: trio.Nursery) -> str:
         server = await nursery.start(
             partial(
-                serve_websocket, self.handler, "127.0.0.1", 0, None,
-                max_message_size=self.max_message_size, connect_timeout=5,
+                serve_websocket,
+                self.handler,
+                "127.0.0.1",
+                0,
+                None,
+                max_message_size=self.max_message_size,
+                connect_timeout=5,
             )
         )
         self.url = f"ws://127.0.0.1:{server.port}{DEVICE_PATH}"
@@ -284,8 +289,7 @@ async def hub(nursery: trio.Nursery) -> FakeHub:
 
 def batch(n: int = 1, base: int = 0, **fields: Any) -> list[dict[str, Any]]:
     return [
-        {"measurement": "m", "ts": TS + base + i, "fields": dict(fields or {"v": float(base + i)})}
-        for i in range(n)
+        {"measurement": "m", "ts": TS + base + i, "fields": dict(fields or {"v": float(base + i)})} for i in range(n)
     ]
 
 
@@ -308,8 +312,9 @@ async def eventually(predicate: Any, timeout: float = 10.0, poll: float = 0.005)
 
 
 async def test_send_batches_and_acks(hub: FakeHub) -> None:
-    client = DeviceClient(hub.url, "dev1.s3cret", firmware="fw-1.2", model="th-100", interval=5,
-                          batch_points=4, linger=3600)
+    client = DeviceClient(
+        hub.url, "dev1.s3cret", firmware="fw-1.2", model="th-100", interval=5, batch_points=4, linger=3600
+    )
     async with client as c:
         for i in range(10):
             await c.send("environment", {"temperature": 20.5 + i, "count": i}, tags={"room": "a"}, ts=TS + i)
@@ -325,7 +330,9 @@ async def test_send_batches_and_acks(hub: FakeHub) -> None:
     assert [len(hub.points["dev1"][s]) for s in hub.seqs("dev1")] == [4, 4, 2]
     points = hub.all_points("dev1")
     assert points[3] == {
-        "measurement": "environment", "ts": TS + 3, "fields": {"temperature": 23.5, "count": {"int": 3}},
+        "measurement": "environment",
+        "ts": TS + 3,
+        "fields": {"temperature": 23.5, "count": {"int": 3}},
         "tags": {"room": "a"},
     }
 
@@ -545,9 +552,7 @@ async def test_cancelled_caller_still_delivers_on_close(hub: FakeHub) -> None:
     assert c.stats.points_acked == 1
 
 
-async def test_pings_are_answered_and_close_is_clean(
-    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_pings_are_answered_and_close_is_clean(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     hub = FakeHub(default=Plan(ping_every=0.001))
     await hub.start(nursery)
     for _ in range(5):
@@ -596,8 +601,14 @@ async def test_401_backs_off_to_the_max(nursery: trio.Nursery, autojump_clock: A
 
 @pytest.mark.parametrize(
     ("code", "slow"),
-    [(CloseCode.REPLACED, True), (CloseCode.REVOKED, True), (CloseCode.POLICY, True),
-     (CloseCode.GOING_AWAY, False), (CloseCode.TRY_LATER, False), (CloseCode.INTERNAL, False)],
+    [
+        (CloseCode.REPLACED, True),
+        (CloseCode.REVOKED, True),
+        (CloseCode.POLICY, True),
+        (CloseCode.GOING_AWAY, False),
+        (CloseCode.TRY_LATER, False),
+        (CloseCode.INTERNAL, False),
+    ],
 )
 async def test_close_codes_choose_the_backoff(
     nursery: trio.Nursery, autojump_clock: Any, code: int, slow: bool
@@ -637,8 +648,7 @@ async def test_503_honours_retry_after(nursery: trio.Nursery, autojump_clock: An
 
 async def test_backoff_grows_while_the_hub_is_unreachable(autojump_clock: Any) -> None:
     # Nothing listens there: every attempt fails at once.
-    async with DeviceClient(closed_port_url(), "dev1.s", backoff_initial=0.5, backoff_max=30.0,
-                            close_timeout=0) as c:
+    async with DeviceClient(closed_port_url(), "dev1.s", backoff_initial=0.5, backoff_max=30.0, close_timeout=0) as c:
         await eventually(lambda: c.stats.connect_failures >= 12, timeout=10_000, poll=0.25)
         start = trio.current_time()
         await eventually(lambda: c.stats.connect_failures >= 22, timeout=10_000, poll=0.25)

@@ -125,8 +125,13 @@ async def test_raising_handler_fails_and_the_client_carries_on(hub: FakeHub) -> 
 
 async def test_results_too_large_or_not_json_fail(hub: FakeHub) -> None:
     client = DeviceClient(hub.url, "dev1.s")
-    values = {"big": "x" * MAX_RESULT_BYTES, "fits": "x" * (MAX_RESULT_BYTES - 2), "set": {1, 2},
-              "nan": float("nan"), "none": None}
+    values = {
+        "big": "x" * MAX_RESULT_BYTES,
+        "fits": "x" * (MAX_RESULT_BYTES - 2),
+        "set": {1, 2},
+        "nan": float("nan"),
+        "none": None,
+    }
 
     @client.command("give")
     async def give(args: dict[str, Any]) -> Any:

@@ -55,7 +55,13 @@ async def test_fleet_streams_and_everything_is_acked(hub: FakeHub) -> None:
     start_ms = time.time() * 1000
     totals = await run_until(
         lambda: len(devices_seen(hub)) == 6 and min(len(hub.all_points(d)) for d in devices_seen(hub)) >= 6,
-        hub, TOKENS, interval=0.05, seed=1, progress=seen.append, progress_every=0.05, clock_skew=2.0,
+        hub,
+        TOKENS,
+        interval=0.05,
+        seed=1,
+        progress=seen.append,
+        progress_every=0.05,
+        clock_skew=2.0,
     )
     end_ms = time.time() * 1000
     assert totals.devices == 6 and totals.points_sent > 0
@@ -115,7 +121,11 @@ async def test_fleet_resends_after_the_hub_drops_connections(nursery: trio.Nurse
     hub = FakeHub(plans=[Plan(durable=False, ack=False, close_after=2) for _ in range(3)])
     await hub.start(nursery)
     totals = await run_until(
-        lambda: len(hub.conns) >= 6 and len(devices_seen(hub)) == 3, hub, TOKENS[:3], interval=0.02, seed=5,
+        lambda: len(hub.conns) >= 6 and len(devices_seen(hub)) == 3,
+        hub,
+        TOKENS[:3],
+        interval=0.02,
+        seed=5,
         client_options={"backoff_initial": 0.01, "backoff_max": 0.05},
     )
     assert totals.reconnects == 3
@@ -129,7 +139,8 @@ async def test_fleet_with_persistent_outboxes(hub: FakeHub, tmp_path: Path) -> N
     )
     assert totals.points_acked == totals.points_sent > 0
     assert sorted(p.name for p in (tmp_path / "ob").glob("*.sqlite3")) == [
-        "sim-0001.outbox.sqlite3", "sim-0002.outbox.sqlite3",
+        "sim-0001.outbox.sqlite3",
+        "sim-0002.outbox.sqlite3",
     ]
 
 
@@ -188,12 +199,18 @@ async def test_simulated_device_answers_every_command(nursery: trio.Nursery) -> 
         assert await ask(hub, dev, "f2", "fail", {"message": "as asked"}) == CommandResult(
             "f2", False, error="as asked"
         )
-        for cid, args in (("i1", {}), ("i2", {"interval": 0}), ("i3", {"interval": True}),
-                          ("i4", {"interval": "1"}), ("i5", {"interval": 1e9})):
+        for cid, args in (
+            ("i1", {}),
+            ("i2", {"interval": 0}),
+            ("i3", {"interval": True}),
+            ("i4", {"interval": "1"}),
+            ("i5", {"interval": 1e9}),
+        ):
             bad = await ask(hub, dev, cid, "set_interval", args)
             assert not bad.ok and "'interval'" in bad.error, (args, bad)
         assert (await ask(hub, dev, "i6", "set_interval", {"interval": 0.5})).result == {
-            "interval": 0.5, "previous": 0.05
+            "interval": 0.5,
+            "previous": 0.05,
         }
         assert await ask(hub, dev, "u1", "warp") == CommandResult("u1", False, error="unknown command 'warp'")
         assert not (await ask(hub, dev, "r0", "reboot", {"delay": 1000})).ok
@@ -226,7 +243,8 @@ async def test_set_interval_changes_the_reporting_rate(hub: FakeHub) -> None:
         assert (await ask(hub, dev, "i1", "set_interval", {"interval": 0.02})).ok
         await eventually(lambda: reports() >= 5, timeout=30)
         assert (await ask(hub, dev, "i2", "set_interval", {"interval": 3600})).result == {
-            "interval": 3600.0, "previous": 0.02
+            "interval": 3600.0,
+            "previous": 0.02,
         }
         stop.set()
 
@@ -244,8 +262,16 @@ def test_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None
         for option in action.option_strings:
             assert option in out
         assert action.help
-    for option in ("--hub", "--devices", "--tokens", "--register", "--interval", "--duration", "--seed",
-                   "--outbox-dir"):
+    for option in (
+        "--hub",
+        "--devices",
+        "--tokens",
+        "--register",
+        "--interval",
+        "--duration",
+        "--seed",
+        "--outbox-dir",
+    ):
         assert option in out
     for command in COMMANDS:
         assert f"\n  {command} " in out  # each simulated command is documented in the epilog
@@ -275,9 +301,23 @@ async def test_cli_runs_a_fleet_from_a_tokens_file(hub: FakeHub, tmp_path: Path)
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("# demo devices\n" + "\n".join(TOKENS[:3]) + "\n\n")
     result = await trio.run_process(
-        sim_command(hub, "--tokens", str(tokens), "--devices", "2", "--interval", "0.1", "--duration", "1.5",
-                    "--progress-every", "0.2"),
-        capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
+        sim_command(
+            hub,
+            "--tokens",
+            str(tokens),
+            "--devices",
+            "2",
+            "--interval",
+            "0.1",
+            "--duration",
+            "1.5",
+            "--progress-every",
+            "0.2",
+        ),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=ROOT,
     )
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
@@ -334,6 +374,7 @@ def test_entry_point_is_installed() -> None:
     exe = Path(sys.executable).parent / "firmware-sim"
     if not exe.exists():
         pytest.skip("console script not installed in this environment")
-    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=False,
-                            env={**os.environ, "COLUMNS": "100"})
+    result = subprocess.run(
+        [str(exe), "--help"], capture_output=True, text=True, check=False, env={**os.environ, "COLUMNS": "100"}
+    )
     assert result.returncode == 0 and "--tokens" in result.stdout

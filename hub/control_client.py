@@ -1,0 +1,585 @@
+"""A trio client of the hub's operator control channel (`/v1/control`, spec in docs/control.md).
+
+Needs only trio, trio-websocket and attrs, like `hubctl`, which is built on it::
+
+    async with open_control("ws://hub:8765/v1/control", token) as hub:
+        devices = await hub.devices(state="online")
+        async with hub.subscribe("telemetry", ["sensor-7"]) as events:
+            async for item in events:  # Event or Dropped
+                ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+import trio_websocket
+import wsproto.utilities
+from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
+
+__all__ = [
+    "CONTROL_PATH",
+    "FINAL_STATES",
+    "HUB_WAIT_TIMEOUT",
+    "TOPICS",
+    "AuthRefused",
+    "ConnectFailed",
+    "ControlClient",
+    "ControlError",
+    "Disconnected",
+    "Dropped",
+    "ErrorCode",
+    "Event",
+    "ReplyTimeout",
+    "RequestFailed",
+    "Subscription",
+    "control_url",
+    "open_control",
+]
+
+log = logging.getLogger("hub.control_client")
+
+CONTROL_PATH = "/v1/control"
+TOPICS = ("telemetry", "presence", "commands")
+#: Command states after which nothing changes any more.
+FINAL_STATES = frozenset({"succeeded", "failed", "expired", "timed_out", "cancelled"})
+#: The hub's `wait_timeout` of `send_command` when none is given (docs/control.md).
+HUB_WAIT_TIMEOUT = 30.0
+#: Largest frame accepted from the hub: `commands` with limit 1000 and 16 KiB args and results is large.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
+
+class ErrorCode:
+    """The error codes of control replies (docs/control.md, "Error codes")."""
+
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_TYPE = "unknown_type"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    INVALID_STATE = "invalid_state"
+    QUEUE_FULL = "queue_full"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    BAD_COMMAND = "bad_command"
+    EXISTS = "exists"
+    INTERNAL = "internal"
+
+
+class ControlError(Exception):
+    """Base of every error this module raises."""
+
+
+class ConnectFailed(ControlError):
+    """The connection could not be opened: network error, timeout, or an HTTP refusal (`status`, if any)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthRefused(ConnectFailed):
+    """The hub refused the token (401 before the upgrade, `auth_invalid`, or a close with 1008/4003)."""
+
+
+class Disconnected(ControlError):
+    """The connection ended while in use; `code` and `reason` are the WebSocket close code and text."""
+
+    def __init__(self, code: int | None, reason: str | None = None) -> None:
+        text = f"connection closed ({code}{' ' + reason if reason else ''})" if code else "connection lost"
+        super().__init__(text)
+        self.code = code
+        self.reason = reason
+
+
+class ReplyTimeout(ControlError):
+    """The hub did not answer a request in time."""
+
+
+class RequestFailed(ControlError):
+    """The hub answered a request with an error: `code` is one of `ErrorCode`, `message` is for humans."""
+
+    def __init__(self, code: str, message: str, request: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+        self.request = request
+
+
+@attrs.frozen
+class Event:
+    """One pushed event of subscription `subscription` (a point, a device summary or a command record)."""
+
+    subscription: int
+    topic: str
+    event: dict[str, Any] = attrs.field(eq=False)
+
+
+@attrs.frozen
+class Dropped:
+    """The hub lost events of a slow subscription; both counts are cumulative."""
+
+    subscription: int
+    topic: str
+    dropped: int
+    coalesced: int
+
+
+def control_url(url: str) -> str:
+    """The control endpoint URL: `ws://host:port` alone gets the path `/v1/control`.
+
+    Raises ValueError for other schemes, a missing host, or a token in the query string.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"control URL must be ws://HOST[:PORT][{CONTROL_PATH}] or wss://..., not {url!r}")
+    if "token" in parts.query.lower():
+        raise ValueError("never put a token in the URL (it lands in logs): give it in the Authorization header")
+    if parts.path in ("", "/"):
+        parts = parts._replace(path=CONTROL_PATH)
+    return urllib.parse.urlunsplit(parts)
+
+
+@attrs.define(eq=False)
+class _Pending:
+    """A request waiting for its reply."""
+
+    kind: str
+    on_success: Callable[[Any], None] | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+    reply: dict[str, Any] | None = None
+
+
+@attrs.define(eq=False)
+class _Route:
+    """Where the events of one subscription go."""
+
+    topic: str
+    send: trio.MemorySendChannel[Event | Dropped]
+
+
+class Subscription:
+    """The events of one subscription, as an async iterator of `Event` and `Dropped`.
+
+    Iteration ends with `Disconnected` if the connection ends. A consumer slower than the
+    events makes the client stop reading; the hub then coalesces and drops (reported by `Dropped`).
+    """
+
+    def __init__(
+        self, sid: int, topic: str, receive: trio.MemoryReceiveChannel[Event | Dropped], client: ControlClient
+    ) -> None:
+        self.id = sid
+        self.topic = topic
+        self._receive = receive
+        self._client = client
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event | Dropped:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if (closed := self._client.closed) is not None:
+                raise closed from None
+            raise StopAsyncIteration from None
+
+
+class ControlClient:
+    """An authenticated control connection; create it with `open_control`."""
+
+    def __init__(
+        self, ws: trio_websocket.WebSocketConnection, *, reply_timeout: float, operator: str, role: str
+    ) -> None:
+        self.operator = operator
+        self.role = role
+        self.reply_timeout = reply_timeout
+        self._ws = ws
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._routes: dict[int, _Route] = {}
+        self._close_reason: CloseReason | None = None
+        self._lost_connection = False
+        self._progress = 0  # frames read plus waits on a full subscription buffer: signs of life for the keepalive
+
+    @property
+    def closed(self) -> Disconnected | None:
+        """Why the connection ended (a fresh error to raise), or None while it is open."""
+        if not self._lost_connection:
+            return None
+        reason = self._close_reason
+        return Disconnected(reason.code, reason.reason) if reason is not None else Disconnected(None)
+
+    # ------------------------------------------------------------------ requests
+
+    async def request(self, kind: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """Send request `kind` with `args` and return its `result`.
+
+        Raises `RequestFailed` for an error reply, `ReplyTimeout` after `timeout` (default:
+        `reply_timeout`) seconds, `Disconnected` if the connection ends first.
+        """
+        return await self._request(kind, args, timeout)
+
+    async def _request(
+        self,
+        kind: str,
+        args: dict[str, Any] | None,
+        timeout: float | None,
+        on_success: Callable[[Any], None] | None = None,
+    ) -> Any:
+        if (closed := self.closed) is not None:
+            raise closed
+        limit = self.reply_timeout if timeout is None else timeout
+        rid = next(self._ids)
+        pending = _Pending(kind, on_success)
+        self._pending[rid] = pending
+        try:
+            try:
+                text = json.dumps({"id": rid, "type": kind, **(args or {})}, allow_nan=False)
+                await self._ws.send_message(text)
+            except ConnectionClosed as exc:
+                raise self._lost(exc.reason) from None
+            with trio.move_on_after(limit):
+                await pending.done.wait()
+        finally:
+            del self._pending[rid]
+        reply = pending.reply
+        if reply is None:
+            if (closed := self.closed) is not None:
+                raise closed
+            raise ReplyTimeout(f"no reply to {kind!r} within {limit} s")
+        if reply.get("type") == "pong" or reply.get("success") is True:
+            return reply.get("result")
+        error = reply.get("error")
+        if not isinstance(error, dict):
+            error = {}
+        raise RequestFailed(str(error.get("code") or "internal"), str(error.get("message") or ""), kind)
+
+    async def ping(self) -> float:
+        """Round-trip time of an application-level ping, in seconds."""
+        start = trio.current_time()
+        await self.request("ping")
+        return trio.current_time() - start
+
+    async def status(self) -> dict[str, Any]:
+        """The hub's figures (see docs/control.md)."""
+        return await self.request("status")
+
+    async def devices(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Device summaries sorted by name, optionally only those in `state` (online, late, offline)."""
+        return await self.request("devices", _given(state=state))
+
+    async def device(self, name: str) -> dict[str, Any]:
+        """One device: its summary plus `latest` values and its 20 most recent `commands`."""
+        return await self.request("device", {"name": name})
+
+    async def commands(
+        self, device: str | None = None, state: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Command records, newest first."""
+        return await self.request("commands", _given(device=device, state=state, limit=limit))
+
+    async def command(self, command_id: str) -> dict[str, Any]:
+        """One command record."""
+        return await self.request("command", {"command_id": command_id})
+
+    async def send_command(
+        self,
+        device: str,
+        name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        ttl: float | None = None,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        wait: bool = False,
+        wait_timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Queue command `name` for `device`; its record. With `wait`, the record once final (or at `wait_timeout`)."""
+        body = _given(args=args, ttl=ttl, timeout=timeout, idempotency_key=idempotency_key, wait_timeout=wait_timeout)
+        body.update(device=device, name=name)
+        if wait:
+            body["wait"] = True
+        # A waiting request legitimately takes up to wait_timeout (the hub's default is 30 s) before its reply.
+        limit = self.reply_timeout + ((HUB_WAIT_TIMEOUT if wait_timeout is None else wait_timeout) if wait else 0.0)
+        return await self.request("send_command", body, timeout=limit)
+
+    async def cancel_command(self, command_id: str) -> dict[str, Any]:
+        """Cancel a command still queued or sent; its record, now cancelled."""
+        return await self.request("cancel_command", {"command_id": command_id})
+
+    @asynccontextmanager
+    async def subscribe(
+        self, topic: str, devices: Sequence[str] | None = None, *, buffer: int = 256
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to `topic` (telemetry, presence, commands) of `devices` (None: all); unsubscribe on exit."""
+        send, receive = trio.open_memory_channel[Event | Dropped](buffer)
+
+        def route(result: Any) -> None:
+            # Runs in the reader before it reads the next frame, so no event can arrive unrouted.
+            if (sid := _subscription_id(result)) is not None:
+                self._routes[sid] = _Route(topic, send)
+
+        body: dict[str, Any] = {"topic": topic}
+        if devices is not None:
+            body["devices"] = list(devices)
+        async with receive:
+            result = await self._request("subscribe", body, None, route)
+            sid = _subscription_id(result)
+            if sid is None:
+                raise ControlError(f"the hub's reply to subscribe has no subscription id: {result!r:.200}")
+            try:
+                yield Subscription(sid, topic, receive, self)
+            finally:
+                self._routes.pop(sid, None)
+                send.close()  # sync: an await here would skip the unsubscribe when cancelled
+                if not self._lost_connection:
+                    await self._unsubscribe(sid)
+
+    async def _unsubscribe(self, sid: int) -> None:
+        # Shielded: leaving a subscription because of a cancellation must still end it at the hub.
+        with trio.CancelScope(shield=True), trio.move_on_after(min(self.reply_timeout, 5.0)):
+            try:
+                await self.request("unsubscribe", {"subscription": sid})
+            except ControlError as exc:
+                log.warning("unsubscribe %d failed: %s", sid, exc)
+
+    # ------------------------------------------------------------------ background tasks
+
+    async def _read(self) -> None:
+        """Dispatch every frame from the hub until the connection ends."""
+        try:
+            while True:
+                text = await self._ws.get_message()
+                self._progress += 1
+                try:
+                    msg = json.loads(text)
+                except ValueError:
+                    log.warning("ignoring a frame from the hub that is not JSON: %.80r", text)
+                    continue
+                if not isinstance(msg, dict):
+                    log.warning("ignoring a frame from the hub that is not an object: %.80r", text)
+                    continue
+                await self._dispatch(msg)
+        except ConnectionClosed as exc:
+            self._lost(exc.reason)
+        except Exception:
+            log.exception("control client reader failed")
+            self._lost(None)
+            raise
+
+    async def _dispatch(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind in ("result", "pong"):
+            pending = self._pending.get(msg.get("id"))  # type: ignore[arg-type]
+            if pending is None:
+                if msg.get("success") is False:
+                    log.warning("error reply to no open request (id %r): %r", msg.get("id"), msg.get("error"))
+                else:
+                    log.debug("reply to a request nobody waits for: %r", msg.get("id"))
+                return
+            if pending.on_success is not None and msg.get("success") is True:
+                pending.on_success(msg.get("result"))
+            pending.reply = msg
+            pending.done.set()
+        elif kind in ("event", "dropped"):
+            sid = msg.get("subscription")
+            route = self._routes.get(sid)  # type: ignore[arg-type]
+            if route is None:
+                log.debug("%s for subscription %r, which is not (or no longer) open", kind, sid)
+                return
+            if kind == "event":
+                item: Event | Dropped = Event(sid, route.topic, msg.get("event") or {})  # type: ignore[arg-type]
+            else:
+                item = Dropped(sid, route.topic, int(msg.get("dropped", 0)), int(msg.get("coalesced", 0)))  # type: ignore[arg-type]
+            # A subscriber that has just left closed its channel: drop the item, its unsubscribe is on the way.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                try:
+                    route.send.send_nowait(item)
+                except trio.WouldBlock:
+                    self._progress += 1
+                    await route.send.send(item)
+        else:
+            log.warning("ignoring a frame of unknown type %r from the hub", kind)
+
+    async def _keepalive(self, interval: float, timeout: float) -> None:
+        """WebSocket-ping the hub every `interval` s; close the connection if a pong takes over `timeout` s."""
+        while True:
+            await trio.sleep(interval)
+            progress = self._progress
+            with trio.move_on_after(timeout) as scope:
+                await self._ws.ping()
+            # The pong may sit behind frames still being read, or behind a reader waiting on a slow
+            # subscriber: only a hub that sent nothing at all in `timeout` seconds is presumed gone.
+            if scope.cancelled_caught and progress == self._progress and not self._reader_waiting():
+                log.warning("the hub did not answer a ping within %s s", timeout)
+                self._lost(CloseReason(1006, "no pong from the hub"))
+                with trio.move_on_after(timeout):
+                    await self._ws.aclose()
+                return
+
+    def _reader_waiting(self) -> bool:
+        return any(route.send.statistics().tasks_waiting_send for route in self._routes.values())
+
+    def _lost(self, reason: CloseReason | None) -> Disconnected:
+        """Record why the connection ended and wake every waiter; the error to raise."""
+        if not self._lost_connection:
+            self._lost_connection = True
+            self._close_reason = reason
+            for pending in self._pending.values():
+                pending.done.set()
+            for route in self._routes.values():
+                route.send.close()
+        closed = self.closed
+        assert closed is not None
+        return closed
+
+
+def _subscription_id(result: Any) -> int | None:
+    sid = result.get("subscription") if isinstance(result, dict) else None
+    return sid if type(sid) is int else None
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments that are not None."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+@contextlib.contextmanager
+def _one_error() -> Iterator[None]:
+    """Raise the single non-Cancelled exception of a nursery's group as itself, with its own context."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        errors = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
+        if len(errors) > 1 or not leaves:
+            raise
+        exc = (errors or leaves)[0]
+        context = exc.__context__
+        try:
+            raise exc
+        finally:
+            exc.__context__ = context
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+async def _authenticate(ws: trio_websocket.WebSocketConnection, token: str) -> tuple[str, str]:
+    """Wait for `auth_ok`; answer an `auth_required`. The operator name and role."""
+    while True:
+        try:
+            msg = json.loads(await ws.get_message())
+        except ValueError:
+            raise ConnectFailed("the hub sent a frame that is not JSON during authentication") from None
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "auth_ok":
+            return str(msg.get("operator", "")), str(msg.get("role", ""))
+        if kind == "auth_required":
+            await ws.send_message(json.dumps({"type": "auth", "token": token}))
+        elif kind == "auth_invalid":
+            raise AuthRefused(f"the hub refused the token: {msg.get('message') or 'auth_invalid'}")
+        else:
+            raise ConnectFailed(f"expected auth_ok from the hub, got {kind!r}")
+
+
+def _refusal(exc: ConnectionRejected, url: str) -> ConnectFailed:
+    status = exc.status_code
+    body = (exc.body or b"").decode("utf-8", "replace").strip()[:200]
+    detail = f" ({body})" if body else ""
+    if status == 401:
+        return AuthRefused(f"the hub refused the token (HTTP 401){detail}", status)
+    if status == 403:
+        return AuthRefused(f"the hub forbids this connection (HTTP 403){detail}", status)
+    if status == 404:
+        return ConnectFailed(f"no control endpoint at {url} (HTTP 404)", status)
+    return ConnectFailed(f"the hub refused the connection (HTTP {status}){detail}", status)
+
+
+def _closed_early(reason: CloseReason | None) -> ConnectFailed:
+    code = reason.code if reason is not None else None
+    text = f"{code} {reason.reason or ''}".strip() if reason is not None else "no close frame"
+    if code in (1008, 4003):
+        return AuthRefused(f"the hub closed the connection during authentication ({text})")
+    return ConnectFailed(f"the hub closed the connection during authentication ({text})")
+
+
+@asynccontextmanager
+async def open_control(
+    url: str,
+    token: str,
+    *,
+    connect_timeout: float = 10.0,
+    reply_timeout: float = 30.0,
+    ping_interval: float | None = 20.0,
+    ping_timeout: float = 10.0,
+) -> AsyncIterator[ControlClient]:
+    """Connect to the control endpoint at `url` with operator `token` (sent in the Authorization header).
+
+    Raises `AuthRefused` for a refused token, `ConnectFailed` for any other failure to connect
+    (within `connect_timeout` seconds, authentication included), ValueError for a bad URL or token.
+    With `ping_interval`, a hub that stops answering pings ends the connection (`Disconnected`)
+    instead of leaving a request or a subscription hanging forever.
+    """
+    url = control_url(url)
+    if not token or not token.isascii() or not token.isprintable():
+        raise ValueError("an operator token is non-empty printable ASCII")
+    headers = [(b"authorization", f"Bearer {token}".encode("ascii"))]
+    connected = closing = False
+    # Not trio_websocket.open_websocket_url: when its connect times out (or is interrupted) it waits for
+    # its reader task until the peer closes the socket, so a hub that accepts TCP and then says nothing
+    # would hold us far beyond connect_timeout. Here the nursery is ours, and cancelled on every way out.
+    try:
+        with _one_error():
+            async with trio.open_nursery() as nursery:
+                try:
+                    with trio.fail_after(connect_timeout):
+                        ws = await trio_websocket.connect_websocket_url(
+                            nursery, url, extra_headers=headers, max_message_size=MAX_REPLY_BYTES
+                        )
+                        try:
+                            operator, role = await _authenticate(ws, token)
+                        except ConnectionClosed as exc:
+                            raise _closed_early(exc.reason) from None
+                except trio.TooSlowError:
+                    raise ConnectFailed(f"no answer from {url} within {connect_timeout} s") from None
+                except OSError as exc:
+                    raise ConnectFailed(f"cannot connect to {url}: {exc}") from None
+                connected = True
+                client = ControlClient(ws, reply_timeout=reply_timeout, operator=operator, role=role)
+                nursery.start_soon(client._read)
+                if ping_interval:
+                    nursery.start_soon(client._keepalive, ping_interval, ping_timeout)
+                try:
+                    yield client
+                finally:
+                    closing = True
+                    with trio.CancelScope(shield=True), trio.move_on_after(min(connect_timeout, 5.0)):
+                        await ws.aclose()
+                    nursery.cancel_scope.cancel()
+    except ConnectionRejected as exc:  # raised by trio-websocket's reader task during the handshake
+        if connected:
+            raise
+        raise _refusal(exc, url) from None
+    except HandshakeError as exc:
+        if connected:
+            raise
+        raise ConnectFailed(f"cannot connect to {url}: {exc!r}") from None
+    except wsproto.utilities.LocalProtocolError:
+        # trio-websocket #184: a ping that arrives after our own close makes its reader fail. Harmless then.
+        if not closing:
+            raise
+        log.debug("ignoring a protocol error while closing", exc_info=True)

@@ -1,0 +1,796 @@
+"""`hubctl`: the operator's command line over the hub's control channel (docs/control.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, tzinfo
+from typing import Any
+
+import trio
+
+from hub.control_client import (
+    FINAL_STATES,
+    HUB_WAIT_TIMEOUT,
+    TOPICS,
+    AuthRefused,
+    ConnectFailed,
+    ControlClient,
+    ControlError,
+    Disconnected,
+    Dropped,
+    Event,
+    ReplyTimeout,
+    RequestFailed,
+    control_url,
+    open_control,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "TOKEN_ENV",
+    "URL_ENV",
+    "ExitCode",
+    "ago",
+    "build_parser",
+    "command_args",
+    "duration",
+    "format_command",
+    "format_commands",
+    "format_device",
+    "format_devices",
+    "format_dropped",
+    "format_event",
+    "format_status",
+    "main",
+    "parse_arg",
+    "table",
+]
+
+DEFAULT_URL = "ws://127.0.0.1:8765/v1/control"
+URL_ENV = "HUBCTL_URL"
+TOKEN_ENV = "HUBCTL_TOKEN"
+
+DEVICE_STATES = ("online", "late", "offline")
+COMMAND_STATES = ("queued", "sent", "delivered", "succeeded", "failed", "expired", "timed_out", "cancelled")
+
+
+class ExitCode:
+    """The exit codes of `hubctl`."""
+
+    OK = 0
+    ERROR = 1  # the hub answered with an error (its code and message are on stderr)
+    USAGE = 2
+    CONNECT = 3  # cannot connect, token refused, or the connection failed
+    COMMAND = 4  # send --wait: the command did not succeed, or the wait timed out
+    INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A problem with the command line or the environment (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------- arguments
+
+_DESCRIPTION = """\
+Watch the fleet and command devices through the hub's control channel (/v1/control).
+
+The operator token comes from the HUBCTL_TOKEN environment variable or from --token-file.
+There is deliberately no --token option: a token on the command line lands in shell history
+and in the process list (ps) for every user of the machine to read."""
+
+_EPILOG = """\
+exit codes: 0 ok; 1 the hub answered with an error (its code is on stderr); 2 usage;
+3 cannot connect, token refused, or the connection failed; 4 send --wait: the command
+failed, expired, timed out or was cancelled, or the wait timed out."""
+
+
+def parse_arg(text: str) -> tuple[str, Any]:
+    """One ``--arg k=v``: `v` as JSON when it parses (``n=5`` is 5), else as a string (``mode=eco``)."""
+    key, eq, raw = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: keep them as strings
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, like '{\"n\": 5}'")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted before and after the command; given after it, a value overrides one given before.
+    default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
+    parser.add_argument(
+        "--url",
+        default=default(None),
+        help=f"control endpoint (default: ${URL_ENV}, else {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=default(None),
+        help=f"read the operator token from FILE (default: ${TOKEN_ENV}); never give a token as an argument",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="machine output: one JSON document (JSON lines for watch)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `hubctl`."""
+    parser = argparse.ArgumentParser(
+        prog="hubctl",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def sub(name: str, help: str, description: str = "") -> argparse.ArgumentParser:
+        p = commands.add_parser(
+            name,
+            help=help,
+            description=description or help,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_common(p, top=False)
+        return p
+
+    p = sub("devices", "list devices: state, since when, last seen, firmware")
+    p.add_argument("--state", choices=DEVICE_STATES, help="only devices in this state")
+
+    p = sub("device", "one device: its state, latest values and recent commands")
+    p.add_argument("name", metavar="NAME")
+
+    p = sub(
+        "watch",
+        "stream live events, one line each, until Ctrl-C",
+        "Stream live events, one line each, until Ctrl-C (exit 0). A line on stderr says when the hub\n"
+        "dropped events because this client read too slowly. With --json: one JSON object per line,\n"
+        '{"type": "event", "topic": T, "event": {...}} or\n'
+        '{"type": "dropped", "topic": T, "dropped": N, "coalesced": M} (counts are cumulative).',
+    )
+    p.add_argument("names", metavar="NAME", nargs="*", help="only these devices (default: all)")
+    p.add_argument("--topic", choices=(*TOPICS, "all"), default="telemetry", help="what to watch (default: telemetry)")
+
+    p = sub("send", "send a command to a device")
+    p.add_argument("name", metavar="NAME", help="the device")
+    p.add_argument("command_name", metavar="COMMAND", help="the command's name")
+    p.add_argument(
+        "--arg",
+        dest="args",
+        metavar="K=V",
+        type=parse_arg,
+        action="append",
+        default=[],
+        help="an argument; V is parsed as JSON when it parses (n=5 is a number), else taken as a string; repeatable",
+    )
+    p.add_argument("--args-json", metavar="JSON", type=_json_object, help="arguments as a JSON object (--arg adds)")
+    p.add_argument("--ttl", metavar="S", type=_seconds, help="seconds the command may wait for delivery (hub: 3600)")
+    p.add_argument(
+        "--timeout", metavar="S", type=_seconds, help="seconds the device has to answer once delivered (hub: 30)"
+    )
+    p.add_argument("--key", metavar="IDEMPOTENCY_KEY", help="sending again with the same key returns the same command")
+    p.add_argument("--wait", action="store_true", help="wait for the result; exit 4 unless it succeeded")
+    p.add_argument(
+        "--wait-timeout",
+        metavar="S",
+        type=_seconds,
+        help=f"with --wait: give up after S seconds (default: {HUB_WAIT_TIMEOUT:g})",
+    )
+
+    p = sub("commands", "list commands, newest first")
+    p.add_argument("name", metavar="NAME", nargs="?", help="only this device's commands")
+    p.add_argument("--state", choices=COMMAND_STATES, help="only commands in this state")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N commands (hub default: 50, max 1000)")
+
+    p = sub("command", "one command: its record and history")
+    p.add_argument("command_id", metavar="ID")
+
+    p = sub("cancel", "cancel a command that is still queued or sent")
+    p.add_argument("command_id", metavar="ID")
+
+    sub("status", "the hub's figures: connections, devices, ingest, commands")
+    return parser
+
+
+def command_args(opts: argparse.Namespace) -> dict[str, Any] | None:
+    """The `args` object of `send`: --args-json, updated by each --arg; None when neither is given."""
+    if opts.args_json is None and not opts.args:
+        return None
+    args = dict(opts.args_json or {})
+    args.update(opts.args)
+    return args
+
+
+def _token(opts: argparse.Namespace, env: Mapping[str, str]) -> str:
+    if opts.token_file:
+        try:
+            with open(opts.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the token file: {exc}") from None
+        source = opts.token_file
+    else:
+        token = env.get(TOKEN_ENV, "").strip()
+        source = f"${TOKEN_ENV}"
+        if not token:
+            raise UsageError(f"no operator token: set {TOKEN_ENV} or use --token-file FILE")
+    if not token or not token.isascii() or not token.isprintable():
+        raise UsageError(f"the token in {source} is empty or not printable ASCII")
+    return token
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def _clean(value: Any) -> str:
+    """`value` as text safe for a terminal: control characters (escape sequences) are shown escaped."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _compact(value: Any) -> str:
+    return _clean(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
+def _dur(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def duration(seconds: Any) -> str:
+    """A length of time for people: ``2.5s``, ``42s``, ``4m05s``, ``3h02m``, ``2d04h``; "-" when unknown."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not math.isfinite(seconds):
+        return "-"
+    if 0 < seconds < 60 and seconds != int(seconds):
+        return f"{seconds:.3g}s"
+    return _dur(max(seconds, 0))
+
+
+def ago(t: Any, now: float) -> str:
+    """How long ago Unix time `t` was: ``12s ago``, ``now``, ``in 5m00s`` (future), "-" when unknown."""
+    if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
+        return "-"
+    delta = now - t
+    if -1 < delta < 1:
+        return "now"
+    return f"{_dur(delta)} ago" if delta > 0 else f"in {_dur(-delta)}"
+
+
+def _when(t: Any, tz: tzinfo | None, *, ms: bool = False) -> str:
+    """Unix time `t` (seconds) as local date and time."""
+    if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
+        return "-"
+    try:
+        stamp = datetime.fromtimestamp(t, tz)
+    except (OverflowError, OSError, ValueError):
+        return _clean(t)
+    return stamp.isoformat(" ", "milliseconds" if ms else "seconds")[: 23 if ms else 19]
+
+
+def _at(t: Any, now: float, tz: tzinfo | None) -> str:
+    when = _when(t, tz)
+    return when if when == "-" else f"{when} ({ago(t, now)})"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of an aligned table with a header row (columns two spaces apart, no trailing blanks)."""
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in [headers, *rows]
+    ]
+
+
+def _value(v: Any) -> str:
+    if v is True or v is False:
+        return "true" if v else "false"
+    if isinstance(v, dict) and len(v) == 1 and isinstance(v.get("int"), int):
+        return f"{v['int']}i"  # an explicit integer field, as line protocol writes it
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, int):
+        return str(v)
+    return _compact(v)
+
+
+def _fields(fields: Any) -> str:
+    if not isinstance(fields, dict):
+        return _compact(fields)
+    return " ".join(f"{_clean(k)}={_value(v)}" for k, v in fields.items())
+
+
+def _tags(tags: Any) -> str:
+    if not isinstance(tags, dict) or not tags:
+        return ""
+    return ", ".join(f"{_clean(k)}={_clean(v)}" for k, v in tags.items())
+
+
+def _state(summary: Mapping[str, Any]) -> str:
+    state = _clean(summary.get("state", "?"))
+    return f"{state} (revoked)" if summary.get("revoked") else state
+
+
+def format_devices(devices: Sequence[Mapping[str, Any]], now: float, state: str | None = None) -> str:
+    """The `devices` table."""
+    if not devices:
+        return f"no devices {state}" if state else "no devices"
+    rows = [
+        [
+            _clean(d.get("name", "?")),
+            _state(d),
+            ago(d.get("since"), now),
+            ago(d.get("last_seen"), now),
+            _clean(d.get("reason") or "-"),
+            _clean(d.get("firmware") or "-"),
+            _clean(d.get("model") or "-"),
+            duration(d.get("interval")) if d.get("interval") else "-",
+        ]
+        for d in devices
+    ]
+    headers = ["NAME", "STATE", "SINCE", "LAST SEEN", "REASON", "FIRMWARE", "MODEL", "INTERVAL"]
+    return "\n".join(table(headers, rows))
+
+
+def _result_text(record: Mapping[str, Any], now: float) -> str:
+    state = record.get("state")
+    if state == "succeeded":
+        result = record.get("result")
+        return "-" if result is None else _compact(result)
+    if record.get("error"):
+        return _clean(record["error"])
+    if state in ("queued", "sent"):
+        return f"expires {ago(record.get('expires'), now)}"
+    return "-"
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_commands(records: Sequence[Mapping[str, Any]], now: float, *, device_column: bool = True) -> str:
+    """The `commands` table (newest first, as the hub sends them)."""
+    if not records:
+        return "no commands"
+    headers = ["ID", "DEVICE", "NAME", "STATE", "CREATED", "UPDATED", "OPERATOR", "RESULT"]
+    rows = [
+        [
+            _clean(r.get("command_id", "?")),
+            _clean(r.get("device", "?")),
+            _clean(r.get("name", "?")),
+            _clean(r.get("state", "?")),
+            ago(r.get("created"), now),
+            ago(r.get("updated"), now),
+            _clean(r.get("operator") or "-"),
+            _shorten(_result_text(r, now)),
+        ]
+        for r in records
+    ]
+    if not device_column:
+        headers.pop(1)
+        for row in rows:
+            row.pop(1)
+    return "\n".join(table(headers, rows))
+
+
+def _pairs(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    width = max(len(k) for k, _ in pairs)
+    return [f"{k.ljust(width)}  {v}".rstrip() for k, v in pairs]
+
+
+def format_device(device: Mapping[str, Any], now: float, tz: tzinfo | None = None) -> str:
+    """The `device NAME` view: summary, latest values, recent commands."""
+    since = _at(device.get("since"), now, tz)
+    reason = f", reason: {_clean(device['reason'])}" if device.get("reason") else ""
+    lines = _pairs(
+        [
+            ("name", _clean(device.get("name", "?"))),
+            ("state", f"{_state(device)} since {since}{reason}"),
+            ("last seen", _at(device.get("last_seen"), now, tz)),
+            ("epoch", _clean(device.get("epoch", "-"))),
+            ("firmware", _clean(device.get("firmware") or "-")),
+            ("model", _clean(device.get("model") or "-")),
+            ("interval", duration(device.get("interval")) if device.get("interval") else "-"),
+            ("revoked", "yes" if device.get("revoked") else "no"),
+        ]
+    )
+    latest = device.get("latest") or {}
+    lines.append("")
+    if latest:
+        rows = []
+        for measurement, value in sorted(latest.items()):
+            value = value if isinstance(value, dict) else {}
+            ts = value.get("ts")
+            seconds = ts / 1000 if isinstance(ts, int | float) and not isinstance(ts, bool) else None
+            rows.append(
+                [_clean(measurement), ago(seconds, now), _fields(value.get("fields")), _tags(value.get("tags"))]
+            )
+        lines.append("latest values:")
+        lines.extend(table(["MEASUREMENT", "AGE", "FIELDS", "TAGS"], rows))
+    else:
+        lines.append("latest values: none")
+    commands = device.get("commands") or []
+    lines.append("")
+    if commands:
+        lines.append("recent commands:")
+        lines.append(format_commands(commands, now, device_column=False))
+    else:
+        lines.append("recent commands: none")
+    return "\n".join(lines)
+
+
+def format_command(record: Mapping[str, Any], now: float, tz: tzinfo | None = None) -> str:
+    """The `command ID` view: the record and its history."""
+    pairs = [
+        ("command", _clean(record.get("command_id", "?"))),
+        ("device", _clean(record.get("device", "?"))),
+        ("name", _clean(record.get("name", "?"))),
+        ("args", _compact(record.get("args") or {})),
+        ("state", _clean(record.get("state", "?"))),
+        ("created", _at(record.get("created"), now, tz)),
+        ("updated", _at(record.get("updated"), now, tz)),
+        ("expires", _at(record.get("expires"), now, tz)),
+        ("timeout", duration(record.get("timeout"))),
+        ("key", _clean(record.get("idempotency_key") or "-")),
+        ("operator", _clean(record.get("operator") or "-")),
+        ("result", "-" if record.get("result") is None else _compact(record["result"])),
+        ("error", _clean(record.get("error") or "-")),
+    ]
+    lines = _pairs(pairs)
+    history = record.get("history") or []
+    if history:
+        lines.append("history:")
+        rows = [[_clean(h.get("state", "?")), _at(h.get("at"), now, tz)] for h in history if isinstance(h, dict)]
+        lines.extend("  " + line for line in table(["STATE", "AT"], rows))
+    return "\n".join(lines)
+
+
+def _counts(mapping: Any, keys: Sequence[str] | None = None) -> str:
+    if not isinstance(mapping, dict) or not mapping:
+        return "none"
+    keys = keys or list(mapping)
+    return ", ".join(f"{_clean(mapping.get(k, 0))} {_clean(k)}" for k in keys)
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    """The `status` view of the hub's figures."""
+    devices = status.get("devices") or {}
+    ingest = status.get("ingest") or {}
+    up = ingest.get("sink_up")
+    sink = "up" if up is True else "DOWN" if up is False else "?"
+    ingest_text = (
+        f"{ingest.get('points_in', '?')} in, {ingest.get('points_written', '?')} written, "
+        f"{ingest.get('points_spooled', '?')} spooled, {ingest.get('points_replayed', '?')} replayed, "
+        f"{ingest.get('points_dropped', '?')} dropped"
+    )
+    uptime = status.get("uptime")
+    connections = (
+        f"{_plural(status.get('connections'), 'device session')}, "
+        f"{_plural(status.get('control_sessions'), 'control session')}"
+    )
+    pairs = [
+        ("hub", f"version {_clean(status.get('version', '?'))}, up {duration(_whole(uptime))}"),
+        ("connections", connections),
+        ("devices", _counts(devices, ["online", "late", "offline", "registered"])),
+        ("points", _clean(ingest_text)),
+        ("spool", f"{_bytes(ingest.get('spool_bytes'))}, sink {sink}"),
+        ("commands", _counts(status.get("commands"))),
+    ]
+    return "\n".join(_pairs(pairs))
+
+
+def _whole(seconds: Any) -> Any:
+    return int(seconds) if isinstance(seconds, float) and math.isfinite(seconds) else seconds
+
+
+def _plural(n: Any, noun: str) -> str:
+    return f"{_clean(n)} {noun}" if n == 1 else f"{_clean('?' if n is None else n)} {noun}s"
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, int) or isinstance(n, bool):
+        return "?"
+    for size, unit in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_event(item: Event, tz: tzinfo | None = None) -> str:
+    """One `watch` line: time, device, what happened."""
+    e = item.event
+    device = _clean(e.get("device") or e.get("name") or "?")
+    if item.topic == "telemetry":
+        ts = e.get("ts")
+        when = _when(ts / 1000, tz, ms=True) if isinstance(ts, int | float) and not isinstance(ts, bool) else "-"
+        tags = _tags(e.get("tags"))
+        text = f"{_clean(e.get('measurement', '?')):<12} {_fields(e.get('fields'))}"
+        return f"{when}  {device:<12} {text}" + (f"  [{tags}]" if tags else "")
+    if item.topic == "presence":
+        reason = f" ({_clean(e['reason'])})" if e.get("reason") else ""
+        epoch = _clean(e.get("epoch", "-"))
+        return f"{_when(e.get('since'), tz, ms=True)}  {device:<12} presence     {_state(e)}{reason} epoch {epoch}"
+    if item.topic == "commands":
+        state = _clean(e.get("state", "?"))
+        extra = ""
+        if state == "succeeded" and e.get("result") is not None:
+            extra = f" result={_shorten(_compact(e['result']), 200)}"
+        elif e.get("error"):
+            extra = f" error={_clean(e['error'])}"
+        name = _clean(e.get("name", "?"))
+        cid = _clean(e.get("command_id", "?"))
+        return f"{_when(e.get('updated'), tz, ms=True)}  {device:<12} command      {cid} {name} {state}{extra}"
+    return f"{_clean(item.topic)}: {_compact(e)}"
+
+
+def format_dropped(item: Dropped) -> str:
+    """The line `watch` prints when the hub reports lost events."""
+    return (
+        f"hubctl: the hub dropped {item.dropped} {item.topic} events so far and coalesced {item.coalesced} "
+        "(this client reads too slowly)"
+    )
+
+
+def _json_line(item: Event | Dropped) -> str:
+    if isinstance(item, Event):
+        body: dict[str, Any] = {"type": "event", "topic": item.topic, "event": item.event}
+    else:
+        body = {"type": "dropped", "topic": item.topic, "dropped": item.dropped, "coalesced": item.coalesced}
+    return json.dumps(body, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _out(text: str) -> None:
+    print(text, flush=True)
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _show(opts: argparse.Namespace, result: Any, human: Callable[[], str]) -> None:
+    _out(json.dumps(result, indent=2) if opts.json else human())
+
+
+async def _devices(hub: ControlClient, opts: argparse.Namespace) -> int:
+    devices = await hub.devices(opts.state)
+    _show(opts, devices, lambda: format_devices(devices, time.time(), opts.state))
+    return ExitCode.OK
+
+
+async def _device(hub: ControlClient, opts: argparse.Namespace) -> int:
+    device = await hub.device(opts.name)
+    _show(opts, device, lambda: format_device(device, time.time()))
+    return ExitCode.OK
+
+
+async def _commands(hub: ControlClient, opts: argparse.Namespace) -> int:
+    records = await hub.commands(opts.name, opts.state, opts.limit)
+    _show(opts, records, lambda: format_commands(records, time.time()))
+    return ExitCode.OK
+
+
+async def _command(hub: ControlClient, opts: argparse.Namespace) -> int:
+    record = await hub.command(opts.command_id)
+    _show(opts, record, lambda: format_command(record, time.time()))
+    return ExitCode.OK
+
+
+async def _cancel(hub: ControlClient, opts: argparse.Namespace) -> int:
+    record = await hub.cancel_command(opts.command_id)
+    _show(opts, record, lambda: _summary(record, time.time()))
+    return ExitCode.OK
+
+
+async def _status(hub: ControlClient, opts: argparse.Namespace) -> int:
+    status = await hub.status()
+    _show(opts, status, lambda: format_status(status))
+    return ExitCode.OK
+
+
+def _summary(record: Mapping[str, Any], now: float) -> str:
+    state = _clean(record.get("state", "?"))
+    line = (
+        f"command {_clean(record.get('command_id', '?'))} ({_clean(record.get('name', '?'))} "
+        f"on {_clean(record.get('device', '?'))}): {state}"
+    )
+    if state in ("queued", "sent"):
+        line += f", expires {ago(record.get('expires'), now)}"
+    if state == "succeeded" and record.get("result") is not None:
+        line += f"\nresult: {_compact(record['result'])}"
+    if record.get("error"):
+        line += f"\nerror: {_clean(record['error'])}"
+    return line
+
+
+async def _send(hub: ControlClient, opts: argparse.Namespace) -> int:
+    record = await hub.send_command(
+        opts.name,
+        opts.command_name,
+        command_args(opts),
+        ttl=opts.ttl,
+        timeout=opts.timeout,
+        idempotency_key=opts.key,
+        wait=opts.wait,
+        wait_timeout=opts.wait_timeout,
+    )
+    _show(opts, record, lambda: _summary(record, time.time()))
+    if not opts.wait:
+        return ExitCode.OK
+    state = record.get("state")
+    cid = _clean(record.get("command_id", "?"))
+    if state == "succeeded":
+        return ExitCode.OK
+    if state in FINAL_STATES:
+        error = f": {_clean(record['error'])}" if record.get("error") else ""
+        _err(f"hubctl: command {cid} ended {_clean(state)}{error}")
+    else:
+        waited = opts.wait_timeout or HUB_WAIT_TIMEOUT
+        _err(f"hubctl: the wait timed out after {duration(waited)}; command {cid} is still {_clean(state)}")
+    return ExitCode.COMMAND
+
+
+async def _watch(hub: ControlClient, opts: argparse.Namespace) -> int:
+    topics = TOPICS if opts.topic == "all" else (opts.topic,)
+    devices = opts.names or None
+    failures: list[Exception] = []
+
+    async def follow(topic: str, nursery: trio.Nursery, ready: trio.Event) -> None:
+        try:
+            async with hub.subscribe(topic, devices) as events:
+                ready.set()
+                async for item in events:
+                    if opts.json:
+                        _out(_json_line(item))
+                    elif isinstance(item, Dropped):
+                        _err(format_dropped(item))
+                    else:
+                        _out(format_event(item))
+        except Exception as exc:  # reported by main once the others are stopped
+            failures.append(exc)
+            nursery.cancel_scope.cancel()
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            readies = []
+            for topic in topics:
+                ready = trio.Event()
+                readies.append(ready)
+                nursery.start_soon(follow, topic, nursery, ready)
+            for ready in readies:
+                await ready.wait()
+            who = ", ".join(_clean(n) for n in devices) if devices else "all devices"
+            _err(f"hubctl: watching {', '.join(topics)} of {who}; Ctrl-C stops")
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    if failures:
+        raise failures[0]
+    return ExitCode.OK
+
+
+_COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable[int]]] = {
+    "devices": _devices,
+    "device": _device,
+    "watch": _watch,
+    "send": _send,
+    "commands": _commands,
+    "command": _command,
+    "cancel": _cancel,
+    "status": _status,
+}
+
+
+async def _run(opts: argparse.Namespace, url: str, token: str) -> int:
+    try:
+        async with open_control(url, token) as hub:
+            return await _COMMANDS[opts.command](hub, opts)
+    except RequestFailed as exc:
+        message = f": {_clean(exc.message)}" if exc.message else ""
+        _err(f"hubctl: error from the hub: {_clean(exc.code)}{message}")
+        return ExitCode.ERROR
+    except AuthRefused as exc:
+        _err(f"hubctl: {exc}")
+        return ExitCode.CONNECT
+    except ConnectFailed as exc:
+        _err(f"hubctl: {exc}")
+        return ExitCode.CONNECT
+    except Disconnected as exc:
+        _err(f"hubctl: lost the connection to the hub: {_clean(exc)}")
+        return ExitCode.CONNECT
+    except ReplyTimeout as exc:
+        _err(f"hubctl: {exc}")
+        return ExitCode.CONNECT
+    except ControlError as exc:
+        _err(f"hubctl: {exc}")
+        return ExitCode.ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `hubctl` with `argv` (default: the process arguments); the exit code."""
+    parser = build_parser()
+    try:
+        opts = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error (argparse exits 2)
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+    if opts.command == "send" and opts.wait_timeout is not None and not opts.wait:
+        _err("hubctl: error: --wait-timeout needs --wait")
+        return ExitCode.USAGE
+    try:
+        token = _token(opts, os.environ)
+        url = control_url(opts.url or os.environ.get(URL_ENV) or DEFAULT_URL)
+    except (UsageError, ValueError) as exc:
+        _err(f"hubctl: {exc}")
+        return ExitCode.USAGE
+    try:
+        return trio.run(_run, opts, url, token)
+    except KeyboardInterrupt:
+        return ExitCode.OK if opts.command == "watch" else ExitCode.INTERRUPTED
+    except BaseExceptionGroup as group:
+        if group.split(KeyboardInterrupt)[1] is not None:
+            raise
+        return ExitCode.OK if opts.command == "watch" else ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output went away (hubctl watch | head): not an error; keep Python quiet at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

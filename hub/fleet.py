@@ -1,0 +1,117 @@
+"""Device summaries and details for operators: pure functions over registry, presence and ledger values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from hub.subscriptions import plain_fields
+
+if TYPE_CHECKING:
+    from hub.ledger import DeviceLedger
+    from hub.presence import DeviceStatus
+    from hub.registry import DeviceRecord
+
+__all__ = [
+    "PRESENCE_STATES",
+    "STATES",
+    "device_detail",
+    "device_summary",
+    "latest_points",
+    "list_summaries",
+    "state_counts",
+]
+
+#: Presence states a connected-at-least-once device can be in.
+PRESENCE_STATES = ("online", "late", "offline")
+#: Every summary state: "never" is a registered device that has not connected since the hub started.
+STATES = (*PRESENCE_STATES, "never")
+
+
+def device_summary(
+    name: str,
+    record: DeviceRecord | None,
+    status: DeviceStatus | None,
+    ledger: DeviceLedger | None,
+) -> dict[str, Any]:
+    """The device summary of docs/control.md: name, state, since, reason, last_seen, epoch, firmware, model,
+    interval, revoked. State "never" when there is no status; then `since` is the registration time, if known."""
+    last_seen = ledger.last_seen if ledger is not None else None
+    revoked = record.revoked if record is not None else False
+    if status is None:
+        return {
+            "name": name,
+            "state": "never",
+            "since": record.created if record is not None else None,
+            "reason": "",
+            "last_seen": last_seen,
+            "epoch": record.epoch if record is not None else 0,
+            "firmware": "",
+            "model": "",
+            "interval": 0.0,
+            "revoked": revoked,
+        }
+    return {
+        "name": name,
+        "state": status.state,
+        "since": status.since,
+        "reason": status.reason,
+        "last_seen": last_seen,
+        "epoch": status.epoch,
+        "firmware": status.firmware,
+        "model": status.model,
+        "interval": status.interval,
+        "revoked": revoked,
+    }
+
+
+def latest_points(ledger: DeviceLedger | None) -> dict[str, dict[str, Any]]:
+    """``{measurement: {"ts", "fields", "tags"}}`` of the newest point per measurement, integers plain."""
+    if ledger is None:
+        return {}
+    return {
+        measurement: {"ts": p["ts"], "fields": plain_fields(p["fields"]), "tags": p.get("tags") or {}}
+        for measurement, p in sorted(ledger.latest.items())
+    }
+
+
+def device_detail(
+    name: str,
+    record: DeviceRecord | None,
+    status: DeviceStatus | None,
+    ledger: DeviceLedger | None,
+    commands: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The summary plus ``latest`` (newest point per measurement) and ``commands`` (records, newest first)."""
+    detail = device_summary(name, record, status, ledger)
+    detail["latest"] = latest_points(ledger)
+    detail["commands"] = commands
+    return detail
+
+
+def list_summaries(
+    records: Iterable[DeviceRecord],
+    statuses: Mapping[str, DeviceStatus],
+    find_ledger: Callable[[str], DeviceLedger | None],
+    state: str | None = None,
+) -> list[dict[str, Any]]:
+    """Summaries of every registered device (and any device presence knows of), sorted by name;
+    only those in `state` when it is given."""
+    by_name: dict[str, DeviceRecord | None] = {r.name: r for r in records}
+    for name in statuses:
+        by_name.setdefault(name, None)
+    out = []
+    for name in sorted(by_name):
+        status = statuses.get(name)
+        current = status.state if status is not None else "never"
+        if state is None or current == state:
+            out.append(device_summary(name, by_name[name], status, find_ledger(name)))
+    return out
+
+
+def state_counts(statuses: Iterable[DeviceStatus]) -> dict[str, int]:
+    """How many devices are online, late and offline."""
+    counts = dict.fromkeys(PRESENCE_STATES, 0)
+    for status in statuses:
+        counts[status.state] = counts.get(status.state, 0) + 1
+    return counts
