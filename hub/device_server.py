@@ -203,6 +203,7 @@ class DeviceSession:
         self.ledger: DeviceLedger | None = None
         self._last_ack = 0
         self._errors: deque[float] = deque()
+        self._submitting = False
         self._builder = LineBuilder(name)
         queue = 2 * server.config.commands.max_queue
         self._commands_out, self._commands_in = trio.open_memory_channel[Command](queue)
@@ -365,7 +366,11 @@ class DeviceSession:
             return  # still in the pipeline: its ack follows when it is durable
         points = msg.points
         n = len(points)
-        await self.server.pipeline.submit(self._builder.lines(points), n, (ledger, seq))
+        self._submitting = True  # while the pipeline pushes back, this session reads nothing: pongs wait too
+        try:
+            await self.server.pipeline.submit(self._builder.lines(points), n, (ledger, seq))
+        finally:
+            self._submitting = False
         ledger.submitted = seq
         stats.points_in += n
         ledger.last_seen = time.time()
@@ -448,6 +453,10 @@ class DeviceSession:
                 await trio.sleep(cfg.ping_interval)
                 with trio.move_on_after(cfg.ping_timeout) as timeout:
                     await self.ws.ping()
+                if timeout.cancelled_caught and self._submitting:
+                    # Backpressure, not a dead device: its pong sits unread behind the telemetry we cannot take.
+                    log.info("no pong while ingest is held back; keeping the device", extra=self._kv())
+                    continue
                 if timeout.cancelled_caught:
                     self.reason = "ping_timeout"
                     log.warning("device stopped answering pings", extra=self._kv())

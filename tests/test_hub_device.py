@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from tests.hubtools import (
     telemetry_lines,
     wait_ack,
 )
+from tests.servers import ScriptedWriteServer
 
 
 async def test_stream_ack_and_resend(tmp_path: Path) -> None:
@@ -395,3 +397,40 @@ async def test_plain_http_request_gets_400(tmp_path: Path) -> None:
         assert answer.startswith(b"HTTP/1.1 400")
         await stream.aclose()
         hub.stop()
+
+
+async def test_backpressure_is_not_mistaken_for_a_dead_device(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """While the database holds ingest back, a device's pong waits unread: the hub must not drop the device."""
+    release = threading.Event()
+
+    def slow(path: str, body: str) -> tuple[int, dict[str, str], bytes]:
+        release.wait(60)  # the database takes its time with every write until the test lets it go
+        return 204, {}, b""
+
+    tokens = add_devices(tmp_path, "d1")
+    caplog.set_level(logging.INFO, logger="hub.session")
+    with ScriptedWriteServer(slow) as db:
+        config = hub_config(
+            tmp_path,
+            **{
+                "influx.url": db.url,
+                "presence.ping_interval": 0.1,
+                "presence.ping_timeout": 0.2,
+                "batch.max_lines": 1,
+                "batch.queue_items": 1,
+            },
+        )
+        async with trio.open_nursery() as nursery:
+            hub = await start_hub(nursery, config)
+            async with connect(hub, tokens["d1"]) as ws:
+                await hello(ws)
+                for seq in range(1, 11):
+                    await send_batch(ws, seq, points(1, start=seq))
+                with trio.fail_after(30):
+                    while caplog.text.count("no pong while ingest is held back") < 3:
+                        await trio.sleep(0.05)
+                assert hub.presence.status["d1"].online
+                release.set()
+                await wait_ack(ws, 10)
+            hub.stop()
+    assert "device stopped answering pings" not in caplog.text
