@@ -1,6 +1,14 @@
 """Device SDK for the telemetry hub: connect, stream points, get acks, answer commands (see README.md)."""
 
-from device_client.client import ClientStats, CommandContext, DeviceClient, backoff_delay, device_url
+from device_client.client import (
+    ClientStats,
+    CommandContext,
+    DeviceClient,
+    InsecureURLError,
+    TLSHandshakeError,
+    backoff_delay,
+    device_url,
+)
 from device_client.outbox import CommandLog, Entry, Outbox, OutboxFull
 from device_client.protocol import MAX_RESULT_BYTES, CloseCode, ErrorCode, Limits, ProtocolError, int_value
 
@@ -13,10 +21,12 @@ __all__ = [
     "DeviceClient",
     "Entry",
     "ErrorCode",
+    "InsecureURLError",
     "Limits",
     "Outbox",
     "OutboxFull",
     "ProtocolError",
+    "TLSHandshakeError",
     "backoff_delay",
     "device_url",
     "int_value",

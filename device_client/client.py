@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import inspect
+import ipaddress
 import logging
 import os
 import random
 import sqlite3
+import ssl
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -52,7 +56,19 @@ from device_client.protocol import (
     json_size,
 )
 
-__all__ = ["STABLE_SESSION", "ClientStats", "CommandContext", "DeviceClient", "backoff_delay", "device_url"]
+__all__ = [
+    "STABLE_SESSION",
+    "ClientStats",
+    "CommandContext",
+    "DeviceClient",
+    "InsecureURLError",
+    "TLSHandshakeError",
+    "backoff_delay",
+    "client_ssl_context",
+    "device_url",
+    "is_loopback",
+    "tls_handshake_errors",
+]
 
 log = logging.getLogger("device_client")
 
@@ -122,9 +138,143 @@ class _End:
     planned: bool = False  # we closed on purpose (`reconnect`): not a failure
 
 
+class InsecureURLError(ValueError):
+    """A plain ws:// URL to a host that is not loopback, refused before any connection attempt."""
+
+
+class TLSHandshakeError(HandshakeError):
+    """The TLS handshake failed; `verify_failed` when the hub's certificate was not accepted."""
+
+    def __init__(self, message: str, *, verify_failed: bool) -> None:
+        super().__init__(message)
+        self.verify_failed = verify_failed
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost`, 127.0.0.0/8 and ::1 (also IPv4-mapped): traffic that never leaves the machine."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+@attrs.define(eq=False)
+class _TLSWatch:
+    """Where a failed TLS handshake is reported to the task that is connecting."""
+
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    error: ssl.SSLError | None = None
+
+
+# Set by the connecting task, inherited (as a copy holding the same watch) by trio-websocket's reader task.
+_tls_watch: contextvars.ContextVar[_TLSWatch | None] = contextvars.ContextVar("device_client_tls", default=None)
+
+
+class _WatchedSSLObject(ssl.SSLObject):
+    """An SSLObject that reports a failed handshake to the `_TLSWatch` of its context.
+
+    trio-websocket turns a failed TLS handshake into a silent wait for the connect timeout
+    (python-trio/trio-websocket#199); this gets the real reason to the caller at once.
+    """
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            watch = _tls_watch.get()
+            if watch is not None and watch.error is None:
+                watch.error = exc
+                watch.scope.cancel()
+            raise
+
+
+@functools.lru_cache(maxsize=16)
+def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
+    # One context per CA file, shared by every client of the process (a fleet simulator runs thousands);
+    # a CA file changed on disk is read again only by a new process.
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except OSError as exc:  # ssl.SSLError too: not PEM, no certificate in it
+        reason = exc.strerror if not isinstance(exc, ssl.SSLError) else (exc.reason or str(exc))
+        raise ValueError(f"cannot load the CA file {ca_file}: {reason or exc}") from None
+    context.sslobject_class = _WatchedSSLObject
+    return context
+
+
+def client_ssl_context(
+    url: str, *, ca_file: str | os.PathLike[str] | None = None, allow_insecure: bool = False
+) -> ssl.SSLContext | None:
+    """The SSL context for connecting to `url`, checked before any network traffic.
+
+    wss://: a context that verifies the hub's certificate and host name against the
+    system CAs, or only against the CAs in `ca_file` (PEM). ws://: None, allowed only
+    to a loopback host unless `allow_insecure`; otherwise `InsecureURLError`.
+    ValueError for a `ca_file` that does not load, or one given with a ws:// URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "wss":
+        return _verifying_context(None if ca_file is None else os.fspath(ca_file))
+    if ca_file is not None:
+        raise ValueError(f"a CA file is for wss:// URLs; {url!r} is plain ws://")
+    host = parts.hostname or ""
+    if not allow_insecure and not is_loopback(host):
+        raise InsecureURLError(
+            f"refusing plain ws:// to {host!r}: the token and all data would cross the network unencrypted; "
+            "use wss:// (or allow plain ws:// explicitly, on a network you trust)"
+        )
+    return None
+
+
+def _describe_tls_error(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the hub's certificate was not accepted: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return "the connection was closed during the handshake"
+    return str(exc.reason or exc)
+
+
+@contextlib.contextmanager
+def tls_handshake_errors(url: str) -> Iterator[None]:
+    """Around a trio-websocket connect with a context from `client_ssl_context`: raise `TLSHandshakeError`
+    as soon as the TLS handshake fails, instead of waiting for the connect timeout."""
+    watch = _TLSWatch()
+    token = _tls_watch.set(watch)
+    try:
+        with watch.scope:
+            try:
+                yield
+            except Exception:
+                if watch.error is None:
+                    raise
+    finally:
+        _tls_watch.reset(token)
+    if watch.error is not None:
+        parts = urllib.parse.urlsplit(url)
+        where = f"{parts.hostname}:{parts.port or 443}"
+        raise TLSHandshakeError(
+            f"TLS handshake with {where} failed: {_describe_tls_error(watch.error)}",
+            verify_failed=isinstance(watch.error, ssl.SSLCertVerificationError),
+        ) from watch.error
+
+
 @contextlib.asynccontextmanager
 async def _open_websocket(
-    url: str, headers: list[tuple[bytes, bytes]], connect_timeout: float, disconnect_timeout: float
+    url: str,
+    headers: list[tuple[bytes, bytes]],
+    connect_timeout: float,
+    disconnect_timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """Like `trio_websocket.open_websocket_url`, but a handshake timeout really ends the attempt.
 
@@ -134,11 +284,16 @@ async def _open_websocket(
     try:
         async with trio.open_nursery() as nursery:
             try:
-                with trio.fail_after(connect_timeout):
-                    ws = await trio_websocket.connect_websocket_url(nursery, url, extra_headers=headers)
+                with trio.fail_after(connect_timeout), tls_handshake_errors(url):
+                    ws = await trio_websocket.connect_websocket_url(
+                        nursery, url, ssl_context=ssl_context, extra_headers=headers
+                    )
             except trio.TooSlowError:
                 nursery.cancel_scope.cancel()
                 raise trio_websocket.ConnectionTimeout from None
+            except TLSHandshakeError:
+                nursery.cancel_scope.cancel()
+                raise
             except OSError as exc:
                 nursery.cancel_scope.cancel()
                 raise HandshakeError from exc
@@ -197,6 +352,9 @@ class DeviceClient:
     with jittered exponential backoff and resends what is not acked, in order. When the
     outbox is full, `send` and `send_batch` wait (pass ``block=False`` to get `OutboxFull`).
     Handlers registered with `command` answer the hub's commands, each id at most once.
+    A wss:// hub's certificate is verified against the system CAs, or only `ca_file`;
+    plain ws:// is refused (`InsecureURLError`) to hosts that are not loopback unless
+    `allow_insecure`.
     """
 
     def __init__(
@@ -219,6 +377,8 @@ class DeviceClient:
         close_timeout: float = 10.0,
         on_rejected: Callable[[int, str, str], None] | None = None,
         command_log_limit: int = 1000,
+        ca_file: str | os.PathLike[str] | None = None,
+        allow_insecure: bool = False,
     ) -> None:
         if not token or not token.isascii() or not token.isprintable() or " " in token:
             raise ValueError("token must be printable ASCII without spaces")
@@ -233,7 +393,10 @@ class DeviceClient:
         if command_log_limit < 1:
             raise ValueError("command_log_limit must be at least 1")
         self.url = device_url(url)
+        self._ssl_context = client_ssl_context(self.url, ca_file=ca_file, allow_insecure=allow_insecure)
         self._name = token.split(".", 1)[0]
+        if self._ssl_context is None and not is_loopback(urllib.parse.urlsplit(self.url).hostname or ""):
+            log.warning("%s: plain ws:// to %s: the token and telemetry travel unencrypted", self._name, self.url)
         self._headers = [(b"authorization", b"Bearer " + token.encode("ascii"))]
         self._hello = Hello(firmware=firmware, model=model, interval=float(interval), proto=PROTOCOL_VERSION)
         self._outbox_path = outbox_path
@@ -595,11 +758,20 @@ class DeviceClient:
         self._end = None
         self._last_session_stable = False
         try:
-            async with _open_websocket(self.url, self._headers, self._connect_timeout, self._disconnect_timeout) as ws:
+            async with _open_websocket(
+                self.url, self._headers, self._connect_timeout, self._disconnect_timeout, self._ssl_context
+            ) as ws:
                 await self._converse(ws)
         except ConnectionRejected as exc:
             self.stats.connect_failures += 1
             self._set_end(self._rejected(exc))
+        except TLSHandshakeError as exc:
+            self.stats.connect_failures += 1
+            if exc.verify_failed:
+                log.error("%s: %s; retrying slowly", self._name, exc)
+                self._set_end(_End(to_max=True))
+            else:
+                log.warning("%s: %s", self._name, exc)
         except HandshakeError as exc:  # includes connect and disconnect timeouts
             if self._end is None:
                 self.stats.connect_failures += 1

@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import trio
 
@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="ws://127.0.0.1:8765",
         metavar="URL",
         help="hub URL; the path /v1/device is added when missing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="wss://: trust only the CA certificates in FILE (PEM) (default: the system CAs)",
+    )
+    parser.add_argument(
+        "--insecure-plain-ws",
+        action="store_true",
+        help="allow plain ws:// to a hub that is not on loopback: tokens and telemetry travel unencrypted",
     )
     parser.add_argument(
         "--devices",
@@ -198,6 +208,11 @@ async def _watch_signals(stop: trio.Event, hard_stop: trio.CancelScope, stream: 
             stop.set()
 
 
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The DeviceClient options given on the command line (TLS)."""
+    return {"ca_file": args.ca_file, "allow_insecure": args.insecure_plain_ws}
+
+
 async def _run(args: argparse.Namespace, tokens: list[str], models: list[str]) -> FleetTotals | None:
     stream = sys.stderr
     tty = stream.isatty()
@@ -219,6 +234,7 @@ async def _run(args: argparse.Namespace, tokens: list[str], models: list[str]) -
             clock_skew=args.clock_skew,
             close_timeout=args.close_timeout,
             stop=stop,
+            client_options=_client_options(args),
         )
         nursery.cancel_scope.cancel()
     if tty:
@@ -257,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokens = tokens[: args.devices]
     try:
         for token in tokens:
-            DeviceClient(args.hub, token)  # checks the URL and the token; opens nothing
+            DeviceClient(args.hub, token, **_client_options(args))  # checks URL, token and TLS; opens nothing
     except ValueError as exc:
         parser.error(str(exc))
     totals = trio.run(_run, args, tokens, models)

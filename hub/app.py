@@ -27,8 +27,9 @@ from hub.sinks import FileSink, InfluxV1Sink, InfluxV2Sink, Sink
 from hub.spool import Spool
 from hub.stats import Stats
 from hub.subscriptions import Broadcaster
+from hub.tls import ServerTLS
 
-__all__ = ["HubHandle", "make_sink", "registry_path", "run", "serve"]
+__all__ = ["HubHandle", "make_sink", "registry_path", "reload_tls", "run", "serve"]
 
 log = logging.getLogger("hub")
 
@@ -51,6 +52,7 @@ class HubHandle:
     broadcaster: Broadcaster
     control: ControlServer
     metrics_port: int | None  # the /metrics and /healthz listener, if enabled
+    tls: ServerTLS | None = None  # the listener's certificate (wss://), reloadable; None: plain ws://
     _stop: trio.Event = attrs.field(factory=trio.Event)
 
     def stop(self) -> None:
@@ -133,6 +135,7 @@ async def serve(
 ) -> None:
     """Run a hub until `HubHandle.stop()`; report the handle once devices can connect."""
     config.storage.path.mkdir(parents=True, exist_ok=True)
+    tls = ServerTLS.from_config(config.tls)  # first: bad TLS files stop the hub before it opens anything
     sink = sink or make_sink(config)
     registry = Registry(registry_path(config))
     command_store = CommandStore(config.storage.path / "commands.sqlite3")
@@ -190,9 +193,11 @@ async def serve(
                         task_status.started(http_port)
 
             metrics_port = await nursery.start(run_background)
-            port = await nursery.start(server.listen)
+            ssl_context = tls.context if tls is not None else None
+            port = await nursery.start(partial(server.listen, ssl_context=ssl_context))
             handle = HubHandle(
-                port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, metrics_port
+                port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, metrics_port,
+                tls=tls,
             )
             nursery.start_soon(_log_status, handle)
             task_status.started(handle)
@@ -222,15 +227,28 @@ async def serve(
         registry.close()
 
 
+def reload_tls(handle: HubHandle) -> bool:
+    """SIGHUP: load the TLS certificate and key again for new connections; True if they were reloaded."""
+    if handle.tls is None:
+        log.info("nothing to reload: TLS is not configured")
+        return False
+    return handle.tls.reload()
+
+
 async def serve_until_signal(config: HubConfig, on_ready: Callable[[HubHandle], None] | None = None) -> None:
-    """`serve` until SIGINT or SIGTERM, then shut down gracefully (a second signal aborts)."""
+    """`serve` until SIGINT or SIGTERM, then shut down gracefully (a second signal aborts); SIGHUP reloads TLS."""
     async with trio.open_nursery() as nursery:
-        handle: HubHandle = await nursery.start(serve, config)
-        if on_ready is not None:
-            on_ready(handle)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # Caught from before the listener opens (a SIGHUP right after startup must not kill the hub) until the
+        # first SIGINT/SIGTERM; the handlers are then restored, so a second one aborts the graceful shutdown.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            handle: HubHandle = await nursery.start(serve, config)
+            if on_ready is not None:
+                on_ready(handle)
             async for signum in signals:
                 log.info("signal received", extra={"kv": {"signal": signal.Signals(signum).name}})
+                if signum == signal.SIGHUP:
+                    reload_tls(handle)
+                    continue
                 handle.stop()
                 break
 

@@ -29,7 +29,9 @@ _SERVE_EPILOG = f"""\
 The InfluxDB token is read from the {INFLUX_TOKEN_ENV} environment variable only, the InfluxDB 1.x
 password from {INFLUX_PASSWORD_ENV} (never from the command line or the config file). Without
 --influx-url (or [influx] url in the config file) the hub writes line-protocol files under
-DATA_DIR/lines (the embedded sink) and needs no database. The hub serves its own figures on
+DATA_DIR/lines (the embedded sink) and needs no database. With --tls-cert and --tls-key, devices
+and operators connect with wss:// (same port); SIGHUP reloads the certificate and key for new
+connections without dropping open ones. The hub serves its own figures on plain
 http://METRICS_HOST:METRICS_PORT/metrics (Prometheus) and /healthz, and writes them as hub* points.
 See docs/hub.example.toml for every setting."""
 
@@ -81,6 +83,17 @@ def _non_negative_float(text: str) -> float:
 _HOST = _Option("--host", "server.host", str, "H", "address the device WebSocket listener binds to")
 _PORT = _Option("--port", "server.port", _port, "P", "TCP port of the device listener (0: any free port)")
 _DATA_DIR = _Option("--data-dir", "storage.data_dir", str, "DIR", "directory for registry, spool, embedded sink")
+_TLS = (
+    _Option(
+        "--tls-cert",
+        "tls.cert_file",
+        str,
+        "FILE",
+        "PEM certificate chain: devices and operators connect with wss:// (needs --tls-key; SIGHUP reloads both)",
+        "none: plain ws://",
+    ),
+    _Option("--tls-key", "tls.key_file", str, "FILE", "PEM private key of --tls-cert, unencrypted", "none"),
+)
 _INFLUX = (
     _Option("--influx-url", "influx.url", str, "URL", "InfluxDB base URL", "none: embedded sink"),
     _Option(
@@ -188,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config(serve)
-    _add_options(serve, (_HOST, _PORT, _DATA_DIR, *_INFLUX, *_METRICS, *_TUNING))
+    _add_options(serve, (_HOST, _PORT, *_TLS, _DATA_DIR, *_INFLUX, *_METRICS, *_TUNING))
     _add_logging(serve)
     serve.set_defaults(func=_cmd_serve)
 
@@ -258,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to run; 0: until Ctrl-C (default: 0)",
     )
     _add_config(demo)
-    _add_options(demo, (_PORT, _DATA_DIR, *_INFLUX))
+    _add_options(demo, (_PORT, *_TLS, _DATA_DIR, *_INFLUX))
     _add_logging(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
@@ -281,9 +294,21 @@ def _config(args: argparse.Namespace) -> HubConfig | None:
         return None
 
 
+def _check_tls(config: HubConfig) -> bool:
+    """False (after a message) when the configured TLS certificate and key do not load."""
+    from hub.tls import TLSError, check_tls_files
+
+    try:
+        check_tls_files(config.tls)
+    except TLSError as exc:
+        _error(str(exc))
+        return False
+    return True
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
-    if config is None:
+    if config is None or not _check_tls(config):
         return 2
     setup_logging(config.log_level, args.log_format)
     from hub.app import run  # imported here: the device commands need none of the server's modules
@@ -293,7 +318,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     config = _config(args)
-    if config is None:
+    if config is None or not _check_tls(config):
         return 2
     setup_logging(config.log_level, args.log_format)
     from hub.demo import run_demo

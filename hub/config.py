@@ -23,6 +23,7 @@ __all__ = [
     "PresenceConfig",
     "ServerConfig",
     "StorageConfig",
+    "TLSConfig",
     "load_config",
 ]
 
@@ -47,6 +48,28 @@ class ServerConfig:
     window: int = 16  # unacked telemetry messages a device may have in flight
     max_errors: int = 10  # protocol errors in one session before it is closed with 1008
     shutdown_grace: float = 10.0  # seconds to drain the pipeline on SIGINT/SIGTERM
+    max_connections: int = 10000  # open WebSocket connections (devices + operators); more: 503 before the upgrade
+    max_connections_per_address: int = 256  # from one IP address; more: 429 before the upgrade; 0: no limit
+    retry_after: int = 30  # seconds, sent in the Retry-After header of those 429/503 answers
+    idle_timeout: float = 120.0  # no message from a device for max(this, 3 x its interval): close 1001; 0: never
+    message_rate: float = 50.0  # messages per second a device may send on average ...
+    message_burst: int = 100  # ... and in a burst; beyond: the hub reads from it more slowly
+    point_rate: float = 20000.0  # points per second a device may send on average ...
+    point_burst: int = 40000  # ... and in a burst
+    throttle_close_after: float = 30.0  # seconds of uninterrupted throttling before a close with 1013
+
+
+@attrs.frozen
+class TLSConfig:
+    """TLS on the device/control listener (wss://): both files, or neither for plain ws://."""
+
+    cert_file: str = ""  # PEM: the server certificate, then its intermediates
+    key_file: str = ""  # PEM private key, unencrypted (keep it mode 0600); reloaded with the cert on SIGHUP
+
+    @property
+    def enabled(self) -> bool:
+        """True when a certificate is configured."""
+        return bool(self.cert_file)
 
 
 @attrs.frozen
@@ -69,6 +92,8 @@ class ControlConfig:
     max_subscriptions: int = 16  # per control session
     buffer: int = 1000  # events buffered per subscription before coalescing/dropping
     max_errors: int = 20  # bad frames in a session before it is closed with 1008
+    request_rate: float = 50.0  # requests per second per operator (all its sessions together) ...
+    request_burst: int = 200  # ... and in a burst; beyond: the request is answered "rate_limited"
 
 
 @attrs.frozen
@@ -141,6 +166,7 @@ class HubConfig:
     """The whole configuration of one hub process."""
 
     server: ServerConfig = attrs.field(factory=ServerConfig)
+    tls: TLSConfig = attrs.field(factory=TLSConfig)
     presence: PresenceConfig = attrs.field(factory=PresenceConfig)
     influx: InfluxConfig = attrs.field(factory=InfluxConfig)
     control: ControlConfig = attrs.field(factory=ControlConfig)
@@ -154,6 +180,7 @@ class HubConfig:
 
 _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
+    "tls": TLSConfig,
     "presence": PresenceConfig,
     "influx": InfluxConfig,
     "control": ControlConfig,
@@ -166,7 +193,7 @@ _SECTIONS: dict[str, type] = {
 
 
 #: Numeric options for which 0 makes sense (any free port; flush every message at once).
-_ZERO_OK = frozenset({"port", "http_port", "max_delay"})
+_ZERO_OK = frozenset({"port", "http_port", "max_delay", "max_connections_per_address", "idle_timeout"})
 
 
 def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
@@ -246,6 +273,9 @@ def load_config(
     sections = {name: _section(cls, merged[name], name) for name, cls in _SECTIONS.items()}
     secrets = {"token": env.get(INFLUX_TOKEN_ENV, ""), "password": env.get(INFLUX_PASSWORD_ENV, "")}
     sections["influx"] = attrs.evolve(sections["influx"], **{k: v for k, v in secrets.items() if v})
+    tls = sections["tls"]
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError("tls: cert_file and key_file go together (both for wss://, neither for plain ws://)")
     if sections["influx"].api not in ("v1", "v2"):
         raise ConfigError(f"influx.api: expected v1 or v2, got {sections['influx'].api!r}")
     level = top.get("log_level", "info")

@@ -2,7 +2,7 @@
 
 Needs only trio, trio-websocket and attrs, like `hubctl`, which is built on it::
 
-    async with open_control("ws://hub:8765/v1/control", token) as hub:
+    async with open_control("wss://hub:8765/v1/control", token) as hub:
         devices = await hub.devices(state="online")
         async with hub.subscribe("telemetry", ["sensor-7"]) as events:
             async for item in events:  # Event or Dropped
@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +26,8 @@ import trio
 import trio_websocket
 import wsproto.utilities
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
+
+from device_client.client import InsecureURLError, TLSHandshakeError, client_ssl_context, tls_handshake_errors
 
 __all__ = [
     "CONTROL_PATH",
@@ -39,6 +42,7 @@ __all__ = [
     "Dropped",
     "ErrorCode",
     "Event",
+    "InsecureURLError",
     "ReplyTimeout",
     "RequestFailed",
     "Subscription",
@@ -526,15 +530,21 @@ async def open_control(
     reply_timeout: float = 30.0,
     ping_interval: float | None = 20.0,
     ping_timeout: float = 10.0,
+    ca_file: str | os.PathLike[str] | None = None,
+    allow_insecure: bool = False,
 ) -> AsyncIterator[ControlClient]:
     """Connect to the control endpoint at `url` with operator `token` (sent in the Authorization header).
 
     Raises `AuthRefused` for a refused token, `ConnectFailed` for any other failure to connect
-    (within `connect_timeout` seconds, authentication included), ValueError for a bad URL or token.
-    With `ping_interval`, a hub that stops answering pings ends the connection (`Disconnected`)
-    instead of leaving a request or a subscription hanging forever.
+    (within `connect_timeout` seconds, authentication included; a certificate not accepted
+    included), ValueError for a bad URL, token or `ca_file`. With `ping_interval`, a hub that
+    stops answering pings ends the connection (`Disconnected`) instead of leaving a request or
+    a subscription hanging forever. A wss:// hub's certificate is verified against the system
+    CAs, or only `ca_file`; plain ws:// to a host that is not loopback raises `InsecureURLError`
+    (a ValueError) before any connection attempt, unless `allow_insecure`.
     """
     url = control_url(url)
+    ssl_context = client_ssl_context(url, ca_file=ca_file, allow_insecure=allow_insecure)
     if not token or not token.isascii() or not token.isprintable():
         raise ValueError("an operator token is non-empty printable ASCII")
     headers = [(b"authorization", f"Bearer {token}".encode("ascii"))]
@@ -547,15 +557,22 @@ async def open_control(
             async with trio.open_nursery() as nursery:
                 try:
                     with trio.fail_after(connect_timeout):
-                        ws = await trio_websocket.connect_websocket_url(
-                            nursery, url, extra_headers=headers, max_message_size=MAX_REPLY_BYTES
-                        )
+                        with tls_handshake_errors(url):
+                            ws = await trio_websocket.connect_websocket_url(
+                                nursery,
+                                url,
+                                ssl_context=ssl_context,
+                                extra_headers=headers,
+                                max_message_size=MAX_REPLY_BYTES,
+                            )
                         try:
                             operator, role = await _authenticate(ws, token)
                         except ConnectionClosed as exc:
                             raise _closed_early(exc.reason) from None
                 except trio.TooSlowError:
                     raise ConnectFailed(f"no answer from {url} within {connect_timeout} s") from None
+                except TLSHandshakeError as exc:
+                    raise ConnectFailed(f"cannot connect to {url}: {exc}") from exc
                 except OSError as exc:
                     raise ConnectFailed(f"cannot connect to {url}: {exc}") from None
                 connected = True

@@ -20,9 +20,11 @@ from hub import fleet
 from hub.commands import STATES as COMMAND_STATES
 from hub.commands import CommandError, CommandService
 from hub.config import HubConfig
+from hub.device_server import reject
 from hub.ledger import Ledgers
 from hub.pipeline import Pipeline
 from hub.presence import Presence
+from hub.ratelimit import Rate, TokenBucket
 from hub.registry import BadName, DeviceExists, Registry, UnknownDevice, role_allows
 from hub.stats import Stats
 from hub.subscriptions import TOPICS, Broadcaster, Subscription
@@ -69,6 +71,7 @@ class ErrorCode:
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     BAD_COMMAND = "bad_command"
     EXISTS = "exists"
+    RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 
 
@@ -177,6 +180,17 @@ class ControlServer:
         self.started_at = time.time()
         self.closing = False
         self._sessions: set[ControlSession] = set()
+        self._buckets: dict[str, TokenBucket] = {}  # per operator, shared by its sessions
+
+    def bucket(self, operator: str) -> TokenBucket:
+        """The request bucket of `operator` (`control.request_rate`, `control.request_burst`)."""
+        bucket = self._buckets.get(operator)
+        if bucket is None:
+            cfg = self.config.control
+            bucket = self._buckets[operator] = TokenBucket(
+                Rate(cfg.request_rate, cfg.request_burst), trio.current_time()
+            )
+        return bucket
 
     @property
     def sessions(self) -> int:
@@ -215,7 +229,7 @@ class ControlServer:
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="hub"'))
-        await request.reject(status, extra_headers=headers, body=body.encode() + b"\n")
+        await reject(request, status, headers, body.encode() + b"\n")
 
     async def handle(self, request: WebSocketRequest) -> None:
         """Check the handshake (token in URL 401, Origin 403, bad Authorization 401), then serve the session.
@@ -278,6 +292,8 @@ class ControlSession:
         self._subs: dict[int, Subscription] = {}
         self._wake = trio.Event()
         self._errors: deque[float] = deque()
+        self._bucket: TokenBucket | None = None  # the operator's request bucket, once authenticated
+        self._limited = False  # the latest request was refused for the rate: log only the first of a run
         self._waits = trio.Semaphore(MAX_WAITS)
         self._scope = trio.CancelScope()
         self._done = trio.Event()
@@ -311,6 +327,7 @@ class ControlSession:
                     if identity is None:
                         return
                 self.operator, self.role = identity.name, identity.role
+                self._bucket = server.bucket(self.operator)
                 if server.closing:  # authenticated after close_all took its list of sessions
                     await self._abort(CloseCode.GOING_AWAY, "hub shutting down")
                     return
@@ -426,6 +443,7 @@ class ControlSession:
         try:
             req = self._parse(text)
             req_id = req["id"]
+            self._check_rate()
             kind = req.get("type")
             if not isinstance(kind, str):
                 raise RequestError(ErrorCode.BAD_REQUEST, "missing 'type'")
@@ -444,6 +462,8 @@ class ControlSession:
                 return
             result = await self._handlers[kind](req)
         except RequestError as exc:
+            level = logging.DEBUG if exc.code == ErrorCode.RATE_LIMITED else logging.INFO
+            log.log(level, "request refused", extra=self.kv(reason=exc.code, id=req_id, type=str(kind)[:40]))
             await self._reply_error(req_id, exc.code, exc.message)
             if exc.code in _BAD_FRAME_CODES:
                 await self._count_bad_frame()
@@ -455,6 +475,19 @@ class ControlSession:
             await self._abort(CloseCode.INTERNAL, "internal error")
             return
         await self._send({"id": req_id, "type": "result", "success": True, "result": result})
+
+    def _check_rate(self) -> None:
+        """Refuse the request (`rate_limited`) when the operator is over `control.request_rate`."""
+        assert self._bucket is not None
+        if self._bucket.try_take(1, trio.current_time()):
+            self._limited = False
+            return
+        self.server.stats.requests_rate_limited += 1
+        if not self._limited:
+            self._limited = True
+            log.warning("operator over its request rate: refusing requests", extra=self.kv(reason="rate_limited"))
+        cfg = self.server.config.control
+        raise RequestError(ErrorCode.RATE_LIMITED, f"more than {cfg.request_rate:g} requests/s: slow down")
 
     async def _reply_error(self, req_id: int | None, code: str, message: str) -> None:
         error = {"code": code, "message": message}

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from device_client.client import client_ssl_context
 from hub.control_client import (
     FINAL_STATES,
     HUB_WAIT_TIMEOUT,
@@ -33,6 +34,7 @@ from hub.control_client import (
 )
 
 __all__ = [
+    "CA_FILE_ENV",
     "DEFAULT_URL",
     "TOKEN_ENV",
     "URL_ENV",
@@ -56,6 +58,7 @@ __all__ = [
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/control"
 URL_ENV = "HUBCTL_URL"
 TOKEN_ENV = "HUBCTL_TOKEN"
+CA_FILE_ENV = "HUBCTL_CA_FILE"
 
 DEVICE_STATES = ("online", "late", "offline")
 COMMAND_STATES = ("queued", "sent", "delivered", "succeeded", "failed", "expired", "timed_out", "cancelled")
@@ -83,7 +86,10 @@ Watch the fleet and command devices through the hub's control channel (/v1/contr
 
 The operator token comes from the HUBCTL_TOKEN environment variable or from --token-file.
 There is deliberately no --token option: a token on the command line lands in shell history
-and in the process list (ps) for every user of the machine to read."""
+and in the process list (ps) for every user of the machine to read.
+
+With a wss:// URL the hub's certificate is verified (system CAs, or only --ca-file). Plain ws://
+is refused to any host but loopback (localhost, 127.0.0.0/8, ::1) unless --insecure-plain-ws."""
 
 _EPILOG = """\
 exit codes: 0 ok; 1 the hub answered with an error (its code is on stderr); 2 usage;
@@ -156,6 +162,18 @@ def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
         action="store_true",
         default=default(False),
         help="machine output: one JSON document (JSON lines for watch)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        default=default(None),
+        help=f"wss://: trust only the CA certificates in FILE (PEM) (default: ${CA_FILE_ENV}, else the system CAs)",
+    )
+    parser.add_argument(
+        "--insecure-plain-ws",
+        action="store_true",
+        default=default(False),
+        help="allow plain ws:// to a host that is not loopback: the token travels unencrypted",
     )
 
 
@@ -738,7 +756,7 @@ _COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable[int
 
 async def _run(opts: argparse.Namespace, url: str, token: str) -> int:
     try:
-        async with open_control(url, token) as hub:
+        async with open_control(url, token, ca_file=opts.ca_file, allow_insecure=opts.insecure_plain_ws) as hub:
             return await _COMMANDS[opts.command](hub, opts)
     except RequestFailed as exc:
         message = f": {_clean(exc.message)}" if exc.message else ""
@@ -774,6 +792,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         token = _token(opts, os.environ)
         url = control_url(opts.url or os.environ.get(URL_ENV) or DEFAULT_URL)
+        if opts.ca_file is None and url.startswith("wss:"):
+            opts.ca_file = os.environ.get(CA_FILE_ENV) or None
+        # Refuses plain ws:// to a remote host and loads the CA file before anything is sent.
+        client_ssl_context(url, ca_file=opts.ca_file, allow_insecure=opts.insecure_plain_ws)
     except (UsageError, ValueError) as exc:
         _err(f"hubctl: {exc}")
         return ExitCode.USAGE

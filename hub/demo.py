@@ -37,7 +37,13 @@ async def _demo(config: HubConfig, devices: int, duration: float) -> None:
     async with trio.open_nursery() as nursery:
         handle: HubHandle = await nursery.start(serve, config)
         host = "127.0.0.1" if config.server.host in ("0.0.0.0", "") else config.server.host
-        url = f"ws://{host}:{handle.port}/v1/device"
+        # The devices run in this process: with TLS they trust the hub's own certificate file (meant for a
+        # self-signed one); without, plain ws:// to our own address never leaves the machine.
+        if config.tls.enabled:
+            scheme, trust = "wss", {"ca_file": config.tls.cert_file}
+        else:
+            scheme, trust = "ws", {"allow_insecure": True}
+        url = f"{scheme}://{host}:{handle.port}/v1/device"
         print(f"hub listening on {url}; storage: {handle.sink.description}", flush=True)
         print(f"{devices} simulated devices report every ~{DEMO_INTERVAL:g}s; Ctrl-C stops", flush=True)
         stop = trio.Event()
@@ -59,6 +65,7 @@ async def _demo(config: HubConfig, devices: int, duration: float) -> None:
                 stop=stop,
                 progress=lambda t: print(_progress_line(handle, t), flush=True),
                 progress_every=PROGRESS_EVERY,
+                client_options=trust,
             )
             fleet.cancel_scope.cancel()
         handle.stop()

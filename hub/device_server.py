@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import resource
+import ssl
 import time
 from collections import deque
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -31,6 +35,7 @@ from hub.ledger import DeviceLedger, Ledgers
 from hub.lineproto import LineBuilder
 from hub.pipeline import Pipeline
 from hub.presence import Presence
+from hub.ratelimit import DeviceRate, Rate, Throttle, Verdict
 from hub.registry import Registry
 from hub.stats import Stats
 from hub.subscriptions import Broadcaster
@@ -47,11 +52,50 @@ CONTROL_PATH = "/v1/control"
 REVOKE_CHECK_EVERY = 2.0
 #: Longest wait for a peer to answer our close frame.
 CLOSE_TIMEOUT = 2.0
+#: A device is idle after max(server.idle_timeout, this x the reporting interval it declared) without a message.
+IDLE_FACTOR = 3.0
+#: Error code of the notice that a device exceeds its rates (sent without a seq: nothing is refused).
+RATE_LIMITED = "rate_limited"
+#: File descriptors kept for the hub's own files (registry, spool, sink files, logs) besides connections.
+FD_RESERVE = 100
 
 
 def _remote(request_or_ws: WebSocketRequest | WebSocketConnection) -> str:
     remote = request_or_ws.remote
     return f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
+
+
+def _address(request: WebSocketRequest) -> str:
+    """The peer's IP address (without the port): the key of the per-address connection limit."""
+    remote = request.remote
+    return str(remote.address) if hasattr(remote, "address") else str(remote)
+
+
+async def reject(request: WebSocketRequest, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Answer the handshake with HTTP `status`, then close the TCP connection.
+
+    trio-websocket (0.12) leaves a rejected connection open until the client closes it: a refused client
+    could hold its socket forever, past every connection limit.
+    """
+    try:
+        await request.reject(status, extra_headers=headers, body=body)
+    finally:
+        connection = getattr(request, "_connection", None)
+        close_stream = getattr(connection, "_close_stream", None)
+        if close_stream is not None:
+            await close_stream()
+
+
+def _check_fd_limit(max_connections: int) -> None:
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and max_connections > soft - FD_RESERVE:
+        log.warning(
+            "server.max_connections is above what the file-descriptor limit allows: raise `ulimit -n` or lower it",
+            extra={"kv": {"max_connections": max_connections, "fd_limit": soft}},
+        )
 
 
 class DeviceServer:
@@ -80,13 +124,23 @@ class DeviceServer:
         self.sessions: dict[str, DeviceSession] = {}
         self.closing = False
         self._device_locks: dict[str, trio.Lock] = {}
+        self.open_connections = 0  # WebSocket handshakes being served: devices and operators, any stage
+        self._by_address: dict[str, int] = {}
+        self._rates: dict[str, DeviceRate] = {}  # per device, kept across sessions
+        self._inflight: dict[str, deque[int]] = {}  # per device: submitted telemetry seqs not yet known durable
         self._listen_scope = trio.CancelScope()
         self._watch_scope = trio.CancelScope()
         self._handlers: trio.Nursery | None = None
 
-    async def listen(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept devices until `stop_accepting`; return once every session has ended. Reports the port."""
+    async def listen(
+        self, *, ssl_context: ssl.SSLContext | None = None, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept devices until `stop_accepting`; return once every session has ended. Reports the port.
+
+        With `ssl_context` the listener speaks TLS (wss://); the context is read at each handshake.
+        """
         cfg = self.config.server
+        _check_fd_limit(cfg.max_connections)
         async with trio.open_nursery() as handlers:
             self._handlers = handlers
 
@@ -96,7 +150,7 @@ class DeviceServer:
                         self._handle,
                         cfg.host,
                         cfg.port,
-                        None,
+                        ssl_context,
                         handler_nursery=handlers,
                         max_message_size=cfg.max_message_bytes,
                         connect_timeout=cfg.handshake_timeout,
@@ -106,7 +160,10 @@ class DeviceServer:
 
             server = await handlers.start(accept_loop)
             handlers.start_soon(self._close_revoked)
-            log.info("device endpoint listening", extra={"kv": {"host": cfg.host, "port": server.port}})
+            log.info(
+                "device endpoint listening",
+                extra={"kv": {"host": cfg.host, "port": server.port, "tls": ssl_context is not None}},
+            )
             task_status.started(server.port)
 
     async def _close_revoked(self) -> None:
@@ -141,15 +198,50 @@ class DeviceServer:
 
     # ------------------------------------------------------------------ handshake
 
-    async def _refuse(self, request: WebSocketRequest, status: int, why: str, body: str) -> None:
+    async def _refuse(
+        self, request: WebSocketRequest, status: int, why: str, body: str, *, retry_after: int | None = None
+    ) -> None:
         self.stats.refused += 1
         log.warning("handshake refused", extra={"kv": {"status": status, "reason": why, "remote": _remote(request)}})
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="hub"'))
-        await request.reject(status, extra_headers=headers, body=body.encode() + b"\n")
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        await reject(request, status, headers, body.encode() + b"\n")
 
     async def _handle(self, request: WebSocketRequest) -> None:
+        """Count the connection against the total and per-address limits, then route it; never raises."""
+        cfg = self.config.server
+        address = _address(request)
+        try:
+            if self.open_connections >= cfg.max_connections:
+                why, body = "too_many_connections", "the hub is at its connection limit; retry later"
+                await self._refuse(request, 503, why, body, retry_after=cfg.retry_after)
+                return
+            per_address = cfg.max_connections_per_address
+            if per_address and self._by_address.get(address, 0) >= per_address:
+                why, body = "too_many_from_address", "too many connections from your address; retry later"
+                await self._refuse(request, 429, why, body, retry_after=cfg.retry_after)
+                return
+            self.open_connections += 1
+            self._by_address[address] = self._by_address.get(address, 0) + 1
+            try:
+                await self._route(request)
+            finally:
+                self.open_connections -= 1
+                left = self._by_address[address] - 1
+                if left:
+                    self._by_address[address] = left
+                else:
+                    del self._by_address[address]
+        except ConnectionClosed:
+            pass  # the client left during the handshake
+        except Exception:
+            # One connection's failure must never take the listener (and every other session) down with it.
+            log.exception("handshake failed", extra={"kv": {"remote": _remote(request)}})
+
+    async def _route(self, request: WebSocketRequest) -> None:
         path, _, query = request.path.partition("?")
         if path == CONTROL_PATH and self.control is not None:
             await self.control.handle(request)
@@ -182,6 +274,22 @@ class DeviceServer:
         session = DeviceSession(self, ws, name, _remote(request))
         await session.run()
 
+    def device_rate(self, name: str) -> DeviceRate:
+        """The message and point buckets of device `name` (one pair per device, shared by its sessions)."""
+        rate = self._rates.get(name)
+        if rate is None:
+            cfg = self.config.server
+            messages, points = Rate(cfg.message_rate, cfg.message_burst), Rate(cfg.point_rate, cfg.point_burst)
+            rate = self._rates[name] = DeviceRate(messages, points, trio.current_time())
+        return rate
+
+    def inflight(self, name: str) -> deque[int]:
+        """Seqs of device `name` handed to the pipeline and maybe not durable yet, oldest first (the window)."""
+        seqs = self._inflight.get(name)
+        if seqs is None:
+            seqs = self._inflight[name] = deque()
+        return seqs
+
     def device_lock(self, name: str) -> trio.Lock:
         """The lock that orders session hand-over for one device."""
         lock = self._device_locks.get(name)
@@ -203,8 +311,12 @@ class DeviceSession:
         self.ledger: DeviceLedger | None = None
         self._last_ack = 0
         self._errors: deque[float] = deque()
-        self._submitting = False
         self._builder = LineBuilder(name)
+        self._throttle = Throttle(server.device_rate(name), server.config.server.throttle_close_after)
+        self._inflight = server.inflight(name)
+        self._interval = 0.0  # the reporting interval declared in hello
+        self._holds = 0  # > 0 while the session deliberately reads nothing (window, rate, pipeline backpressure)
+        self._hold_end = -math.inf  # when the latest hold ended
         queue = 2 * server.config.commands.max_queue
         self._commands_out, self._commands_in = trio.open_memory_channel[Command](queue)
         self._reader_scope = trio.CancelScope()
@@ -270,12 +382,13 @@ class DeviceSession:
                     ErrorCode.UNSUPPORTED_VERSION, f"this hub speaks proto {protocol.PROTOCOL_VERSION}"
                 )
                 return None
+            self._interval = msg.interval
             return msg
         await self._close_with_error(ErrorCode.NOT_READY, "no hello in time")
         return None
 
     async def _close_with_error(self, code: str, detail: str) -> None:
-        log.warning("device refused", extra=self._kv(code=code))
+        log.warning("device refused", extra=self._kv(reason=code))
         self.server.stats.count_error(code)
         with trio.move_on_after(CLOSE_TIMEOUT):
             with contextlib.suppress(ConnectionClosed):
@@ -323,36 +436,131 @@ class DeviceSession:
             if self.reason == "closed":
                 self.reason = "disconnected"
 
+    def idle_timeout(self) -> float:
+        """Seconds without any message after which this session is closed as idle (inf: never)."""
+        idle = self.server.config.server.idle_timeout
+        return max(idle, IDLE_FACTOR * self._interval) if idle > 0 else math.inf
+
     async def _read_loop(self) -> None:
-        limits = self.server.config.limits
         stats = self.server.stats
+        idle = self.idle_timeout()
         while True:
-            try:
-                text = await self.ws.get_message()
-            except ConnectionClosed as exc:
-                code = exc.reason.code if exc.reason is not None else None
-                if self.reason == "closed":
-                    self.reason = "too_big" if code == CloseCode.TOO_BIG else "disconnected"
+            with trio.move_on_after(idle) as waiting:
+                try:
+                    text = await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    code = exc.reason.code if exc.reason is not None else None
+                    if self.reason == "closed":
+                        self.reason = "too_big" if code == CloseCode.TOO_BIG else "disconnected"
+                    return
+            if waiting.cancelled_caught:
+                self.reason = "idle"
+                log.info("device idle: closing", extra=self._kv(reason="idle", seconds=idle))
+                await self._end(CloseCode.GOING_AWAY, "idle timeout")
                 return
             stats.messages_in += 1
-            if isinstance(text, bytes):
-                await self._refuse(ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted"))
-                continue
-            try:
-                msg = protocol.decode(text, limits)
-            except ProtocolError as exc:
-                await self._refuse(exc)
-                continue
-            kind = type(msg)
-            if kind is Telemetry:
-                await self._telemetry(msg)
-            elif kind is CommandAck or kind is CommandResult:
-                await self._command_answer(msg)
-            elif kind is Hello:
-                await self._refuse(ProtocolError(ErrorCode.NOT_READY, "hello was already received"))
-            else:
-                detail = "devices send hello, telemetry, command_ack and command_result only"
-                await self._refuse(ProtocolError(ErrorCode.BAD_MESSAGE, detail))
+            points = await self._dispatch(text)
+            verdict = self._throttle.charge(1, points, trio.current_time())
+            if verdict.delay and not await self._throttled(verdict):
+                return
+
+    async def _dispatch(self, text: str | bytes) -> int:
+        """Act on one message from the device; the number of points it brought (for the rate limit)."""
+        if isinstance(text, bytes):
+            await self._refuse(ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted"))
+            return 0
+        try:
+            msg = protocol.decode(text, self.server.config.limits)
+        except ProtocolError as exc:
+            await self._refuse(exc)
+            return 0
+        kind = type(msg)
+        if kind is Telemetry:
+            await self._telemetry(msg)
+            return len(msg.points)
+        if kind is CommandAck or kind is CommandResult:
+            await self._command_answer(msg)
+        elif kind is Hello:
+            await self._refuse(ProtocolError(ErrorCode.NOT_READY, "hello was already received"))
+        else:
+            detail = "devices send hello, telemetry, command_ack and command_result only"
+            await self._refuse(ProtocolError(ErrorCode.BAD_MESSAGE, detail))
+        return 0
+
+    async def _throttled(self, verdict: Verdict) -> bool:
+        """Slow down a device over its rates (tell it once per episode); False once it is closed for good."""
+        cfg = self.server.config.server
+        if verdict.persistent:
+            self.reason = RATE_LIMITED
+            log.warning(
+                "device keeps exceeding its rates: closing",
+                extra=self._kv(reason=RATE_LIMITED, seconds=cfg.throttle_close_after),
+            )
+            await self._end(CloseCode.TRY_LATER, "rate limit exceeded")
+            return False
+        if verdict.started:
+            stats = self.server.stats
+            stats.throttled += 1
+            stats.count_error(RATE_LIMITED)
+            log.info("device throttled", extra=self._kv(reason=RATE_LIMITED, wait=round(verdict.delay, 3)))
+            detail = (
+                f"over {cfg.message_rate:g} messages/s or {cfg.point_rate:g} points/s: "
+                "the hub reads from this connection more slowly; nothing was refused"
+            )
+            await self.ws.send_message(protocol.encode(protocol.Error(RATE_LIMITED, detail)))
+        with self._holding():
+            await trio.sleep(verdict.delay)
+        return True
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[None]:
+        """Mark a deliberate pause in reading: pongs cannot be read meanwhile, so pings do not count."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            self._hold_end = trio.current_time()
+
+    async def _make_room(self) -> None:
+        """Read nothing more until fewer than `server.window` batches of this device wait for their ack."""
+        ledger = self.ledger
+        assert ledger is not None
+        inflight = self._inflight
+        window = self.server.config.server.window
+        while inflight and inflight[0] <= ledger.durable:
+            inflight.popleft()
+        if len(inflight) < window:
+            return
+        self.server.stats.window_waits += 1
+        log.debug("window full: waiting for acks", extra=self._kv(inflight=len(inflight)))
+        with self._holding():
+            while len(inflight) >= window:
+                await ledger.wait_beyond(inflight[0] - 1)
+                while inflight and inflight[0] <= ledger.durable:
+                    inflight.popleft()
+
+    async def _submit(self, text: str, n: int, seq: int) -> None:
+        """Hand batch `seq` to the pipeline once the window has room for it (both may make this session wait)."""
+        ledger = self.ledger
+        assert ledger is not None
+        await self._make_room()
+        with self._holding():
+            await self.server.pipeline.submit(text, n, (ledger, seq))
+        ledger.submitted = seq
+        self._inflight.append(seq)
+
+    async def _end(self, code: int, text: str) -> None:
+        """Close from inside the session: wait briefly for the acks in flight, send the last one, close with `code`."""
+        ledger = self.ledger
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            if ledger is not None and self._inflight:
+                with self._holding():
+                    await ledger.wait_beyond(self._inflight[-1] - 1)
+            if ledger is not None and ledger.durable > self._last_ack:
+                with contextlib.suppress(ConnectionClosed):
+                    await self._send_ack(ledger.durable)
+            await self.ws.aclose(code, text)
 
     async def _telemetry(self, msg: Telemetry) -> None:
         ledger = self.ledger
@@ -366,12 +574,7 @@ class DeviceSession:
             return  # still in the pipeline: its ack follows when it is durable
         points = msg.points
         n = len(points)
-        self._submitting = True  # while the pipeline pushes back, this session reads nothing: pongs wait too
-        try:
-            await self.server.pipeline.submit(self._builder.lines(points), n, (ledger, seq))
-        finally:
-            self._submitting = False
-        ledger.submitted = seq
+        await self._submit(self._builder.lines(points), n, seq)
         stats.points_in += n
         ledger.last_seen = time.time()
         latest = ledger.latest
@@ -416,13 +619,12 @@ class DeviceSession:
         """Answer one refused message with an error frame; close the session if they keep coming."""
         stats = self.server.stats
         stats.count_error(exc.code)
-        log.info("message refused", extra=self._kv(code=exc.code, seq=exc.seq))
+        log.info("message refused", extra=self._kv(reason=exc.code, seq=exc.seq))
         await self.ws.send_message(protocol.encode(protocol.Error(exc.code, exc.detail[:200], exc.seq)))
         ledger = self.ledger
         if exc.seq is not None and ledger is not None and exc.seq > ledger.submitted:
             # A refused batch is resolved: let the cumulative ack pass over it, in order.
-            await self.server.pipeline.submit("", 0, (ledger, exc.seq))
-            ledger.submitted = exc.seq
+            await self._submit("", 0, exc.seq)
         now = trio.current_time()
         self._errors.append(now)
         while self._errors and self._errors[0] < now - ERROR_WINDOW:
@@ -451,10 +653,11 @@ class DeviceSession:
         try:
             while True:
                 await trio.sleep(cfg.ping_interval)
+                started = trio.current_time()
                 with trio.move_on_after(cfg.ping_timeout) as timeout:
                     await self.ws.ping()
-                if timeout.cancelled_caught and self._submitting:
-                    # Backpressure, not a dead device: its pong sits unread behind the telemetry we cannot take.
+                if timeout.cancelled_caught and (self._holds or self._hold_end >= started):
+                    # Backpressure, not a dead device: its pong sits unread behind the telemetry we did not take.
                     log.info("no pong while ingest is held back; keeping the device", extra=self._kv())
                     continue
                 if timeout.cancelled_caught:

@@ -25,6 +25,9 @@ class Stats:
     spool_full: int = 0  # times the spool was full and ingest had to wait
     acks_sent: int = 0
     resends: int = 0  # telemetry messages whose seq was already submitted
+    throttled: int = 0  # throttle episodes: device sessions read more slowly for exceeding their rates
+    window_waits: int = 0  # times a device session stopped reading until acks made room in its window
+    requests_rate_limited: int = 0  # control requests refused with "rate_limited"
     write_seconds_sum: float = 0.0  # time spent in successful sink writes (one per batches_written)
     write_seconds_last: float = 0.0  # duration of the latest successful write
     write_seconds_peak: float = 0.0  # longest successful write since the last metrics snapshot

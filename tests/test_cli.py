@@ -54,12 +54,14 @@ _INFLUX = [
     "--influx-username",
 ]
 _LOGGING = ["--log-level", "--log-format"]
+_TLS = ["--tls-cert", "--tls-key"]
 HELP = {
     (): ["serve", "device", "operator", "demo"],
     ("serve",): [
         *_COMMON,
         *_INFLUX,
         *_LOGGING,
+        *_TLS,
         "--host",
         "--port",
         "--ping-interval",
@@ -81,7 +83,7 @@ HELP = {
     ("operator", "add"): [*_COMMON, "NAME", "--role"],
     ("operator", "list"): [*_COMMON, "--json"],
     ("operator", "revoke"): [*_COMMON, "NAME"],
-    ("demo",): [*_COMMON, *_INFLUX, *_LOGGING, "--devices", "--duration", "--port"],
+    ("demo",): [*_COMMON, *_INFLUX, *_LOGGING, *_TLS, "--devices", "--duration", "--port"],
 }
 
 

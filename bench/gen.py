@@ -1,0 +1,654 @@
+"""The load generator process: many device connections, lean (wsproto, pre-encoded frames) or through `device_client`.
+
+Run by `bench.run` as `python -m bench.gen SPEC.json`. It connects its devices and reports `ready`, then obeys
+one command per stdin line: `go` (start sending), `drop` (reset every connection at once and reconnect), `stop`
+(stop sending, wait for the last acks, report `result`), `exit`. Sending also stops by itself after
+`duration` seconds; the whole process ends itself after `max_seconds`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import random
+import resource
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, Request, TextMessage
+from wsproto.utilities import ProtocolError as WSProtocolError
+
+from bench.jsonl import emit, raise_fd_limit, stdin_lines
+from bench.wire import BASE_TS, client_frame, parse_ack, points_for, telemetry_template
+from device_client import protocol
+
+__all__ = ["GenSpec", "main"]
+
+#: Failed attempts before a device counts as failed to connect.
+CONNECT_ATTEMPTS = 3
+#: A send blocked this long means the connection is stuck: it is reset (and the device reconnects).
+SEND_STALL = 60.0
+_RECV = 65536
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+@attrs.frozen
+class GenSpec:
+    """What one generator process does (written by the harness as JSON)."""
+
+    host: str
+    port: int
+    tokens: tuple[str, ...]
+    measurement: str
+    points: int = 10  # points per telemetry message
+    duration: float = 10.0  # seconds of sending after `go`; 0: until `stop`
+    interval: float = 0.0  # seconds between messages of one device; 0: as fast as the ack window allows
+    acks: bool = True  # False: the transport baseline, which never acks (no window, nothing to resend)
+    client: str = "lean"  # "lean" or "sdk" (device_client)
+    path: str = protocol.DEVICE_PATH
+    local_address: str | None = None  # source address, to spread connections over 127.0.0.x
+    connect_concurrency: int = 256  # handshakes in progress at once
+    connect_timeout: float = 30.0
+    drain_timeout: float = 30.0  # after sending stops: longest wait for the last acks
+    max_seconds: float = 900.0
+
+    @classmethod
+    def load(cls, path: str) -> GenSpec:
+        """Read a spec file."""
+        data = json.loads(Path(path).read_text())
+        data["tokens"] = tuple(data["tokens"])
+        return cls(**data)
+
+
+class _Device:
+    """Connection and sequence state of one lean device."""
+
+    __slots__ = (
+        "acked",
+        "back",
+        "changed",
+        "dropped",
+        "index",
+        "lock",
+        "parts",
+        "scope",
+        "sending_done",
+        "seq",
+        "settled",
+        "stream",
+        "token",
+        "unacked",
+        "welcomed",
+        "window",
+        "ws",
+    )
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.stream: trio.SocketStream | None = None
+        self.ws: WSConnection | None = None
+        self.seq = 0  # last seq used
+        self.acked = 0
+        self.index = 0  # messages made in this run: timestamps follow from it
+        self.unacked: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.changed = trio.Event()
+        self.lock = trio.Lock()
+        self.welcomed = trio.Event()
+        self.window = 16
+        self.parts: list[str] = []
+        self.scope = trio.CancelScope()
+        self.dropped = False
+        self.back = False  # dropped by `drop` and not welcomed again yet
+        self.sending_done = False
+        self.settled = False  # welcomed once, or failed for good: counted for `ready`
+
+
+class _Refused(Exception):
+    """The hub answered the upgrade with an HTTP error."""
+
+
+class _Fleet:
+    """What both generator kinds share: commands from stdin, counters, the result."""
+
+    def __init__(self, spec: GenSpec) -> None:
+        self.spec = spec
+        self.go = trio.Event()
+        self.exit = trio.Event()
+        self.stopping = False
+        self.send_deadline = math.inf
+        self.sender_scopes: set[trio.CancelScope] = set()
+        self.settled = 0  # devices welcomed once or failed for good
+        self.connected = 0
+        self.failed = 0
+        self.t_first = math.inf
+        self.t_ready = 0.0
+        self.ready_sent = False
+        self.senders_done = 0
+        self.all_sent = trio.Event()
+        self.sent_msgs = 0
+        self.acked_msgs = 0
+        self.acked_points = 0
+        self.t_go = 0.0
+        self.t_sent = 0.0
+        self.t_last_ack = 0.0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.lost = 0  # connections that ended without us asking
+        self.resent = 0
+        self.commands = 0
+        self.cpu_go = 0.0
+
+    def settle(self, ok: bool) -> None:
+        self.settled += 1
+        if ok:
+            self.connected += 1
+            self.t_ready = max(self.t_ready, time.monotonic())
+        else:
+            self.failed += 1
+        if self.settled == len(self.spec.tokens) and not self.ready_sent:
+            self.ready_sent = True
+            emit(
+                "ready",
+                devices=len(self.spec.tokens),
+                connected=self.connected,
+                failed=self.failed,
+                t_first=self.t_first,
+                t_ready=self.t_ready,
+                errors=dict(self.errors),
+            )
+
+    def sender_done(self) -> None:
+        self.senders_done += 1
+        if self.senders_done == len(self.spec.tokens):
+            self.t_sent = time.monotonic()
+            self.all_sent.set()
+
+    def start(self) -> None:
+        if self.go.is_set():
+            return
+        self.t_go = time.monotonic()
+        self.cpu_go = _cpu_self()
+        if self.spec.duration > 0:
+            self.send_deadline = trio.current_time() + self.spec.duration
+        self.go.set()
+        emit("started", t=self.t_go)
+
+    def stop(self) -> None:
+        self.send_deadline = trio.current_time()
+        for scope in list(self.sender_scopes):
+            scope.cancel()
+
+    def outstanding(self) -> int:
+        raise NotImplementedError
+
+    async def drained(self) -> None:
+        raise NotImplementedError
+
+    async def report(self) -> None:
+        """Once every sender is done, wait (bounded) for the last acks and emit `result`."""
+        await self.go.wait()
+        await self.all_sent.wait()
+        drained = True
+        if self.spec.acks:
+            with trio.move_on_after(self.spec.drain_timeout) as timeout:
+                await self.drained()
+            drained = not timeout.cancelled_caught
+        emit(
+            "result",
+            devices=len(self.spec.tokens),
+            connected=self.connected,
+            failed=self.failed,
+            points=self.spec.points,
+            sent_msgs=self.sent_msgs,
+            sent_points=self.sent_msgs * self.spec.points,
+            acked_msgs=self.acked_msgs,
+            acked_points=self.acked_points,
+            outstanding=self.outstanding(),
+            drained=drained,
+            t_go=self.t_go,
+            t_sent=self.t_sent,
+            t_last_ack=self.t_last_ack,
+            lost=self.lost,
+            resent=self.resent,
+            commands=self.commands,
+            errors=dict(self.errors),
+            cpu_s=_cpu_self() - self.cpu_go,
+        )
+
+    async def control(self) -> None:
+        async for line in stdin_lines():
+            if line == "go":
+                self.start()
+            elif line == "stop":
+                self.stop()
+            elif line == "drop":
+                self.drop()
+            elif line == "exit":
+                break
+            else:
+                emit("error", detail=f"unknown command {line!r}")
+        self.exit.set()
+
+    def drop(self) -> None:
+        emit("error", detail="drop is not supported by this generator")
+
+
+class LeanFleet(_Fleet):
+    """Devices that speak the protocol with wsproto directly: pre-encoded frames, cumulative ack tracking."""
+
+    def __init__(self, spec: GenSpec) -> None:
+        super().__init__(spec)
+        self.devices = [_Device(t) for t in spec.tokens]
+        self.limiter = trio.CapacityLimiter(spec.connect_concurrency)
+        self.template = telemetry_template(spec.measurement, spec.points)
+        self.hello = client_frame(protocol.encode(protocol.Hello(firmware="bench", model="lean")).encode())
+        self.n_outstanding = 0
+        self.no_outstanding = trio.Event()
+        self.t_drop = 0.0
+        self.to_come_back = 0
+        self.t_back = 0.0
+
+    def outstanding(self) -> int:
+        return self.n_outstanding
+
+    async def drained(self) -> None:
+        while self.n_outstanding:
+            self.no_outstanding = trio.Event()
+            await self.no_outstanding.wait()
+
+    async def run_until_exit(self) -> None:
+        """Run every device until `exit` (or stdin closes)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.control)
+            for dev in self.devices:
+                nursery.start_soon(self._device_main, dev)
+            nursery.start_soon(self.report)
+            await self.exit.wait()
+            nursery.cancel_scope.cancel()
+
+    # ---------------------------------------------------------------- connections
+
+    async def _device_main(self, dev: _Device) -> None:
+        failures = 0
+        while True:
+            ok = False
+            try:
+                ok = await self._session(dev)
+            finally:
+                if dev.stream is not None:
+                    dev.stream.socket.close()
+                    dev.stream = None
+            if dev.dropped:
+                dev.dropped = False
+                continue  # a storm: reconnect at once, as a fleet whose network came back does
+            if ok:
+                self.lost += 1
+                failures = 0
+            else:
+                failures += 1
+                if failures >= CONNECT_ATTEMPTS:
+                    if not dev.settled:
+                        dev.settled = True
+                        self.settle(False)
+                        if not dev.sending_done:
+                            dev.sending_done = True
+                            self.sender_done()
+                        return
+                    failures = CONNECT_ATTEMPTS - 1
+            await trio.sleep(random.uniform(0, 0.2 * 2**failures))
+
+    async def _session(self, dev: _Device) -> bool:
+        """One connection: handshake, hello, then read (and send) until it ends; whether it was welcomed."""
+        spec = self.spec
+        dev.welcomed = trio.Event()
+        dev.parts = []
+        self.t_first = min(self.t_first, time.monotonic())
+        await self.limiter.acquire()
+        held = True
+        try:
+            with trio.move_on_after(spec.connect_timeout) as timeout:
+                try:
+                    dev.stream = await trio.open_tcp_stream(spec.host, spec.port, local_address=spec.local_address)
+                    dev.ws = WSConnection(ConnectionType.CLIENT)
+                    auth = [(b"authorization", b"Bearer " + dev.token.encode())]
+                    request = Request(host=f"{spec.host}:{spec.port}", target=spec.path, extra_headers=auth)
+                    await dev.stream.send_all(dev.ws.send(request))
+                    await self._accepted(dev)
+                    await dev.stream.send_all(self.hello)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, WSProtocolError) as exc:
+                    self.errors[f"connect:{type(exc).__name__}"] += 1
+                    return False
+                except _Refused as exc:
+                    self.errors[f"http:{exc}"] += 1
+                    return False
+            if timeout.cancelled_caught:
+                self.errors["connect:timeout"] += 1
+                return False
+            async with trio.open_nursery() as nursery:
+                dev.scope = nursery.cancel_scope
+                nursery.start_soon(self._reader, dev)
+                with trio.move_on_after(timeout.deadline - trio.current_time()):
+                    await dev.welcomed.wait()
+                self.limiter.release()
+                held = False
+                if not dev.welcomed.is_set():
+                    self.errors["connect:no_welcome"] += 1
+                    nursery.cancel_scope.cancel()
+                    return False
+                nursery.start_soon(self._sender, dev)
+            return True
+        finally:
+            if held:
+                self.limiter.release()
+
+    async def _accepted(self, dev: _Device) -> None:
+        assert dev.stream is not None and dev.ws is not None
+        while True:
+            data = await dev.stream.receive_some(_RECV)
+            if not data:
+                raise trio.BrokenResourceError("closed during the handshake")
+            dev.ws.receive_data(data)
+            for event in dev.ws.events():
+                if isinstance(event, AcceptConnection):
+                    return
+                if isinstance(event, RejectConnection):
+                    raise _Refused(str(event.status_code))
+
+    def drop(self) -> None:
+        """Reset every open connection at once (RST, no close handshake); devices reconnect immediately."""
+        self.t_drop = time.monotonic()
+        count = 0
+        for dev in self.devices:
+            if dev.stream is not None and dev.welcomed.is_set():
+                dev.dropped = dev.back = True
+                count += 1
+                sock = dev.stream.socket
+                with contextlib.suppress(OSError):  # already gone: closing is all that is left
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                sock.close()
+        self.to_come_back = count
+        emit("dropped", t=self.t_drop, count=count)
+        if not count:
+            emit("reconnected", t_drop=self.t_drop, t_back=self.t_drop)
+
+    # ---------------------------------------------------------------- reading
+
+    async def _reader(self, dev: _Device) -> None:
+        stream, ws = dev.stream, dev.ws
+        assert stream is not None and ws is not None
+        try:
+            while True:
+                data = await stream.receive_some(_RECV)
+                if not data:
+                    return
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, TextMessage):
+                        if event.message_finished and not dev.parts:
+                            await self._on_text(dev, event.data)
+                        else:
+                            dev.parts.append(event.data)
+                            if event.message_finished:
+                                text, dev.parts = "".join(dev.parts), []
+                                await self._on_text(dev, text)
+                    elif isinstance(event, Ping):
+                        await self._send(dev, ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        self.errors[f"closed:{event.code}"] += 1
+                        await self._send(dev, ws.send(event.response()))
+                        return
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, WSProtocolError):
+            return
+        finally:
+            dev.scope.cancel()
+
+    async def _on_text(self, dev: _Device, text: str) -> None:
+        seq = parse_ack(text)
+        if seq is not None:
+            self._on_ack(dev, seq)
+            return
+        msg = json.loads(text)
+        kind = msg.get("type")
+        if kind == "welcome":
+            await self._on_welcome(dev, msg)
+        elif kind == "command":
+            cid = msg["id"]
+            answer = client_frame(protocol.encode(protocol.CommandAck(cid)).encode()) + client_frame(
+                protocol.encode(protocol.CommandResult(cid, True, {"pong": True})).encode()
+            )
+            await self._send(dev, answer)
+            self.commands += 1
+        elif kind == "error":
+            self.errors[f"error:{msg.get('code')}"] += 1
+
+    def _on_ack(self, dev: _Device, seq: int) -> None:
+        if seq <= dev.acked:
+            return
+        dev.acked = seq
+        done = 0
+        unacked = dev.unacked
+        while unacked and unacked[0][0] <= seq:
+            unacked.popleft()
+            done += 1
+        if done:
+            self.acked_msgs += done
+            self.acked_points += done * self.spec.points
+            self.n_outstanding -= done
+            self.t_last_ack = time.monotonic()
+            if not self.n_outstanding:
+                self.no_outstanding.set()
+        dev.changed.set()
+        dev.changed = trio.Event()
+
+    async def _on_welcome(self, dev: _Device, msg: dict[str, Any]) -> None:
+        dev.window = int(msg["window"])
+        ack = int(msg["ack"])
+        self._on_ack(dev, ack)
+        dev.seq = max(dev.seq, ack)
+        for _seq, frame in list(dev.unacked):
+            await self._send(dev, frame)
+            self.resent += 1
+        dev.welcomed.set()
+        if not dev.settled:
+            dev.settled = True
+            self.settle(True)
+        if dev.back:
+            dev.back = False
+            self.to_come_back -= 1
+            self.t_back = max(self.t_back, time.monotonic())
+            if not self.to_come_back:
+                emit("reconnected", t_drop=self.t_drop, t_back=self.t_back)
+
+    # ---------------------------------------------------------------- sending
+
+    async def _send(self, dev: _Device, data: bytes) -> None:
+        stream = dev.stream
+        if stream is None:
+            raise trio.ClosedResourceError("not connected")
+        # Never cancelled once called: a frame counted as sent is sent, and a partial frame would corrupt the
+        # connection for the resends. Senders are cancelled at their own checkpoints instead.
+        with trio.CancelScope(shield=True):
+            async with dev.lock:
+                with trio.move_on_after(SEND_STALL) as stall:
+                    await stream.send_all(data)
+            if stall.cancelled_caught:
+                self.errors["send:stalled"] += 1
+                stream.socket.close()
+                raise trio.BrokenResourceError("send stalled")
+
+    async def _sender(self, dev: _Device) -> None:
+        await self.go.wait()
+        if dev.sending_done:
+            return
+        spec = self.spec
+        template, ppm, acks, interval = self.template, spec.points, spec.acks, spec.interval
+        with trio.CancelScope(deadline=self.send_deadline) as scope:
+            self.sender_scopes.add(scope)
+            try:
+                next_at = trio.current_time() + (random.uniform(0, interval) if interval else 0.0)
+                while True:
+                    await trio.lowlevel.checkpoint()  # where a deadline or `stop` ends the loop
+                    if acks:
+                        while len(dev.unacked) >= dev.window:
+                            await dev.changed.wait()
+                    if interval:
+                        await trio.sleep_until(next_at)
+                        next_at += interval
+                    dev.seq += 1
+                    ts0 = BASE_TS + dev.index * ppm
+                    dev.index += 1
+                    frame = client_frame(template % (dev.seq, *range(ts0, ts0 + ppm)))
+                    if acks:
+                        dev.unacked.append((dev.seq, frame))
+                        self.n_outstanding += 1
+                    self.sent_msgs += 1
+                    try:
+                        await self._send(dev, frame)
+                    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        dev.scope.cancel()  # the reader ends too; the frame is resent after the reconnect
+                        await trio.sleep_forever()
+            finally:
+                self.sender_scopes.discard(scope)
+        if scope.cancelled_caught:
+            dev.sending_done = True
+            self.sender_done()
+
+
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class SdkFleet(_Fleet):
+    """Devices built on `device_client.DeviceClient`: the SDK's own batching, outbox, acks and commands."""
+
+    def __init__(self, spec: GenSpec) -> None:
+        super().__init__(spec)
+        self.clients: list[Any] = []
+
+    def outstanding(self) -> int:
+        return sum(c.pending for c in self.clients)
+
+    async def drained(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for client in self.clients:
+                nursery.start_soon(client.wait_acked)
+        self.t_last_ack = time.monotonic()
+
+    async def run_until_exit(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.control)
+            for token in self.spec.tokens:
+                nursery.start_soon(self._device, token)
+            nursery.start_soon(self.report)
+            await self.exit.wait()
+            nursery.cancel_scope.cancel()
+
+    async def report(self) -> None:
+        """Once every device is done sending, wait (bounded) for the last acks and emit `result`."""
+        await self.go.wait()
+        await self.all_sent.wait()
+        with trio.move_on_after(self.spec.drain_timeout):
+            await self.drained()
+        self.t_last_ack = self.t_last_ack or time.monotonic()
+        self.acked_points = sum(c.stats.points_acked for c in self.clients)
+        self.acked_msgs = self.acked_points // self.spec.points
+        drained = self.outstanding() == 0
+        spec = self.spec
+        emit(
+            "result",
+            devices=len(spec.tokens),
+            connected=self.connected,
+            failed=self.failed,
+            points=spec.points,
+            sent_msgs=self.sent_msgs,
+            sent_points=self.sent_msgs * spec.points,
+            acked_msgs=self.acked_msgs,
+            acked_points=self.acked_points,
+            outstanding=self.outstanding(),
+            drained=drained,
+            t_go=self.t_go,
+            t_sent=self.t_sent,
+            t_last_ack=self.t_last_ack,
+            lost=sum(c.stats.reconnects for c in self.clients),
+            resent=sum(c.stats.resent for c in self.clients),
+            commands=sum(c.stats.commands_run for c in self.clients),
+            errors=dict(self.errors),
+            cpu_s=_cpu_self() - self.cpu_go,
+        )
+
+    async def _device(self, token: str) -> None:
+        from device_client import DeviceClient
+
+        spec = self.spec
+        url = f"ws://{spec.host}:{spec.port}{spec.path}"
+        client = DeviceClient(
+            url,
+            token,
+            firmware="bench",
+            model="sdk",
+            batch_points=spec.points,
+            outbox_limit=64,
+            backoff_initial=0.1,
+            backoff_max=2.0,
+            connect_timeout=spec.connect_timeout,
+            close_timeout=1.0,
+        )
+
+        @client.command("ping")
+        async def ping(args: dict[str, Any]) -> dict[str, Any]:
+            return {"pong": True}
+
+        self.clients.append(client)
+        self.t_first = min(self.t_first, time.monotonic())
+        async with client:
+            with trio.move_on_after(spec.connect_timeout) as timeout:
+                await client.wait_connected()
+            self.settle(not timeout.cancelled_caught)
+            await self.go.wait()
+            if timeout.cancelled_caught:
+                self.sender_done()
+                await self.exit.wait()
+                return
+            index = 0
+            with trio.CancelScope(deadline=self.send_deadline) as scope:
+                self.sender_scopes.add(scope)
+                try:
+                    while True:
+                        ts0 = BASE_TS + index * spec.points
+                        index += 1
+                        await client.send_batch(points_for(spec.measurement, ts0, spec.points))
+                        self.sent_msgs += 1
+                        if spec.interval:
+                            await trio.sleep(spec.interval)
+                finally:
+                    self.sender_scopes.discard(scope)
+            self.sender_done()
+            await self.exit.wait()
+
+
+async def _main(spec: GenSpec) -> None:
+    fleet: LeanFleet | SdkFleet = SdkFleet(spec) if spec.client == "sdk" else LeanFleet(spec)
+    with trio.move_on_after(spec.max_seconds):
+        await fleet.run_until_exit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: `python -m bench.gen SPEC.json`."""
+    args = sys.argv[1:] if argv is None else argv
+    raise_fd_limit()
+    spec = GenSpec.load(args[0])
+    trio.run(_main, spec)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,347 @@
+"""The harness's child processes: VictoriaMetrics, `hub serve`, the baseline server and generators; /proc figures."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from bench.jsonl import LineReader
+
+__all__ = [
+    "Child",
+    "ChildError",
+    "HubProcess",
+    "VictoriaMetrics",
+    "cpu_seconds",
+    "free_port",
+    "hub_limit_overrides",
+    "rss_bytes",
+    "toml_config",
+]
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class ChildError(Exception):
+    """A child process failed, or did not answer in time."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads included (from /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS from /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ChildError(f"no VmRSS for process {pid}")
+
+
+def _http(url: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """SIGTERM, then SIGKILL after `timeout`; the exit code (None if it had to be killed)."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
+
+
+class VictoriaMetrics:
+    """Debian's single-node VictoriaMetrics on a free loopback port, data in `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start it and wait until /health answers."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [
+            "victoria-metrics",
+            f"-storageDataPath={self.directory / 'data'}",
+            f"-httpListenAddr=127.0.0.1:{self.port}",
+            "-retentionPeriod=100y",  # by default it drops points older than a month, after answering 204
+            "-search.latencyOffset=0s",
+            "-search.disableCache",
+            "-dedup.minScrapeInterval=1ms",  # a resent point (same series and ms) counts once
+            "-loggerLevel=WARN",
+        ]
+        with open(self.directory / "victoria-metrics.log", "ab") as log:
+            try:
+                self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            except FileNotFoundError:
+                raise ChildError("victoria-metrics is not installed: apt-get install -y victoria-metrics") from None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ChildError(f"victoria-metrics exited with {self.proc.returncode}: see {self.directory}")
+            try:
+                if _http(self.url + "/health", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise ChildError(f"victoria-metrics did not answer within {timeout} s")
+
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def version(self) -> str:
+        """The version it reports in /metrics (empty if unknown)."""
+        try:
+            _status, body = _http(self.url + "/metrics", timeout=5)
+        except OSError:
+            return ""
+        for line in body.decode(errors="replace").splitlines():
+            if line.startswith("vm_app_version{"):
+                return line.partition('version="')[2].partition('"')[0]
+        return ""
+
+    def count(self, series_regex: str, span_s: int = 30 * 86400) -> int:
+        """Samples (after deduplication) in the series whose names match, with timestamps from BASE_TS on."""
+        from bench.wire import BASE_TS
+
+        _http(self.url + "/internal/force_flush")
+        at = BASE_TS // 1000 + span_s - 60  # the window (at - span, at] must include BASE_TS itself
+        query = f'sum(count_over_time({{__name__=~"{series_regex}"}}[{span_s}s]))'
+        params = urllib.parse.urlencode({"query": query, "time": str(at)})
+        status, body = _http(f"{self.url}/api/v1/query?{params}", timeout=60)
+        if status != 200:
+            raise ChildError(f"victoria-metrics query {query}: HTTP {status} {body[:300]!r}")
+        result = json.loads(body)["data"]["result"]
+        return int(float(result[0]["value"][1])) if result else 0
+
+    def stop(self) -> None:
+        """Terminate it (kill after 10 s)."""
+        if self.proc is not None:
+            _stop_process(self.proc, 10.0)
+            self.proc = None
+
+
+def hub_limit_overrides() -> dict[str, Any]:
+    """Config overrides ("section.key" -> value) that lift the hub's rate and connection limits, if it has any.
+
+    Looks at the installed `hub.config` for options named like rate limits (`*rate*`, `*per_second*`, `*burst*`),
+    connection caps (`*connections*`) and idle timeouts, so load runs are not throttled whatever the hardening
+    calls them. The harness records what it changed in the results.
+    """
+    from hub.config import _SECTIONS
+
+    out: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        for field in attrs.fields(cls):
+            name = field.name
+            default = field.default
+            if isinstance(default, bool):
+                continue
+            if not isinstance(default, int | float):
+                continue
+            lifted = any(word in name for word in ("rate", "per_second", "per_sec", "burst", "per_minute"))
+            lifted = lifted or "connections" in name
+            if lifted:
+                out[f"{section}.{name}"] = type(default)(10**9)
+            elif "idle" in name and "timeout" in name:
+                out[f"{section}.{name}"] = type(default)(86400)
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def toml_config(overrides: Mapping[str, Any]) -> str:
+    """A hub TOML config file from "section.key" -> value."""
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if key:
+            sections.setdefault(section, {})[key] = value
+        else:
+            top[section] = value
+    out = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    for section, values in sections.items():
+        out.append(f"\n[{section}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(out) + "\n"
+
+
+class HubProcess:
+    """`hub serve` as a child process, configured by a TOML file in its data directory."""
+
+    def __init__(self, data_dir: Path, overrides: Mapping[str, Any], extra_args: tuple[str, ...] = ()) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.overrides = {
+            **overrides,
+            "server.host": "127.0.0.1",
+            "server.port": self.port,
+            "storage.data_dir": str(data_dir),
+            "metrics.http_port": 0,
+        }
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def log_path(self) -> Path:
+        """Its stderr/stdout."""
+        return self.data_dir / "hub.log"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start it and wait until the device port accepts TCP connections."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "hub.toml"
+        config.write_text(toml_config(self.overrides))
+        cmd = [sys.executable, "-m", "hub.cli", "serve", "--config", str(config), *self.extra_args]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ChildError(f"hub exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise ChildError(f"hub did not listen within {timeout} s: {self.log_tail()}")
+
+    def log_tail(self, size: int = 2000) -> str:
+        """The end of its log."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-size:]
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Graceful stop (SIGTERM: drain, last acks), killed after `timeout`; the exit code."""
+        if self.proc is None:
+            return None
+        code = _stop_process(self.proc, timeout)
+        self.proc = None
+        return code
+
+
+class Child:
+    """A harness child speaking JSON lines (a generator or the baseline server), driven from trio."""
+
+    def __init__(self, name: str, proc: trio.Process, log_path: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log_path = log_path
+        self.events: list[dict[str, Any]] = []
+        self._reader = LineReader(proc.stdout) if proc.stdout is not None else None
+
+    @classmethod
+    async def start(cls, name: str, args: list[str], log_dir: Path) -> Child:
+        """Start `python -m <args>` with stdin/stdout piped and stderr in `log_dir/<name>.log`."""
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
+            )
+        return cls(name, proc, log_path)
+
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        return self.proc.pid
+
+    async def send(self, command: str) -> None:
+        """Send one command line."""
+        assert self.proc.stdin is not None
+        try:
+            await self.proc.stdin.send_all(command.encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ChildError(f"{self.name} is gone ({exc}): {self.log_tail()}") from None
+
+    async def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        """The next event named `event` (others are kept in `events`); ChildError after `timeout` s or at EOF."""
+        assert self._reader is not None
+        with trio.move_on_after(timeout):
+            while (line := await self._reader.readline()) is not None:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                self.events.append(message)
+                if message.get("event") == event:
+                    return message
+            raise ChildError(f"{self.name} ended before {event!r}: {self.log_tail()}")
+        raise ChildError(f"{self.name}: no {event!r} within {timeout:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, size: int = 1500) -> str:
+        """The end of its stderr."""
+        return self.log_path.read_text(errors="replace")[-size:] if self.log_path.exists() else ""
+
+    async def close(self, timeout: float = 20.0) -> None:
+        """Ask it to exit; kill it if it has not after `timeout` s."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ChildError):  # already gone: waiting is all that is left
+                await self.send("exit")
+            with trio.move_on_after(timeout):
+                await self.proc.wait()
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+        if self.proc.stdin is not None:
+            await self.proc.stdin.aclose()

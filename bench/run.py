@@ -1,0 +1,965 @@
+"""The benchmark harness: `python -m bench [--quick]` runs every scenario, prints tables and writes a JSON file.
+
+Processes: VictoriaMetrics (the sink), `hub serve` (a fresh one per scenario), the transport baseline
+(`bench.baseline`) and load generators (`bench.gen`), all on loopback. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from bench import profile
+from bench.gen import GenSpec
+from bench.jsonl import raise_fd_limit
+from bench.procs import (
+    Child,
+    ChildError,
+    HubProcess,
+    VictoriaMetrics,
+    cpu_seconds,
+    hub_limit_overrides,
+    rss_bytes,
+)
+from bench.wire import FIELDS_PER_POINT
+
+__all__ = ["Plan", "build_parser", "main", "plan_from_args", "run_bench"]
+
+SCENARIOS = ("ingest", "connections", "commands", "storm", "profile")
+#: Devices one generator process holds in the connection and storm scenarios (fds, and one core each).
+IDLE_PER_GENERATOR = 5000
+STORM_PER_GENERATOR = 2500
+#: Generators bind 127.0.0.FIRST.. so that many connections and TIME_WAITs do not exhaust one address's ports.
+FIRST_SOURCE = 2
+LAST_SOURCE = 250
+DRAIN_TIMEOUT = 30.0
+VERIFY_TIMEOUT = 60.0
+
+
+@attrs.frozen
+class Plan:
+    """What one harness run does."""
+
+    quick: bool = False
+    scenarios: tuple[str, ...] = SCENARIOS
+    duration: float = 10.0  # seconds of sending per ingest run
+    ingest: tuple[tuple[int, int], ...] = tuple((d, p) for d in (1, 100, 1000) for p in (1, 10, 100))
+    sdk: tuple[tuple[int, int], ...] = ((100, 10), (100, 100))  # (devices, points) through device_client
+    connections: tuple[int, ...] = (1000, 5000, 15000)
+    command_devices: int = 1000
+    commands: int = 500
+    command_interval: float = 1.0  # the command scenario's streaming: one message per device per interval ...
+    command_points: int = 10  # ... of this many points
+    storm_devices: int = 5000
+    storm_interval: float = 5.0
+    storm_points: int = 10
+    profile_devices: int = 100
+    profile_points: int = 10
+    profile_seconds: float = 15.0
+    hub_args: tuple[str, ...] = ()
+
+
+QUICK = Plan(
+    quick=True,
+    scenarios=("ingest", "connections", "commands", "storm"),
+    duration=3.0,
+    ingest=((1, 100), (100, 10)),
+    sdk=((100, 10),),
+    connections=(1000,),
+    command_devices=1000,
+    commands=100,
+    storm_devices=1000,
+    profile_seconds=5.0,
+)
+
+
+def _combos(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for item in text.split(","):
+        if item.strip():
+            devices, _, points = item.strip().partition("x")
+            out.append((int(devices), int(points)))
+    return tuple(out)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = set(names) - set(SCENARIOS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown scenario(s) {', '.join(sorted(unknown))}; known: {SCENARIOS}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The harness's command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the hub against VictoriaMetrics and a bare trio-websocket server, on loopback.",
+    )
+    p.add_argument("--quick", action="store_true", help="a short run: fewer combinations, smaller fleets, 3 s runs")
+    p.add_argument("--scenarios", type=_names, help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    p.add_argument("--duration", type=float, help="seconds of sending per ingest run (default 10, quick 3)")
+    p.add_argument("--ingest", type=_combos, metavar="DxP,...", help="lean ingest runs: devices x points/message")
+    p.add_argument("--sdk", type=_combos, metavar="DxP,...", help="ingest runs through device_client ('' for none)")
+    p.add_argument("--connections", type=_ints, metavar="N,...", help="idle fleet sizes")
+    p.add_argument("--command-devices", type=int, metavar="N", help="streaming devices in the command scenario")
+    p.add_argument("--commands", type=int, metavar="N", help="commands sent one after another")
+    p.add_argument("--storm-devices", type=int, metavar="N", help="devices in the reconnect storm")
+    p.add_argument("--profile-seconds", type=float, metavar="S", help="py-spy sampling time")
+    p.add_argument("--hub-arg", action="append", default=[], metavar="ARG", help="extra `hub serve` argument")
+    p.add_argument("--out", type=Path, help="results file (default var/bench/results-<time>.json)")
+    p.add_argument("--work-dir", type=Path, help="keep data and logs here (default: a temporary directory)")
+    return p
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """The plan the command line asks for."""
+    plan = QUICK if args.quick else Plan()
+    changes: dict[str, Any] = {}
+    for key in ("scenarios", "duration", "ingest", "sdk", "connections", "command_devices", "commands"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    if args.storm_devices is not None:
+        changes["storm_devices"] = args.storm_devices
+    if args.profile_seconds is not None:
+        changes["profile_seconds"] = args.profile_seconds
+    if args.hub_arg:
+        changes["hub_args"] = tuple(args.hub_arg)
+    return attrs.evolve(plan, **changes)
+
+
+# ---------------------------------------------------------------------------- machine
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.partition(":")[2].strip()
+            break
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    versions = {}
+    for dist in ("trio", "trio-websocket", "wsproto", "influxdb-client", "py-spy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+TABLES: dict[str, list[tuple[str, str]]] = {
+    "ingest": [
+        ("target", "target"),
+        ("client", "client"),
+        ("devices", "devices"),
+        ("pts/msg", "points_per_message"),
+        ("points/s", "points_per_s"),
+        ("msgs/s", "messages_per_s"),
+        ("x transport", "ratio_to_transport"),
+        ("CPU s/Mpt", "cpu_s_per_mpoint"),
+        ("CPU %", "cpu_percent"),
+        ("gen CPU %", "generator_cpu_percent"),
+        ("points", "points"),
+        ("in DB", "db_points"),
+        ("verified", "db_verified"),
+    ],
+    "connections": [
+        ("target", "target"),
+        ("devices", "devices"),
+        ("connected", "connected"),
+        ("connect s", "connect_s"),
+        ("RSS MiB", "rss_mib"),
+        ("KiB/conn", "kib_per_connection"),
+    ],
+    "commands": [
+        ("target", "target"),
+        ("devices", "devices"),
+        ("commands", "commands"),
+        ("ok", "succeeded"),
+        ("p50 ms", "p50_ms"),
+        ("p95 ms", "p95_ms"),
+        ("p99 ms", "p99_ms"),
+        ("max ms", "max_ms"),
+        ("stream pts/s", "stream_points_per_s"),
+    ],
+    "storm": [
+        ("target", "target"),
+        ("devices", "devices"),
+        ("dropped", "dropped"),
+        ("all back s", "back_s"),
+        ("acked", "acked_points"),
+        ("in DB", "db_points"),
+        ("lost", "points_lost"),
+        ("verified", "db_verified"),
+    ],
+    "profile": [
+        ("devices", "devices"),
+        ("pts/msg", "points_per_message"),
+        ("points/s", "points_per_s"),
+        ("samples", "samples"),
+        ("main thr %", "main_thread_percent"),
+    ],
+}
+
+
+class Table:
+    """Prints rows of one scenario as they come."""
+
+    def __init__(self, name: str) -> None:
+        self.columns = TABLES[name]
+        self.widths = [max(12, len(h) + 1) for h, _ in self.columns]
+        print(f"\n== {name}")
+        print("".join(h.rjust(w) for (h, _), w in zip(self.columns, self.widths, strict=True)), flush=True)
+
+    def row(self, values: dict[str, Any]) -> None:
+        """Print one row."""
+        if "error" in values:
+            print(f"   error: {values['error']}", flush=True)
+            return
+        cells = [_fmt(values.get(key)) for _, key in self.columns]
+        print("".join(c.rjust(w) for c, w in zip(cells, self.widths, strict=True)), flush=True)
+
+
+# ---------------------------------------------------------------------------- the bench
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+class Bench:
+    """One harness run: VictoriaMetrics for all of it, a fresh hub (or baseline server) per scenario."""
+
+    def __init__(self, plan: Plan, work: Path) -> None:
+        self.plan = plan
+        self.work = work
+        self.logs = work / "logs"
+        self.vm = VictoriaMetrics(work / "victoria-metrics")
+        self.overrides = hub_limit_overrides()
+        self.tokens: list[str] = []
+        self.operator_token = ""
+        self._runs = 0
+        self._source = FIRST_SOURCE
+
+    # -------------------------------------------------------------- setup
+
+    def register(self, devices: int) -> None:
+        """Register `devices` devices and an operator once, in a registry file each hub starts from."""
+        from hub.registry import Registry
+
+        path = self.work / "registry-template" / "registry.sqlite3"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with Registry(path) as registry:
+            self.tokens = [registry.add(f"bench-{i:05d}") for i in range(devices)]
+            self.operator_token = registry.add_operator("bench", "operator")
+        for suffix in ("-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+
+    def start_hub(self, label: str) -> HubProcess:
+        """A fresh hub writing to VictoriaMetrics, with the registered devices."""
+        self._runs += 1
+        data_dir = self.work / f"hub-{self._runs:02d}-{label}"
+        data_dir.mkdir(parents=True)
+        shutil.copy(self.work / "registry-template" / "registry.sqlite3", data_dir / "registry.sqlite3")
+        overrides = {
+            **self.overrides,
+            "influx.url": self.vm.url,
+            "influx.org": "bench",
+            "influx.bucket": "bench",
+        }
+        hub = HubProcess(data_dir, overrides, self.plan.hub_args)
+        hub.start()
+        return hub
+
+    async def start_baseline(self, label: str) -> tuple[Child, int]:
+        """A fresh transport-baseline server; it and its port."""
+        self._runs += 1
+        child = await Child.start(f"baseline-{self._runs:02d}-{label}", ["bench.baseline"], self.logs)
+        port = (await child.expect("listening", 20))["port"]
+        return child, int(port)
+
+    def measurement(self, label: str) -> str:
+        """A measurement name of its own for each run, so its points are counted apart."""
+        self._runs += 1
+        return f"b{self._runs:02d}_{label}"
+
+    async def generators(
+        self, label: str, port: int, tokens: Sequence[str], per_process: int, **spec: Any
+    ) -> list[Child]:
+        """Start generator processes for `tokens` (at most `per_process` devices each, each from its own address)."""
+        children = []
+        for index in range(0, len(tokens), per_process):
+            chunk = tokens[index : index + per_process]
+            source = f"127.0.0.{self._source}"
+            self._source = FIRST_SOURCE if self._source >= LAST_SOURCE else self._source + 1
+            gen = GenSpec(host="127.0.0.1", port=port, tokens=tuple(chunk), local_address=source, **spec)
+            name = f"gen-{self._runs:02d}-{label}-{index // per_process}"
+            spec_path = self.logs / f"{name}.json"
+            self.logs.mkdir(parents=True, exist_ok=True)
+            spec_path.write_text(json.dumps(attrs.asdict(gen)))
+            children.append(await Child.start(name, ["bench.gen", str(spec_path)], self.logs))
+        return children
+
+    async def ready(self, gens: Sequence[Child], devices: int) -> list[dict[str, Any]]:
+        """Wait until every generator has connected its devices; their `ready` events."""
+        timeout = 60 + devices / 50
+        return [await g.expect("ready", timeout) for g in gens]
+
+    async def close_all(self, gens: Sequence[Child]) -> None:
+        """Tell every generator to exit and wait for them."""
+        async with trio.open_nursery() as nursery:
+            for g in gens:
+                nursery.start_soon(g.close)
+
+    async def verify(self, measurement: str, acked_points: int, drained: bool) -> dict[str, Any]:
+        """Poll VictoriaMetrics until it holds every acked point of `measurement` (bounded); the counts."""
+        expected = acked_points * FIELDS_PER_POINT
+        regex = f"{measurement}_(value|n)"
+        deadline = trio.current_time() + VERIFY_TIMEOUT
+        samples = 0
+        while True:
+            samples = await trio.to_thread.run_sync(self.vm.count, regex)
+            if samples >= expected or trio.current_time() > deadline:
+                break
+            await trio.sleep(0.5)
+        db_points = samples // FIELDS_PER_POINT
+        lost = max(0, acked_points - db_points)
+        # Drained: every sent point was acked, so the database must hold exactly those. Not drained: points in
+        # flight may or may not be there, but every acked one must be.
+        verified = lost == 0 and (db_points == acked_points if drained else True)
+        return {"db_points": db_points, "points_lost": lost, "db_verified": verified}
+
+    # -------------------------------------------------------------- ingest
+
+    async def ingest(self, table: Table) -> dict[str, Any]:
+        """Points/s acked after durable write, against the transport baseline at the same load."""
+        plan = self.plan
+        rows: list[dict[str, Any]] = []
+        runs = [("lean", d, p) for d, p in plan.ingest] + [("sdk", d, p) for d, p in plan.sdk]
+        hub = self.start_hub("ingest")
+        baseline, baseline_port = await self.start_baseline("ingest")
+        baseline_rate: dict[tuple[int, int], float] = {}
+        try:
+            for client, devices, points in runs:
+                row = await self._guarded(self._ingest_hub, hub, client, devices, points)
+                if client == "lean" or (devices, points) not in baseline_rate:
+                    base = await self._guarded(self._ingest_baseline, baseline, baseline_port, devices, points)
+                    if "points_per_s" in base:
+                        baseline_rate[(devices, points)] = base["points_per_s"]
+                else:
+                    base = None
+                rate = baseline_rate.get((devices, points))
+                if "points_per_s" in row and rate:
+                    row["transport_points_per_s"] = rate
+                    row["ratio_to_transport"] = row["points_per_s"] / rate
+                rows.append(row)
+                table.row(row)
+                if base is not None:
+                    rows.append(base)
+                    table.row(base)
+        finally:
+            await baseline.close()
+            code = hub.stop()
+        return {"runs": rows, "hub_exit_code": code, "hub_overrides": hub.overrides}
+
+    async def _guarded(self, fn: Callable[..., Awaitable[dict[str, Any]]], *args: Any) -> dict[str, Any]:
+        try:
+            return await fn(*args)
+        except ChildError as exc:
+            return {"error": str(exc)[:2000], "args": [a for a in args if isinstance(a, int | str)]}
+
+    async def _ingest_hub(self, hub: HubProcess, client: str, devices: int, points: int) -> dict[str, Any]:
+        plan = self.plan
+        measurement = self.measurement(f"{client}_{devices}x{points}")
+        gens = await self.generators(
+            measurement,
+            hub.port,
+            self.tokens[:devices],
+            devices,
+            measurement=measurement,
+            points=points,
+            duration=plan.duration,
+            client=client,
+            drain_timeout=DRAIN_TIMEOUT,
+        )
+        try:
+            readies = await self.ready(gens, devices)
+            cpu0, vm0, t0 = cpu_seconds(hub.pid), cpu_seconds(self.vm.pid), time.monotonic()
+            for g in gens:
+                await g.send("go")
+            results = [await g.expect("result", plan.duration + DRAIN_TIMEOUT + 60) for g in gens]
+            cpu1, vm1, t1 = cpu_seconds(hub.pid), cpu_seconds(self.vm.pid), time.monotonic()
+        finally:
+            await self.close_all(gens)
+        r = _merge(results)
+        elapsed = max(r["t_last_ack"] - r["t_go"], 1e-9)
+        hub_cpu = cpu1 - cpu0
+        row = {
+            "target": "hub",
+            "client": client,
+            "devices": devices,
+            "connected": sum(x["connected"] for x in readies),
+            "points_per_message": points,
+            "measurement": measurement,
+            "duration_s": plan.duration,
+            "elapsed_s": elapsed,
+            "sent_points": r["sent_points"],
+            "points": r["acked_points"],
+            "messages": r["acked_msgs"],
+            "points_per_s": r["acked_points"] / elapsed,
+            "messages_per_s": r["acked_msgs"] / elapsed,
+            "drained": r["drained"],
+            "cpu_s": hub_cpu,
+            "cpu_percent": 100 * hub_cpu / (t1 - t0),
+            "cpu_s_per_mpoint": hub_cpu / r["acked_points"] * 1e6 if r["acked_points"] else None,
+            "vm_cpu_percent": 100 * (vm1 - vm0) / (t1 - t0),
+            "generator_cpu_percent": 100 * r["cpu_s"] / (t1 - t0),
+            "generator": r,
+        }
+        row.update(await self.verify(measurement, r["acked_points"], r["drained"]))
+        return row
+
+    async def _ingest_baseline(self, baseline: Child, port: int, devices: int, points: int) -> dict[str, Any]:
+        plan = self.plan
+        label = f"base_{devices}x{points}"
+        gens = await self.generators(
+            label,
+            port,
+            self.tokens[:devices],
+            devices,
+            measurement="baseline",
+            points=points,
+            duration=plan.duration,
+            acks=False,
+        )
+        try:
+            await self.ready(gens, devices)
+            await baseline.send("reset")
+            cpu0, t0 = cpu_seconds(baseline.pid), time.monotonic()
+            for g in gens:
+                await g.send("go")
+            results = [await g.expect("result", plan.duration + 60) for g in gens]
+            sent = sum(x["sent_msgs"] for x in results)
+            report: dict[str, Any] = {}
+            with trio.move_on_after(20):
+                while True:
+                    await baseline.send("report")
+                    report = await baseline.expect("report", 10)
+                    if report["messages"] >= sent:
+                        break
+                    await trio.sleep(0.1)
+            cpu1, t1 = cpu_seconds(baseline.pid), time.monotonic()
+        finally:
+            await self.close_all(gens)
+        r = _merge(results)
+        messages = report.get("messages", 0)
+        elapsed = max(report.get("t_last", 0) - report.get("t_first", 0), 1e-9)
+        received = messages * points
+        cpu = cpu1 - cpu0
+        return {
+            "target": "transport",
+            "client": "lean",
+            "devices": devices,
+            "points_per_message": points,
+            "elapsed_s": elapsed,
+            "sent_points": r["sent_points"],
+            "points": received,
+            "messages": messages,
+            "points_per_s": received / elapsed,
+            "messages_per_s": messages / elapsed,
+            "cpu_s": cpu,
+            "cpu_percent": 100 * cpu / (t1 - t0),
+            "cpu_s_per_mpoint": cpu / received * 1e6 if received else None,
+            "generator_cpu_percent": 100 * r["cpu_s"] / (t1 - t0),
+            "complete": messages >= r["sent_msgs"],
+        }
+
+    # -------------------------------------------------------------- connections
+
+    async def connections(self, table: Table) -> dict[str, Any]:
+        """Idle devices held: RSS per connection and time to connect them all, hub and bare transport."""
+        rows = []
+        for n in self.plan.connections:
+            for target in ("hub", "transport"):
+                row = await self._guarded(self._connections, target, n)
+                rows.append(row)
+                table.row(row)
+        return {"runs": rows}
+
+    async def _connections(self, target: str, n: int) -> dict[str, Any]:
+        label = f"idle_{n}"
+        hub = baseline = None
+        if target == "hub":
+            hub = self.start_hub(label)
+            pid, port = hub.pid, hub.port
+        else:
+            baseline, port = await self.start_baseline(label)
+            pid = baseline.pid
+        gens: list[Child] = []
+        try:
+            await trio.sleep(1.0)
+            rss0 = rss_bytes(pid)
+            gens = await self.generators(
+                label, port, self.tokens[:n], IDLE_PER_GENERATOR, measurement="idle", points=1, duration=0
+            )
+            readies = await self.ready(gens, n)
+            await trio.sleep(2.0)  # let the last sessions settle (presence points, command offers)
+            rss1 = rss_bytes(pid)
+        finally:
+            await self.close_all(gens)
+            if hub is not None:
+                hub.stop()
+            if baseline is not None:
+                await baseline.close()
+        connected = sum(x["connected"] for x in readies)
+        return {
+            "target": target,
+            "devices": n,
+            "connected": connected,
+            "failed": sum(x["failed"] for x in readies),
+            "connect_s": max(x["t_ready"] for x in readies) - min(x["t_first"] for x in readies),
+            "rss_before_mib": rss0 / 2**20,
+            "rss_mib": rss1 / 2**20,
+            "kib_per_connection": (rss1 - rss0) / 1024 / connected if connected else None,
+            "generators": len(gens),
+            "errors": _merge_counts(x.get("errors", {}) for x in readies),
+        }
+
+    # -------------------------------------------------------------- commands
+
+    async def commands(self, table: Table) -> dict[str, Any]:
+        """Round-trip latency operator -> device -> operator while the devices stream."""
+        rows = []
+        for target in ("hub", "transport"):
+            row = await self._guarded(self._commands, target)
+            rows.append(row)
+            table.row(row)
+        return {"runs": rows}
+
+    async def _commands(self, target: str) -> dict[str, Any]:
+        plan = self.plan
+        n = plan.command_devices
+        label = f"cmd_{n}"
+        measurement = self.measurement(label)
+        hub = baseline = None
+        if target == "hub":
+            hub = self.start_hub(label)
+            port = hub.port
+        else:
+            baseline, port = await self.start_baseline(label)
+        gens: list[Child] = []
+        latencies: list[float] = []
+        failures: dict[str, int] = {}
+        try:
+            gens = await self.generators(
+                label,
+                port,
+                self.tokens[:n],
+                n,
+                measurement=measurement,
+                points=plan.command_points,
+                interval=plan.command_interval,
+                duration=0,
+                acks=target == "hub",
+                drain_timeout=DRAIN_TIMEOUT,
+            )
+            await self.ready(gens, n)
+            for g in gens:
+                await g.send("go")
+            await trio.sleep(min(2.0, plan.command_interval * 2))
+            names = [t.rpartition(".")[0] for t in self.tokens[:n]]
+            if target == "hub":
+                latencies, failures = await self._hub_commands(port, names)
+            else:
+                latencies, failures = await self._relay_commands(port, names)
+            for g in gens:
+                await g.send("stop")
+            results = [await g.expect("result", DRAIN_TIMEOUT + 60) for g in gens]
+        finally:
+            await self.close_all(gens)
+            if hub is not None:
+                hub.stop()
+            if baseline is not None:
+                await baseline.close()
+        r = _merge(results)
+        ms = sorted(x * 1000 for x in latencies)
+        row = {
+            "target": target,
+            "devices": n,
+            "commands": plan.commands,
+            "succeeded": len(ms),
+            "failures": failures,
+            "p50_ms": _percentile(ms, 50),
+            "p95_ms": _percentile(ms, 95),
+            "p99_ms": _percentile(ms, 99),
+            "max_ms": ms[-1] if ms else None,
+            "mean_ms": statistics.fmean(ms) if ms else None,
+            "stream_points_per_s": n * plan.command_points / plan.command_interval,
+            "generator": r,
+        }
+        if target == "hub":
+            row.update(await self.verify(measurement, r["acked_points"], r["drained"]))
+        return row
+
+    async def _hub_commands(self, port: int, names: list[str]) -> tuple[list[float], dict[str, int]]:
+        from hub.control_client import ControlError, open_control
+
+        latencies: list[float] = []
+        failures: dict[str, int] = {}
+        warmup = 5
+        async with open_control(f"ws://127.0.0.1:{port}/v1/control", self.operator_token) as control:
+            for i in range(warmup + self.plan.commands):
+                device = names[(i * 7919) % len(names)]
+                started = time.perf_counter()
+                try:
+                    record = await control.send_command(device, "ping", {}, wait=True, wait_timeout=10)
+                except ControlError as exc:
+                    failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+                    continue
+                took = time.perf_counter() - started
+                state = record.get("state")
+                if state != "succeeded":
+                    failures[str(state)] = failures.get(str(state), 0) + 1
+                elif i >= warmup:
+                    latencies.append(took)
+        return latencies, failures
+
+    async def _relay_commands(self, port: int, names: list[str]) -> tuple[list[float], dict[str, int]]:
+        from trio_websocket import open_websocket_url
+
+        latencies: list[float] = []
+        failures: dict[str, int] = {}
+        warmup = 5
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/relay") as ws:
+            for i in range(warmup + self.plan.commands):
+                device = names[(i * 7919) % len(names)]
+                started = time.perf_counter()
+                await ws.send_message(json.dumps({"device": device, "id": f"c{i}"}))
+                with trio.move_on_after(10) as timeout:
+                    answer = json.loads(await ws.get_message())
+                took = time.perf_counter() - started
+                if timeout.cancelled_caught:
+                    failures["timeout"] = failures.get("timeout", 0) + 1
+                    break  # a late answer would be taken for the next command's
+                if not answer.get("ok"):
+                    failures["error"] = failures.get("error", 0) + 1
+                elif i >= warmup:
+                    latencies.append(took)
+        return latencies, failures
+
+    # -------------------------------------------------------------- reconnect storm
+
+    async def storm(self, table: Table) -> dict[str, Any]:
+        """Drop every connection at once; time until all are back, and points lost (must be 0)."""
+        rows = []
+        for target in ("hub", "transport"):
+            row = await self._guarded(self._storm, target)
+            rows.append(row)
+            table.row(row)
+        return {"runs": rows}
+
+    async def _storm(self, target: str) -> dict[str, Any]:
+        plan = self.plan
+        n = plan.storm_devices
+        label = f"storm_{n}"
+        measurement = self.measurement(label)
+        hub = baseline = None
+        if target == "hub":
+            hub = self.start_hub(label)
+            port = hub.port
+        else:
+            baseline, port = await self.start_baseline(label)
+        gens: list[Child] = []
+        try:
+            gens = await self.generators(
+                label,
+                port,
+                self.tokens[:n],
+                STORM_PER_GENERATOR,
+                measurement=measurement,
+                points=plan.storm_points,
+                interval=plan.storm_interval,
+                duration=0,
+                acks=target == "hub",
+                drain_timeout=DRAIN_TIMEOUT,
+            )
+            await self.ready(gens, n)
+            for g in gens:
+                await g.send("go")
+            await trio.sleep(min(3.0, plan.storm_interval))
+            for g in gens:
+                await g.send("drop")
+            dropped = [await g.expect("dropped", 30) for g in gens]
+            back = [await g.expect("reconnected", 120 + n / 20) for g in gens]
+            await trio.sleep(min(3.0, plan.storm_interval))
+            for g in gens:
+                await g.send("stop")
+            results = [await g.expect("result", DRAIN_TIMEOUT + 60) for g in gens]
+        finally:
+            await self.close_all(gens)
+            if hub is not None:
+                hub.stop()
+            if baseline is not None:
+                await baseline.close()
+        r = _merge(results)
+        row = {
+            "target": target,
+            "devices": n,
+            "dropped": sum(x["count"] for x in dropped),
+            "back_s": max(x["t_back"] for x in back) - min(x["t"] for x in dropped),
+            "sent_points": r["sent_points"],
+            "acked_points": r["acked_points"],
+            "resent_messages": r["resent"],
+            "drained": r["drained"],
+            "generators": len(gens),
+            "generator": r,
+        }
+        if target == "hub":
+            row.update(await self.verify(measurement, r["acked_points"], r["drained"]))
+        return row
+
+    # -------------------------------------------------------------- profile
+
+    async def profile(self, table: Table) -> dict[str, Any]:
+        """py-spy samples of the hub during a lean ingest run."""
+        if profile.py_spy() is None:
+            row = {"error": "py-spy is not installed (pip install -e '.[bench]'): no profile"}
+            table.row(row)
+            return row
+        row = await self._guarded(self._profile)
+        table.row(row)
+        if "top_self" in row:
+            print("top self (all threads):\n" + profile.format_top(row, "top_self"), flush=True)
+        return row
+
+    async def _profile(self) -> dict[str, Any]:
+        plan = self.plan
+        devices, points = plan.profile_devices, plan.profile_points
+        hub = self.start_hub("profile")
+        measurement = self.measurement(f"profile_{devices}x{points}")
+        raw = self.work / "profile-hub.txt"
+        gens: list[Child] = []
+        try:
+            gens = await self.generators(
+                measurement,
+                hub.port,
+                self.tokens[:devices],
+                devices,
+                measurement=measurement,
+                points=points,
+                duration=plan.profile_seconds + 2,
+                drain_timeout=DRAIN_TIMEOUT,
+            )
+            await self.ready(gens, devices)
+            for g in gens:
+                await g.send("go")
+            await trio.sleep(1.0)
+            spy = profile.record(hub.pid, plan.profile_seconds, raw)
+            results = [await g.expect("result", plan.profile_seconds + DRAIN_TIMEOUT + 60) for g in gens]
+            with trio.move_on_after(30):
+                while spy.poll() is None:
+                    await trio.sleep(0.2)
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait()
+        finally:
+            await self.close_all(gens)
+            hub.stop()
+        r = _merge(results)
+        elapsed = max(r["t_last_ack"] - r["t_go"], 1e-9)
+        if not raw.exists():
+            raise ChildError(f"py-spy wrote nothing: {raw.with_suffix('.log').read_text(errors='replace')[-1000:]}")
+        summary = profile.summarise(raw)
+        samples = summary["samples"]
+        return {
+            "devices": devices,
+            "points_per_message": points,
+            "points_per_s": r["acked_points"] / elapsed,
+            "seconds": plan.profile_seconds,
+            "raw_file": str(raw),
+            "main_thread_percent": 100 * summary["threads"].get("main", 0) / samples if samples else None,
+            **summary,
+        }
+
+
+def _merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several generators' `result` events as one."""
+    out: dict[str, Any] = {}
+    for r in results:
+        for key, value in r.items():
+            if key == "event":
+                continue
+            if key in ("t_go",):
+                out[key] = min(out.get(key, value), value)
+            elif key in ("t_sent", "t_last_ack"):
+                out[key] = max(out.get(key, value), value)
+            elif key == "drained":
+                out[key] = out.get(key, True) and value
+            elif key == "errors":
+                out[key] = _merge_counts([out.get(key, {}), value])
+            elif key == "points":
+                out[key] = value
+            elif isinstance(value, int | float):
+                out[key] = out.get(key, 0) + value
+    return out
+
+
+def _merge_counts(counts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+async def run_bench(plan: Plan, work: Path, out: Path) -> dict[str, Any]:
+    """Run the plan; the results (also written to `out` after every scenario)."""
+    bench = Bench(plan, work)
+    results: dict[str, Any] = {
+        "schema": 1,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": plan.quick,
+        "plan": attrs.asdict(plan),
+        "machine": machine(),
+        "hub_overrides": bench.overrides,
+        "scenarios": {},
+    }
+    needed = max(
+        [d for d, _ in plan.ingest + plan.sdk]
+        + list(plan.connections)
+        + [plan.command_devices, plan.storm_devices, plan.profile_devices]
+    )
+    bench.register(needed)
+    bench.vm.start()
+    results["machine"]["victoria_metrics"] = bench.vm.version()
+    try:
+        for name in plan.scenarios:
+            table = Table(name)
+            started = time.monotonic()
+            try:
+                results["scenarios"][name] = await getattr(bench, name)(table)
+            except ChildError as exc:
+                results["scenarios"][name] = {"error": str(exc)[:2000]}
+                table.row(results["scenarios"][name])
+            results["scenarios"][name]["wall_s"] = time.monotonic() - started
+            _write(out, results)
+    finally:
+        bench.vm.stop()
+    results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    _write(out, results)
+    return results
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    tmp.replace(out)
+
+
+def _errors(results: dict[str, Any]) -> list[str]:
+    out = []
+    for name, scenario in results["scenarios"].items():
+        if "error" in scenario:
+            out.append(f"{name}: {scenario['error'][:200]}")
+        for row in scenario.get("runs", []):
+            if "error" in row:
+                out.append(f"{name}: {row['error'][:200]}")
+            elif row.get("db_verified") is False:
+                out.append(f"{name}: database count check failed for {row.get('measurement', row.get('target'))}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the harness; exit code 0 when every run finished and every database check passed."""
+    args = build_parser().parse_args(argv)
+    plan = plan_from_args(args)
+    raise_fd_limit()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("var/bench") / f"results-{stamp}.json"
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        results = trio.run(run_bench, plan, args.work_dir, out)
+    else:
+        with tempfile.TemporaryDirectory(prefix="hub-bench-") as tmp:
+            results = trio.run(run_bench, plan, Path(tmp), out)
+            raw = Path(tmp) / "profile-hub.txt"
+            if raw.exists():
+                kept = out.with_name(out.stem + "-profile.txt")
+                shutil.copy(raw, kept)
+                scenario = results["scenarios"].get("profile", {})
+                scenario["raw_file"] = str(kept)
+                _write(out, results)
+    print(f"\nresults: {out}")
+    errors = _errors(results)
+    for line in errors:
+        print(f"FAILED {line}", file=sys.stderr)
+    return 1 if errors else 0
