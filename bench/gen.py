@@ -31,7 +31,7 @@ from bench.jsonl import emit, raise_fd_limit, stdin_lines
 from bench.wire import BASE_TS, client_frame, parse_ack, points_for, telemetry_template
 from device_client import protocol
 
-__all__ = ["GenSpec", "main"]
+__all__ = ["GenSpec", "LeanFleet", "SdkFleet", "main"]
 
 #: Failed attempts before a device counts as failed to connect.
 CONNECT_ATTEMPTS = 3
@@ -123,7 +123,6 @@ class _Fleet:
         self.spec = spec
         self.go = trio.Event()
         self.exit = trio.Event()
-        self.stopping = False
         self.send_deadline = math.inf
         self.sender_scopes: set[trio.CancelScope] = set()
         self.settled = 0  # devices welcomed once or failed for good
@@ -147,6 +146,7 @@ class _Fleet:
         self.cpu_go = 0.0
 
     def settle(self, ok: bool) -> None:
+        """Count a device as connected (`ok`) or failed for good; emit `ready` after the last one."""
         self.settled += 1
         if ok:
             self.connected += 1
@@ -163,15 +163,18 @@ class _Fleet:
                 t_first=self.t_first,
                 t_ready=self.t_ready,
                 errors=dict(self.errors),
+                cpu_s=_cpu_self(),
             )
 
     def sender_done(self) -> None:
+        """Count a device that will send no more; the last one ends the sending phase."""
         self.senders_done += 1
         if self.senders_done == len(self.spec.tokens):
             self.t_sent = time.monotonic()
             self.all_sent.set()
 
     def start(self) -> None:
+        """`go`: start sending, for `duration` seconds if set."""
         if self.go.is_set():
             return
         self.t_go = time.monotonic()
@@ -182,25 +185,27 @@ class _Fleet:
         emit("started", t=self.t_go)
 
     def stop(self) -> None:
+        """`stop`: send nothing more (what is in flight is still acked)."""
         self.send_deadline = trio.current_time()
         for scope in list(self.sender_scopes):
             scope.cancel()
 
-    def outstanding(self) -> int:
+    def counts(self) -> dict[str, int]:
+        """Counters for `result`: acked_msgs, acked_points, outstanding (unacked messages), lost, resent, commands."""
         raise NotImplementedError
 
     async def drained(self) -> None:
+        """Return once every sent message is acked."""
         raise NotImplementedError
 
     async def report(self) -> None:
         """Once every sender is done, wait (bounded) for the last acks and emit `result`."""
         await self.go.wait()
         await self.all_sent.wait()
-        drained = True
         if self.spec.acks:
-            with trio.move_on_after(self.spec.drain_timeout) as timeout:
+            with trio.move_on_after(self.spec.drain_timeout):
                 await self.drained()
-            drained = not timeout.cancelled_caught
+        counts = self.counts()
         emit(
             "result",
             devices=len(self.spec.tokens),
@@ -209,21 +214,17 @@ class _Fleet:
             points=self.spec.points,
             sent_msgs=self.sent_msgs,
             sent_points=self.sent_msgs * self.spec.points,
-            acked_msgs=self.acked_msgs,
-            acked_points=self.acked_points,
-            outstanding=self.outstanding(),
-            drained=drained,
+            drained=counts["outstanding"] == 0 or not self.spec.acks,
             t_go=self.t_go,
             t_sent=self.t_sent,
             t_last_ack=self.t_last_ack,
-            lost=self.lost,
-            resent=self.resent,
-            commands=self.commands,
             errors=dict(self.errors),
             cpu_s=_cpu_self() - self.cpu_go,
+            **counts,
         )
 
     async def control(self) -> None:
+        """Obey stdin commands until `exit` or EOF."""
         async for line in stdin_lines():
             if line == "go":
                 self.start()
@@ -238,6 +239,7 @@ class _Fleet:
         self.exit.set()
 
     def drop(self) -> None:
+        """`drop`: reset every connection at once."""
         emit("error", detail="drop is not supported by this generator")
 
 
@@ -256,10 +258,19 @@ class LeanFleet(_Fleet):
         self.to_come_back = 0
         self.t_back = 0.0
 
-    def outstanding(self) -> int:
-        return self.n_outstanding
+    def counts(self) -> dict[str, int]:
+        """Counters for `result`."""
+        return {
+            "acked_msgs": self.acked_msgs,
+            "acked_points": self.acked_points,
+            "outstanding": self.n_outstanding,
+            "lost": self.lost,
+            "resent": self.resent,
+            "commands": self.commands,
+        }
 
     async def drained(self) -> None:
+        """Return once every sent message is acked."""
         while self.n_outstanding:
             self.no_outstanding = trio.Event()
             await self.no_outstanding.wait()
@@ -335,7 +346,7 @@ class LeanFleet(_Fleet):
             async with trio.open_nursery() as nursery:
                 dev.scope = nursery.cancel_scope
                 nursery.start_soon(self._reader, dev)
-                with trio.move_on_after(timeout.deadline - trio.current_time()):
+                with trio.move_on_at(timeout.deadline):
                     await dev.welcomed.wait()
                 self.limiter.release()
                 held = False
@@ -375,9 +386,9 @@ class LeanFleet(_Fleet):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 sock.close()
         self.to_come_back = count
-        emit("dropped", t=self.t_drop, count=count)
+        emit("dropped", t=self.t_drop, count=count, cpu_s=_cpu_self())
         if not count:
-            emit("reconnected", t_drop=self.t_drop, t_back=self.t_drop)
+            emit("reconnected", t_drop=self.t_drop, t_back=self.t_drop, cpu_s=_cpu_self())
 
     # ---------------------------------------------------------------- reading
 
@@ -465,7 +476,7 @@ class LeanFleet(_Fleet):
             self.to_come_back -= 1
             self.t_back = max(self.t_back, time.monotonic())
             if not self.to_come_back:
-                emit("reconnected", t_drop=self.t_drop, t_back=self.t_back)
+                emit("reconnected", t_drop=self.t_drop, t_back=self.t_back, cpu_s=_cpu_self())
 
     # ---------------------------------------------------------------- sending
 
@@ -534,16 +545,27 @@ class SdkFleet(_Fleet):
         super().__init__(spec)
         self.clients: list[Any] = []
 
-    def outstanding(self) -> int:
-        return sum(c.pending for c in self.clients)
+    def counts(self) -> dict[str, int]:
+        """Counters for `result`, from the clients' own statistics."""
+        acked_points = sum(c.stats.points_acked for c in self.clients)
+        return {
+            "acked_msgs": sum(c.stats.batches_acked for c in self.clients),
+            "acked_points": acked_points,
+            "outstanding": sum(c.pending for c in self.clients),
+            "lost": sum(c.stats.reconnects for c in self.clients),
+            "resent": sum(c.stats.resent for c in self.clients),
+            "commands": sum(c.stats.commands_run for c in self.clients),
+        }
 
     async def drained(self) -> None:
+        """Return once every client has its batches acked (the SDK reports no ack times: this is the last)."""
         async with trio.open_nursery() as nursery:
             for client in self.clients:
                 nursery.start_soon(client.wait_acked)
         self.t_last_ack = time.monotonic()
 
     async def run_until_exit(self) -> None:
+        """Run every device until `exit` (or stdin closes)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.control)
             for token in self.spec.tokens:
@@ -551,39 +573,6 @@ class SdkFleet(_Fleet):
             nursery.start_soon(self.report)
             await self.exit.wait()
             nursery.cancel_scope.cancel()
-
-    async def report(self) -> None:
-        """Once every device is done sending, wait (bounded) for the last acks and emit `result`."""
-        await self.go.wait()
-        await self.all_sent.wait()
-        with trio.move_on_after(self.spec.drain_timeout):
-            await self.drained()
-        self.t_last_ack = self.t_last_ack or time.monotonic()
-        self.acked_points = sum(c.stats.points_acked for c in self.clients)
-        self.acked_msgs = self.acked_points // self.spec.points
-        drained = self.outstanding() == 0
-        spec = self.spec
-        emit(
-            "result",
-            devices=len(spec.tokens),
-            connected=self.connected,
-            failed=self.failed,
-            points=spec.points,
-            sent_msgs=self.sent_msgs,
-            sent_points=self.sent_msgs * spec.points,
-            acked_msgs=self.acked_msgs,
-            acked_points=self.acked_points,
-            outstanding=self.outstanding(),
-            drained=drained,
-            t_go=self.t_go,
-            t_sent=self.t_sent,
-            t_last_ack=self.t_last_ack,
-            lost=sum(c.stats.reconnects for c in self.clients),
-            resent=sum(c.stats.resent for c in self.clients),
-            commands=sum(c.stats.commands_run for c in self.clients),
-            errors=dict(self.errors),
-            cpu_s=_cpu_self() - self.cpu_go,
-        )
 
     async def _device(self, token: str) -> None:
         from device_client import DeviceClient

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: The checkout this harness lives in.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ChildError(Exception):
@@ -132,15 +135,18 @@ class VictoriaMetrics:
         return self.proc.pid
 
     def version(self) -> str:
-        """The version it reports in /metrics (empty if unknown)."""
+        """The installed package's version (Debian's build reports none over HTTP); empty if unknown."""
         try:
-            _status, body = _http(self.url + "/metrics", timeout=5)
-        except OSError:
+            done = subprocess.run(
+                ["dpkg-query", "-W", "-f", "${Version}", "victoria-metrics"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
             return ""
-        for line in body.decode(errors="replace").splitlines():
-            if line.startswith("vm_app_version{"):
-                return line.partition('version="')[2].partition('"')[0]
-        return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
 
     def count(self, series_regex: str, span_s: int = 30 * 86400) -> int:
         """Samples (after deduplication) in the series whose names match, with timestamps from BASE_TS on."""
@@ -271,6 +277,34 @@ class HubProcess:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return text[-size:]
 
+    def connections(self) -> int | None:
+        """Open device sessions, from its /metrics (None if that cannot be read)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        found = re.search(r"metrics listening.*?port=(\d+)", text)
+        if found is None:
+            return None
+        try:
+            status, body = _http(f"http://127.0.0.1:{found.group(1)}/metrics", timeout=5)
+        except OSError:
+            return None
+        for line in body.decode(errors="replace").splitlines():
+            if status == 200 and line.startswith("hub_connections "):
+                return int(float(line.split()[1]))
+        return None
+
+    def wait_disconnected(self, timeout: float = 60.0) -> bool:
+        """Wait until the hub has closed every device session (bounded); whether it did.
+
+        Stopping a hub that is still tearing down thousands of sessions measures its shutdown, not the load.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            count = self.connections()
+            if count is None or count == 0:
+                return count == 0
+            time.sleep(0.2)
+        return False
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """Graceful stop (SIGTERM: drain, last acks), killed after `timeout`; the exit code."""
         if self.proc is None:
@@ -297,7 +331,11 @@ class Child:
         log_path = log_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
+                [sys.executable, "-m", *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd=REPO_ROOT,  # `bench` is not an installed package: it is imported from the checkout
             )
         return cls(name, proc, log_path)
 

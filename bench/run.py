@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -70,7 +71,7 @@ class Plan:
     storm_devices: int = 5000
     storm_interval: float = 5.0
     storm_points: int = 10
-    profile_devices: int = 100
+    profile_devices: int = 1000
     profile_points: int = 10
     profile_seconds: float = 15.0
     hub_args: tuple[str, ...] = ()
@@ -232,6 +233,7 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("devices", "devices"),
         ("connected", "connected"),
         ("connect s", "connect_s"),
+        ("server CPU s", "server_cpu_s"),
         ("RSS MiB", "rss_mib"),
         ("KiB/conn", "kib_per_connection"),
     ],
@@ -251,6 +253,8 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("devices", "devices"),
         ("dropped", "dropped"),
         ("all back s", "back_s"),
+        ("server CPU s", "server_cpu_s"),
+        ("gen CPU s", "generator_cpu_s"),
         ("acked", "acked_points"),
         ("in DB", "db_points"),
         ("lost", "points_lost"),
@@ -293,6 +297,17 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
         return math.nan
     rank = max(1, math.ceil(q / 100 * len(sorted_values)))
     return sorted_values[rank - 1]
+
+
+@attrs.define
+class Target:
+    """What the load goes to in one run: a hub or the transport baseline."""
+
+    kind: str  # "hub" or "transport"
+    pid: int
+    port: int
+    hub: HubProcess | None = None
+    baseline: Child | None = None
 
 
 class Bench:
@@ -345,6 +360,24 @@ class Bench:
         child = await Child.start(f"baseline-{self._runs:02d}-{label}", ["bench.baseline"], self.logs)
         port = (await child.expect("listening", 20))["port"]
         return child, int(port)
+
+    @asynccontextmanager
+    async def target(self, kind: str, label: str) -> AsyncIterator[Target]:
+        """A fresh hub (`kind` "hub") or transport baseline (`kind` "transport"), stopped on exit."""
+        if kind == "hub":
+            hub = self.start_hub(label)
+            target = Target(kind, hub.pid, hub.port, hub=hub)
+        else:
+            child, port = await self.start_baseline(label)
+            target = Target(kind, child.pid, port, baseline=child)
+        try:
+            yield target
+        finally:
+            if target.hub is not None:
+                await trio.to_thread.run_sync(target.hub.wait_disconnected)
+                target.hub.stop()
+            if target.baseline is not None:
+                await target.baseline.close()
 
     def measurement(self, label: str) -> str:
         """A measurement name of its own for each run, so its points are counted apart."""
@@ -427,6 +460,7 @@ class Bench:
                     table.row(base)
         finally:
             await baseline.close()
+            await trio.to_thread.run_sync(hub.wait_disconnected)
             code = hub.stop()
         return {"runs": rows, "hub_exit_code": code, "hub_overrides": hub.overrides}
 
@@ -556,29 +590,19 @@ class Bench:
 
     async def _connections(self, target: str, n: int) -> dict[str, Any]:
         label = f"idle_{n}"
-        hub = baseline = None
-        if target == "hub":
-            hub = self.start_hub(label)
-            pid, port = hub.pid, hub.port
-        else:
-            baseline, port = await self.start_baseline(label)
-            pid = baseline.pid
-        gens: list[Child] = []
-        try:
+        async with self.target(target, label) as t:
             await trio.sleep(1.0)
-            rss0 = rss_bytes(pid)
+            rss0, cpu0 = rss_bytes(t.pid), cpu_seconds(t.pid)
             gens = await self.generators(
-                label, port, self.tokens[:n], IDLE_PER_GENERATOR, measurement="idle", points=1, duration=0
+                label, t.port, self.tokens[:n], IDLE_PER_GENERATOR, measurement="idle", points=1, duration=0
             )
-            readies = await self.ready(gens, n)
-            await trio.sleep(2.0)  # let the last sessions settle (presence points, command offers)
-            rss1 = rss_bytes(pid)
-        finally:
-            await self.close_all(gens)
-            if hub is not None:
-                hub.stop()
-            if baseline is not None:
-                await baseline.close()
+            try:
+                readies = await self.ready(gens, n)
+                cpu1 = cpu_seconds(t.pid)
+                await trio.sleep(2.0)  # let the last sessions settle (presence points, command offers)
+                rss1 = rss_bytes(t.pid)
+            finally:
+                await self.close_all(gens)
         connected = sum(x["connected"] for x in readies)
         return {
             "target": target,
@@ -589,6 +613,8 @@ class Bench:
             "rss_before_mib": rss0 / 2**20,
             "rss_mib": rss1 / 2**20,
             "kib_per_connection": (rss1 - rss0) / 1024 / connected if connected else None,
+            "server_cpu_s": cpu1 - cpu0,  # while the devices connected
+            "generator_cpu_s": sum(x["cpu_s"] for x in readies),  # their whole lives, start-up included
             "generators": len(gens),
             "errors": _merge_counts(x.get("errors", {}) for x in readies),
         }
@@ -609,19 +635,10 @@ class Bench:
         n = plan.command_devices
         label = f"cmd_{n}"
         measurement = self.measurement(label)
-        hub = baseline = None
-        if target == "hub":
-            hub = self.start_hub(label)
-            port = hub.port
-        else:
-            baseline, port = await self.start_baseline(label)
-        gens: list[Child] = []
-        latencies: list[float] = []
-        failures: dict[str, int] = {}
-        try:
+        async with self.target(target, label) as t:
             gens = await self.generators(
                 label,
-                port,
+                t.port,
                 self.tokens[:n],
                 n,
                 measurement=measurement,
@@ -631,24 +648,21 @@ class Bench:
                 acks=target == "hub",
                 drain_timeout=DRAIN_TIMEOUT,
             )
-            await self.ready(gens, n)
-            for g in gens:
-                await g.send("go")
-            await trio.sleep(min(2.0, plan.command_interval * 2))
-            names = [t.rpartition(".")[0] for t in self.tokens[:n]]
-            if target == "hub":
-                latencies, failures = await self._hub_commands(port, names)
-            else:
-                latencies, failures = await self._relay_commands(port, names)
-            for g in gens:
-                await g.send("stop")
-            results = [await g.expect("result", DRAIN_TIMEOUT + 60) for g in gens]
-        finally:
-            await self.close_all(gens)
-            if hub is not None:
-                hub.stop()
-            if baseline is not None:
-                await baseline.close()
+            try:
+                await self.ready(gens, n)
+                for g in gens:
+                    await g.send("go")
+                await trio.sleep(min(2.0, plan.command_interval * 2))
+                names = [token.rpartition(".")[0] for token in self.tokens[:n]]
+                if target == "hub":
+                    latencies, failures = await self._hub_commands(t.port, names)
+                else:
+                    latencies, failures = await self._relay_commands(t.port, names)
+                for g in gens:
+                    await g.send("stop")
+                results = [await g.expect("result", DRAIN_TIMEOUT + 60) for g in gens]
+            finally:
+                await self.close_all(gens)
         r = _merge(results)
         ms = sorted(x * 1000 for x in latencies)
         row = {
@@ -731,17 +745,10 @@ class Bench:
         n = plan.storm_devices
         label = f"storm_{n}"
         measurement = self.measurement(label)
-        hub = baseline = None
-        if target == "hub":
-            hub = self.start_hub(label)
-            port = hub.port
-        else:
-            baseline, port = await self.start_baseline(label)
-        gens: list[Child] = []
-        try:
+        async with self.target(target, label) as t:
             gens = await self.generators(
                 label,
-                port,
+                t.port,
                 self.tokens[:n],
                 STORM_PER_GENERATOR,
                 measurement=measurement,
@@ -751,30 +758,31 @@ class Bench:
                 acks=target == "hub",
                 drain_timeout=DRAIN_TIMEOUT,
             )
-            await self.ready(gens, n)
-            for g in gens:
-                await g.send("go")
-            await trio.sleep(min(3.0, plan.storm_interval))
-            for g in gens:
-                await g.send("drop")
-            dropped = [await g.expect("dropped", 30) for g in gens]
-            back = [await g.expect("reconnected", 120 + n / 20) for g in gens]
-            await trio.sleep(min(3.0, plan.storm_interval))
-            for g in gens:
-                await g.send("stop")
-            results = [await g.expect("result", DRAIN_TIMEOUT + 60) for g in gens]
-        finally:
-            await self.close_all(gens)
-            if hub is not None:
-                hub.stop()
-            if baseline is not None:
-                await baseline.close()
+            try:
+                await self.ready(gens, n)
+                for g in gens:
+                    await g.send("go")
+                await trio.sleep(min(3.0, plan.storm_interval))
+                cpu0 = cpu_seconds(t.pid)
+                for g in gens:
+                    await g.send("drop")
+                dropped = [await g.expect("dropped", 30) for g in gens]
+                back = [await g.expect("reconnected", 120 + n / 20) for g in gens]
+                cpu1 = cpu_seconds(t.pid)
+                await trio.sleep(min(3.0, plan.storm_interval))
+                for g in gens:
+                    await g.send("stop")
+                results = [await g.expect("result", DRAIN_TIMEOUT + 60) for g in gens]
+            finally:
+                await self.close_all(gens)
         r = _merge(results)
         row = {
             "target": target,
             "devices": n,
             "dropped": sum(x["count"] for x in dropped),
             "back_s": max(x["t_back"] for x in back) - min(x["t"] for x in dropped),
+            "server_cpu_s": cpu1 - cpu0,  # from the drop until all were back
+            "generator_cpu_s": sum(b["cpu_s"] - d["cpu_s"] for b, d in zip(back, dropped, strict=True)),
             "sent_points": r["sent_points"],
             "acked_points": r["acked_points"],
             "resent_messages": r["resent"],
@@ -803,14 +811,12 @@ class Bench:
     async def _profile(self) -> dict[str, Any]:
         plan = self.plan
         devices, points = plan.profile_devices, plan.profile_points
-        hub = self.start_hub("profile")
         measurement = self.measurement(f"profile_{devices}x{points}")
         raw = self.work / "profile-hub.txt"
-        gens: list[Child] = []
-        try:
+        async with self.target("hub", "profile") as t:
             gens = await self.generators(
                 measurement,
-                hub.port,
+                t.port,
                 self.tokens[:devices],
                 devices,
                 measurement=measurement,
@@ -818,21 +824,23 @@ class Bench:
                 duration=plan.profile_seconds + 2,
                 drain_timeout=DRAIN_TIMEOUT,
             )
-            await self.ready(gens, devices)
-            for g in gens:
-                await g.send("go")
-            await trio.sleep(1.0)
-            spy = profile.record(hub.pid, plan.profile_seconds, raw)
-            results = [await g.expect("result", plan.profile_seconds + DRAIN_TIMEOUT + 60) for g in gens]
-            with trio.move_on_after(30):
-                while spy.poll() is None:
-                    await trio.sleep(0.2)
-            if spy.poll() is None:
-                spy.kill()
-                spy.wait()
-        finally:
-            await self.close_all(gens)
-            hub.stop()
+            try:
+                await self.ready(gens, devices)
+                for g in gens:
+                    await g.send("go")
+                await trio.sleep(1.0)
+                spy = profile.record(t.pid, plan.profile_seconds, raw)
+                try:
+                    results = [await g.expect("result", plan.profile_seconds + DRAIN_TIMEOUT + 60) for g in gens]
+                    with trio.move_on_after(30):
+                        while spy.poll() is None:
+                            await trio.sleep(0.2)
+                finally:
+                    if spy.poll() is None:
+                        spy.kill()
+                        spy.wait()
+            finally:
+                await self.close_all(gens)
         r = _merge(results)
         elapsed = max(r["t_last_ack"] - r["t_go"], 1e-9)
         if not raw.exists():

@@ -65,6 +65,7 @@ class ErrorCode:
     BAD_SEQ = "bad_seq"  # sequence number missing or out of range
     TOO_MANY_ERRORS = "too_many_errors"
     UNKNOWN_COMMAND = "unknown_command"  # a command ack/result for an id this device was not sent
+    RATE_LIMITED = "rate_limited"  # informational: over the message/point rate, the hub slows its reading
     TOO_LARGE = "too_large"  # client side: a batch over the hub's frame limit (the hub closes with 1009)
     INTERNAL = "internal"
 
@@ -73,12 +74,12 @@ class CloseCode:
     """WebSocket close codes the hub uses (see docs/protocol.md)."""
 
     NORMAL = 1000
-    GOING_AWAY = 1001  # hub shutting down: reconnect with backoff
+    GOING_AWAY = 1001  # hub shutting down, or the session was idle too long: reconnect with backoff
     UNSUPPORTED_DATA = 1003
     POLICY = 1008  # too many protocol errors, hello timeout
     TOO_BIG = 1009  # frame over the size limit
     INTERNAL = 1011
-    TRY_LATER = 1013  # overloaded: reconnect with backoff
+    TRY_LATER = 1013  # over the rate limit for too long: reconnect with backoff
     REPLACED = 4001  # another connection authenticated as the same device
     REVOKED = 4003  # the device's token was revoked while connected
 

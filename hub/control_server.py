@@ -95,7 +95,10 @@ class _Identity:
 
 
 def _remote(request_or_ws: WebSocketRequest | WebSocketConnection) -> str:
-    remote = request_or_ws.remote
+    try:
+        remote = request_or_ws.remote
+    except OSError:  # the peer reset the connection already: getpeername() fails
+        return "gone"
     return f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
 
 
@@ -210,7 +213,7 @@ class ControlServer:
                     continue
                 for session in list(self._sessions):
                     if session.operator in revoked and not session.closing:
-                        log.warning("operator revoked: closing its session", extra=session.kv())
+                        log.warning("operator revoked: closing its session", extra=session.kv(reason="revoked"))
                         closers.start_soon(session.close, CloseCode.REVOKED, "token revoked")
 
     async def close_all(self, code: int, reason: str) -> None:
@@ -380,7 +383,7 @@ class ControlSession:
             except ConnectionClosed:
                 return None
             if _too_big(text, cfg.max_message_bytes):
-                log.warning("control auth message too big", extra=self.kv())
+                log.warning("control auth message too big", extra=self.kv(reason="too_big"))
                 await self._abort(CloseCode.TOO_BIG, "message too big")
                 return None
             token = None
@@ -404,7 +407,7 @@ class ControlSession:
             await self._abort(CloseCode.POLICY, "authentication failed")
             return None
         self.server.stats.refused += 1
-        log.warning("operator authentication timed out", extra=self.kv())
+        log.warning("operator authentication timed out", extra=self.kv(reason="auth_timeout"))
         await self._abort(CloseCode.POLICY, "authentication timed out")
         return None
 
@@ -416,7 +419,7 @@ class ControlSession:
             while True:
                 text = await self.ws.get_message()
                 if _too_big(text, limit):
-                    log.warning("control message too big", extra=self.kv())
+                    log.warning("control message too big", extra=self.kv(reason="too_big"))
                     await self._abort(CloseCode.TOO_BIG, "message too big")
                     return
                 await self._dispatch(text, nursery)
@@ -500,7 +503,7 @@ class ControlSession:
         while errors and errors[0] < now - ERROR_WINDOW:
             errors.popleft()
         if len(errors) > self.server.config.control.max_errors:
-            log.warning("too many bad control frames: closing", extra=self.kv())
+            log.warning("too many bad control frames: closing", extra=self.kv(reason="too_many_errors"))
             await self._abort(CloseCode.POLICY, "too many bad frames")
 
     # ------------------------------------------------------------------ requests
@@ -707,7 +710,7 @@ class ControlSession:
                 with trio.move_on_after(cfg.ping_timeout) as timeout:
                     await self.ws.ping()
                 if timeout.cancelled_caught:
-                    log.warning("operator stopped answering pings: closing", extra=self.kv())
+                    log.warning("operator stopped answering pings: closing", extra=self.kv(reason="ping_timeout"))
                     await self._abort(CloseCode.POLICY, "ping timeout")
                     return
         except ConnectionClosed:

@@ -55,19 +55,25 @@ CLOSE_TIMEOUT = 2.0
 #: A device is idle after max(server.idle_timeout, this x the reporting interval it declared) without a message.
 IDLE_FACTOR = 3.0
 #: Error code of the notice that a device exceeds its rates (sent without a seq: nothing is refused).
-RATE_LIMITED = "rate_limited"
+RATE_LIMITED = ErrorCode.RATE_LIMITED
 #: File descriptors kept for the hub's own files (registry, spool, sink files, logs) besides connections.
 FD_RESERVE = 100
 
 
 def _remote(request_or_ws: WebSocketRequest | WebSocketConnection) -> str:
-    remote = request_or_ws.remote
+    try:
+        remote = request_or_ws.remote
+    except OSError:  # the peer reset the connection already: getpeername() fails
+        return "gone"
     return f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
 
 
 def _address(request: WebSocketRequest) -> str:
     """The peer's IP address (without the port): the key of the per-address connection limit."""
-    remote = request.remote
+    try:
+        remote = request.remote
+    except OSError:  # the peer reset the connection already
+        return "gone"
     return str(remote.address) if hasattr(remote, "address") else str(remote)
 
 
@@ -179,7 +185,7 @@ class DeviceServer:
         """Close the open session of a device whose token was just revoked (4003)."""
         session = self.sessions.get(name)
         if session is not None and self._handlers is not None:
-            log.warning("device revoked: closing its session", extra=session._kv())
+            log.warning("device revoked: closing its session", extra=session._kv(reason="revoked"))
             self._handlers.start_soon(partial(session.close, CloseCode.REVOKED, "token revoked", reason="revoked"))
 
     def stop_accepting(self) -> None:
@@ -452,6 +458,9 @@ class DeviceSession:
                     code = exc.reason.code if exc.reason is not None else None
                     if self.reason == "closed":
                         self.reason = "too_big" if code == CloseCode.TOO_BIG else "disconnected"
+                    if code == CloseCode.TOO_BIG:
+                        limit = self.server.config.server.max_message_bytes
+                        log.warning("message too big: connection closed", extra=self._kv(reason="too_big", limit=limit))
                     return
             if waiting.cancelled_caught:
                 self.reason = "idle"
@@ -662,7 +671,7 @@ class DeviceSession:
                     continue
                 if timeout.cancelled_caught:
                     self.reason = "ping_timeout"
-                    log.warning("device stopped answering pings", extra=self._kv())
+                    log.warning("device stopped answering pings", extra=self._kv(reason="ping_timeout"))
                     with trio.move_on_after(CLOSE_TIMEOUT):
                         await self.ws.aclose(CloseCode.POLICY, "ping timeout")
                     self._scope.cancel()

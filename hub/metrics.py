@@ -59,6 +59,9 @@ _INT_FIELDS = (
     "write_retries",
     "acks_sent",
     "resends",
+    "throttled",
+    "window_waits",
+    "requests_rate_limited",
     "sink_up",
 )
 _FLOAT_FIELDS = (
@@ -159,6 +162,9 @@ class HubMetrics:
             "write_retries": s.write_retries,
             "acks_sent": s.acks_sent,
             "resends": s.resends,
+            "throttled": s.throttled,
+            "window_waits": s.window_waits,
+            "requests_rate_limited": s.requests_rate_limited,
             "sink_up": int(self.pipeline.sink_up),
             "protocol_errors": self._errors(),
             "commands": self._commands(),
@@ -298,6 +304,9 @@ class _HubCollector:
         ("spool_full", "hub_spool_full", "Times the spool was full and ingest waited."),
         ("acks_sent", "hub_acks_sent", "Acks sent to devices."),
         ("resends", "hub_resends", "Telemetry messages whose sequence number the hub already had."),
+        ("throttled", "hub_throttled", "Times a device was slowed down for exceeding its message or point rate."),
+        ("window_waits", "hub_window_waits", "Times the hub paused reading a device that had a full window in flight."),
+        ("requests_rate_limited", "hub_requests_rate_limited", "Control requests refused over the operator's rate."),
     )
     _GAUGES = (
         ("connections", "hub_connections", "Open device sessions."),

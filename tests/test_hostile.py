@@ -26,7 +26,18 @@ from device_client.protocol import DEVICE_PATH, Ack, CloseCode, CommandAck, Comm
 from hub.control_server import CONTROL_PATH
 from hub.registry import Registry
 from tests.hubproc import HubProcess
-from tests.hubtools import add_devices, connect, hello, hub_config, points, raw, receive, send_batch, start_hub
+from tests.hubtools import (
+    add_devices,
+    connect,
+    hello,
+    hub_config,
+    points,
+    raw,
+    receive,
+    send_batch,
+    start_hub,
+    wait_ack,
+)
 from tests.hubtools import telemetry_lines as stored
 from tests.test_control import Ctl, add_operators
 from tests.test_hub_device import BAD_MESSAGES
@@ -47,7 +58,12 @@ HOSTILE = {
         "retry_after": 9,
     },
     "limits": {"max_points": SIZE},
-    "control": {"allowed_origins": ["https://ops.example.com"], "request_rate": 5.0, "request_burst": 20},
+    "control": {
+        "allowed_origins": ["https://ops.example.com"],
+        "request_rate": 5.0,
+        "request_burst": 20,
+        "auth_timeout": 60.0,  # the flood holds unauthenticated sessions for as long as it runs
+    },
     "batch": {"max_delay": 0.02},
 }
 
@@ -62,6 +78,7 @@ class Target:
     ops: dict[str, str]
     revoked: str
     refusals: int = 0  # handshakes the attacks expect refused (HTTP answers and failed first-message auths)
+    maybe_refused: int = 0  # handshakes reset so early that the hub may not even have read the request
     evil_points: int = 0  # points of evil devices the hub accepted (and must have stored)
     answers: list[str] = attrs.field(factory=list)  # what each attack saw, for the report of a failure
 
@@ -166,7 +183,10 @@ async def rejected(t: Target, token: str | None, *, path: str = DEVICE_PATH, hea
 
 
 async def expect_error(ws: Any, code: str, seq: int | None = None) -> None:
+    """The next error frame (acks before it are skipped: refused batches are acked too) is `code` for `seq`."""
     msg = await receive(ws)
+    while isinstance(msg, Ack):
+        msg = await receive(ws)
     assert isinstance(msg, Error) and (msg.code, msg.seq) == (code, seq), (code, seq, msg)
 
 
@@ -181,7 +201,7 @@ EXTRA_BAD = [
     ('{"type": "telemetry", "seq": ' + "9" * 5000 + "}", ErrorCode.BAD_JSON, None),  # past Python's digit limit
     (raw({"type": "telemetry", "seq": 2**64, "points": []}), ErrorCode.BAD_SEQ, None),
     (raw({"type": "telemetry", "seq": "101", "points": []}), ErrorCode.BAD_SEQ, None),
-    (telemetry(102, {"measurement": "m", "fields": {"x": 1e400}}), ErrorCode.BAD_FIELD, 102),
+    (telemetry(102, {"measurement": "m", "fields": {"x": 1.5}}).replace("1.5", "1e400"), ErrorCode.BAD_FIELD, 102),
     (telemetry(103, {"measurement": "m", "fields": {"x": 10**30}}), ErrorCode.BAD_FIELD, 103),
     (telemetry(104, {"measurement": "m", "fields": {"x": {"int": 2**63}}}), ErrorCode.BAD_FIELD, 104),
     (telemetry(105, {"measurement": "m", "fields": {"x": {"int": {"int": 1}}}}), ErrorCode.BAD_FIELD, 105),
@@ -205,7 +225,7 @@ async def malformed_messages(t: Target) -> None:
             await ws.send_message(text)
             await expect_error(ws, code, seq)
         await send_batch(ws, 200, points(2, start=5000))  # the session goes on, and refused batches are resolved
-        assert await receive(ws) == Ack(200)
+        assert Ack(200) in await wait_ack(ws, 200)
     t.evil_points += 2
     t.answers.append("malformed: every message refused with its code")
 
@@ -319,11 +339,27 @@ async def slowloris(t: Target) -> None:
             break
         sent += 1
         with trio.move_on_after(0.05):
-            if not await dribbler.receive_some(4096):
+            try:
+                if not await dribbler.receive_some(4096):
+                    break
+            except trio.BrokenResourceError:
                 break
     assert sent < len(request)
     assert await closed_by_peer(silent)
     t.answers.append("slowloris: dropped")
+
+
+async def oversized_headers(t: Target) -> None:
+    """An upgrade request with 100 KB of headers is answered 400 by the HTTP parser (or reset) and closed."""
+    stream = await open_tcp(t.port)
+    try:
+        await stream.send_all(upgrade_request(DEVICE_PATH, {"X-Padding": "a" * 100_000}))
+        head = await stream.receive_some(4096)
+    except trio.BrokenResourceError:
+        head = b""
+    assert head == b"" or head.startswith(b"HTTP/1.1 400"), head
+    assert await closed_by_peer(stream)
+    t.answers.append("oversized headers: 400")
 
 
 async def connection_flood(t: Target) -> None:
@@ -352,7 +388,7 @@ async def reset_during_handshake(t: Target) -> None:
         await stream.send_all(upgrade_request(DEVICE_PATH, {"Authorization": "Bearer nobody.nothing"}))
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await stream.aclose()  # RST, not FIN
-    t.refusals += 20
+    t.maybe_refused += 20
     t.answers.append("reset during the handshake: nothing")
 
 
@@ -389,7 +425,7 @@ async def error_flood(t: Target) -> None:
                 await ws.send_message("nope")
                 codes.append((await receive(ws)).code)
         assert closed.value.reason.code == CloseCode.POLICY
-        assert codes == [ErrorCode.BAD_JSON] * 50 + [ErrorCode.TOO_MANY_ERRORS]
+        assert codes == [ErrorCode.BAD_JSON] * 51 + [ErrorCode.TOO_MANY_ERRORS]  # more than 50: closed
     t.answers.append("error flood: closed 1008")
 
 
@@ -426,6 +462,7 @@ ATTACKS = [
     stolen_and_forged_tokens,
     cross_origin,
     slowloris,
+    oversized_headers,
     connection_flood,
     reset_during_handshake,
     forged_command_answers,
@@ -475,7 +512,8 @@ async def run_suite(t: Target) -> dict[str, int]:
 def check_stored(t: Target, acked: dict[str, int]) -> None:
     """Every acked point of the good devices is stored, under its own device and nothing else."""
     by_device: dict[str | None, int] = {}
-    for line in stored(t.data_dir):
+    lines = [ln for ln in stored(t.data_dir) if not ln.startswith("command,")]  # not the command transitions
+    for line in lines:
         device = device_tag(line)
         by_device[device] = by_device.get(device, 0) + 1
     for name in GOOD:
@@ -506,10 +544,11 @@ async def test_every_attack_is_refused_while_good_devices_stream_and_are_stored(
         t = make_target(tmp_path, hub.port, tokens, ops)
         acked = await run_suite(t)
         status = hub.presence.status
-        assert all(status[name].online for name in GOOD)
+        # One session each, from start to end: never kicked, replaced or throttled away.
+        assert [(status[name].epoch, status[name].reason) for name in GOOD] == [(1, "disconnected")] * len(GOOD)
         hub.stop()
     check_stored(t, acked)
-    assert hub.stats.refused == t.refusals
+    assert t.refusals <= hub.stats.refused <= t.refusals + t.maybe_refused
     assert status["evil_big"].reason == "too_big" and status["evil_frag"].reason == "too_big"
     assert status["evil_flood"].reason == ErrorCode.TOO_MANY_ERRORS
     assert {"revoked", "good2"}.isdisjoint(name for name in status if not status[name].epoch)
@@ -556,12 +595,15 @@ async def test_the_log_of_the_hostile_suite_holds_no_secret(tmp_path: Path, fmt:
     for value in t.secrets:
         assert value not in text, f"a secret is in the {fmt} log"
     events = log_events(text, fmt)
-    refusals = [e for e in events if e["msg"] in ("message refused", "device refused")]
-    assert len(refusals) >= len(BAD_MESSAGES) + len(EXTRA_BAD)
+    refusals = [
+        e for e in events if e["msg"] in ("message refused", "device refused", "message too big: connection closed")
+    ]
+    assert len(refusals) >= len(BAD_MESSAGES) + len(EXTRA_BAD) + 2
     for event in refusals:
         assert {"device", "epoch", "reason"} <= event.keys() and event["device"].startswith("evil_"), event
     handshakes = [e for e in events if e["msg"] in ("handshake refused", "control handshake refused")]
-    assert len(handshakes) == t.refusals - 1  # the failed first-message auth is logged on its own
+    expected = t.refusals - 1  # the failed first-message auth is logged on its own
+    assert expected <= len(handshakes) <= expected + t.maybe_refused
     assert {e["reason"] for e in handshakes} >= {
         "bad_credentials",
         "token_in_url",

@@ -128,30 +128,18 @@ _BAD_NAMES = _ANY_TEXT | st.sampled_from(
         "😀" * (LIMITS.max_name_len + 1),
     ]
 )
-_BAD_VALUES = st.sampled_from(
-    [
-        float("nan"),
-        float("inf"),
-        float("-inf"),
-        2**63,
-        -(2**63) - 1,
-        10**30,
-        {"int": 2**63},
-        {"int": INT64_MIN - 1},
-        {"int": 1.0},
-        {"int": True},
-        {"int": "1"},
-        {"int": 1, "x": 2},
-        {"float": 1.0},
-        {},
-        [],
-        [1.0],
-        None,
-        "a\nb",
-        "\r",
-        "\ud800",
-        "x" * (LIMITS.max_string_len + 1),
-    ]
+_SHORT_STRINGS = st.lists(_STRING_PIECE, max_size=6).map("".join)
+_BAD_VALUES = st.one_of(
+    st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+    st.sampled_from([2**63, -(2**63) - 1, 10**30]),
+    st.sampled_from([{"int": 2**63}, {"int": INT64_MIN - 1}, {"int": 1.0}, {"int": True}, {"int": "1"}]),
+    st.sampled_from([{"int": 1, "x": 2}, {"float": 1.0}, {}, [], [1.0], None]),
+    # A line break or a lone surrogate anywhere in a string, or one character too many.
+    st.builds(
+        "".join,
+        st.tuples(_SHORT_STRINGS, st.sampled_from(["\n", "\r", "\r\n", "\ud800", "\udfff"]), _SHORT_STRINGS),
+    ),
+    st.builds(_repeat, _SHORT_STRINGS.filter(bool), st.just(LIMITS.max_string_len + 1)),
 )
 _BAD_TAG_VALUES = _ANY_TEXT | st.sampled_from(
     ["", "a\\", "a\nb", "\x7f", "\u200b", "\ud800", 1, None, True, "v" * (LIMITS.max_tag_value_len + 1)]

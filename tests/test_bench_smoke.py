@@ -1,0 +1,110 @@
+"""The benchmark harness at toy scale: real hub, VictoriaMetrics, baseline server and generator processes.
+
+No timing is asserted: only that every scenario runs, the results file has its keys, and the database holds
+exactly the acked points.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
+
+from bench import profile
+from bench.run import Plan, run_bench
+from bench.wire import client_frame, parse_ack, telemetry_template
+from device_client import protocol
+
+
+def test_pre_encoded_frames_are_what_the_hub_decodes() -> None:
+    template = telemetry_template("m", 3)
+    text = (template % (7, 1_700_000_000_000, 1_700_000_000_001, 1_700_000_000_002)).decode()
+    msg = protocol.decode(text)
+    assert isinstance(msg, protocol.Telemetry)
+    assert msg.seq == 7
+    assert [p["ts"] for p in msg.points] == [1_700_000_000_000, 1_700_000_000_001, 1_700_000_000_002]
+    assert msg.points[0]["fields"] == {"value": 21.537, "n": {"int": 7}}
+
+    # The zero-key masked frame parses on a real wsproto server connection, as in the hub.
+    server = WSConnection(ConnectionType.SERVER)
+    client = WSConnection(ConnectionType.CLIENT)
+    server.receive_data(client.send(Request(host="h", target="/v1/device")))
+    assert isinstance(next(iter(server.events())), Request)
+    client.receive_data(server.send(AcceptConnection()))
+    big = "x" * 70_000  # the 8-byte length form
+    server.receive_data(client_frame(text.encode()) + client_frame(big.encode()))
+    texts = [e.data for e in server.events() if isinstance(e, TextMessage)]
+    assert "".join(texts) == text + big
+
+    assert parse_ack(protocol.encode(protocol.Ack(123))) == 123
+    assert parse_ack(protocol.encode(protocol.Error("bad_json"))) is None
+
+
+def test_profile_summary_counts_self_and_total(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "thread (1): MainThread;run (a/app.py:1);decode (b/protocol.py:5) 30\n"
+        "thread (1): MainThread;run (a/app.py:1);lines (c/lineproto.py:9) 10\n"
+        "thread (2): Trio thread 0;write (d/sinks.py:3) 60\n"
+        "thread (3): Trio thread 1;WorkerThread._work (trio/_core/_thread_cache.py:1) 500\n"
+    )
+    summary = profile.summarise(raw)
+    assert summary["samples"] == 100
+    assert summary["idle_samples"] == 500  # a thread-cache worker waiting for work
+    assert summary["top_self"][0] == {"function": "write (d/sinks.py)", "samples": 60, "percent": 60.0}
+    assert summary["threads"] == {"worker": 60, "main": 40}
+    totals = {row["function"]: row["samples"] for row in summary["top_total_main"]}
+    assert totals["run (a/app.py)"] == 40
+
+
+@pytest.mark.e2e
+async def test_harness_smoke_run(tmp_path: Path) -> None:
+    plan = Plan(
+        quick=True,
+        scenarios=("ingest", "connections", "commands", "storm"),
+        duration=1.0,
+        ingest=((5, 10),),
+        sdk=((5, 10),),
+        connections=(50,),
+        command_devices=20,
+        commands=10,
+        command_interval=0.5,
+        storm_devices=30,
+        storm_interval=1.0,
+        storm_points=5,
+    )
+    out = tmp_path / "results.json"
+    returned = await run_bench(plan, tmp_path / "work", out)
+    results = json.loads(out.read_text())
+    assert results["scenarios"].keys() == returned["scenarios"].keys() == set(plan.scenarios)
+    assert {"machine", "plan", "hub_overrides", "started", "finished"} <= results.keys()
+
+    ingest = results["scenarios"]["ingest"]["runs"]
+    assert [(r["target"], r["client"]) for r in ingest] == [("hub", "lean"), ("transport", "lean"), ("hub", "sdk")]
+    for row in ingest:
+        assert "error" not in row, row
+        assert row["points"] > 0 and row["points_per_s"] > 0 and row["cpu_s_per_mpoint"] is not None
+        if row["target"] == "hub":
+            assert row["db_verified"] is True and row["drained"] is True
+            assert row["db_points"] == row["points"] == row["sent_points"]
+            assert row["ratio_to_transport"] > 0
+
+    connections = results["scenarios"]["connections"]["runs"]
+    assert [r["target"] for r in connections] == ["hub", "transport"]
+    for row in connections:
+        assert row["connected"] == 50 and row["kib_per_connection"] is not None
+
+    commands = results["scenarios"]["commands"]["runs"]
+    for row in commands:
+        assert row["succeeded"] == 10, row
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert commands[0]["db_verified"] is True
+
+    storm = results["scenarios"]["storm"]["runs"]
+    hub_storm = storm[0]
+    assert hub_storm["target"] == "hub" and hub_storm["dropped"] == 30
+    assert hub_storm["acked_points"] > 0 and hub_storm["points_lost"] == 0 and hub_storm["db_verified"] is True
+    assert storm[1]["target"] == "transport" and storm[1]["dropped"] == 30
