@@ -7,6 +7,7 @@ Processes: VictoriaMetrics (the sink), `hub serve` (a fresh one per scenario), t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -437,18 +438,15 @@ class Bench:
         plan = self.plan
         rows: list[dict[str, Any]] = []
         runs = [("lean", d, p) for d, p in plan.ingest] + [("sdk", d, p) for d, p in plan.sdk]
-        hub = self.start_hub("ingest")
-        baseline, baseline_port = await self.start_baseline("ingest")
         baseline_rate: dict[tuple[int, int], float] = {}
-        try:
+        async with self.target("hub", "ingest") as hub, self.target("transport", "ingest") as transport:
             for client, devices, points in runs:
                 row = await self._guarded(self._ingest_hub, hub, client, devices, points)
+                base = None
                 if client == "lean" or (devices, points) not in baseline_rate:
-                    base = await self._guarded(self._ingest_baseline, baseline, baseline_port, devices, points)
+                    base = await self._guarded(self._ingest_baseline, transport, devices, points)
                     if "points_per_s" in base:
                         baseline_rate[(devices, points)] = base["points_per_s"]
-                else:
-                    base = None
                 rate = baseline_rate.get((devices, points))
                 if "points_per_s" in row and rate:
                     row["transport_points_per_s"] = rate
@@ -458,11 +456,8 @@ class Bench:
                 if base is not None:
                     rows.append(base)
                     table.row(base)
-        finally:
-            await baseline.close()
-            await trio.to_thread.run_sync(hub.wait_disconnected)
-            code = hub.stop()
-        return {"runs": rows, "hub_exit_code": code, "hub_overrides": hub.overrides}
+        assert hub.hub is not None
+        return {"runs": rows, "hub_overrides": hub.hub.overrides}
 
     async def _guarded(self, fn: Callable[..., Awaitable[dict[str, Any]]], *args: Any) -> dict[str, Any]:
         try:
@@ -470,7 +465,7 @@ class Bench:
         except ChildError as exc:
             return {"error": str(exc)[:2000], "args": [a for a in args if isinstance(a, int | str)]}
 
-    async def _ingest_hub(self, hub: HubProcess, client: str, devices: int, points: int) -> dict[str, Any]:
+    async def _ingest_hub(self, hub: Target, client: str, devices: int, points: int) -> dict[str, Any]:
         plan = self.plan
         measurement = self.measurement(f"{client}_{devices}x{points}")
         gens = await self.generators(
@@ -486,11 +481,11 @@ class Bench:
         )
         try:
             readies = await self.ready(gens, devices)
-            cpu0, vm0, t0 = cpu_seconds(hub.pid), cpu_seconds(self.vm.pid), time.monotonic()
+            cpu0, vm0 = cpu_seconds(hub.pid), cpu_seconds(self.vm.pid)
             for g in gens:
                 await g.send("go")
             results = [await g.expect("result", plan.duration + DRAIN_TIMEOUT + 60) for g in gens]
-            cpu1, vm1, t1 = cpu_seconds(hub.pid), cpu_seconds(self.vm.pid), time.monotonic()
+            cpu1, vm1 = cpu_seconds(hub.pid), cpu_seconds(self.vm.pid)
         finally:
             await self.close_all(gens)
         r = _merge(results)
@@ -512,21 +507,21 @@ class Bench:
             "messages_per_s": r["acked_msgs"] / elapsed,
             "drained": r["drained"],
             "cpu_s": hub_cpu,
-            "cpu_percent": 100 * hub_cpu / (t1 - t0),
+            "cpu_percent": 100 * hub_cpu / elapsed,  # CPU over the measured window: go to the last ack
             "cpu_s_per_mpoint": hub_cpu / r["acked_points"] * 1e6 if r["acked_points"] else None,
-            "vm_cpu_percent": 100 * (vm1 - vm0) / (t1 - t0),
-            "generator_cpu_percent": 100 * r["cpu_s"] / (t1 - t0),
+            "vm_cpu_percent": 100 * (vm1 - vm0) / elapsed,
+            "generator_cpu_percent": 100 * r["cpu_s"] / elapsed,
             "generator": r,
         }
         row.update(await self.verify(measurement, r["acked_points"], r["drained"]))
         return row
 
-    async def _ingest_baseline(self, baseline: Child, port: int, devices: int, points: int) -> dict[str, Any]:
+    async def _ingest_baseline(self, transport: Target, devices: int, points: int) -> dict[str, Any]:
         plan = self.plan
         label = f"base_{devices}x{points}"
         gens = await self.generators(
             label,
-            port,
+            transport.port,
             self.tokens[:devices],
             devices,
             measurement="baseline",
@@ -534,10 +529,12 @@ class Bench:
             duration=plan.duration,
             acks=False,
         )
+        baseline = transport.baseline
+        assert baseline is not None
         try:
             await self.ready(gens, devices)
             await baseline.send("reset")
-            cpu0, t0 = cpu_seconds(baseline.pid), time.monotonic()
+            cpu0 = cpu_seconds(baseline.pid)
             for g in gens:
                 await g.send("go")
             results = [await g.expect("result", plan.duration + 60) for g in gens]
@@ -550,7 +547,7 @@ class Bench:
                     if report["messages"] >= sent:
                         break
                     await trio.sleep(0.1)
-            cpu1, t1 = cpu_seconds(baseline.pid), time.monotonic()
+            cpu1 = cpu_seconds(baseline.pid)
         finally:
             await self.close_all(gens)
         r = _merge(results)
@@ -570,9 +567,9 @@ class Bench:
             "points_per_s": received / elapsed,
             "messages_per_s": messages / elapsed,
             "cpu_s": cpu,
-            "cpu_percent": 100 * cpu / (t1 - t0),
+            "cpu_percent": 100 * cpu / elapsed,
             "cpu_s_per_mpoint": cpu / received * 1e6 if received else None,
-            "generator_cpu_percent": 100 * r["cpu_s"] / (t1 - t0),
+            "generator_cpu_percent": 100 * r["cpu_s"] / elapsed,
             "complete": messages >= r["sent_msgs"],
         }
 
@@ -953,19 +950,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_fd_limit()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("var/bench") / f"results-{stamp}.json"
-    if args.work_dir is not None:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-        results = trio.run(run_bench, plan, args.work_dir, out)
-    else:
-        with tempfile.TemporaryDirectory(prefix="hub-bench-") as tmp:
-            results = trio.run(run_bench, plan, Path(tmp), out)
-            raw = Path(tmp) / "profile-hub.txt"
-            if raw.exists():
-                kept = out.with_name(out.stem + "-profile.txt")
-                shutil.copy(raw, kept)
-                scenario = results["scenarios"].get("profile", {})
-                scenario["raw_file"] = str(kept)
-                _write(out, results)
+    with contextlib.ExitStack() as stack:
+        if args.work_dir is not None:
+            work = args.work_dir
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hub-bench-")))
+        results = trio.run(run_bench, plan, work, out)
+        raw = work / "profile-hub.txt"
+        if raw.exists():
+            kept = out.with_name(out.stem + "-profile.txt")
+            shutil.copy(raw, kept)
+            results["scenarios"]["profile"]["raw_file"] = str(kept)
+            _write(out, results)
     print(f"\nresults: {out}")
     errors = _errors(results)
     for line in errors:

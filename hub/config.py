@@ -32,6 +32,16 @@ INFLUX_TOKEN_ENV = "HUB_INFLUX_TOKEN"
 INFLUX_PASSWORD_ENV = "HUB_INFLUX_PASSWORD"
 
 
+#: InfluxDB refuses a point whose series key (measurement + tags) is longer than this many bytes.
+MAX_SERIES_KEY_BYTES = 65535
+
+
+def _max_series_key_bytes(limits: Limits) -> int:
+    """Worst-case series key in bytes: 4 bytes a character (UTF-8), escaping included; the device tag on top."""
+    name, value = 4 * limits.max_name_len, 4 * limits.max_tag_value_len
+    return name + limits.max_tags * (name + value + 2) + len(",device=") + 64
+
+
 class ConfigError(Exception):
     """The configuration file or an override is not valid."""
 
@@ -276,6 +286,12 @@ def load_config(
     tls = sections["tls"]
     if bool(tls.cert_file) != bool(tls.key_file):
         raise ConfigError("tls: cert_file and key_file go together (both for wss://, neither for plain ws://)")
+    series_key = _max_series_key_bytes(sections["limits"])
+    if series_key > MAX_SERIES_KEY_BYTES:
+        raise ConfigError(
+            f"limits: a series key could reach {series_key} bytes, over InfluxDB's {MAX_SERIES_KEY_BYTES}: "
+            "lower max_tags, max_name_len or max_tag_value_len"
+        )
     if sections["influx"].api not in ("v1", "v2"):
         raise ConfigError(f"influx.api: expected v1 or v2, got {sections['influx'].api!r}")
     level = top.get("log_level", "info")

@@ -1,12 +1,11 @@
-"""Property tests: every telemetry input is refused with a defined code, or round-trips through real InfluxDB 1.6.
+"""Property tests: every telemetry input is refused with a defined code, or round-trips through real InfluxDB 1.6."""
 
-Hypothesis generates batches of hostile points (line-protocol and InfluxQL metacharacters, unicode, names and
-values at the limits, extreme floats, int64 bounds), with now and then one defect. Each point is validated alone
-and the whole batch is decoded as a frame; the points the protocol accepts become line protocol through
-`LineBuilder`, go to InfluxDB in one write, and must come back the same: measurement, tags plus `device`, field
-values and types, timestamp. Each example writes into a database of its own (measurements are unique within a
-batch), so field types never conflict across examples.
-"""
+# Hypothesis generates batches of hostile points (line-protocol and InfluxQL metacharacters, unicode, names and values
+# at the limits, extreme floats, int64 bounds), with now and then one defect. Each point is validated alone and the
+# batch is decoded as one frame; the points the protocol accepts become line protocol through `LineBuilder`, go to
+# InfluxDB in one write, and must come back the same: measurement, tags plus `device`, field values and types,
+# timestamp. Each example writes into a database of its own, and its points never give one field two types: InfluxDB
+# refuses a type conflict within one write (all of it) or with stored data (those points).
 
 from __future__ import annotations
 
@@ -449,6 +448,8 @@ def test_explicit_hostile_examples_are_sorted_as_intended() -> None:
     assert not any(_accepted_alone(p) for p in HOSTILE_REFUSED)
 
 
+# ---------------------------------------------------------------------------- many series of one measurement
+
 _KINDS = {
     "float": _FLOATS | _INTS,  # a plain JSON integer is a float too
     "integer": _INTS.map(lambda n: {"int": n}),
@@ -473,7 +474,7 @@ def one_measurement_batches(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 
 @settings(
-    max_examples=40,
+    max_examples=60,
     derandomize=True,
     deadline=None,
     database=None,
