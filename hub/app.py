@@ -93,6 +93,7 @@ def _pipeline_config(config: HubConfig) -> PipelineConfig:
         max_delay=b.max_delay,
         queue_items=b.queue_items,
         write_attempts=b.write_attempts,
+        flush_when_idle=b.flush_when_idle,
         backoff_initial=b.backoff_initial,
         backoff_max=b.backoff_max,
     )

@@ -167,6 +167,7 @@ class BatchConfig:
     max_delay: float = 0.2
     queue_items: int = 1024
     write_attempts: int = 3
+    flush_when_idle: bool = True  # an idle writer gets a batch at once; under load batches fill up by themselves
     backoff_initial: float = 0.2
     backoff_max: float = 30.0
 

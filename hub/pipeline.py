@@ -53,6 +53,7 @@ class PipelineConfig:
     backoff_initial: float = attrs.field(default=0.2, validator=_positive)
     backoff_max: float = attrs.field(default=30.0, validator=_positive)
     retry_after_cap: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))  # writer's Retry-After cap
+    flush_when_idle: bool = True  # hand a batch to an idle writer at once instead of waiting max_delay
 
 
 @attrs.frozen
@@ -95,6 +96,7 @@ class Pipeline:
         self._spooled = trio.Event()  # set after an append: wakes the replayer
         self._room = trio.Event()  # set after a pop: wakes a writer waiting for spool room
         self._sink_up = True
+        self._writer_idle = True  # the writer waits for a batch (see _flush_early)
         self._spool_full = False  # in a spool-full episode: from full until at most a quarter full
         stats.spool_bytes = spool.bytes_used
 
@@ -179,7 +181,7 @@ class Pipeline:
                         marks.append(mark)
                     if deadline == math.inf:
                         deadline = trio.current_time() + cfg.max_delay
-                    if lines < cfg.max_lines and size < cfg.max_bytes:
+                    if lines < cfg.max_lines and size < cfg.max_bytes and not await self._flush_early(receive):
                         continue
                 await batch_send.send(_Batch("".join(parts), lines, marks))
                 parts, marks, lines, size, deadline = [], [], 0, 0, math.inf
@@ -188,13 +190,26 @@ class Pipeline:
 
     # ------------------------------------------------------------------ writer
 
+    async def _flush_early(self, receive: trio.MemoryReceiveChannel[Any]) -> bool:
+        """Whether to hand over a batch now, before it is full: when the writer is idle and nothing else is waiting.
+
+        Under load the writer is busy and batches grow by themselves; a quiet hub writes at once instead of
+        waiting `max_delay`, so acks are not held back by the batching delay.
+        """
+        if not (self._config.flush_when_idle and self._writer_idle):
+            return False
+        await trio.lowlevel.checkpoint()  # let sessions that are ready to submit do so first
+        return self._writer_idle and receive.statistics().current_buffer_used == 0
+
     async def _writer(self, batch_receive: trio.MemoryReceiveChannel[_Batch]) -> None:
         async with batch_receive:
             async for batch in batch_receive:
+                self._writer_idle = False
                 if batch.lines:
                     await self._make_durable(batch.text, batch.lines)
                 if batch.marks:
                     await self._on_durable(batch.marks)
+                self._writer_idle = batch_receive.statistics().current_buffer_used == 0
 
     async def _make_durable(self, text: str, lines: int) -> None:
         cfg = self._config

@@ -328,7 +328,8 @@ async def test_graceful_stop_sends_last_acks_then_1001(tmp_path: Path) -> None:
     tokens = add_devices(tmp_path, "d1")
     async with trio.open_nursery() as nursery:
         # A long batching delay: batches are still in memory when the stop begins.
-        hub = await start_hub(nursery, hub_config(tmp_path, **{"batch.max_delay": 30.0}))
+        config = hub_config(tmp_path, **{"batch.max_delay": 30.0, "batch.flush_when_idle": False})
+        hub = await start_hub(nursery, config)
         async with connect(hub, tokens["d1"]) as ws:
             await hello(ws)
             for seq in (1, 2, 3):

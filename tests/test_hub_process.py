@@ -19,7 +19,8 @@ from tests.hubtools import add_devices, points, telemetry_lines
 async def test_signal_stops_gracefully(tmp_path: Path, signum: int) -> None:
     tokens = add_devices(tmp_path, "d1")
     # A long batching delay: the batches are still in memory when the signal arrives.
-    hub = HubProcess(tmp_path, "--batch-max-delay", "30")
+    (tmp_path / "hub.toml").write_text("[batch]\nmax_delay = 30.0\nflush_when_idle = false\n")
+    hub = HubProcess(tmp_path, "--config", str(tmp_path / "hub.toml"))
     hub.start()
     try:
         headers = [(b"authorization", f"Bearer {tokens['d1']}".encode())]

@@ -82,7 +82,7 @@ async def test_writes_and_acks_in_order(victoria: VictoriaMetrics, tmp_path: Pat
 
 
 async def test_batch_flushes_at_max_lines(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
-    config = PipelineConfig(max_lines=25, max_delay=3600, queue_items=4)
+    config = PipelineConfig(max_lines=25, max_delay=3600, queue_items=4, flush_when_idle=False)
     pipeline, _stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
@@ -98,7 +98,7 @@ async def test_batch_flushes_at_max_lines(scripted: ScriptedWriteServer, tmp_pat
 
 
 async def test_batch_flushes_after_max_delay(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
-    config = PipelineConfig(max_lines=1000, max_delay=0.05)
+    config = PipelineConfig(max_lines=1000, max_delay=0.05, flush_when_idle=False)
     pipeline, _stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
@@ -109,9 +109,23 @@ async def test_batch_flushes_after_max_delay(scripted: ScriptedWriteServer, tmp_
     spool.close()
 
 
+async def test_idle_writer_gets_a_batch_at_once(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
+    # An hour of batching delay, yet a lone line is written (and acked) as soon as it arrives: the writer was idle.
+    config = PipelineConfig(max_lines=1000, max_delay=3600)
+    pipeline, _stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        for seq in (1, 2, 3):
+            await pipeline.submit(lines(seq, 1), 1, ("d", seq))
+            await eventually(lambda seq=seq: acks.marks[-1:] == [("d", seq)], timeout=60)
+        pipeline.close_input()
+    spool.close()
+    assert [body.count("\n") for _, body in scripted.requests] == [1, 1, 1]
+
+
 async def test_batch_flushes_at_max_bytes(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
     one = lines(0, 1)
-    config = PipelineConfig(max_lines=1000, max_delay=3600, max_bytes=len(one) * 4)
+    config = PipelineConfig(max_lines=1000, max_delay=3600, max_bytes=len(one) * 4, flush_when_idle=False)
     pipeline, _stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
