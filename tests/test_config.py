@@ -134,7 +134,7 @@ def test_token_only_from_env(tmp_path: Path) -> None:
 
 
 def test_limits_that_would_let_a_series_key_outgrow_influxdb_are_refused() -> None:
-    # InfluxDB refuses series keys over 65535 bytes; with 4-byte characters 42 tags at the default lengths fit, 43 do not.
+    # InfluxDB refuses series keys over 65535 bytes: with 4-byte characters, 42 tags of default lengths fit, 43 not.
     assert load_config(None, env={}, overrides={"limits.max_tags": 42}).limits.max_tags == 42
     for overrides in ({"limits.max_tags": 43}, {"limits.max_tag_value_len": 512}):
         with pytest.raises(ConfigError, match="series key could reach"):
