@@ -375,7 +375,7 @@ class Bench:
             yield target
         finally:
             if target.hub is not None:
-                await trio.to_thread.run_sync(target.hub.wait_disconnected)
+                await trio.to_thread.run_sync(target.hub.wait_disconnected, abandon_on_cancel=True)
                 target.hub.stop()
             if target.baseline is not None:
                 await target.baseline.close()
