@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -75,8 +76,20 @@ def _http(url: str, data: bytes | None = None, timeout: float = 10.0) -> tuple[i
         return exc.code, exc.read()
 
 
+#: Server processes started and not stopped yet: killed when the harness exits, however it ends.
+_LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_LIVE):
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _stop_process(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
     """SIGTERM, then SIGKILL after `timeout`; the exit code (None if it had to be killed)."""
+    _LIVE.discard(proc)
     if proc.poll() is not None:
         return proc.returncode
     proc.send_signal(signal.SIGTERM)
@@ -113,6 +126,7 @@ class VictoriaMetrics:
         with open(self.directory / "victoria-metrics.log", "ab") as log:
             try:
                 self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                _LIVE.add(self.proc)
             except FileNotFoundError:
                 raise ChildError("victoria-metrics is not installed: apt-get install -y victoria-metrics") from None
         deadline = time.monotonic() + timeout
@@ -260,6 +274,7 @@ class HubProcess:
         cmd = [sys.executable, "-m", "hub.cli", "serve", "--config", str(config), *self.extra_args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _LIVE.add(self.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

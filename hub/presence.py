@@ -130,4 +130,8 @@ class Presence:
             "epoch": {"int": status.epoch},
         }
         text = line(STATUS_MEASUREMENT, {"device": name, "reason": status.reason}, fields, ts)
-        await self._submit(text + "\n", 1, None)
+        try:
+            await self._submit(text + "\n", 1, None)
+        except trio.ClosedResourceError:
+            # Shutdown closed the pipeline while this point waited for room: the hub is stopping, drop it.
+            log.debug("presence point not written: pipeline closed", extra={"kv": {"device": name}})
