@@ -28,6 +28,7 @@ import wsproto.utilities
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
 
 from device_client.client import InsecureURLError, TLSHandshakeError, client_ssl_context, tls_handshake_errors
+from hub.control_codes import ErrorCode
 
 __all__ = [
     "CONTROL_PATH",
@@ -61,20 +62,6 @@ HUB_WAIT_TIMEOUT = 30.0
 #: Largest frame accepted from the hub: `commands` with limit 1000 and 16 KiB args and results is large.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
-
-class ErrorCode:
-    """The error codes of control replies (docs/control.md, "Error codes")."""
-
-    BAD_REQUEST = "bad_request"
-    UNKNOWN_TYPE = "unknown_type"
-    FORBIDDEN = "forbidden"
-    NOT_FOUND = "not_found"
-    INVALID_STATE = "invalid_state"
-    QUEUE_FULL = "queue_full"
-    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
-    BAD_COMMAND = "bad_command"
-    EXISTS = "exists"
-    INTERNAL = "internal"
 
 
 class ControlError(Exception):

@@ -20,6 +20,7 @@ from hub import fleet
 from hub.commands import STATES as COMMAND_STATES
 from hub.commands import CommandError, CommandService
 from hub.config import HubConfig
+from hub.control_codes import ErrorCode
 from hub.device_server import reject
 from hub.ledger import Ledgers
 from hub.pipeline import Pipeline
@@ -58,21 +59,6 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
     VERSION = "0+unknown"
 
-
-class ErrorCode:
-    """Stable error codes of `result` frames (see docs/control.md)."""
-
-    BAD_REQUEST = "bad_request"
-    UNKNOWN_TYPE = "unknown_type"
-    FORBIDDEN = "forbidden"
-    NOT_FOUND = "not_found"
-    INVALID_STATE = "invalid_state"
-    QUEUE_FULL = "queue_full"
-    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
-    BAD_COMMAND = "bad_command"
-    EXISTS = "exists"
-    RATE_LIMITED = "rate_limited"
-    INTERNAL = "internal"
 
 
 #: Codes of frames that count as bad (towards `control.max_errors`).

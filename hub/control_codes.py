@@ -1,0 +1,18 @@
+"""Error codes of the control channel's `result` frames, shared by the server and its clients (docs/control.md)."""
+
+__all__ = ["ErrorCode"]
+
+class ErrorCode:
+    """Stable error codes of `result` frames (see docs/control.md)."""
+
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_TYPE = "unknown_type"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    INVALID_STATE = "invalid_state"
+    QUEUE_FULL = "queue_full"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    BAD_COMMAND = "bad_command"
+    EXISTS = "exists"
+    RATE_LIMITED = "rate_limited"
+    INTERNAL = "internal"
