@@ -35,7 +35,24 @@ class HubProcess:
         return f"ws://127.0.0.1:{self.port}{DEVICE_PATH}"
 
     def start(self, timeout: float = 20.0) -> None:
-        """Start the hub and wait until it accepts TCP connections."""
+        """Start the hub and wait until it accepts TCP connections.
+
+        The first start retries on another free port when the chosen one was taken in between (another process may
+        bind it after `free_port` released it); a restart keeps its port, since devices reconnect to it.
+        """
+        first = self.proc is None
+        for _ in range(5):
+            logged = len(self.log())
+            try:
+                self._start_once(timeout)
+                return
+            except RuntimeError:
+                if not (first and "Address already in use" in self.log()[logged:]):
+                    raise
+                self.port = free_port()
+        raise RuntimeError(f"no free port for the hub after 5 tries:\n{self.log()}")
+
+    def _start_once(self, timeout: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         cmd = [sys.executable, "-m", "hub.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
