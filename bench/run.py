@@ -579,10 +579,7 @@ class Bench:
         """Idle devices held: RSS per connection and time to connect them all, hub and bare transport."""
         rows = []
         for n in self.plan.connections:
-            for target in ("hub", "transport"):
-                row = await self._guarded(self._connections, target, n)
-                rows.append(row)
-                table.row(row)
+            rows += await self._on_both_targets(table, self._connections, n)
         return {"runs": rows}
 
     async def _connections(self, target: str, n: int) -> dict[str, Any]:
@@ -620,12 +617,7 @@ class Bench:
 
     async def commands(self, table: Table) -> dict[str, Any]:
         """Round-trip latency operator -> device -> operator while the devices stream."""
-        rows = []
-        for target in ("hub", "transport"):
-            row = await self._guarded(self._commands, target)
-            rows.append(row)
-            table.row(row)
-        return {"runs": rows}
+        return {"runs": await self._on_both_targets(table, self._commands)}
 
     async def _commands(self, target: str) -> dict[str, Any]:
         plan = self.plan
@@ -730,12 +722,16 @@ class Bench:
 
     async def storm(self, table: Table) -> dict[str, Any]:
         """Drop every connection at once; time until all are back, and points lost (must be 0)."""
+        return {"runs": await self._on_both_targets(table, self._storm)}
+
+    async def _on_both_targets(self, table: Table, run: Any, *args: Any) -> list[dict[str, Any]]:
+        """`run(target, *args)` against the hub, then the bare transport; each row printed as it finishes."""
         rows = []
         for target in ("hub", "transport"):
-            row = await self._guarded(self._storm, target)
+            row = await self._guarded(run, target, *args)
             rows.append(row)
             table.row(row)
-        return {"runs": rows}
+        return rows
 
     async def _storm(self, target: str) -> dict[str, Any]:
         plan = self.plan
