@@ -23,6 +23,7 @@ import trio
 from device_client import protocol
 from device_client.protocol import Command, ProtocolError
 from hub.config import CommandsConfig
+from hub.control_codes import COMMAND_FINAL_STATES
 from hub.lineproto import line
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
 log = logging.getLogger("hub.commands")
 
 STATES = ("queued", "sent", "delivered", "succeeded", "failed", "expired", "timed_out", "cancelled")
-FINAL_STATES = frozenset({"succeeded", "failed", "expired", "timed_out", "cancelled"})
+FINAL_STATES = COMMAND_FINAL_STATES
 #: Measurement of the transition points (tags device, name, state; fields command_id, age_ms).
 COMMAND_MEASUREMENT = "command"
 

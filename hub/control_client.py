@@ -28,7 +28,8 @@ import wsproto.utilities
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
 
 from device_client.client import InsecureURLError, TLSHandshakeError, client_ssl_context, tls_handshake_errors
-from hub.control_codes import ErrorCode
+from hub.control_codes import COMMAND_FINAL_STATES, ErrorCode
+from hub.control_codes import TOPICS as CONTROL_TOPICS
 
 __all__ = [
     "CONTROL_PATH",
@@ -54,9 +55,9 @@ __all__ = [
 log = logging.getLogger("hub.control_client")
 
 CONTROL_PATH = "/v1/control"
-TOPICS = ("telemetry", "presence", "commands")
+TOPICS = CONTROL_TOPICS
 #: Command states after which nothing changes any more.
-FINAL_STATES = frozenset({"succeeded", "failed", "expired", "timed_out", "cancelled"})
+FINAL_STATES = COMMAND_FINAL_STATES
 #: The hub's `wait_timeout` of `send_command` when none is given (docs/control.md).
 HUB_WAIT_TIMEOUT = 30.0
 #: Largest frame accepted from the hub: `commands` with limit 1000 and 16 KiB args and results is large.

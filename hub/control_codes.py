@@ -1,6 +1,11 @@
-"""Error codes of the control channel's `result` frames, shared by the server and its clients (docs/control.md)."""
+"""Names of the control channel shared by the server and its clients (docs/control.md): error codes, topics, states."""
 
-__all__ = ["ErrorCode"]
+__all__ = ["COMMAND_FINAL_STATES", "TOPICS", "ErrorCode"]
+
+#: Subscription topics.
+TOPICS = ("telemetry", "presence", "commands")
+#: Command states after which nothing changes.
+COMMAND_FINAL_STATES = frozenset({"succeeded", "failed", "expired", "timed_out", "cancelled"})
 
 class ErrorCode:
     """Stable error codes of `result` frames (see docs/control.md)."""

@@ -6,10 +6,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
+from hub.control_codes import TOPICS as CONTROL_TOPICS
+
 __all__ = ["TOPICS", "Broadcaster", "EventBuffer", "Subscription", "plain_fields", "telemetry_event"]
 
 #: The topics a control session may subscribe to.
-TOPICS = ("telemetry", "presence", "commands")
+TOPICS = CONTROL_TOPICS
 
 #: Events a subscription buffers by default (`control.buffer`).
 DEFAULT_BUFFER = 1000
