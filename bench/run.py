@@ -407,6 +407,11 @@ class Bench:
         timeout = 60 + devices / 50
         return [await g.expect("ready", timeout) for g in gens]
 
+    async def go(self, gens: Sequence[Child]) -> None:
+        """Tell every generator to start sending."""
+        for g in gens:
+            await g.send("go")
+
     async def close_all(self, gens: Sequence[Child]) -> None:
         """Tell every generator to exit and wait for them."""
         async with trio.open_nursery() as nursery:
@@ -482,8 +487,7 @@ class Bench:
         try:
             readies = await self.ready(gens, devices)
             cpu0, vm0 = cpu_seconds(hub.pid), cpu_seconds(self.vm.pid)
-            for g in gens:
-                await g.send("go")
+            await self.go(gens)
             results = [await g.expect("result", plan.duration + DRAIN_TIMEOUT + 60) for g in gens]
             cpu1, vm1 = cpu_seconds(hub.pid), cpu_seconds(self.vm.pid)
         finally:
@@ -535,8 +539,7 @@ class Bench:
             await self.ready(gens, devices)
             await baseline.send("reset")
             cpu0 = cpu_seconds(baseline.pid)
-            for g in gens:
-                await g.send("go")
+            await self.go(gens)
             results = [await g.expect("result", plan.duration + 60) for g in gens]
             sent = sum(x["sent_msgs"] for x in results)
             report: dict[str, Any] = {}
@@ -639,8 +642,7 @@ class Bench:
             )
             try:
                 await self.ready(gens, n)
-                for g in gens:
-                    await g.send("go")
+                await self.go(gens)
                 await trio.sleep(min(2.0, plan.command_interval * 2))
                 names = [token.rpartition(".")[0] for token in self.tokens[:n]]
                 if target == "hub":
@@ -753,8 +755,7 @@ class Bench:
             )
             try:
                 await self.ready(gens, n)
-                for g in gens:
-                    await g.send("go")
+                await self.go(gens)
                 await trio.sleep(min(3.0, plan.storm_interval))
                 cpu0 = cpu_seconds(t.pid)
                 for g in gens:
@@ -819,8 +820,7 @@ class Bench:
             )
             try:
                 await self.ready(gens, devices)
-                for g in gens:
-                    await g.send("go")
+                await self.go(gens)
                 await trio.sleep(1.0)
                 spy = profile.record(t.pid, plan.profile_seconds, raw)
                 try:
