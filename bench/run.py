@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command-devices", type=int, metavar="N", help="streaming devices in the command scenario")
     p.add_argument("--commands", type=int, metavar="N", help="commands sent one after another")
     p.add_argument("--storm-devices", type=int, metavar="N", help="devices in the reconnect storm")
+    p.add_argument("--profile", type=_combos, metavar="DxP", help="load while profiling (default 1000x10)")
     p.add_argument("--profile-seconds", type=float, metavar="S", help="py-spy sampling time")
     p.add_argument("--hub-arg", action="append", default=[], metavar="ARG", help="extra `hub serve` argument")
     p.add_argument("--out", type=Path, help="results file (default var/bench/results-<time>.json)")
@@ -146,6 +147,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         changes["storm_devices"] = args.storm_devices
     if args.profile_seconds is not None:
         changes["profile_seconds"] = args.profile_seconds
+    if args.profile:
+        changes["profile_devices"], changes["profile_points"] = args.profile[0]
     if args.hub_arg:
         changes["hub_args"] = tuple(args.hub_arg)
     return attrs.evolve(plan, **changes)

@@ -17,6 +17,11 @@ from typing import Any
 
 import attrs
 
+try:  # the hub installs orjson (3-4x faster); a device need not: json alone decides the same way
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - depends on the install
+    _fast_loads = None
+
 __all__ = [
     "DEVICE_PATH",
     "PROTOCOL_VERSION",
@@ -32,6 +37,7 @@ __all__ = [
     "Welcome",
     "decode",
     "encode",
+    "encode_ack",
     "int_value",
     "validate_points",
 ]
@@ -232,8 +238,15 @@ def _wire_point(p: dict[str, Any]) -> dict[str, Any]:
     return p
 
 
+def encode_ack(seq: int) -> str:
+    """`encode(Ack(seq))`, without building the message (the hub sends one per device per durable batch)."""
+    return f'{{"type":"ack","seq":{int(seq)}}}'
+
+
 def encode(msg: Message) -> str:
     """The JSON text of one message, compact, ready for a WebSocket text frame."""
+    if type(msg) is Ack:
+        return encode_ack(msg.seq)
     kind = _TYPE_NAMES[type(msg)]
     if isinstance(msg, Telemetry):
         body: dict[str, Any] = {
@@ -380,6 +393,49 @@ def _check_field_value(value: Any, key: str, limits: Limits) -> None:
     raise ProtocolError(ErrorCode.BAD_FIELD, f'field {key!r} must be a number, boolean, string or {{"int": n}}')
 
 
+#: Accepted names and tag values remembered per `Limits` (the checks are pure): this many of each, then forgotten.
+KNOWN_NAMES_MAX = 4096
+
+
+#: orjson reads an integer literal beyond the 64-bit range as a float, always of at least this magnitude.
+_INT_AS_FLOAT = 2.0**63
+
+
+class _Inexact(Exception):
+    """A value orjson may have changed (an integer beyond 64 bits read as a float): parse again with json."""
+
+
+@attrs.define
+class _Known:
+    """Strings that already passed a check under one `Limits`, so repeated names cost a set lookup."""
+
+    measurements: set[str] = attrs.Factory(set)
+    field_keys: set[str] = attrs.Factory(set)
+    tag_keys: set[str] = attrs.Factory(set)
+    tag_values: set[str] = attrs.Factory(set)
+
+
+_known_by_limits: dict[Limits, _Known] = {}
+
+
+def _remember(known: set[str], value: str) -> None:
+    if len(known) >= KNOWN_NAMES_MAX:
+        known.clear()
+    known.add(value)
+
+
+def _check_measurement(measurement: Any, limits: Limits) -> None:
+    _check_name(measurement, "measurement", limits)
+    if measurement[0] == "#":
+        raise ProtocolError(ErrorCode.BAD_NAME, "a measurement may not start with '#' (a comment in line protocol)")
+
+
+def _check_tag_key(key: str, limits: Limits) -> None:
+    _check_name(key, "tag key", limits)
+    if key in RESERVED_TAGS:
+        raise ProtocolError(ErrorCode.RESERVED_TAG, f"tag {key!r} is set by the hub")
+
+
 def validate_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[str, Any]]:
     """Check a telemetry `points` list in place and return it, or raise `ProtocolError`.
 
@@ -387,27 +443,49 @@ def validate_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[s
     dict of float | bool | str | int | {"int": n}) and `tags` (a dict, maybe empty).
     A plain JSON integer in `fields` means a float: see `int_value`.
     """
+    return _validate_points(points, limits, exact=True)
+
+
+def _validate_points(points: Any, limits: Limits, *, exact: bool) -> list[dict[str, Any]]:
+    # `exact=False`: the points came from orjson, which reads integers beyond 64 bits as floats; any value where
+    # that could matter raises `_Inexact` instead of being judged.
     if type(points) is not list or not points:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "points must be a non-empty list")
     if len(points) > limits.max_points:
         raise ProtocolError(ErrorCode.TOO_MANY_POINTS, f"more than {limits.max_points} points")
+    known = _known_by_limits.get(limits)
+    if known is None:
+        known = _known_by_limits[limits] = _Known()
+    measurements, field_keys, tag_keys, tag_values = (
+        known.measurements,
+        known.field_keys,
+        known.tag_keys,
+        known.tag_values,
+    )
+    max_fields, isfinite = limits.max_fields, math.isfinite
     for p in points:
         if type(p) is not dict:
             raise ProtocolError(ErrorCode.BAD_POINT, "a point is a JSON object")
         measurement = p.get("measurement")
-        _check_name(measurement, "measurement", limits)
-        if measurement[0] == "#":
-            raise ProtocolError(ErrorCode.BAD_NAME, "a measurement may not start with '#' (a comment in line protocol)")
+        if type(measurement) is not str or measurement not in measurements:
+            _check_measurement(measurement, limits)
+            _remember(measurements, measurement)
         ts = p.get("ts")
         if type(ts) is not int or not MIN_TS_MS <= ts <= MAX_TS_MS:
             raise ProtocolError(ErrorCode.BAD_TIME, "ts must be integer milliseconds between 2000 and 2100")
         fields = p.get("fields")
         if type(fields) is not dict or not fields:
             raise ProtocolError(ErrorCode.BAD_POINT, "fields must be a non-empty object")
-        if len(fields) > limits.max_fields:
-            raise ProtocolError(ErrorCode.BAD_POINT, f"more than {limits.max_fields} fields")
+        if len(fields) > max_fields:
+            raise ProtocolError(ErrorCode.BAD_POINT, f"more than {max_fields} fields")
         for key, value in fields.items():
-            _check_name(key, "field key", limits)
+            if key not in field_keys:
+                _check_name(key, "field key", limits)
+                _remember(field_keys, key)
+            if type(value) is float and isfinite(value) and (exact or -_INT_AS_FLOAT < value < _INT_AS_FLOAT):
+                continue
+            if not exact and (type(value) is float or (type(value) is dict and type(value.get("int")) is float)):
+                raise _Inexact
             _check_field_value(value, key, limits)
         tags = p.get("tags")
         if tags is None:
@@ -418,10 +496,12 @@ def validate_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[s
             if len(tags) > limits.max_tags:
                 raise ProtocolError(ErrorCode.BAD_POINT, f"more than {limits.max_tags} tags")
             for key, value in tags.items():
-                _check_name(key, "tag key", limits)
-                if key in RESERVED_TAGS:
-                    raise ProtocolError(ErrorCode.RESERVED_TAG, f"tag {key!r} is set by the hub")
-                _check_tag_value(value, key, limits)
+                if key not in tag_keys:
+                    _check_tag_key(key, limits)
+                    _remember(tag_keys, key)
+                if type(value) is not str or value not in tag_values:
+                    _check_tag_value(value, key, limits)
+                    _remember(tag_values, value)
         if len(p) > 4 and not p.keys() <= {"measurement", "ts", "fields", "tags"}:
             raise ProtocolError(ErrorCode.BAD_POINT, "unknown key in point")
     return points
@@ -433,15 +513,33 @@ def decode(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
     Telemetry points are validated with `limits`; a refused batch carries its `seq` on
     the error when the seq itself was readable.
     """
-    obj = _parse(text)
+    if _fast_loads is not None:
+        try:
+            fast = _fast_loads(text)
+        except ValueError:
+            fast = None  # refused: the json parse below says how
+        # Telemetry is the hot path; every other message is parsed by json (exact integers in command results).
+        if type(fast) is dict and fast.get("type") == "telemetry":
+            try:
+                return _telemetry(fast, limits, exact=False)
+            except _Inexact:
+                pass
+    return _decode(_parse(text), limits)
+
+
+def _telemetry(obj: dict[str, Any], limits: Limits, *, exact: bool) -> Telemetry:
+    seq = _seq(obj)
+    try:
+        return Telemetry(seq, _validate_points(obj.get("points"), limits, exact=exact))
+    except ProtocolError as exc:
+        exc.seq = seq
+        raise
+
+
+def _decode(obj: dict[str, Any], limits: Limits) -> Message:
     kind = obj.get("type")
     if kind == "telemetry":
-        seq = _seq(obj)
-        try:
-            return Telemetry(seq, validate_points(obj.get("points"), limits))
-        except ProtocolError as exc:
-            exc.seq = seq
-            raise
+        return _telemetry(obj, limits, exact=True)
     if kind == "ack":
         return Ack(_seq(obj))
     if kind == "hello":

@@ -142,8 +142,8 @@ async def serve(
     command_store = CommandStore(config.storage.path / "commands.sqlite3")
     spool = Spool(config.storage.path / "spool", config.storage.spool_max_bytes)
     stats = Stats()
+    ledgers = Ledgers(registry)
     try:
-        ledgers = Ledgers(registry)
         broadcaster = Broadcaster()
         pipeline = Pipeline(sink, spool, _pipeline_config(config), stats, ledgers.on_durable_callback())
         presence = Presence(
@@ -191,6 +191,7 @@ async def serve(
                         else:
                             http_port = None
                         await tasks.start(partial(presence.watch_late, _last_seen(ledgers)))
+                        await tasks.start(ledgers.save_loop)
                         task_status.started(http_port)
 
             metrics_port = await nursery.start(run_background)
@@ -222,10 +223,13 @@ async def serve(
             nursery.cancel_scope.cancel()
         log.info("hub stopped", extra={"kv": {"written": stats.points_written, "spooled": stats.points_spooled}})
     finally:
-        spool.close()
-        sink.close()
-        command_store.close()
-        registry.close()
+        try:
+            ledgers.save()  # acks sent since the last periodic save (durable marks only: safe even when cancelled)
+        finally:
+            spool.close()
+            sink.close()
+            command_store.close()
+            registry.close()
 
 
 def reload_tls(handle: HubHandle) -> bool:

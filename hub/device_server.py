@@ -18,7 +18,6 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from device_client import protocol
 from device_client.protocol import (
-    Ack,
     CloseCode,
     Command,
     CommandAck,
@@ -56,6 +55,8 @@ CLOSE_TIMEOUT = 2.0
 IDLE_FACTOR = 3.0
 #: Error code of the notice that a device exceeds its rates (sent without a seq: nothing is refused).
 RATE_LIMITED = ErrorCode.RATE_LIMITED
+#: Bytes asked of the socket per read (trio-websocket's default, 4 KiB, takes three reads for a 100-point message).
+RECEIVE_BYTES = 65536
 #: File descriptors kept for the hub's own files (registry, spool, sink files, logs) besides connections.
 FD_RESERVE = 100
 
@@ -159,6 +160,7 @@ class DeviceServer:
                         ssl_context,
                         handler_nursery=handlers,
                         max_message_size=cfg.max_message_bytes,
+                        receive_buffer_size=RECEIVE_BYTES,
                         connect_timeout=cfg.handshake_timeout,
                         disconnect_timeout=CLOSE_TIMEOUT,
                         task_status=task_status,
@@ -450,10 +452,12 @@ class DeviceSession:
     async def _read_loop(self) -> None:
         stats = self.server.stats
         idle = self.idle_timeout()
-        while True:
-            with trio.move_on_after(idle) as waiting:
+        get_message = self.ws.get_message
+        with trio.CancelScope() as waiting:  # one scope for the session: its deadline is moved, not re-made
+            while True:
+                waiting.deadline = trio.current_time() + idle
                 try:
-                    text = await self.ws.get_message()
+                    text = await get_message()
                 except ConnectionClosed as exc:
                     code = exc.reason.code if exc.reason is not None else None
                     if self.reason == "closed":
@@ -462,16 +466,15 @@ class DeviceSession:
                         limit = self.server.config.server.max_message_bytes
                         log.warning("message too big: connection closed", extra=self._kv(reason="too_big", limit=limit))
                     return
-            if waiting.cancelled_caught:
-                self.reason = "idle"
-                log.info("device idle: closing", extra=self._kv(reason="idle", seconds=idle))
-                await self._end(CloseCode.GOING_AWAY, "idle timeout")
-                return
-            stats.messages_in += 1
-            points = await self._dispatch(text)
-            verdict = self._throttle.charge(1, points, trio.current_time())
-            if verdict.delay and not await self._throttled(verdict):
-                return
+                waiting.deadline = math.inf  # the idle clock stops while the hub works (or holds the device back)
+                stats.messages_in += 1
+                points = await self._dispatch(text)
+                verdict = self._throttle.charge(1, points, trio.current_time())
+                if verdict.delay and not await self._throttled(verdict):
+                    return
+        self.reason = "idle"
+        log.info("device idle: closing", extra=self._kv(reason="idle", seconds=idle))
+        await self._end(CloseCode.GOING_AWAY, "idle timeout")
 
     async def _dispatch(self, text: str | bytes) -> int:
         """Act on one message from the device; the number of points it brought (for the rate limit)."""
@@ -553,11 +556,15 @@ class DeviceSession:
         """Hand batch `seq` to the pipeline once the window has room for it (both may make this session wait)."""
         ledger = self.ledger
         assert ledger is not None
-        await self._make_room()
-        with self._holding():
-            await self.server.pipeline.submit(text, n, (ledger, seq))
+        inflight = self._inflight
+        if len(inflight) >= self.server.config.server.window:
+            await self._make_room()
+        pipeline = self.server.pipeline
+        if not pipeline.try_submit(text, n, (ledger, seq)):
+            with self._holding():
+                await pipeline.submit(text, n, (ledger, seq))
         ledger.submitted = seq
-        self._inflight.append(seq)
+        inflight.append(seq)
 
     async def _end(self, code: int, text: str) -> None:
         """Close from inside the session: wait briefly for the acks in flight, send the last one, close with `code`."""
@@ -645,7 +652,7 @@ class DeviceSession:
 
     async def _send_ack(self, seq: int) -> None:
         self._last_ack = max(self._last_ack, seq)
-        await self.ws.send_message(protocol.encode(Ack(seq)))
+        await self.ws.send_message(protocol.encode_ack(seq))
         self.server.stats.acks_sent += 1
 
     async def _send_acks(self) -> None:

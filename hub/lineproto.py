@@ -121,6 +121,8 @@ class LineBuilder:
                 t = type(value)
                 if t is float:
                     parts.append(ek + repr(value))
+                elif t is dict:
+                    parts.append(f"{ek}{value['int']}i")
                 elif t is int:
                     parts.append(ek + str(value))
                 else:

@@ -130,6 +130,14 @@ class Pipeline:
         """
         await self._send.send((text, n_lines, mark))
 
+    def try_submit(self, text: str, n_lines: int, mark: Mark | None = None) -> bool:
+        """`submit` without waiting or a checkpoint: False, with nothing queued, while the pipeline is full."""
+        try:
+            self._send.send_nowait((text, n_lines, mark))
+        except trio.WouldBlock:
+            return False
+        return True
+
     def close_input(self) -> None:
         """No more submits: `run()` makes everything already submitted durable, then returns."""
         self._send.close()

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from device_client import protocol
 from device_client.protocol import (
+    DEFAULT_LIMITS,
     INT64_MAX,
     INT64_MIN,
     MAX_TS_MS,
@@ -24,6 +26,7 @@ from device_client.protocol import (
     Welcome,
     decode,
     encode,
+    encode_ack,
     int_value,
     validate_points,
 )
@@ -685,3 +688,64 @@ def test_valid_points_round_trip(seq: int, points: list[dict[str, Any]]) -> None
         assert msg.points == expected
         for got, want in zip(msg.points, expected, strict=True):
             assert [type(v) for v in got["fields"].values()] == [type(v) for v in want["fields"].values()]
+
+
+# ---------------------------------------------------------------------------- the orjson fast path
+
+
+def _outcome(fn: Any, text: str | bytes) -> Any:
+    try:
+        return ("ok", fn(text))
+    except ProtocolError as exc:
+        return ("refused", exc.code, exc.detail, exc.seq)
+
+
+def _reference(text: str | bytes) -> Any:
+    """What `decode` answers with the standard library's json alone (as on a device without orjson)."""
+    return protocol._decode(protocol._parse(text), DEFAULT_LIMITS)
+
+
+def test_the_hub_install_has_the_fast_parser() -> None:
+    # The test extra installs orjson, so the comparisons below exercise the fast path, not json twice.
+    assert protocol._fast_loads is not None
+
+
+# Integers beyond 64 bits are what orjson reads differently (as floats); each must get json's answer.
+BIG = [2**63, 2**64 - 1, 2**64, -(2**63) - 1, 10**30, -(10**30)]
+FAST_PATH_CASES = [
+    *(telemetry(point(fields={"f": n})) for n in BIG),
+    *(telemetry(point(fields={"f": {"int": n}})) for n in BIG),
+    *(telemetry(point(ts=n)) for n in BIG),
+    *(telemetry(point(), seq=n) for n in BIG),
+    *(telemetry(point(tags={"t": n})) for n in BIG),
+    telemetry(point(fields={"f": 1.8446744073709552e19, "g": -9.3e18, "h": 9.2e18})),
+    telemetry(point(fields={"f": 1e400})),
+    telemetry(point(fields={"f": "\ud800"})),
+    json.dumps({"type": "command_result", "id": "c1", "ok": True, "result": {"n": 10**30}}),
+    json.dumps({"type": "hello", "proto": 10**30}),
+]
+
+
+@pytest.mark.parametrize("text", FAST_PATH_CASES)
+def test_fast_path_answers_as_json_does(text: str) -> None:
+    assert _outcome(decode, text) == _outcome(_reference, text)
+    assert _outcome(decode, text.encode()) == _outcome(_reference, text.encode())
+
+
+@PROPERTY
+@given(st.integers(1, INT64_MAX), st.lists(valid_points | point_like, min_size=1, max_size=4))
+def test_fast_path_answers_as_json_does_for_any_points(seq: int, points: list[Any]) -> None:
+    text = json.dumps({"type": "telemetry", "seq": seq, "points": points})
+    assert _outcome(decode, text) == _outcome(_reference, text)
+
+
+@PROPERTY
+@given(json_values | message_like)
+def test_fast_path_answers_as_json_does_for_any_message(value: Any) -> None:
+    text = json.dumps(value)
+    assert _outcome(decode, text) == _outcome(_reference, text)
+
+
+@pytest.mark.parametrize("seq", [1, 7, 10**6, INT64_MAX])
+def test_encode_ack_is_the_encoding_of_ack(seq: int) -> None:
+    assert encode_ack(seq) == encode(Ack(seq)) == json.dumps({"type": "ack", "seq": seq}, separators=(",", ":"))
