@@ -211,7 +211,9 @@ async def serve(
                 await presence.offline(session.name, session.epoch, "hub_shutdown")
             background.cancel()
             presence.closed = True
-            commands.points_closed = True
+            with trio.move_on_after(config.server.shutdown_grace):
+                await commands.flush_points()  # transition points still buffered go ahead of the drain
+            commands.close_points()
             pipeline.close_input()
             with trio.move_on_after(config.server.shutdown_grace) as grace:
                 await drained.wait()

@@ -531,7 +531,7 @@ class ControlSession:
         status = server.presence.status.get(name)
         if record is None and status is None:
             raise RequestError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}")
-        commands = [r.as_dict() for r in server.commands.list(device=name, limit=DETAIL_COMMANDS)]
+        commands = [r.as_dict() for r in await server.commands.list(device=name, limit=DETAIL_COMMANDS)]
         return fleet.device_detail(name, record, status, server.ledgers.find(name), commands)
 
     async def _commands(self, req: dict[str, Any]) -> list[dict[str, Any]]:
@@ -542,11 +542,11 @@ class ControlSession:
             raise RequestError(ErrorCode.BAD_REQUEST, f"state must be one of {', '.join(COMMAND_STATES)}")
         if not 1 <= limit <= MAX_LIMIT:
             raise RequestError(ErrorCode.BAD_REQUEST, f"limit must be 1..{MAX_LIMIT}")
-        return [r.as_dict() for r in self.server.commands.list(device=device, state=state, limit=limit)]
+        return [r.as_dict() for r in await self.server.commands.list(device=device, state=state, limit=limit)]
 
     async def _command(self, req: dict[str, Any]) -> dict[str, Any]:
         command_id = _arg(req, "command_id", str)
-        record = self.server.commands.get(command_id)
+        record = await self.server.commands.get(command_id)
         if record is None:
             raise RequestError(ErrorCode.NOT_FOUND, f"no command {command_id[:64]!r}")
         return record.as_dict()

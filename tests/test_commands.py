@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ from trio_websocket import WebSocketConnection
 
 from device_client import protocol
 from device_client.protocol import Command, CommandAck, CommandResult, Error, ErrorCode
-from hub.commands import CommandError
+from hub.commands import FINAL_STATES, CommandError, CommandStore
 from tests.hubtools import (
     add_devices,
     connect,
@@ -24,6 +27,7 @@ from tests.hubtools import (
     wait_ack,
     written_lines,
 )
+from tests.servers import ScriptedWriteServer
 
 
 async def next_command(ws: WebSocketConnection) -> Command:
@@ -40,6 +44,13 @@ async def answer(ws: WebSocketConnection, cmd: Command, *, ok: bool = True, resu
 
 def states(rec) -> list[str]:
     return [state for state, _ in rec.history]
+
+
+def stored_state(path: Path, command_id: str) -> str | None:
+    """The state SQLite holds for a command right now, read through a connection of its own."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        row = db.execute("SELECT state FROM commands WHERE command_id = ?", (command_id,)).fetchone()
+    return None if row is None else row[0]
 
 
 async def test_round_trip_and_transition_points(tmp_path: Path) -> None:
@@ -102,14 +113,14 @@ async def test_restart_keeps_every_unfinished_command_and_resumes(tmp_path: Path
             cmd = await next_command(ws)
             await ws.send_message(protocol.encode(CommandAck(cmd.id)))
             with trio.fail_after(10):
-                while hub.commands.get(delivered.command_id).state != "delivered":
+                while (await hub.commands.get(delivered.command_id)).state != "delivered":
                     await trio.sleep(0.01)
-            assert hub.commands.get(sent.command_id).state == "sent"
+            assert (await hub.commands.get(sent.command_id)).state == "sent"
         hub.stop()
 
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
-        assert [hub.commands.get(c.command_id).state for c in (queued, sent, delivered)] == [
+        assert [(await hub.commands.get(c.command_id)).state for c in (queued, sent, delivered)] == [
             "queued",
             "sent",
             "delivered",
@@ -147,7 +158,7 @@ async def test_cancel_only_before_delivery(tmp_path: Path) -> None:
             assert cmd.id == live.command_id  # the cancelled one was not sent
             await ws.send_message(protocol.encode(CommandAck(cmd.id)))
             with trio.fail_after(10):
-                while hub.commands.get(live.command_id).state != "delivered":
+                while (await hub.commands.get(live.command_id)).state != "delivered":
                     await trio.sleep(0.01)
             with pytest.raises(CommandError) as err:
                 await hub.commands.cancel(live.command_id)
@@ -170,7 +181,7 @@ async def test_no_result_in_time_is_timed_out_and_a_late_result_changes_nothing(
             await send_batch(ws, 1, points(1))
             seen = await wait_ack(ws, 1)
             assert not any(isinstance(m, Error) for m in seen)  # known command: no error, no change
-            assert hub.commands.get(rec.command_id).state == "timed_out"
+            assert (await hub.commands.get(rec.command_id)).state == "timed_out"
         hub.stop()
 
 
@@ -187,7 +198,7 @@ async def test_idempotency_key_makes_a_retried_send_harmless(tmp_path: Path) -> 
             await hello(ws)
             got = [(await next_command(ws)).id, (await next_command(ws)).id]
             assert got == [first.command_id, other.command_id]
-        assert len(hub.commands.list("d1")) == 2
+        assert len(await hub.commands.list("d1")) == 2
         hub.stop()
 
 
@@ -228,7 +239,7 @@ async def test_answers_for_commands_never_sent_or_of_another_device_are_refused(
                 await ws.send_message(protocol.encode(msg))
                 reply = await receive(ws)
                 assert isinstance(reply, Error) and reply.code == ErrorCode.UNKNOWN_COMMAND
-        assert hub.commands.get(theirs.command_id).state == "queued"
+        assert (await hub.commands.get(theirs.command_id)).state == "queued"
         hub.stop()
 
 
@@ -252,3 +263,108 @@ async def test_device_that_goes_quiet_is_late_then_online_again(tmp_path: Path) 
     lines = status_lines(tmp_path)
     assert any("reason=no_data" in ln and "late=1i" in ln and "online=1i" in ln for ln in lines)
     assert any("reason=data" in ln and "late=0i" in ln for ln in lines)
+
+
+async def test_accepted_and_final_states_are_committed_before_anyone_learns_of_them(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1", "d2")
+    config = hub_config(tmp_path)
+    db_path = config.storage.path / "commands.sqlite3"
+    published: list[tuple[str, str | None]] = []  # (state published, state in SQLite at that moment)
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+
+        def notify() -> None:
+            while len(sub.buffer):
+                record = sub.buffer.pop()
+                published.append((record["state"], stored_state(db_path, record["command_id"])))
+
+        sub = hub.broadcaster.subscribe("commands", None, notify)
+        offline = await hub.commands.submit("d2", "later")
+        assert stored_state(db_path, offline.command_id) == "queued"
+        assert (await hub.commands.cancel(offline.command_id)).state == "cancelled"
+        assert stored_state(db_path, offline.command_id) == "cancelled"
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            for ok in (True, False):
+                rec = await hub.commands.submit("d1", "work")
+                assert stored_state(db_path, rec.command_id) in ("queued", "sent")
+                await answer(ws, await next_command(ws), ok=ok)
+                final = await hub.commands.wait_final(rec.command_id, 10)
+                assert final.state == ("succeeded" if ok else "failed")
+                assert stored_state(db_path, rec.command_id) == final.state
+        hub.stop()
+    assert [state for state, _ in published] == [
+        "queued",
+        "cancelled",
+        *["queued", "sent", "delivered", "succeeded"],
+        *["queued", "sent", "delivered", "failed"],
+    ]
+    for state, in_sqlite in published:
+        if state == "queued" or state in FINAL_STATES:
+            assert in_sqlite == state
+
+
+async def test_a_stopped_hub_leaves_every_transition_in_sqlite_in_order(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    config = hub_config(tmp_path)
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            done = await hub.commands.submit("d1", "done")
+            await answer(ws, await next_command(ws))
+            await hub.commands.wait_final(done.command_id, 10)
+            acked = await hub.commands.submit("d1", "acked", timeout=300)
+            cmd = await next_command(ws)
+            await ws.send_message(protocol.encode(CommandAck(cmd.id)))
+            with trio.fail_after(10):
+                while (await hub.commands.get(acked.command_id)).state != "delivered":
+                    await trio.sleep(0.01)
+        hub.stop()  # at once: "delivered" is still in memory, written behind; closing the store commits it
+    store = CommandStore(config.storage.path / "commands.sqlite3")
+    try:
+        records = [store.get(done.command_id), store.get(acked.command_id)]
+    finally:
+        store.close()
+    assert [states(r) for r in records] == [
+        ["queued", "sent", "delivered", "succeeded"],
+        ["queued", "sent", "delivered"],
+    ]
+    assert [r.state for r in records] == ["succeeded", "delivered"]
+    for r in records:
+        times = [at for _, at in r.history]
+        assert times == sorted(times) and r.updated == times[-1]
+
+
+async def test_a_full_pipeline_holds_back_no_transition_and_loses_no_point(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def slow(path: str, body: str) -> tuple[int, dict[str, str], bytes]:
+        release.wait(60)  # the database holds every write until the test lets it go
+        return 204, {}, b""
+
+    tokens = add_devices(tmp_path, "d1", "streamer")
+    with ScriptedWriteServer(slow) as db:
+        config = hub_config(tmp_path, **{"influx.url": db.url, "batch.max_lines": 1, "batch.queue_items": 1})
+        async with trio.open_nursery() as nursery:
+            hub = await start_hub(nursery, config)
+            pipeline = hub.server.pipeline
+            async with connect(hub, tokens["d1"]) as ws, connect(hub, tokens["streamer"]) as streamer:
+                await hello(ws)
+                await hello(streamer)
+                for seq in range(1, 11):
+                    await send_batch(streamer, seq, points(1, start=seq))
+                with trio.fail_after(10):
+                    while pipeline.queued < 1:  # full: the next submit to the pipeline would wait
+                        await trio.sleep(0.01)
+                with trio.fail_after(10):  # no transition waits for room in the pipeline
+                    rec = await hub.commands.submit("d1", "ping")
+                    await answer(ws, await next_command(ws))
+                    final = await hub.commands.wait_final(rec.command_id, 10)
+                assert states(final) == ["queued", "sent", "delivered", "succeeded"]
+                assert pipeline.queued == 1  # still full: the points wait in the command service
+                release.set()
+            hub.stop()
+    lines = [ln.split(" ")[0] for ln in db.accepted_lines() if ln.startswith("command,")]
+    assert lines == [f"command,device=d1,name=ping,state={s}" for s in ("queued", "sent", "delivered", "succeeded")]
+    assert hub.commands.points_lost == 0
