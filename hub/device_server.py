@@ -9,7 +9,7 @@ import resource
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from typing import Any
 
@@ -55,8 +55,9 @@ CLOSE_TIMEOUT = 2.0
 IDLE_FACTOR = 3.0
 #: Error code of the notice that a device exceeds its rates (sent without a seq: nothing is refused).
 RATE_LIMITED = ErrorCode.RATE_LIMITED
-#: Bytes asked of the socket per read (trio-websocket's default, 4 KiB, takes three reads for a 100-point message).
-RECEIVE_BYTES = 65536
+#: Names of a session's tasks (a shared string: trio would otherwise build one per task).
+OUTBOUND_TASK = "device-outbound"
+PING_TASK = "device-ping"
 #: File descriptors kept for the hub's own files (registry, spool, sink files, logs) besides connections.
 FD_RESERVE = 100
 
@@ -134,7 +135,10 @@ class DeviceServer:
         self.open_connections = 0  # WebSocket handshakes being served: devices and operators, any stage
         self._by_address: dict[str, int] = {}
         self._rates: dict[str, DeviceRate] = {}  # per device, kept across sessions
-        self._inflight: dict[str, deque[int]] = {}  # per device: submitted telemetry seqs not yet known durable
+        self._inflight: dict[str, list[int]] = {}  # per device: submitted telemetry seqs not yet known durable
+        self._ping_queue: deque[tuple[float, DeviceSession]] = deque()  # (when, session): due times only grow
+        self._ping_added = trio.Event()  # set when a session joins an empty ping queue
+        self._pinger_scope = trio.CancelScope()
         self._listen_scope = trio.CancelScope()
         self._watch_scope = trio.CancelScope()
         self._handlers: trio.Nursery | None = None
@@ -160,7 +164,6 @@ class DeviceServer:
                         ssl_context,
                         handler_nursery=handlers,
                         max_message_size=cfg.max_message_bytes,
-                        receive_buffer_size=RECEIVE_BYTES,
                         connect_timeout=cfg.handshake_timeout,
                         disconnect_timeout=CLOSE_TIMEOUT,
                         task_status=task_status,
@@ -168,6 +171,7 @@ class DeviceServer:
 
             server = await handlers.start(accept_loop)
             handlers.start_soon(self._close_revoked)
+            handlers.start_soon(self._pinger)
             log.info(
                 "device endpoint listening",
                 extra={"kv": {"host": cfg.host, "port": server.port, "tls": ssl_context is not None}},
@@ -183,6 +187,30 @@ class DeviceServer:
                 for name in revoked & self.sessions.keys():
                     self.revoke(name)
 
+    def schedule_ping(self, session: DeviceSession) -> None:
+        """Ping `session` one ping interval from now (then every interval while it lives)."""
+        queue = self._ping_queue
+        queue.append((trio.current_time() + self.config.presence.ping_interval, session))
+        if len(queue) == 1:
+            self._ping_added.set()
+
+    async def _pinger(self) -> None:
+        """Start each session's ping when due: one task for all (a sleeping task per session costs memory)."""
+        queue = self._ping_queue
+        with self._pinger_scope:
+            while True:
+                if not queue:
+                    self._ping_added = trio.Event()
+                    await self._ping_added.wait()
+                    continue
+                due, session = queue[0]
+                if due > trio.current_time():
+                    await trio.sleep_until(due)
+                    continue
+                queue.popleft()
+                if session.ping_due():
+                    self.schedule_ping(session)
+
     def revoke(self, name: str) -> None:
         """Close the open session of a device whose token was just revoked (4003)."""
         session = self.sessions.get(name)
@@ -195,6 +223,7 @@ class DeviceServer:
         self.closing = True
         self._listen_scope.cancel()
         self._watch_scope.cancel()
+        self._pinger_scope.cancel()
         for session in list(self.sessions.values()):
             session.stop_reading()
 
@@ -235,7 +264,9 @@ class DeviceServer:
             self.open_connections += 1
             self._by_address[address] = self._by_address.get(address, 0) + 1
             try:
-                await self._route(request)
+                name = await self._route(request)
+                if name is not None:  # the handshake's locals are gone: not kept for the session's lifetime
+                    await self._run_session(request, name)
             finally:
                 self.open_connections -= 1
                 left = self._by_address[address] - 1
@@ -249,25 +280,26 @@ class DeviceServer:
             # One connection's failure must never take the listener (and every other session) down with it.
             log.exception("handshake failed", extra={"kv": {"remote": _remote(request)}})
 
-    async def _route(self, request: WebSocketRequest) -> None:
+    async def _route(self, request: WebSocketRequest) -> str | None:
+        """Serve the control path or refuse the handshake (None), or return the authenticated device's name."""
         path, _, query = request.path.partition("?")
         if path == CONTROL_PATH and self.control is not None:
             await self.control.handle(request)
-            return
+            return None
         if path != protocol.DEVICE_PATH:
             await self._refuse(request, 404, "unknown_path", f"no endpoint here; devices use {protocol.DEVICE_PATH}")
-            return
+            return None
         headers: dict[bytes, bytes] = {k.lower(): v for k, v in request.headers}
         if "token" in query.lower():
             # Never log the query string: it would put the credential in the logs.
             await self._refuse(request, 401, "token_in_url", "credentials go in the Authorization header, not the URL")
-            return
+            return None
         if b"origin" in headers:
             await self._refuse(request, 403, "origin_present", "browsers may not connect to the device endpoint")
-            return
+            return None
         if self.closing:
             await self._refuse(request, 503, "shutting_down", "hub shutting down; retry later")
-            return
+            return None
         auth = headers.get(b"authorization", b"")
         name = None
         if auth[:7].lower() == b"bearer ":
@@ -277,10 +309,12 @@ class DeviceServer:
                 name = None
         if name is None:
             await self._refuse(request, 401, "bad_credentials", "missing, unknown or revoked device token")
-            return
+            return None
+        return name
+
+    async def _run_session(self, request: WebSocketRequest, name: str) -> None:
         ws = await request.accept()
-        session = DeviceSession(self, ws, name, _remote(request))
-        await session.run()
+        await DeviceSession(self, ws, name, _remote(request)).run()
 
     def device_rate(self, name: str) -> DeviceRate:
         """The message and point buckets of device `name` (one pair per device, shared by its sessions)."""
@@ -291,19 +325,36 @@ class DeviceServer:
             rate = self._rates[name] = DeviceRate(messages, points, trio.current_time())
         return rate
 
-    def inflight(self, name: str) -> deque[int]:
+    def inflight(self, name: str) -> list[int]:
         """Seqs of device `name` handed to the pipeline and maybe not durable yet, oldest first (the window)."""
         seqs = self._inflight.get(name)
         if seqs is None:
-            seqs = self._inflight[name] = deque()
+            seqs = self._inflight[name] = []
         return seqs
 
-    def device_lock(self, name: str) -> trio.Lock:
-        """The lock that orders session hand-over for one device."""
+    @contextlib.asynccontextmanager
+    async def device_lock(self, name: str) -> AsyncIterator[None]:
+        """Hold the lock that orders session hand-over for one device (kept only while in use)."""
         lock = self._device_locks.get(name)
         if lock is None:
             lock = self._device_locks[name] = trio.Lock()
-        return lock
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting and self._device_locks.get(name) is lock:
+                del self._device_locks[name]
+
+
+def _drop_durable(inflight: list[int], durable: int) -> None:
+    """Remove the leading seqs that are durable now from a device's in-flight list."""
+    n = 0
+    for seq in inflight:
+        if seq > durable:
+            break
+        n += 1
+    if n:
+        del inflight[:n]
 
 
 class DeviceSession:
@@ -318,15 +369,17 @@ class DeviceSession:
         self.reason = "closed"
         self.ledger: DeviceLedger | None = None
         self._last_ack = 0
-        self._errors: deque[float] = deque()
+        self._errors: list[float] = []  # times of recent refused messages
         self._builder = LineBuilder(name)
         self._throttle = Throttle(server.device_rate(name), server.config.server.throttle_close_after)
         self._inflight = server.inflight(name)
         self._interval = 0.0  # the reporting interval declared in hello
         self._holds = 0  # > 0 while the session deliberately reads nothing (window, rate, pipeline backpressure)
         self._hold_end = -math.inf  # when the latest hold ended
-        queue = 2 * server.config.commands.max_queue
-        self._commands_out, self._commands_in = trio.open_memory_channel[Command](queue)
+        self._commands: list[Command] = []  # offered by the command service, not yet sent
+        self._parked: trio.lowlevel.Task | None = None  # the outbound task, while it waits for work
+        self._nursery: trio.Nursery | None = None  # the session's own tasks, while they run
+        self._pinging = False
         self._reader_scope = trio.CancelScope()
         self._scope = trio.CancelScope()
         self._done = trio.Event()
@@ -345,15 +398,19 @@ class DeviceSession:
                     return
                 try:
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._send_acks)
-                        nursery.start_soon(self._ping)
-                        nursery.start_soon(self._send_commands)
+                        self._nursery = nursery
+                        nursery.start_soon(self._outbound, name=OUTBOUND_TASK)
+                        self.ledger.listener = self
+                        self.server.schedule_ping(self)
                         self.server.commands.attach(self.name, self._offer_command)
                         with self._reader_scope:
                             await self._read()
                         if not self.server.closing:
                             nursery.cancel_scope.cancel()
                 finally:
+                    self._nursery = None
+                    if self.ledger.listener is self:
+                        self.ledger.listener = None
                     self.server.commands.detach(self.name, self._offer_command)
                     if self.epoch:
                         with trio.CancelScope(shield=True):
@@ -540,8 +597,7 @@ class DeviceSession:
         assert ledger is not None
         inflight = self._inflight
         window = self.server.config.server.window
-        while inflight and inflight[0] <= ledger.durable:
-            inflight.popleft()
+        _drop_durable(inflight, ledger.durable)
         if len(inflight) < window:
             return
         self.server.stats.window_waits += 1
@@ -549,8 +605,7 @@ class DeviceSession:
         with self._holding():
             while len(inflight) >= window:
                 await ledger.wait_beyond(inflight[0] - 1)
-                while inflight and inflight[0] <= ledger.durable:
-                    inflight.popleft()
+                _drop_durable(inflight, ledger.durable)
 
     async def _submit(self, text: str, n: int, seq: int) -> None:
         """Hand batch `seq` to the pipeline once the window has room for it (both may make this session wait)."""
@@ -614,20 +669,45 @@ class DeviceSession:
             await self._refuse(ProtocolError(ErrorCode.UNKNOWN_COMMAND, detail))
 
     def _offer_command(self, command: Command) -> bool:
-        try:
-            self._commands_out.send_nowait(command)
-        except trio.WouldBlock:
+        if len(self._commands) >= 2 * self.server.config.commands.max_queue:
             log.warning("command queue of the session full", extra=self._kv(command_id=command.id))
             return False
+        self._commands.append(command)
+        self._unpark()
         return True
 
-    async def _send_commands(self) -> None:
+    def durable_advanced(self) -> None:
+        """The ledger's news that more is durable: the outbound task sends the ack."""
+        self._unpark()
+
+    def _unpark(self) -> None:
+        task = self._parked
+        if task is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(task)
+
+    def _abort_park(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def _outbound(self) -> None:
+        """Send command frames and acks as they become due; one task per session does both."""
+        ledger = self.ledger
+        assert ledger is not None
         commands = self.server.commands
+        pending = self._commands
         try:
-            async for command in self._commands_in:
-                if commands.is_open(command.id):
-                    await self.ws.send_message(protocol.encode(command))
-                    await commands.on_sent(self.name, command.id)
+            while True:
+                if pending:  # commands first: an ack a moment later costs nothing, a command's latency is seen
+                    command = pending.pop(0)
+                    if commands.is_open(command.id):
+                        await self.ws.send_message(protocol.encode(command))
+                        await commands.on_sent(self.name, command.id)
+                elif ledger.durable > self._last_ack:
+                    await self._send_ack(ledger.durable)
+                else:
+                    self._parked = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(self._abort_park)
         except ConnectionClosed:
             self._scope.cancel()
 
@@ -642,10 +722,11 @@ class DeviceSession:
             # A refused batch is resolved: let the cumulative ack pass over it, in order.
             await self._submit("", 0, exc.seq)
         now = trio.current_time()
-        self._errors.append(now)
-        while self._errors and self._errors[0] < now - ERROR_WINDOW:
-            self._errors.popleft()
-        if len(self._errors) > self.server.config.server.max_errors:
+        errors = self._errors
+        errors.append(now)
+        while errors[0] < now - ERROR_WINDOW:
+            del errors[0]
+        if len(errors) > self.server.config.server.max_errors:
             self.reason = ErrorCode.TOO_MANY_ERRORS
             await self._close_with_error(ErrorCode.TOO_MANY_ERRORS, "too many refused messages")
             self._scope.cancel()
@@ -655,36 +736,36 @@ class DeviceSession:
         await self.ws.send_message(protocol.encode_ack(seq))
         self.server.stats.acks_sent += 1
 
-    async def _send_acks(self) -> None:
-        ledger = self.ledger
-        assert ledger is not None
-        try:
-            while True:
-                await self._send_ack(await ledger.wait_beyond(self._last_ack))
-        except ConnectionClosed:
-            self._scope.cancel()
+    def ping_due(self) -> bool:
+        """Start a ping now unless one is still out; False once the session has ended (no more pings)."""
+        nursery = self._nursery
+        if nursery is None:
+            return False
+        if not self._pinging:
+            self._pinging = True
+            nursery.start_soon(self._ping, name=PING_TASK)
+        return True
 
     async def _ping(self) -> None:
         cfg = self.server.config.presence
         try:
-            while True:
-                await trio.sleep(cfg.ping_interval)
-                started = trio.current_time()
-                with trio.move_on_after(cfg.ping_timeout) as timeout:
-                    await self.ws.ping()
-                if timeout.cancelled_caught and (self._holds or self._hold_end >= started):
-                    # Backpressure, not a dead device: its pong sits unread behind the telemetry we did not take.
-                    log.info("no pong while ingest is held back; keeping the device", extra=self._kv())
-                    continue
-                if timeout.cancelled_caught:
-                    self.reason = "ping_timeout"
-                    log.warning("device stopped answering pings", extra=self._kv(reason="ping_timeout"))
-                    with trio.move_on_after(CLOSE_TIMEOUT):
-                        await self.ws.aclose(CloseCode.POLICY, "ping timeout")
-                    self._scope.cancel()
-                    return
+            started = trio.current_time()
+            with trio.move_on_after(cfg.ping_timeout) as timeout:
+                await self.ws.ping()
+            if timeout.cancelled_caught and (self._holds or self._hold_end >= started):
+                # Backpressure, not a dead device: its pong sits unread behind the telemetry we did not take.
+                log.info("no pong while ingest is held back; keeping the device", extra=self._kv())
+                return
+            if timeout.cancelled_caught:
+                self.reason = "ping_timeout"
+                log.warning("device stopped answering pings", extra=self._kv(reason="ping_timeout"))
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self.ws.aclose(CloseCode.POLICY, "ping timeout")
+                self._scope.cancel()
         except ConnectionClosed:
             self._scope.cancel()
+        finally:
+            self._pinging = False
 
     def stop_reading(self) -> None:
         """Stop taking telemetry (hub shutdown); acks keep flowing until `close`."""

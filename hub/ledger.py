@@ -9,7 +9,7 @@ what is still in its outbox, and numbers new batches above the larger of the two
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -20,6 +20,13 @@ __all__ = ["SAVE_EVERY", "DeviceLedger", "Ledgers"]
 
 #: Seconds between saves of the acked seqs to the registry.
 SAVE_EVERY = 1.0
+
+
+class Listener(Protocol):
+    """What a ledger tells the device's session."""
+
+    def durable_advanced(self) -> None:
+        """`durable` grew: an ack is due."""
 
 
 @attrs.define(eq=False)
@@ -35,19 +42,25 @@ class DeviceLedger:
     submitted: int
     last_seen: float | None = None  # Unix time of the last telemetry message
     latest: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # measurement -> its newest point
-    _changed: trio.Event = attrs.field(factory=trio.Event)
+    listener: Listener | None = None  # the connected session: told of every advance (it sends the ack)
+    _changed: trio.Event | None = None  # made only while someone waits in `wait_beyond`
 
     def advance(self, seq: int) -> None:
-        """Record that every batch up to `seq` is durable (or resolved) and wake ack senders."""
+        """Record that every batch up to `seq` is durable (or resolved); wake the session and any waiter."""
         if seq > self.durable:
             self.durable = seq
             self.submitted = max(self.submitted, seq)
-            self._changed.set()
-            self._changed = trio.Event()
+            if self.listener is not None:
+                self.listener.durable_advanced()
+            if self._changed is not None:
+                self._changed.set()
+                self._changed = None
 
     async def wait_beyond(self, seq: int) -> int:
         """Wait until `durable` exceeds `seq`; return the new value."""
         while self.durable <= seq:
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()
         return self.durable
 

@@ -180,13 +180,20 @@ class Pipeline:
                     except trio.EndOfChannel:
                         break
                 if item is not None:
-                    text, n, mark = item
-                    if text:
-                        parts.append(text)
-                        lines += n
-                        size += len(text)
-                    if mark is not None:
-                        marks.append(mark)
+                    while True:  # take what else is queued without a checkpoint per item
+                        text, n, mark = item
+                        if text:
+                            parts.append(text)
+                            lines += n
+                            size += len(text)
+                        if mark is not None:
+                            marks.append(mark)
+                        if lines >= cfg.max_lines or size >= cfg.max_bytes:
+                            break
+                        try:
+                            item = receive.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break  # the end of input shows at the next receive
                     if deadline == math.inf:
                         deadline = trio.current_time() + cfg.max_delay
                     if lines < cfg.max_lines and size < cfg.max_bytes and not await self._flush_early(receive):
