@@ -55,7 +55,7 @@ class ServerConfig:
     max_message_bytes: int = 256 * 1024  # larger frames are closed with 1009
     handshake_timeout: float = 5.0  # seconds for a client to finish the HTTP upgrade
     hello_timeout: float = 10.0  # seconds after the upgrade for the device's hello
-    window: int = 16  # unacked telemetry messages a device may have in flight
+    window: int = 64  # unacked telemetry messages a device may have in flight
     max_errors: int = 10  # protocol errors in one session before it is closed with 1008
     shutdown_grace: float = 10.0  # seconds to drain the pipeline on SIGINT/SIGTERM
     max_connections: int = 10000  # open WebSocket connections (devices + operators); more: 503 before the upgrade
