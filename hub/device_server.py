@@ -399,16 +399,18 @@ class DeviceSession:
                 try:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
-                        nursery.start_soon(self._outbound, name=OUTBOUND_TASK)
-                        self.ledger.listener = self
-                        self.server.schedule_ping(self)
-                        self.server.commands.attach(self.name, self._offer_command)
-                        with self._reader_scope:
-                            await self._read()
-                        if not self.server.closing:
-                            nursery.cancel_scope.cancel()
+                        try:
+                            nursery.start_soon(self._outbound, name=OUTBOUND_TASK)
+                            self.ledger.listener = self
+                            self.server.schedule_ping(self)
+                            self.server.commands.attach(self.name, self._offer_command)
+                            with self._reader_scope:
+                                await self._read()
+                            if not self.server.closing:
+                                nursery.cancel_scope.cancel()
+                        finally:
+                            self._nursery = None  # before the nursery closes: no ping may start in it from now
                 finally:
-                    self._nursery = None
                     if self.ledger.listener is self:
                         self.ledger.listener = None
                     self.server.commands.detach(self.name, self._offer_command)
