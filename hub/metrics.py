@@ -168,6 +168,7 @@ class HubMetrics:
             "sink_up": int(self.pipeline.sink_up),
             "protocol_errors": self._errors(),
             "commands": self._commands(),
+            "command_points_lost": self.commands.points_lost if self.commands is not None else 0,
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -307,6 +308,7 @@ class _HubCollector:
         ("throttled", "hub_throttled", "Times a device was slowed down for exceeding its message or point rate."),
         ("window_waits", "hub_window_waits", "Times the hub paused reading a device that had a full window in flight."),
         ("requests_rate_limited", "hub_requests_rate_limited", "Control requests refused over the operator's rate."),
+        ("command_points_lost", "hub_command_points_lost", "Command transition points that could not be written."),
     )
     _GAUGES = (
         ("connections", "hub_connections", "Open device sessions."),

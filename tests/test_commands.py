@@ -13,6 +13,7 @@ from trio_websocket import WebSocketConnection
 
 from device_client import protocol
 from device_client.protocol import Command, CommandAck, CommandResult, Error, ErrorCode
+from hub.app import HubHandle
 from hub.commands import FINAL_STATES, CommandError, CommandStore
 from tests.hubtools import (
     add_devices,
@@ -40,6 +41,13 @@ async def next_command(ws: WebSocketConnection) -> Command:
 async def answer(ws: WebSocketConnection, cmd: Command, *, ok: bool = True, result: object = None) -> None:
     await ws.send_message(protocol.encode(CommandAck(cmd.id)))
     await ws.send_message(protocol.encode(CommandResult(cmd.id, ok, result, "" if ok else "it broke")))
+
+
+async def until_state(hub: HubHandle, command_id: str, state: str) -> None:
+    """Wait (10 s at most) until the hub has command `command_id` in `state`."""
+    with trio.fail_after(10):
+        while (await hub.commands.get(command_id)).state != state:
+            await trio.sleep(0.01)
 
 
 def states(rec) -> list[str]:
@@ -112,9 +120,7 @@ async def test_restart_keeps_every_unfinished_command_and_resumes(tmp_path: Path
             delivered = await hub.commands.submit("d1", "no_result_yet", timeout=300)
             cmd = await next_command(ws)
             await ws.send_message(protocol.encode(CommandAck(cmd.id)))
-            with trio.fail_after(10):
-                while (await hub.commands.get(delivered.command_id)).state != "delivered":
-                    await trio.sleep(0.01)
+            await until_state(hub, delivered.command_id, "delivered")
             assert (await hub.commands.get(sent.command_id)).state == "sent"
         hub.stop()
 
@@ -157,9 +163,7 @@ async def test_cancel_only_before_delivery(tmp_path: Path) -> None:
             cmd = await next_command(ws)
             assert cmd.id == live.command_id  # the cancelled one was not sent
             await ws.send_message(protocol.encode(CommandAck(cmd.id)))
-            with trio.fail_after(10):
-                while (await hub.commands.get(live.command_id)).state != "delivered":
-                    await trio.sleep(0.01)
+            await until_state(hub, live.command_id, "delivered")
             with pytest.raises(CommandError) as err:
                 await hub.commands.cancel(live.command_id)
             assert err.value.code == "invalid_state"
@@ -317,9 +321,7 @@ async def test_a_stopped_hub_leaves_every_transition_in_sqlite_in_order(tmp_path
             acked = await hub.commands.submit("d1", "acked", timeout=300)
             cmd = await next_command(ws)
             await ws.send_message(protocol.encode(CommandAck(cmd.id)))
-            with trio.fail_after(10):
-                while (await hub.commands.get(acked.command_id)).state != "delivered":
-                    await trio.sleep(0.01)
+            await until_state(hub, acked.command_id, "delivered")
         hub.stop()  # at once: "delivered" is still in memory, written behind; closing the store commits it
     store = CommandStore(config.storage.path / "commands.sqlite3")
     try:

@@ -119,6 +119,9 @@ async def test_snapshot_reads_every_source(hub: Hub) -> None:
     assert snap["protocol_errors"]["bad_json"] == 2 and snap["protocol_errors"]["some_new_code"] == 1
     assert snap["protocol_errors"]["bad_field"] == 0  # every known code, even before it happens
     assert snap["commands"] == {**dict.fromkeys(STATES, 0), "queued": 2}
+    assert snap["command_points_lost"] == 0
+    hub.commands.points_lost = 3  # as after a full transition-point buffer
+    assert hub.metrics.snapshot()["command_points_lost"] == 3
     assert (snap["spool_records"], snap["spool_bytes"], snap["queued"], snap["sink_up"]) == (0, 0, 0, 1)
     assert 5 <= snap["uptime_s"] < 3600
 
