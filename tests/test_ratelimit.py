@@ -172,6 +172,9 @@ async def test_a_device_that_keeps_exceeding_is_closed_with_1013_and_loses_nothi
                     pass
             await send_batch(good, 1, points(3))
             await collect(good, 1, [])
+            with trio.fail_after(10):  # the session ends just after its close frame: wait for it, then stop the hub
+                while hub.presence.status["flood"].state != "offline":
+                    await trio.sleep(0.01)
         hub.stop()
     close = seen[-1]
     assert close.code == CloseCode.TRY_LATER
