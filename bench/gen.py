@@ -58,6 +58,8 @@ class GenSpec:
     local_address: str | None = None  # source address, to spread connections over 127.0.0.x
     connect_concurrency: int = 256  # handshakes in progress at once
     connect_timeout: float = 30.0
+    connect_attempts: int = CONNECT_ATTEMPTS  # failed attempts in a row before a device counts as failed
+    ack_latency: bool = False  # time each message from its send to its ack (reported as percentiles)
     drain_timeout: float = 30.0  # after sending stops: longest wait for the last acks
     max_seconds: float = 900.0
 
@@ -80,6 +82,7 @@ class _Device:
         "index",
         "lock",
         "parts",
+        "retry_after",
         "scope",
         "sending_done",
         "seq",
@@ -99,7 +102,7 @@ class _Device:
         self.seq = 0  # last seq used
         self.acked = 0
         self.index = 0  # messages made in this run: timestamps follow from it
-        self.unacked: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.unacked: collections.deque[tuple[int, bytes, float]] = collections.deque()  # (seq, frame, sent at)
         self.changed = trio.Event()
         self.lock = trio.Lock()
         self.welcomed = trio.Event()
@@ -110,10 +113,23 @@ class _Device:
         self.back = False  # dropped by `drop` and not welcomed again yet
         self.sending_done = False
         self.settled = False  # welcomed once, or failed for good: counted for `ready`
+        self.retry_after: float | None = None  # the hub's Retry-After on the last refused handshake
 
 
 class _Refused(Exception):
-    """The hub answered the upgrade with an HTTP error."""
+    """The hub answered the upgrade with an HTTP error (and maybe a Retry-After in seconds)."""
+
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(str(status))
+        self.retry_after = retry_after
+
+
+def _retry_after(headers: Any) -> float | None:
+    for name, value in headers:
+        if name.lower() == b"retry-after":
+            with contextlib.suppress(ValueError):
+                return float(value)
+    return None
 
 
 class _Fleet:
@@ -141,6 +157,8 @@ class _Fleet:
         self.t_last_ack = 0.0
         self.errors: collections.Counter[str] = collections.Counter()
         self.lost = 0  # connections that ended without us asking
+        self.refusals = 0  # handshakes answered with an HTTP error (e.g. 503 + Retry-After)
+        self.latencies: list[float] = []  # seconds from send to ack, when the spec asks for them
         self.resent = 0
         self.commands = 0
         self.cpu_go = 0.0
@@ -162,6 +180,7 @@ class _Fleet:
                 failed=self.failed,
                 t_first=self.t_first,
                 t_ready=self.t_ready,
+                refusals=self.refusals,
                 errors=dict(self.errors),
                 cpu_s=_cpu_self(),
             )
@@ -220,6 +239,7 @@ class _Fleet:
             t_last_ack=self.t_last_ack,
             errors=dict(self.errors),
             cpu_s=_cpu_self() - self.cpu_go,
+            ack_latency=_latency_summary(self.latencies) if self.spec.ack_latency else None,
             **counts,
         )
 
@@ -289,8 +309,10 @@ class LeanFleet(_Fleet):
 
     async def _device_main(self, dev: _Device) -> None:
         failures = 0
+        attempts = self.spec.connect_attempts
         while True:
             ok = False
+            dev.retry_after = None
             try:
                 ok = await self._session(dev)
             finally:
@@ -305,7 +327,7 @@ class LeanFleet(_Fleet):
                 failures = 0
             else:
                 failures += 1
-                if failures >= CONNECT_ATTEMPTS:
+                if failures >= attempts:
                     if not dev.settled:
                         dev.settled = True
                         self.settle(False)
@@ -313,8 +335,11 @@ class LeanFleet(_Fleet):
                             dev.sending_done = True
                             self.sender_done()
                         return
-                    failures = CONNECT_ATTEMPTS - 1
-            await trio.sleep(random.uniform(0, 0.2 * 2**failures))
+                    failures = attempts - 1
+            if dev.retry_after is not None:  # as device_client does: the hub's word, plus a little jitter
+                await trio.sleep(dev.retry_after + random.uniform(0, 0.5))
+            else:
+                await trio.sleep(random.uniform(0, min(30.0, 0.2 * 2**failures)))
 
     async def _session(self, dev: _Device) -> bool:
         """One connection: handshake, hello, then read (and send) until it ends; whether it was welcomed."""
@@ -339,6 +364,8 @@ class LeanFleet(_Fleet):
                     return False
                 except _Refused as exc:
                     self.errors[f"http:{exc}"] += 1
+                    self.refusals += 1
+                    dev.retry_after = exc.retry_after
                     return False
             if timeout.cancelled_caught:
                 self.errors["connect:timeout"] += 1
@@ -371,7 +398,7 @@ class LeanFleet(_Fleet):
                 if isinstance(event, AcceptConnection):
                     return
                 if isinstance(event, RejectConnection):
-                    raise _Refused(str(event.status_code))
+                    raise _Refused(event.status_code, _retry_after(event.headers))
 
     def drop(self) -> None:
         """Reset every open connection at once (RST, no close handshake); devices reconnect immediately."""
@@ -446,8 +473,12 @@ class LeanFleet(_Fleet):
         dev.acked = seq
         done = 0
         unacked = dev.unacked
+        now = time.monotonic()
+        record = self.latencies.append if self.spec.ack_latency else None
         while unacked and unacked[0][0] <= seq:
-            unacked.popleft()
+            _seq, _frame, sent = unacked.popleft()
+            if record is not None:
+                record(now - sent)
             done += 1
         if done:
             self.acked_msgs += done
@@ -464,7 +495,7 @@ class LeanFleet(_Fleet):
         ack = int(msg["ack"])
         self._on_ack(dev, ack)
         dev.seq = max(dev.seq, ack)
-        for _seq, frame in list(dev.unacked):
+        for _seq, frame, _sent in list(dev.unacked):
             await self._send(dev, frame)
             self.resent += 1
         dev.welcomed.set()
@@ -518,7 +549,7 @@ class LeanFleet(_Fleet):
                     dev.index += 1
                     frame = client_frame(template % (dev.seq, *range(ts0, ts0 + ppm)))
                     if acks:
-                        dev.unacked.append((dev.seq, frame))
+                        dev.unacked.append((dev.seq, frame, time.monotonic()))
                         self.n_outstanding += 1
                     self.sent_msgs += 1
                     try:
@@ -531,6 +562,18 @@ class LeanFleet(_Fleet):
         if scope.cancelled_caught:
             dev.sending_done = True
             self.sender_done()
+
+
+def _latency_summary(seconds: list[float]) -> dict[str, float | int]:
+    """Count, p50, p99 and max of ack latencies, in milliseconds."""
+    ms = sorted(x * 1000 for x in seconds)
+    if not ms:
+        return {"count": 0}
+
+    def at(q: float) -> float:
+        return ms[max(0, math.ceil(q * len(ms)) - 1)]
+
+    return {"count": len(ms), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": ms[-1]}
 
 
 def _cpu_self() -> float:

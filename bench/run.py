@@ -29,6 +29,7 @@ import attrs
 import trio
 
 from bench import profile
+from bench.edge import EdgeScenarios
 from bench.gen import GenSpec
 from bench.jsonl import raise_fd_limit
 from bench.procs import (
@@ -44,7 +45,7 @@ from bench.wire import FIELDS_PER_POINT
 
 __all__ = ["Plan", "build_parser", "main", "plan_from_args", "run_bench"]
 
-SCENARIOS = ("ingest", "connections", "commands", "storm", "profile")
+SCENARIOS = ("ingest", "connections", "surge", "slowloris", "commands", "storm", "profile")
 #: Devices one generator process holds in the connection and storm scenarios (fds, and one core each).
 IDLE_PER_GENERATOR = 5000
 STORM_PER_GENERATOR = 2500
@@ -75,6 +76,11 @@ class Plan:
     profile_devices: int = 1000
     profile_points: int = 10
     profile_seconds: float = 15.0
+    surge_devices: int = 15000  # connecting all at once
+    surge_busy: bool = True  # also with a CPU hog beside them
+    slow_sockets: int = 2000  # sockets trickling their upgrade request beside good devices ...
+    slow_sources: tuple[int, ...] = (1, 50)  # ... from this many addresses (one run each)
+    slow_gap: float = 2.0  # ... a byte every this many seconds
     hub_args: tuple[str, ...] = ()
 
 
@@ -89,6 +95,10 @@ QUICK = Plan(
     commands=100,
     storm_devices=1000,
     profile_seconds=5.0,
+    surge_devices=2000,
+    surge_busy=False,
+    slow_sockets=300,
+    slow_sources=(1,),
 )
 
 
@@ -128,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command-devices", type=int, metavar="N", help="streaming devices in the command scenario")
     p.add_argument("--commands", type=int, metavar="N", help="commands sent one after another")
     p.add_argument("--storm-devices", type=int, metavar="N", help="devices in the reconnect storm")
+    p.add_argument("--surge-devices", type=int, metavar="N", help="devices connecting at once in the surge")
+    p.add_argument("--slow-sockets", type=int, metavar="N", help="slow-handshake sockets beside good devices")
     p.add_argument("--profile", type=_combos, metavar="DxP", help="load while profiling (default 1000x10)")
     p.add_argument("--profile-seconds", type=float, metavar="S", help="py-spy sampling time")
     p.add_argument("--hub-arg", action="append", default=[], metavar="ARG", help="extra `hub serve` argument")
@@ -143,8 +155,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     for key in ("scenarios", "duration", "ingest", "sdk", "connections", "command_devices", "commands"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
-    if args.storm_devices is not None:
-        changes["storm_devices"] = args.storm_devices
+    for key in ("storm_devices", "surge_devices", "slow_sockets"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
     if args.profile_seconds is not None:
         changes["profile_seconds"] = args.profile_seconds
     if args.profile:
@@ -241,6 +254,27 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("RSS MiB", "rss_mib"),
         ("KiB/conn", "kib_per_connection"),
     ],
+    "surge": [
+        ("target", "target"),
+        ("busy", "busy"),
+        ("devices", "devices"),
+        ("connected", "connected"),
+        ("all in s", "connect_s"),
+        ("timeouts", "timeouts"),
+        ("refusals", "refusals"),
+        ("server CPU s", "server_cpu_s"),
+    ],
+    "slowloris": [
+        ("slow socks", "sockets"),
+        ("addresses", "sources"),
+        ("acked msgs", "acked_msgs"),
+        ("ack p50 ms", "p50_ms"),
+        ("ack p99 ms", "p99_ms"),
+        ("ack max ms", "max_ms"),
+        ("closed", "closed_by_hub"),
+        ("server CPU s", "server_cpu_s"),
+        ("RSS +MiB", "rss_growth_mib"),
+    ],
     "commands": [
         ("target", "target"),
         ("devices", "devices"),
@@ -314,7 +348,7 @@ class Target:
     baseline: Child | None = None
 
 
-class Bench:
+class Bench(EdgeScenarios):
     """One harness run: VictoriaMetrics for all of it, a fresh hub (or baseline server) per scenario."""
 
     def __init__(self, plan: Plan, work: Path) -> None:
@@ -899,7 +933,7 @@ async def run_bench(plan: Plan, work: Path, out: Path) -> dict[str, Any]:
     needed = max(
         [d for d, _ in plan.ingest + plan.sdk]
         + list(plan.connections)
-        + [plan.command_devices, plan.storm_devices, plan.profile_devices]
+        + [plan.command_devices, plan.storm_devices, plan.profile_devices, plan.surge_devices]
     )
     bench.register(needed)
     bench.vm.start()

@@ -162,6 +162,8 @@ async def serve(
         server.control = control
 
         def presence_changed(name: str) -> None:
+            if not broadcaster.has_presence_subscribers():
+                return  # nobody watches: no registry read per connect
             status = presence.status.get(name)
             broadcaster.presence(device_summary(name, registry.get(name), status, ledgers.find(name)))
 

@@ -357,6 +357,7 @@ class CommandService:
         self._on_change = on_change
         self._clock = clock
         self._open: dict[str, CommandRecord] = {}  # unfinished, by id (insertion = creation order)
+        self._open_ids: dict[str, dict[str, None]] = {}  # device -> ids of its unfinished commands, oldest first
         self._finishing: dict[str, CommandRecord] = {}  # final, commit failed: announced by the next one that works
         self._recent: OrderedDict[str, CommandRecord] = OrderedDict()  # final and committed, newest last
         self._keys: dict[tuple[str, str], str] = {}  # (device, idempotency key) -> id, for commands in memory
@@ -372,7 +373,7 @@ class CommandService:
         self._losing = 0  # points lost to a full buffer since the last successful hand-over
         self.points_lost = 0
         for rec in store.unfinished():
-            self._open[rec.command_id] = rec
+            self._add_open(rec)
             if rec.idempotency_key is not None:
                 self._keys[(rec.device, rec.idempotency_key)] = rec.command_id
         self._counts.update(store.counts())
@@ -416,7 +417,7 @@ class CommandService:
             raise CommandError("bad_command", f"timeout must be in (0, {cfg.max_timeout:g}] seconds")
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 128:
             raise CommandError("bad_command", "idempotency_key must be 1..128 characters")
-        if sum(1 for r in self._open.values() if r.device == device) >= cfg.max_queue:
+        if len(self._open_ids.get(device, ())) >= cfg.max_queue:
             raise CommandError("queue_full", f"{device!r} already has {cfg.max_queue} unfinished commands")
         now = self._clock()
         rec = CommandRecord(
@@ -433,7 +434,7 @@ class CommandService:
             operator=operator,
             history=(("queued", now),),
         )
-        self._open[rec.command_id] = rec
+        self._add_open(rec)
         if idempotency_key is not None:
             self._keys[(device, idempotency_key)] = rec.command_id
         self._counts["queued"] += 1
@@ -442,7 +443,7 @@ class CommandService:
             self._commit()
         except Exception:
             if self._store.discard(rec):  # never committed: not accepted, so it must not run later either
-                del self._open[rec.command_id]
+                self._remove_open(rec)
                 if idempotency_key is not None:
                     del self._keys[(device, idempotency_key)]
                 self._counts["queued"] -= 1
@@ -494,8 +495,10 @@ class CommandService:
         """A session of `device` is ready: re-send what it has not answered, in order, then new ones."""
         self._senders[device] = sender
         now = self._clock()
-        for rec in list(self._open.values()):
-            if rec.device == device and rec.deadline() > now and not sender(self._frame(rec)):
+        open_ = self._open
+        for command_id in list(self._open_ids.get(device, ())):  # this device's only: a connect is not O(fleet)
+            rec = open_[command_id]
+            if rec.deadline() > now and not sender(self._frame(rec)):
                 break
 
     def detach(self, device: str, sender: Sender) -> None:
@@ -613,12 +616,23 @@ class CommandService:
         self._counts[rec.state] -= 1
         self._counts[state] += 1
         if new.final:
-            del self._open[new.command_id]
+            self._remove_open(new)
             self._finishing[new.command_id] = new
         else:
             self._open[new.command_id] = new
         self._put(new)
         return new
+
+    def _add_open(self, rec: CommandRecord) -> None:
+        self._open[rec.command_id] = rec
+        self._open_ids.setdefault(rec.device, {})[rec.command_id] = None
+
+    def _remove_open(self, rec: CommandRecord) -> None:
+        del self._open[rec.command_id]
+        ids = self._open_ids[rec.device]
+        del ids[rec.command_id]
+        if not ids:
+            del self._open_ids[rec.device]
 
     def _put(self, rec: CommandRecord) -> None:
         self._store.put(rec)

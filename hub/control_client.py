@@ -407,7 +407,10 @@ class ControlClient:
             await trio.sleep(interval)
             progress = self._progress
             with trio.move_on_after(timeout) as scope:
-                await self._ws.ping()
+                try:
+                    await self._ws.ping()
+                except ConnectionClosed:
+                    return  # closed meanwhile (by us or the hub): the reader reports how it ended
             # The pong may sit behind frames still being read, or behind a reader waiting on a slow
             # subscriber: only a hub that sent nothing at all in `timeout` seconds is presumed gone.
             if scope.cancelled_caught and progress == self._progress and not self._reader_waiting():

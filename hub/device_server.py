@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from device_client import protocol
 from device_client.protocol import (
@@ -28,10 +28,12 @@ from device_client.protocol import (
     Telemetry,
     Welcome,
 )
+from hub.admission import Admission, Refusal
 from hub.commands import CommandService
 from hub.config import HubConfig
 from hub.ledger import DeviceLedger, Ledgers
 from hub.lineproto import LineBuilder
+from hub.listener import Ticket, serve_listener
 from hub.pipeline import Pipeline
 from hub.presence import Presence
 from hub.ratelimit import DeviceRate, Rate, Throttle, Verdict
@@ -142,6 +144,8 @@ class DeviceServer:
         self._listen_scope = trio.CancelScope()
         self._watch_scope = trio.CancelScope()
         self._handlers: trio.Nursery | None = None
+        cfg = config.server
+        self.admission = Admission(cfg.max_handshakes, cfg.max_handshakes_per_address)
 
     async def listen(
         self, *, ssl_context: ssl.SSLContext | None = None, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -157,26 +161,29 @@ class DeviceServer:
 
             async def accept_loop(task_status: trio.TaskStatus[Any]) -> None:
                 with self._listen_scope:
-                    await serve_websocket(
+                    await serve_listener(
                         self._handle,
                         cfg.host,
                         cfg.port,
                         ssl_context,
+                        admission=self.admission,
                         handler_nursery=handlers,
+                        handshake_timeout=cfg.handshake_timeout,
+                        close_timeout=CLOSE_TIMEOUT,
                         max_message_size=cfg.max_message_bytes,
-                        connect_timeout=cfg.handshake_timeout,
-                        disconnect_timeout=CLOSE_TIMEOUT,
+                        on_refused=self._on_refused,
                         task_status=task_status,
                     )
 
-            server = await handlers.start(accept_loop)
+            sockets = await handlers.start(accept_loop)
+            port = sockets[0].socket.getsockname()[1]
             handlers.start_soon(self._close_revoked)
             handlers.start_soon(self._pinger)
             log.info(
                 "device endpoint listening",
-                extra={"kv": {"host": cfg.host, "port": server.port, "tls": ssl_context is not None}},
+                extra={"kv": {"host": cfg.host, "port": port, "tls": ssl_context is not None}},
             )
-            task_status.started(server.port)
+            task_status.started(port)
 
     async def _close_revoked(self) -> None:
         """Close the sessions of devices revoked while connected (`hub device revoke` runs in another process)."""
@@ -247,7 +254,27 @@ class DeviceServer:
             headers.append((b"retry-after", str(retry_after).encode()))
         await reject(request, status, headers, body.encode() + b"\n")
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    def _on_refused(self, address: str, refusal: Refusal) -> None:
+        """A connection refused before its handshake (too many handshakes in progress): counted and logged."""
+        stats = self.stats
+        stats.refused += 1
+        stats.admission_refused += 1
+        # One line per refusal would be a log flood in a surge: the first, then every 1,000th.
+        if self.admission.refused % 1000 == 1:
+            log.warning(
+                "handshake refused",
+                extra={
+                    "kv": {
+                        "status": refusal.status,
+                        "reason": refusal.reason,
+                        "remote": address,
+                        "retry_after": refusal.retry_after,
+                        "refused_so_far": self.admission.refused,
+                    }
+                },
+            )
+
+    async def _handle(self, request: WebSocketRequest, ticket: Ticket) -> None:
         """Count the connection against the total and per-address limits, then route it; never raises."""
         cfg = self.config.server
         address = _address(request)
@@ -264,9 +291,9 @@ class DeviceServer:
             self.open_connections += 1
             self._by_address[address] = self._by_address.get(address, 0) + 1
             try:
-                name = await self._route(request)
+                name = await self._route(request, ticket)
                 if name is not None:  # the handshake's locals are gone: not kept for the session's lifetime
-                    await self._run_session(request, name)
+                    await self._run_session(request, name, ticket)
             finally:
                 self.open_connections -= 1
                 left = self._by_address[address] - 1
@@ -280,10 +307,11 @@ class DeviceServer:
             # One connection's failure must never take the listener (and every other session) down with it.
             log.exception("handshake failed", extra={"kv": {"remote": _remote(request)}})
 
-    async def _route(self, request: WebSocketRequest) -> str | None:
+    async def _route(self, request: WebSocketRequest, ticket: Ticket) -> str | None:
         """Serve the control path or refuse the handshake (None), or return the authenticated device's name."""
         path, _, query = request.path.partition("?")
         if path == CONTROL_PATH and self.control is not None:
+            ticket.admitted()  # operators have their own auth timeout; they do not hold a device's place
             await self.control.handle(request)
             return None
         if path != protocol.DEVICE_PATH:
@@ -312,9 +340,9 @@ class DeviceServer:
             return None
         return name
 
-    async def _run_session(self, request: WebSocketRequest, name: str) -> None:
+    async def _run_session(self, request: WebSocketRequest, name: str, ticket: Ticket) -> None:
         ws = await request.accept()
-        await DeviceSession(self, ws, name, _remote(request)).run()
+        await DeviceSession(self, ws, name, _remote(request), ticket).run()
 
     def device_rate(self, name: str) -> DeviceRate:
         """The message and point buckets of device `name` (one pair per device, shared by its sessions)."""
@@ -360,8 +388,11 @@ def _drop_durable(inflight: list[int], durable: int) -> None:
 class DeviceSession:
     """One authenticated device connection: hello/welcome, telemetry in, acks and pings out."""
 
-    def __init__(self, server: DeviceServer, ws: WebSocketConnection, name: str, remote: str) -> None:
+    def __init__(
+        self, server: DeviceServer, ws: WebSocketConnection, name: str, remote: str, ticket: Ticket | None = None
+    ) -> None:
         self.server = server
+        self._ticket = ticket  # our place among the handshakes in progress, given up once welcomed
         self.ws = ws
         self.name = name
         self.remote = remote
@@ -488,6 +519,9 @@ class DeviceSession:
             ping_interval=cfg.presence.ping_interval,
         )
         await self.ws.send_message(protocol.encode(welcome))
+        if self._ticket is not None:
+            self._ticket.admitted()
+            self._ticket = None
         await server.presence.online(
             self.name, self.epoch, firmware=hello.firmware, model=hello.model, interval=hello.interval
         )

@@ -40,6 +40,7 @@ _INT_FIELDS = (
     "connections",
     "connects",
     "handshakes_refused",
+    "handshakes_busy",
     "devices_online",
     "devices_late",
     "devices_offline",
@@ -142,6 +143,7 @@ class HubMetrics:
             "connections": s.connections,
             "connects": s.connects,
             "handshakes_refused": s.refused,
+            "handshakes_busy": s.admission_refused,
             "devices_online": devices["online"],
             "devices_late": devices["late"],
             "devices_offline": devices["offline"],
@@ -293,6 +295,11 @@ class _HubCollector:
     _COUNTERS = (
         ("connects", "hub_connects", "Device sessions accepted."),
         ("handshakes_refused", "hub_handshakes_refused", "Device handshakes refused before the upgrade."),
+        (
+            "handshakes_busy",
+            "hub_handshakes_busy",
+            "Connections refused unread (503/429 + Retry-After): too many handshakes in progress.",
+        ),
         ("messages_in", "hub_messages_in", "Messages received from devices."),
         ("points_in", "hub_points_in", "Points accepted into the pipeline."),
         ("points_written", "hub_points_written", "Points written to the sink, replays included."),

@@ -211,6 +211,10 @@ class Broadcaster:
                 put((device, point["measurement"]), (device, point))
             sub.notify()
 
+    def has_presence_subscribers(self) -> bool:
+        """Whether any subscription wants presence events (building a summary costs a registry read)."""
+        return bool(self._presence)
+
     def presence(self, summary: dict[str, Any]) -> None:
         """A device summary after a presence change (coalesced per device)."""
         device = summary["name"]

@@ -444,3 +444,16 @@ async def test_against_a_real_hub(tmp_path: Path) -> None:
                 assert states in (["queued", "cancelled"], ["cancelled"])
                 assert (await hub.command(record["command_id"]))["state"] == "cancelled"
         handle.stop()
+
+
+async def test_a_keepalive_ping_racing_the_close_is_not_an_error() -> None:
+    # The keepalive may ping just as the connection closes (ours at exit, or the hub's): that ping's
+    # ConnectionClosed is the end of the keepalive, not an error out of `open_control`.
+    async def close_at_once(ws: WebSocketConnection) -> None:
+        await ws.aclose(1000, "bye")
+
+    for _ in range(30):
+        async with peer(close_at_once) as url, open_control(url, TOKEN, ping_interval=0.0005, ping_timeout=5) as hub:
+            with trio.fail_after(10):
+                while hub.closed is None:
+                    await trio.sleep(0.0005)

@@ -1,0 +1,170 @@
+"""The hub's TCP listener: admission before any WebSocket work, then trio-websocket's handshake per connection.
+
+trio-websocket's own `serve_websocket` starts the HTTP/WebSocket machinery (a connection object, a reader task,
+buffers) for every accepted socket, however many arrive at once and however slowly they speak. This listener
+asks `Admission` first: a connection past the bounds gets a short HTTP answer (503 or 429 with `Retry-After`)
+and is closed without the handshake ever starting; an admitted one is handed to the handler with a `Ticket` it
+punches once the connection is a session (or the handshake ends otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
+from http import HTTPStatus
+from typing import Any
+
+import trio
+from trio_websocket import WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
+
+from hub.admission import Admission, Refusal
+
+__all__ = ["Handler", "Ticket", "http_answer", "serve_listener"]
+
+log = logging.getLogger("hub.listener")
+
+#: Longest wait for a refused client to read its answer and hang up before the socket is closed anyway.
+REFUSAL_LINGER = 1.0
+
+
+class Ticket:
+    """One admitted connection's place among the handshakes in progress; `admitted()` gives it up once welcomed."""
+
+    __slots__ = ("_admission", "_done", "address")
+
+    def __init__(self, admission: Admission, address: str) -> None:
+        self._admission = admission
+        self.address = address
+        self._done = False
+
+    def admitted(self) -> None:
+        """The handshake is over and the connection is a session: it no longer counts as in progress."""
+        self._leave(completed=True)
+
+    def _leave(self, *, completed: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._admission.leave(self.address, trio.current_time(), completed=completed)
+
+
+Handler = Callable[[WebSocketRequest, Ticket], Awaitable[None]]
+
+
+def http_answer(status: int, body: str, headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """A complete `Connection: close` HTTP/1.1 answer with a reason phrase and a plain-text body."""
+    data = body.encode()
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    for name, value in [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(data)).encode()),
+        (b"connection", b"close"),
+        *(headers or []),
+    ]:
+        lines.append(name + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + data
+
+
+def _peer_address(stream: trio.abc.Stream) -> str:
+    """The IP address of the peer (without the port), or "gone" once the peer has reset the connection."""
+    transport: Any = stream
+    while isinstance(transport, trio.SSLStream):
+        transport = transport.transport_stream
+    try:
+        return str(transport.socket.getpeername()[0])
+    except OSError:
+        return "gone"
+
+
+async def _refuse(stream: trio.abc.Stream, refusal: Refusal) -> None:
+    """Answer without reading the request, then hang up once the client has (bounded)."""
+    body = (
+        "the hub is busy with other connections; retry after the given seconds\n"
+        if refusal.status == 503
+        else "too many connections in progress from your address; retry after the given seconds\n"
+    )
+    answer = http_answer(refusal.status, body, [(b"retry-after", str(refusal.retry_after).encode())])
+    with trio.move_on_after(REFUSAL_LINGER):
+        try:
+            await stream.send_all(answer)
+            # Closing with the request unread in our buffer would send a RST, which can destroy the answer
+            # before the client reads it: wait for the client to hang up first (it will, on reading the answer).
+            if isinstance(stream, trio.SocketStream):
+                await stream.send_eof()
+            while await stream.receive_some(4096):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client is gone: nothing more to say
+    await trio.aclose_forcefully(stream)
+
+
+async def serve_listener(
+    handler: Handler,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    admission: Admission,
+    handler_nursery: trio.Nursery,
+    handshake_timeout: float,
+    close_timeout: float,
+    max_message_size: int,
+    on_refused: Callable[[str, Refusal], None] | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections until cancelled; report the TCP listeners once they listen.
+
+    With `ssl_context` each connection speaks TLS (wss://); the context is read at each handshake, so a
+    reloaded certificate applies to new connections.
+    """
+    sockets = await trio.open_tcp_listeners(port, host=host)
+    listeners: list[Any] = (
+        sockets if ssl_context is None else [trio.SSLListener(s, ssl_context, https_compatible=True) for s in sockets]
+    )
+
+    async def serve_one(stream: trio.abc.Stream) -> None:
+        address = _peer_address(stream)
+        refusal = admission.enter(address, trio.current_time())
+        if refusal is not None:
+            if on_refused is not None:
+                on_refused(address, refusal)
+            await _refuse(stream, refusal)
+            return
+        ticket = Ticket(admission, address)
+        try:
+            await _serve_admitted(stream, ticket)
+        finally:
+            ticket._leave(completed=False)
+
+    async def _serve_admitted(stream: trio.abc.Stream, ticket: Ticket) -> None:
+        # As trio-websocket's own server does it (its `_reader_task` and `_get_request`), plus one thing it lacks: a
+        # client that hangs up before its request is complete ends the wait at once, not at the handshake timeout.
+        connection = WebSocketConnection(stream, WSConnection(ConnectionType.SERVER), max_message_size=max_message_size)
+        handshake = trio.CancelScope(deadline=trio.current_time() + handshake_timeout)
+
+        async def read() -> None:
+            try:
+                await connection._reader_task()
+            finally:
+                handshake.cancel()  # gone (or the session is over, and this scope with it)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            with handshake:
+                request = await connection._get_request()
+            if handshake.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                await trio.aclose_forcefully(stream)
+                return
+            try:
+                await handler(request, ticket)
+            finally:
+                ticket._leave(completed=False)  # the handshake phase is over however the handler ended
+                with trio.move_on_after(close_timeout):
+                    await connection.aclose()  # also ends the reader task, even when cancelled
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(trio.serve_listeners, serve_one, listeners, handler_nursery=handler_nursery))
+        task_status.started(sockets)

@@ -1,0 +1,237 @@
+"""Admission: handshakes in progress are bounded in total and per address; past that, 503/429 + Retry-After."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import trio
+
+from hub.admission import MIN_RATE, Admission
+from hub.control_server import CONTROL_PATH
+from hub.listener import http_answer
+from tests.hubtools import add_devices, connect, hello, hub_config, start_hub
+from tests.test_control import add_operators
+from tests.test_limits import closed_by_peer, open_tcp, stream_batches, upgrade
+from tests.test_metrics import exchange, get
+
+# ---------------------------------------------------------------------------- the pure object
+
+
+def test_total_bound_refuses_with_503_and_counts_nothing() -> None:
+    a = Admission(max_pending=2)
+    assert a.enter("10.0.0.1", 0.0) is None
+    assert a.enter("10.0.0.2", 0.0) is None
+    refusal = a.enter("10.0.0.3", 0.0)
+    assert refusal is not None and (refusal.status, refusal.reason) == (503, "busy")
+    assert refusal.retry_after >= 1
+    assert (a.pending, a.refused) == (2, 1)
+    a.leave("10.0.0.1", 0.1, completed=True)
+    assert a.enter("10.0.0.3", 0.1) is None
+    assert a.pending == 2
+
+
+def test_per_address_bound_refuses_with_429_while_other_addresses_get_in() -> None:
+    a = Admission(max_pending=10, max_pending_per_address=2)
+    assert a.enter("nat", 0.0) is None
+    assert a.enter("nat", 0.0) is None
+    refusal = a.enter("nat", 0.0)
+    assert refusal is not None and (refusal.status, refusal.reason) == (429, "address_busy")
+    assert a.enter("other", 0.0) is None
+    a.leave("nat", 0.0, completed=False)
+    assert a.enter("nat", 0.0) is None
+
+
+def test_zero_per_address_means_no_per_address_bound() -> None:
+    a = Admission(max_pending=5, max_pending_per_address=0)
+    assert all(a.enter("one", 0.0) is None for _ in range(5))
+    assert a.enter("one", 0.0) is not None  # the total bound still holds
+
+
+def test_refused_clients_are_spread_over_time_not_sent_back_as_one_wave() -> None:
+    a = Admission(max_pending=1)
+    a.enter("x", 0.0)
+    afters = [r.retry_after for r in (a.enter("y", 0.0) for _ in range(int(3 * a.rate))) if r is not None]
+    assert afters == sorted(afters)  # first come, first served
+    assert afters[0] == 1 and afters[-1] == 3  # 3 x rate refusals fill three one-second slots
+    assert {afters.count(s) for s in (1, 2, 3)} == {int(a.rate)}
+
+
+def test_retry_after_follows_the_measured_completion_rate() -> None:
+    a = Admission(max_pending=4)
+    now = 0.0
+    for _ in range(1000):  # a busy hub completing 400 handshakes a second, for 10 s
+        for _ in range(4):
+            a.enter("x", now)
+        now += 0.01
+        for _ in range(4):
+            a.leave("x", now, completed=True)
+        for _ in range(4):
+            a.enter("x", now)  # back at the bound
+        for _ in range(4):
+            a.leave("x", now, completed=False)
+    assert 390 <= a.rate <= 410
+    for _ in range(4):
+        a.enter("x", now)
+    refusals = [a.enter("y", now) for _ in range(int(a.rate) * 2)]
+    assert max(r.retry_after for r in refusals if r is not None) == 2
+
+
+def test_rate_never_falls_below_its_floor_and_bad_bounds_are_refused() -> None:
+    a = Admission(max_pending=1)
+    a.enter("x", 0.0)
+    a.leave("x", 0.0, completed=True)
+    a.enter("x", 100.0)
+    a.leave("x", 100.0, completed=True)  # one handshake in 100 s of quiet says nothing about capacity
+    assert a.rate >= MIN_RATE
+    with pytest.raises(ValueError):
+        Admission(max_pending=0)
+    with pytest.raises(ValueError):
+        Admission(max_pending=1, max_pending_per_address=-1)
+
+
+def test_http_answer_has_a_reason_phrase_and_a_length() -> None:
+    answer = http_answer(503, "busy\n", [(b"retry-after", b"3")])
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"\r\nretry-after: 3" in head and b"\r\ncontent-length: 5" in head and b"connection: close" in head
+    assert body == b"busy\n"
+
+
+# ---------------------------------------------------------------------------- a real hub
+
+
+async def _refused(port: int, source: str = "127.0.0.1") -> tuple[int, dict[str, str]]:
+    """Connect, send an upgrade request, read the answer until the hub closes; its status and headers."""
+    status, headers, stream = await upgrade(port, "/v1/device", source=source)
+    async with stream:
+        assert await closed_by_peer(stream)
+    return status, headers
+
+
+async def test_past_max_handshakes_a_connection_gets_503_unread_and_devices_get_in_later(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    config = hub_config(tmp_path, **{"server.max_handshakes": 2, "server.handshake_timeout": 1.0})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        silent = [await open_tcp(hub.port) for _ in range(2)]  # accepted, never say a word: in progress
+        with trio.fail_after(10):
+            while hub.server.admission.pending < 2:
+                await trio.sleep(0.01)
+        status, headers = await _refused(hub.port)
+        assert status == 503
+        assert int(headers["retry-after"]) >= 1
+        assert hub.stats.admission_refused == 1 and hub.stats.refused == 1
+        for stream in silent:  # the handshake timeout frees their places
+            assert await closed_by_peer(stream)
+            await stream.aclose()
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            await stream_batches(ws, 1, 3)
+        assert hub.server.admission.pending == 0
+        hub.stop()
+
+
+async def test_503_answer_is_a_complete_http_response_with_reason_phrase(tmp_path: Path) -> None:
+    config = hub_config(tmp_path, **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        async with await open_tcp(hub.port):
+            with trio.fail_after(10):
+                while hub.server.admission.pending < 1:
+                    await trio.sleep(0.01)
+            stream = await open_tcp(hub.port)
+            async with stream:
+                answer = b""
+                with trio.fail_after(10):
+                    while chunk := await stream.receive_some(4096):  # the hub answers without reading
+                        answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert len(body) == int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+        hub.stop()
+
+
+async def test_one_address_past_its_bound_gets_429_while_other_addresses_connect(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    config = hub_config(tmp_path, **{"server.max_handshakes_per_address": 2, "server.handshake_timeout": 30.0})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        silent = [await open_tcp(hub.port, "127.0.0.7") for _ in range(2)]
+        with trio.fail_after(10):
+            while hub.server.admission.pending < 2:
+                await trio.sleep(0.01)
+        status, headers = await _refused(hub.port, "127.0.0.7")
+        assert status == 429 and int(headers["retry-after"]) >= 1
+        async with connect(hub, tokens["d1"]) as ws:  # from 127.0.0.1
+            await hello(ws)
+            await stream_batches(ws, 1, 2)
+        for stream in silent:
+            await stream.aclose()
+        hub.stop()
+
+
+async def test_welcomed_devices_and_operators_do_not_hold_a_place(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, *(f"d{i}" for i in range(4)))
+    ops = add_operators(tmp_path, alice="viewer")
+    config = hub_config(tmp_path, **{"server.max_handshakes": 1})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        async with connect(hub, ops["alice"], path=CONTROL_PATH) as ctl:
+            await ctl.get_message()
+            async with connect(hub, tokens["d0"]) as w0:
+                await hello(w0)  # from here on it is a session, not a handshake
+                async with connect(hub, tokens["d1"]) as w1:
+                    await hello(w1)
+                    async with connect(hub, tokens["d2"]) as w2:
+                        await hello(w2)
+                        assert hub.server.admission.pending == 0
+        assert hub.stats.admission_refused == 0
+        assert not math.isnan(hub.server.admission.rate)
+        hub.stop()
+
+
+async def test_refused_handshakes_show_in_metrics(tmp_path: Path) -> None:
+    config = hub_config(tmp_path, **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        async with await open_tcp(hub.port):
+            with trio.fail_after(10):
+                while hub.server.admission.pending < 1:
+                    await trio.sleep(0.01)
+            for _ in range(3):
+                status, _headers = await _refused(hub.port)
+                assert status == 503
+        assert hub.metrics_port is not None
+        status, _headers, body = await exchange(hub.metrics_port, get("/metrics"))
+        assert status == 200
+        assert b"hub_handshakes_busy_total 3.0" in body
+        hub.stop()
+
+
+async def test_device_client_comes_back_after_retry_after_and_gets_in(tmp_path: Path) -> None:
+    from device_client import DeviceClient
+
+    tokens = add_devices(tmp_path, "d1")
+    config = hub_config(tmp_path, **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        silent = await open_tcp(hub.port)
+        with trio.fail_after(10):
+            while hub.server.admission.pending < 1:
+                await trio.sleep(0.01)
+        url = f"ws://127.0.0.1:{hub.port}/v1/device"
+        async with DeviceClient(url, tokens["d1"], outbox_path=tmp_path / "outbox.sqlite3") as client:
+            with trio.fail_after(30):
+                while hub.stats.admission_refused == 0:
+                    await trio.sleep(0.01)
+            assert not client.stats.connected
+            await silent.aclose()  # the place is free: the client's next try after Retry-After gets in
+            with trio.fail_after(30):
+                await client.wait_connected()
+            await client.send("environment", {"temperature": 21.5})
+            with trio.fail_after(30):
+                await client.flush()
+        assert hub.stats.points_in == 1
+        hub.stop()
