@@ -14,6 +14,8 @@ __all__ = ["EdgeScenarios"]
 
 #: Devices one generator process connects in the surge.
 SURGE_PER_GENERATOR = 5000
+#: Source addresses the surge's devices come from (100 devices each at 15,000): a fleet, not one NAT.
+SURGE_ADDRESSES = tuple(f"127.1.{i // 250}.{i % 250 + 1}" for i in range(150))
 #: A surging device gives up an attempt after this long (device_client's default connect timeout is 10 s) and
 #: tries again, with backoff or after the hub's Retry-After, until it is in.
 SURGE_CONNECT_TIMEOUT = 10.0
@@ -22,7 +24,6 @@ SURGE_ATTEMPTS = 1000
 GOOD_DEVICES = 10
 GOOD_INTERVAL = 0.05
 GOOD_POINTS = 10
-GOOD_SECONDS = 20.0
 
 
 class EdgeScenarios:
@@ -60,6 +61,7 @@ class EdgeScenarios:
                     connect_concurrency=SURGE_PER_GENERATOR,
                     connect_timeout=SURGE_CONNECT_TIMEOUT,
                     connect_attempts=SURGE_ATTEMPTS,
+                    local_addresses=SURGE_ADDRESSES,
                 )
                 try:
                     readies = [await g.expect("ready", 900) for g in gens]
@@ -120,7 +122,7 @@ class EdgeScenarios:
                 measurement=measurement,
                 points=GOOD_POINTS,
                 interval=GOOD_INTERVAL,
-                duration=GOOD_SECONDS,
+                duration=self.plan.slow_seconds,
                 ack_latency=True,
                 connect_attempts=20,
             )
@@ -128,7 +130,7 @@ class EdgeScenarios:
             try:
                 await self.ready(gens, GOOD_DEVICES)  # type: ignore[attr-defined]
                 await self.go(gens)  # type: ignore[attr-defined]
-                results = [await g.expect("result", GOOD_SECONDS + 120) for g in gens]
+                results = [await g.expect("result", self.plan.slow_seconds + 120) for g in gens]
                 cpu1, rss1 = cpu_seconds(t.pid), rss_bytes(t.pid)
             finally:
                 await self.close_all(gens)  # type: ignore[attr-defined]

@@ -56,6 +56,7 @@ class GenSpec:
     client: str = "lean"  # "lean" or "sdk" (device_client)
     path: str = protocol.DEVICE_PATH
     local_address: str | None = None  # source address, to spread connections over 127.0.0.x
+    local_addresses: tuple[str, ...] = ()  # if set: device i connects from local_addresses[i % len] instead
     connect_concurrency: int = 256  # handshakes in progress at once
     connect_timeout: float = 30.0
     connect_attempts: int = CONNECT_ATTEMPTS  # failed attempts in a row before a device counts as failed
@@ -68,6 +69,7 @@ class GenSpec:
         """Read a spec file."""
         data = json.loads(Path(path).read_text())
         data["tokens"] = tuple(data["tokens"])
+        data["local_addresses"] = tuple(data.get("local_addresses", ()))
         return cls(**data)
 
 
@@ -87,6 +89,7 @@ class _Device:
         "sending_done",
         "seq",
         "settled",
+        "source",
         "stream",
         "token",
         "unacked",
@@ -114,6 +117,7 @@ class _Device:
         self.sending_done = False
         self.settled = False  # welcomed once, or failed for good: counted for `ready`
         self.retry_after: float | None = None  # the hub's Retry-After on the last refused handshake
+        self.source: str | None = None  # the local address it connects from
 
 
 class _Refused(Exception):
@@ -269,6 +273,9 @@ class LeanFleet(_Fleet):
     def __init__(self, spec: GenSpec) -> None:
         super().__init__(spec)
         self.devices = [_Device(t) for t in spec.tokens]
+        sources = spec.local_addresses or (spec.local_address,)
+        for i, dev in enumerate(self.devices):
+            dev.source = sources[i % len(sources)]
         self.limiter = trio.CapacityLimiter(spec.connect_concurrency)
         self.template = telemetry_template(spec.measurement, spec.points)
         self.hello = client_frame(protocol.encode(protocol.Hello(firmware="bench", model="lean")).encode())
@@ -352,7 +359,7 @@ class LeanFleet(_Fleet):
         try:
             with trio.move_on_after(spec.connect_timeout) as timeout:
                 try:
-                    dev.stream = await trio.open_tcp_stream(spec.host, spec.port, local_address=spec.local_address)
+                    dev.stream = await trio.open_tcp_stream(spec.host, spec.port, local_address=dev.source)
                     dev.ws = WSConnection(ConnectionType.CLIENT)
                     auth = [(b"authorization", b"Bearer " + dev.token.encode())]
                     request = Request(host=f"{spec.host}:{spec.port}", target=spec.path, extra_headers=auth)

@@ -81,6 +81,7 @@ class Plan:
     slow_sockets: int = 2000  # sockets trickling their upgrade request beside good devices ...
     slow_sources: tuple[int, ...] = (1, 50)  # ... from this many addresses (one run each)
     slow_gap: float = 2.0  # ... a byte every this many seconds
+    slow_seconds: float = 20.0  # the good devices' streaming time in each run
     hub_args: tuple[str, ...] = ()
 
 

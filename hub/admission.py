@@ -6,7 +6,8 @@ the hub a task, its buffers and CPU (TLS, HTTP, authentication, the session's st
 surge at once makes them all slow, so they time out, retry and waste what was done. Past the bounds the answer is
 an immediate 503 (total) or 429 (one address) with a `Retry-After` that gives each refused client its own slot in
 a virtual queue drained at the rate handshakes have recently been completing: a surge is spread over the time
-the hub needs for it instead of returning as one wave.
+the hub needs for it instead of returning as one wave. Each address has a queue of its own for its 429s, drained at
+its share of that rate, so one address hammering the hub does not push everyone else's slots back.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ RATE_WINDOW = 1.0
 MIN_RATE = 50.0
 #: The longest Retry-After handed out (seconds).
 MAX_RETRY_AFTER = 60
+#: Per-address queues that ended this long ago are forgotten (checked every this many refusals).
+PRUNE_EVERY = 4096
 
 
 @attrs.frozen
@@ -48,7 +51,9 @@ class Admission:
         self._rate = max(MIN_RATE, float(max_pending))  # completed handshakes per second, measured
         self._window_start = -math.inf
         self._window_done = 0
+        self._window_refused = 0
         self._queue_end = -math.inf  # when the virtual queue of refused clients is drained
+        self._address_queue_end: dict[str, float] = {}  # the same, per address, for its 429s
 
     @property
     def rate(self) -> float:
@@ -58,11 +63,18 @@ class Admission:
     def enter(self, address: str, now: float) -> Refusal | None:
         """Count a new connection from `address`; a `Refusal` (nothing counted) when past a bound."""
         if self.pending >= self.max_pending:
-            return self._refuse(503, "busy", now)
+            self._queue_end = end = self._next_slot(self._queue_end, now, self._rate)
+            return self._refuse(503, "busy", end - now)
         per_address = self.max_pending_per_address
         count = self._by_address.get(address, 0)
         if per_address and count >= per_address:
-            return self._refuse(429, "address_busy", now)
+            share = max(1.0, self._rate * per_address / self.max_pending)
+            queue = self._address_queue_end
+            queue[address] = end = self._next_slot(queue.get(address, -math.inf), now, share)
+            if self.refused % PRUNE_EVERY == 0:
+                for gone in [a for a, e in queue.items() if e < now]:
+                    del queue[gone]
+            return self._refuse(429, "address_busy", end - now)
         self.pending += 1
         self._by_address[address] = count + 1
         return None
@@ -82,15 +94,21 @@ class Admission:
         if now - self._window_start >= RATE_WINDOW:
             if self._window_start > -math.inf:
                 measured = self._window_done / (now - self._window_start)
-                # Only a busy window measures capacity: a quiet one says nothing about how fast the hub can go.
-                if self.pending >= self.max_pending // 2 or measured > self._rate:
+                # A window with refusals measures capacity (there was more to do than got done); a quiet one only
+                # shows the hub can go at least that fast.
+                if self._window_refused or measured > self._rate:
                     self._rate = max(MIN_RATE, (self._rate + measured) / 2)
-            self._window_start, self._window_done = now, 0
+            self._window_start, self._window_done, self._window_refused = now, 0, 0
         self._window_done += 1
 
-    def _refuse(self, status: int, reason: str, now: float) -> Refusal:
+    @staticmethod
+    def _next_slot(queue_end: float, now: float, rate: float) -> float:
+        """The end of a virtual queue drained at `rate` per second, after one more client joins it."""
+        return max(queue_end, now) + 1.0 / rate
+
+    def _refuse(self, status: int, reason: str, wait: float) -> Refusal:
         self.refused += 1
-        self._queue_end = max(self._queue_end, now) + 1.0 / self._rate
-        wait = self._queue_end - now - 1e-9  # rounding must not push a slot's last client into the next
-        retry_after = min(MAX_RETRY_AFTER, max(1, math.ceil(wait)))
+        self._window_refused += 1
+        # Rounding must not push a slot's last client into the next second.
+        retry_after = min(MAX_RETRY_AFTER, max(1, math.ceil(wait - 1e-9)))
         return Refusal(status, reason, retry_after)

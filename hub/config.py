@@ -54,8 +54,8 @@ class ServerConfig:
     port: int = 8765
     max_message_bytes: int = 256 * 1024  # larger frames are closed with 1009
     handshake_timeout: float = 5.0  # seconds for a client to finish the HTTP upgrade
-    max_handshakes: int = 128  # connections between accept and welcome at once; more: 503 + Retry-After at once
-    max_handshakes_per_address: int = 32  # ... from one IP address; more: 429 + Retry-After; 0: no limit
+    max_handshakes: int = 512  # connections between accept and welcome at once; more: 503 + Retry-After at once
+    max_handshakes_per_address: int = 64  # ... from one IP address; more: 429 + Retry-After; 0: no limit
     hello_timeout: float = 10.0  # seconds after the upgrade for the device's hello
     window: int = 64  # unacked telemetry messages a device may have in flight
     max_errors: int = 10  # protocol errors in one session before it is closed with 1008

@@ -3,16 +3,18 @@
 trio-websocket's own `serve_websocket` starts the HTTP/WebSocket machinery (a connection object, a reader task,
 buffers) for every accepted socket, however many arrive at once and however slowly they speak. This listener
 asks `Admission` first: a connection past the bounds gets a short HTTP answer (503 or 429 with `Retry-After`)
-and is closed without the handshake ever starting; an admitted one is handed to the handler with a `Ticket` it
-punches once the connection is a session (or the handshake ends otherwise).
+and is closed without the handshake ever starting (past `REFUSAL_ANSWERS_PER_SECOND`, closed without an answer);
+an admitted one is handed to the handler with a `Ticket` it punches once the connection is a session (or the
+handshake ends otherwise).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable
-from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -21,6 +23,7 @@ from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
 from hub.admission import Admission, Refusal
+from hub.ratelimit import Rate, TokenBucket
 
 __all__ = ["Handler", "Ticket", "http_answer", "serve_listener"]
 
@@ -28,6 +31,11 @@ log = logging.getLogger("hub.listener")
 
 #: Longest wait for a refused client to read its answer and hang up before the socket is closed anyway.
 REFUSAL_LINGER = 1.0
+#: Refused connections answered per second (503/429 + Retry-After); past that they are closed unanswered.
+REFUSAL_ANSWERS_PER_SECOND = 500.0
+#: accept() errors that mean "out of file descriptors or memory for now", and how long to pause on them.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_PAUSE = 0.1
 
 
 class Ticket:
@@ -67,13 +75,19 @@ def http_answer(status: int, body: str, headers: list[tuple[bytes, bytes]] | Non
     return b"\r\n".join(lines) + b"\r\n\r\n" + data
 
 
-def _peer_address(stream: trio.abc.Stream) -> str:
-    """The IP address of the peer (without the port), or "gone" once the peer has reset the connection."""
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
+    """The TCP socket under a plain or TLS stream."""
     transport: Any = stream
     while isinstance(transport, trio.SSLStream):
         transport = transport.transport_stream
+    sock: trio.socket.SocketType = transport.socket
+    return sock
+
+
+def _peer_address(stream: trio.abc.Stream) -> str:
+    """The IP address of the peer (without the port), or "gone" once the peer has reset the connection."""
     try:
-        return str(transport.socket.getpeername()[0])
+        return str(_socket_of(stream).getpeername()[0])
     except OSError:
         return "gone"
 
@@ -111,7 +125,7 @@ async def serve_listener(
     handshake_timeout: float,
     close_timeout: float,
     max_message_size: int,
-    on_refused: Callable[[str, Refusal], None] | None = None,
+    on_refused: Callable[[str, Refusal, bool], None] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections until cancelled; report the TCP listeners once they listen.
@@ -123,16 +137,35 @@ async def serve_listener(
     listeners: list[Any] = (
         sockets if ssl_context is None else [trio.SSLListener(s, ssl_context, https_compatible=True) for s in sockets]
     )
+    answers = TokenBucket(Rate(REFUSAL_ANSWERS_PER_SECOND, REFUSAL_ANSWERS_PER_SECOND), trio.current_time())
 
-    async def serve_one(stream: trio.abc.Stream) -> None:
-        address = _peer_address(stream)
-        refusal = admission.enter(address, trio.current_time())
-        if refusal is not None:
+    async def accept_loop(listener: Any) -> None:
+        # The decision is taken here, before a task exists: a refusal past the answer budget costs an accept and a
+        # close, so a client that reconnects as fast as it can (ignoring Retry-After) buys little of the hub's time.
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed (%s): pausing the listener for %.1f s", os.strerror(exc.errno), ACCEPT_PAUSE)
+                await trio.sleep(ACCEPT_PAUSE)
+                continue
+            address = _peer_address(stream)
+            now = trio.current_time()
+            refusal = admission.enter(address, now)
+            if refusal is None:
+                handler_nursery.start_soon(serve_admitted, stream, Ticket(admission, address))
+                continue
+            answered = answers.try_take(1, now)
             if on_refused is not None:
-                on_refused(address, refusal)
-            await _refuse(stream, refusal)
-            return
-        ticket = Ticket(admission, address)
+                on_refused(address, refusal, answered)
+            if answered:
+                handler_nursery.start_soon(_refuse, stream, refusal)
+            else:
+                _socket_of(stream).close()
+
+    async def serve_admitted(stream: trio.abc.Stream, ticket: Ticket) -> None:
         try:
             await _serve_admitted(stream, ticket)
         finally:
@@ -166,5 +199,6 @@ async def serve_listener(
                     await connection.aclose()  # also ends the reader task, even when cancelled
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(trio.serve_listeners, serve_one, listeners, handler_nursery=handler_nursery))
+        for listener in listeners:
+            nursery.start_soon(accept_loop, listener)
         task_status.started(sockets)

@@ -13,6 +13,7 @@ class Stats:
     connects: int = 0  # accepted device sessions since start
     refused: int = 0  # handshakes refused before the upgrade
     admission_refused: int = 0  # of those: refused unread, too many handshakes in progress (503/429 + Retry-After)
+    admission_unanswered: int = 0  # of those: closed without an answer (past the hub's refusal-answer budget)
     messages_in: int = 0
     points_in: int = 0  # points accepted into the pipeline
     points_written: int = 0  # points written to the sink

@@ -206,7 +206,7 @@ async def test_refused_handshakes_show_in_metrics(tmp_path: Path) -> None:
         assert hub.metrics_port is not None
         status, _headers, body = await exchange(hub.metrics_port, get("/metrics"))
         assert status == 200
-        assert b"hub_handshakes_busy_total 3.0" in body
+        assert b"hub_handshakes_busy_total 3.0" in body and b"hub_handshakes_unanswered_total 0.0" in body
         hub.stop()
 
 
@@ -234,4 +234,45 @@ async def test_device_client_comes_back_after_retry_after_and_gets_in(tmp_path: 
             with trio.fail_after(30):
                 await client.flush()
         assert hub.stats.points_in == 1
+        hub.stop()
+
+
+def test_one_address_hammering_does_not_push_back_the_others() -> None:
+    a = Admission(max_pending=4, max_pending_per_address=1)
+    a.enter("attacker", 0.0)
+    hammering = [a.enter("attacker", 0.0) for _ in range(10_000)]
+    assert all(r is not None and r.status == 429 for r in hammering)
+    assert max(r.retry_after for r in hammering if r is not None) == 60  # its own queue is long ...
+    for address in ("b", "c", "d"):
+        assert a.enter(address, 0.0) is None
+    refusal = a.enter("e", 0.0)
+    assert refusal is not None and (refusal.status, refusal.retry_after) == (503, 1)  # ... nobody else's is
+
+
+async def test_past_the_answer_budget_refused_connections_are_closed_unanswered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("hub.listener.REFUSAL_ANSWERS_PER_SECOND", 1.0)
+    config = hub_config(tmp_path, **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        async with await open_tcp(hub.port):
+            with trio.fail_after(10):
+                while hub.server.admission.pending < 1:
+                    await trio.sleep(0.01)
+            answers = []
+            for _ in range(20):  # a client that reconnects at once, again and again
+                async with await open_tcp(hub.port) as stream:
+                    data = b""
+                    with trio.fail_after(10):
+                        try:
+                            while chunk := await stream.receive_some(4096):
+                                data += chunk
+                        except trio.BrokenResourceError:
+                            pass  # reset: closed with our request unread
+                    answers.append(data)
+        answered = [a for a in answers if a]
+        assert answered and all(a.startswith(b"HTTP/1.1 503 ") for a in answered)
+        assert hub.stats.admission_unanswered == len(answers) - len(answered) > 0
+        assert hub.stats.admission_refused == 20
         hub.stop()

@@ -108,3 +108,33 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
     assert hub_storm["target"] == "hub" and hub_storm["dropped"] == 30
     assert hub_storm["acked_points"] > 0 and hub_storm["points_lost"] == 0 and hub_storm["db_verified"] is True
     assert storm[1]["target"] == "transport" and storm[1]["dropped"] == 30
+
+
+@pytest.mark.e2e
+async def test_edge_scenarios_smoke_run(tmp_path: Path) -> None:
+    plan = Plan(
+        quick=True,
+        scenarios=("surge", "slowloris"),
+        surge_devices=60,
+        surge_busy=False,
+        slow_sockets=20,
+        slow_sources=(1,),
+        slow_gap=0.5,
+        slow_seconds=2.0,
+    )
+    out = tmp_path / "results.json"
+    await run_bench(plan, tmp_path / "work", out)
+    results = json.loads(out.read_text())
+
+    surge = results["scenarios"]["surge"]["runs"]
+    assert [r["target"] for r in surge] == ["hub", "transport"]
+    for row in surge:
+        assert "error" not in row, row
+        assert row["connected"] == 60 and row["failed"] == 0 and row["connect_s"] > 0
+
+    slow = results["scenarios"]["slowloris"]["runs"]
+    assert [(r["sockets"], r["sources"]) for r in slow] == [(0, 1), (20, 1)]
+    for row in slow:
+        assert "error" not in row, row
+        assert row["acked_msgs"] > 0 and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert slow[1]["attack_opened"] >= 20
