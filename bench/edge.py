@@ -8,10 +8,13 @@ from typing import Any
 
 import trio
 
+from bench import profile
 from bench.procs import Child, cpu_seconds, rss_bytes
 
 __all__ = ["EdgeScenarios"]
 
+#: Seconds of py-spy sampling of the hub at the start of the (idle-machine) surge: what each connect costs.
+SURGE_PROFILE_SECONDS = 20.0
 #: Devices one generator process connects in the surge.
 SURGE_PER_GENERATOR = 5000
 #: Source addresses the surge's devices come from (100 devices each at 15,000): a fleet, not one NAT.
@@ -50,6 +53,10 @@ class EdgeScenarios:
             async with self.target(target, label) as t:  # type: ignore[attr-defined]
                 await trio.sleep(1.0)
                 rss0, cpu0 = rss_bytes(t.pid), cpu_seconds(t.pid)
+                spy = None
+                if target == "hub" and not busy and profile.py_spy() is not None:
+                    raw = self.logs / f"profile-{label}.txt"
+                    spy = profile.record(t.pid, SURGE_PROFILE_SECONDS, raw)
                 gens = await self.generators(  # type: ignore[attr-defined]
                     label,
                     t.port,
@@ -68,6 +75,8 @@ class EdgeScenarios:
                     cpu1, rss1 = cpu_seconds(t.pid), rss_bytes(t.pid)
                 finally:
                     await self.close_all(gens)  # type: ignore[attr-defined]
+                    if spy is not None:
+                        await trio.to_thread.run_sync(spy.wait)
         finally:
             if hog is not None:
                 hog.kill()
@@ -77,6 +86,11 @@ class EdgeScenarios:
             for k, v in r.get("errors", {}).items():
                 errors[k] = errors.get(k, 0) + v
         connected = sum(x["connected"] for x in readies)
+        top = None
+        if spy is not None and raw.exists():
+            summary = profile.summarise(raw)
+            top = {k: summary.get(k) for k in ("samples", "threads", "top_self", "top_total_main")}
+            print("surge, hub profile, top self:\n" + profile.format_top(summary, "top_self", 12), flush=True)
         return {
             "target": target,
             "busy": busy,
@@ -89,6 +103,7 @@ class EdgeScenarios:
             "server_cpu_s": cpu1 - cpu0,
             "rss_mib": (rss1 - rss0) / 2**20,
             "errors": errors,
+            "profile": top,
         }
 
     # -------------------------------------------------------------- slow handshakes
