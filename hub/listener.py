@@ -142,28 +142,31 @@ async def serve_listener(
     async def accept_loop(listener: Any) -> None:
         # The decision is taken here, before a task exists: a refusal past the answer budget costs an accept and a
         # close, so a client that reconnects as fast as it can (ignoring Retry-After) buys little of the hub's time.
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                log.error("accept failed (%s): pausing the listener for %.1f s", os.strerror(exc.errno), ACCEPT_PAUSE)
-                await trio.sleep(ACCEPT_PAUSE)
-                continue
-            address = _peer_address(stream)
-            now = trio.current_time()
-            refusal = admission.enter(address, now)
-            if refusal is None:
-                handler_nursery.start_soon(serve_admitted, stream, Ticket(admission, address))
-                continue
-            answered = answers.try_take(1, now)
-            if on_refused is not None:
-                on_refused(address, refusal, answered)
-            if answered:
-                handler_nursery.start_soon(_refuse, stream, refusal)
-            else:
-                _socket_of(stream).close()
+        async with listener:  # closed when the loop ends: no more connections queue in the kernel
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error(
+                        "accept failed (%s): pausing the listener for %.1f s", os.strerror(exc.errno), ACCEPT_PAUSE
+                    )
+                    await trio.sleep(ACCEPT_PAUSE)
+                    continue
+                address = _peer_address(stream)
+                now = trio.current_time()
+                refusal = admission.enter(address, now)
+                if refusal is None:
+                    handler_nursery.start_soon(serve_admitted, stream, Ticket(admission, address))
+                    continue
+                answered = answers.try_take(1, now)
+                if on_refused is not None:
+                    on_refused(address, refusal, answered)
+                if answered:
+                    handler_nursery.start_soon(_refuse, stream, refusal)
+                else:
+                    _socket_of(stream).close()
 
     async def serve_admitted(stream: trio.abc.Stream, ticket: Ticket) -> None:
         try:

@@ -276,3 +276,23 @@ async def test_past_the_answer_budget_refused_connections_are_closed_unanswered(
         assert hub.stats.admission_unanswered == len(answers) - len(answered) > 0
         assert hub.stats.admission_refused == 20
         hub.stop()
+
+
+async def test_after_stop_accepting_the_port_refuses_connections(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    config = hub_config(tmp_path)
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            hub.server.stop_accepting()
+            with trio.fail_after(10):
+                while True:  # the listening socket is closed, not merely left unserved
+                    try:
+                        stream = await trio.open_tcp_stream("127.0.0.1", hub.port)
+                    except OSError:
+                        break
+                    await stream.aclose()
+                    await trio.sleep(0.01)
+            assert hub.server.sessions  # the open session stays until the shutdown closes it
+        hub.stop()
