@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import attrs
@@ -30,7 +32,7 @@ from hub.stats import Stats
 from hub.subscriptions import Broadcaster
 from hub.tls import ServerTLS
 
-__all__ = ["HubHandle", "make_sink", "registry_path", "reload_tls", "run", "serve"]
+__all__ = ["HubHandle", "ListenError", "listen_error", "make_sink", "registry_path", "reload_tls", "run", "serve"]
 
 log = logging.getLogger("hub")
 
@@ -59,6 +61,45 @@ class HubHandle:
     def stop(self) -> None:
         """Begin a graceful shutdown: stop accepting, drain and flush, close sessions."""
         self._stop.set()
+
+
+class ListenError(Exception):
+    """A listener could not open its socket (port taken, address not here, no permission)."""
+
+    def __init__(self, what: str, host: str, port: int, option: str, reason: str) -> None:
+        super().__init__(
+            f"cannot listen on {host}:{port} for {what}: {reason}; "
+            f"choose another port with {option} (0: any free port)"
+        )
+        self.host = host
+        self.port = port
+        self.option = option
+
+
+@contextlib.contextmanager
+def _listening(what: str, host: str, port: int, option: str) -> Iterator[None]:
+    """Turn an OSError while a listener starts (however deep in exception groups) into a `ListenError`."""
+    try:
+        yield
+    except* OSError as group:
+        first = _leaves(group)[0]
+        reason = (first.strerror or str(first)).lower() if isinstance(first, OSError) else str(first)
+        raise ListenError(what, host, port, option, reason) from None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def listen_error(exc: BaseException) -> ListenError | None:
+    """The `ListenError` that `exc` is, or that is all it holds (through exception groups); else None."""
+    leaves = _leaves(exc)
+    first = leaves[0]
+    if isinstance(first, ListenError) and all(isinstance(leaf, ListenError) for leaf in leaves):
+        return first
+    return None
 
 
 def registry_path(config: HubConfig) -> str:
@@ -185,9 +226,10 @@ async def serve(
                         await tasks.start(partial(metrics.write_loop, pipeline.submit, config.metrics.interval))
                         if config.metrics.http_enabled:
                             m = config.metrics
-                            http_port = await tasks.start(
-                                partial(serve_http, m.http_host, m.http_port, metrics.routes())
-                            )
+                            with _listening("/metrics and /healthz", m.http_host, m.http_port, "--metrics-port"):
+                                http_port = await tasks.start(
+                                    partial(serve_http, m.http_host, m.http_port, metrics.routes())
+                                )
                             log.info("metrics listening", extra={"kv": {"host": m.http_host, "port": http_port}})
                         else:
                             http_port = None
@@ -197,7 +239,8 @@ async def serve(
 
             metrics_port = await nursery.start(run_background)
             ssl_context = tls.context if tls is not None else None
-            port = await nursery.start(partial(server.listen, ssl_context=ssl_context))
+            with _listening("devices and operators", config.server.host, config.server.port, "--port"):
+                port = await nursery.start(partial(server.listen, ssl_context=ssl_context))
             handle = HubHandle(
                 port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, metrics_port,
                 tls=tls,
@@ -276,7 +319,14 @@ def tune_gc() -> None:
 
 
 def run(config: HubConfig) -> int:
-    """Entry point of `hub serve`: run until a signal; the exit code."""
+    """Entry point of `hub serve`: run until a signal; the exit code (1: a listener could not open)."""
     tune_gc()
-    trio.run(serve_until_signal, config)
+    try:
+        trio.run(serve_until_signal, config)
+    except (ListenError, BaseExceptionGroup) as exc:
+        error = listen_error(exc)
+        if error is None:
+            raise
+        print(f"hub: error: {error}", file=sys.stderr)
+        return 1
     return 0
