@@ -125,7 +125,12 @@ def make_sink(config: HubConfig) -> Sink:
             influx.url, influx.token, influx.org, influx.bucket, timeout_s=influx.timeout, gzip=influx.gzip
         )
     storage = config.storage
-    return FileSink(storage.path / "lines", max_bytes=storage.file_max_bytes, max_age_s=storage.file_max_age)
+    return FileSink(
+        storage.path / "lines",
+        max_bytes=storage.file_max_bytes,
+        max_age_s=storage.file_max_age,
+        database=influx.database,  # named in each file's header, for InfluxDB 1.x's `influx -import`
+    )
 
 
 def _pipeline_config(config: HubConfig) -> PipelineConfig:

@@ -631,3 +631,39 @@ async def test_the_log_of_the_hostile_suite_holds_no_secret(tmp_path: Path, fmt:
         "too_many_from_address",
     }
     assert all(e["remote"] for e in handshakes)
+
+
+async def status_line(port: int, request: bytes) -> bytes:
+    """The first line of the hub's answer to `request`."""
+    stream = await open_tcp(port)
+    try:
+        await stream.send_all(request)
+        head = b""
+        with trio.fail_after(30):
+            while b"\r\n" not in head and (chunk := await stream.receive_some(4096)):
+                head += chunk
+        return head.split(b"\r\n", 1)[0]
+    finally:
+        await stream.aclose()
+
+
+async def test_refusals_carry_a_reason_phrase(tmp_path: Path) -> None:
+    """`HTTP/1.1 403 Forbidden`, not `HTTP/1.1 403 `: on the WebSocket endpoints and the metrics listener alike."""
+    tokens = add_devices(tmp_path, "d1")
+    config = hub_config(tmp_path, **{"server.max_connections_per_address": 1})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        auth = {"Authorization": f"Bearer {tokens['d1']}"}
+        refusals = {
+            upgrade_request(DEVICE_PATH): b"401 Unauthorized",
+            upgrade_request(DEVICE_PATH, {**auth, "Origin": "https://evil.example"}): b"403 Forbidden",
+            upgrade_request(CONTROL_PATH, {"Origin": "https://evil.example"}): b"403 Forbidden",
+            upgrade_request("/nowhere", auth): b"404 Not Found",
+        }
+        for request, expected in refusals.items():
+            assert await status_line(hub.port, request) == b"HTTP/1.1 " + expected
+        async with connect(hub, tokens["d1"]):  # the one connection this address may have
+            assert await status_line(hub.port, upgrade_request(DEVICE_PATH, auth)) == b"HTTP/1.1 429 Too Many Requests"
+        get = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert await status_line(hub.metrics_port, get) == b"HTTP/1.1 404 Not Found"
+        hub.stop()
