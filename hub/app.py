@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -66,25 +68,26 @@ class HubHandle:
 class ListenError(Exception):
     """A listener could not open its socket (port taken, address not here, no permission)."""
 
-    def __init__(self, what: str, host: str, port: int, option: str, reason: str) -> None:
-        super().__init__(
-            f"cannot listen on {host}:{port} for {what}: {reason}; "
-            f"choose another port with {option} (0: any free port)"
-        )
+    def __init__(self, what: str, host: str, port: int, reason: str, remedy: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port} for {what}: {reason}; {remedy}")
         self.host = host
         self.port = port
-        self.option = option
 
 
 @contextlib.contextmanager
-def _listening(what: str, host: str, port: int, option: str) -> Iterator[None]:
+def _listening(what: str, host: str, port: int, port_option: str, host_option: str) -> Iterator[None]:
     """Turn an OSError while a listener starts (however deep in exception groups) into a `ListenError`."""
     try:
         yield
     except* OSError as group:
         first = _leaves(group)[0]
-        reason = (first.strerror or str(first)).lower() if isinstance(first, OSError) else str(first)
-        raise ListenError(what, host, port, option, reason) from None
+        assert isinstance(first, OSError)
+        reason = (first.strerror or str(first)).lower()
+        if isinstance(first, socket.gaierror) or first.errno == errno.EADDRNOTAVAIL:
+            remedy = f"choose an address of this machine with {host_option}"
+        else:
+            remedy = f"choose another port with {port_option} (0: any free port)"
+        raise ListenError(what, host, port, reason, remedy) from None
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -231,7 +234,8 @@ async def serve(
                         await tasks.start(partial(metrics.write_loop, pipeline.submit, config.metrics.interval))
                         if config.metrics.http_enabled:
                             m = config.metrics
-                            with _listening("/metrics and /healthz", m.http_host, m.http_port, "--metrics-port"):
+                            where = ("/metrics and /healthz", m.http_host, m.http_port)
+                            with _listening(*where, "--metrics-port", "--metrics-host"):
                                 http_port = await tasks.start(
                                     partial(serve_http, m.http_host, m.http_port, metrics.routes())
                                 )
@@ -244,7 +248,8 @@ async def serve(
 
             metrics_port = await nursery.start(run_background)
             ssl_context = tls.context if tls is not None else None
-            with _listening("devices and operators", config.server.host, config.server.port, "--port"):
+            cfg = config.server
+            with _listening("devices and operators", cfg.host, cfg.port, "--port", "--host"):
                 port = await nursery.start(partial(server.listen, ssl_context=ssl_context))
             handle = HubHandle(
                 port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, metrics_port,

@@ -489,3 +489,14 @@ def test_setup_refuses_unknown_level_and_format() -> None:
         logs.setup_logging("verbose")
     with pytest.raises(ValueError):
         logs.setup_logging("info", "xml")
+
+
+def test_an_address_not_of_this_machine_is_one_line_naming_the_host_option(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: binding it fails at once and sends nothing.
+    argv = ["serve", "--host", "192.0.2.1", "--port", "0", "--metrics-port", "0", "--data-dir", str(tmp_path / "d")]
+    result = run_hub(*argv, "--log-level", "error", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "hub: error: cannot listen on 192.0.2.1:0 for devices and operators: cannot assign requested address; "
+        "choose an address of this machine with --host"
+    ]
