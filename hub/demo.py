@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -37,10 +38,11 @@ def _banner(config: HubConfig, handle: HubHandle, control_url: str) -> str:
     lines = [f"control channel: {control_url}"]
     if handle.metrics_port is not None:
         lines[0] += f"; metrics: http://{config.metrics.http_host}:{handle.metrics_port}/metrics"
-    ca = f" --ca-file {config.tls.cert_file}" if config.tls.enabled else ""
+    ca = f" --ca-file {shlex.quote(config.tls.cert_file)}" if config.tls.enabled else ""
+    data_dir = shlex.quote(config.storage.data_dir)
     lines += [
         "hubctl needs an operator token; in another terminal:",
-        f"  hub operator add NAME --role operator --data-dir {config.storage.data_dir}   # prints the token once",
+        f"  hub operator add NAME --role operator --data-dir {data_dir}   # prints the token once",
         f"  HUBCTL_TOKEN=TOKEN hubctl --url {control_url}{ca} status",
     ]
     return "\n".join(lines)
