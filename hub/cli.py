@@ -33,10 +33,10 @@ password from {INFLUX_PASSWORD_ENV} (never from the command line or the config f
 DATA_DIR/lines (the embedded sink) and needs no database; each file imports as it is into
 InfluxDB 2.x (influx write) or 1.x (influx -import): the hub prints both commands at start. With
 --tls-cert and --tls-key, devices and operators connect with wss:// (same port); SIGHUP reloads
-the certificate and key for new connections without dropping open ones. The hub serves its own figures on plain
-http://METRICS_HOST:METRICS_PORT/metrics (Prometheus) and /healthz, and writes them as hub* points.
-A port that cannot be had (taken by another program, say) stops the hub at start with one line
-naming it and the option that changes it, and exit code 1.
+the certificate and key for new connections without dropping open ones. The hub serves its own
+figures on plain http://METRICS_HOST:METRICS_PORT/metrics (Prometheus) and /healthz, and writes
+them as hub* points. A port that cannot be had (taken by another program, say) stops the hub at
+start with one line naming it and the option that changes it, and exit code 1.
 See docs/hub.example.toml for every setting."""
 
 
