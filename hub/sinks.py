@@ -305,7 +305,7 @@ def import_commands(database: str) -> tuple[str, str]:
     """How to import one of the file sink's files F: into InfluxDB 2.x (bucket B), and into InfluxDB 1.x."""
     return (
         "influx write --bucket B --precision ms --file F",
-        f"influx -execute 'CREATE DATABASE {database}' && influx -import -path=F -precision=ms",
+        f"influx -execute 'CREATE DATABASE \"{database}\"' && influx -import -path=F -precision=ms",
     )
 
 
