@@ -30,8 +30,8 @@ __all__ = [
     "HubProcess",
     "VictoriaMetrics",
     "cpu_seconds",
-    "free_port",
     "hub_limit_overrides",
+    "listening_ports",
     "rss_bytes",
     "toml_config",
 ]
@@ -45,11 +45,27 @@ class ChildError(Exception):
     """A child process failed, or did not answer in time."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (from /proc: its socket inodes, matched in /proc/net/tcp and tcp6)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def cpu_seconds(pid: int) -> float:
@@ -106,9 +122,13 @@ class VictoriaMetrics:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = 0  # it binds port 0; the port it got is read back from /proc at start
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Its base URL (once started)."""
+        return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
         """Start it and wait until /health answers."""
@@ -116,7 +136,7 @@ class VictoriaMetrics:
         args = [
             "victoria-metrics",
             f"-storageDataPath={self.directory / 'data'}",
-            f"-httpListenAddr=127.0.0.1:{self.port}",
+            "-httpListenAddr=127.0.0.1:0",  # it logs ":0", not the port it got: read back from /proc
             "-retentionPeriod=100y",  # by default it drops points older than a month, after answering 204
             "-search.latencyOffset=0s",
             "-search.disableCache",
@@ -133,8 +153,10 @@ class VictoriaMetrics:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ChildError(f"victoria-metrics exited with {self.proc.returncode}: see {self.directory}")
+            if not self.port and len(ports := listening_ports(self.proc.pid)) == 1:  # -httpListenAddr only
+                self.port = ports.pop()
             try:
-                if _http(self.url + "/health", timeout=2)[0] == 200:
+                if self.port and _http(self.url + "/health", timeout=2)[0] == 200:
                     return
             except OSError:
                 pass
@@ -240,15 +262,18 @@ def toml_config(overrides: Mapping[str, Any]) -> str:
 
 
 class HubProcess:
-    """`hub serve` as a child process, configured by a TOML file in its data directory."""
+    """`hub serve` as a child process, configured by a TOML file in its data directory.
+
+    It binds port 0 and the port it got is read from its log (so it must log at info or debug).
+    """
 
     def __init__(self, data_dir: Path, overrides: Mapping[str, Any], extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
-        self.port = free_port()
+        self.port = 0  # known once started
         self.overrides = {
             **overrides,
             "server.host": "127.0.0.1",
-            "server.port": self.port,
+            "server.port": 0,
             "storage.data_dir": str(data_dir),
             "metrics.http_port": 0,
         }
@@ -272,6 +297,7 @@ class HubProcess:
         config = self.data_dir / "hub.toml"
         config.write_text(toml_config(self.overrides))
         cmd = [sys.executable, "-m", "hub.cli", "serve", "--config", str(config), *self.extra_args]
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _LIVE.add(self.proc)
@@ -279,13 +305,20 @@ class HubProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ChildError(f"hub exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
+            if not self.port:
+                with open(self.log_path, "rb") as log:
+                    log.seek(logged)
+                    found = re.search(rb'device endpoint listening.*?\bport"?[=:] ?(\d+)', log.read())
+                self.port = int(found.group(1)) if found else 0
+            if self.port:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.05)
         self.stop()
-        raise ChildError(f"hub did not listen within {timeout} s: {self.log_tail()}")
+        raise ChildError(f"hub did not listen (or log its port at info) within {timeout} s: {self.log_tail()}")
 
     def log_tail(self, size: int = 2000) -> str:
         """The end of its log."""

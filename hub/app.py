@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import logging
 import signal
+import socket
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import attrs
@@ -30,7 +34,7 @@ from hub.stats import Stats
 from hub.subscriptions import Broadcaster
 from hub.tls import ServerTLS
 
-__all__ = ["HubHandle", "make_sink", "registry_path", "reload_tls", "run", "serve"]
+__all__ = ["HubHandle", "ListenError", "listen_error", "make_sink", "registry_path", "reload_tls", "run", "serve"]
 
 log = logging.getLogger("hub")
 
@@ -61,6 +65,46 @@ class HubHandle:
         self._stop.set()
 
 
+class ListenError(Exception):
+    """A listener could not open its socket (port taken, address not here, no permission)."""
+
+    def __init__(self, what: str, host: str, port: int, reason: str, remedy: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port} for {what}: {reason}; {remedy}")
+        self.host = host
+        self.port = port
+
+
+@contextlib.contextmanager
+def _listening(what: str, host: str, port: int, port_option: str, host_option: str) -> Iterator[None]:
+    """Turn an OSError while a listener starts (however deep in exception groups) into a `ListenError`."""
+    try:
+        yield
+    except* OSError as group:
+        first = _leaves(group)[0]
+        assert isinstance(first, OSError)
+        reason = (first.strerror or str(first)).lower()
+        if isinstance(first, socket.gaierror) or first.errno == errno.EADDRNOTAVAIL:
+            remedy = f"choose an address of this machine with {host_option}"
+        else:
+            remedy = f"choose another port with {port_option} (0: any free port)"
+        raise ListenError(what, host, port, reason, remedy) from None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def listen_error(exc: BaseException) -> ListenError | None:
+    """The `ListenError` that `exc` is, or that is all it holds (through exception groups); else None."""
+    leaves = _leaves(exc)
+    first = leaves[0]
+    if isinstance(first, ListenError) and all(isinstance(leaf, ListenError) for leaf in leaves):
+        return first
+    return None
+
+
 def registry_path(config: HubConfig) -> str:
     """Where the device registry lives."""
     return str(config.storage.path / "registry.sqlite3")
@@ -84,7 +128,12 @@ def make_sink(config: HubConfig) -> Sink:
             influx.url, influx.token, influx.org, influx.bucket, timeout_s=influx.timeout, gzip=influx.gzip
         )
     storage = config.storage
-    return FileSink(storage.path / "lines", max_bytes=storage.file_max_bytes, max_age_s=storage.file_max_age)
+    return FileSink(
+        storage.path / "lines",
+        max_bytes=storage.file_max_bytes,
+        max_age_s=storage.file_max_age,
+        database=influx.database,  # named in each file's header, for InfluxDB 1.x's `influx -import`
+    )
 
 
 def _pipeline_config(config: HubConfig) -> PipelineConfig:
@@ -187,9 +236,11 @@ async def serve(
                         await tasks.start(partial(metrics.write_loop, pipeline.submit, config.metrics.interval))
                         if config.metrics.http_enabled:
                             m = config.metrics
-                            http_port = await tasks.start(
-                                partial(serve_http, m.http_host, m.http_port, metrics.routes())
-                            )
+                            where = ("/metrics and /healthz", m.http_host, m.http_port)
+                            with _listening(*where, "--metrics-port", "--metrics-host"):
+                                http_port = await tasks.start(
+                                    partial(serve_http, m.http_host, m.http_port, metrics.routes())
+                                )
                             log.info("metrics listening", extra={"kv": {"host": m.http_host, "port": http_port}})
                         else:
                             http_port = None
@@ -199,7 +250,9 @@ async def serve(
 
             metrics_port = await nursery.start(run_background)
             ssl_context = tls.context if tls is not None else None
-            port = await nursery.start(partial(server.listen, ssl_context=ssl_context))
+            cfg = config.server
+            with _listening("devices and operators", cfg.host, cfg.port, "--port", "--host"):
+                port = await nursery.start(partial(server.listen, ssl_context=ssl_context))
             handle = HubHandle(
                 port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, metrics_port,
                 tls=tls,
@@ -278,7 +331,14 @@ def tune_gc() -> None:
 
 
 def run(config: HubConfig) -> int:
-    """Entry point of `hub serve`: run until a signal; the exit code."""
+    """Entry point of `hub serve`: run until a signal; the exit code (1: a listener could not open)."""
     tune_gc()
-    trio.run(serve_until_signal, config)
+    try:
+        trio.run(serve_until_signal, config)
+    except (ListenError, BaseExceptionGroup) as exc:
+        error = listen_error(exc)
+        if error is None:
+            raise
+        print(f"hub: error: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -7,6 +7,7 @@ import argparse
 import json
 import sqlite3
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -29,11 +30,21 @@ _SERVE_EPILOG = f"""\
 The InfluxDB token is read from the {INFLUX_TOKEN_ENV} environment variable only, the InfluxDB 1.x
 password from {INFLUX_PASSWORD_ENV} (never from the command line or the config file). Without
 --influx-url (or [influx] url in the config file) the hub writes line-protocol files under
-DATA_DIR/lines (the embedded sink) and needs no database. With --tls-cert and --tls-key, devices
-and operators connect with wss:// (same port); SIGHUP reloads the certificate and key for new
-connections without dropping open ones. The hub serves its own figures on plain
-http://METRICS_HOST:METRICS_PORT/metrics (Prometheus) and /healthz, and writes them as hub* points.
+DATA_DIR/lines (the embedded sink) and needs no database; each file imports as it is into
+InfluxDB 2.x (influx write) or 1.x (influx -import): the hub prints both commands at start. With
+--tls-cert and --tls-key, devices and operators connect with wss:// (same port); SIGHUP reloads
+the certificate and key for new connections without dropping open ones. The hub serves its own
+figures on plain http://METRICS_HOST:METRICS_PORT/metrics (Prometheus) and /healthz, and writes
+them as hub* points. A port that cannot be had (taken by another program, say) stops the hub at
+start with one line naming it and the option that changes it, and exit code 1.
 See docs/hub.example.toml for every setting."""
+
+
+_DEMO_EPILOG = f"""\
+Unless --port, --metrics-port or the config file name them, the demo listens on free ports and
+prints them, with the control URL and how to get an operator token for hubctl.
+
+{_SERVE_EPILOG}"""
 
 
 def _default(dotted: str) -> Any:
@@ -126,6 +137,18 @@ _INFLUX = (
 _METRICS = (
     _Option("--metrics-host", "metrics.http_host", str, "H", "address the /metrics and /healthz listener binds to"),
     _Option("--metrics-port", "metrics.http_port", _port, "P", "TCP port of the /metrics and /healthz listener"),
+)
+#: The demo's ports: any free one (printed at start) unless an option or the config file names one.
+_DEMO_PORTS = (
+    _Option("--port", "server.port", _port, "P", "TCP port of the device and control listener", "any free port"),
+    _Option(
+        "--metrics-port",
+        "metrics.http_port",
+        _port,
+        "P",
+        "TCP port of the /metrics and /healthz listener",
+        "any free port",
+    ),
 )
 _TUNING = (
     _Option("--ping-interval", "presence.ping_interval", float, "S", "seconds between pings to a device"),
@@ -259,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a hub and a simulated fleet in one process",
         description="Run a hub and a fleet of simulated devices in this process, to see the hub at work.\n"
         + _DESCRIPTION,
-        epilog=_SERVE_EPILOG,
+        epilog=_DEMO_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--devices", type=_positive_int, default=20, metavar="N", help="simulated devices (default: 20)")
@@ -271,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to run; 0: until Ctrl-C (default: 0)",
     )
     _add_config(demo)
-    _add_options(demo, (_PORT, *_TLS, _DATA_DIR, *_INFLUX))
+    _add_options(demo, (_DEMO_PORTS[0], *_TLS, _DATA_DIR, *_INFLUX, _METRICS[0], _DEMO_PORTS[1]))
     _add_logging(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
@@ -320,10 +343,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None or not _check_tls(config):
         return 2
+    config = _demo_ports(config, args)
     setup_logging(config.log_level, args.log_format)
     from hub.demo import run_demo
 
     return run_demo(config, devices=args.devices, duration=args.duration)
+
+
+def _demo_ports(config: HubConfig, args: argparse.Namespace) -> HubConfig:
+    """The demo's config with port 0 (any free port) for each port neither an option nor the config file sets."""
+    from_file: dict[str, Any] = {}
+    if args.config is not None:  # `_config` has read and checked this file already
+        with open(args.config, "rb") as f:
+            from_file = tomllib.load(f)
+    server, metrics = config.server, config.metrics
+    if getattr(args, "server.port") is None and "port" not in from_file.get("server", {}):
+        server = attrs.evolve(server, port=0)
+    if getattr(args, "metrics.http_port") is None and "http_port" not in from_file.get("metrics", {}):
+        metrics = attrs.evolve(metrics, http_port=0)
+    return attrs.evolve(config, server=server, metrics=metrics)
 
 
 def _registry_command(

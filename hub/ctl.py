@@ -60,7 +60,8 @@ URL_ENV = "HUBCTL_URL"
 TOKEN_ENV = "HUBCTL_TOKEN"
 CA_FILE_ENV = "HUBCTL_CA_FILE"
 
-DEVICE_STATES = ("online", "late", "offline")
+#: The states of a device summary (hub/fleet.py): "never" is registered but not connected since the hub started.
+DEVICE_STATES = ("online", "late", "offline", "never")
 COMMAND_STATES = ("queued", "sent", "delivered", "succeeded", "failed", "expired", "timed_out", "cancelled")
 
 
@@ -200,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = sub("devices", "list devices: state, since when, last seen, firmware")
-    p.add_argument("--state", choices=DEVICE_STATES, help="only devices in this state")
+    p.add_argument(
+        "--state",
+        choices=DEVICE_STATES,
+        help="only devices in this state (never: registered, not connected since the hub started)",
+    )
 
     p = sub("device", "one device: its state, latest values and recent commands")
     p.add_argument("name", metavar="NAME")
@@ -385,6 +390,8 @@ def _state(summary: Mapping[str, Any]) -> str:
 def format_devices(devices: Sequence[Mapping[str, Any]], now: float, state: str | None = None) -> str:
     """The `devices` table."""
     if not devices:
+        if state == "never":
+            return "no devices that never connected"
         return f"no devices {state}" if state else "no devices"
     rows = [
         [

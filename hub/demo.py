@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ import trio
 
 from firmware_sim.cli import register_devices
 from firmware_sim.fleet import FleetTotals, run_fleet
-from hub.app import HubHandle, registry_path, serve
+from hub.app import HubHandle, listen_error, registry_path, serve
 from hub.config import HubConfig
+from hub.control_server import CONTROL_PATH
 
 __all__ = ["run_demo"]
 
@@ -31,6 +33,21 @@ def _progress_line(handle: HubHandle, totals: FleetTotals) -> str:
     )
 
 
+def _banner(config: HubConfig, handle: HubHandle, control_url: str) -> str:
+    """Where the control channel and the metrics are, and how to get a token for `hubctl`."""
+    lines = [f"control channel: {control_url}"]
+    if handle.metrics_port is not None:
+        lines[0] += f"; metrics: http://{config.metrics.http_host}:{handle.metrics_port}/metrics"
+    ca = f" --ca-file {shlex.quote(config.tls.cert_file)}" if config.tls.enabled else ""
+    data_dir = shlex.quote(config.storage.data_dir)
+    lines += [
+        "hubctl needs an operator token; in another terminal:",
+        f"  hub operator add NAME --role operator --data-dir {data_dir}   # prints the token once",
+        f"  HUBCTL_TOKEN=TOKEN hubctl --url {control_url}{ca} status",
+    ]
+    return "\n".join(lines)
+
+
 async def _demo(config: HubConfig, devices: int, duration: float) -> None:
     config.storage.path.mkdir(parents=True, exist_ok=True)
     tokens = register_devices(Path(registry_path(config)), devices)
@@ -45,6 +62,7 @@ async def _demo(config: HubConfig, devices: int, duration: float) -> None:
             scheme, trust = "ws", {"allow_insecure": True}
         url = f"{scheme}://{host}:{handle.port}/v1/device"
         print(f"hub listening on {url}; storage: {handle.sink.description}", flush=True)
+        print(_banner(config, handle, f"{scheme}://{host}:{handle.port}{CONTROL_PATH}"), flush=True)
         print(f"{devices} simulated devices report every ~{DEMO_INTERVAL:g}s; Ctrl-C stops", flush=True)
         stop = trio.Event()
 
@@ -83,7 +101,10 @@ def run_demo(config: HubConfig, *, devices: int, duration: float) -> int:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).getEffectiveLevel()))
     try:
         trio.run(_demo, config, devices, duration)
-    except OSError as exc:
-        print(f"hub demo: {exc}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as exc:
+        error = exc if isinstance(exc, OSError) else listen_error(exc)
+        if error is None:
+            raise
+        print(f"hub: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -82,11 +82,18 @@ def _address(request: WebSocketRequest) -> str:
 
 
 async def reject(request: WebSocketRequest, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    """Answer the handshake with HTTP `status`, then close the TCP connection.
+    """Answer the handshake with HTTP `status` and its reason phrase (`403 Forbidden`), then close the TCP connection.
 
-    trio-websocket (0.12) leaves a rejected connection open until the client closes it: a refused client
-    could hold its socket forever, past every connection limit.
+    wsproto (1.3) writes the status line with no reason phrase (`HTTP/1.1 403 `) and offers no way to give one: this
+    connection's wsproto `send` is wrapped to put it in. trio-websocket (0.12) leaves a rejected connection open until
+    the client closes it: a refused client could hold its socket forever, past every connection limit.
     """
+    from hub.http_listener import with_reason_phrase  # here: the rest of this module needs nothing of it
+
+    wsproto = getattr(getattr(request, "_connection", None), "_wsproto", None)
+    if wsproto is not None:
+        send = wsproto.send
+        wsproto.send = lambda event: with_reason_phrase(send(event), status)  # this connection only
     try:
         await request.reject(status, extra_headers=headers, body=body)
     finally:

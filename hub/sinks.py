@@ -28,6 +28,8 @@ __all__ = [
     "SinkTooLarge",
     "SinkUnavailable",
     "error_for_status",
+    "file_header",
+    "import_commands",
     "parse_retry_after",
 ]
 
@@ -299,10 +301,35 @@ def _utc_stamp(ms: int) -> str:
     return dt.strftime("%Y%m%dT%H%M%S") + f".{ms % 1000:03d}Z"
 
 
+def import_commands(database: str) -> tuple[str, str]:
+    """How to import one of the file sink's files F: into InfluxDB 2.x (bucket B), and into InfluxDB 1.x."""
+    return (
+        "influx write --bucket B --precision ms --file F",
+        f"influx -execute 'CREATE DATABASE \"{database}\"' && influx -import -path=F -precision=ms",
+    )
+
+
+def file_header(database: str) -> str:
+    """The comment lines each file of the file sink starts with.
+
+    InfluxDB 1.x's `influx -import` needs `# DML` and takes the database from `# CONTEXT-DATABASE:`; line protocol
+    parsers (InfluxDB 1.x and 2.x `/write` and `influx write`, VictoriaMetrics) skip lines that start with `#`.
+    """
+    v2, v1 = import_commands(database)
+    return (
+        "# Line protocol from the telemetry hub, timestamps in ms. Import this file F with\n"
+        f"# InfluxDB 2.x: {v2}\n"
+        f"# InfluxDB 1.x: {v1}\n"
+        "# DML\n"
+        f"# CONTEXT-DATABASE: {database}\n"
+    )
+
+
 class FileSink:
     """The embedded default sink: appends line protocol to `lines-<UTC time>.lp` files, fsynced per write.
 
-    A new file starts when the current one would pass `max_bytes` or is older than `max_age_s`.
+    Each file starts with `file_header(database)`, so that both `influx write` (2.x) and `influx -import` (1.x) take
+    it as it is. A new file starts when the current one would pass `max_bytes` or is older than `max_age_s`.
     """
 
     def __init__(
@@ -311,21 +338,21 @@ class FileSink:
         max_bytes: int = 64 * 2**20,
         max_age_s: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        database: str = "telemetry",
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
+        self.header = file_header(database).encode()
         self._clock = clock
         self._fd: int | None = None
         self._path: Path | None = None
-        self._size = 0
+        self._size = 0  # bytes in the current file, header included
         self._opened_at = 0.0
         self._last_ms = 0
-        self.description = (
-            f"line-protocol files in {self.directory} (import each with: "
-            f"influx write --bucket B --precision ms --file F)"
-        )
+        v2, v1 = import_commands(database)
+        self.description = f"line-protocol files in {self.directory} (import a file F: InfluxDB 2.x: {v2}; 1.x: {v1})"
 
     @property
     def current_file(self) -> Path | None:
@@ -339,10 +366,17 @@ class FileSink:
         while (path := self.directory / f"lines-{_utc_stamp(ms)}.lp").exists():
             ms += 1
         self._last_ms = ms
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
-        fsync_dir(self.directory)  # the new directory entry must survive a crash too
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, self.header)  # made durable by the fsync of the first write
+            fsync_dir(self.directory)  # the new directory entry must survive a crash too
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._fd = fd
         self._path = path
-        self._size = 0
+        self._size = len(self.header)
         self._opened_at = self._clock()
         log.info("file sink: writing %s", path)
 
@@ -352,16 +386,13 @@ class FileSink:
         try:
             if (
                 self._fd is None
-                or (self._size and self._size + len(data) > self.max_bytes)
+                or (self._size > len(self.header) and self._size + len(data) > self.max_bytes)
                 or self._clock() - self._opened_at >= self.max_age_s
             ):
                 self._open_new()
             assert self._fd is not None
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
+                _write_all(self._fd, data)
                 os.fsync(self._fd)
             except OSError:
                 try:
@@ -385,3 +416,10 @@ class FileSink:
     def close(self) -> None:
         """Close the current file."""
         self._close_file()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

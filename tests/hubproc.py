@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,19 +13,20 @@ from pathlib import Path
 
 from device_client.protocol import DEVICE_PATH
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: The hub's "listening" log line, in kv and JSON format: the port it got.
+_LISTENING = re.compile(r'device endpoint listening.*?\bport"?[=:] ?(\d+)')
 
 
 class HubProcess:
-    """`hub serve` in a subprocess on a fixed port, with its log in the data directory."""
+    """`hub serve` in a subprocess, with its log in the data directory.
+
+    The first start binds port 0 and reads the port from the hub's log (so the hub must log at info or debug); a
+    restart keeps that port, since devices reconnect to it.
+    """
 
     def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
-        self.port = free_port()
+        self.port = 0  # known once started
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.log_path = data_dir / "hub.log"
@@ -35,25 +37,9 @@ class HubProcess:
         return f"ws://127.0.0.1:{self.port}{DEVICE_PATH}"
 
     def start(self, timeout: float = 20.0) -> None:
-        """Start the hub and wait until it accepts TCP connections.
-
-        The first start retries on another free port when the chosen one was taken in between (another process may
-        bind it after `free_port` released it); a restart keeps its port, since devices reconnect to it.
-        """
-        first = self.proc is None
-        for _ in range(5):
-            logged = len(self.log())
-            try:
-                self._start_once(timeout)
-                return
-            except RuntimeError:
-                if not (first and "Address already in use" in self.log()[logged:]):
-                    raise
-                self.port = free_port()
-        raise RuntimeError(f"no free port for the hub after 5 tries:\n{self.log()}")
-
-    def _start_once(self, timeout: float) -> None:
+        """Start the hub (on port 0 the first time, on its port again after) and wait until it accepts connections."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        logged = len(self.log())
         log = self.log_path.open("ab")
         cmd = [sys.executable, "-m", "hub.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
         cmd += ["--metrics-port", "0"]
@@ -63,13 +49,17 @@ class HubProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"hub exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
+            if not self.port and (found := _LISTENING.search(self.log()[logged:])):
+                self.port = int(found.group(1))
+            if self.port:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.05)
         self.kill()
-        raise RuntimeError(f"hub did not listen within {timeout}s:\n{self.log()}")
+        raise RuntimeError(f"hub did not listen (or log its port at info) within {timeout}s:\n{self.log()}")
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

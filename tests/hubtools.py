@@ -102,10 +102,10 @@ async def wait_ack(ws: WebSocketConnection, seq: int) -> list[protocol.Message]:
 
 
 def written_lines(data_dir: Path) -> list[str]:
-    """Every line the embedded file sink wrote, in file order."""
+    """Every line the embedded file sink wrote, in file order (not the comment lines of each file's header)."""
     out: list[str] = []
     for path in sorted((data_dir / "lines").glob("*.lp")):
-        out.extend(path.read_text().splitlines())
+        out.extend(ln for ln in path.read_text().splitlines() if not ln.startswith("#"))
     return out
 
 

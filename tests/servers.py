@@ -6,6 +6,7 @@ import atexit
 import gzip
 import http.server
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -20,9 +21,22 @@ from typing import Any
 
 import pytest
 
-__all__ = ["InfluxDB1", "ScriptedWriteServer", "VictoriaMetrics", "free_port", "http_get", "http_post"]
+from bench.procs import listening_ports
+
+__all__ = [
+    "InfluxDB1",
+    "ScriptedWriteServer",
+    "VictoriaMetrics",
+    "free_port",
+    "http_get",
+    "http_post",
+    "listening_ports",
+    "refused_port",
+]
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
+#: Sockets that hold `refused_port` numbers for as long as the test process lives.
+_HELD: list[socket.socket] = []
 
 
 @atexit.register
@@ -31,11 +45,20 @@ def _kill_leftovers() -> None:
         proc.kill()
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def refused_port() -> int:
+    """A TCP port on 127.0.0.1 where every connection is refused, for as long as the test process lives.
+
+    A socket bound to it that never listens holds it: the kernel refuses connections, and no server (ours or another
+    process's) can bind it meanwhile. Servers for tests bind port 0 and report the port they got instead.
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return int(sock.getsockname()[1])
+
+
+#: The name older tests import, for a port where nothing answers.
+free_port = refused_port
 
 
 def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -64,7 +87,11 @@ def _require(binary: str, package: str) -> str:
 
 
 class _Process:
-    """A server subprocess with its log file in its own directory."""
+    """A server subprocess with its log file in its own directory.
+
+    Without a `port`, the first start binds port 0 and reads the port the server got back (never a port probed free and
+    then bound: another process may take it in between); `restart` keeps that port, since clients reconnect to it.
+    """
 
     binary = ""
     package = ""
@@ -72,13 +99,22 @@ class _Process:
     def __init__(self, directory: Path, port: int | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = port or 0  # 0 until the first start has read back the port the server bound
         self.log_path = self.directory / "server.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._exe = _require(self.binary, self.package)
 
+    @property
+    def url(self) -> str:
+        """Its base URL (known once it has started)."""
+        assert self.port, "the port is known once the server has started"
+        return f"http://127.0.0.1:{self.port}"
+
     def _args(self) -> list[str]:
+        raise NotImplementedError
+
+    def _bound_port(self, pid: int, log_text: str) -> int | None:
+        """The port the server bound (after being told to bind port 0), once it shows; None before."""
         raise NotImplementedError
 
     def _ready(self) -> bool:
@@ -91,6 +127,7 @@ class _Process:
     def start(self, timeout: float = 30.0) -> None:
         """Start and wait until the server answers; fail the test with the log tail otherwise."""
         assert self._proc is None, "already started"
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as logf:
             self._proc = subprocess.Popen(
                 [self._exe, *self._args()], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -100,8 +137,12 @@ class _Process:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 self._fail(f"exited with code {self._proc.returncode}")
+            if not self.port:
+                with open(self.log_path, "rb") as logf:
+                    logf.seek(offset)
+                    self.port = self._bound_port(self._proc.pid, logf.read().decode(errors="replace")) or 0
             try:
-                if self._ready():
+                if self.port and self._ready():
                     return
             except OSError:
                 pass
@@ -155,13 +196,19 @@ class VictoriaMetrics(_Process):
     def _args(self) -> list[str]:
         return [
             f"-storageDataPath={self.directory / 'data'}",
-            f"-httpListenAddr=127.0.0.1:{self.port}",
+            f"-httpListenAddr=127.0.0.1:{self.port}",  # 0 at the first start: read back from /proc
             "-retentionPeriod=100y",  # tests use fixed old timestamps; the default drops them silently
             "-search.latencyOffset=0s",
             "-search.disableCache",
             "-dedup.minScrapeInterval=1ms",  # resent points (same series and ms) count once
             "-loggerLevel=WARN",
         ]
+
+    def _bound_port(self, pid: int, log_text: str) -> int | None:
+        # It logs the address it was given ("127.0.0.1:0"), not the port it got: ask /proc. -httpListenAddr is
+        # its only listener.
+        ports = listening_ports(pid)
+        return ports.pop() if len(ports) == 1 else None
 
     def _ready(self) -> bool:
         return http_get(self.url + "/health", timeout=2)[0] == 200
@@ -189,7 +236,7 @@ class VictoriaMetrics(_Process):
 
 _INFLUXDB1_CONFIG = """\
 reporting-disabled = true
-bind-address = "127.0.0.1:{rpc_port}"
+bind-address = "127.0.0.1:0"
 
 [meta]
   dir = "{dir}/meta"
@@ -215,6 +262,9 @@ bind-address = "127.0.0.1:{rpc_port}"
 """
 
 
+_HTTP_BIND = re.compile(r'(\[http\][^\[]*?bind-address = "127\.0\.0\.1:)\d+"')
+
+
 class InfluxDB1(_Process):
     """InfluxDB 1.x (`/write?db=`, `/query` InfluxQL; no `/api/v2/write` before 1.8)."""
 
@@ -224,10 +274,17 @@ class InfluxDB1(_Process):
     def __init__(self, directory: Path, port: int | None = None) -> None:
         super().__init__(directory, port)
         self.config_path = self.directory / "influxdb.conf"
-        self.config_path.write_text(_INFLUXDB1_CONFIG.format(rpc_port=free_port(), dir=self.directory, port=self.port))
+        self.config_path.write_text(_INFLUXDB1_CONFIG.format(dir=self.directory, port=self.port))
 
     def _args(self) -> list[str]:
+        # A restart binds the port the first start got (subclasses may have edited the rest of the file).
+        text = self.config_path.read_text()
+        self.config_path.write_text(_HTTP_BIND.sub(rf'\g<1>{self.port}"', text))
         return ["-config", str(self.config_path)]
+
+    def _bound_port(self, pid: int, log_text: str) -> int | None:
+        found = re.search(r'msg="Listening on HTTP".* addr=127\.0\.0\.1:(\d+)', log_text)
+        return int(found.group(1)) if found else None
 
     def _ready(self) -> bool:
         return http_get(self.url + "/ping", timeout=2)[0] == 204
@@ -277,13 +334,18 @@ class ScriptedWriteServer:
         self.headers: list[dict[str, str]] = []  # request headers of each request
         self.times: list[float] = []  # time.monotonic() of each request
         self._lock = threading.Lock()
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = port or 0  # 0: any free port, read back at start
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def url(self) -> str:
+        """Its base URL (known once it has started)."""
+        assert self.port, "the port is known once the server has started"
+        return f"http://127.0.0.1:{self.port}"
+
     def start(self) -> None:
-        """Listen and serve in a daemon thread."""
+        """Listen (on the port it had, or any free one) and serve in a daemon thread."""
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -319,6 +381,7 @@ class ScriptedWriteServer:
                 self.wfile.write(payload)
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.port = self._server.server_address[1]
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05})
         self._thread.daemon = True

@@ -7,9 +7,11 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,7 +85,17 @@ HELP = {
     ("operator", "add"): [*_COMMON, "NAME", "--role"],
     ("operator", "list"): [*_COMMON, "--json"],
     ("operator", "revoke"): [*_COMMON, "NAME"],
-    ("demo",): [*_COMMON, *_INFLUX, *_LOGGING, *_TLS, "--devices", "--duration", "--port"],
+    ("demo",): [
+        *_COMMON,
+        *_INFLUX,
+        *_LOGGING,
+        *_TLS,
+        "--devices",
+        "--duration",
+        "--port",
+        "--metrics-host",
+        "--metrics-port",
+    ],
 }
 
 
@@ -346,12 +358,58 @@ def test_serve_without_options_uses_the_file(tmp_path: Path, monkeypatch: pytest
 def test_demo_hands_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _fake(monkeypatch, "hub.demo", "run_demo", 0)
     assert cli.main(["demo", "--data-dir", str(tmp_path)]) == 0
-    assert cli.main(["demo", "--devices", "3", "--duration", "1.5", "--port", "0", "--data-dir", str(tmp_path)]) == 0
+    argv = ["demo", "--devices", "3", "--duration", "1.5", "--port", "9001", "--metrics-port", "9002"]
+    assert cli.main([*argv, "--data-dir", str(tmp_path)]) == 0
     (first, kw1), (second, kw2) = calls
     assert kw1 == {"devices": 20, "duration": 0.0}
     assert kw2 == {"devices": 3, "duration": 1.5}
-    assert (first.server.port, second.server.port) == (HubConfig().server.port, 0)
+    assert (first.server.port, first.metrics.http_port) == (0, 0)  # the demo takes free ports unless told
+    assert (second.server.port, second.metrics.http_port) == (9001, 9002)
     assert second.storage.data_dir == str(tmp_path)
+
+
+def test_demo_keeps_the_ports_of_its_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake(monkeypatch, "hub.demo", "run_demo", 0)
+    config_file = tmp_path / "hub.toml"
+    config_file.write_text("[server]\nport = 9001\n")
+    assert cli.main(["demo", "--config", str(config_file)]) == 0
+    config_file.write_text("[metrics]\nhttp_port = 9002\n")
+    assert cli.main(["demo", "--config", str(config_file), "--port", "9003"]) == 0
+    (first, _), (second, _) = calls
+    assert (first.server.port, first.metrics.http_port) == (9001, 0)
+    assert (second.server.port, second.metrics.http_port) == (9003, 9002)
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port another program listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+@pytest.mark.parametrize(
+    ("option", "what"), [("--port", "devices and operators"), ("--metrics-port", "/metrics and /healthz")]
+)
+def test_a_busy_port_is_one_line_naming_it_and_the_option(
+    tmp_path: Path, held_port: int, command: str, option: str, what: str
+) -> None:
+    other = "--metrics-port" if option == "--port" else "--port"
+    argv = [command, option, str(held_port), other, "0", "--data-dir", str(tmp_path / "data")]
+    if command == "demo":
+        argv += ["--devices", "1", "--duration", "1"]
+    expected = (
+        f"hub: error: cannot listen on 127.0.0.1:{held_port} for {what}: address already in use; "
+        f"choose another port with {option} (0: any free port)"
+    )
+    quiet = run_hub(*argv, "--log-level", "error", cwd=tmp_path)
+    assert (quiet.returncode, quiet.stderr.splitlines()) == (1, [expected])
+    chatty = run_hub(*argv, cwd=tmp_path)  # at info, the start-up lines come first; the error is one line
+    assert chatty.returncode == 1
+    assert "Traceback" not in chatty.stderr and "Error" not in chatty.stderr
+    assert [line for line in chatty.stderr.splitlines() if "error" in line] == [expected]
 
 
 # ---------------------------------------------------------------------------- logging
@@ -431,3 +489,14 @@ def test_setup_refuses_unknown_level_and_format() -> None:
         logs.setup_logging("verbose")
     with pytest.raises(ValueError):
         logs.setup_logging("info", "xml")
+
+
+def test_an_address_not_of_this_machine_is_one_line_naming_the_host_option(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: binding it fails at once and sends nothing.
+    argv = ["serve", "--host", "192.0.2.1", "--port", "0", "--metrics-port", "0", "--data-dir", str(tmp_path / "d")]
+    result = run_hub(*argv, "--log-level", "error", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "hub: error: cannot listen on 192.0.2.1:0 for devices and operators: cannot assign requested address; "
+        "choose an address of this machine with --host"
+    ]

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from hub.config import HubConfig
 from tests.servers import VictoriaMetrics
 
 
 def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "hub.cli", "demo", "--devices", "4", "--duration", "3", "--port", "0"]
+    cmd = [sys.executable, "-m", "hub.cli", "demo", "--devices", "4", "--duration", "3"]
     return subprocess.run(
         [*cmd, "--data-dir", str(tmp_path / "hub"), *args],
         capture_output=True,
@@ -37,6 +44,7 @@ def test_demo_on_the_embedded_file_sink(tmp_path: Path) -> None:
     acked = acked_points(result.stdout)
     assert acked > 0
     lines = [ln for f in (tmp_path / "hub" / "lines").glob("*.lp") for ln in f.read_text().splitlines()]
+    lines = [ln for ln in lines if not ln.startswith("#")]  # the import header
     devices = {m.group(1) for ln in lines if (m := re.search(r",device=(sim-\d{4})[, ]", ln))}
     assert devices == {"sim-0001", "sim-0002", "sim-0003", "sim-0004"}
     assert len([ln for ln in lines if not ln.startswith("device_status")]) == acked
@@ -57,3 +65,61 @@ def test_demo_into_victoria(tmp_path: Path, victoria: VictoriaMetrics) -> None:
             break
         time.sleep(0.2)
     assert devices == {"sim-0001", "sim-0002", "sim-0003", "sim-0004"}
+
+
+@pytest.fixture
+def default_ports_taken() -> Iterator[None]:
+    """The default device and metrics ports are taken (by this test, or already by another program)."""
+    defaults = HubConfig()
+    with ExitStack() as stack:
+        for port in (defaults.server.port, defaults.metrics.http_port):
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+            except OSError:
+                pass  # someone else holds it: taken all the same
+        yield
+
+
+def test_demo_runs_beside_a_hub_and_names_the_control_url_and_the_operator_token(
+    tmp_path: Path, default_ports_taken: None
+) -> None:
+    """With the default ports taken, the demo takes free ones; its banner is enough to use hubctl on it."""
+    data = tmp_path / "data"
+    cmd = [sys.executable, "-m", "hub.cli", "demo", "--devices", "2", "--data-dir", str(data)]
+    demo = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    try:
+        assert demo.stdout is not None
+        banner = []
+        for line in demo.stdout:  # the banner comes before the first progress line
+            banner.append(line.rstrip("\n"))
+            if "simulated devices" in line:
+                break
+        text = "\n".join(banner)
+        control = re.search(r"control channel: (ws://127\.0\.0\.1:(\d+)/v1/control)", text)
+        metrics = re.search(r"metrics: (http://127\.0\.0\.1:\d+/metrics)", text)
+        add = re.search(r"^\s*(hub operator add NAME --role operator --data-dir \S+)", text, re.MULTILINE)
+        ctl = re.search(r"^\s*HUBCTL_TOKEN=TOKEN (hubctl --url \S+ status)", text, re.MULTILINE)
+        assert control and metrics and add and ctl, text
+        assert int(control.group(2)) != HubConfig().server.port
+        bin_dir = Path(sys.executable).parent
+        argv = shlex.split(add.group(1).replace("NAME", "alice"))
+        token = subprocess.run(
+            [str(bin_dir / argv[0]), *argv[1:]], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.strip()
+        argv = shlex.split(ctl.group(1))
+        env = {**os.environ, "HUBCTL_TOKEN": token}
+        status = subprocess.run(
+            [str(bin_dir / argv[0]), *argv[1:]], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.startswith("hub ") and "devices" in status.stdout, status.stdout
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.communicate()
+    assert demo.returncode == 0

@@ -145,6 +145,7 @@ def test_watch_and_list_arguments() -> None:
     opts = parser.parse_args(["commands", "a", "--state", "timed_out", "--limit", "5"])
     assert (opts.name, opts.state, opts.limit) == ("a", "timed_out", 5)
     assert parser.parse_args(["devices", "--state", "late"]).state == "late"
+    assert parser.parse_args(["devices", "--state", "never"]).state == "never"
 
 
 @pytest.mark.parametrize(
@@ -577,6 +578,10 @@ async def test_devices_device_and_status(hub: Hub) -> None:
         run = await hubctl(hub, "devices", "--state", "online", "--json", token=hub.viewer)
         assert run.code == 0, run.err
         assert [(d["name"], d["state"]) for d in run.json()] == [("boiler-1", "online")]
+
+        run = await hubctl(hub, "devices", "--state", "never", token=hub.viewer)  # registered, never connected
+        assert run.code == 0, run.err
+        assert [line.split()[:2] for line in run.out.splitlines()[1:]] == [["sensor-2", "never"]]
 
         run = await hubctl(hub, "device", "boiler-1", token=hub.viewer)
         assert run.code == 0, run.err

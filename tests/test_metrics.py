@@ -407,9 +407,8 @@ async def test_http_listener_refuses_connections_over_the_limit() -> None:
 
 
 async def test_http_listener_reports_its_port() -> None:
-    port = free_port()
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(serve_http, "127.0.0.1", port, {})
-        assert bound == port
+        port = await nursery.start(serve_http, "127.0.0.1", 0, {})  # port 0: any free one, reported back
+        assert port != 0
         assert (await exchange(port, get("/")))[0] == 404
         nursery.cancel_scope.cancel()

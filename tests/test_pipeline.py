@@ -395,7 +395,8 @@ async def test_file_sink_pipeline(tmp_path: Path) -> None:
     sink.close()
     spool.close()
     assert len(acks.marks) == 10
-    assert "".join(p.read_text() for p in sorted((tmp_path / "files").glob("*.lp"))) == lines(0, 100)
+    files = sorted((tmp_path / "files").glob("*.lp"))
+    assert "".join(p.read_text().removeprefix(sink.header.decode()) for p in files) == lines(0, 100)
 
 
 def test_config_validation() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email.utils
 import os
+import shutil
+import subprocess
 import time
 import urllib.parse
 from pathlib import Path
@@ -17,6 +19,8 @@ from hub.sinks import (
     SinkRejected,
     SinkTooLarge,
     SinkUnavailable,
+    file_header,
+    import_commands,
     parse_retry_after,
 )
 from tests.servers import InfluxDB1, ScriptedWriteServer, VictoriaMetrics, free_port
@@ -211,32 +215,64 @@ def lp_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("lines-*.lp"))
 
 
+def data(path: Path) -> str:
+    """A file's lines after its import header."""
+    text = path.read_text()
+    header = file_header("telemetry")
+    assert text.startswith(header), text[:300]
+    return text[len(header) :]
+
+
 def test_file_sink_appends_and_describes_import(tmp_path: Path) -> None:
     sink = FileSink(tmp_path / "out")
     try:
         assert str(tmp_path / "out") in sink.description
-        assert "influx write" in sink.description and "--precision ms" in sink.description
+        assert "influx write --bucket B --precision ms --file F" in sink.description  # InfluxDB 2.x
+        assert "influx -import -path=F -precision=ms" in sink.description  # InfluxDB 1.x
         assert sink.check()
         sink.write(body(3))
         sink.write(body(2, start=3))
         (f,) = lp_files(tmp_path / "out")
         assert f == sink.current_file
-        assert f.read_text() == body(5)
+        assert data(f) == body(5)
     finally:
         sink.close()
 
 
+def test_file_sink_header_names_the_database_for_influx_import(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path, database="plant 7")
+    try:
+        sink.write(body(1))
+    finally:
+        sink.close()
+    (f,) = lp_files(tmp_path)
+    lines = f.read_text().splitlines()
+    assert all(line.startswith("#") for line in lines[:-1]) and lines[-1] == body(1).strip()
+    assert lines[-3:-1] == ["# DML", "# CONTEXT-DATABASE: plant 7"]  # what `influx -import` (1.x) needs
+
+
 def test_file_sink_rotates_by_size(tmp_path: Path) -> None:
     one = body(1)
-    sink = FileSink(tmp_path, max_bytes=len(one) * 3)
+    header = len(file_header("telemetry"))
+    sink = FileSink(tmp_path, max_bytes=header + len(one) * 3)
     try:
         for i in range(7):
             sink.write(body(1, start=i))
     finally:
         sink.close()
     files = lp_files(tmp_path)
-    assert [f.stat().st_size for f in files] == [len(one) * 3, len(one) * 3, len(one)]
-    assert "".join(f.read_text() for f in files) == body(7)  # names sort in write order
+    assert [f.stat().st_size - header for f in files] == [len(one) * 3, len(one) * 3, len(one)]
+    assert "".join(data(f) for f in files) == body(7)  # names sort in write order
+
+
+def test_file_sink_puts_a_write_larger_than_a_file_in_one_file(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path, max_bytes=10)  # smaller than the header: every write gets a file of its own
+    try:
+        for i in range(3):
+            sink.write(body(2, start=i * 2))
+    finally:
+        sink.close()
+    assert [data(f) for f in lp_files(tmp_path)] == [body(2), body(2, start=2), body(2, start=4)]
 
 
 def test_file_sink_rotates_by_age(tmp_path: Path) -> None:
@@ -251,7 +287,7 @@ def test_file_sink_rotates_by_age(tmp_path: Path) -> None:
     finally:
         sink.close()
     files = lp_files(tmp_path)
-    assert [f.read_text() for f in files] == [body(2), body(1, start=2)]
+    assert [data(f) for f in files] == [body(2), body(1, start=2)]
 
 
 def test_file_sink_starts_a_new_file_after_restart(tmp_path: Path) -> None:
@@ -259,7 +295,7 @@ def test_file_sink_starts_a_new_file_after_restart(tmp_path: Path) -> None:
         sink = FileSink(tmp_path)
         sink.write(body(1, start=i))
         sink.close()
-    assert [f.read_text() for f in lp_files(tmp_path)] == [body(1), body(1, start=1)]
+    assert [data(f) for f in lp_files(tmp_path)] == [body(1), body(1, start=1)]
 
 
 def test_file_sink_names_sort_in_write_order_even_within_a_millisecond(tmp_path: Path) -> None:
@@ -271,7 +307,7 @@ def test_file_sink_names_sort_in_write_order_even_within_a_millisecond(tmp_path:
         sink.close()
     files = lp_files(tmp_path)
     assert len(files) == 30
-    assert [f.read_text() for f in files] == [body(1, start=i) for i in range(30)]
+    assert [data(f) for f in files] == [body(1, start=i) for i in range(30)]
 
 
 def test_file_sink_check_fails_without_directory(tmp_path: Path) -> None:
@@ -281,7 +317,8 @@ def test_file_sink_check_fails_without_directory(tmp_path: Path) -> None:
     sink.close()
 
 
-def test_file_sink_files_import_into_influxdb(tmp_path: Path, influxdb1: InfluxDB1) -> None:
+def sink_files(directory: Path, database: str = "telemetry") -> list[Path]:
+    """Files the file sink wrote: 40 points of every field type, in several files."""
     from hub.lineproto import LineBuilder
 
     b = LineBuilder("dev 1")
@@ -294,22 +331,47 @@ def test_file_sink_files_import_into_influxdb(tmp_path: Path, influxdb1: InfluxD
         }
         for i in range(40)
     ]
-    sink = FileSink(tmp_path / "files", max_bytes=1500)
+    sink = FileSink(directory, max_bytes=1500, database=database)
     try:
         for i in range(0, 40, 8):
             sink.write(b.lines(points[i : i + 8]))
     finally:
         sink.close()
-    files = lp_files(tmp_path / "files")
+    files = lp_files(directory)
     assert len(files) > 1
+    return files
+
+
+def check_imported(influxdb1: InfluxDB1, database: str) -> None:
+    rows = influxdb1.rows("SELECT * FROM env", database)
+    assert [r["n"] for r in rows] == list(range(40))
+    assert rows[0] == {"time": TS, "t": 20.5, "n": 0, "s": 'x "y"', "ok": True, "device": "dev 1", "room": "a b"}
+
+
+def test_file_sink_files_import_into_influxdb(tmp_path: Path, influxdb1: InfluxDB1) -> None:
+    """Each file, header and all, is accepted by the write API (the header lines are comments to it)."""
     influxdb1.query("CREATE DATABASE imported")
-    for f in files:
+    for f in sink_files(tmp_path / "files"):
         assert f.read_text().endswith("\n")
         status, answer = influxdb1.write(f.read_text(), "imported", precision="ms")
         assert status == 204, answer
-    rows = influxdb1.rows("SELECT * FROM env", "imported")
-    assert [r["n"] for r in rows] == list(range(40))
-    assert rows[0] == {"time": TS, "t": 20.5, "n": 0, "s": 'x "y"', "ok": True, "device": "dev 1", "room": "a b"}
+    check_imported(influxdb1, "imported")
+
+
+def test_file_sink_files_import_with_the_influxdb1_cli(tmp_path: Path, influxdb1: InfluxDB1) -> None:
+    """The command the hub prints for InfluxDB 1.x works: `influx -import` takes each file as it is."""
+    influx = shutil.which("influx")
+    if influx is None:
+        pytest.fail("the influx CLI is not installed: apt-get install -y influxdb-client", pytrace=False)
+    _, v1 = import_commands("plant")
+    create, _, load = v1.partition(" && ")
+    connect = ["-host", "127.0.0.1", "-port", str(influxdb1.port)]
+    subprocess.run([influx, *connect, "-execute", create.split("'")[1]], check=True, timeout=60)
+    for f in sink_files(tmp_path / "files", database="plant"):
+        argv = [arg.replace("-path=F", f"-path={f}") for arg in load.split()[1:]]
+        done = subprocess.run([influx, *connect, *argv], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "Failed 0 inserts" in done.stdout, done.stdout + done.stderr
+    check_imported(influxdb1, "plant")
 
 
 # ---------------------------------------------------------------------------- the server helpers themselves
