@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import trio
 
-from bench import profile
+from bench import outage, profile
 from bench.edge import EdgeScenarios
 from bench.gen import GenSpec
 from bench.jsonl import raise_fd_limit
@@ -45,7 +45,7 @@ from bench.wire import FIELDS_PER_POINT
 
 __all__ = ["Plan", "build_parser", "main", "plan_from_args", "run_bench"]
 
-SCENARIOS = ("ingest", "connections", "surge", "slowloris", "commands", "storm", "profile")
+SCENARIOS = ("ingest", "connections", "surge", "slowloris", "commands", "storm", "profile", "outage")
 #: Devices one generator process holds in the connection and storm scenarios (fds, and one core each).
 IDLE_PER_GENERATOR = 5000
 STORM_PER_GENERATOR = 2500
@@ -306,6 +306,7 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("samples", "samples"),
         ("main thr %", "main_thread_percent"),
     ],
+    "outage": outage.TABLE,
 }
 
 
@@ -825,6 +826,12 @@ class Bench(EdgeScenarios):
         if target == "hub":
             row.update(await self.verify(measurement, r["acked_points"], r["drained"]))
         return row
+
+    # -------------------------------------------------------------- outage
+
+    async def outage(self, table: Table) -> dict[str, Any]:
+        """A hung database, then a dead one, while devices stream: ack waits, return noticed, replay (bench.outage)."""
+        return await outage.run(self, table)
 
     # -------------------------------------------------------------- profile
 

@@ -146,6 +146,8 @@ def _pipeline_config(config: HubConfig) -> PipelineConfig:
         flush_when_idle=b.flush_when_idle,
         backoff_initial=b.backoff_initial,
         backoff_max=b.backoff_max,
+        spool_after=b.spool_after,
+        probe_interval=b.probe_interval,
     )
 
 

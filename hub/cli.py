@@ -163,6 +163,13 @@ _TUNING = (
     ),
     _Option("--batch-max-lines", "batch.max_lines", int, "N", "most lines per database write"),
     _Option("--batch-max-delay", "batch.max_delay", float, "S", "longest a line waits for its batch to fill"),
+    _Option(
+        "--batch-spool-after",
+        "batch.spool_after",
+        float,
+        "S",
+        "spool (and ack) a batch the database has not taken within S seconds",
+    ),
     _Option("--spool-max-bytes", "storage.spool_max_bytes", int, "N", "spool bound while the database is down"),
 )
 

@@ -172,6 +172,8 @@ class BatchConfig:
     flush_when_idle: bool = True  # an idle writer gets a batch at once; under load batches fill up by themselves
     backoff_initial: float = 0.2
     backoff_max: float = 30.0
+    spool_after: float = 2.0  # a batch not written within this many seconds is spooled (and acked) instead
+    probe_interval: float = 1.0  # while the database does not answer, check it this often to notice its return
 
 
 @attrs.frozen

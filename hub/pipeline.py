@@ -5,6 +5,12 @@ submitted with it (and before it) was written to the sink, appended and fsynced 
 or refused by the database and dropped (logged and counted). While the spool holds records,
 new batches go behind them so the database sees the data in order.
 
+A batch whose write has not succeeded within `spool_after` seconds is spooled (and acked) without
+waiting for the sink: the abandoned write stops retrying but may still be applied late, and its
+points then reach the database twice (once late, once from the spool). The replayer writes spooled
+records coalesced into batches of up to `max_lines`/`max_bytes`; while the sink does not answer at
+all it checks it every `probe_interval` seconds, so its return is noticed within about that long.
+
 Counters: `points_written` counts every point the sink accepted, replays included;
 `points_replayed` is the part of it that came from the spool. Each successful write also
 records its duration and size (`Stats.count_write`).
@@ -16,12 +22,13 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import attrs
 import trio
 
-from hub.sinks import Sink, SinkError, SinkRejected, SinkTooLarge
+from hub.sinks import Sink, SinkError, SinkRejected, SinkTooLarge, SinkUnavailable
 from hub.spool import Spool, SpoolFull
 from hub.stats import Stats
 
@@ -53,6 +60,8 @@ class PipelineConfig:
     backoff_initial: float = attrs.field(default=0.2, validator=_positive)
     backoff_max: float = attrs.field(default=30.0, validator=_positive)
     retry_after_cap: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))  # writer's Retry-After cap
+    spool_after: float = attrs.field(default=2.0, validator=_positive)  # spool a batch not written within this
+    probe_interval: float = attrs.field(default=1.0, validator=_positive)  # check an unreachable sink this often
     flush_when_idle: bool = True  # hand a batch to an idle writer at once instead of waiting max_delay
 
 
@@ -61,6 +70,15 @@ class _Batch:
     text: str
     lines: int
     marks: list[Mark]
+
+
+@attrs.define
+class _Attempt:
+    """One batch's direct write to the sink, in a task of its own so the writer can stop waiting for it."""
+
+    pending: list[tuple[str, int]]  # unwritten pieces, oldest last
+    done: trio.Event = attrs.Factory(trio.Event)
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)  # cancelled: abandoned, no more retries
 
 
 def _split(body: str) -> tuple[str, str] | None:
@@ -98,6 +116,7 @@ class Pipeline:
         self._sink_up = True
         self._writer_idle = True  # the writer waits for a batch (see _flush_early)
         self._spool_full = False  # in a spool-full episode: from full until at most a quarter full
+        self._nursery: trio.Nursery | None = None  # runs write attempts, which may outlive the writer's wait
         stats.spool_bytes = spool.bytes_used
 
     # ------------------------------------------------------------------ public face
@@ -143,7 +162,11 @@ class Pipeline:
         self._send.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run batcher, writer and replayer until `close_input()` and a full drain."""
+        """Run batcher, writer and replayer until `close_input()` and a full drain.
+
+        A write abandoned after `spool_after` is already spooled; `run()` still waits for its thread to
+        return (at most the sink's timeout), since a thread cannot be cancelled.
+        """
         log.info("pipeline: writing to %s", self._sink.description)
         if self._spool.records:
             log.info(
@@ -153,6 +176,7 @@ class Pipeline:
             )
         batch_send, batch_receive = trio.open_memory_channel[_Batch](self._config.batch_queue)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._replayer)
             async with trio.open_nursery() as ingest:
                 ingest.start_soon(self._batcher, batch_send)
@@ -230,25 +254,44 @@ class Pipeline:
         cfg = self._config
         pending = [(text, lines)]
         if not self._spool.records:
-            delay = cfg.backoff_initial
-            for attempt in range(1, cfg.write_attempts + 1):
+            assert self._nursery is not None
+            attempt = _Attempt(pending)
+            self._nursery.start_soon(self._write_directly, attempt)
+            with trio.move_on_after(cfg.spool_after):
+                await attempt.done.wait()
+            if not attempt.done.is_set():
+                # Durability does not need the sink: spool what is unwritten and go on. A write in
+                # progress keeps the sink lock until its thread returns, so nothing newer overtakes it.
+                attempt.scope.cancel()
+                self._note_sink_down(SinkUnavailable(f"no answer within {cfg.spool_after:g} s"))
+            pending = list(attempt.pending)  # a copy: an abandoned attempt still pops what it writes late
+        for piece, n in reversed(pending):
+            await self._spool_append(piece, n)
+
+    async def _write_directly(self, attempt: _Attempt) -> None:
+        """Write `attempt.pending` with retries; stop early once abandoned. Sets `attempt.done`."""
+        cfg = self._config
+        delay = cfg.backoff_initial
+        with attempt.scope:
+            for number in range(1, cfg.write_attempts + 1):
                 try:
-                    await self._deliver(pending, replay=False)
+                    await self._deliver(attempt.pending, replay=False)
                 except SinkError as exc:
-                    if attempt == cfg.write_attempts:
+                    if attempt.scope.cancel_called:
+                        break
+                    if number == cfg.write_attempts:
                         self._note_sink_down(exc)
                         break
                     self._stats.write_retries += 1
                     wait = delay if exc.retry_after is None else min(exc.retry_after, cfg.retry_after_cap)
-                    log.info("write failed (%s): retry %d in %.1f s", exc, attempt, wait)
+                    log.info("write failed (%s): retry %d in %.1f s", exc, number, wait)
                     await trio.sleep(wait)
                     delay = min(delay * 2, cfg.backoff_max)
                 else:
                     if not self._sink_up and not self._spool.records:
                         self._note_sink_up()
-                    return
-        for piece, n in reversed(pending):
-            await self._spool_append(piece, n)
+                    break
+        attempt.done.set()
 
     async def _spool_append(self, text: str, lines: int) -> None:
         """Append to the spool, waiting for room while it is full (that wait throttles ingest)."""
@@ -294,30 +337,43 @@ class Pipeline:
     async def _replayer(self) -> None:
         cfg = self._config
         delay = cfg.backoff_initial
-        pending: list[tuple[str, int]] = []  # unwritten pieces of the oldest record, oldest last
+        pending: list[tuple[str, int]] = []  # unwritten pieces of the oldest records, oldest last
+        records = 0  # how many records those pieces came from
+        peek = partial(self._spool.peek_many, max_bytes=cfg.max_bytes, max_lines=cfg.max_lines)
         while True:
             if not self._spool.records:
                 spooled = self._spooled = trio.Event()
                 await spooled.wait()
                 continue
             if not pending:
-                body = await self._spool_call(self._spool.peek)
-                if body is None:
+                bodies = await self._spool_call(peek)
+                if not bodies:
                     continue
-                pending = [(body, body.count("\n"))]
+                body = "".join(bodies)
+                pending, records = [(body, body.count("\n"))], len(bodies)
             try:
                 await self._deliver(pending, replay=True)
             except SinkError as exc:
                 self._note_sink_down(exc)
                 self._stats.write_retries += 1
-                wait = min(delay if exc.retry_after is None else exc.retry_after, cfg.backoff_max)
                 level = logging.ERROR if exc.status in (401, 403) else logging.INFO
+                if exc.status is None:  # no answer at all: watch for its return rather than back off
+                    log.log(
+                        level,
+                        "replay failed (%s): %d spooled batches, checking the sink every %.1f s",
+                        exc,
+                        self.spool_depth,
+                        cfg.probe_interval,
+                    )
+                    await self._until_reachable()
+                    continue
+                wait = min(delay if exc.retry_after is None else exc.retry_after, cfg.backoff_max)
                 log.log(level, "replay failed (%s): %d spooled batches, retry in %.1f s", exc, self.spool_depth, wait)
                 await trio.sleep(wait)
                 delay = min(delay * 2, cfg.backoff_max)
                 continue
             with trio.CancelScope(shield=True):  # written: record that, even when shutting down
-                await self._spool_call(self._spool.pop)
+                await self._spool_call(self._spool.pop, records)
             delay = cfg.backoff_initial
             self._stats.spool_bytes = self._spool.bytes_used
             self._room.set()
@@ -371,6 +427,13 @@ class Pipeline:
             started = time.perf_counter()
             await trio.to_thread.run_sync(self._sink.write, body, abandon_on_cancel=False)
             return time.perf_counter() - started
+
+    async def _until_reachable(self) -> None:
+        """Return once `sink.check()` answers; it is asked every `probe_interval` seconds."""
+        while True:
+            await trio.sleep(self._config.probe_interval)
+            if await trio.to_thread.run_sync(self._sink.check, abandon_on_cancel=True):
+                return
 
     async def _spool_call(self, fn: Callable[..., Any], *args: Any) -> Any:
         async with self._spool_lock:

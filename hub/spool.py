@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["Spool", "SpoolError", "SpoolFull"]
@@ -69,7 +70,7 @@ class Spool:
         self._records = 0
         self._bytes = 0
         self._tail_fd: int | None = None
-        self._peeked: tuple[int, int, int] | None = None  # (segment, offset, size) of the last peeked record
+        self._peeked: list[tuple[int, int, int]] | None = None  # (segment, offset, size) of each peeked record
         self._closed = False
         self._open()
 
@@ -229,27 +230,71 @@ class Spool:
     # ------------------------------------------------------------------ reading
 
     def peek(self) -> str | None:
-        """The oldest record, or None when the spool is empty.
+        """The oldest record, or None when the spool is empty (see `peek_many`)."""
+        records = self.peek_many(1)
+        return records[0] if records else None
 
-        A record that fails its CRC (the disk damaged it after it was written) is logged
-        and dropped together with the rest of its segment, since its length cannot be trusted.
+    def peek_many(
+        self, max_records: int | None = None, *, max_bytes: int | None = None, max_lines: int | None = None
+    ) -> list[str]:
+        """The oldest records in order, without consuming them: `pop(len(result))` does that.
+
+        At least one record unless the spool is empty; more while there are at most `max_records` of them,
+        their payloads hold at most `max_bytes` bytes and `max_lines` `\\n`. A record that fails its CRC (the
+        disk damaged it after it was written) ends the list; when it is the oldest, it is logged and dropped
+        together with the rest of its segment, since its length cannot be trusted.
         """
         self._check_open()
         while self._records:
             self._skip_consumed_segment()
-            path = self.directory / _segment_name(self._head_segment)
-            with open(path, "rb") as f:
-                f.seek(self._head_offset)
-                header = f.read(_HEADER.size)
-                data = b""
-                if len(header) == _HEADER.size:
-                    length, crc = _HEADER.unpack(header)
-                    data = f.read(length)
-                    if length and len(data) == length and zlib.crc32(data) == crc:
-                        self._peeked = (self._head_segment, self._head_offset, _HEADER.size + length)
-                        return data.decode()
+            texts: list[str] = []
+            spans: list[tuple[int, int, int]] = []
+            size = lines = 0
+            for span, data in self._walk(self._head_segment, self._head_offset):
+                if data is None:
+                    break
+                text = data.decode()
+                n = text.count("\n")
+                if texts and (
+                    (max_bytes is not None and size + len(data) > max_bytes)
+                    or (max_lines is not None and lines + n > max_lines)
+                ):
+                    break
+                texts.append(text)
+                spans.append(span)
+                size += len(data)
+                lines += n
+                if max_records is not None and len(texts) >= max_records:
+                    break
+            if texts:
+                self._peeked = spans
+                return texts
             self._drop_damaged_rest()
-        return None
+        return []
+
+    def _walk(self, segment: int, offset: int) -> Iterator[tuple[tuple[int, int, int], bytes | None]]:
+        """((segment, offset, size), payload) of each record from (segment, offset) on; payload None if damaged."""
+        for number in [n for n in self._segments if n >= segment]:
+            end = self._segments[number]
+            pos = offset if number == segment else 0
+            if pos >= end:
+                continue
+            with open(self.directory / _segment_name(number), "rb") as f:
+                f.seek(pos)
+                while pos < end:
+                    header = f.read(_HEADER.size)
+                    data = None
+                    if len(header) == _HEADER.size:
+                        length, crc = _HEADER.unpack(header)
+                        data = f.read(length)
+                        if not (length and len(data) == length and zlib.crc32(data) == crc):
+                            data = None
+                    if data is None:
+                        yield (number, pos, 0), None
+                        return
+                    size = _HEADER.size + len(data)
+                    yield (number, pos, size), data
+                    pos += size
 
     def _drop_damaged_rest(self) -> None:
         self._peeked = None
@@ -276,23 +321,25 @@ class Spool:
             before - self._records,
         )
 
-    def pop(self) -> None:
-        """Drop the oldest record, durably: after a restart the spool resumes after it."""
+    def pop(self, count: int = 1) -> None:
+        """Drop the oldest `count` records, durably and with one head update: a restart resumes after them."""
         self._check_open()
-        peeked = self._peeked
-        if peeked is None or peeked[:2] != (self._head_segment, self._head_offset):
-            if self.peek() is None:
-                raise SpoolError("pop from an empty spool")
-            peeked = self._peeked
-            assert peeked is not None
-        size = peeked[2]
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        spans = self._peeked
+        if spans is None or spans[0][:2] != (self._head_segment, self._head_offset) or len(spans) < count:
+            self.peek_many(count)
+            spans = self._peeked
+            if spans is None or len(spans) < count:
+                raise SpoolError(f"pop of {count} records from a spool holding {self._records} readable ones")
         self._peeked = None
-        segment, offset = self._head_segment, self._head_offset + size
+        segment, offset, size = spans[count - 1]
+        offset += size
         if offset >= self._segments[segment] and segment != self._tail:
             segment, offset = self._next_segment(segment), 0
         self._advance_head(segment, offset)
-        self._records -= 1
-        self._bytes -= size
+        self._records -= count
+        self._bytes -= sum(span[2] for span in spans[:count])
 
     def _next_segment(self, number: int) -> int:
         later = [n for n in self._segments if n > number]

@@ -72,6 +72,7 @@ HELP = {
         "--max-message-bytes",
         "--batch-max-lines",
         "--batch-max-delay",
+        "--batch-spool-after",
         "--spool-max-bytes",
         "--metrics-host",
         "--metrics-port",

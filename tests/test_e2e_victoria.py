@@ -5,7 +5,11 @@ VictoriaMetrics keeps numbers only and names series `<measurement>_<field>`, so 
 
 from __future__ import annotations
 
+import os
+import signal
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +159,64 @@ async def test_database_outage_mid_stream_loses_nothing_and_writes_once(
         hub.stop()
     assert spooled_while_down > 0
     check_database(exact_victoria, devices, batches, size, exactly_once=True)
+
+
+@contextmanager
+def hung(db: VictoriaMetrics) -> Iterator[None]:
+    """The database process stopped (SIGSTOP): connections are accepted by the kernel, nothing is answered."""
+    pid = db._proc.pid  # type: ignore[union-attr]  # tests/servers.py has no pause/resume of its own
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_hung_database_keeps_acks_flowing_from_the_spool(tmp_path: Path, victoria: VictoriaMetrics) -> None:
+    devices, batches, size = 4, 40, 10
+    tokens = add_devices(tmp_path / "hub", *(f"dev{d}" for d in range(devices)))
+    config = hub_config(
+        tmp_path / "hub",
+        # The sink's timeout never fires here: only spool_after can turn the hung writes into acks.
+        **{"influx.url": victoria.url, "influx.timeout": 3600.0, "batch.spool_after": 0.5},
+    )
+
+    async def send(client: DeviceClient, d: int, seqs: range) -> None:
+        for seq in seqs:
+            await client.send_batch(batch(d, seq, size))
+            await trio.sleep(0.02)
+        await client.wait_acked()
+
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        fleet = clients(url(hub), tokens, devices)
+        async with trio.open_nursery() as opened:
+            for client in fleet:
+                await opened.start(_opened, client)
+            with trio.fail_after(60):
+                async with trio.open_nursery() as phase:  # written to the database
+                    for d, client in enumerate(fleet):
+                        phase.start_soon(send, client, d, range(10))
+            with hung(victoria):
+                with trio.fail_after(60):  # before the fix: no ack until 3 x the sink timeout
+                    async with trio.open_nursery() as phase:
+                        for d, client in enumerate(fleet):
+                            phase.start_soon(send, client, d, range(10, batches))
+                assert hub.stats.points_spooled >= devices * size * (batches - 10)
+            with trio.fail_after(60):
+                while hub.stats.points_replayed < hub.stats.points_spooled:
+                    await trio.sleep(0.05)
+            opened.cancel_scope.cancel()
+        hub.stop()
+    # Deduplicated (as InfluxDB overwrites): every point is there; a write applied late was written twice.
+    check_database(victoria, devices, batches, size, exactly_once=True)
+
+
+async def _opened(client: DeviceClient, task_status: trio.TaskStatus[None]) -> None:
+    async with client:
+        await client.wait_connected()
+        task_status.started()
+        await trio.sleep_forever()
 
 
 async def test_hub_killed_mid_stream_loses_nothing_acked(tmp_path: Path, victoria: VictoriaMetrics) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -251,6 +252,92 @@ async def test_victoriametrics_outage_mid_stream(victoria: VictoriaMetrics, tmp_
     assert stats.points_replayed > 0
 
 
+async def test_hung_database_spools_after_the_deadline_and_acks_go_on(
+    scripted: ScriptedWriteServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The database accepts the request and never answers (as a stopped process does) until released.
+    release = threading.Event()
+
+    def hang(path: str, body: str) -> tuple[int, dict[str, str], bytes]:
+        release.wait()
+        return 204, {}, b""
+
+    scripted.responder = hang
+    config = PipelineConfig(max_lines=10, max_delay=0.01, queue_items=4, spool_after=0.2)
+    sink = v2(scripted.url, timeout_s=3600)  # the sink's own timeout never fires in this test
+    pipeline, stats, acks, spool = make(sink, tmp_path / "spool", config)
+    with caplog.at_level(logging.INFO, logger="hub.pipeline"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            try:
+                with trio.fail_after(60):  # without the deadline, submits block once the hung write fills the queues
+                    for seq in range(20):
+                        await pipeline.submit(lines(seq * 10, 10), 10, ("d", seq))
+                # Every batch acked by the spool while the first write still hangs: it was abandoned, not
+                # retried, and nothing overtook it (it keeps the sink lock until its thread returns).
+                await eventually(lambda: len(acks.marks) == 20)
+                assert len(scripted.requests) == 1 and scripted.accepted == []
+                assert stats.points_spooled == 200 and not pipeline.sink_up
+            finally:
+                release.set()
+            await eventually(lambda: pipeline.spool_depth == 0)
+            pipeline.close_input()
+    sink.close()
+    spool.close()
+    assert acks.marks == [("d", seq) for seq in range(20)]
+    # The abandoned write was applied late, so its points reach the database twice: first late, then from
+    # the spool, in order. (InfluxDB overwrites them; VictoriaMetrics needs -dedup.minScrapeInterval.)
+    assert scripted.accepted_lines() == lines(0, 10).splitlines() + lines(0, 200).splitlines()
+    assert "no answer within 0.2 s" in caplog.text
+
+
+async def test_replay_coalesces_spooled_records_into_full_batches(
+    scripted: ScriptedWriteServer, tmp_path: Path
+) -> None:
+    old = Spool(tmp_path / "spool", max_bytes=10_000_000)
+    for i in range(40):
+        old.append(lines(i * 10, 10))
+    old.close()
+    config = PipelineConfig(max_lines=100, max_delay=0.01)
+    pipeline, stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        await eventually(lambda: pipeline.spool_depth == 0)
+        await pipeline.submit(lines(400, 5), 5, ("d", 1))
+        await eventually(lambda: acks.marks == [("d", 1)])
+        pipeline.close_input()
+    spool.close()
+    assert [body.count("\n") for _, body in scripted.requests] == [100, 100, 100, 100, 5]
+    assert scripted.accepted_lines() == lines(0, 405).splitlines()
+    assert stats.points_replayed == 400 and stats.batches_written == 5
+
+
+async def test_return_of_an_unreachable_database_noticed_without_backoff(
+    victoria: VictoriaMetrics, tmp_path: Path
+) -> None:
+    # Backoff of ten minutes: only the sink checks every probe_interval can notice the return in time.
+    config = PipelineConfig(
+        max_lines=50, max_delay=0.01, write_attempts=1, backoff_initial=600, backoff_max=600, probe_interval=0.05
+    )
+    sink = v2(victoria.url, timeout_s=2.0)
+    pipeline, stats, acks, spool = make(sink, tmp_path / "spool", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        await trio.to_thread.run_sync(victoria.stop)
+        for seq in range(10):
+            await pipeline.submit(lines(seq * 10, 10), 10, ("d", seq))
+        await eventually(lambda: len(acks.marks) == 10 and stats.write_retries >= 1)
+        assert pipeline.spool_depth > 0 and stats.points_written == 0
+        await trio.to_thread.run_sync(victoria.start)
+        await eventually(lambda: pipeline.spool_depth == 0 and pipeline.sink_up)
+        pipeline.close_input()
+    sink.close()
+    spool.close()
+    (series,) = victoria.wait_for_count('{__name__="m_f"}', 100)
+    assert series["timestamps"] == [TS + i for i in range(100)]
+    assert stats.points_replayed == 100
+
+
 async def test_spool_from_previous_run_replayed_first(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
     old = Spool(tmp_path / "spool", max_bytes=10_000_000)
     old.append(lines(0, 5, "old"))
@@ -406,3 +493,7 @@ def test_config_validation() -> None:
         PipelineConfig(write_attempts=0)
     with pytest.raises(ValueError):
         PipelineConfig(max_delay=-1)
+    with pytest.raises(ValueError):
+        PipelineConfig(spool_after=0)
+    with pytest.raises(ValueError):
+        PipelineConfig(probe_interval=0)

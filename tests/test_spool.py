@@ -126,6 +126,59 @@ def test_fifo_across_segments_and_consumed_segments_deleted(tmp_path: Path) -> N
         assert drain(spool) == [rec(50)]
 
 
+def lines_of(i: int, n: int) -> str:
+    return "".join(rec(i * 10 + k) for k in range(n))
+
+
+def test_peek_many_within_limits_and_pop_many_in_one_head_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path, max_bytes=100_000, segment_bytes=100) as spool:
+        for i in range(30):
+            spool.append(lines_of(i, 3))
+        assert len(segments(tmp_path)) > 5
+        assert spool.peek_many(4) == [lines_of(i, 3) for i in range(4)]
+        assert spool.peek_many(max_lines=10) == [lines_of(i, 3) for i in range(3)]  # 9 lines; 12 would pass
+        five = sum(len(lines_of(i, 3)) for i in range(5))
+        assert spool.peek_many(max_bytes=five) == [lines_of(i, 3) for i in range(5)]
+        assert spool.peek_many(max_bytes=1, max_lines=1) == [lines_of(0, 3)]  # the oldest always comes
+        heads = []
+        advance = spool._advance_head
+        monkeypatch.setattr(spool, "_advance_head", lambda seg, off: (heads.append((seg, off)), advance(seg, off)))
+        got = spool.peek_many(max_lines=21)
+        assert got == [lines_of(i, 3) for i in range(7)]  # across segments, oldest first
+        spool.pop(len(got))
+        assert len(heads) == 1 and spool.records == 23
+        assert spool.bytes_used == sum(HEADER + len(lines_of(i, 3)) for i in range(7, 30))
+        spool.pop(3)  # without a peek first
+        assert spool.peek() == lines_of(10, 3)
+        with pytest.raises(SpoolError):
+            spool.pop(21)
+        assert spool.records == 20
+    with Spool(tmp_path, max_bytes=100_000, segment_bytes=100) as spool:
+        assert spool.peek_many(1000) == [lines_of(i, 3) for i in range(10, 30)]
+        spool.pop(20)
+        assert spool.records == spool.bytes_used == 0 and spool.peek_many(5) == []
+        assert len(segments(tmp_path)) == 1
+
+
+def test_peek_many_stops_before_a_damaged_record(tmp_path: Path) -> None:
+    size = HEADER + len(rec(0))
+    with Spool(tmp_path, max_bytes=10_000, segment_bytes=3 * size) as spool:
+        for i in range(9):
+            spool.append(rec(i))
+    second = segments(tmp_path)[1]  # records 3, 4, 5; only the last segment is CRC-checked on open
+    data = bytearray(second.read_bytes())
+    data[size + HEADER + 2] ^= 0x20  # payload of record 4
+    second.write_bytes(bytes(data))
+    with Spool(tmp_path, max_bytes=10_000, segment_bytes=3 * size) as spool:
+        assert spool.peek_many(100) == [rec(i) for i in range(4)]
+        spool.pop(4)
+        assert spool.peek_many(100) == [rec(i) for i in range(6, 9)]  # the damaged rest of its segment dropped
+        spool.pop(3)
+        assert spool.records == 0
+
+
 def test_disk_use_bounded_while_cycling(tmp_path: Path) -> None:
     with Spool(tmp_path, max_bytes=2_000, segment_bytes=300) as spool:
         for i in range(200):
