@@ -173,6 +173,9 @@ async def serve_listener(
             await _serve_admitted(stream, ticket)
         finally:
             ticket._leave(completed=False)
+            # Whatever trio-websocket left open (after a 1009 it waits for the peer's close frame forever): the
+            # connection is over, so is the socket, as trio.serve_listeners would have it.
+            await trio.aclose_forcefully(stream)
 
     async def _serve_admitted(stream: trio.abc.Stream, ticket: Ticket) -> None:
         # As trio-websocket's own server does it (its `_reader_task` and `_get_request`), plus one thing it lacks: a

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
+from device_client.protocol import CloseCode
 from hub.admission import MIN_RATE, Admission
 from hub.control_server import CONTROL_PATH
 from hub.listener import http_answer
@@ -295,4 +297,20 @@ async def test_after_stop_accepting_the_port_refuses_connections(tmp_path: Path)
                     await stream.aclose()
                     await trio.sleep(0.01)
             assert hub.server.sessions  # the open session stays until the shutdown closes it
+        hub.stop()
+
+
+async def test_a_session_the_hub_ends_closes_its_socket_even_while_the_peer_keeps_sending(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    config = hub_config(tmp_path, **{"server.max_message_bytes": 65536})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        async with connect(hub, tokens["d1"]) as ws:
+            await hello(ws)
+            with pytest.raises(ConnectionClosed) as closed, trio.fail_after(60):  # a hang, not a slow machine
+                await ws.send_message(
+                    "x" * 10_000_000
+                )  # the hub stops reading at 64 KiB: only a closed socket ends this
+                await ws.get_message()
+            assert closed.value.reason is not None and closed.value.reason.code == CloseCode.TOO_BIG
         hub.stop()
