@@ -78,6 +78,7 @@ class Plan:
     profile_seconds: float = 15.0
     surge_devices: int = 15000  # connecting all at once
     surge_busy: bool = True  # also with a CPU hog beside them
+    surge_targets: tuple[str, ...] = ("hub", "transport")
     slow_sockets: int = 2000  # sockets trickling their upgrade request beside good devices ...
     slow_sources: tuple[int, ...] = (1, 50)  # ... from this many addresses (one run each)
     slow_gap: float = 2.0  # ... a byte every this many seconds
@@ -116,12 +117,20 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(x.strip() for x in text.split(",") if x.strip())
-    unknown = set(names) - set(SCENARIOS)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown scenario(s) {', '.join(sorted(unknown))}; known: {SCENARIOS}")
+def _names_of(known: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated subset of `known`."""
+
+    def names(text: str) -> tuple[str, ...]:
+        got = tuple(x.strip() for x in text.split(",") if x.strip())
+        unknown = set(got) - set(known)
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown: {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+        return got
+
     return names
+
+
+_names = _names_of(SCENARIOS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storm-devices", type=int, metavar="N", help="devices in the reconnect storm")
     p.add_argument("--surge-devices", type=int, metavar="N", help="devices connecting at once in the surge")
     p.add_argument("--slow-sockets", type=int, metavar="N", help="slow-handshake sockets beside good devices")
+    p.add_argument("--surge-targets", type=_names_of(("hub", "transport")), help="hub,transport (default both)")
     p.add_argument("--profile", type=_combos, metavar="DxP", help="load while profiling (default 1000x10)")
     p.add_argument("--profile-seconds", type=float, metavar="S", help="py-spy sampling time")
     p.add_argument("--hub-arg", action="append", default=[], metavar="ARG", help="extra `hub serve` argument")
@@ -156,7 +166,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     for key in ("scenarios", "duration", "ingest", "sdk", "connections", "command_devices", "commands"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
-    for key in ("storm_devices", "surge_devices", "slow_sockets"):
+    for key in ("storm_devices", "surge_devices", "slow_sockets", "surge_targets"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     if args.profile_seconds is not None:
