@@ -58,6 +58,7 @@ class EdgeScenarios:
                 rss0, cpu0 = rss_bytes(t.pid), cpu_seconds(t.pid)
                 spy = None
                 if target == "hub" and not busy and profile.py_spy() is not None:
+                    self.logs.mkdir(parents=True, exist_ok=True)
                     raw = self.logs / f"profile-{label}.txt"
                     spy = profile.record(t.pid, SURGE_PROFILE_SECONDS, raw)
                 gens = await self.generators(  # type: ignore[attr-defined]
