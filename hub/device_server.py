@@ -486,6 +486,9 @@ class DeviceSession:
                 del self.server.sessions[self.name]
                 self.server.stats.connections -= 1
             self._done.set()
+            if self.ws.closed is not None and self.ws.closed.code == CloseCode.TOO_BIG:
+                # Once the session is over (offline, replaceable): trio-websocket left the TCP connection open.
+                await _wire.close_stream(self.ws, CLOSE_TIMEOUT)
 
     async def _receive_hello(self) -> Hello | None:
         cfg = self.server.config.server
@@ -612,7 +615,6 @@ class DeviceSession:
             why = "too_big"
             limit = self.server.config.server.max_message_bytes
             log.warning("message too big: connection closed", extra=self._kv(reason=why, limit=limit))
-            await _wire.close_stream(self.ws, CLOSE_TIMEOUT)
         if self.reason == "closed":
             self.reason = why
 
