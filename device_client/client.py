@@ -449,6 +449,8 @@ class DeviceClient:
             max_bytes=self._outbox_bytes,
             max_message=self._max_message,
         )
+        for entry in self._outbox.unreadable:
+            self._rejected_entry(entry, ErrorCode.BAD_JSON, "the stored batch is not valid UTF-8 (outbox file damaged)")
         try:
             self._log = CommandLog(self._outbox_path, limit=self._command_log_limit)
         except BaseException:
@@ -974,9 +976,14 @@ class DeviceClient:
         if entry is None:
             log.info("%s: hub refused batch %d, which is no longer pending (%s)", self._name, seq, code)
             return
+        self._rejected_entry(entry, code, detail)
+
+    def _rejected_entry(self, entry: Entry, code: str, detail: str) -> None:
+        """Count, log and report a batch dropped for good (it is out of the outbox already)."""
+        seq = entry.seq
         self.stats.rejected += 1
         self.stats.points_rejected += entry.points
-        log.warning("%s: hub refused batch %d (%d points) for good: %s %s", self._name, seq, entry.points, code, detail)
+        log.warning("%s: batch %d (%d points) dropped for good: %s %s", self._name, seq, entry.points, code, detail)
         self._notify()
         if self._on_rejected is not None:
             try:
@@ -1008,22 +1015,32 @@ class DeviceClient:
         if code in (CloseCode.REVOKED, CloseCode.POLICY):
             log.error("%s: hub closed the connection (%d %s); retrying slowly", self._name, code, text)
             return _End(to_max=True)
-        if code == CloseCode.TOO_BIG:
-            self._too_big()
+        if code in _CULPRIT_CLOSES:
+            self._find_culprit(code, text)
+            return _End()
+        if code == CloseCode.PROTOCOL_ERROR:
+            log.error("%s: the hub could not parse our frames (1002 %s), a WebSocket library bug", self._name, text)
             return _End()
         log.info("%s: connection closed (%d %s)", self._name, code, text)
         return _End()
 
-    def _too_big(self) -> None:
+    def _find_culprit(self, code: int, text: str | None) -> None:
+        """After a close that one of the batches in flight caused: resend them one at a time, drop the one that is
+        alone in flight when the close comes again."""
         assert self._outbox is not None
         inflight = self._outbox.inflight_seqs()
+        error, why = _CULPRIT_CLOSES[code]
         if self._probe_until and len(inflight) == 1:
-            log.error("%s: batch %d is too large for the hub (closed with 1009): dropping it", self._name, inflight[0])
-            self._reject(inflight[0], TOO_LARGE, "the hub closed the connection with 1009 (message too big)")
+            seq = inflight[0]
+            log.error("%s: batch %d makes the connection close with %d (%s): dropping it", self._name, seq, code, why)
+            self._reject(seq, error, f"the connection was closed with {code} ({text or why})")
             return
         log.error(
-            "%s: hub closed with 1009 (message too big), a client bug; resending batches %s one at a time",
+            "%s: connection closed with %d (%s %s); resending batches %s one at a time",
             self._name,
+            code,
+            why,
+            text,
             inflight,
         )
         self._probe_until = max(inflight, default=0)
@@ -1138,6 +1155,14 @@ class DeviceClient:
             log.exception("%s: cannot mark the result of command %s as sent in the outbox file", self._name, cid)
         if self._reconnect is not None and self._reconnect[0] == cid:
             self._reconnect = (None, self._reconnect[1])
+
+
+#: Closes that one batch in flight causes, and how such a batch is reported: (error code, why).
+_CULPRIT_CLOSES = {
+    CloseCode.TOO_BIG: (TOO_LARGE, "message too big, a client bug"),
+    # The hub answers invalid UTF-8 with bad_json and the batch's seq; a proxy in between may close instead.
+    CloseCode.INVALID_DATA: (ErrorCode.BAD_JSON, "not valid UTF-8"),
+}
 
 
 def _takes_context(handler: Callable[..., Any]) -> bool:

@@ -43,6 +43,22 @@ class Entry:
     points: int
 
 
+def _stored_text(raw: bytes) -> str:
+    # SQLite hands back whatever bytes a TEXT column holds; a row that is not UTF-8 must not stop the device.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text read from bytes that were not UTF-8 (they became lone surrogates)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[str, Any]]:
     """Validate points as the hub will (in place: a missing `tags` becomes `{}`), and refuse NaN/infinity."""
     validate_points(points, limits)
@@ -89,6 +105,8 @@ class Outbox:
         self._inflight = 0  # entries with seq <= _cursor
         self._sent_max = 0  # highest seq ever handed out (resend detection)
         self._db: sqlite3.Connection | None = None
+        #: Entries found on disk that are not UTF-8 text (so no hub could take them): dropped from the file at open.
+        self.unreadable: list[Entry] = []
         if path is not None:
             self._open(path)
 
@@ -96,19 +114,26 @@ class Outbox:
 
     def _open(self, path: str | os.PathLike[str]) -> None:
         db = sqlite3.connect(os.fspath(path))
+        db.text_factory = _stored_text
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
             meta = dict(db.execute("SELECT key, value FROM meta"))
             for seq, points, text in db.execute("SELECT seq, points, text FROM entries ORDER BY seq"):
+                if not _is_utf8(text):
+                    self.unreadable.append(Entry(seq, text, points))
+                    continue
                 self._entries[seq] = Entry(seq, text, points)
                 self._bytes += len(text)
+            if self.unreadable:
+                with db:
+                    db.executemany("DELETE FROM entries WHERE seq = ?", [(e.seq,) for e in self.unreadable])
         except BaseException:
             db.close()
             raise
         self._db = db
-        last_entry = next(reversed(self._entries)) if self._entries else 0
+        last_entry = max([0, *self._entries, *(e.seq for e in self.unreadable)])
         self._last_seq = max(meta.get("last_seq", 0), last_entry)
         self._acked = meta.get("acked", 0)
         # Entries found on disk may have reached the hub before the restart: count them as resends.

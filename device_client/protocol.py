@@ -81,7 +81,9 @@ class CloseCode:
 
     NORMAL = 1000
     GOING_AWAY = 1001  # hub shutting down, or the session was idle too long: reconnect with backoff
+    PROTOCOL_ERROR = 1002  # a frame the receiver could not parse (bad opcode, unmasked, bad fragments...)
     UNSUPPORTED_DATA = 1003
+    INVALID_DATA = 1007  # a text frame (or close reason) that is not UTF-8; the hub itself answers those bad_json
     POLICY = 1008  # too many protocol errors, hello timeout
     TOO_BIG = 1009  # frame over the size limit
     INTERNAL = 1011

@@ -81,11 +81,20 @@ class AuthRefused(ConnectFailed):
     """The hub refused the token (401 before the upgrade, `auth_invalid`, or a close with 1008/4003)."""
 
 
+#: Closes the hub makes when it cannot read what this client sent (docs/control.md), explained.
+_FRAME_CLOSES = {
+    1002: "the hub could not parse a WebSocket frame from this client (a client library bug)",
+    1007: "the hub received text from this client that is not valid UTF-8",
+}
+
+
 class Disconnected(ControlError):
     """The connection ended while in use; `code` and `reason` are the WebSocket close code and text."""
 
     def __init__(self, code: int | None, reason: str | None = None) -> None:
         text = f"connection closed ({code}{' ' + reason if reason else ''})" if code else "connection lost"
+        if code in _FRAME_CLOSES:
+            text += f": {_FRAME_CLOSES[code]}"
         super().__init__(text)
         self.code = code
         self.reason = reason

@@ -16,7 +16,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from device_client.protocol import CloseCode
-from hub import fleet
+from hub import _wire, fleet
 from hub.commands import STATES as COMMAND_STATES
 from hub.commands import CommandError, CommandService
 from hub.config import HubConfig
@@ -99,8 +99,9 @@ def _reject_constant(name: str) -> Any:
 def _too_big(text: str | bytes, limit: int) -> bool:
     if len(text) > limit:
         return True
-    # A str of n characters is at most 4n bytes of UTF-8: encode only when it might be over.
-    return isinstance(text, str) and len(text) * 4 > limit and len(text.encode()) > limit
+    # A str of n characters is at most 4n bytes of UTF-8: encode only when it might be over. (surrogateescape: the
+    # bytes as received, also when they were not UTF-8.)
+    return isinstance(text, str) and len(text) * 4 > limit and len(text.encode("utf-8", "surrogateescape")) > limit
 
 
 _MISSING: Any = object()
@@ -258,6 +259,7 @@ class ControlServer:
                 await self._refuse(request, 401, "bad_credentials", "missing, unknown or revoked operator token")
                 return
             identity = _Identity(*found)
+        _wire.guard(request)
         ws = await request.accept()
         await ControlSession(self, ws, _remote(request)).run(identity)
 
@@ -367,6 +369,7 @@ class ControlSession:
             try:
                 text = await self.ws.get_message()
             except ConnectionClosed:
+                await self._closed_while_reading()
                 return None
             if _too_big(text, cfg.max_message_bytes):
                 log.warning("control auth message too big", extra=self.kv(reason="too_big"))
@@ -374,7 +377,8 @@ class ControlSession:
                 return None
             token = None
             with contextlib.suppress(ValueError, RecursionError):
-                msg = json.loads(text, parse_constant=_reject_constant)
+                bad_utf8 = isinstance(text, str) and _wire.has_bad_utf8(text)  # no token then: nothing to look up
+                msg = None if bad_utf8 else json.loads(text, parse_constant=_reject_constant)
                 if isinstance(msg, dict) and msg.get("type") == "auth" and isinstance(msg.get("token"), str):
                     token = msg["token"]
             found = (
@@ -410,11 +414,26 @@ class ControlSession:
                     return
                 await self._dispatch(text, nursery)
         except ConnectionClosed:
-            return
+            await self._closed_while_reading()
+
+    async def _closed_while_reading(self) -> None:
+        """The connection closed under the reader: log it if the hub closed it (unparsable frames, too big)."""
+        failure = _wire.parse_failure(self.ws)
+        if failure is not None:
+            why = _wire.PARSE_FAILURE_REASONS.get(failure[0], "protocol_error")
+            log.warning(
+                "unparsable control frame: connection closed",
+                extra=self.kv(reason=why, code=failure[0], detail=failure[1][:200]),
+            )
+        elif self.ws.closed is not None and self.ws.closed.code == CloseCode.TOO_BIG and not self.closing:
+            log.warning("control message too big", extra=self.kv(reason="too_big"))
+            await _wire.close_stream(self.ws, CLOSE_TIMEOUT)
 
     def _parse(self, text: str | bytes) -> dict[str, Any]:
         if isinstance(text, bytes):
             raise RequestError(ErrorCode.BAD_REQUEST, "binary frames are not accepted")
+        if _wire.has_bad_utf8(text):
+            raise RequestError(ErrorCode.BAD_REQUEST, "text is not valid UTF-8")
         try:
             req = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import resource
@@ -28,6 +29,7 @@ from device_client.protocol import (
     Telemetry,
     Welcome,
 )
+from hub import _wire
 from hub.admission import Admission, Refusal
 from hub.commands import CommandService
 from hub.config import HubConfig
@@ -60,6 +62,8 @@ RATE_LIMITED = ErrorCode.RATE_LIMITED
 #: Names of a session's tasks (a shared string: trio would otherwise build one per task).
 OUTBOUND_TASK = "device-outbound"
 PING_TASK = "device-ping"
+#: Error detail for a text message that is not valid UTF-8 (refused as `bad_json`, with its seq when readable).
+BAD_UTF8_DETAIL = "text is not valid UTF-8"
 #: File descriptors kept for the hub's own files (registry, spool, sink files, logs) besides connections.
 FD_RESERVE = 100
 
@@ -351,6 +355,7 @@ class DeviceServer:
         return name
 
     async def _run_session(self, request: WebSocketRequest, name: str, ticket: Ticket) -> None:
+        _wire.guard(request)
         ws = await request.accept()
         await DeviceSession(self, ws, name, _remote(request), ticket).run()
 
@@ -382,6 +387,18 @@ class DeviceServer:
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting and self._device_locks.get(name) is lock:
                 del self._device_locks[name]
+
+
+def _telemetry_seq(text: str) -> int | None:
+    """The seq of a telemetry message that failed to decode, when it can be read (None otherwise)."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if type(obj) is not dict or obj.get("type") != "telemetry":
+        return None
+    seq = obj.get("seq")
+    return seq if type(seq) is int and 0 < seq <= protocol.INT64_MAX else None
 
 
 def _drop_durable(inflight: list[int], durable: int) -> None:
@@ -469,6 +486,9 @@ class DeviceSession:
                 del self.server.sessions[self.name]
                 self.server.stats.connections -= 1
             self._done.set()
+            if self.ws.closed is not None and self.ws.closed.code == CloseCode.TOO_BIG:
+                # Once the session is over (offline, replaceable): trio-websocket left the TCP connection open.
+                await _wire.close_stream(self.ws, CLOSE_TIMEOUT)
 
     async def _receive_hello(self) -> Hello | None:
         cfg = self.server.config.server
@@ -476,6 +496,10 @@ class DeviceSession:
             try:
                 text = await self.ws.get_message()
             except ConnectionClosed:
+                await self._closed_by_peer_or_wire()
+                return None
+            if type(text) is str and _wire.has_bad_utf8(text):
+                await self._close_with_error(ErrorCode.BAD_JSON, BAD_UTF8_DETAIL)
                 return None
             try:
                 msg = protocol.decode(text, self.server.config.limits)
@@ -561,13 +585,8 @@ class DeviceSession:
                 waiting.deadline = trio.current_time() + idle
                 try:
                     text = await get_message()
-                except ConnectionClosed as exc:
-                    code = exc.reason.code if exc.reason is not None else None
-                    if self.reason == "closed":
-                        self.reason = "too_big" if code == CloseCode.TOO_BIG else "disconnected"
-                    if code == CloseCode.TOO_BIG:
-                        limit = self.server.config.server.max_message_bytes
-                        log.warning("message too big: connection closed", extra=self._kv(reason="too_big", limit=limit))
+                except ConnectionClosed:
+                    await self._closed_by_peer_or_wire()
                     return
                 waiting.deadline = math.inf  # the idle clock stops while the hub works (or holds the device back)
                 stats.messages_in += 1
@@ -579,10 +598,33 @@ class DeviceSession:
         log.info("device idle: closing", extra=self._kv(reason="idle", seconds=idle))
         await self._end(CloseCode.GOING_AWAY, "idle timeout")
 
+    async def _closed_by_peer_or_wire(self) -> None:
+        """The connection closed while reading: say why if the hub closed it (too big, unparsable frames)."""
+        reason = self.ws.closed
+        code = reason.code if reason is not None else None
+        failure = _wire.parse_failure(self.ws)
+        why = "disconnected"
+        if failure is not None:
+            why = _wire.PARSE_FAILURE_REASONS.get(failure[0], "protocol_error")
+            self.server.stats.count_error(why)
+            log.warning(
+                "unparsable frame: connection closed",
+                extra=self._kv(reason=why, code=failure[0], detail=failure[1][:200]),
+            )
+        elif code == CloseCode.TOO_BIG:
+            why = "too_big"
+            limit = self.server.config.server.max_message_bytes
+            log.warning("message too big: connection closed", extra=self._kv(reason=why, limit=limit))
+        if self.reason == "closed":
+            self.reason = why
+
     async def _dispatch(self, text: str | bytes) -> int:
         """Act on one message from the device; the number of points it brought (for the rate limit)."""
         if isinstance(text, bytes):
             await self._refuse(ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted"))
+            return 0
+        if _wire.has_bad_utf8(text):
+            await self._refuse(ProtocolError(ErrorCode.BAD_JSON, BAD_UTF8_DETAIL, _telemetry_seq(text)))
             return 0
         try:
             msg = protocol.decode(text, self.server.config.limits)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from device_client.protocol import ErrorCode
+from hub._wire import PARSE_FAILURE_REASONS
 from hub.commands import STATES
 from hub.http_listener import Route
 from hub.lineproto import line
@@ -76,7 +77,13 @@ _FLOAT_FIELDS = (
     "batch_lines_avg",
 )
 #: Every protocol error code, reported (with 0) even before it occurs, so graphs have no gaps.
-_ERROR_CODES = tuple(sorted(v for k, v in vars(ErrorCode).items() if k.isupper() and isinstance(v, str)))
+#: (With the reasons of the closes for unparsable frames, which count as errors too.)
+_ERROR_CODES = tuple(
+    sorted(
+        {v for k, v in vars(ErrorCode).items() if k.isupper() and isinstance(v, str)}
+        | set(PARSE_FAILURE_REASONS.values())
+    )
+)
 
 
 class HubMetrics:

@@ -1,0 +1,117 @@
+"""Per-connection fixes to how trio-websocket 0.12 and wsproto 1.3 treat a peer's malformed frames.
+
+Unpatched, a text frame that is not UTF-8, or any frame wsproto cannot parse, makes wsproto report a close the peer
+never sent; trio-websocket then closes the TCP connection without a close frame (the peer sees 1006). `guard` fixes
+both for one connection: invalid UTF-8 reaches the session as text it can refuse (`has_bad_utf8`) while the session
+stays open, and any other parse failure is answered with a real close frame (`CloseCode.PROTOCOL_ERROR`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Generator
+
+import trio
+from trio_websocket import WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionState, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Event
+from wsproto.frame_protocol import Frame, MessageDecoder, Opcode
+
+__all__ = ["PARSE_FAILURE_REASONS", "Guard", "close_stream", "guard", "has_bad_utf8", "parse_failure"]
+
+#: Close reasons the hub sends when it cannot parse the peer's frames, by close code (stable: documented).
+PARSE_FAILURE_REASONS = {1002: "protocol_error", 1007: "bad_utf8"}
+
+# Invalid UTF-8 bytes arrive as U+DC80..U+DCFF (surrogateescape); no valid UTF-8 text can hold a lone surrogate.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_utf8 = codecs.getincrementaldecoder("utf-8")
+
+
+def has_bad_utf8(text: str) -> bool:
+    """True if a text message from a guarded connection was not valid UTF-8 on the wire."""
+    return not text.isascii() and _LONE_SURROGATE.search(text) is not None
+
+
+class _TolerantText(MessageDecoder):
+    """wsproto 1.3's `MessageDecoder.process_frame`, decoding text with errors="surrogateescape" instead of failing.
+
+    A failed decode would end the connection: wsproto's frame parser cannot go on after it.
+    """
+
+    def process_frame(self, frame: Frame) -> Frame:
+        if self.opcode is None and frame.opcode is Opcode.TEXT:
+            self.opcode = Opcode.TEXT
+            self.decoder = _utf8(errors="surrogateescape")
+        elif self.opcode is not Opcode.TEXT or frame.opcode is not Opcode.CONTINUATION:
+            return super().process_frame(frame)  # binary messages, and the opcode errors wsproto reports
+        assert self.decoder is not None
+        finished = frame.frame_finished and frame.message_finished
+        out = Frame(Opcode.TEXT, self.decoder.decode(frame.payload, finished), frame.frame_finished, finished)
+        if finished:
+            self.opcode = None
+            self.decoder = None
+        return out
+
+
+class Guard:
+    """Stands in for one connection's `WSConnection` (trio-websocket's `_wsproto`); see the module docstring."""
+
+    def __init__(self, inner: WSConnection) -> None:
+        self._inner = inner
+        #: (code, wsproto's description) once the peer's frames could not be parsed, else None.
+        self.failure: tuple[int, str] | None = None
+
+    @property
+    def client(self) -> bool:
+        return self._inner.client
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._inner.state
+
+    def receive_data(self, data: bytes | None) -> None:
+        self._inner.receive_data(data)
+
+    def send(self, event: Event) -> bytes:
+        data = self._inner.send(event)
+        if type(event) is AcceptConnection and self._inner.connection is not None:
+            # The frame parser exists from here on, and has parsed nothing yet (that happens in `events`).
+            self._inner.connection._proto._message_decoder = _TolerantText()
+        return data
+
+    def events(self) -> Generator[Event, None, None]:
+        inner = self._inner
+        for event in inner.events():
+            if type(event) is CloseConnection and inner.state is ConnectionState.OPEN and inner.connection:
+                # Not a close frame (that would have moved the state on): wsproto failed to parse a frame and
+                # cannot read more. Present it as the peer's close, so that trio-websocket answers it with a close
+                # frame carrying this code and a stable reason, then closes the TCP connection.
+                self.failure = (event.code, event.reason)
+                inner.connection._state = ConnectionState.REMOTE_CLOSING
+                event = CloseConnection(event.code, PARSE_FAILURE_REASONS.get(event.code, "protocol_error"))
+            yield event
+
+
+def guard(request: WebSocketRequest) -> Guard:
+    """Guard the connection of `request`; call it before `request.accept()`."""
+    connection = request._connection  # trio-websocket has no public hook for its wsproto object
+    wire = Guard(connection._wsproto)
+    connection._wsproto = wire
+    return wire
+
+
+def parse_failure(ws: WebSocketConnection) -> tuple[int, str] | None:
+    """(close code, wsproto's description) if the hub closed `ws` because it could not parse the peer's frames."""
+    wire = ws._wsproto
+    return wire.failure if type(wire) is Guard else None
+
+
+async def close_stream(ws: WebSocketConnection, timeout: float) -> None:
+    """After trio-websocket sent a close frame on its own (1009): wait up to `timeout` s for the peer's, then hang up.
+
+    trio-websocket 0.12 leaves the TCP connection to the peer then: one that never answers would hold it forever.
+    """
+    with trio.move_on_after(timeout):
+        await ws._close_handshake.wait()
+    await ws._close_stream()
