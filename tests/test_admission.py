@@ -11,6 +11,7 @@ from trio_websocket import ConnectionClosed
 
 from device_client.protocol import CloseCode
 from hub.admission import MIN_RATE, Admission
+from hub.app import HubHandle
 from hub.control_server import CONTROL_PATH
 from hub.listener import http_answer
 from tests.hubtools import add_devices, connect, hello, hub_config, start_hub
@@ -104,6 +105,13 @@ def test_http_answer_has_a_reason_phrase_and_a_length() -> None:
 # ---------------------------------------------------------------------------- a real hub
 
 
+async def until_pending(hub: HubHandle, n: int) -> None:
+    """Wait until the hub counts `n` connections in their handshake (sockets the test opened and keeps silent)."""
+    with trio.fail_after(10):
+        while hub.server.admission.pending < n:
+            await trio.sleep(0.01)
+
+
 async def _refused(port: int, source: str = "127.0.0.1") -> tuple[int, dict[str, str]]:
     """Connect, send an upgrade request, read the answer until the hub closes; its status and headers."""
     status, headers, stream = await upgrade(port, "/v1/device", source=source)
@@ -118,9 +126,7 @@ async def test_past_max_handshakes_a_connection_gets_503_unread_and_devices_get_
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         silent = [await open_tcp(hub.port) for _ in range(2)]  # accepted, never say a word: in progress
-        with trio.fail_after(10):
-            while hub.server.admission.pending < 2:
-                await trio.sleep(0.01)
+        await until_pending(hub, 2)
         status, headers = await _refused(hub.port)
         assert status == 503
         assert int(headers["retry-after"]) >= 1
@@ -140,9 +146,7 @@ async def test_503_answer_is_a_complete_http_response_with_reason_phrase(tmp_pat
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         async with await open_tcp(hub.port):
-            with trio.fail_after(10):
-                while hub.server.admission.pending < 1:
-                    await trio.sleep(0.01)
+            await until_pending(hub, 1)
             stream = await open_tcp(hub.port)
             async with stream:
                 answer = b""
@@ -161,9 +165,7 @@ async def test_one_address_past_its_bound_gets_429_while_other_addresses_connect
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         silent = [await open_tcp(hub.port, "127.0.0.7") for _ in range(2)]
-        with trio.fail_after(10):
-            while hub.server.admission.pending < 2:
-                await trio.sleep(0.01)
+        await until_pending(hub, 2)
         status, headers = await _refused(hub.port, "127.0.0.7")
         assert status == 429 and int(headers["retry-after"]) >= 1
         async with connect(hub, tokens["d1"]) as ws:  # from 127.0.0.1
@@ -199,9 +201,7 @@ async def test_refused_handshakes_show_in_metrics(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         async with await open_tcp(hub.port):
-            with trio.fail_after(10):
-                while hub.server.admission.pending < 1:
-                    await trio.sleep(0.01)
+            await until_pending(hub, 1)
             for _ in range(3):
                 status, _headers = await _refused(hub.port)
                 assert status == 503
@@ -220,9 +220,7 @@ async def test_device_client_comes_back_after_retry_after_and_gets_in(tmp_path: 
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         silent = await open_tcp(hub.port)
-        with trio.fail_after(10):
-            while hub.server.admission.pending < 1:
-                await trio.sleep(0.01)
+        await until_pending(hub, 1)
         url = f"ws://127.0.0.1:{hub.port}/v1/device"
         async with DeviceClient(url, tokens["d1"], outbox_path=tmp_path / "outbox.sqlite3") as client:
             with trio.fail_after(30):
@@ -259,9 +257,7 @@ async def test_past_the_answer_budget_refused_connections_are_closed_unanswered(
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         async with await open_tcp(hub.port):
-            with trio.fail_after(10):
-                while hub.server.admission.pending < 1:
-                    await trio.sleep(0.01)
+            await until_pending(hub, 1)
             answers = []
             for _ in range(20):  # a client that reconnects at once, again and again
                 async with await open_tcp(hub.port) as stream:
