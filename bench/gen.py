@@ -61,6 +61,7 @@ class GenSpec:
     connect_timeout: float = 30.0
     connect_attempts: int = CONNECT_ATTEMPTS  # failed attempts in a row before a device counts as failed
     ack_latency: bool = False  # time each message from its send to its ack (reported as percentiles)
+    ready_deadline: float = 0.0  # report `ready` after this many seconds even if devices are still connecting
     drain_timeout: float = 30.0  # after sending stops: longest wait for the last acks
     max_seconds: float = 900.0
 
@@ -176,18 +177,29 @@ class _Fleet:
         else:
             self.failed += 1
         if self.settled == len(self.spec.tokens) and not self.ready_sent:
-            self.ready_sent = True
-            emit(
-                "ready",
-                devices=len(self.spec.tokens),
-                connected=self.connected,
-                failed=self.failed,
-                t_first=self.t_first,
-                t_ready=self.t_ready,
-                refusals=self.refusals,
-                errors=dict(self.errors),
-                cpu_s=_cpu_self(),
-            )
+            self._emit_ready(gave_up=False)
+
+    def _emit_ready(self, *, gave_up: bool) -> None:
+        self.ready_sent = True
+        emit(
+            "ready",
+            devices=len(self.spec.tokens),
+            connected=self.connected,
+            failed=self.failed,
+            gave_up=gave_up,  # the spec's ready_deadline passed with devices still trying
+            t_first=self.t_first,
+            t_ready=self.t_ready if not gave_up else time.monotonic(),
+            refusals=self.refusals,
+            errors=dict(self.errors),
+            cpu_s=_cpu_self(),
+        )
+
+    async def ready_deadline(self) -> None:
+        """Report `ready` with the counts so far once `spec.ready_deadline` seconds have passed (0: never)."""
+        if self.spec.ready_deadline > 0:
+            await trio.sleep(self.spec.ready_deadline)
+            if not self.ready_sent:
+                self._emit_ready(gave_up=True)
 
     def sender_done(self) -> None:
         """Count a device that will send no more; the last one ends the sending phase."""
@@ -309,6 +321,7 @@ class LeanFleet(_Fleet):
             for dev in self.devices:
                 nursery.start_soon(self._device_main, dev)
             nursery.start_soon(self.report)
+            nursery.start_soon(self.ready_deadline)
             await self.exit.wait()
             nursery.cancel_scope.cancel()
 

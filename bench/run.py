@@ -271,6 +271,7 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("devices", "devices"),
         ("connected", "connected"),
         ("all in s", "connect_s"),
+        ("cut off", "gave_up"),
         ("timeouts", "timeouts"),
         ("refusals", "refusals"),
         ("server CPU s", "server_cpu_s"),
