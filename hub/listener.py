@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -36,6 +37,8 @@ REFUSAL_ANSWERS_PER_SECOND = 500.0
 #: accept() errors that mean "out of file descriptors or memory for now", and how long to pause on them.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1
+#: Connections taken from the kernel's queue in one go before other tasks get their turn.
+ACCEPT_BURST = 256
 
 
 class Ticket:
@@ -134,39 +137,53 @@ async def serve_listener(
     reloaded certificate applies to new connections.
     """
     sockets = await trio.open_tcp_listeners(port, host=host)
-    listeners: list[Any] = (
-        sockets if ssl_context is None else [trio.SSLListener(s, ssl_context, https_compatible=True) for s in sockets]
-    )
     answers = TokenBucket(Rate(REFUSAL_ANSWERS_PER_SECOND, REFUSAL_ANSWERS_PER_SECOND), trio.current_time())
 
-    async def accept_loop(listener: Any) -> None:
+    async def accept_loop(listener: trio.SocketListener) -> None:
         # The decision is taken here, before a task exists: a refusal past the answer budget costs an accept and a
         # close, so a client that reconnects as fast as it can (ignoring Retry-After) buys little of the hub's time.
-        async with listener:  # closed when the loop ends: no more connections queue in the kernel
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    log.error(
-                        "accept failed (%s): pausing the listener for %.1f s", os.strerror(exc.errno), ACCEPT_PAUSE
-                    )
-                    await trio.sleep(ACCEPT_PAUSE)
-                    continue
-                address = _peer_address(stream)
-                now = trio.current_time()
-                refusal = admission.enter(address, now)
-                if refusal is None:
-                    handler_nursery.start_soon(serve_admitted, stream, Ticket(admission, address))
-                    continue
-                answered = answers.try_take(1, now)
-                if on_refused is not None:
-                    on_refused(address, refusal, answered)
-                if answered:
-                    handler_nursery.start_soon(_refuse, stream, refusal)
-                else:
-                    _socket_of(stream).close()
+        # And the backlog is drained in bursts: accepting one connection per turn of a busy loop leaves a surge
+        # waiting in the kernel's queue, unseen and unanswered, until the clients time out.
+        sock = listener.socket
+        raw = socket.socket(fileno=os.dup(sock.fileno()))  # the same listening socket, for accept() without a turn
+        with raw:
+            async with listener:  # closed when the loop ends: no more connections queue in the kernel
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    for _ in range(ACCEPT_BURST):
+                        try:
+                            conn, _ = raw.accept()
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:
+                            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                                raise
+                            log.error(
+                                "accept failed (%s): pausing the listener for %.1f s",
+                                os.strerror(exc.errno),
+                                ACCEPT_PAUSE,
+                            )
+                            await trio.sleep(ACCEPT_PAUSE)
+                            break
+                        admit(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+
+    def admit(tcp: trio.SocketStream) -> None:
+        stream: trio.abc.Stream = tcp
+        if ssl_context is not None:
+            stream = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
+        address = _peer_address(stream)
+        now = trio.current_time()
+        refusal = admission.enter(address, now)
+        if refusal is None:
+            handler_nursery.start_soon(serve_admitted, stream, Ticket(admission, address))
+            return
+        answered = answers.try_take(1, now)
+        if on_refused is not None:
+            on_refused(address, refusal, answered)
+        if answered:
+            handler_nursery.start_soon(_refuse, stream, refusal)
+        else:
+            tcp.socket.close()
 
     async def serve_admitted(stream: trio.abc.Stream, ticket: Ticket) -> None:
         try:
@@ -205,6 +222,6 @@ async def serve_listener(
                     await connection.aclose()  # also ends the reader task, even when cancelled
 
     async with trio.open_nursery() as nursery:
-        for listener in listeners:
+        for listener in sockets:
             nursery.start_soon(accept_loop, listener)
         task_status.started(sockets)
