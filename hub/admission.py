@@ -16,6 +16,8 @@ import math
 
 import attrs
 
+from hub.ratelimit import Rate, TokenBucket
+
 __all__ = ["Admission", "Refusal"]
 
 #: Seconds over which the completion rate is measured.
@@ -30,23 +32,30 @@ PRUNE_EVERY = 4096
 
 @attrs.frozen
 class Refusal:
-    """Why a connection was refused before its handshake: HTTP status, reason code, seconds to come back after."""
+    """Why a connection was refused before its handshake: HTTP status, reason code, seconds to come back after.
+
+    `answered` False: past the budget of answers per second, the connection is closed without one (and holds no
+    place in the queue: `retry_after` is 0).
+    """
 
     status: int
     reason: str
     retry_after: int
+    answered: bool = True
 
 
 class Admission:
     """Counts handshakes in progress, in total and per address (0: no per-address bound)."""
 
-    def __init__(self, max_pending: int, max_pending_per_address: int = 0) -> None:
-        if max_pending < 1 or max_pending_per_address < 0:
-            raise ValueError("need max_pending >= 1 and max_pending_per_address >= 0")
+    def __init__(self, max_pending: int, max_pending_per_address: int = 0, answers_per_second: float = 500.0) -> None:
+        if max_pending < 1 or max_pending_per_address < 0 or answers_per_second <= 0:
+            raise ValueError("need max_pending >= 1, max_pending_per_address >= 0, answers_per_second > 0")
         self.max_pending = max_pending
         self.max_pending_per_address = max_pending_per_address
         self.pending = 0
         self.refused = 0  # connections refused since start
+        self.unanswered = 0  # of those, closed without an answer
+        self._answers = TokenBucket(Rate(answers_per_second, answers_per_second), 0.0)
         self._by_address: dict[str, int] = {}
         self._rate = max(MIN_RATE, float(max_pending))  # completed handshakes per second, measured
         self._window_start = -math.inf
@@ -63,11 +72,15 @@ class Admission:
     def enter(self, address: str, now: float) -> Refusal | None:
         """Count a new connection from `address`; a `Refusal` (nothing counted) when past a bound."""
         if self.pending >= self.max_pending:
+            if not self._answers.try_take(1, now):
+                return self._unanswered(503, "busy")
             self._queue_end = end = self._next_slot(self._queue_end, now, self._rate)
             return self._refuse(503, "busy", end - now)
         per_address = self.max_pending_per_address
         count = self._by_address.get(address, 0)
         if per_address and count >= per_address:
+            if not self._answers.try_take(1, now):
+                return self._unanswered(429, "address_busy")
             share = max(1.0, self._rate * per_address / self.max_pending)
             queue = self._address_queue_end
             queue[address] = end = self._next_slot(queue.get(address, -math.inf), now, share)
@@ -103,8 +116,14 @@ class Admission:
 
     @staticmethod
     def _next_slot(queue_end: float, now: float, rate: float) -> float:
-        """The end of a virtual queue drained at `rate` per second, after one more client joins it."""
-        return max(queue_end, now) + 1.0 / rate
+        """The end of a virtual queue drained at `rate` per second, after one more client joins it (at most full)."""
+        return min(max(queue_end, now) + 1.0 / rate, now + MAX_RETRY_AFTER)
+
+    def _unanswered(self, status: int, reason: str) -> Refusal:
+        self.refused += 1
+        self.unanswered += 1
+        self._window_refused += 1
+        return Refusal(status, reason, 0, answered=False)
 
     def _refuse(self, status: int, reason: str, wait: float) -> Refusal:
         self.refused += 1

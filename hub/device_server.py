@@ -265,12 +265,12 @@ class DeviceServer:
             headers.append((b"retry-after", str(retry_after).encode()))
         await reject(request, status, headers, body.encode() + b"\n")
 
-    def _on_refused(self, address: str, refusal: Refusal, answered: bool) -> None:
+    def _on_refused(self, address: str, refusal: Refusal) -> None:
         """A connection refused before its handshake (too many handshakes in progress): counted and logged."""
         stats = self.stats
         stats.refused += 1
         stats.admission_refused += 1
-        if not answered:
+        if not refusal.answered:
             stats.admission_unanswered += 1
         # One line per refusal would be a log flood in a surge: the first, then every 1,000th.
         if self.admission.refused % 1000 == 1:
@@ -281,7 +281,7 @@ class DeviceServer:
                         "status": refusal.status,
                         "reason": refusal.reason,
                         "remote": address,
-                        "retry_after": refusal.retry_after if answered else None,
+                        "retry_after": refusal.retry_after if refusal.answered else None,
                         "refused_so_far": self.admission.refused,
                         "unanswered_so_far": stats.admission_unanswered,
                     }

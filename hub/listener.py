@@ -3,7 +3,7 @@
 trio-websocket's own `serve_websocket` starts the HTTP/WebSocket machinery (a connection object, a reader task,
 buffers) for every accepted socket, however many arrive at once and however slowly they speak. This listener
 asks `Admission` first: a connection past the bounds gets a short HTTP answer (503 or 429 with `Retry-After`)
-and is closed without the handshake ever starting (past `REFUSAL_ANSWERS_PER_SECOND`, closed without an answer);
+and is closed without the handshake ever starting (past the admission's answer budget, closed without an answer);
 an admitted one is handed to the handler with a `Ticket` it punches once the connection is a session (or the
 handshake ends otherwise).
 """
@@ -24,7 +24,6 @@ from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
 from hub.admission import Admission, Refusal
-from hub.ratelimit import Rate, TokenBucket
 
 __all__ = ["Handler", "Ticket", "http_answer", "serve_listener"]
 
@@ -32,8 +31,6 @@ log = logging.getLogger("hub.listener")
 
 #: Longest wait for a refused client to read its answer and hang up before the socket is closed anyway.
 REFUSAL_LINGER = 1.0
-#: Refused connections answered per second (503/429 + Retry-After); past that they are closed unanswered.
-REFUSAL_ANSWERS_PER_SECOND = 500.0
 #: accept() errors that mean "out of file descriptors or memory for now", and how long to pause on them.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1
@@ -128,7 +125,7 @@ async def serve_listener(
     handshake_timeout: float,
     close_timeout: float,
     max_message_size: int,
-    on_refused: Callable[[str, Refusal, bool], None] | None = None,
+    on_refused: Callable[[str, Refusal], None] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections until cancelled; report the TCP listeners once they listen.
@@ -137,7 +134,6 @@ async def serve_listener(
     reloaded certificate applies to new connections.
     """
     sockets = await trio.open_tcp_listeners(port, host=host)
-    answers = TokenBucket(Rate(REFUSAL_ANSWERS_PER_SECOND, REFUSAL_ANSWERS_PER_SECOND), trio.current_time())
 
     async def accept_loop(listener: trio.SocketListener) -> None:
         # The decision is taken here, before a task exists: a refusal past the answer budget costs an accept and a
@@ -177,10 +173,9 @@ async def serve_listener(
         if refusal is None:
             handler_nursery.start_soon(serve_admitted, stream, Ticket(admission, address))
             return
-        answered = answers.try_take(1, now)
         if on_refused is not None:
-            on_refused(address, refusal, answered)
-        if answered:
+            on_refused(address, refusal)
+        if refusal.answered:
             handler_nursery.start_soon(_refuse, stream, refusal)
         else:
             tcp.socket.close()

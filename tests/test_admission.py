@@ -14,6 +14,7 @@ from hub.admission import MIN_RATE, Admission
 from hub.app import HubHandle
 from hub.control_server import CONTROL_PATH
 from hub.listener import http_answer
+from hub.ratelimit import Rate, TokenBucket
 from tests.hubtools import add_devices, connect, hello, hub_config, start_hub
 from tests.test_control import add_operators
 from tests.test_limits import closed_by_peer, open_tcp, stream_batches, upgrade
@@ -238,7 +239,7 @@ async def test_device_client_comes_back_after_retry_after_and_gets_in(tmp_path: 
 
 
 def test_one_address_hammering_does_not_push_back_the_others() -> None:
-    a = Admission(max_pending=4, max_pending_per_address=1)
+    a = Admission(max_pending=4, max_pending_per_address=1, answers_per_second=1e9)
     a.enter("attacker", 0.0)
     hammering = [a.enter("attacker", 0.0) for _ in range(10_000)]
     assert all(r is not None and r.status == 429 for r in hammering)
@@ -249,13 +250,11 @@ def test_one_address_hammering_does_not_push_back_the_others() -> None:
     assert refusal is not None and (refusal.status, refusal.retry_after) == (503, 1)  # ... nobody else's is
 
 
-async def test_past_the_answer_budget_refused_connections_are_closed_unanswered(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("hub.listener.REFUSAL_ANSWERS_PER_SECOND", 1.0)
+async def test_past_the_answer_budget_refused_connections_are_closed_unanswered(tmp_path: Path) -> None:
     config = hub_config(tmp_path, **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0})
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
+        hub.server.admission._answers = TokenBucket(Rate(1.0, 1.0), trio.current_time())  # one answer a second
         async with await open_tcp(hub.port):
             await until_pending(hub, 1)
             answers = []
@@ -310,3 +309,22 @@ async def test_a_session_the_hub_ends_closes_its_socket_even_while_the_peer_keep
                 await ws.get_message()
             assert closed.value.reason is not None and closed.value.reason.code == CloseCode.TOO_BIG
         hub.stop()
+
+
+def test_refusals_past_the_answer_budget_hold_no_place_in_the_queue() -> None:
+    a = Admission(max_pending=1, answers_per_second=10)
+    a.enter("x", 0.0)
+    answered = [a.enter("y", 0.0) for _ in range(10)]
+    assert all(r is not None and r.answered and r.retry_after >= 1 for r in answered)
+    silent = [a.enter("y", 0.0) for _ in range(1000)]  # a client ignoring Retry-After, at full speed
+    assert all(r is not None and not r.answered for r in silent)
+    assert (a.refused, a.unanswered) == (1010, 1000)
+    later = a.enter("z", 1.0)  # the budget refills; the queue did not grow with the unanswered
+    assert later is not None and later.answered and later.retry_after == 1
+
+
+def test_retry_after_is_capped_however_long_the_queue() -> None:
+    a = Admission(max_pending=1, answers_per_second=1e9)
+    a.enter("x", 0.0)
+    refusals = [a.enter("y", 0.0) for _ in range(100_000)]
+    assert max(r.retry_after for r in refusals if r is not None) == 60
