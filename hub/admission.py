@@ -55,6 +55,7 @@ class Admission:
         self.pending = 0
         self.refused = 0  # connections refused since start
         self.unanswered = 0  # of those, closed without an answer
+        self.evicted = 0  # slow handshakes closed by the listener to make room for a newcomer
         self._answers = TokenBucket(Rate(answers_per_second, answers_per_second), 0.0)
         self._by_address: dict[str, int] = {}
         self._rate = max(MIN_RATE, float(max_pending))  # completed handshakes per second, measured

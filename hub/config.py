@@ -56,6 +56,7 @@ class ServerConfig:
     handshake_timeout: float = 5.0  # seconds for a client to finish the HTTP upgrade
     max_handshakes: int = 512  # connections between accept and welcome at once; more: 503 + Retry-After at once
     max_handshakes_per_address: int = 64  # ... from one IP address; more: 429 + Retry-After; 0: no limit
+    evict_slow_handshake_after: float = 1.0  # all places taken: a newcomer evicts one this old without its request
     hello_timeout: float = 10.0  # seconds after the upgrade for the device's hello
     window: int = 64  # unacked telemetry messages a device may have in flight
     max_errors: int = 10  # protocol errors in one session before it is closed with 1008

@@ -182,6 +182,7 @@ class DeviceServer:
                         handshake_timeout=cfg.handshake_timeout,
                         close_timeout=CLOSE_TIMEOUT,
                         max_message_size=cfg.max_message_bytes,
+                        evict_after=cfg.evict_slow_handshake_after,
                         on_refused=self._on_refused,
                         task_status=task_status,
                     )

@@ -41,12 +41,14 @@ ACCEPT_BURST = 256
 class Ticket:
     """One admitted connection's place among the handshakes in progress; `admitted()` gives it up once welcomed."""
 
-    __slots__ = ("_admission", "_done", "address")
+    __slots__ = ("_admission", "_done", "address", "scope", "since")
 
     def __init__(self, admission: Admission, address: str) -> None:
         self._admission = admission
         self.address = address
         self._done = False
+        self.since = trio.current_time()
+        self.scope: trio.CancelScope | None = None  # the wait for the request head, while it lasts
 
     def admitted(self) -> None:
         """The handshake is over and the connection is a session: it no longer counts as in progress."""
@@ -125,10 +127,15 @@ async def serve_listener(
     handshake_timeout: float,
     close_timeout: float,
     max_message_size: int,
+    evict_after: float = 1.0,
     on_refused: Callable[[str, Refusal], None] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections until cancelled; report the TCP listeners once they listen.
+
+    With every handshake place taken, a newcomer evicts the oldest connection that has held a place `evict_after`
+    seconds without sending its whole request head (a slow or silent client) instead of being refused: slow sockets
+    cannot lock out new devices, whose requests come at once.
 
     With `ssl_context` each connection speaks TLS (wss://); the context is read at each handshake, so a
     reloaded certificate applies to new connections.
@@ -163,12 +170,27 @@ async def serve_listener(
                             break
                         admit(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
 
+    waiting_head: dict[Ticket, None] = {}  # admitted, request head not complete yet: oldest first
+
+    def evict_slowest(now: float) -> None:
+        for ticket in waiting_head:
+            if now - ticket.since < evict_after:
+                return
+            del waiting_head[ticket]
+            ticket._leave(completed=False)  # its place is free now; its task closes the connection
+            if ticket.scope is not None:
+                ticket.scope.cancel()
+            admission.evicted += 1
+            return
+
     def admit(tcp: trio.SocketStream) -> None:
         stream: trio.abc.Stream = tcp
         if ssl_context is not None:
             stream = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
         address = _peer_address(stream)
         now = trio.current_time()
+        if admission.pending >= admission.max_pending:
+            evict_slowest(now)
         refusal = admission.enter(address, now)
         if refusal is None:
             handler_nursery.start_soon(serve_admitted, stream, Ticket(admission, address))
@@ -184,6 +206,7 @@ async def serve_listener(
         try:
             await _serve_admitted(stream, ticket)
         finally:
+            waiting_head.pop(ticket, None)
             ticket._leave(completed=False)
             # Whatever trio-websocket left open (after a 1009 it waits for the peer's close frame forever): the
             # connection is over, so is the socket, as trio.serve_listeners would have it.
@@ -193,7 +216,8 @@ async def serve_listener(
         # As trio-websocket's own server does it (its `_reader_task` and `_get_request`), plus one thing it lacks: a
         # client that hangs up before its request is complete ends the wait at once, not at the handshake timeout.
         connection = WebSocketConnection(stream, WSConnection(ConnectionType.SERVER), max_message_size=max_message_size)
-        handshake = trio.CancelScope(deadline=trio.current_time() + handshake_timeout)
+        handshake = ticket.scope = trio.CancelScope(deadline=trio.current_time() + handshake_timeout)
+        waiting_head[ticket] = None
 
         async def read() -> None:
             try:
@@ -205,6 +229,8 @@ async def serve_listener(
             nursery.start_soon(read)
             with handshake:
                 request = await connection._get_request()
+            waiting_head.pop(ticket, None)
+            ticket.scope = None
             if handshake.cancelled_caught:
                 nursery.cancel_scope.cancel()
                 await trio.aclose_forcefully(stream)

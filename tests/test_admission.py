@@ -123,7 +123,10 @@ async def _refused(port: int, source: str = "127.0.0.1") -> tuple[int, dict[str,
 
 async def test_past_max_handshakes_a_connection_gets_503_unread_and_devices_get_in_later(tmp_path: Path) -> None:
     tokens = add_devices(tmp_path, "d1")
-    config = hub_config(tmp_path, **{"server.max_handshakes": 2, "server.handshake_timeout": 1.0})
+    config = hub_config(
+        tmp_path,
+        **{"server.max_handshakes": 2, "server.handshake_timeout": 1.0, "server.evict_slow_handshake_after": 3600.0},
+    )
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         silent = [await open_tcp(hub.port) for _ in range(2)]  # accepted, never say a word: in progress
@@ -143,7 +146,10 @@ async def test_past_max_handshakes_a_connection_gets_503_unread_and_devices_get_
 
 
 async def test_503_answer_is_a_complete_http_response_with_reason_phrase(tmp_path: Path) -> None:
-    config = hub_config(tmp_path, **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0})
+    config = hub_config(
+        tmp_path,
+        **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0, "server.evict_slow_handshake_after": 3600.0},
+    )
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         async with await open_tcp(hub.port):
@@ -162,7 +168,14 @@ async def test_503_answer_is_a_complete_http_response_with_reason_phrase(tmp_pat
 
 async def test_one_address_past_its_bound_gets_429_while_other_addresses_connect(tmp_path: Path) -> None:
     tokens = add_devices(tmp_path, "d1")
-    config = hub_config(tmp_path, **{"server.max_handshakes_per_address": 2, "server.handshake_timeout": 30.0})
+    config = hub_config(
+        tmp_path,
+        **{
+            "server.max_handshakes_per_address": 2,
+            "server.handshake_timeout": 30.0,
+            "server.evict_slow_handshake_after": 3600.0,
+        },
+    )
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         silent = [await open_tcp(hub.port, "127.0.0.7") for _ in range(2)]
@@ -198,7 +211,10 @@ async def test_welcomed_devices_and_operators_do_not_hold_a_place(tmp_path: Path
 
 
 async def test_refused_handshakes_show_in_metrics(tmp_path: Path) -> None:
-    config = hub_config(tmp_path, **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0})
+    config = hub_config(
+        tmp_path,
+        **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0, "server.evict_slow_handshake_after": 3600.0},
+    )
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         async with await open_tcp(hub.port):
@@ -217,7 +233,10 @@ async def test_device_client_comes_back_after_retry_after_and_gets_in(tmp_path: 
     from device_client import DeviceClient
 
     tokens = add_devices(tmp_path, "d1")
-    config = hub_config(tmp_path, **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0})
+    config = hub_config(
+        tmp_path,
+        **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0, "server.evict_slow_handshake_after": 3600.0},
+    )
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         silent = await open_tcp(hub.port)
@@ -251,7 +270,10 @@ def test_one_address_hammering_does_not_push_back_the_others() -> None:
 
 
 async def test_past_the_answer_budget_refused_connections_are_closed_unanswered(tmp_path: Path) -> None:
-    config = hub_config(tmp_path, **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0})
+    config = hub_config(
+        tmp_path,
+        **{"server.max_handshakes": 1, "server.handshake_timeout": 30.0, "server.evict_slow_handshake_after": 3600.0},
+    )
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
         hub.server.admission._answers = TokenBucket(Rate(1.0, 1.0), trio.current_time())  # one answer a second
@@ -328,3 +350,21 @@ def test_retry_after_is_capped_however_long_the_queue() -> None:
     a.enter("x", 0.0)
     refusals = [a.enter("y", 0.0) for _ in range(100_000)]
     assert max(r.retry_after for r in refusals if r is not None) == 60
+
+
+async def test_with_every_place_taken_by_silent_sockets_a_device_evicts_the_oldest_and_gets_in(tmp_path: Path) -> None:
+    tokens = add_devices(tmp_path, "d1")
+    config = hub_config(tmp_path, **{"server.max_handshakes": 2, "server.handshake_timeout": 60.0})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        silent = [await open_tcp(hub.port) for _ in range(2)]  # a slowloris holding every place
+        await until_pending(hub, 2)
+        await trio.sleep(1.1)  # older than evict_slow_handshake_after: slow, not merely new
+        async with connect(hub, tokens["d1"]) as ws:  # before: 503 until the handshake timeout (60 s)
+            await hello(ws)
+            await stream_batches(ws, 1, 2)
+        assert hub.server.admission.evicted == 1 and hub.stats.admission_refused == 0
+        assert await closed_by_peer(silent[0])  # the oldest was closed to make room
+        for stream in silent:
+            await stream.aclose()
+        hub.stop()
