@@ -149,6 +149,7 @@ async def serve_listener(
         # waiting in the kernel's queue, unseen and unanswered, until the clients time out.
         sock = listener.socket
         raw = socket.socket(fileno=os.dup(sock.fileno()))  # the same listening socket, for accept() without a turn
+        raw.setblocking(False)
         with raw:
             async with listener:  # closed when the loop ends: no more connections queue in the kernel
                 while True:
