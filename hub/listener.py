@@ -16,7 +16,6 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from typing import Any
 
 import trio
@@ -24,6 +23,7 @@ from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
 from hub.admission import Admission, Refusal
+from hub.http_listener import reason_phrase
 
 __all__ = ["Handler", "Ticket", "http_answer", "serve_listener"]
 
@@ -66,7 +66,7 @@ Handler = Callable[[WebSocketRequest, Ticket], Awaitable[None]]
 def http_answer(status: int, body: str, headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
     """A complete `Connection: close` HTTP/1.1 answer with a reason phrase and a plain-text body."""
     data = body.encode()
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    lines = [b"HTTP/1.1 %d %s" % (status, reason_phrase(status))]
     for name, value in [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(data)).encode()),
