@@ -21,6 +21,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
+from wsproto.utilities import RemoteProtocolError
 
 from hub.admission import Admission, Refusal
 from hub.http_listener import reason_phrase
@@ -34,6 +35,9 @@ REFUSAL_LINGER = 1.0
 #: accept() errors that mean "out of file descriptors or memory for now", and how long to pause on them.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1
+#: Largest request head read before it goes to the HTTP parser (h11's own bound), and the size of each read.
+MAX_REQUEST_HEAD = 16 * 1024
+HEAD_READ_SIZE = 4096
 #: Connections taken from the kernel's queue in one go before other tasks get their turn.
 ACCEPT_BURST = 256
 
@@ -114,6 +118,26 @@ async def _refuse(stream: trio.abc.Stream, refusal: Refusal) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client is gone: nothing more to say
     await trio.aclose_forcefully(stream)
+
+
+async def _read_head(stream: trio.abc.Stream) -> bytes | None:
+    """The bytes received up to the end of the HTTP request head (and any after it in the same read).
+
+    None when the peer hangs up first. Past `MAX_REQUEST_HEAD` bytes without an end, what was read is returned
+    as it is: the HTTP parser then refuses it (400), as it would have without this buffer.
+    """
+    head = bytearray()
+    try:
+        while True:
+            data = await stream.receive_some(HEAD_READ_SIZE)
+            if not data:
+                return None
+            start = max(0, len(head) - 3)
+            head += data
+            if head.find(b"\r\n\r\n", start) >= 0 or len(head) > MAX_REQUEST_HEAD:
+                return bytes(head)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None
 
 
 async def serve_listener(
@@ -214,11 +238,29 @@ async def serve_listener(
             await trio.aclose_forcefully(stream)
 
     async def _serve_admitted(stream: trio.abc.Stream, ticket: Ticket) -> None:
-        # As trio-websocket's own server does it (its `_reader_task` and `_get_request`), plus one thing it lacks: a
-        # client that hangs up before its request is complete ends the wait at once, not at the handshake timeout.
-        connection = WebSocketConnection(stream, WSConnection(ConnectionType.SERVER), max_message_size=max_message_size)
-        handshake = ticket.scope = trio.CancelScope(deadline=trio.current_time() + handshake_timeout)
+        # The request head is read into a buffer of our own first: a slow or silent client costs a task and a few
+        # hundred bytes, not trio-websocket's connection object, reader task and parsers, and evicting it costs
+        # as little. The head then goes to trio-websocket's wsproto, as its own `_reader_task` would feed it.
+        deadline = trio.current_time() + handshake_timeout
+        ticket.scope = trio.CancelScope(deadline=deadline)
         waiting_head[ticket] = None
+        head = None
+        with ticket.scope:
+            head = await _read_head(stream)
+        waiting_head.pop(ticket, None)
+        ticket.scope = None
+        if head is None:  # hung up, timed out or evicted before the request was complete
+            return
+        connection = WebSocketConnection(stream, WSConnection(ConnectionType.SERVER), max_message_size=max_message_size)
+        try:
+            connection._wsproto.receive_data(head)
+        except RemoteProtocolError as exc:  # what trio-websocket's reader does with a bad request: 400, close
+            with trio.move_on_after(close_timeout):
+                if exc.event_hint is not None:
+                    await connection._send(exc.event_hint)
+            return
+
+        handshake = trio.CancelScope(deadline=deadline)  # the rest of it: the request's event, normally at once
 
         async def read() -> None:
             try:
@@ -230,8 +272,6 @@ async def serve_listener(
             nursery.start_soon(read)
             with handshake:
                 request = await connection._get_request()
-            waiting_head.pop(ticket, None)
-            ticket.scope = None
             if handshake.cancelled_caught:
                 nursery.cancel_scope.cancel()
                 await trio.aclose_forcefully(stream)

@@ -17,7 +17,7 @@ from hub.listener import http_answer
 from hub.ratelimit import Rate, TokenBucket
 from tests.hubtools import add_devices, connect, hello, hub_config, start_hub
 from tests.test_control import add_operators
-from tests.test_limits import closed_by_peer, open_tcp, stream_batches, upgrade
+from tests.test_limits import closed_by_peer, open_tcp, read_head, stream_batches, upgrade, upgrade_request
 from tests.test_metrics import exchange, get
 
 # ---------------------------------------------------------------------------- the pure object
@@ -368,3 +368,21 @@ async def test_with_every_place_taken_by_silent_sockets_a_device_evicts_the_olde
         for stream in silent:
             await stream.aclose()
         hub.stop()
+
+
+async def test_a_request_head_trickled_in_pieces_split_inside_its_end_is_answered(tmp_path: Path) -> None:
+    """The listener reads the head into its own buffer first: its end is found across reads."""
+    tokens = add_devices(tmp_path, "d1")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        request = upgrade_request("/v1/device", {"Authorization": f"Bearer {tokens['d1']}"})
+        stream = await open_tcp(hub.port)
+        for piece in (request[:10], request[10:-3], request[-3:-1], request[-1:]):  # "\r\n\r\n" split 1 + 2 + 1
+            await stream.send_all(piece)
+            await until_pending(hub, 1)  # still waiting for the rest of the head
+            await trio.sleep(0.05)  # so the pieces arrive as separate reads
+        status, _headers = await read_head(stream)
+        assert status == 101
+        await stream.aclose()
+        hub.stop()
+
