@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--surge-devices", type=int, metavar="N", help="devices connecting at once in the surge")
     p.add_argument("--slow-sockets", type=int, metavar="N", help="slow-handshake sockets beside good devices")
     p.add_argument("--surge-targets", type=_names_of(("hub", "transport")), help="hub,transport (default both)")
+    p.add_argument(
+        "--surge-busy", choices=("yes", "no"), help="also run the surge beside a CPU hog (default yes, quick no)"
+    )
     p.add_argument("--profile", type=_combos, metavar="DxP", help="load while profiling (default 1000x10)")
     p.add_argument("--profile-seconds", type=float, metavar="S", help="py-spy sampling time")
     p.add_argument("--hub-arg", action="append", default=[], metavar="ARG", help="extra `hub serve` argument")
@@ -169,6 +172,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     for key in ("storm_devices", "surge_devices", "slow_sockets", "surge_targets"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
+    if args.surge_busy is not None:
+        changes["surge_busy"] = args.surge_busy == "yes"
     if args.profile_seconds is not None:
         changes["profile_seconds"] = args.profile_seconds
     if args.profile:

@@ -8,6 +8,11 @@ an immediate 503 (total) or 429 (one address) with a `Retry-After` that gives ea
 a virtual queue drained at the rate handshakes have recently been completing: a surge is spread over the time
 the hub needs for it instead of returning as one wave. Each address has a queue of its own for its 429s, drained at
 its share of that rate, so one address hammering the hub does not push everyone else's slots back.
+
+Answers are budgeted per address (a burst as large as a site's fleet refused at once, then a trickle) and in total:
+past its budget a connection is closed unanswered and takes no slot, so a client ignoring `Retry-After` neither
+costs the hub more than an accept and a close nor pushes the slots of others back, while every device of a surge
+from many addresses gets its slot.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ RATE_WINDOW = 1.0
 MIN_RATE = 50.0
 #: The longest Retry-After handed out (seconds).
 MAX_RETRY_AFTER = 60
-#: Per-address queues that ended this long ago are forgotten (checked every this many refusals).
+#: Answered refusals per second in total, and per address (with the burst an address may use at once).
+ANSWERS_PER_SECOND = 5000.0
+ADDRESS_ANSWERS = Rate(per_second=50.0, burst=300)
+#: Per-address queues and answer budgets that ended this long ago are forgotten (checked every this many refusals).
 PRUNE_EVERY = 4096
 
 
@@ -47,7 +55,13 @@ class Refusal:
 class Admission:
     """Counts handshakes in progress, in total and per address (0: no per-address bound)."""
 
-    def __init__(self, max_pending: int, max_pending_per_address: int = 0, answers_per_second: float = 500.0) -> None:
+    def __init__(
+        self,
+        max_pending: int,
+        max_pending_per_address: int = 0,
+        answers_per_second: float = ANSWERS_PER_SECOND,
+        address_answers: Rate = ADDRESS_ANSWERS,
+    ) -> None:
         if max_pending < 1 or max_pending_per_address < 0 or answers_per_second <= 0:
             raise ValueError("need max_pending >= 1, max_pending_per_address >= 0, answers_per_second > 0")
         self.max_pending = max_pending
@@ -57,6 +71,8 @@ class Admission:
         self.unanswered = 0  # of those, closed without an answer
         self.evicted = 0  # slow handshakes closed by the listener to make room for a newcomer
         self._answers = TokenBucket(Rate(answers_per_second, answers_per_second), 0.0)
+        self._address_answers_rate = address_answers
+        self._address_answers: dict[str, TokenBucket] = {}
         self._by_address: dict[str, int] = {}
         self._rate = max(MIN_RATE, float(max_pending))  # completed handshakes per second, measured
         self._window_start = -math.inf
@@ -73,25 +89,40 @@ class Admission:
     def enter(self, address: str, now: float) -> Refusal | None:
         """Count a new connection from `address`; a `Refusal` (nothing counted) when past a bound."""
         if self.pending >= self.max_pending:
-            if not self._answers.try_take(1, now):
+            if not self._may_answer(address, now):
                 return self._unanswered(503, "busy")
             self._queue_end = end = self._next_slot(self._queue_end, now, self._rate)
             return self._refuse(503, "busy", end - now)
         per_address = self.max_pending_per_address
         count = self._by_address.get(address, 0)
         if per_address and count >= per_address:
-            if not self._answers.try_take(1, now):
+            if not self._may_answer(address, now):
                 return self._unanswered(429, "address_busy")
             share = max(1.0, self._rate * per_address / self.max_pending)
             queue = self._address_queue_end
             queue[address] = end = self._next_slot(queue.get(address, -math.inf), now, share)
-            if self.refused % PRUNE_EVERY == 0:
-                for gone in [a for a, e in queue.items() if e < now]:
-                    del queue[gone]
             return self._refuse(429, "address_busy", end - now)
         self.pending += 1
         self._by_address[address] = count + 1
         return None
+
+    def _may_answer(self, address: str, now: float) -> bool:
+        """Whether a refusal of `address` gets an answer (taking it from both budgets) or is closed unanswered."""
+        if self.refused % PRUNE_EVERY == 0:
+            self._prune(now)
+        bucket = self._address_answers.get(address)
+        if bucket is None:
+            bucket = self._address_answers[address] = TokenBucket(self._address_answers_rate, now)
+        return bucket.try_take(1, now) and self._answers.try_take(1, now)
+
+    def _prune(self, now: float) -> None:
+        """Forget per-address queues that are drained and answer budgets that are full again."""
+        queue = self._address_queue_end
+        for gone in [a for a, end in queue.items() if end < now]:
+            del queue[gone]
+        budgets = self._address_answers
+        for gone in [a for a, bucket in budgets.items() if bucket.full(now)]:
+            del budgets[gone]
 
     def leave(self, address: str, now: float, *, completed: bool) -> None:
         """The handshake of a connection `enter` admitted is over; `completed`: it became a session."""

@@ -16,7 +16,6 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
@@ -79,23 +78,6 @@ def http_answer(status: int, body: str, headers: list[tuple[bytes, bytes]] | Non
     ]:
         lines.append(name + b": " + value)
     return b"\r\n".join(lines) + b"\r\n\r\n" + data
-
-
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
-    """The TCP socket under a plain or TLS stream."""
-    transport: Any = stream
-    while isinstance(transport, trio.SSLStream):
-        transport = transport.transport_stream
-    sock: trio.socket.SocketType = transport.socket
-    return sock
-
-
-def _peer_address(stream: trio.abc.Stream) -> str:
-    """The IP address of the peer (without the port), or "gone" once the peer has reset the connection."""
-    try:
-        return str(_socket_of(stream).getpeername()[0])
-    except OSError:
-        return "gone"
 
 
 async def _refuse(stream: trio.abc.Stream, refusal: Refusal) -> None:
@@ -180,7 +162,7 @@ async def serve_listener(
                     await trio.lowlevel.wait_readable(sock)
                     for _ in range(ACCEPT_BURST):
                         try:
-                            conn, _ = raw.accept()
+                            conn, peer = raw.accept()
                         except BlockingIOError:
                             break
                         except OSError as exc:
@@ -193,7 +175,7 @@ async def serve_listener(
                             )
                             await trio.sleep(ACCEPT_PAUSE)
                             break
-                        admit(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+                        admit(conn, str(peer[0]))
 
     waiting_head: dict[Ticket, None] = {}  # admitted, request head not complete yet: oldest first
 
@@ -208,24 +190,24 @@ async def serve_listener(
             admission.evicted += 1
             return
 
-    def admit(tcp: trio.SocketStream) -> None:
-        stream: trio.abc.Stream = tcp
-        if ssl_context is not None:
-            stream = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
-        address = _peer_address(stream)
+    def admit(conn: socket.socket, address: str) -> None:
         now = trio.current_time()
         if admission.pending >= admission.max_pending:
             evict_slowest(now)
         refusal = admission.enter(address, now)
+        if refusal is not None:
+            if on_refused is not None:
+                on_refused(address, refusal)
+            if not refusal.answered:
+                conn.close()  # before any trio object exists: a client hammering the port costs an accept and this
+                return
+        stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        if ssl_context is not None:
+            stream = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
         if refusal is None:
             handler_nursery.start_soon(serve_admitted, stream, Ticket(admission, address))
-            return
-        if on_refused is not None:
-            on_refused(address, refusal)
-        if refusal.answered:
-            handler_nursery.start_soon(_refuse, stream, refusal)
         else:
-            tcp.socket.close()
+            handler_nursery.start_soon(_refuse, stream, refusal)
 
     async def serve_admitted(stream: trio.abc.Stream, ticket: Ticket) -> None:
         try:

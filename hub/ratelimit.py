@@ -45,6 +45,11 @@ class TokenBucket:
         self.tokens -= n
         return 0.0 if self.tokens >= 0 else -self.tokens / self.per_second
 
+    def full(self, now: float) -> bool:
+        """Whether the bucket has refilled to its burst (a bucket in this state is as good as a new one)."""
+        self._refill(now)
+        return self.tokens >= self.burst
+
     def try_take(self, n: float, now: float) -> bool:
         """Take `n` tokens if the bucket holds them; False (and nothing taken) otherwise."""
         self._refill(now)

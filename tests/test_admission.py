@@ -22,6 +22,8 @@ from tests.test_metrics import exchange, get
 
 # ---------------------------------------------------------------------------- the pure object
 
+UNBOUNDED = Rate(per_second=1e9, burst=1e9)  # no per-address answer budget: tests of the queue alone
+
 
 def test_total_bound_refuses_with_503_and_counts_nothing() -> None:
     a = Admission(max_pending=2)
@@ -63,7 +65,7 @@ def test_refused_clients_are_spread_over_time_not_sent_back_as_one_wave() -> Non
 
 
 def test_retry_after_follows_the_measured_completion_rate() -> None:
-    a = Admission(max_pending=4)
+    a = Admission(max_pending=4, address_answers=UNBOUNDED)
     now = 0.0
     for _ in range(1000):  # a busy hub completing 400 handshakes a second, for 10 s
         for _ in range(4):
@@ -258,7 +260,7 @@ async def test_device_client_comes_back_after_retry_after_and_gets_in(tmp_path: 
 
 
 def test_one_address_hammering_does_not_push_back_the_others() -> None:
-    a = Admission(max_pending=4, max_pending_per_address=1, answers_per_second=1e9)
+    a = Admission(max_pending=4, max_pending_per_address=1, answers_per_second=1e9, address_answers=UNBOUNDED)
     a.enter("attacker", 0.0)
     hammering = [a.enter("attacker", 0.0) for _ in range(10_000)]
     assert all(r is not None and r.status == 429 for r in hammering)
@@ -334,7 +336,7 @@ async def test_a_session_the_hub_ends_closes_its_socket_even_while_the_peer_keep
 
 
 def test_refusals_past_the_answer_budget_hold_no_place_in_the_queue() -> None:
-    a = Admission(max_pending=1, answers_per_second=10)
+    a = Admission(max_pending=1, answers_per_second=10, address_answers=UNBOUNDED)
     a.enter("x", 0.0)
     answered = [a.enter("y", 0.0) for _ in range(10)]
     assert all(r is not None and r.answered and r.retry_after >= 1 for r in answered)
@@ -345,8 +347,25 @@ def test_refusals_past_the_answer_budget_hold_no_place_in_the_queue() -> None:
     assert later is not None and later.answered and later.retry_after == 1
 
 
+def test_each_address_has_an_answer_budget_of_its_own_so_a_fleet_of_sites_is_answered() -> None:
+    """One address past its burst is closed unanswered; every other address (a site's devices) still gets slots."""
+    a = Admission(max_pending=1, address_answers=Rate(per_second=10, burst=100))
+    a.enter("x", 0.0)
+    for site in range(20):  # a surge: 20 sites with 100 devices each, all refused at once
+        refusals = [a.enter(f"10.0.{site}.1", 0.0) for _ in range(100)]
+        assert all(r is not None and r.answered for r in refusals)
+    assert a.unanswered == 0
+    hammer = [a.enter("10.0.0.1", 0.0) for _ in range(1000)]  # one of them reconnecting at full speed
+    assert all(r is not None and not r.answered for r in hammer)
+    again = a.enter("10.0.0.1", 0.1)  # its budget refills at its own pace
+    assert again is not None and again.answered
+    newcomer = a.enter("10.9.9.9", 0.1)
+    assert newcomer is not None and newcomer.answered
+    assert newcomer.retry_after == 40  # behind the 2,001 answered (at 50/s), not behind the 1,000 hammering
+
+
 def test_retry_after_is_capped_however_long_the_queue() -> None:
-    a = Admission(max_pending=1, answers_per_second=1e9)
+    a = Admission(max_pending=1, answers_per_second=1e9, address_answers=UNBOUNDED)
     a.enter("x", 0.0)
     refusals = [a.enter("y", 0.0) for _ in range(100_000)]
     assert max(r.retry_after for r in refusals if r is not None) == 60
