@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from device_client.protocol import CloseCode
 from hub import _wire, fleet
-from hub.commands import CommandError, CommandService
+from hub.commands import CommandService
 from hub.config import HubConfig
 from hub.control_codec import (
     CancelCommand,
@@ -510,18 +510,15 @@ class ControlSession:
 
     async def _submit(self, req: SendCommand) -> dict[str, Any]:
         """Submit the command; its record."""
-        try:
-            record = await self.server.commands.submit(
-                req.device,
-                req.name,
-                req.args,
-                ttl=req.ttl,
-                timeout=req.timeout,
-                idempotency_key=req.idempotency_key,
-                operator=self.operator,
-            )
-        except CommandError as exc:
-            raise ControlError(exc.code, exc.message) from None
+        record = await self.server.commands.submit(
+            req.device,
+            req.name,
+            req.args,
+            ttl=req.ttl,
+            timeout=req.timeout,
+            idempotency_key=req.idempotency_key,
+            operator=self.operator,
+        )
         log.info(
             "command submitted",
             extra=self.kv(command_id=record.command_id, device=req.device, name=req.name, state=record.state),
@@ -536,8 +533,8 @@ class ControlSession:
         try:
             try:
                 record = await self.server.commands.wait_final(command_id, req.wait_timeout)
-            except CommandError as exc:
-                await self._send(encode_error(req_id, ControlError(exc.code, exc.message)))
+            except ControlError as exc:
+                await self._send(encode_error(req_id, exc))
                 return
             await self._send(encode_reply(req_id, req, record.as_dict()))
         except ConnectionClosed:
@@ -547,10 +544,7 @@ class ControlSession:
 
     @_handles(CancelCommand)
     async def _cancel_command(self, req: CancelCommand) -> dict[str, Any]:
-        try:
-            record = await self.server.commands.cancel(req.command_id)
-        except CommandError as exc:
-            raise ControlError(exc.code, exc.message) from None
+        record = await self.server.commands.cancel(req.command_id)
         log.info("command cancelled by operator", extra=self.kv(command_id=req.command_id))
         return record.as_dict()
 
