@@ -15,6 +15,8 @@ from hub.control_codec import (
     ANSWERS,
     DEFAULT_LIMIT,
     DEFAULT_WAIT_TIMEOUT,
+    MAX_LIMIT,
+    MAX_WAIT_TIMEOUT,
     REQUESTS,
     CancelCommand,
     Command,
@@ -276,6 +278,18 @@ def test_docs_roles_table_matches_the_request_table() -> None:
     for role in ROLES:
         cumulative |= allowed[role]
         assert cumulative == {k for k, spec in REQUESTS.items() if ROLES.index(spec.role) <= ROLES.index(role)}, role
+
+
+def test_docs_arguments_match_the_request_classes() -> None:
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]+) \|", _section("Requests and replies"), re.MULTILINE)
+    assert rows
+    for kind, column in rows:
+        column = re.sub(r"\([^)]*\)", "", column)  # without the notes on values
+        documented = {name: optional == "?" for name, optional in re.findall(r"`(\w+)`(\??)", column)}
+        fields = {f.name: f.default is not attrs.NOTHING for f in attrs.fields(REQUESTS[kind].request)}
+        assert documented == fields, kind
+    assert f"`limit`? (default {DEFAULT_LIMIT}, at most {MAX_LIMIT})" in DOCS
+    assert f"`wait_timeout`? (s, default {DEFAULT_WAIT_TIMEOUT:g}, at most {MAX_WAIT_TIMEOUT:g})" in DOCS
 
 
 def test_docs_requests_and_error_codes_match_the_tables() -> None:
