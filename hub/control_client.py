@@ -252,8 +252,12 @@ class ControlClient:
         """Send `request` (one of hub.control_codec.REQUESTS) and return its `result` (None for a ping).
 
         Raises `RequestFailed` for an error reply, `ReplyTimeout` after `timeout` (default:
-        `reply_timeout`) seconds, `Disconnected` if the connection ends first.
+        `reply_timeout`, plus `wait_timeout` for a `send_command` with `wait`) seconds, `Disconnected` if the
+        connection ends first.
         """
+        if timeout is None and isinstance(request, SendCommand) and request.wait:
+            # A waiting request legitimately takes up to wait_timeout (the hub's default is 30 s) before its reply.
+            timeout = self.reply_timeout + request.wait_timeout
         return await self._request(spec_for(request).type, lambda rid: encode_request(rid, request), timeout)
 
     async def request(self, kind: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
@@ -350,9 +354,7 @@ class ControlClient:
             wait=wait,
             wait_timeout=wait_timeout,
         )
-        # A waiting request legitimately takes up to wait_timeout (the hub's default is 30 s) before its reply.
-        limit = self.reply_timeout + (request.wait_timeout if request.wait else 0.0)
-        return await self.call(request, timeout=limit)
+        return await self.call(request)
 
     async def cancel_command(self, command_id: str) -> dict[str, Any]:
         """Cancel a command still queued or sent; its record, now cancelled."""

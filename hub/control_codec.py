@@ -13,6 +13,7 @@ and `hubctl request` can use it at once; a typed `ControlClient` method is a one
 
 from __future__ import annotations
 
+import builtins
 import enum
 import json
 import math
@@ -293,7 +294,7 @@ class RequestSpec:
     """One request type: its class, the least role that may make it, the shape of its reply."""
 
     type: str
-    request: type[Request]
+    request: builtins.type[Request]
     role: str  # viewer < operator < admin (hub.registry.ROLES)
     reply: Reply
 
