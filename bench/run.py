@@ -730,7 +730,7 @@ class Bench(EdgeScenarios):
         return row
 
     async def _hub_commands(self, port: int, names: list[str]) -> tuple[list[float], dict[str, int]]:
-        from hub.control_client import ControlError, open_control
+        from hub.control_client import ClientError, open_control
 
         latencies: list[float] = []
         failures: dict[str, int] = {}
@@ -741,7 +741,7 @@ class Bench(EdgeScenarios):
                 started = time.perf_counter()
                 try:
                     record = await control.send_command(device, "ping", {}, wait=True, wait_timeout=10)
-                except ControlError as exc:
+                except ClientError as exc:
                     failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
                     continue
                 took = time.perf_counter() - started

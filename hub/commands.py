@@ -45,7 +45,7 @@ import trio
 from device_client import protocol
 from device_client.protocol import Command, ProtocolError
 from hub.config import CommandsConfig
-from hub.control_codes import COMMAND_FINAL_STATES
+from hub.control_codes import COMMAND_FINAL_STATES, ControlError
 from hub.lineproto import line
 
 __all__ = [
@@ -75,13 +75,8 @@ POINT_BUFFER = 10_000
 Sender = Callable[[Command], bool]
 
 
-class CommandError(Exception):
-    """A command request refused; `code` is one of the control channel's error codes."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+#: A command request refused: the control channel's own error, with its code (hub.control_codes).
+CommandError = ControlError
 
 
 @attrs.frozen

@@ -4,9 +4,13 @@ Needs only trio, trio-websocket and attrs, like `hubctl`, which is built on it::
 
     async with open_control("wss://hub:8765/v1/control", token) as hub:
         devices = await hub.devices(state="online")
+        detail = await hub.call(Device(name="sensor-7"))  # any request of hub.control_codec.REQUESTS
         async with hub.subscribe("telemetry", ["sensor-7"]) as events:
             async for item in events:  # Event or Dropped
                 ...
+
+Every error it raises is a `ClientError`; a refused request is a `RequestFailed`, which is also the control wire's
+`ControlError` (hub.control_codes) with its `code`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -28,7 +32,26 @@ import wsproto.utilities
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
 
 from device_client.client import InsecureURLError, TLSHandshakeError, client_ssl_context, tls_handshake_errors
-from hub.control_codes import COMMAND_FINAL_STATES, ErrorCode
+from hub.control_codec import (
+    DEFAULT_WAIT_TIMEOUT,
+    CancelCommand,
+    Command,
+    Commands,
+    ControlError,
+    Device,
+    Devices,
+    ErrorCode,
+    Ping,
+    Request,
+    SendCommand,
+    Status,
+    Subscribe,
+    Unsubscribe,
+    encode_auth,
+    encode_request,
+    spec_for,
+)
+from hub.control_codes import COMMAND_FINAL_STATES
 from hub.control_codes import TOPICS as CONTROL_TOPICS
 
 __all__ = [
@@ -37,9 +60,9 @@ __all__ = [
     "HUB_WAIT_TIMEOUT",
     "TOPICS",
     "AuthRefused",
+    "ClientError",
     "ConnectFailed",
     "ControlClient",
-    "ControlError",
     "Disconnected",
     "Dropped",
     "ErrorCode",
@@ -59,17 +82,18 @@ TOPICS = CONTROL_TOPICS
 #: Command states after which nothing changes any more.
 FINAL_STATES = COMMAND_FINAL_STATES
 #: The hub's `wait_timeout` of `send_command` when none is given (docs/control.md).
-HUB_WAIT_TIMEOUT = 30.0
+HUB_WAIT_TIMEOUT = DEFAULT_WAIT_TIMEOUT
 #: Largest frame accepted from the hub: `commands` with limit 1000 and 16 KiB args and results is large.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
+_R = TypeVar("_R", bound=Request)
 
 
-class ControlError(Exception):
+class ClientError(Exception):
     """Base of every error this module raises."""
 
 
-class ConnectFailed(ControlError):
+class ConnectFailed(ClientError):
     """The connection could not be opened: network error, timeout, or an HTTP refusal (`status`, if any)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
@@ -88,7 +112,7 @@ _FRAME_CLOSES = {
 }
 
 
-class Disconnected(ControlError):
+class Disconnected(ClientError):
     """The connection ended while in use; `code` and `reason` are the WebSocket close code and text."""
 
     def __init__(self, code: int | None, reason: str | None = None) -> None:
@@ -100,17 +124,21 @@ class Disconnected(ControlError):
         self.reason = reason
 
 
-class ReplyTimeout(ControlError):
+class ReplyTimeout(ClientError):
     """The hub did not answer a request in time."""
 
 
-class RequestFailed(ControlError):
-    """The hub answered a request with an error: `code` is one of `ErrorCode`, `message` is for humans."""
+class RequestFailed(ClientError, ControlError):
+    """The hub refused request `request` (a type), or the codec did before it was sent: `code` (an `ErrorCode`) says
+    why, `message` is for humans."""
 
     def __init__(self, code: str, message: str, request: str = "") -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.code = code
-        self.message = message
+        try:
+            ControlError.__init__(self, code, message)
+        except ValueError:  # a code this client does not know (from a newer hub): kept as the hub sent it
+            Exception.__init__(self, f"{code}: {message}" if message else code)
+            self.code = code
+            self.message = message
         self.request = request
 
 
@@ -220,18 +248,30 @@ class ControlClient:
 
     # ------------------------------------------------------------------ requests
 
-    async def request(self, kind: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
-        """Send request `kind` with `args` and return its `result`.
+    async def call(self, request: Request, *, timeout: float | None = None) -> Any:
+        """Send `request` (one of hub.control_codec.REQUESTS) and return its `result` (None for a ping).
 
         Raises `RequestFailed` for an error reply, `ReplyTimeout` after `timeout` (default:
-        `reply_timeout`) seconds, `Disconnected` if the connection ends first.
+        `reply_timeout`, plus `wait_timeout` for a `send_command` with `wait`) seconds, `Disconnected` if the
+        connection ends first.
         """
-        return await self._request(kind, args, timeout)
+        if timeout is None and isinstance(request, SendCommand) and request.wait:
+            # A waiting request legitimately takes up to wait_timeout (the hub's default is 30 s) before its reply.
+            timeout = self.reply_timeout + request.wait_timeout
+        return await self._request(spec_for(request).type, lambda rid: encode_request(rid, request), timeout)
+
+    async def request(self, kind: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """Like `call`, but request `kind` with `args` as they are, unchecked: for a type this client does not know."""
+
+        def frame(rid: int) -> str:
+            return json.dumps({"id": rid, "type": kind, **(args or {})}, allow_nan=False)
+
+        return await self._request(kind, frame, timeout)
 
     async def _request(
         self,
         kind: str,
-        args: dict[str, Any] | None,
+        frame: Callable[[int], str],
         timeout: float | None,
         on_success: Callable[[Any], None] | None = None,
     ) -> Any:
@@ -243,8 +283,7 @@ class ControlClient:
         self._pending[rid] = pending
         try:
             try:
-                text = json.dumps({"id": rid, "type": kind, **(args or {})}, allow_nan=False)
-                await self._ws.send_message(text)
+                await self._ws.send_message(frame(rid))
             except ConnectionClosed as exc:
                 raise self._lost(exc.reason) from None
             with trio.move_on_after(limit):
@@ -266,30 +305,30 @@ class ControlClient:
     async def ping(self) -> float:
         """Round-trip time of an application-level ping, in seconds."""
         start = trio.current_time()
-        await self.request("ping")
+        await self.call(Ping())
         return trio.current_time() - start
 
     async def status(self) -> dict[str, Any]:
         """The hub's figures (see docs/control.md)."""
-        return await self.request("status")
+        return await self.call(Status())
 
     async def devices(self, state: str | None = None) -> list[dict[str, Any]]:
-        """Device summaries sorted by name, optionally only those in `state` (online, late, offline)."""
-        return await self.request("devices", _given(state=state))
+        """Device summaries sorted by name, optionally only those in `state` (online, late, offline, never)."""
+        return await self.call(_build(Devices, state=state))
 
     async def device(self, name: str) -> dict[str, Any]:
         """One device: its summary plus `latest` values and its 20 most recent `commands`."""
-        return await self.request("device", {"name": name})
+        return await self.call(_build(Device, name=name))
 
     async def commands(
         self, device: str | None = None, state: str | None = None, limit: int | None = None
     ) -> list[dict[str, Any]]:
         """Command records, newest first."""
-        return await self.request("commands", _given(device=device, state=state, limit=limit))
+        return await self.call(_build(Commands, device=device, state=state, limit=limit))
 
     async def command(self, command_id: str) -> dict[str, Any]:
         """One command record."""
-        return await self.request("command", {"command_id": command_id})
+        return await self.call(_build(Command, command_id=command_id))
 
     async def send_command(
         self,
@@ -304,17 +343,22 @@ class ControlClient:
         wait_timeout: float | None = None,
     ) -> dict[str, Any]:
         """Queue command `name` for `device`; its record. With `wait`, the record once final (or at `wait_timeout`)."""
-        body = _given(args=args, ttl=ttl, timeout=timeout, idempotency_key=idempotency_key, wait_timeout=wait_timeout)
-        body.update(device=device, name=name)
-        if wait:
-            body["wait"] = True
-        # A waiting request legitimately takes up to wait_timeout (the hub's default is 30 s) before its reply.
-        limit = self.reply_timeout + ((HUB_WAIT_TIMEOUT if wait_timeout is None else wait_timeout) if wait else 0.0)
-        return await self.request("send_command", body, timeout=limit)
+        request = _build(
+            SendCommand,
+            device=device,
+            name=name,
+            args=args,
+            ttl=ttl,
+            timeout=timeout,
+            idempotency_key=idempotency_key,
+            wait=wait,
+            wait_timeout=wait_timeout,
+        )
+        return await self.call(request)
 
     async def cancel_command(self, command_id: str) -> dict[str, Any]:
         """Cancel a command still queued or sent; its record, now cancelled."""
-        return await self.request("cancel_command", {"command_id": command_id})
+        return await self.call(_build(CancelCommand, command_id=command_id))
 
     @asynccontextmanager
     async def subscribe(
@@ -328,14 +372,12 @@ class ControlClient:
             if (sid := _subscription_id(result)) is not None:
                 self._routes[sid] = _Route(topic, send)
 
-        body: dict[str, Any] = {"topic": topic}
-        if devices is not None:
-            body["devices"] = list(devices)
+        request = _build(Subscribe, topic=topic, devices=None if devices is None else list(devices))
         async with receive:
-            result = await self._request("subscribe", body, None, route)
+            result = await self._request("subscribe", lambda rid: encode_request(rid, request), None, route)
             sid = _subscription_id(result)
             if sid is None:
-                raise ControlError(f"the hub's reply to subscribe has no subscription id: {result!r:.200}")
+                raise ClientError(f"the hub's reply to subscribe has no subscription id: {result!r:.200}")
             try:
                 yield Subscription(sid, topic, receive, self)
             finally:
@@ -348,8 +390,8 @@ class ControlClient:
         # Shielded: leaving a subscription because of a cancellation must still end it at the hub.
         with trio.CancelScope(shield=True), trio.move_on_after(min(self.reply_timeout, 5.0)):
             try:
-                await self.request("unsubscribe", {"subscription": sid})
-            except ControlError as exc:
+                await self.call(Unsubscribe(subscription=sid))
+            except ClientError as exc:
                 log.warning("unsubscribe %d failed: %s", sid, exc)
 
     # ------------------------------------------------------------------ background tasks
@@ -451,9 +493,13 @@ def _subscription_id(result: Any) -> int | None:
     return sid if type(sid) is int else None
 
 
-def _given(**kwargs: Any) -> dict[str, Any]:
-    """The keyword arguments that are not None."""
-    return {k: v for k, v in kwargs.items() if v is not None}
+def _build(kind: type[_R], **fields: Any) -> _R:
+    """Request `kind` with the `fields` that are not None; one the codec refuses raises `RequestFailed` at once,
+    with the code and message the hub would have answered."""
+    try:
+        return kind(**{k: v for k, v in fields.items() if v is not None})
+    except ControlError as exc:
+        raise RequestFailed(exc.code, exc.message, spec_for(kind).type) from None
 
 
 @contextlib.contextmanager
@@ -493,7 +539,7 @@ async def _authenticate(ws: trio_websocket.WebSocketConnection, token: str) -> t
         if kind == "auth_ok":
             return str(msg.get("operator", "")), str(msg.get("role", ""))
         if kind == "auth_required":
-            await ws.send_message(json.dumps({"type": "auth", "token": token}))
+            await ws.send_message(encode_auth(token))
         elif kind == "auth_invalid":
             raise AuthRefused(f"the hub refused the token: {msg.get('message') or 'auth_invalid'}")
         else:

@@ -1,14 +1,28 @@
-"""Names of the control channel shared by the server and its clients (docs/control.md): error codes, topics, states."""
+"""The control channel's vocabulary (docs/control.md): its one error family, topics, final command states.
 
-__all__ = ["COMMAND_FINAL_STATES", "TOPICS", "ErrorCode"]
+Every refusal on the control wire is a `ControlError` whose `code` is an `ErrorCode`; `ANSWERS` says, for each code,
+what the hub does besides replying with it. The requests themselves are in `hub.control_codec`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+import attrs
+
+from device_client.protocol import CloseCode
+
+__all__ = ["ANSWERS", "COMMAND_FINAL_STATES", "TOPICS", "Answer", "ControlError", "ErrorCode"]
 
 #: Subscription topics.
 TOPICS = ("telemetry", "presence", "commands")
 #: Command states after which nothing changes.
 COMMAND_FINAL_STATES = frozenset({"succeeded", "failed", "expired", "timed_out", "cancelled"})
 
-class ErrorCode:
-    """Stable error codes of `result` frames (see docs/control.md)."""
+
+class ErrorCode(enum.StrEnum):
+    """Stable error codes of `result` frames (docs/control.md, "Error codes"); each is its wire text."""
 
     BAD_REQUEST = "bad_request"
     UNKNOWN_TYPE = "unknown_type"
@@ -21,3 +35,49 @@ class ErrorCode:
     EXISTS = "exists"
     RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
+
+
+@attrs.frozen
+class Answer:
+    """What the hub does with a refused request besides its error reply."""
+
+    #: Counts towards `control.max_errors`: past it, the session is closed with 1008.
+    bad_frame: bool = False
+    #: Close the session with this code right after the reply.
+    close: int | None = None
+    #: Logged at debug level only (the first of a run is logged as a warning where it is detected).
+    quiet: bool = False
+
+
+#: Code -> answer; a code not listed here is not sent.
+ANSWERS: Mapping[str, Answer] = {
+    ErrorCode.BAD_REQUEST: Answer(bad_frame=True),
+    ErrorCode.UNKNOWN_TYPE: Answer(bad_frame=True),
+    ErrorCode.FORBIDDEN: Answer(),
+    ErrorCode.NOT_FOUND: Answer(),
+    ErrorCode.INVALID_STATE: Answer(),
+    ErrorCode.QUEUE_FULL: Answer(),
+    ErrorCode.TOO_MANY_SUBSCRIPTIONS: Answer(),
+    ErrorCode.BAD_COMMAND: Answer(),
+    ErrorCode.EXISTS: Answer(),
+    ErrorCode.RATE_LIMITED: Answer(quiet=True),
+    ErrorCode.INTERNAL: Answer(close=CloseCode.INTERNAL),
+}
+
+
+class ControlError(Exception):
+    """A control request refused: `code` is an `ErrorCode`, `message` is safe to show the operator.
+
+    Raises ValueError for a code that is not an `ErrorCode`: the hub sends no other.
+    """
+
+    def __init__(self, code: str, message: str = "") -> None:
+        # `str`, not `ErrorCode`: a client keeps a code it does not know (from a newer hub) as the hub sent it.
+        self.code: str = ErrorCode(code)
+        self.message = message
+        super().__init__(f"{code}: {message}" if message else code)
+
+    @property
+    def answer(self) -> Answer:
+        """What the hub does besides replying (`ANSWERS`)."""
+        return ANSWERS[self.code]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
@@ -17,10 +16,36 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from device_client.protocol import CloseCode
 from hub import _wire, fleet
-from hub.commands import STATES as COMMAND_STATES
-from hub.commands import CommandError, CommandService
+from hub.commands import CommandService
 from hub.config import HubConfig
-from hub.control_codes import ErrorCode
+from hub.control_codec import (
+    CancelCommand,
+    Command,
+    Commands,
+    ControlError,
+    Device,
+    DeviceAdd,
+    DeviceRevoke,
+    DeviceRotate,
+    Devices,
+    ErrorCode,
+    Ping,
+    Request,
+    SendCommand,
+    Status,
+    Subscribe,
+    Unsubscribe,
+    decode_auth,
+    encode_auth_invalid,
+    encode_auth_ok,
+    encode_auth_required,
+    encode_dropped,
+    encode_error,
+    encode_event,
+    encode_reply,
+    lookup,
+    read_frame,
+)
 from hub.device_server import reject
 from hub.ledger import Ledgers
 from hub.pipeline import Pipeline
@@ -28,12 +53,12 @@ from hub.presence import Presence
 from hub.ratelimit import Rate, TokenBucket
 from hub.registry import BadName, DeviceExists, Registry, UnknownDevice, role_allows
 from hub.stats import Stats
-from hub.subscriptions import TOPICS, Broadcaster, Subscription
+from hub.subscriptions import Broadcaster, Subscription
 
 if TYPE_CHECKING:
     from hub.device_server import DeviceServer
 
-__all__ = ["CONTROL_PATH", "ControlServer", "ControlSession", "ErrorCode", "RequestError"]
+__all__ = ["CONTROL_PATH", "ControlServer", "ControlSession", "ErrorCode"]
 
 log = logging.getLogger("hub.control")
 
@@ -46,32 +71,13 @@ CLOSE_TIMEOUT = 2.0
 ERROR_WINDOW = 60.0
 #: `send_command` requests with `wait` one session may have pending; more make its reader wait.
 MAX_WAITS = 32
-#: Default and largest `wait_timeout` of `send_command`, in seconds.
-DEFAULT_WAIT_TIMEOUT = 30.0
-MAX_WAIT_TIMEOUT = 3600.0
-#: Most recent commands shown in a `device` reply; default and largest `limit` of `commands`.
+#: Most recent commands shown in a `device` reply.
 DETAIL_COMMANDS = 20
-DEFAULT_LIMIT = 50
-MAX_LIMIT = 1000
 
 try:
     VERSION = importlib.metadata.version("trio-telemetry-hub")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
     VERSION = "0+unknown"
-
-
-
-#: Codes of frames that count as bad (towards `control.max_errors`).
-_BAD_FRAME_CODES = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_TYPE})
-
-
-class RequestError(Exception):
-    """A request refused with a stable `code`; `message` is safe to show the operator."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 @attrs.frozen
@@ -88,14 +94,6 @@ def _remote(request_or_ws: WebSocketRequest | WebSocketConnection) -> str:
     return f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
 
 
-def _dumps(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _too_big(text: str | bytes, limit: int) -> bool:
     if len(text) > limit:
         return True
@@ -104,43 +102,20 @@ def _too_big(text: str | bytes, limit: int) -> bool:
     return isinstance(text, str) and len(text) * 4 > limit and len(text.encode("utf-8", "surrogateescape")) > limit
 
 
-_MISSING: Any = object()
+_R = TypeVar("_R", bound=Request)
+_Handler = Callable[["ControlSession", Any], Awaitable[Any]]
+#: Request class -> the `ControlSession` method that serves it (registered with `@_handles`).
+_HANDLERS: dict[type[Request], _Handler] = {}
 
 
-def _arg(req: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
-    """Argument `key` of type `kind` (bool is never taken for a number); missing: `default` or bad_request."""
-    value = req.get(key, _MISSING)
-    if value is _MISSING or (value is None and default is not _MISSING):
-        if default is _MISSING:
-            raise RequestError(ErrorCode.BAD_REQUEST, f"missing {key!r}")
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise RequestError(ErrorCode.BAD_REQUEST, f"{key!r} has the wrong type")
-    return value
+def _handles(kind: type[_R]) -> Callable[[Callable[[ControlSession, _R], Awaitable[Any]]], _Handler]:
+    """Register the decorated method as the handler of requests of class `kind` (hub.control_codec.REQUESTS)."""
 
+    def register(handler: Callable[[ControlSession, _R], Awaitable[Any]]) -> _Handler:
+        _HANDLERS[kind] = handler
+        return handler
 
-def _number(req: dict[str, Any], key: str, default: Any = _MISSING) -> Any:
-    value = _arg(req, key, (int, float), default)
-    return value if value is None else float(value)
-
-
-# request type -> least role allowed
-_ROLES: dict[str, str] = {
-    "ping": "viewer",
-    "status": "viewer",
-    "devices": "viewer",
-    "device": "viewer",
-    "commands": "viewer",
-    "command": "viewer",
-    "subscribe": "viewer",
-    "unsubscribe": "viewer",
-    "send_command": "operator",
-    "cancel_command": "operator",
-    "device_add": "admin",
-    "device_revoke": "admin",
-    "device_rotate": "admin",
-}
+    return register
 
 
 class ControlServer:
@@ -288,20 +263,6 @@ class ControlSession:
         self._waits = trio.Semaphore(MAX_WAITS)
         self._scope = trio.CancelScope()
         self._done = trio.Event()
-        self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
-            "status": self._status,
-            "devices": self._devices,
-            "device": self._device,
-            "commands": self._commands,
-            "command": self._command,
-            "send_command": self._send_command,
-            "cancel_command": self._cancel_command,
-            "subscribe": self._subscribe,
-            "unsubscribe": self._unsubscribe,
-            "device_add": self._device_add,
-            "device_revoke": self._device_revoke,
-            "device_rotate": self._device_rotate,
-        }
 
     def kv(self, **extra: Any) -> dict[str, Any]:
         """Log context of this session (never a token)."""
@@ -324,7 +285,7 @@ class ControlSession:
                     return
                 server._joined(self)
                 joined = True
-                await self._send({"type": "auth_ok", "operator": self.operator, "role": self.role})
+                await self._send(encode_auth_ok(self.operator, self.role))
                 log.info("operator connected", extra=self.kv())
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._sender)
@@ -357,14 +318,14 @@ class ControlSession:
             await self.ws.aclose(code, reason)
         self._scope.cancel()
 
-    async def _send(self, obj: dict[str, Any]) -> None:
-        await self.ws.send_message(_dumps(obj))
+    async def _send(self, text: str) -> None:
+        await self.ws.send_message(text)
 
     # ------------------------------------------------------------------ authentication
 
     async def _first_message_auth(self) -> _Identity | None:
         cfg = self.server.config.control
-        await self._send({"type": "auth_required"})
+        await self._send(encode_auth_required())
         with trio.move_on_after(cfg.auth_timeout):
             try:
                 text = await self.ws.get_message()
@@ -375,12 +336,7 @@ class ControlSession:
                 log.warning("control auth message too big", extra=self.kv(reason="too_big"))
                 await self._abort(CloseCode.TOO_BIG, "message too big")
                 return None
-            token = None
-            with contextlib.suppress(ValueError, RecursionError):
-                bad_utf8 = isinstance(text, str) and _wire.has_bad_utf8(text)  # no token then: nothing to look up
-                msg = None if bad_utf8 else json.loads(text, parse_constant=_reject_constant)
-                if isinstance(msg, dict) and msg.get("type") == "auth" and isinstance(msg.get("token"), str):
-                    token = msg["token"]
+            token = decode_auth(text)
             found = (
                 None
                 if token is None
@@ -393,7 +349,7 @@ class ControlSession:
             log.warning("operator authentication failed", extra=self.kv(reason=why))
             message = "unknown or revoked token" if token is not None else 'the first message must be {"type": "auth"}'
             with contextlib.suppress(ConnectionClosed):
-                await self._send({"type": "auth_invalid", "message": message})
+                await self._send(encode_auth_invalid(message))
             await self._abort(CloseCode.POLICY, "authentication failed")
             return None
         self.server.stats.refused += 1
@@ -429,60 +385,47 @@ class ControlSession:
             log.warning("control message too big", extra=self.kv(reason="too_big"))
             await _wire.close_stream(self.ws, CLOSE_TIMEOUT)
 
-    def _parse(self, text: str | bytes) -> dict[str, Any]:
-        if isinstance(text, bytes):
-            raise RequestError(ErrorCode.BAD_REQUEST, "binary frames are not accepted")
-        if _wire.has_bad_utf8(text):
-            raise RequestError(ErrorCode.BAD_REQUEST, "text is not valid UTF-8")
-        try:
-            req = json.loads(text, parse_constant=_reject_constant)
-        except (ValueError, RecursionError):
-            raise RequestError(ErrorCode.BAD_REQUEST, "not valid JSON") from None
-        if not isinstance(req, dict):
-            raise RequestError(ErrorCode.BAD_REQUEST, "a request is a JSON object")
-        req_id = req.get("id")
-        if type(req_id) is not int:
-            raise RequestError(ErrorCode.BAD_REQUEST, "a request needs an integer 'id'")
-        return req
-
     async def _dispatch(self, text: str | bytes, nursery: trio.Nursery) -> None:
+        """Answer one frame: its id, the operator's rate, its type, the role, its arguments, then its handler."""
         req_id: int | None = None
         kind: Any = None
         try:
-            req = self._parse(text)
-            req_id = req["id"]
+            frame = read_frame(text)
+            req_id = frame.id
             self._check_rate()
-            kind = req.get("type")
-            if not isinstance(kind, str):
-                raise RequestError(ErrorCode.BAD_REQUEST, "missing 'type'")
-            needed = _ROLES.get(kind)
-            if needed is None:
-                raise RequestError(ErrorCode.UNKNOWN_TYPE, f"no request type {kind[:40]!r}")
-            if not role_allows(self.role, needed):
-                raise RequestError(ErrorCode.FORBIDDEN, f"role {self.role!r} may not {kind}")
-            if kind == "ping":
-                await self._send({"type": "pong", "id": req_id})
-                return
-            if kind == "send_command" and _arg(req, "wait", bool, False):
-                record, wait_timeout = await self._submit(req)
+            kind = frame.type
+            spec = lookup(frame)
+            if not role_allows(self.role, spec.role):
+                raise ControlError(ErrorCode.FORBIDDEN, f"role {self.role!r} may not {spec.type}")
+            request = spec.decode(frame.body)
+            if isinstance(request, SendCommand) and request.wait:
+                record = await self._submit(request)
                 await self._waits.acquire()
-                nursery.start_soon(self._wait_and_reply, req_id, record["command_id"], wait_timeout)
+                nursery.start_soon(self._wait_and_reply, frame.id, request, record["command_id"])
                 return
-            result = await self._handlers[kind](req)
-        except RequestError as exc:
-            level = logging.DEBUG if exc.code == ErrorCode.RATE_LIMITED else logging.INFO
-            log.log(level, "request refused", extra=self.kv(reason=exc.code, id=req_id, type=str(kind)[:40]))
-            await self._reply_error(req_id, exc.code, exc.message)
-            if exc.code in _BAD_FRAME_CODES:
-                await self._count_bad_frame()
+            result = await _HANDLERS[spec.request](self, request)
+        except ControlError as exc:
+            await self._refuse_request(req_id, kind, exc)
             return
         except Exception:
             log.exception("control request failed", extra=self.kv(type=str(kind)[:40], id=req_id))
-            with contextlib.suppress(ConnectionClosed):
-                await self._reply_error(req_id, ErrorCode.INTERNAL, "internal error")
-            await self._abort(CloseCode.INTERNAL, "internal error")
+            await self._refuse_request(req_id, kind, ControlError(ErrorCode.INTERNAL, "internal error"))
             return
-        await self._send({"id": req_id, "type": "result", "success": True, "result": result})
+        await self._send(encode_reply(frame.id, request, result))
+
+    async def _refuse_request(self, req_id: int | None, kind: Any, error: ControlError) -> None:
+        """Answer `error` and do what its code's answer says (hub.control_codes.ANSWERS)."""
+        answer = error.answer
+        if answer.close is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(encode_error(req_id, error))
+            await self._abort(answer.close, error.message)
+            return
+        level = logging.DEBUG if answer.quiet else logging.INFO
+        log.log(level, "request refused", extra=self.kv(reason=error.code, id=req_id, type=str(kind)[:40]))
+        await self._send(encode_error(req_id, error))
+        if answer.bad_frame:
+            await self._count_bad_frame()
 
     def _check_rate(self) -> None:
         """Refuse the request (`rate_limited`) when the operator is over `control.request_rate`."""
@@ -495,11 +438,7 @@ class ControlSession:
             self._limited = True
             log.warning("operator over its request rate: refusing requests", extra=self.kv(reason="rate_limited"))
         cfg = self.server.config.control
-        raise RequestError(ErrorCode.RATE_LIMITED, f"more than {cfg.request_rate:g} requests/s: slow down")
-
-    async def _reply_error(self, req_id: int | None, code: str, message: str) -> None:
-        error = {"code": code, "message": message}
-        await self._send({"id": req_id, "type": "result", "success": False, "error": error})
+        raise ControlError(ErrorCode.RATE_LIMITED, f"more than {cfg.request_rate:g} requests/s: slow down")
 
     async def _count_bad_frame(self) -> None:
         now = trio.current_time()
@@ -513,7 +452,12 @@ class ControlSession:
 
     # ------------------------------------------------------------------ requests
 
-    async def _status(self, req: dict[str, Any]) -> dict[str, Any]:
+    @_handles(Ping)
+    async def _ping(self, req: Ping) -> None:
+        return None
+
+    @_handles(Status)
+    async def _status(self, req: Status) -> dict[str, Any]:
         server = self.server
         stats = server.stats
         registered = len(await trio.to_thread.run_sync(server.registry.list))
@@ -535,144 +479,125 @@ class ControlSession:
             "control_sessions": server.sessions,
         }
 
-    async def _devices(self, req: dict[str, Any]) -> list[dict[str, Any]]:
-        state = _arg(req, "state", str, None)
-        if state is not None and state not in fleet.STATES:
-            raise RequestError(ErrorCode.BAD_REQUEST, f"state must be one of {', '.join(fleet.STATES)}")
+    @_handles(Devices)
+    async def _devices(self, req: Devices) -> list[dict[str, Any]]:
         server = self.server
         records = await trio.to_thread.run_sync(server.registry.list)
-        return fleet.list_summaries(records, server.presence.status, server.ledgers.find, state)
+        return fleet.list_summaries(records, server.presence.status, server.ledgers.find, req.state)
 
-    async def _device(self, req: dict[str, Any]) -> dict[str, Any]:
-        name = _arg(req, "name", str)
+    @_handles(Device)
+    async def _device(self, req: Device) -> dict[str, Any]:
+        name = req.name
         server = self.server
         record = await trio.to_thread.run_sync(server.registry.get, name)
         status = server.presence.status.get(name)
         if record is None and status is None:
-            raise RequestError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}")
+            raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}")
         commands = [r.as_dict() for r in await server.commands.list(device=name, limit=DETAIL_COMMANDS)]
         return fleet.device_detail(name, record, status, server.ledgers.find(name), commands)
 
-    async def _commands(self, req: dict[str, Any]) -> list[dict[str, Any]]:
-        device = _arg(req, "device", str, None)
-        state = _arg(req, "state", str, None)
-        limit = _arg(req, "limit", int, DEFAULT_LIMIT)
-        if state is not None and state not in COMMAND_STATES:
-            raise RequestError(ErrorCode.BAD_REQUEST, f"state must be one of {', '.join(COMMAND_STATES)}")
-        if not 1 <= limit <= MAX_LIMIT:
-            raise RequestError(ErrorCode.BAD_REQUEST, f"limit must be 1..{MAX_LIMIT}")
-        return [r.as_dict() for r in await self.server.commands.list(device=device, state=state, limit=limit)]
+    @_handles(Commands)
+    async def _commands(self, req: Commands) -> list[dict[str, Any]]:
+        records = await self.server.commands.list(device=req.device, state=req.state, limit=req.limit)
+        return [r.as_dict() for r in records]
 
-    async def _command(self, req: dict[str, Any]) -> dict[str, Any]:
-        command_id = _arg(req, "command_id", str)
-        record = await self.server.commands.get(command_id)
+    @_handles(Command)
+    async def _command(self, req: Command) -> dict[str, Any]:
+        record = await self.server.commands.get(req.command_id)
         if record is None:
-            raise RequestError(ErrorCode.NOT_FOUND, f"no command {command_id[:64]!r}")
+            raise ControlError(ErrorCode.NOT_FOUND, f"no command {req.command_id[:64]!r}")
         return record.as_dict()
 
-    async def _submit(self, req: dict[str, Any]) -> tuple[dict[str, Any], float]:
-        """Check the arguments and submit; the command record and the `wait_timeout` asked for."""
-        device = _arg(req, "device", str)
-        name = _arg(req, "name", str)
-        args = req.get("args")
-        if args is not None and not isinstance(args, dict):
-            raise RequestError(ErrorCode.BAD_COMMAND, "args must be an object")
-        ttl = _number(req, "ttl", None)
-        timeout = _number(req, "timeout", None)
-        key = _arg(req, "idempotency_key", str, None)
-        _arg(req, "wait", bool, False)
-        wait_timeout = _number(req, "wait_timeout", DEFAULT_WAIT_TIMEOUT)
-        if not 0 < wait_timeout <= MAX_WAIT_TIMEOUT:
-            raise RequestError(ErrorCode.BAD_REQUEST, f"wait_timeout must be in (0, {MAX_WAIT_TIMEOUT:g}] seconds")
-        try:
-            record = await self.server.commands.submit(
-                device, name, args, ttl=ttl, timeout=timeout, idempotency_key=key, operator=self.operator
-            )
-        except CommandError as exc:
-            raise RequestError(exc.code, exc.message) from None
+    async def _submit(self, req: SendCommand) -> dict[str, Any]:
+        """Submit the command; its record."""
+        record = await self.server.commands.submit(
+            req.device,
+            req.name,
+            req.args,
+            ttl=req.ttl,
+            timeout=req.timeout,
+            idempotency_key=req.idempotency_key,
+            operator=self.operator,
+        )
         log.info(
             "command submitted",
-            extra=self.kv(command_id=record.command_id, device=device, name=name, state=record.state),
+            extra=self.kv(command_id=record.command_id, device=req.device, name=req.name, state=record.state),
         )
-        return record.as_dict(), wait_timeout
+        return record.as_dict()
 
-    async def _send_command(self, req: dict[str, Any]) -> dict[str, Any]:
-        return (await self._submit(req))[0]
+    @_handles(SendCommand)
+    async def _send_command(self, req: SendCommand) -> dict[str, Any]:
+        return await self._submit(req)  # with `wait`, _dispatch replies later instead
 
-    async def _wait_and_reply(self, req_id: int, command_id: str, wait_timeout: float) -> None:
+    async def _wait_and_reply(self, req_id: int, req: SendCommand, command_id: str) -> None:
         try:
             try:
-                record = await self.server.commands.wait_final(command_id, wait_timeout)
-            except CommandError as exc:
-                await self._reply_error(req_id, exc.code, exc.message)
+                record = await self.server.commands.wait_final(command_id, req.wait_timeout)
+            except ControlError as exc:
+                await self._send(encode_error(req_id, exc))
                 return
-            await self._send({"id": req_id, "type": "result", "success": True, "result": record.as_dict()})
+            await self._send(encode_reply(req_id, req, record.as_dict()))
         except ConnectionClosed:
             self._scope.cancel()
         finally:
             self._waits.release()
 
-    async def _cancel_command(self, req: dict[str, Any]) -> dict[str, Any]:
-        command_id = _arg(req, "command_id", str)
-        try:
-            record = await self.server.commands.cancel(command_id)
-        except CommandError as exc:
-            raise RequestError(exc.code, exc.message) from None
-        log.info("command cancelled by operator", extra=self.kv(command_id=command_id))
+    @_handles(CancelCommand)
+    async def _cancel_command(self, req: CancelCommand) -> dict[str, Any]:
+        record = await self.server.commands.cancel(req.command_id)
+        log.info("command cancelled by operator", extra=self.kv(command_id=req.command_id))
         return record.as_dict()
 
-    async def _subscribe(self, req: dict[str, Any]) -> dict[str, Any]:
-        topic = _arg(req, "topic", str)
-        if topic not in TOPICS:
-            raise RequestError(ErrorCode.BAD_REQUEST, f"topic must be one of {', '.join(TOPICS)}")
-        devices = _arg(req, "devices", list, None)
-        if devices is not None and (not devices or not all(isinstance(d, str) for d in devices)):
-            raise RequestError(ErrorCode.BAD_REQUEST, "devices must be a non-empty list of names (or null for all)")
+    @_handles(Subscribe)
+    async def _subscribe(self, req: Subscribe) -> dict[str, Any]:
         cfg = self.server.config.control
         if len(self._subs) >= cfg.max_subscriptions:
-            raise RequestError(
+            raise ControlError(
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {cfg.max_subscriptions} subscriptions per session"
             )
-        sub = self.server.broadcaster.subscribe(topic, devices, self._notify, capacity=cfg.buffer)
+        sub = self.server.broadcaster.subscribe(req.topic, req.devices, self._notify, capacity=cfg.buffer)
         self._subs[sub.id] = sub
-        log.debug("subscribed", extra=self.kv(subscription=sub.id, topic=topic))
+        log.debug("subscribed", extra=self.kv(subscription=sub.id, topic=req.topic))
         return {"subscription": sub.id}
 
-    async def _unsubscribe(self, req: dict[str, Any]) -> dict[str, Any]:
-        sub_id = _arg(req, "subscription", int)
-        sub = self._subs.pop(sub_id, None)
+    @_handles(Unsubscribe)
+    async def _unsubscribe(self, req: Unsubscribe) -> dict[str, Any]:
+        sub = self._subs.pop(req.subscription, None)
         if sub is None:
-            raise RequestError(ErrorCode.NOT_FOUND, f"no subscription {sub_id}")
+            raise ControlError(ErrorCode.NOT_FOUND, f"no subscription {req.subscription}")
         self.server.broadcaster.unsubscribe(sub)
         return {}
 
-    async def _device_add(self, req: dict[str, Any]) -> dict[str, Any]:
-        name = _arg(req, "name", str)
+    @_handles(DeviceAdd)
+    async def _device_add(self, req: DeviceAdd) -> dict[str, Any]:
+        name = req.name
         try:
             token = await trio.to_thread.run_sync(self.server.registry.add, name)
         except BadName as exc:
-            raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+            raise ControlError(ErrorCode.BAD_REQUEST, str(exc)) from None
         except DeviceExists:
-            raise RequestError(ErrorCode.EXISTS, f"device {name!r} already exists") from None
+            raise ControlError(ErrorCode.EXISTS, f"device {name!r} already exists") from None
         log.info("device added by operator", extra=self.kv(device=name))
         return {"name": name, "token": token}
 
-    async def _device_revoke(self, req: dict[str, Any]) -> dict[str, Any]:
-        name = _arg(req, "name", str)
+    @_handles(DeviceRevoke)
+    async def _device_revoke(self, req: DeviceRevoke) -> dict[str, Any]:
+        name = req.name
         try:
             await trio.to_thread.run_sync(self.server.registry.revoke, name)
         except UnknownDevice:
-            raise RequestError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
+            raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
         log.info("device revoked by operator", extra=self.kv(device=name))
         self.server.device_server.revoke(name)
         return {}
 
-    async def _device_rotate(self, req: dict[str, Any]) -> dict[str, Any]:
-        name = _arg(req, "name", str)
+    @_handles(DeviceRotate)
+    async def _device_rotate(self, req: DeviceRotate) -> dict[str, Any]:
+        name = req.name
         try:
             token = await trio.to_thread.run_sync(self.server.registry.rotate, name)
         except UnknownDevice:
-            raise RequestError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
+            raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
         log.info("device token rotated by operator", extra=self.kv(device=name))
         return {"name": name, "token": token}
 
@@ -697,12 +622,10 @@ class ControlSession:
                         notice = buffer.take_notice()
                         if notice is not None:
                             dropped, coalesced = notice
-                            await self._send(
-                                {"type": "dropped", "subscription": sub.id, "dropped": dropped, "coalesced": coalesced}
-                            )
+                            await self._send(encode_dropped(sub.id, dropped, coalesced))
                         if sub.active and len(buffer):
                             event = sub.render(buffer.pop())
-                            await self._send({"type": "event", "subscription": sub.id, "event": event})
+                            await self._send(encode_event(sub.id, event))
                             busy = True
         except ConnectionClosed:
             self._scope.cancel()

@@ -21,9 +21,9 @@ from hub.control_client import (
     HUB_WAIT_TIMEOUT,
     TOPICS,
     AuthRefused,
+    ClientError,
     ConnectFailed,
     ControlClient,
-    ControlError,
     Disconnected,
     Dropped,
     Event,
@@ -32,6 +32,7 @@ from hub.control_client import (
     control_url,
     open_control,
 )
+from hub.control_codec import REQUESTS, ControlError
 
 __all__ = [
     "CA_FILE_ENV",
@@ -259,6 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command_id", metavar="ID")
 
     sub("status", "the hub's figures: connections, devices, ingest, commands")
+
+    p = sub(
+        "request",
+        "send any control request and print its result as JSON",
+        "Send any request of the control channel (docs/control.md, \"Requests and replies\") and print\n"
+        "its result as JSON, e.g. `hubctl request commands device=boiler-1 limit=5`.",
+    )
+    p.add_argument("type", metavar="TYPE", choices=list(REQUESTS), help=f"one of: {', '.join(REQUESTS)}")
+    p.add_argument(
+        "fields",
+        metavar="K=V",
+        type=parse_arg,
+        nargs="*",
+        help="an argument; V is parsed as JSON when it parses (limit=5 is a number), else taken as a string",
+    )
     return parser
 
 
@@ -749,6 +765,11 @@ async def _watch(hub: ControlClient, opts: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+async def _request(hub: ControlClient, opts: argparse.Namespace) -> int:
+    _out(json.dumps(await hub.call(opts.request), indent=2))
+    return ExitCode.OK
+
+
 _COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable[int]]] = {
     "devices": _devices,
     "device": _device,
@@ -758,6 +779,7 @@ _COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable[int
     "command": _command,
     "cancel": _cancel,
     "status": _status,
+    "request": _request,
 }
 
 
@@ -781,7 +803,7 @@ async def _run(opts: argparse.Namespace, url: str, token: str) -> int:
     except ReplyTimeout as exc:
         _err(f"hubctl: {exc}")
         return ExitCode.CONNECT
-    except ControlError as exc:
+    except ClientError as exc:
         _err(f"hubctl: {exc}")
         return ExitCode.ERROR
 
@@ -796,6 +818,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.command == "send" and opts.wait_timeout is not None and not opts.wait:
         _err("hubctl: error: --wait-timeout needs --wait")
         return ExitCode.USAGE
+    if opts.command == "request":
+        try:
+            opts.request = REQUESTS[opts.type].decode(dict(opts.fields))
+        except ControlError as exc:  # checked here as the hub would: the same code and message
+            _err(f"hubctl: error: {_clean(exc)}")
+            return ExitCode.USAGE
     try:
         token = _token(opts, os.environ)
         url = control_url(opts.url or os.environ.get(URL_ENV) or DEFAULT_URL)

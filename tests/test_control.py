@@ -18,7 +18,8 @@ from device_client import DeviceClient, protocol
 from device_client.protocol import Command, CommandAck, CommandResult
 from hub import fleet
 from hub.app import HubHandle
-from hub.control_server import CONTROL_PATH
+from hub.control_codec import REQUESTS, Reply
+from hub.control_server import _HANDLERS, CONTROL_PATH
 from hub.ledger import DeviceLedger
 from hub.presence import DeviceStatus
 from hub.registry import DeviceRecord, Registry
@@ -422,6 +423,45 @@ async def test_bad_frames(tmp_path: Path) -> None:
         hub.stop()
 
 
+def test_every_request_type_has_a_handler() -> None:
+    assert set(_HANDLERS) == {spec.request for spec in REQUESTS.values()}
+
+
+async def test_every_request_type_answers_with_the_reply_shape_of_the_table(tmp_path: Path) -> None:
+    ops = add_operators(tmp_path, a="admin")
+    add_devices(tmp_path, "d1")
+    async with trio.open_nursery() as nursery:
+        hub = await start(nursery, tmp_path)
+        async with control(hub, ops["a"]) as ctl:
+            queued = (await ctl.ok("send_command", device="d1", name="x"))["command_id"]
+            sub = (await ctl.ok("subscribe", topic="commands"))["subscription"]
+            requests: dict[str, dict[str, Any]] = {
+                "ping": {},
+                "status": {},
+                "devices": {},
+                "device": {"name": "d1"},
+                "commands": {},
+                "command": {"command_id": queued},
+                "send_command": {"device": "d1", "name": "y"},
+                "cancel_command": {"command_id": queued},
+                "subscribe": {"topic": "presence"},
+                "unsubscribe": {"subscription": sub},
+                "device_add": {"name": "d2"},
+                "device_rotate": {"name": "d2"},
+                "device_revoke": {"name": "d2"},
+            }
+            assert set(requests) == set(REQUESTS)
+            for kind, args in requests.items():
+                reply = REQUESTS[kind].reply
+                frame = await ctl.call(kind, **args)
+                if reply is Reply.PONG:
+                    assert frame == {"type": "pong", "id": ctl._id}
+                else:
+                    assert reply.json_type is not None
+                    assert frame["success"] is True and isinstance(frame["result"], reply.json_type), frame
+        hub.stop()
+
+
 async def test_too_many_bad_frames_closes_1008(tmp_path: Path) -> None:
     ops = add_operators(tmp_path, v="viewer")
     async with trio.open_nursery() as nursery:
@@ -610,6 +650,9 @@ async def test_commands_requests(tmp_path: Path) -> None:
             assert await ctl.error("commands", limit=1001) == "bad_request"
             assert await ctl.error("commands", state="done") == "bad_request"
             assert await ctl.error("command") == "bad_request"
+            # Integers too large for a float are out of range, not an internal error (which would close the session).
+            assert await ctl.error("send_command", device="d2", name="x", ttl=10**400) == "bad_command"
+            assert await ctl.error("send_command", device="d2", name="x", wait_timeout=10**400) == "bad_request"
             assert len(await ctl.ok("commands", limit=1000)) == 4  # none of the refused ones was stored
         hub.stop()
 

@@ -17,6 +17,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from hub.control_client import (
     AuthRefused,
+    ClientError,
     ConnectFailed,
     Disconnected,
     Dropped,
@@ -27,6 +28,7 @@ from hub.control_client import (
     control_url,
     open_control,
 )
+from hub.control_codec import ControlError, Device, Devices
 from hub.registry import Registry
 from tests.hubtools import add_devices, hub_config, start_hub
 
@@ -263,6 +265,35 @@ async def test_error_reply_raises_request_failed_with_code() -> None:
         )
         with pytest.raises(RequestFailed):  # the connection stays usable
             await hub.command("c-10")
+
+
+async def test_call_sends_request_objects_and_the_codec_refuses_before_sending() -> None:
+    async with peer(echo_session) as url, open_control(url, TOKEN) as hub:
+        assert await hub.call(Device(name="d1")) == {"id": 1, "type": "device", "name": "d1"}
+        assert await hub.call(Devices()) == {"id": 2, "type": "devices"}
+        assert await hub.request("future_request", {"x": 1}) == {"id": 3, "type": "future_request", "x": 1}
+        with pytest.raises(RequestFailed) as info:
+            await hub.devices(state="asleep")  # what the hub would answer, without asking it
+        assert (info.value.code, info.value.request) == (ErrorCode.BAD_REQUEST, "devices")
+        assert "state must be one of" in info.value.message
+        assert isinstance(info.value, ControlError) and isinstance(info.value, ClientError)
+        assert await hub.devices() == {"id": 4, "type": "devices"}  # nothing was sent for the refused one
+
+
+async def test_an_error_code_this_client_does_not_know_is_kept() -> None:
+    async def newer_hub(ws: WebSocketConnection) -> None:
+        async for req in requests(ws):
+            error = {"code": "maintenance", "message": "come back later"}
+            await ws.send_message(json.dumps({"id": req["id"], "type": "result", "success": False, "error": error}))
+
+    async with peer(newer_hub) as url, open_control(url, TOKEN) as hub:
+        with pytest.raises(RequestFailed) as info:
+            await hub.status()
+        assert (info.value.code, info.value.message, str(info.value)) == (
+            "maintenance",
+            "come back later",
+            "maintenance: come back later",
+        )
 
 
 async def test_no_reply_in_time_is_reply_timeout() -> None:

@@ -165,12 +165,29 @@ def test_watch_and_list_arguments() -> None:
         ["send", "a", "cmd", "--ttl", "0"],
         ["send", "a", "cmd", "--timeout", "nan"],
         ["send", "a", "cmd", "--wait-timeout", "5"],  # needs --wait
+        ["request"],
+        ["request", "reboot_the_world"],  # not in hub.control_codec.REQUESTS
+        ["request", "device"],  # no name: refused before connecting, as the hub would
+        ["request", "commands", "limit=0"],
+        ["request", "commands", "nokey"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv(ctl.TOKEN_ENV, "op.alice.x")
     assert main(argv) == ExitCode.USAGE
     assert capsys.readouterr().err
+
+
+def test_request_arguments() -> None:
+    opts = build_parser().parse_args(["request", "commands", "device=boiler-1", "limit=5", "--json"])
+    assert (opts.type, opts.fields) == ("commands", [("device", "boiler-1"), ("limit", 5)])
+    assert build_parser().parse_args(["request", "status"]).fields == []
+
+
+def test_a_refused_request_says_why(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv(ctl.TOKEN_ENV, "op.alice.x")
+    assert main(["request", "send_command", "device=d", "name=x", "args=[1]"]) == ExitCode.USAGE
+    assert capsys.readouterr().err == "hubctl: error: bad_command: args must be an object\n"
 
 
 def test_help_explains_where_the_token_comes_from(capsys: pytest.CaptureFixture) -> None:
@@ -616,6 +633,17 @@ async def test_devices_device_and_status(hub: Hub) -> None:
     run = await hubctl(hub, "device", "no-such", token=hub.viewer)
     assert (run.code, run.out) == (1, "")
     assert "not_found" in run.err
+
+
+async def test_request_sends_any_request_of_the_table(hub: Hub) -> None:
+    run = await hubctl(hub, "request", "devices", "state=never", token=hub.viewer)
+    assert run.code == 0, run.err
+    assert [d["name"] for d in run.json()] == ["boiler-1", "sensor-2"]
+    run = await hubctl(hub, "request", "ping", token=hub.viewer)
+    assert (run.code, run.json()) == (0, None)
+    run = await hubctl(hub, "request", "device_add", "name=d9", token=hub.operator)
+    assert (run.code, run.out) == (1, "")
+    assert "forbidden" in run.err
 
 
 async def test_send_queued_commands_command_and_cancel(hub: Hub) -> None:
