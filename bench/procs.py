@@ -308,7 +308,7 @@ class HubProcess:
             if not self.port:
                 with open(self.log_path, "rb") as log:
                     log.seek(logged)
-                    found = re.search(rb'device endpoint listening.*?\bport"?[=:] ?(\d+)', log.read())
+                    found = re.search(rb'websocket endpoints listening.*?\bport"?[=:] ?(\d+)', log.read())
                 self.port = int(found.group(1)) if found else 0
             if self.port:
                 try:

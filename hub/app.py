@@ -21,6 +21,7 @@ from hub.commands import CommandService, CommandStore
 from hub.config import HubConfig
 from hub.control_server import ControlServer
 from hub.device_server import DeviceServer
+from hub.edge import Edge
 from hub.fleet import device_summary
 from hub.http_listener import serve_http
 from hub.ledger import Ledgers
@@ -56,6 +57,7 @@ class HubHandle:
     ledgers: Ledgers
     broadcaster: Broadcaster
     control: ControlServer
+    edge: Edge
     metrics_port: int | None  # the /metrics and /healthz listener, if enabled
     tls: ServerTLS | None = None  # the listener's certificate (wss://), reloadable; None: plain ws://
     _stop: trio.Event = attrs.field(factory=trio.Event)
@@ -197,9 +199,19 @@ async def serve(
     ledgers = Ledgers(registry)
     try:
         broadcaster = Broadcaster()
+
+        def presence_changed(name: str) -> None:
+            if not broadcaster.has_presence_subscribers():
+                return  # nobody watches: no registry read per connect
+            status = presence.status.get(name)
+            broadcaster.presence(device_summary(name, registry.get(name), status, ledgers.find(name)))
+
         pipeline = Pipeline(sink, spool, _pipeline_config(config), stats, ledgers.on_durable_callback())
         presence = Presence(
-            pipeline.submit, late_factor=config.presence.late_factor, late_grace=config.presence.late_grace
+            pipeline.submit,
+            late_factor=config.presence.late_factor,
+            late_grace=config.presence.late_grace,
+            on_change=presence_changed,
         )
         commands = CommandService(
             command_store,
@@ -209,16 +221,10 @@ async def serve(
             on_change=broadcaster.command,
         )
         server = DeviceServer(config, registry, ledgers, pipeline, presence, stats, commands, broadcaster)
-        control = ControlServer(config, registry, presence, ledgers, commands, broadcaster, stats, pipeline, server)
-        server.control = control
-
-        def presence_changed(name: str) -> None:
-            if not broadcaster.has_presence_subscribers():
-                return  # nobody watches: no registry read per connect
-            status = presence.status.get(name)
-            broadcaster.presence(device_summary(name, registry.get(name), status, ledgers.find(name)))
-
-        presence.on_change = presence_changed
+        control = ControlServer(
+            config, registry, presence, ledgers, commands, broadcaster, stats, pipeline, revoke_device=server.revoke
+        )
+        edge = Edge(config.server, [server, control], stats)
         metrics = HubMetrics(stats, presence, commands, pipeline, sink, started_at=time.time())
         async with trio.open_nursery() as nursery:
             drained = trio.Event()
@@ -234,6 +240,7 @@ async def serve(
                 with background:
                     async with trio.open_nursery() as tasks:
                         await tasks.start(commands.run)
+                        await tasks.start(server.run)
                         await tasks.start(control.run)
                         await tasks.start(partial(metrics.write_loop, pipeline.submit, config.metrics.interval))
                         if config.metrics.http_enabled:
@@ -254,17 +261,18 @@ async def serve(
             ssl_context = tls.context if tls is not None else None
             cfg = config.server
             with _listening("devices and operators", cfg.host, cfg.port, "--port", "--host"):
-                port = await nursery.start(partial(server.listen, ssl_context=ssl_context))
+                port = await nursery.start(partial(edge.listen, ssl_context=ssl_context))
             handle = HubHandle(
-                port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, metrics_port,
-                tls=tls,
+                port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, edge,
+                metrics_port, tls=tls,
             )
             nursery.start_soon(_log_status, handle)
             task_status.started(handle)
 
             await handle._stop.wait()
             log.info("shutting down: no new connections, draining the pipeline")
-            server.stop_accepting()
+            edge.stop_accepting()
+            server.stop_reading()
             for session in list(server.sessions.values()):
                 await presence.offline(session.name, session.epoch, "hub_shutdown")
             background.cancel()

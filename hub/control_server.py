@@ -8,11 +8,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from device_client.protocol import CloseCode
 from hub import _wire, fleet
@@ -46,7 +45,7 @@ from hub.control_codec import (
     lookup,
     read_frame,
 )
-from hub.device_server import reject
+from hub.edge import Identity, Ticket
 from hub.ledger import Ledgers
 from hub.pipeline import Pipeline
 from hub.presence import Presence
@@ -54,9 +53,6 @@ from hub.ratelimit import Rate, TokenBucket
 from hub.registry import BadName, DeviceExists, Registry, UnknownDevice, role_allows
 from hub.stats import Stats
 from hub.subscriptions import Broadcaster, Subscription
-
-if TYPE_CHECKING:
-    from hub.device_server import DeviceServer
 
 __all__ = ["CONTROL_PATH", "ControlServer", "ControlSession", "ErrorCode"]
 
@@ -78,20 +74,6 @@ try:
     VERSION = importlib.metadata.version("trio-telemetry-hub")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
     VERSION = "0+unknown"
-
-
-@attrs.frozen
-class _Identity:
-    name: str
-    role: str
-
-
-def _remote(request_or_ws: WebSocketRequest | WebSocketConnection) -> str:
-    try:
-        remote = request_or_ws.remote
-    except OSError:  # the peer reset the connection already: getpeername() fails
-        return "gone"
-    return f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
 
 
 def _too_big(text: str | bytes, limit: int) -> bool:
@@ -119,7 +101,12 @@ def _handles(kind: type[_R]) -> Callable[[Callable[[ControlSession, _R], Awaitab
 
 
 class ControlServer:
-    """Serves operator sessions on /v1/control (requests are routed here by the device listener)."""
+    """The /v1/control endpoint: operator sessions (requests, subscriptions, commands)."""
+
+    path = CONTROL_PATH
+    name = "control"
+    credential = "operator token"
+    bearer_required = False
 
     def __init__(
         self,
@@ -131,7 +118,7 @@ class ControlServer:
         broadcaster: Broadcaster,
         stats: Stats,
         pipeline: Pipeline,
-        device_server: DeviceServer,
+        revoke_device: Callable[[str], None],
     ) -> None:
         self.config = config
         self.registry = registry
@@ -141,7 +128,7 @@ class ControlServer:
         self.broadcaster = broadcaster
         self.stats = stats
         self.pipeline = pipeline
-        self.device_server = device_server
+        self.revoke_device = revoke_device  # closes the device's open session (4003)
         self.started_at = time.time()
         self.closing = False
         self._sessions: set[ControlSession] = set()
@@ -185,58 +172,23 @@ class ControlServer:
             for session in list(self._sessions):
                 nursery.start_soon(session.close, code, reason)
 
-    # ------------------------------------------------------------------ handshake
+    # ------------------------------------------------------------------ the endpoint (see hub.edge)
 
-    async def _refuse(self, request: WebSocketRequest, status: int, why: str, body: str) -> None:
-        self.stats.refused += 1
-        kv = {"status": status, "reason": why, "remote": _remote(request)}
-        log.warning("control handshake refused", extra={"kv": kv})
-        headers = [(b"content-type", b"text/plain; charset=utf-8")]
-        if status == 401:
-            headers.append((b"www-authenticate", b'Bearer realm="hub"'))
-        await reject(request, status, headers, body.encode() + b"\n")
+    def refuse_origin(self, origin: bytes | None) -> tuple[str, str] | None:
+        """Browsers may connect from the origins in `control.allowed_origins`; other clients send no Origin."""
+        if origin is None or origin.decode("latin-1") in self.config.control.allowed_origins:
+            return None
+        return "origin_not_allowed", "this Origin may not use the control channel"
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        """Check the handshake (token in URL 401, Origin 403, bad Authorization 401), then serve the session.
+    async def authenticate(self, token: str) -> Identity | None:
+        """The operator a token belongs to (in a worker thread: the registry may be busy)."""
+        found = await trio.to_thread.run_sync(self.registry.authenticate_operator, token)
+        return None if found is None else Identity(*found)
 
-        Never raises: a failure is logged and ends this connection only.
-        """
-        try:
-            await self._handle(request)
-        except ConnectionClosed:
-            pass  # the client left during the handshake
-        except Exception:
-            log.exception("control handshake failed", extra={"kv": {"remote": _remote(request)}})
-
-    async def _handle(self, request: WebSocketRequest) -> None:
-        _, _, query = request.path.partition("?")
-        if "token" in query.lower():
-            # Never log the query string: it would put the credential in the logs.
-            await self._refuse(request, 401, "token_in_url", "credentials go in the Authorization header, not the URL")
-            return
-        headers: dict[bytes, bytes] = {k.lower(): v for k, v in request.headers}
-        origin = headers.get(b"origin")
-        if origin is not None and origin.decode("latin-1") not in self.config.control.allowed_origins:
-            await self._refuse(request, 403, "origin_not_allowed", "this Origin may not use the control channel")
-            return
-        if self.closing:
-            await self._refuse(request, 503, "shutting_down", "hub shutting down; retry later")
-            return
-        identity = None
-        auth = headers.get(b"authorization")
-        if auth is not None:
-            token = None
-            if auth[:7].lower() == b"bearer ":
-                with contextlib.suppress(UnicodeDecodeError):
-                    token = auth[7:].strip().decode("ascii")
-            found = None if token is None else await trio.to_thread.run_sync(self.registry.authenticate_operator, token)
-            if found is None:
-                await self._refuse(request, 401, "bad_credentials", "missing, unknown or revoked operator token")
-                return
-            identity = _Identity(*found)
-        _wire.guard(request)
-        ws = await request.accept()
-        await ControlSession(self, ws, _remote(request)).run(identity)
+    async def serve(self, ws: WebSocketConnection, identity: Identity | None, remote: str, ticket: Ticket) -> None:
+        """Serve an operator session (first-message auth when the handshake carried no Bearer header)."""
+        ticket.admitted()  # operators have their own auth timeout; they do not hold a device's place
+        await ControlSession(self, ws, remote).run(identity)
 
     def _joined(self, session: ControlSession) -> None:
         self._sessions.add(session)
@@ -268,7 +220,7 @@ class ControlSession:
         """Log context of this session (never a token)."""
         return {"kv": {"operator": self.operator, "role": self.role, "remote": self.remote, **extra}}
 
-    async def run(self, identity: _Identity | None) -> None:
+    async def run(self, identity: Identity | None) -> None:
         """Serve the session until the peer leaves or the hub closes it; never raises."""
         server = self.server
         joined = False
@@ -323,7 +275,7 @@ class ControlSession:
 
     # ------------------------------------------------------------------ authentication
 
-    async def _first_message_auth(self) -> _Identity | None:
+    async def _first_message_auth(self) -> Identity | None:
         cfg = self.server.config.control
         await self._send(encode_auth_required())
         with trio.move_on_after(cfg.auth_timeout):
@@ -343,7 +295,7 @@ class ControlSession:
                 else await trio.to_thread.run_sync(self.server.registry.authenticate_operator, token)
             )
             if found is not None:
-                return _Identity(*found)
+                return Identity(*found)
             self.server.stats.refused += 1
             why = "bad_credentials" if token is not None else "not_auth"
             log.warning("operator authentication failed", extra=self.kv(reason=why))
@@ -588,7 +540,7 @@ class ControlSession:
         except UnknownDevice:
             raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
         log.info("device revoked by operator", extra=self.kv(device=name))
-        self.server.device_server.revoke(name)
+        self.server.revoke_device(name)
         return {}
 
     @_handles(DeviceRotate)

@@ -6,8 +6,6 @@ import contextlib
 import json
 import logging
 import math
-import resource
-import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -15,7 +13,7 @@ from functools import partial
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from device_client import protocol
 from device_client.protocol import (
@@ -30,12 +28,11 @@ from device_client.protocol import (
     Welcome,
 )
 from hub import _wire
-from hub.admission import Admission, Refusal
 from hub.commands import CommandService
 from hub.config import HubConfig
+from hub.edge import Identity, Ticket
 from hub.ledger import DeviceLedger, Ledgers
 from hub.lineproto import LineBuilder
-from hub.listener import Ticket, serve_listener
 from hub.pipeline import Pipeline
 from hub.presence import Presence
 from hub.ratelimit import DeviceRate, Rate, Throttle, Verdict
@@ -49,8 +46,6 @@ log = logging.getLogger("hub.session")
 
 #: Protocol errors are counted over this many seconds when deciding to close a session.
 ERROR_WINDOW = 60.0
-#: The operators' endpoint, served on the same listener.
-CONTROL_PATH = "/v1/control"
 #: Seconds between checks of the registry for devices revoked while connected.
 REVOKE_CHECK_EVERY = 2.0
 #: Longest wait for a peer to answer our close frame.
@@ -64,63 +59,15 @@ OUTBOUND_TASK = "device-outbound"
 PING_TASK = "device-ping"
 #: Error detail for a text message that is not valid UTF-8 (refused as `bad_json`, with its seq when readable).
 BAD_UTF8_DETAIL = "text is not valid UTF-8"
-#: File descriptors kept for the hub's own files (registry, spool, sink files, logs) besides connections.
-FD_RESERVE = 100
-
-
-def _remote(request_or_ws: WebSocketRequest | WebSocketConnection) -> str:
-    try:
-        remote = request_or_ws.remote
-    except OSError:  # the peer reset the connection already: getpeername() fails
-        return "gone"
-    return f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
-
-
-def _address(request: WebSocketRequest) -> str:
-    """The peer's IP address (without the port): the key of the per-address connection limit."""
-    try:
-        remote = request.remote
-    except OSError:  # the peer reset the connection already
-        return "gone"
-    return str(remote.address) if hasattr(remote, "address") else str(remote)
-
-
-async def reject(request: WebSocketRequest, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    """Answer the handshake with HTTP `status` and its reason phrase (`403 Forbidden`), then close the TCP connection.
-
-    wsproto (1.3) writes the status line with no reason phrase (`HTTP/1.1 403 `) and offers no way to give one: this
-    connection's wsproto `send` is wrapped to put it in. trio-websocket (0.12) leaves a rejected connection open until
-    the client closes it: a refused client could hold its socket forever, past every connection limit.
-    """
-    from hub.http_listener import with_reason_phrase  # here: the rest of this module needs nothing of it
-
-    wsproto = getattr(getattr(request, "_connection", None), "_wsproto", None)
-    if wsproto is not None:
-        send = wsproto.send
-        wsproto.send = lambda event: with_reason_phrase(send(event), status)  # this connection only
-    try:
-        await request.reject(status, extra_headers=headers, body=body)
-    finally:
-        connection = getattr(request, "_connection", None)
-        close_stream = getattr(connection, "_close_stream", None)
-        if close_stream is not None:
-            await close_stream()
-
-
-def _check_fd_limit(max_connections: int) -> None:
-    try:
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError):
-        return
-    if soft != resource.RLIM_INFINITY and max_connections > soft - FD_RESERVE:
-        log.warning(
-            "server.max_connections is above what the file-descriptor limit allows: raise `ulimit -n` or lower it",
-            extra={"kv": {"max_connections": max_connections, "fd_limit": soft}},
-        )
 
 
 class DeviceServer:
-    """Listens on /v1/device, authenticates handshakes and runs a `DeviceSession` per device."""
+    """The /v1/device endpoint: authenticates devices and runs a `DeviceSession` per device."""
+
+    path = protocol.DEVICE_PATH
+    name = "device"
+    credential = "device token"
+    bearer_required = True
 
     def __init__(
         self,
@@ -136,7 +83,6 @@ class DeviceServer:
         self.config = config
         self.commands = commands
         self.broadcaster = broadcaster
-        self.control: Any = None  # the ControlServer, served on the same listener at CONTROL_PATH
         self.registry = registry
         self.ledgers = ledgers
         self.pipeline = pipeline
@@ -145,66 +91,53 @@ class DeviceServer:
         self.sessions: dict[str, DeviceSession] = {}
         self.closing = False
         self._device_locks: dict[str, trio.Lock] = {}
-        self.open_connections = 0  # WebSocket handshakes being served: devices and operators, any stage
-        self._by_address: dict[str, int] = {}
         self._rates: dict[str, DeviceRate] = {}  # per device, kept across sessions
         self._inflight: dict[str, list[int]] = {}  # per device: submitted telemetry seqs not yet known durable
         self._ping_queue: deque[tuple[float, DeviceSession]] = deque()  # (when, session): due times only grow
         self._ping_added = trio.Event()  # set when a session joins an empty ping queue
-        self._pinger_scope = trio.CancelScope()
-        self._listen_scope = trio.CancelScope()
-        self._watch_scope = trio.CancelScope()
-        self._handlers: trio.Nursery | None = None
-        cfg = config.server
-        self.admission = Admission(cfg.max_handshakes, cfg.max_handshakes_per_address)
+        self._scope = trio.CancelScope()
+        self._tasks: trio.Nursery | None = None
 
-    async def listen(
-        self, *, ssl_context: ssl.SSLContext | None = None, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Accept devices until `stop_accepting`; return once every session has ended. Reports the port.
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Ping sessions and close those of revoked devices, until `stop_reading` (or cancelled)."""
+        with self._scope:
+            async with trio.open_nursery() as tasks:
+                self._tasks = tasks
+                try:
+                    tasks.start_soon(self._close_revoked)
+                    tasks.start_soon(self._pinger)
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    self._tasks = None
 
-        With `ssl_context` the listener speaks TLS (wss://); the context is read at each handshake.
-        """
-        cfg = self.config.server
-        _check_fd_limit(cfg.max_connections)
-        async with trio.open_nursery() as handlers:
-            self._handlers = handlers
+    # ------------------------------------------------------------------ the endpoint (see hub.edge)
 
-            async def accept_loop(task_status: trio.TaskStatus[Any]) -> None:
-                with self._listen_scope:
-                    await serve_listener(
-                        self._handle,
-                        cfg.host,
-                        cfg.port,
-                        ssl_context,
-                        admission=self.admission,
-                        handler_nursery=handlers,
-                        handshake_timeout=cfg.handshake_timeout,
-                        close_timeout=CLOSE_TIMEOUT,
-                        max_message_size=cfg.max_message_bytes,
-                        evict_after=cfg.evict_slow_handshake_after,
-                        on_refused=self._on_refused,
-                        task_status=task_status,
-                    )
+    def refuse_origin(self, origin: bytes | None) -> tuple[str, str] | None:
+        """Devices are not browsers: any Origin header is refused (this blocks cross-site WebSocket hijacking)."""
+        if origin is None:
+            return None
+        return "origin_present", "browsers may not connect to the device endpoint"
 
-            sockets = await handlers.start(accept_loop)
-            port = sockets[0].socket.getsockname()[1]
-            handlers.start_soon(self._close_revoked)
-            handlers.start_soon(self._pinger)
-            log.info(
-                "device endpoint listening",
-                extra={"kv": {"host": cfg.host, "port": port, "tls": ssl_context is not None}},
-            )
-            task_status.started(port)
+    async def authenticate(self, token: str) -> Identity | None:
+        """The device a token belongs to (checked on the loop: one indexed read and one hash)."""
+        name = self.registry.authenticate(token)
+        return None if name is None else Identity(name, "device")
+
+    async def serve(self, ws: WebSocketConnection, identity: Identity | None, remote: str, ticket: Ticket) -> None:
+        """Run the session of an authenticated device."""
+        assert identity is not None  # bearer_required
+        await DeviceSession(self, ws, identity.name, remote, ticket).run()
+
+    # ------------------------------------------------------------------ sessions
 
     async def _close_revoked(self) -> None:
         """Close the sessions of devices revoked while connected (`hub device revoke` runs in another process)."""
-        with self._watch_scope:
-            while True:
-                await trio.sleep(REVOKE_CHECK_EVERY)
-                revoked = await trio.to_thread.run_sync(self.registry.revoked_names)
-                for name in revoked & self.sessions.keys():
-                    self.revoke(name)
+        while True:
+            await trio.sleep(REVOKE_CHECK_EVERY)
+            revoked = await trio.to_thread.run_sync(self.registry.revoked_names)
+            for name in revoked & self.sessions.keys():
+                self.revoke(name)
 
     def schedule_ping(self, session: DeviceSession) -> None:
         """Ping `session` one ping interval from now (then every interval while it lives)."""
@@ -216,33 +149,30 @@ class DeviceServer:
     async def _pinger(self) -> None:
         """Start each session's ping when due: one task for all (a sleeping task per session costs memory)."""
         queue = self._ping_queue
-        with self._pinger_scope:
-            while True:
-                if not queue:
-                    self._ping_added = trio.Event()
-                    await self._ping_added.wait()
-                    continue
-                due, session = queue[0]
-                if due > trio.current_time():
-                    await trio.sleep_until(due)
-                    continue
-                queue.popleft()
-                if session.ping_due():
-                    self.schedule_ping(session)
+        while True:
+            if not queue:
+                self._ping_added = trio.Event()
+                await self._ping_added.wait()
+                continue
+            due, session = queue[0]
+            if due > trio.current_time():
+                await trio.sleep_until(due)
+                continue
+            queue.popleft()
+            if session.ping_due():
+                self.schedule_ping(session)
 
     def revoke(self, name: str) -> None:
         """Close the open session of a device whose token was just revoked (4003)."""
         session = self.sessions.get(name)
-        if session is not None and self._handlers is not None:
+        if session is not None and self._tasks is not None:
             log.warning("device revoked: closing its session", extra=session._kv(reason="revoked"))
-            self._handlers.start_soon(partial(session.close, CloseCode.REVOKED, "token revoked", reason="revoked"))
+            self._tasks.start_soon(partial(session.close, CloseCode.REVOKED, "token revoked", reason="revoked"))
 
-    def stop_accepting(self) -> None:
-        """Close the listening socket and stop every session from reading more telemetry."""
+    def stop_reading(self) -> None:
+        """Shutdown: refuse new sessions, stop pinging and every session from reading more telemetry."""
         self.closing = True
-        self._listen_scope.cancel()
-        self._watch_scope.cancel()
-        self._pinger_scope.cancel()
+        self._scope.cancel()
         for session in list(self.sessions.values()):
             session.stop_reading()
 
@@ -251,114 +181,6 @@ class DeviceServer:
         async with trio.open_nursery() as nursery:
             for session in list(self.sessions.values()):
                 nursery.start_soon(session.close, code, reason)
-
-    # ------------------------------------------------------------------ handshake
-
-    async def _refuse(
-        self, request: WebSocketRequest, status: int, why: str, body: str, *, retry_after: int | None = None
-    ) -> None:
-        self.stats.refused += 1
-        log.warning("handshake refused", extra={"kv": {"status": status, "reason": why, "remote": _remote(request)}})
-        headers = [(b"content-type", b"text/plain; charset=utf-8")]
-        if status == 401:
-            headers.append((b"www-authenticate", b'Bearer realm="hub"'))
-        if retry_after is not None:
-            headers.append((b"retry-after", str(retry_after).encode()))
-        await reject(request, status, headers, body.encode() + b"\n")
-
-    def _on_refused(self, address: str, refusal: Refusal) -> None:
-        """A connection refused before its handshake (too many handshakes in progress): counted and logged."""
-        stats = self.stats
-        stats.refused += 1
-        stats.admission_refused += 1
-        if not refusal.answered:
-            stats.admission_unanswered += 1
-        # One line per refusal would be a log flood in a surge: the first, then every 1,000th.
-        if self.admission.refused % 1000 == 1:
-            log.warning(
-                "handshake refused",
-                extra={
-                    "kv": {
-                        "status": refusal.status,
-                        "reason": refusal.reason,
-                        "remote": address,
-                        "retry_after": refusal.retry_after if refusal.answered else None,
-                        "refused_so_far": self.admission.refused,
-                        "unanswered_so_far": stats.admission_unanswered,
-                    }
-                },
-            )
-
-    async def _handle(self, request: WebSocketRequest, ticket: Ticket) -> None:
-        """Count the connection against the total and per-address limits, then route it; never raises."""
-        cfg = self.config.server
-        address = _address(request)
-        try:
-            if self.open_connections >= cfg.max_connections:
-                why, body = "too_many_connections", "the hub is at its connection limit; retry later"
-                await self._refuse(request, 503, why, body, retry_after=cfg.retry_after)
-                return
-            per_address = cfg.max_connections_per_address
-            if per_address and self._by_address.get(address, 0) >= per_address:
-                why, body = "too_many_from_address", "too many connections from your address; retry later"
-                await self._refuse(request, 429, why, body, retry_after=cfg.retry_after)
-                return
-            self.open_connections += 1
-            self._by_address[address] = self._by_address.get(address, 0) + 1
-            try:
-                name = await self._route(request, ticket)
-                if name is not None:  # the handshake's locals are gone: not kept for the session's lifetime
-                    await self._run_session(request, name, ticket)
-            finally:
-                self.open_connections -= 1
-                left = self._by_address[address] - 1
-                if left:
-                    self._by_address[address] = left
-                else:
-                    del self._by_address[address]
-        except ConnectionClosed:
-            pass  # the client left during the handshake
-        except Exception:
-            # One connection's failure must never take the listener (and every other session) down with it.
-            log.exception("handshake failed", extra={"kv": {"remote": _remote(request)}})
-
-    async def _route(self, request: WebSocketRequest, ticket: Ticket) -> str | None:
-        """Serve the control path or refuse the handshake (None), or return the authenticated device's name."""
-        path, _, query = request.path.partition("?")
-        if path == CONTROL_PATH and self.control is not None:
-            ticket.admitted()  # operators have their own auth timeout; they do not hold a device's place
-            await self.control.handle(request)
-            return None
-        if path != protocol.DEVICE_PATH:
-            await self._refuse(request, 404, "unknown_path", f"no endpoint here; devices use {protocol.DEVICE_PATH}")
-            return None
-        headers: dict[bytes, bytes] = {k.lower(): v for k, v in request.headers}
-        if "token" in query.lower():
-            # Never log the query string: it would put the credential in the logs.
-            await self._refuse(request, 401, "token_in_url", "credentials go in the Authorization header, not the URL")
-            return None
-        if b"origin" in headers:
-            await self._refuse(request, 403, "origin_present", "browsers may not connect to the device endpoint")
-            return None
-        if self.closing:
-            await self._refuse(request, 503, "shutting_down", "hub shutting down; retry later")
-            return None
-        auth = headers.get(b"authorization", b"")
-        name = None
-        if auth[:7].lower() == b"bearer ":
-            try:
-                name = self.registry.authenticate(auth[7:].strip().decode("ascii"))
-            except UnicodeDecodeError:
-                name = None
-        if name is None:
-            await self._refuse(request, 401, "bad_credentials", "missing, unknown or revoked device token")
-            return None
-        return name
-
-    async def _run_session(self, request: WebSocketRequest, name: str, ticket: Ticket) -> None:
-        _wire.guard(request)
-        ws = await request.accept()
-        await DeviceSession(self, ws, name, _remote(request), ticket).run()
 
     def device_rate(self, name: str) -> DeviceRate:
         """The message and point buckets of device `name` (one pair per device, shared by its sessions)."""

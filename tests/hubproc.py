@@ -14,7 +14,7 @@ from pathlib import Path
 from device_client.protocol import DEVICE_PATH
 
 #: The hub's "listening" log line, in kv and JSON format: the port it got.
-_LISTENING = re.compile(r'device endpoint listening.*?\bport"?[=:] ?(\d+)')
+_LISTENING = re.compile(r'websocket endpoints listening.*?\bport"?[=:] ?(\d+)')
 
 
 class HubProcess:

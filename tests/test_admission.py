@@ -111,7 +111,7 @@ def test_http_answer_has_a_reason_phrase_and_a_length() -> None:
 async def until_pending(hub: HubHandle, n: int) -> None:
     """Wait until the hub counts `n` connections in their handshake (sockets the test opened and keeps silent)."""
     with trio.fail_after(10):
-        while hub.server.admission.pending < n:
+        while hub.edge.admission.pending < n:
             await trio.sleep(0.01)
 
 
@@ -143,7 +143,7 @@ async def test_past_max_handshakes_a_connection_gets_503_unread_and_devices_get_
         async with connect(hub, tokens["d1"]) as ws:
             await hello(ws)
             await stream_batches(ws, 1, 3)
-        assert hub.server.admission.pending == 0
+        assert hub.edge.admission.pending == 0
         hub.stop()
 
 
@@ -206,9 +206,9 @@ async def test_welcomed_devices_and_operators_do_not_hold_a_place(tmp_path: Path
                     await hello(w1)
                     async with connect(hub, tokens["d2"]) as w2:
                         await hello(w2)
-                        assert hub.server.admission.pending == 0
+                        assert hub.edge.admission.pending == 0
         assert hub.stats.admission_refused == 0
-        assert not math.isnan(hub.server.admission.rate)
+        assert not math.isnan(hub.edge.admission.rate)
         hub.stop()
 
 
@@ -278,7 +278,7 @@ async def test_past_the_answer_budget_refused_connections_are_closed_unanswered(
     )
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
-        hub.server.admission._answers = TokenBucket(Rate(1.0, 1.0), trio.current_time())  # one answer a second
+        hub.edge.admission._answers = TokenBucket(Rate(1.0, 1.0), trio.current_time())  # one answer a second
         async with await open_tcp(hub.port):
             await until_pending(hub, 1)
             answers = []
@@ -306,7 +306,7 @@ async def test_after_stop_accepting_the_port_refuses_connections(tmp_path: Path)
         hub = await start_hub(nursery, config)
         async with connect(hub, tokens["d1"]) as ws:
             await hello(ws)
-            hub.server.stop_accepting()
+            hub.edge.stop_accepting()
             with trio.fail_after(10):
                 while True:  # the listening socket is closed, not merely left unserved
                     try:
@@ -382,7 +382,7 @@ async def test_with_every_place_taken_by_silent_sockets_a_device_evicts_the_olde
         async with connect(hub, tokens["d1"]) as ws:  # before: 503 until the handshake timeout (60 s)
             await hello(ws)
             await stream_batches(ws, 1, 2)
-        assert hub.server.admission.evicted == 1 and hub.stats.admission_refused == 0
+        assert hub.edge.admission.evicted == 1 and hub.stats.admission_refused == 0
         assert await closed_by_peer(silent[0])  # the oldest was closed to make room
         for stream in silent:
             await stream.aclose()

@@ -128,7 +128,7 @@ def add_operators(data_dir: Path, **roles: str) -> dict[str, str]:
 async def start(nursery: trio.Nursery, tmp_path: Path, **overrides: Any) -> HubHandle:
     """A hub with its control channel, on any free port."""
     hub = await start_hub(nursery, hub_config(tmp_path, **overrides))
-    assert hub.server.control is hub.control
+    assert hub.edge.endpoints[CONTROL_PATH] is hub.control
     return hub
 
 

@@ -142,7 +142,7 @@ async def test_total_connection_limit_answers_503_with_retry_after(
                 assert dict(refused.value.headers or [])[b"retry-after"] == b"7"
                 await stream_batches(d1, 1, 2)  # the hub serves those it has
             with trio.fail_after(10):
-                while hub.server.open_connections >= 3:
+                while hub.edge.open_connections >= 3:
                     await trio.sleep(0.01)
             async with connect(hub, tokens["d3"]) as d3:  # a place is free again
                 await hello(d3)
@@ -176,7 +176,7 @@ async def test_connections_per_address_answer_429_and_other_addresses_carry_on(t
         for stream in held:
             await stream.aclose()
         with trio.fail_after(10):
-            while hub.server.open_connections:
+            while hub.edge.open_connections:
                 await trio.sleep(0.01)
         status, _, stream = await upgrade(hub.port, CONTROL_PATH, source="127.0.0.2")
         assert status == 101
