@@ -318,6 +318,8 @@ class CommandService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Expire and time out commands, write transitions behind, feed transition points; runs until cancelled."""
+        for rec in self._open.values():  # the commands of the last run: their timers start from their records now
+            self._due_at(rec)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_behind)
             nursery.start_soon(self._feed_points)
@@ -325,9 +327,7 @@ class CommandService:
             await self._expire()
 
     async def _expire(self) -> None:
-        for rec in self._open.values():  # the commands of the last run: their timers start now
-            self._due_at(rec)
-        due_at = self._due
+        due_at = self._due  # every unfinished command has its entry once `run` started
         while True:
             now = trio.current_time()
             due = [rec for rec in list(self._open.values()) if due_at[rec.command_id] <= now]
