@@ -7,6 +7,7 @@ trio's clock and only start from them.
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import sqlite3
@@ -233,11 +234,11 @@ class CommandStore:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         return self._select(f"{clause} ORDER BY created DESC, rowid DESC LIMIT ?", (*params, limit))
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[CommandState, int]:
         self.flush()
         with self._reader_lock:
             rows = self._reader.execute("SELECT state, COUNT(*) FROM commands GROUP BY state").fetchall()
-        return {state: n for state, n in rows}
+        return {CommandState(state): n for state, n in rows}
 
     def close(self) -> None:
         """Commit what is queued, then close."""
@@ -267,7 +268,7 @@ class CommandStore:
                     del self._queued[rec.command_id]
         return len(batch)
 
-    def _select(self, clause: str, params: Iterable[Any] = ()) -> list[CommandRecord]:
+    def _select(self, clause: str, params: Iterable[Any] = ()) -> builtins.list[CommandRecord]:
         self.flush()
         with self._reader_lock:
             rows = self._reader.execute(f"SELECT {_COLUMNS} FROM commands {clause}", tuple(params)).fetchall()

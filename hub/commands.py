@@ -31,6 +31,7 @@ about 0.1 ms.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 import secrets
@@ -111,7 +112,7 @@ class CommandService:
         self._finishing: dict[str, CommandRecord] = {}  # final, commit failed: announced by the next one that works
         self._recent: OrderedDict[str, CommandRecord] = OrderedDict()  # final and committed, newest last
         self._keys: dict[tuple[str, str], str] = {}  # (device, idempotency key) -> id, for commands in memory
-        self._counts = dict.fromkeys(STATES, 0)
+        self._counts: dict[CommandState, int] = dict.fromkeys(STATES, 0)
         self._senders: dict[str, Sender] = {}
         self._final_events: dict[str, trio.Event] = {}
         self._due: dict[str, float] = {}  # unfinished id -> when its state's timer fires, on trio's clock
@@ -413,7 +414,7 @@ class CommandService:
         self._store.flush()
         self._announce_finished(finishing)
 
-    def _announce_finished(self, finishing: list[CommandRecord]) -> None:
+    def _announce_finished(self, finishing: builtins.list[CommandRecord]) -> None:
         """Announce final records that were put before a successful flush."""
         for rec in finishing:
             if self._finishing.pop(rec.command_id, None) is not None:  # not announced after another flush

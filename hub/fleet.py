@@ -111,7 +111,7 @@ def list_summaries(
 
 def state_counts(statuses: Iterable[DeviceStatus]) -> dict[str, int]:
     """How many devices are online, late and offline."""
-    counts = dict.fromkeys(PRESENCE_STATES, 0)
+    counts: dict[str, int] = dict.fromkeys(PRESENCE_STATES, 0)
     for status in statuses:
         counts[status.state] = counts.get(status.state, 0) + 1
     return counts

@@ -127,13 +127,13 @@ class HubMetrics:
 
     def _devices(self) -> dict[str, int]:
         # A copy first: this may run in a worker thread while the trio thread changes the dict.
-        out = dict.fromkeys(SEEN_STATES, 0)
+        out: dict[str, int] = dict.fromkeys(SEEN_STATES, 0)
         for status in list(dict(self.presence.status).values()):
             out[status.state] = out.get(status.state, 0) + 1
         return out
 
     def _commands(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
         if self.commands is not None:
             counts.update(self.commands.counts())
         return counts

@@ -80,7 +80,7 @@ class Presence:
 
     def counts(self) -> dict[str, int]:
         """Devices by state (online, late, offline) among those seen since the hub started."""
-        out = dict.fromkeys(SEEN_STATES, 0)
+        out: dict[str, int] = dict.fromkeys(SEEN_STATES, 0)
         for s in self.status.values():
             out[s.state] += 1
         return out

@@ -68,12 +68,16 @@ def states(rec: CommandRecord) -> list[str]:
     return [state for state, _ in rec.history]
 
 
+async def record(svc: CommandService, command_id: str) -> CommandRecord:
+    rec = await svc.get(command_id)
+    assert rec is not None
+    return rec
+
+
 async def state_at(svc: CommandService, command_id: str, when: float) -> str:
     """The command's state once trio's clock reads `when`."""
     await trio.sleep_until(when)
-    rec = await svc.get(command_id)
-    assert rec is not None
-    return rec.state
+    return (await record(svc, command_id)).state
 
 
 async def test_ttl_expires_a_queued_command_on_the_second(store: CommandStore, autojump_clock: Any) -> None:
@@ -95,7 +99,7 @@ async def test_a_device_connecting_after_the_ttl_never_gets_the_command(
         stale = await svc.submit("d1", "too_late", ttl=10)
         fresh = await svc.submit("d1", "in_time", ttl=3600)
         await trio.sleep(11)
-        assert (await svc.get(stale.command_id)).state == "expired"
+        assert (await record(svc, stale.command_id)).state == "expired"
         device = Device()
         svc.attach("d1", device)
         assert device.ids == [fresh.command_id]
@@ -115,7 +119,7 @@ async def test_a_sent_command_expires_at_its_ttl_unless_acknowledged(store: Comm
         assert await svc.on_ack("d1", acked.command_id)
         assert await state_at(svc, unacked.command_id, t0 + 29.9) == "sent"
         assert await state_at(svc, unacked.command_id, t0 + 30.1) == "expired"
-        assert (await svc.get(acked.command_id)).state == "delivered"  # delivered: the TTL no longer applies
+        assert (await record(svc, acked.command_id)).state == "delivered"  # delivered: the TTL no longer applies
 
 
 async def test_the_result_timeout_counts_from_delivery(store: CommandStore, autojump_clock: Any) -> None:
@@ -126,7 +130,7 @@ async def test_the_result_timeout_counts_from_delivery(store: CommandStore, auto
         await trio.sleep(100)  # sent, not acknowledged: only the TTL runs
         t_ack = trio.current_time()
         assert await svc.on_ack("d1", rec.command_id)
-        assert (await svc.get(rec.command_id)).delivered_at == wall()
+        assert (await record(svc, rec.command_id)).delivered_at == wall()
         assert await state_at(svc, rec.command_id, t_ack + 29.9) == "delivered"
         final = await svc.wait_final(rec.command_id, 3600)
         assert trio.current_time() - t_ack == pytest.approx(30)
@@ -134,7 +138,7 @@ async def test_the_result_timeout_counts_from_delivery(store: CommandStore, auto
         # A late answer is known (no error for the device) and changes nothing.
         assert await svc.on_result("d1", rec.command_id, True, "late", "")
         assert await svc.on_ack("d1", rec.command_id)
-        assert (await svc.get(rec.command_id)).state == "timed_out"
+        assert (await record(svc, rec.command_id)).state == "timed_out"
 
 
 async def test_wait_final_gives_up_on_trio_time(store: CommandStore, autojump_clock: Any) -> None:
@@ -163,8 +167,8 @@ async def test_a_restart_resumes_every_timer_from_the_records(tmp_path: Path, au
     second = CommandStore(path)
     try:
         async with service(second) as svc:
-            assert (await svc.get(queued.command_id)).state == "queued"
-            assert (await svc.get(delivered.command_id)).state == "delivered"
+            assert (await record(svc, queued.command_id)).state == "queued"
+            assert (await record(svc, delivered.command_id)).state == "delivered"
             assert await state_at(svc, delivered.command_id, t0 + 59.9) == "delivered"  # acked at 10, timeout 50
             assert await state_at(svc, delivered.command_id, t0 + 60.1) == "timed_out"
             assert await state_at(svc, queued.command_id, t0 + 99.9) == "queued"  # submitted at 0, TTL 100
@@ -203,12 +207,12 @@ async def test_answers_follow_the_table(store: CommandStore, autojump_clock: Any
         sent = await svc.submit("d1", "b")
         await svc.on_sent("d1", sent.command_id)
         assert await svc.on_result("d1", sent.command_id, False, None, "it broke")  # the result implies the ack
-        final = await svc.get(sent.command_id)
+        final = await record(svc, sent.command_id)
         assert (states(final), final.error) == (["queued", "sent", "delivered", "failed"], "it broke")
         early = await svc.submit("d1", "c")
         assert await svc.on_ack("d1", early.command_id)  # an ack may overtake the session's "written"
         await svc.on_sent("d1", early.command_id)  # too late to matter
-        assert states(await svc.get(early.command_id)) == ["queued", "delivered"]
+        assert states(await record(svc, early.command_id)) == ["queued", "delivered"]
 
 
 def test_a_record_moves_only_along_the_table() -> None:

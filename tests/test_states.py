@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
@@ -89,7 +91,7 @@ def test_command_sets_derive_from_the_table() -> None:
     assert set(cs.TIMER_EVENTS) == set(CommandState) - cs.FINAL_STATES
 
 
-def _reachable(transitions: dict, start: object) -> set:
+def _reachable(transitions: Mapping[Any, Mapping[Any, Any]], start: Any) -> set[Any]:
     seen, todo = {start}, [start]
     while todo:
         for nxt in transitions[todo.pop()].values():
