@@ -1,7 +1,11 @@
-"""Durable commands: one state machine, persisted in SQLite, delivered to devices through their sessions.
+"""The command service: accepts operator commands, offers them to device sessions, times them out, announces them.
 
-queued -> sent -> delivered -> succeeded | failed, plus expired (TTL passed before delivery),
-timed_out (no result in time after delivery) and cancelled (only before delivery).
+The state machine is hub/command_states.py (queued -> sent -> delivered -> succeeded | failed, plus expired,
+timed_out and cancelled); the records and their SQLite table are hub/command_store.py.
+
+Timers run on trio's clock (so tests can run them on a mock clock): a command's TTL and result timeout start from
+the wall-clock times in its record (`expires`, `delivered_at`) when it enters the state, or when the service starts
+after a restart, and then count in trio time.
 
 Memory is authoritative for unfinished commands. What must be durable before what:
 
@@ -27,27 +31,28 @@ about 0.1 ms.
 
 from __future__ import annotations
 
-import json
+import builtins
 import logging
 import math
 import secrets
 import sqlite3
-import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import attrs
 import trio
 
 from device_client import protocol
 from device_client.protocol import Command, ProtocolError
+from hub.command_states import FINAL_STATES, STATES, TIMER_EVENTS, CommandEvent, CommandState, allows
+from hub.command_store import CommandRecord, CommandStore
 from hub.config import CommandsConfig
-from hub.control_codes import COMMAND_FINAL_STATES, ControlError
+from hub.control_codes import ControlError
 from hub.lineproto import line
 
+# FINAL_STATES, STATES (hub/command_states.py), CommandRecord and CommandStore (hub/command_store.py) are
+# re-exported: callers need only this module.
 __all__ = [
     "FINAL_STATES",
     "STATES",
@@ -59,8 +64,6 @@ __all__ = [
 
 log = logging.getLogger("hub.commands")
 
-STATES = ("queued", "sent", "delivered", "succeeded", "failed", "expired", "timed_out", "cancelled")
-FINAL_STATES = COMMAND_FINAL_STATES
 #: Measurement of the transition points (tags device, name, state; fields command_id, age_ms).
 COMMAND_MEASUREMENT = "command"
 
@@ -79,260 +82,13 @@ Sender = Callable[[Command], bool]
 CommandError = ControlError
 
 
-@attrs.frozen
-class CommandRecord:
-    """Everything known about one command; replaced (never mutated) on each transition."""
-
-    command_id: str
-    device: str
-    name: str
-    args: dict[str, Any]
-    state: str
-    created: float
-    updated: float
-    expires: float  # TTL deadline for delivery (Unix s)
-    timeout: float  # seconds for the result after delivery
-    idempotency_key: str | None = None
-    operator: str = ""
-    result: Any = None
-    error: str = ""
-    delivered_at: float | None = None
-    history: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def final(self) -> bool:
-        """No transition can follow."""
-        return self.state in FINAL_STATES
-
-    def deadline(self) -> float:
-        """When the timer must look at this command next (inf for final ones)."""
-        if self.state in ("queued", "sent"):
-            return self.expires
-        if self.state == "delivered" and self.delivered_at is not None:
-            return self.delivered_at + self.timeout
-        return math.inf
-
-    def to(self, state: str, now: float, **changes: Any) -> CommandRecord:
-        """The record after a transition to `state` at `now`."""
-        return attrs.evolve(self, state=state, updated=now, history=(*self.history, (state, now)), **changes)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The control channel's "command record"."""
-        return {
-            "command_id": self.command_id,
-            "device": self.device,
-            "name": self.name,
-            "args": self.args,
-            "state": self.state,
-            "created": self.created,
-            "updated": self.updated,
-            "expires": self.expires,
-            "timeout": self.timeout,
-            "idempotency_key": self.idempotency_key,
-            "operator": self.operator,
-            "result": self.result,
-            "error": self.error,
-            "history": [{"state": s, "at": at} for s, at in self.history],
-        }
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS commands (
-    command_id      TEXT PRIMARY KEY,
-    device          TEXT NOT NULL,
-    name            TEXT NOT NULL,
-    args            TEXT NOT NULL,
-    state           TEXT NOT NULL,
-    created         REAL NOT NULL,
-    updated         REAL NOT NULL,
-    expires         REAL NOT NULL,
-    timeout         REAL NOT NULL,
-    idempotency_key TEXT,
-    operator        TEXT NOT NULL,
-    result          TEXT,
-    error           TEXT NOT NULL,
-    delivered_at    REAL,
-    history         TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS commands_device ON commands (device, created);
-CREATE INDEX IF NOT EXISTS commands_state ON commands (state);
-CREATE UNIQUE INDEX IF NOT EXISTS commands_idempotency ON commands (device, idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
-"""
-
-_COLUMNS = (
-    "command_id, device, name, args, state, created, updated, expires, timeout, idempotency_key, operator, "
-    "result, error, delivered_at, history"
-)
-
-
-def _row(rec: CommandRecord) -> tuple[Any, ...]:
-    return (
-        rec.command_id,
-        rec.device,
-        rec.name,
-        json.dumps(rec.args),
-        rec.state,
-        rec.created,
-        rec.updated,
-        rec.expires,
-        rec.timeout,
-        rec.idempotency_key,
-        rec.operator,
-        None if rec.result is None else json.dumps(rec.result),
-        rec.error,
-        rec.delivered_at,
-        json.dumps(rec.history),
-    )
-
-
-def _record(row: tuple[Any, ...]) -> CommandRecord:
-    return CommandRecord(
-        command_id=row[0],
-        device=row[1],
-        name=row[2],
-        args=json.loads(row[3]),
-        state=row[4],
-        created=row[5],
-        updated=row[6],
-        expires=row[7],
-        timeout=row[8],
-        idempotency_key=row[9],
-        operator=row[10],
-        result=None if row[11] is None else json.loads(row[11]),
-        error=row[12],
-        delivered_at=row[13],
-        history=tuple((s, at) for s, at in json.loads(row[14])),
-    )
-
-
-_INSERT = f"INSERT OR REPLACE INTO commands ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
-
-
-class CommandStore:
-    """Command records in SQLite (WAL, synchronous=NORMAL: a committed record survives a process crash).
-
-    `put` queues a record's newest version in memory; `flush` commits every record put before it, in one
-    transaction. The writing connection never checkpoints, so `flush` never waits for an fsync: it may run on the
-    trio thread. `checkpoint` and the reads use a second connection (WAL: they never hold up a commit) and block
-    on SQLite: call them from a worker thread. Reads see every record put before them (they flush first).
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # the writing connection; commits happen one after another
-        self._queue_lock = threading.Lock()  # only `_queued`: `put` never waits for SQLite
-        self._queued: dict[str, CommandRecord] = {}  # newest version not yet committed, by id
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._db.executescript(_SCHEMA)
-        self._reader_lock = threading.Lock()
-        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._reader.execute("PRAGMA busy_timeout=5000")
-
-    @property
-    def queued(self) -> int:
-        """Records put and not yet committed."""
-        return len(self._queued)
-
-    def put(self, rec: CommandRecord) -> None:
-        """Queue `rec` (replacing an older queued version of it) for the next `flush`; never blocks on SQLite."""
-        with self._queue_lock:
-            self._queued[rec.command_id] = rec
-
-    def flush(self) -> int:
-        """Commit every record put before this call; the number of rows written."""
-        with self._lock:
-            return self._flush_locked()
-
-    def discard(self, rec: CommandRecord) -> bool:
-        """Unqueue `rec` if it is still queued (never committed): True if it was."""
-        with self._queue_lock:
-            if self._queued.get(rec.command_id) is not rec:
-                return False
-            del self._queued[rec.command_id]
-            return True
-
-    def checkpoint(self) -> None:
-        """Copy committed transactions from the WAL into the database file (PASSIVE: commits go on meanwhile)."""
-        with self._reader_lock:
-            self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-    def unfinished(self) -> list[CommandRecord]:
-        """Every record not in a final state, oldest first."""
-        states = ", ".join(f"'{s}'" for s in FINAL_STATES)
-        return self._select(f"WHERE state NOT IN ({states}) ORDER BY created, rowid")
-
-    def get(self, command_id: str) -> CommandRecord | None:
-        found = self._select("WHERE command_id = ?", (command_id,))
-        return found[0] if found else None
-
-    def by_key(self, device: str, key: str) -> CommandRecord | None:
-        found = self._select("WHERE device = ? AND idempotency_key = ?", (device, key))
-        return found[0] if found else None
-
-    def list(self, device: str | None = None, state: str | None = None, limit: int = 50) -> list[CommandRecord]:
-        """Newest first."""
-        where, params = [], []
-        if device is not None:
-            where.append("device = ?")
-            params.append(device)
-        if state is not None:
-            where.append("state = ?")
-            params.append(state)
-        clause = ("WHERE " + " AND ".join(where)) if where else ""
-        return self._select(f"{clause} ORDER BY created DESC, rowid DESC LIMIT ?", (*params, limit))
-
-    def counts(self) -> dict[str, int]:
-        self.flush()
-        with self._reader_lock:
-            rows = self._reader.execute("SELECT state, COUNT(*) FROM commands GROUP BY state").fetchall()
-        return {state: n for state, n in rows}
-
-    def close(self) -> None:
-        """Commit what is queued, then close."""
-        with self._lock, self._reader_lock:
-            try:
-                self._flush_locked()
-            finally:
-                self._reader.close()
-                self._db.close()
-
-    def _flush_locked(self) -> int:
-        with self._queue_lock:
-            batch = list(self._queued.values())
-        if not batch:
-            return 0
-        self._db.execute("BEGIN")
-        try:
-            self._db.executemany(_INSERT, [_row(rec) for rec in batch])
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
-        with self._queue_lock:
-            for rec in batch:
-                if self._queued.get(rec.command_id) is rec:  # not replaced by a newer version meanwhile
-                    del self._queued[rec.command_id]
-        return len(batch)
-
-    def _select(self, clause: str, params: Iterable[Any] = ()) -> list[CommandRecord]:
-        self.flush()
-        with self._reader_lock:
-            rows = self._reader.execute(f"SELECT {_COLUMNS} FROM commands {clause}", tuple(params)).fetchall()
-        return [_record(r) for r in rows]
-
-
 class CommandService:
     """Accepts operator commands, hands them to device sessions, follows them to a final state.
 
     Start `run()` in a nursery: it times commands out, writes transitions behind and feeds transition points to
     the pipeline. At shutdown, `flush_points()` then `close_points()` before the pipeline's input closes; closing
-    the store afterwards commits what is still queued.
+    the store afterwards commits what is still queued. `clock` gives the Unix time written into records; the TTL
+    and result timeouts run on trio's clock.
     """
 
     def __init__(
@@ -356,9 +112,10 @@ class CommandService:
         self._finishing: dict[str, CommandRecord] = {}  # final, commit failed: announced by the next one that works
         self._recent: OrderedDict[str, CommandRecord] = OrderedDict()  # final and committed, newest last
         self._keys: dict[tuple[str, str], str] = {}  # (device, idempotency key) -> id, for commands in memory
-        self._counts = dict.fromkeys(STATES, 0)
+        self._counts: dict[CommandState, int] = dict.fromkeys(STATES, 0)
         self._senders: dict[str, Sender] = {}
         self._final_events: dict[str, trio.Event] = {}
+        self._due: dict[str, float] = {}  # unfinished id -> when its state's timer fires, on trio's clock
         self._wake = trio.Event()  # a deadline may have changed
         self._dirty = trio.Event()  # something was put: write it behind
         self._points: deque[str] = deque()  # transition points for the pipeline, in order
@@ -420,19 +177,20 @@ class CommandService:
             device=device,
             name=name,
             args=args,
-            state="queued",
+            state=CommandState.QUEUED,
             created=now,
             updated=now,
             expires=now + ttl,
             timeout=timeout,
             idempotency_key=idempotency_key,
             operator=operator,
-            history=(("queued", now),),
+            history=((CommandState.QUEUED, now),),
         )
         self._add_open(rec)
+        self._due[rec.command_id] = trio.current_time() + ttl
         if idempotency_key is not None:
             self._keys[(device, idempotency_key)] = rec.command_id
-        self._counts["queued"] += 1
+        self._counts[CommandState.QUEUED] += 1
         self._put(rec)
         try:
             self._commit()
@@ -441,7 +199,7 @@ class CommandService:
                 self._remove_open(rec)
                 if idempotency_key is not None:
                     del self._keys[(device, idempotency_key)]
-                self._counts["queued"] -= 1
+                self._counts[CommandState.QUEUED] -= 1
             raise
         self._offer(rec)
         self._announce(rec)
@@ -454,9 +212,9 @@ class CommandService:
             if await self.get(command_id) is None:
                 raise CommandError("not_found", f"no command {command_id!r}")
             raise CommandError("invalid_state", f"command {command_id!r} is already final")
-        if rec.state not in ("queued", "sent"):
+        if not allows(rec.state, CommandEvent.CANCEL):
             raise CommandError("invalid_state", f"command {command_id!r} is {rec.state}: too late to cancel")
-        return self._transition(rec, "cancelled")
+        return self._transition(rec, CommandEvent.CANCEL)
 
     async def get(self, command_id: str) -> CommandRecord | None:
         """The record as it is now: from memory for open and recently final commands, else from SQLite."""
@@ -489,11 +247,11 @@ class CommandService:
     def attach(self, device: str, sender: Sender) -> None:
         """A session of `device` is ready: re-send what it has not answered, in order, then new ones."""
         self._senders[device] = sender
-        now = self._clock()
+        now = trio.current_time()
         open_ = self._open
         for command_id in list(self._open_ids.get(device, ())):  # this device's only: a connect is not O(fleet)
             rec = open_[command_id]
-            if rec.deadline() > now and not sender(self._frame(rec)):
+            if self._due_at(rec) > now and not sender(self._frame(rec)):
                 break
 
     def detach(self, device: str, sender: Sender) -> None:
@@ -507,8 +265,8 @@ class CommandService:
     async def on_sent(self, device: str, command_id: str) -> None:
         """The session wrote the command frame."""
         rec = self._open.get(command_id)
-        if rec is not None and rec.device == device and rec.state == "queued":
-            self._transition(rec, "sent")
+        if rec is not None and rec.device == device and allows(rec.state, CommandEvent.SEND):
+            self._transition(rec, CommandEvent.SEND)
 
     async def on_ack(self, device: str, command_id: str) -> bool:
         """The device acknowledged receipt. False: not a command this device was sent."""
@@ -517,8 +275,8 @@ class CommandService:
             return await self._known_final(device, command_id)
         if rec.device != device:
             return False
-        if rec.state in ("queued", "sent"):
-            self._transition(rec, "delivered", delivered_at=self._clock())
+        if allows(rec.state, CommandEvent.ACK):  # else a repeated ack: nothing changes
+            self._transition(rec, CommandEvent.ACK)
         return True
 
     async def on_result(self, device: str, command_id: str, ok: bool, result: Any, error: str) -> bool:
@@ -526,11 +284,12 @@ class CommandService:
         rec = self._open.get(command_id)
         if rec is None:
             return await self._known_final(device, command_id)
-        if rec.device != device or rec.state == "queued":
+        if rec.device != device or rec.state is CommandState.QUEUED:  # never sent: not this device's to answer
             return False
-        if rec.delivered_at is None:
-            rec = self._transition(rec, "delivered", delivered_at=self._clock())
-        self._transition(rec, "succeeded" if ok else "failed", result=result, error="" if ok else error)
+        if allows(rec.state, CommandEvent.ACK):  # the result stands for the ack that did not come
+            rec = self._transition(rec, CommandEvent.ACK)
+        event = CommandEvent.SUCCEED if ok else CommandEvent.FAIL
+        self._transition(rec, event, result=result, error="" if ok else error)
         return True
 
     async def _known_final(self, device: str, command_id: str) -> bool:
@@ -560,6 +319,8 @@ class CommandService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Expire and time out commands, write transitions behind, feed transition points; runs until cancelled."""
+        for rec in self._open.values():  # the commands of the last run: their timers start from their records now
+            self._due_at(rec)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_behind)
             nursery.start_soon(self._feed_points)
@@ -567,19 +328,24 @@ class CommandService:
             await self._expire()
 
     async def _expire(self) -> None:
+        due_at = self._due  # every unfinished command has its entry once `run` started
         while True:
-            now = self._clock()
-            due = [
-                self._apply(rec, "expired" if rec.state in ("queued", "sent") else "timed_out")
-                for rec in list(self._open.values())
-                if rec.deadline() <= now
-            ]
+            now = trio.current_time()
+            due = [rec for rec in list(self._open.values()) if due_at[rec.command_id] <= now]
+            for rec in due:
+                self._apply(rec, TIMER_EVENTS[rec.state])
             if due:
                 self._commit()  # one commit for every command due now
-            next_deadline = min((r.deadline() for r in self._open.values()), default=math.inf)
             self._wake = trio.Event()
-            with trio.move_on_after(max(0.0, min(next_deadline - self._clock(), 60.0))):
+            with trio.move_on_at(min(due_at.values(), default=math.inf)):
                 await self._wake.wait()
+
+    def _due_at(self, rec: CommandRecord) -> float:
+        """When `rec`'s timer fires on trio's clock; for a command of the last run, counted from its record now."""
+        due = self._due.get(rec.command_id)
+        if due is None:
+            due = self._due[rec.command_id] = trio.current_time() + (rec.deadline() - self._clock())
+        return due
 
     async def _write_behind(self) -> None:
         while True:
@@ -596,25 +362,32 @@ class CommandService:
                 self._dirty.set()
                 await trio.sleep(1.0)
 
-    def _transition(self, rec: CommandRecord, state: str, **changes: Any) -> CommandRecord:
-        """Move `rec` to `state`; a final state is committed, then announced, before this returns."""
-        new = self._apply(rec, state, **changes)
+    def _transition(self, rec: CommandRecord, event: CommandEvent, **changes: Any) -> CommandRecord:
+        """Apply `event` to `rec`; a final state is committed, then announced, before this returns."""
+        new = self._apply(rec, event, **changes)
         if new.final:
             self._commit()
         else:
             self._announce(new)
         return new
 
-    def _apply(self, rec: CommandRecord, state: str, **changes: Any) -> CommandRecord:
-        """The transition in memory, its write queued (no await: nothing can come between check and change)."""
-        new = rec.to(state, self._clock(), **changes)
+    def _apply(self, rec: CommandRecord, event: CommandEvent, **changes: Any) -> CommandRecord:
+        """The transition in memory, its write queued (no await: nothing can come between check and change).
+
+        Raises `IllegalTransition` (changing nothing) if `rec`'s state does not take `event`."""
+        now = self._clock()
+        if event is CommandEvent.ACK:
+            changes["delivered_at"] = now
+        new = rec.after(event, now, **changes)
         self._counts[rec.state] -= 1
-        self._counts[state] += 1
+        self._counts[new.state] += 1
         if new.final:
             self._remove_open(new)
             self._finishing[new.command_id] = new
         else:
             self._open[new.command_id] = new
+            if TIMER_EVENTS[new.state] is not TIMER_EVENTS[rec.state]:  # the result timeout starts at delivery
+                self._due[new.command_id] = trio.current_time() + (new.deadline() - now)
         self._put(new)
         return new
 
@@ -624,6 +397,7 @@ class CommandService:
 
     def _remove_open(self, rec: CommandRecord) -> None:
         del self._open[rec.command_id]
+        self._due.pop(rec.command_id, None)
         ids = self._open_ids[rec.device]
         del ids[rec.command_id]
         if not ids:
@@ -640,7 +414,7 @@ class CommandService:
         self._store.flush()
         self._announce_finished(finishing)
 
-    def _announce_finished(self, finishing: list[CommandRecord]) -> None:
+    def _announce_finished(self, finishing: builtins.list[CommandRecord]) -> None:
         """Announce final records that were put before a successful flush."""
         for rec in finishing:
             if self._finishing.pop(rec.command_id, None) is not None:  # not announced after another flush

@@ -24,7 +24,7 @@ import attrs
 
 from hub import fleet
 from hub._wire import has_bad_utf8
-from hub.commands import STATES as COMMAND_STATES
+from hub.command_states import STATES as COMMAND_STATES
 from hub.control_codes import ANSWERS, TOPICS, Answer, ControlError, ErrorCode
 
 __all__ = [

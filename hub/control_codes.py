@@ -12,13 +12,13 @@ from collections.abc import Mapping
 import attrs
 
 from device_client.protocol import CloseCode
+from hub.command_states import FINAL_STATES as COMMAND_FINAL_STATES
 
 __all__ = ["ANSWERS", "COMMAND_FINAL_STATES", "TOPICS", "Answer", "ControlError", "ErrorCode"]
 
 #: Subscription topics.
 TOPICS = ("telemetry", "presence", "commands")
-#: Command states after which nothing changes.
-COMMAND_FINAL_STATES = frozenset({"succeeded", "failed", "expired", "timed_out", "cancelled"})
+# COMMAND_FINAL_STATES: command states after which nothing changes (hub/command_states.py).
 
 
 class ErrorCode(enum.StrEnum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from hub.presence_states import INITIAL_STATE, SEEN_STATES, STATES
 from hub.subscriptions import plain_fields
 
 if TYPE_CHECKING:
@@ -22,10 +23,9 @@ __all__ = [
     "state_counts",
 ]
 
-#: Presence states a connected-at-least-once device can be in.
-PRESENCE_STATES = ("online", "late", "offline")
-#: Every summary state: "never" is a registered device that has not connected since the hub started.
-STATES = (*PRESENCE_STATES, "never")
+#: Presence states a connected-at-least-once device can be in. (`STATES`, every summary state, adds "never": a
+#: registered device that has not connected since the hub started.)
+PRESENCE_STATES = SEEN_STATES
 
 
 def device_summary(
@@ -41,7 +41,7 @@ def device_summary(
     if status is None:
         return {
             "name": name,
-            "state": "never",
+            "state": INITIAL_STATE,
             "since": record.created if record is not None else None,
             "reason": "",
             "last_seen": last_seen,
@@ -103,7 +103,7 @@ def list_summaries(
     out = []
     for name in sorted(by_name):
         status = statuses.get(name)
-        current = status.state if status is not None else "never"
+        current = status.state if status is not None else INITIAL_STATE
         if state is None or current == state:
             out.append(device_summary(name, by_name[name], status, find_ledger(name)))
     return out
@@ -111,7 +111,7 @@ def list_summaries(
 
 def state_counts(statuses: Iterable[DeviceStatus]) -> dict[str, int]:
     """How many devices are online, late and offline."""
-    counts = dict.fromkeys(PRESENCE_STATES, 0)
+    counts: dict[str, int] = dict.fromkeys(PRESENCE_STATES, 0)
     for status in statuses:
         counts[status.state] = counts.get(status.state, 0) + 1
     return counts

@@ -13,9 +13,10 @@ import trio
 
 from device_client.protocol import ErrorCode
 from hub._wire import PARSE_FAILURE_REASONS
-from hub.commands import STATES
+from hub.command_states import STATES
 from hub.http_listener import Route
 from hub.lineproto import line
+from hub.presence_states import SEEN_STATES
 from hub.sinks import Sink
 from hub.stats import Stats
 
@@ -126,13 +127,13 @@ class HubMetrics:
 
     def _devices(self) -> dict[str, int]:
         # A copy first: this may run in a worker thread while the trio thread changes the dict.
-        out = {"online": 0, "late": 0, "offline": 0}
+        out: dict[str, int] = dict.fromkeys(SEEN_STATES, 0)
         for status in list(dict(self.presence.status).values()):
             out[status.state] = out.get(status.state, 0) + 1
         return out
 
     def _commands(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
         if self.commands is not None:
             counts.update(self.commands.counts())
         return counts
@@ -356,8 +357,8 @@ class _HubCollector:
         for key, name, doc in self._GAUGES:
             yield GaugeMetricFamily(name, doc, value=snap[key])
         devices = GaugeMetricFamily("hub_devices", "Devices seen since the hub started, by state.", labels=["state"])
-        for state in ("online", "late", "offline"):
-            devices.add_metric([state], snap[f"devices_{state}"])
+        for state in SEEN_STATES:
+            devices.add_metric([state.value], snap[f"devices_{state}"])
         yield devices
         commands = GaugeMetricFamily("hub_commands", "Commands in the command store, by state.", labels=["state"])
         for state, count in snap["commands"].items():

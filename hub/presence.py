@@ -1,4 +1,8 @@
-"""Device presence: online / late / offline with a reason and the session epoch, written as points."""
+"""Device presence: online / late / offline with a reason and the session epoch, written as points.
+
+The machine is hub/presence_states.py. `since` (shown to operators, and the points' time) is Unix time; how long a
+device has been in its state is counted on trio's clock, so the late check runs on a mock clock in tests.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,15 @@ import attrs
 import trio
 
 from hub.lineproto import line
+from hub.presence_states import (
+    CONNECTED_STATES,
+    INITIAL_STATE,
+    SEEN_STATES,
+    PresenceEvent,
+    PresenceState,
+    allows,
+    next_state,
+)
 
 __all__ = ["DeviceStatus", "Presence"]
 
@@ -25,18 +38,19 @@ LATE_CHECK_EVERY = 1.0
 class DeviceStatus:
     """What the hub knows of one device's presence."""
 
-    state: str  # "online", "late" (connected, but no telemetry within its declared interval) or "offline"
+    state: PresenceState = attrs.field(converter=PresenceState)  # online, late or offline (never has no status)
     epoch: int
     since: float  # Unix time of the last transition
     reason: str
     firmware: str = ""
     model: str = ""
     interval: float = 0.0
+    changed_at: float = 0.0  # trio's clock at the last transition
 
     @property
     def online(self) -> bool:
         """Connected (online or late)."""
-        return self.state != "offline"
+        return self.state in CONNECTED_STATES
 
 
 class Presence:
@@ -53,18 +67,20 @@ class Presence:
         late_factor: float = 1.5,
         late_grace: float = 2.0,
         on_change: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._submit = submit
         self._late_factor = late_factor
         self._late_grace = late_grace
         self.on_change = on_change
+        self._clock = clock  # Unix time, for `since`, the points and the age of `last_seen`
         self._last_ts: dict[str, int] = {}
         self.status: dict[str, DeviceStatus] = {}
         self.closed = False
 
     def counts(self) -> dict[str, int]:
         """Devices by state (online, late, offline) among those seen since the hub started."""
-        out = {"online": 0, "late": 0, "offline": 0}
+        out: dict[str, int] = dict.fromkeys(SEEN_STATES, 0)
         for s in self.status.values():
             out[s.state] += 1
         return out
@@ -78,20 +94,22 @@ class Presence:
         current = self.status.get(name)
         if current is not None and current.epoch > epoch:
             return
-        await self._set(name, DeviceStatus("online", epoch, time.time(), "connected", firmware, model, interval))
+        state = next_state(INITIAL_STATE if current is None else current.state, PresenceEvent.CONNECT)
+        now = trio.current_time()
+        await self._set(name, DeviceStatus(state, epoch, self._clock(), "connected", firmware, model, interval, now))
 
     async def offline(self, name: str, epoch: int, reason: str) -> None:
         """Mark `name` offline if `epoch` is still its current session."""
         current = self.status.get(name)
-        if current is None or current.epoch != epoch or not current.online:
+        if current is None or current.epoch != epoch or not allows(current.state, PresenceEvent.DISCONNECT):
             return
-        await self._set(name, attrs.evolve(current, state="offline", since=time.time(), reason=reason))
+        await self._move(name, current, PresenceEvent.DISCONNECT, reason)
 
     async def seen(self, name: str) -> None:
         """Telemetry arrived: a late device is online again."""
         current = self.status.get(name)
-        if current is not None and current.state == "late":
-            await self._set(name, attrs.evolve(current, state="online", since=time.time(), reason="data"))
+        if current is not None and allows(current.state, PresenceEvent.DATA):
+            await self._move(name, current, PresenceEvent.DATA, "data")
 
     async def watch_late(
         self,
@@ -99,17 +117,29 @@ class Presence:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Mark devices late that declared an interval and sent nothing for interval x factor + grace."""
+        """Mark devices late that declared an interval and sent nothing for interval x factor + grace.
+
+        `last_seen(name)` is the Unix time of the device's last telemetry, or None."""
         task_status.started()
         while True:
             await trio.sleep(LATE_CHECK_EVERY)
-            now = time.time()
-            for name, status in list(self.status.items()):
-                if status.state != "online" or status.interval <= 0:
+            now, wall = trio.current_time(), self._clock()
+            for name in list(self.status):
+                status = self.status.get(name)  # as it is now: an earlier point may have waited for the pipeline
+                if status is None or status.interval <= 0 or not allows(status.state, PresenceEvent.SILENT):
                     continue
-                seen = max(last_seen(name) or 0.0, status.since)
-                if now - seen > status.interval * self._late_factor + self._late_grace:
-                    await self._set(name, attrs.evolve(status, state="late", since=now, reason="no_data"))
+                quiet = now - status.changed_at
+                seen = last_seen(name)
+                if seen is not None:
+                    quiet = min(quiet, wall - seen)
+                if quiet > status.interval * self._late_factor + self._late_grace:
+                    await self._move(name, status, PresenceEvent.SILENT, "no_data")
+
+    async def _move(self, name: str, current: DeviceStatus, event: PresenceEvent, reason: str) -> None:
+        """`event` happened to `name` (raises `IllegalTransition` if its state does not take it)."""
+        state = next_state(current.state, event)
+        now = trio.current_time()
+        await self._set(name, attrs.evolve(current, state=state, since=self._clock(), reason=reason, changed_at=now))
 
     async def _set(self, name: str, status: DeviceStatus) -> None:
         self.status[name] = status
@@ -122,11 +152,11 @@ class Presence:
         if self.closed:
             return
         # Strictly increasing per device, so two transitions in one millisecond keep their order.
-        ts = max(int(time.time() * 1000), self._last_ts.get(name, 0) + 1)
+        ts = max(int(self._clock() * 1000), self._last_ts.get(name, 0) + 1)
         self._last_ts[name] = ts
         fields = {
             "online": {"int": int(status.online)},
-            "late": {"int": int(status.state == "late")},
+            "late": {"int": int(status.state is PresenceState.LATE)},
             "epoch": {"int": status.epoch},
         }
         text = line(STATUS_MEASUREMENT, {"device": name, "reason": status.reason}, fields, ts)
