@@ -11,6 +11,7 @@ them, with no per-point object on the hot path.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from typing import Any
@@ -23,9 +24,12 @@ except ImportError:  # pragma: no cover - depends on the install
     _fast_loads = None
 
 __all__ = [
+    "ANSWERS",
     "DEVICE_PATH",
+    "HANDSHAKE_ANSWER",
     "PROTOCOL_VERSION",
     "Ack",
+    "Answer",
     "CloseCode",
     "Error",
     "ErrorCode",
@@ -53,8 +57,8 @@ INT64_MAX = 2**63 - 1
 RESERVED_TAGS = frozenset({"device"})
 
 
-class ErrorCode:
-    """Stable error codes carried by `Error` frames (see docs/protocol.md)."""
+class ErrorCode(enum.StrEnum):
+    """Stable error codes carried by `Error` frames (see docs/protocol.md); each is a plain string on the wire."""
 
     BAD_JSON = "bad_json"  # not JSON, NaN/Infinity, too deeply nested
     BAD_MESSAGE = "bad_message"  # JSON, but not an object with a known "type" and right fields
@@ -76,7 +80,7 @@ class ErrorCode:
     INTERNAL = "internal"
 
 
-class CloseCode:
+class CloseCode(enum.IntEnum):
     """WebSocket close codes the hub uses (see docs/protocol.md)."""
 
     NORMAL = 1000
@@ -93,13 +97,39 @@ class CloseCode:
 
 
 class ProtocolError(Exception):
-    """An input the protocol refuses; `code` is stable, `detail` is safe to show the peer."""
+    """An input the protocol refuses; `code` is stable, `detail` is safe to show the peer.
 
-    def __init__(self, code: str, detail: str = "", seq: int | None = None) -> None:
-        super().__init__(f"{code}: {detail}" if detail else code)
-        self.code = code
+    `ANSWERS[code]` says how the hub answers it; `seq` names the refused telemetry batch when it was readable.
+    """
+
+    def __init__(self, code: ErrorCode | str, detail: str = "", seq: int | None = None) -> None:
+        super().__init__(f"{code}: {detail}" if detail else str(code))
+        self.code = ErrorCode(code)
         self.detail = detail
         self.seq = seq
+
+
+@attrs.frozen
+class Answer:
+    """How the hub answers a refused input: an error frame (`frame`), then a close with `close` unless None."""
+
+    frame: bool = True
+    close: CloseCode | None = None
+
+
+_STAY_OPEN = Answer()
+
+#: The answer to each error code once the session is open (the "session" column of docs/protocol.md's error table).
+ANSWERS: dict[ErrorCode, Answer] = {
+    **{code: _STAY_OPEN for code in ErrorCode},
+    ErrorCode.UNSUPPORTED_VERSION: Answer(close=CloseCode.POLICY),
+    ErrorCode.TOO_MANY_ERRORS: Answer(close=CloseCode.POLICY),
+    # Found by the WebSocket layer, which closes by itself: no frame can be sent.
+    ErrorCode.TOO_LARGE: Answer(frame=False, close=CloseCode.TOO_BIG),
+    ErrorCode.INTERNAL: Answer(frame=False, close=CloseCode.INTERNAL),
+}
+#: Before the welcome, every refused input is answered with its error frame and a close.
+HANDSHAKE_ANSWER = Answer(close=CloseCode.POLICY)
 
 
 @attrs.frozen
