@@ -27,6 +27,7 @@ __all__ = [
     "ANSWERS",
     "DEVICE_PATH",
     "HANDSHAKE_ANSWER",
+    "LIMIT_FIELDS",
     "PROTOCOL_VERSION",
     "Ack",
     "Answer",
@@ -134,7 +135,7 @@ HANDSHAKE_ANSWER = Answer(close=CloseCode.POLICY)
 
 @attrs.frozen
 class Limits:
-    """Validation limits; the hub's are configurable and sent to the device in `Welcome`."""
+    """Validation limits; the hub's are configurable and sent to the device in `Welcome` (same field names)."""
 
     max_points: int = 5000  # points per telemetry message
     max_fields: int = 100  # fields per point
@@ -145,6 +146,8 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+#: The names of the `Limits` fields, each also a field of `Welcome`.
+LIMIT_FIELDS = tuple(a.name for a in attrs.fields(Limits))
 
 # ---------------------------------------------------------------------------- messages
 
@@ -161,7 +164,10 @@ class Hello:
 
 @attrs.frozen
 class Welcome:
-    """Hub -> device, answer to `Hello`: identity, the last durable sequence, session terms."""
+    """Hub -> device, answer to `Hello`: identity, the last durable sequence, session terms, the hub's limits.
+
+    The limits after `proto` are None from a hub that does not send them: the device keeps its own then.
+    """
 
     device: str
     ack: int  # highest sequence the hub has made durable; number new batches above it
@@ -170,6 +176,17 @@ class Welcome:
     max_points: int
     ping_interval: float
     proto: int = PROTOCOL_VERSION
+    max_fields: int | None = None
+    max_tags: int | None = None
+    max_name_len: int | None = None
+    max_tag_value_len: int | None = None
+    max_string_len: int | None = None
+    max_message_bytes: int | None = None  # largest telemetry message, in bytes of UTF-8 JSON
+
+    def limits(self, base: Limits = DEFAULT_LIMITS) -> Limits:
+        """`base` with every limit this welcome carries (one missing, or not above 0, stays as in `base`)."""
+        given = {name: getattr(self, name) for name in LIMIT_FIELDS}
+        return attrs.evolve(base, **{name: value for name, value in given.items() if value is not None and value > 0})
 
 
 @attrs.frozen
@@ -228,6 +245,9 @@ class CommandResult:
 
 
 Message = Hello | Welcome | Telemetry | Ack | Error | Command | CommandAck | CommandResult
+
+#: The optional limit fields of `Welcome`.
+_WELCOME_LIMITS = (*(name for name in LIMIT_FIELDS if name != "max_points"), "max_message_bytes")
 
 _TYPE_NAMES: dict[type, str] = {
     Hello: "hello",
@@ -290,6 +310,8 @@ def encode(msg: Message) -> str:
         body = {"type": kind, **attrs.asdict(msg)}
         if isinstance(msg, Error) and msg.seq is None:
             del body["seq"]
+        elif isinstance(msg, Welcome):
+            body = {key: value for key, value in body.items() if value is not None}
         elif isinstance(msg, CommandResult):
             if msg.ok:
                 del body["error"]
@@ -593,6 +615,7 @@ def _decode(obj: dict[str, Any], limits: Limits) -> Message:
             max_points=_get(obj, "max_points", int),
             ping_interval=_float(_get(obj, "ping_interval", (int, float)), "ping_interval"),
             proto=_get(obj, "proto", int),
+            **{key: _get(obj, key, int, None) for key in _WELCOME_LIMITS},
         )
     if kind == "command_ack":
         return CommandAck(_command_id(obj))

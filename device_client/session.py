@@ -286,6 +286,7 @@ class DeviceConnection:
         #: The device name: from the token until a welcome says it.
         self.device = name
         self._base_limits = limits
+        self._base_max_message = outbox.max_message
         #: The limits batches are checked against: the hub's, once a welcome said them.
         self.limits = limits
         #: The most unacked batches in flight: the hub's, once a welcome said it.
@@ -407,8 +408,10 @@ class DeviceConnection:
         self.device = welcome.device or self.device
         self._acked(welcome.ack, self.outbox.welcome(welcome.ack))
         self.window = max(1, welcome.window)
-        if welcome.max_points > 0:
-            self.limits = attrs.evolve(self._base_limits, max_points=welcome.max_points)
+        # What the hub said, else what this device would use anyway (an older hub says only max_points).
+        self.limits = welcome.limits(self._base_limits)
+        largest = welcome.max_message_bytes
+        self.outbox.max_message = min(self._base_max_message, largest) if largest else self._base_max_message
         stats = self.stats
         stats.connected = True
         stats.epoch = welcome.epoch

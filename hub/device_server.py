@@ -512,7 +512,12 @@ class DeviceSession:
             server.stats.connects += 1
             # Before any checkpoint: a close from another task finds the session open.
             welcome = self.conn.welcome(
-                self.name, self.epoch, self.ledger, server.inflight(self.name), ping_interval=cfg.presence.ping_interval
+                self.name,
+                self.epoch,
+                self.ledger,
+                server.inflight(self.name),
+                ping_interval=cfg.presence.ping_interval,
+                max_message_bytes=cfg.server.max_message_bytes,
             )
         await self.ws.send_message(welcome)
         if self._ticket is not None:

@@ -18,6 +18,7 @@ from device_client.protocol import (
     DEFAULT_LIMITS,
     HANDSHAKE_ANSWER,
     INT64_MAX,
+    LIMIT_FIELDS,
     PROTOCOL_VERSION,
     Answer,
     CloseCode,
@@ -215,19 +216,33 @@ class HubConnection:
         self._go(Trigger.CLOSE)
         return _close(ErrorCode.NOT_READY, "no hello in time", HANDSHAKE_ANSWER)
 
-    def welcome(self, device: str, epoch: int, book: Book, inflight: list[int], *, ping_interval: float) -> str:
-        """The welcome to send: the session is open. `book` and `inflight` are the device's, across its sessions."""
+    def welcome(
+        self,
+        device: str,
+        epoch: int,
+        book: Book,
+        inflight: list[int],
+        *,
+        ping_interval: float,
+        max_message_bytes: int,
+    ) -> str:
+        """The welcome to send, with every limit the device must keep: the session is open.
+
+        `book` and `inflight` are the device's, across its sessions.
+        """
         self._go(Trigger.WELCOME)
         self._book = book
         self._inflight = inflight
         self._last_ack = book.durable
+        limits = {name: getattr(self.limits, name) for name in LIMIT_FIELDS}
         welcome = Welcome(
             device=device,
             ack=book.durable,
             epoch=epoch,
             window=self.window,
-            max_points=self.limits.max_points,
             ping_interval=ping_interval,
+            max_message_bytes=max_message_bytes,
+            **limits,
         )
         return encode(welcome)
 
