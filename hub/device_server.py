@@ -752,7 +752,7 @@ class DeviceSession:
                 if item is None:
                     self._parked = trio.lowlevel.current_task()
                     await trio.lowlevel.wait_task_rescheduled(self._abort_park)
-                elif type(item) is str:
+                elif isinstance(item, str):
                     await self._send_ack(item)
                 elif commands.is_open(item.id):
                     await self.ws.send_message(protocol.encode(item))

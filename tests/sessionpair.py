@@ -85,7 +85,7 @@ class SessionPair:
 
     def device_frames(self) -> list[str]:
         """Everything the device would write now, each confirmed as written."""
-        out = []
+        out: list[str] = []
         while True:
             frame = self.device.next_frame()
             if frame is None or isinstance(frame, SessionEnd):
