@@ -11,6 +11,7 @@ from device_client.client import (
 )
 from device_client.outbox import CommandLog, Entry, Outbox, OutboxFull
 from device_client.protocol import MAX_RESULT_BYTES, CloseCode, ErrorCode, Limits, ProtocolError, int_value
+from device_client.session import DeviceConnection, SessionState
 
 __all__ = [
     "MAX_RESULT_BYTES",
@@ -19,6 +20,7 @@ __all__ = [
     "CommandContext",
     "CommandLog",
     "DeviceClient",
+    "DeviceConnection",
     "Entry",
     "ErrorCode",
     "InsecureURLError",
@@ -26,6 +28,7 @@ __all__ = [
     "Outbox",
     "OutboxFull",
     "ProtocolError",
+    "SessionState",
     "TLSHandshakeError",
     "backoff_delay",
     "device_url",

@@ -10,11 +10,9 @@ import ipaddress
 import logging
 import os
 import random
-import sqlite3
 import ssl
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
@@ -28,7 +26,6 @@ from device_client.outbox import (
     DEFAULT_MAX_MESSAGE,
     TOO_LARGE,
     CommandLog,
-    Entry,
     Outbox,
     OutboxFull,
     check_points,
@@ -39,21 +36,30 @@ from device_client.protocol import (
     MAX_ERROR_LEN,
     MAX_RESULT_BYTES,
     PROTOCOL_VERSION,
-    Ack,
-    CloseCode,
     Command,
-    CommandAck,
     CommandResult,
-    Error,
     ErrorCode,
     Hello,
     Limits,
     ProtocolError,
-    Welcome,
     check_command_name,
-    decode,
-    encode,
     json_size,
+)
+from device_client.session import (
+    CULPRIT_CLOSES,
+    Acked,
+    ClientStats,
+    CloseVerdict,
+    CommandReceived,
+    DeviceConnection,
+    DeviceEvent,
+    HubError,
+    Ignored,
+    PeerClosed,
+    Rejected,
+    SessionEnd,
+    SessionState,
+    Welcomed,
 )
 
 __all__ = [
@@ -83,31 +89,6 @@ MAX_OUTGOING = 1000
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
 
 
-@attrs.define
-class ClientStats:
-    """Counters of one client, updated from its trio tasks."""
-
-    connected: bool = False
-    epoch: int = 0  # session epoch from the last Welcome
-    connects: int = 0  # sessions welcomed by the hub
-    reconnects: int = 0  # sessions after the first
-    connect_failures: int = 0  # attempts refused before the upgrade or failing before Welcome
-    batches_queued: int = 0
-    points_queued: int = 0
-    batches_sent: int = 0  # telemetry messages written to the socket, resends included
-    resent: int = 0  # of those, messages sent before (on an earlier connection or before a restart)
-    batches_acked: int = 0
-    points_acked: int = 0
-    rejected: int = 0  # batches the hub refused for good (dropped, never resent)
-    points_rejected: int = 0
-    commands_received: int = 0  # command frames from the hub, repeats included
-    commands_run: int = 0  # new command ids taken on (unknown names included)
-    command_repeats: int = 0  # command frames for an id already in the log: answered, not run again
-    commands_succeeded: int = 0
-    commands_failed: int = 0  # unknown names, raising handlers, results too large or not JSON
-    results_sent: int = 0  # command_result frames written, repeats included
-
-
 @attrs.frozen
 class CommandContext:
     """What a command handler may want besides its args: the command and the client running it."""
@@ -126,16 +107,7 @@ class CommandContext:
         """
         if delay < 0:
             raise ValueError("delay must not be negative")
-        self.client._reconnect_after[self.id] = delay
-
-
-@attrs.frozen
-class _End:
-    """How a session ended, for the reconnect decision."""
-
-    to_max: bool = False  # back off to the maximum: retrying fast is useless or harmful
-    retry_after: float | None = None  # the hub (or a planned reconnect) said when to come back
-    planned: bool = False  # we closed on purpose (`reconnect`): not a failure
+        self.client._connection().reconnect_after(self.id, delay)
 
 
 class InsecureURLError(ValueError):
@@ -415,16 +387,10 @@ class DeviceClient:
         self._with_context: dict[str, bool] = {}
         self._command_log_limit = command_log_limit
         self._log: CommandLog | None = None
-        # Command acks and results to write, in order; (command id, text) for a result, (None, text) for an ack.
-        self._outgoing: deque[tuple[str | None, str]] = deque()
-        self._reconnect_after: dict[str, float] = {}  # command id -> delay, from CommandContext.reconnect
-        self._reconnect: tuple[str | None, float] | None = None  # (after this result is written | None, delay)
         self._tasks: trio.Nursery | None = None
         self.stats = ClientStats()
-        self._limits: Limits = DEFAULT_LIMITS
-        self._window = 1
-        self._probe_until = 0  # after a 1009 close: send one at a time up to this seq to find the culprit
         self._outbox: Outbox | None = None
+        self._conn: DeviceConnection | None = None  # the session rules; made with the outbox in __aenter__
         self._buffer: list[dict[str, Any]] = []
         self._buffer_since = 0.0
         self._buffered = trio.Event()
@@ -433,7 +399,6 @@ class DeviceClient:
         self._stop = trio.Event()
         self._loop_done = trio.Event()
         self._running = False
-        self._end: _End | None = None
         self._last_session_stable = False
         self._nursery_manager: Any = None
         self._main_scope = trio.CancelScope(shield=True)
@@ -449,14 +414,16 @@ class DeviceClient:
             max_bytes=self._outbox_bytes,
             max_message=self._max_message,
         )
-        for entry in self._outbox.unreadable:
-            self._rejected_entry(entry, ErrorCode.BAD_JSON, "the stored batch is not valid UTF-8 (outbox file damaged)")
         try:
             self._log = CommandLog(self._outbox_path, limit=self._command_log_limit)
         except BaseException:
             self._outbox.close()
             raise
-        self._outgoing.extend(self._log.unsent())  # results finished before a restart, never written
+        # Results finished before a restart and never written are the first answers to send.
+        self._conn = DeviceConnection(self._outbox, self._log, self.stats, name=self._name)
+        for entry in self._outbox.unreadable:
+            detail = "the stored batch is not valid UTF-8 (outbox file damaged)"
+            self._on_rejected_event(self._conn.discard(entry, ErrorCode.BAD_JSON, detail))
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()
         self._running = True
@@ -502,7 +469,7 @@ class DeviceClient:
         assert self._outbox is not None
         with trio.move_on_after(self._close_timeout):
             await self._flush(block=True)
-            while (self._outbox or self._results_waiting()) and self._running:
+            while (self._outbox or self._connection().results_waiting) and self._running:
                 await self._changed.wait()
         where = "kept in the outbox file" if self._outbox_path is not None else "lost"
         if self._outbox or self._buffer:
@@ -513,8 +480,9 @@ class DeviceClient:
                 len(self._buffer),
                 where,
             )
-        if self._results_waiting():
-            log.warning("%s: closing with %d command results not sent (%s)", self._name, self._results_waiting(), where)
+        results = self._connection().results_waiting
+        if results:
+            log.warning("%s: closing with %d command results not sent (%s)", self._name, results, where)
 
     # ------------------------------------------------------------------ public API
 
@@ -538,6 +506,11 @@ class DeviceClient:
         """The sequence number of the newest batch (or the hub's ack, if higher)."""
         return self._outbox.last_seq if self._outbox is not None else 0
 
+    @property
+    def limits(self) -> Limits:
+        """The limits points are checked against: the hub's once it has welcomed this client, else the defaults."""
+        return self._conn.limits if self._conn is not None else DEFAULT_LIMITS
+
     async def send(
         self,
         measurement: str,
@@ -560,7 +533,7 @@ class DeviceClient:
             "fields": dict(fields),
             "tags": dict(tags) if tags else {},
         }
-        check_points([point], self._limits)
+        check_points([point], self.limits)
         while len(self._buffer) >= self._batch_size():
             await self._flush(block)
         if not self._buffer:
@@ -581,7 +554,7 @@ class DeviceClient:
         """
         self._check_open()
         assert self._outbox is not None
-        check_points(points, self._limits)
+        check_points(points, self.limits)
         if self._outbox.full:
             if not block:
                 raise OutboxFull(f"{len(self._outbox)} batches wait for an ack")
@@ -662,10 +635,14 @@ class DeviceClient:
         if not self.stats.connected:
             log.debug("%s: reconnect requested while not connected: nothing to do", self._name)
             return
-        self._reconnect = (None, delay)
+        self._connection().request_reconnect(delay)
         self._notify()
 
     # ------------------------------------------------------------------ buffering
+
+    def _connection(self) -> DeviceConnection:
+        assert self._conn is not None, "the session exists from __aenter__ on"
+        return self._conn
 
     def _check_open(self) -> None:
         if not self._running:
@@ -676,7 +653,7 @@ class DeviceClient:
         self._changed = trio.Event()
 
     def _batch_size(self) -> int:
-        return min(self._batch_points, self._limits.max_points)
+        return min(self._batch_points, self.limits.max_points)
 
     def _queue(self, points: list[dict[str, Any]]) -> int:
         assert self._outbox is not None
@@ -755,27 +732,27 @@ class DeviceClient:
         finally:
             self._loop_done.set()
 
-    async def _session(self) -> _End:
-        assert self._outbox is not None
-        self._end = None
+    async def _session(self) -> SessionEnd:
+        conn = self._connection()
+        hello = conn.connect(self._hello)
         self._last_session_stable = False
         try:
             async with _open_websocket(
                 self.url, self._headers, self._connect_timeout, self._disconnect_timeout, self._ssl_context
             ) as ws:
-                await self._converse(ws)
+                await self._converse(ws, hello)
         except ConnectionRejected as exc:
             self.stats.connect_failures += 1
-            self._set_end(self._rejected(exc))
+            conn.set_end(self._rejected(exc))
         except TLSHandshakeError as exc:
             self.stats.connect_failures += 1
             if exc.verify_failed:
                 log.error("%s: %s; retrying slowly", self._name, exc)
-                self._set_end(_End(to_max=True))
+                conn.set_end(SessionEnd(to_max=True))
             else:
                 log.warning("%s: %s", self._name, exc)
         except HandshakeError as exc:  # includes connect and disconnect timeouts
-            if self._end is None:
+            if conn.end is None:
                 self.stats.connect_failures += 1
                 log.info("%s: cannot connect to %s: %r", self._name, self.url, exc.__cause__ or exc)
         except ConnectionClosed as exc:  # closed before or right after the Welcome
@@ -794,31 +771,25 @@ class DeviceClient:
                 log.debug("%s: error while closing", self._name, exc_info=True)
             else:
                 log.exception("%s: connection failed unexpectedly", self._name)
-            self._set_end(_End(to_max=True))
+            conn.set_end(SessionEnd(to_max=True))
         finally:
-            self.stats.connected = False
-            self._outbox.reset_inflight()
-            # Acks belong to their connection (the hub sends again what was not acked); results wait for the next.
-            self._outgoing = deque(item for item in self._outgoing if item[0] is not None)
-            if self._reconnect is not None and self._reconnect[0] is None:
-                self._reconnect = None  # the connection is gone anyway
+            end = conn.connection_lost()
             self._notify()
-        return self._end or _End()
-
-    def _set_end(self, end: _End) -> None:
-        if self._end is None:
-            self._end = end
+        return end
 
     def _on_close(self, reason: CloseReason | None) -> None:
-        # Reader and sender may both see the close: act on it once.
-        if self._end is None:
-            self._end = self._closed(reason)
+        # Reader and sender may both see the close: the session end judges it once.
+        code, text = (reason.code, reason.reason) if reason is not None else (1006, None)
+        closed = self._connection().peer_closed(code, text)
+        if closed is not None:
+            _CLOSE_LOGS[closed.verdict](self, closed)
 
-    async def _converse(self, ws: trio_websocket.WebSocketConnection) -> None:
-        await ws.send_message(encode(self._hello))
+    async def _converse(self, ws: trio_websocket.WebSocketConnection, hello: str) -> None:
+        await ws.send_message(hello)
+        conn = self._connection()
         with trio.fail_after(self._connect_timeout):
-            welcome = await self._receive_welcome(ws)
-        self._on_welcome(welcome)
+            while conn.state is SessionState.HELLO:
+                self._on_event(conn.receive(await ws.get_message()))
         welcomed = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
@@ -828,260 +799,164 @@ class DeviceClient:
         finally:
             self._last_session_stable = trio.current_time() - welcomed >= STABLE_SESSION
 
-    async def _receive_welcome(self, ws: trio_websocket.WebSocketConnection) -> Welcome:
-        while True:
-            msg = decode(await ws.get_message())
-            if isinstance(msg, Welcome):
-                return msg
-            if isinstance(msg, Error):
-                self._on_error(msg)
-            else:
-                log.warning("%s: unexpected %s before the welcome", self._name, type(msg).__name__)
-
-    def _on_welcome(self, welcome: Welcome) -> None:
-        assert self._outbox is not None
-        if welcome.proto != PROTOCOL_VERSION:
-            log.warning("%s: hub speaks protocol %d, we speak %d", self._name, welcome.proto, PROTOCOL_VERSION)
-        self._name = welcome.device or self._name
-        self._count_acked(self._outbox.welcome(welcome.ack))
-        self._window = max(1, welcome.window)
-        if welcome.max_points > 0:
-            self._limits = attrs.evolve(self._limits, max_points=welcome.max_points)
-        self.stats.connected = True
-        self.stats.epoch = welcome.epoch
-        self.stats.connects += 1
-        if self.stats.connects > 1:
-            self.stats.reconnects += 1
-        log.info(
-            "%s: connected to %s (epoch %d); hub holds up to seq %d; %d batches to send",
-            self._name,
-            self.url,
-            welcome.epoch,
-            welcome.ack,
-            len(self._outbox),
-        )
-        self._notify()
-
     async def _stopper(self, scope: trio.CancelScope) -> None:
         await self._stop.wait()
         scope.cancel()
 
     async def _reader(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
         # Always receiving: trio-websocket answers the hub's pings only while its queue drains.
+        conn = self._connection()
         try:
             while True:
-                text = await ws.get_message()
-                try:
-                    msg = decode(text)
-                except ProtocolError as exc:
-                    log.warning("%s: ignoring an invalid message from the hub: %s", self._name, exc)
-                    continue
-                if isinstance(msg, Ack):
-                    self._on_ack(msg.seq)
-                elif isinstance(msg, Command):
-                    while len(self._outgoing) >= MAX_OUTGOING:
+                event = conn.receive(await ws.get_message())
+                self._on_event(event)
+                if type(event) is CommandReceived:
+                    while conn.answers_waiting >= MAX_OUTGOING:
                         await self._changed.wait()
-                    self._on_command(msg)
-                elif isinstance(msg, Error):
-                    self._on_error(msg)
-                else:
-                    log.warning("%s: unexpected %s from the hub", self._name, type(msg).__name__)
         except ConnectionClosed as exc:
             self._on_close(exc.reason)
         scope.cancel()
 
     async def _sender(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
-        assert self._outbox is not None
-        outbox = self._outbox
+        conn = self._connection()
         try:
             while True:
                 changed = self._changed
-                before = outbox.sent_max
-                sent = await self._send_answers(ws)
-                if self._reconnect is not None and self._reconnect[0] is None and not self._outgoing:
-                    delay = self._reconnect[1]
-                    self._reconnect = None
-                    log.info("%s: closing the connection on request; reconnecting in %.2f s", self._name, delay)
-                    self._set_end(_End(retry_after=delay, planned=True))
-                    break
-                for entry in outbox.take(self._window_now()):
-                    if self._outgoing:
-                        await self._send_answers(ws)
-                    if entry.seq not in outbox:
-                        continue  # acked or rejected while we sent the ones before it
-                    await ws.send_message(entry.text)
-                    sent = True
-                    self.stats.batches_sent += 1
-                    if entry.seq <= before:
-                        self.stats.resent += 1
-                if not sent:
+                frame = conn.next_frame()
+                if frame is None:
                     await changed.wait()
+                elif isinstance(frame, str):
+                    await ws.send_message(frame)
+                    if conn.frame_written():
+                        self._notify()
+                else:
+                    log.info(
+                        "%s: closing the connection on request; reconnecting in %.2f s", self._name, frame.retry_after
+                    )
+                    break
         except ConnectionClosed as exc:
             self._on_close(ws.closed or exc.reason)
         scope.cancel()
 
-    async def _send_answers(self, ws: trio_websocket.WebSocketConnection) -> bool:
-        # Acks and results go before telemetry: they are small and the hub times commands out.
-        sent = False
-        while self._outgoing:
-            cid, text = self._outgoing.popleft()
-            written = False
-            try:
-                await ws.send_message(text)
-                written = True
-            finally:
-                if not written and cid is not None:
-                    self._outgoing.appendleft((cid, text))  # keep the result for the next connection
-            sent = True
-            if cid is not None:
-                self._result_written(cid)
-        if sent:
-            self._notify()
-        return sent
+    # ------------------------------------------------------------------ what the session end reports
 
-    def _window_now(self) -> int:
-        assert self._outbox is not None
-        if self._probe_until:
-            first = self._outbox.first_seq
-            if first is not None and first <= self._probe_until:
-                return 1
-            self._probe_until = 0
-        return self._window
-
-    # ------------------------------------------------------------------ hub answers
-
-    def _count_acked(self, done: list[Entry]) -> None:
-        if done:
-            self.stats.batches_acked += len(done)
-            self.stats.points_acked += sum(e.points for e in done)
-
-    def _on_ack(self, seq: int) -> None:
-        assert self._outbox is not None
-        self._count_acked(self._outbox.ack(seq))
+    def _on_event(self, event: DeviceEvent) -> None:
+        _EVENT_HANDLERS[type(event)](self, event)
         self._notify()
 
-    def _on_error(self, error: Error) -> None:
-        if error.code == ErrorCode.UNKNOWN_COMMAND:
-            # Our ack or result named a command the hub does not know (e.g. it expired there): nothing to retry.
-            log.warning("%s: the hub does not know a command we answered; answer dropped: %s", self._name, error.detail)
-            return
-        if error.seq is None:
-            log.warning("%s: hub error %s: %s", self._name, error.code, error.detail)
-            return
-        self._reject(error.seq, error.code, error.detail)
+    def _on_welcomed(self, event: Welcomed) -> None:
+        welcome = event.welcome
+        if welcome.proto != PROTOCOL_VERSION:
+            log.warning("%s: hub speaks protocol %d, we speak %d", self._name, welcome.proto, PROTOCOL_VERSION)
+        self._name = self._connection().device
+        log.info(
+            "%s: connected to %s (epoch %d); hub holds up to seq %d; %d batches to send",
+            self._name,
+            self.url,
+            welcome.epoch,
+            welcome.ack,
+            len(self._connection().outbox),
+        )
 
-    def _reject(self, seq: int, code: str, detail: str) -> None:
-        assert self._outbox is not None
-        entry = self._outbox.reject(seq)
+    def _on_acked(self, event: Acked) -> None:
+        pass  # counted by the session end; waiters wake on the notification
+
+    def _on_rejected_event(self, event: Rejected) -> None:
+        entry = event.entry
         if entry is None:
-            log.info("%s: hub refused batch %d, which is no longer pending (%s)", self._name, seq, code)
+            log.info("%s: hub refused batch %d, which is no longer pending (%s)", self._name, event.seq, event.code)
             return
-        self._rejected_entry(entry, code, detail)
-
-    def _rejected_entry(self, entry: Entry, code: str, detail: str) -> None:
-        """Count, log and report a batch dropped for good (it is out of the outbox already)."""
-        seq = entry.seq
-        self.stats.rejected += 1
-        self.stats.points_rejected += entry.points
-        log.warning("%s: batch %d (%d points) dropped for good: %s %s", self._name, seq, entry.points, code, detail)
+        log.warning(
+            "%s: batch %d (%d points) dropped for good: %s %s",
+            self._name,
+            event.seq,
+            entry.points,
+            event.code,
+            event.detail,
+        )
         self._notify()
         if self._on_rejected is not None:
             try:
-                self._on_rejected(seq, code, detail)
+                self._on_rejected(event.seq, event.code, event.detail)
             except Exception:
                 log.exception("%s: the on_rejected callback failed", self._name)
 
-    def _rejected(self, exc: ConnectionRejected) -> _End:
-        status = exc.status_code
-        if status == 401:
-            log.error("%s: hub refused the token (401); retrying slowly", self._name)
-            return _End(to_max=True)
-        if status == 403:
-            log.error("%s: hub forbids this connection (403); retrying slowly", self._name)
-            return _End(to_max=True)
-        if status in (429, 503):
-            after = _retry_after(exc.headers)
-            log.info("%s: hub is busy (%d), retry after %s s", self._name, status, after)
-            return _End(retry_after=after)
-        log.warning("%s: hub refused the connection with HTTP %d", self._name, status)
-        return _End()
+    def _on_hub_error(self, event: HubError) -> None:
+        if event.code == ErrorCode.UNKNOWN_COMMAND:
+            log.warning("%s: the hub does not know a command we answered; answer dropped: %s", self._name, event.detail)
+        else:
+            log.warning("%s: hub error %s: %s", self._name, event.code, event.detail)
 
-    def _closed(self, reason: CloseReason | None) -> _End:
-        code = reason.code if reason is not None else 1006
-        text = reason.reason if reason is not None else None
-        if code == CloseCode.REPLACED:
-            log.warning("%s: replaced by another connection with the same token; backing off", self._name)
-            return _End(to_max=True)
-        if code in (CloseCode.REVOKED, CloseCode.POLICY):
-            log.error("%s: hub closed the connection (%d %s); retrying slowly", self._name, code, text)
-            return _End(to_max=True)
-        if code in _CULPRIT_CLOSES:
-            self._find_culprit(code, text)
-            return _End()
-        if code == CloseCode.PROTOCOL_ERROR:
-            log.error("%s: the hub could not parse our frames (1002 %s), a WebSocket library bug", self._name, text)
-            return _End()
-        log.info("%s: connection closed (%d %s)", self._name, code, text)
-        return _End()
-
-    def _find_culprit(self, code: int, text: str | None) -> None:
-        """After a close that one of the batches in flight caused: resend them one at a time, drop the one that is
-        alone in flight when the close comes again."""
-        assert self._outbox is not None
-        inflight = self._outbox.inflight_seqs()
-        error, why = _CULPRIT_CLOSES[code]
-        if self._probe_until and len(inflight) == 1:
-            seq = inflight[0]
-            log.error("%s: batch %d makes the connection close with %d (%s): dropping it", self._name, seq, code, why)
-            self._reject(seq, error, f"the connection was closed with {code} ({text or why})")
+    def _on_command(self, event: CommandReceived) -> None:
+        cmd = event.command
+        if event.run:
+            assert self._tasks is not None
+            log.info("%s: command %s %s received", self._name, cmd.id, cmd.name)
+            self._tasks.start_soon(self._run_command, cmd, name=f"command {cmd.name} {cmd.id}")
             return
+        log.info(
+            "%s: command %s %s received again: %s",
+            self._name,
+            cmd.id,
+            cmd.name,
+            "answering with its result" if event.answered else "still running",
+        )
+
+    def _on_ignored(self, event: Ignored) -> None:
+        log.warning("%s: %s", self._name, event.why)
+
+    def _log_replaced(self, closed: PeerClosed) -> None:
+        log.warning("%s: replaced by another connection with the same token; backing off", self._name)
+
+    def _log_refused(self, closed: PeerClosed) -> None:
+        log.error("%s: hub closed the connection (%d %s); retrying slowly", self._name, closed.code, closed.reason)
+
+    def _log_probe(self, closed: PeerClosed) -> None:
+        why = CULPRIT_CLOSES[closed.code][1]
         log.error(
             "%s: connection closed with %d (%s %s); resending batches %s one at a time",
             self._name,
-            code,
+            closed.code,
             why,
-            text,
-            inflight,
+            closed.reason,
+            list(closed.inflight),
         )
-        self._probe_until = max(inflight, default=0)
+
+    def _log_dropped(self, closed: PeerClosed) -> None:
+        why = CULPRIT_CLOSES[closed.code][1]
+        seq = closed.inflight[0]
+        log.error(
+            "%s: batch %d makes the connection close with %d (%s): dropping it", self._name, seq, closed.code, why
+        )
+        assert closed.dropped is not None
+        self._on_rejected_event(closed.dropped)
+
+    def _log_wire_bug(self, closed: PeerClosed) -> None:
+        log.error(
+            "%s: the hub could not parse our frames (1002 %s), a WebSocket library bug", self._name, closed.reason
+        )
+
+    def _log_closed(self, closed: PeerClosed) -> None:
+        log.info("%s: connection closed (%d %s)", self._name, closed.code, closed.reason)
+
+    def _rejected(self, exc: ConnectionRejected) -> SessionEnd:
+        status = exc.status_code
+        if status == 401:
+            log.error("%s: hub refused the token (401); retrying slowly", self._name)
+            return SessionEnd(to_max=True)
+        if status == 403:
+            log.error("%s: hub forbids this connection (403); retrying slowly", self._name)
+            return SessionEnd(to_max=True)
+        if status in (429, 503):
+            after = _retry_after(exc.headers)
+            log.info("%s: hub is busy (%d), retry after %s s", self._name, status, after)
+            return SessionEnd(retry_after=after)
+        log.warning("%s: hub refused the connection with HTTP %d", self._name, status)
+        return SessionEnd()
 
     # ------------------------------------------------------------------ commands
 
-    def _results_waiting(self) -> int:
-        return sum(1 for cid, _ in self._outgoing if cid is not None)
-
-    def _queue_result(self, cid: str, text: str) -> None:
-        # At most one copy of a result waits, and after the ack just queued for it.
-        if any(item[0] == cid for item in self._outgoing):
-            self._outgoing = deque(item for item in self._outgoing if item[0] != cid)
-        self._outgoing.append((cid, text))
-
-    def _on_command(self, cmd: Command) -> None:
-        assert self._log is not None and self._tasks is not None
-        self.stats.commands_received += 1
-        self._outgoing.append((None, encode(CommandAck(cmd.id))))
-        status = self._log.status(cmd.id)
-        if status == CommandLog.NEW:
-            self._log.begin(cmd.id)
-            self.stats.commands_run += 1
-            log.info("%s: command %s %s received", self._name, cmd.id, cmd.name)
-            self._tasks.start_soon(self._run_command, cmd, name=f"command {cmd.name} {cmd.id}")
-        else:
-            self.stats.command_repeats += 1
-            text = self._log.result(cmd.id)
-            if text is not None:
-                self._queue_result(cmd.id, text)
-            log.info(
-                "%s: command %s %s received again: %s",
-                self._name,
-                cmd.id,
-                cmd.name,
-                "answering with its result" if text is not None else "still running",
-            )
-        self._notify()
-
     async def _run_command(self, cmd: Command) -> None:
-        assert self._log is not None
         done = False
         try:
             try:
@@ -1092,8 +967,7 @@ class DeviceClient:
             done = True
         finally:
             if not done:  # cancelled because the client closes: no result, the hub times it out
-                self._log.abandon(cmd.id)
-                self._reconnect_after.pop(cmd.id, None)
+                self._connection().command_abandoned(cmd.id)
                 log.info("%s: command %s %s cancelled, no result", self._name, cmd.id, cmd.name)
         self._finish(cmd, result)
 
@@ -1129,39 +1003,29 @@ class DeviceClient:
         return CommandResult(cmd.id, True, value)
 
     def _finish(self, cmd: Command, result: CommandResult) -> None:
-        assert self._log is not None
-        text = encode(result)
-        try:
-            self._log.finish(cmd.id, text)
-        except sqlite3.Error:
-            log.exception("%s: cannot store the result of command %s in the outbox file", self._name, cmd.id)
-        if result.ok:
-            self.stats.commands_succeeded += 1
-        else:
-            self.stats.commands_failed += 1
+        self._connection().command_finished(result)
         log.info("%s: command %s %s %s", self._name, cmd.id, cmd.name, "succeeded" if result.ok else "failed")
-        self._queue_result(cmd.id, text)
-        delay = self._reconnect_after.pop(cmd.id, None)
-        if delay is not None:
-            self._reconnect = (cmd.id, delay)
         self._notify()
 
-    def _result_written(self, cid: str) -> None:
-        assert self._log is not None
-        self.stats.results_sent += 1
-        try:
-            self._log.mark_sent(cid)
-        except sqlite3.Error:
-            log.exception("%s: cannot mark the result of command %s as sent in the outbox file", self._name, cid)
-        if self._reconnect is not None and self._reconnect[0] == cid:
-            self._reconnect = (None, self._reconnect[1])
 
+#: What the driver does with each report of the session end: one entry per event type.
+_EVENT_HANDLERS: dict[type, Callable[[DeviceClient, Any], None]] = {
+    Welcomed: DeviceClient._on_welcomed,
+    Acked: DeviceClient._on_acked,
+    Rejected: DeviceClient._on_rejected_event,
+    HubError: DeviceClient._on_hub_error,
+    CommandReceived: DeviceClient._on_command,
+    Ignored: DeviceClient._on_ignored,
+}
 
-#: Closes that one batch in flight causes, and how such a batch is reported: (error code, why).
-_CULPRIT_CLOSES = {
-    CloseCode.TOO_BIG: (TOO_LARGE, "message too big, a client bug"),
-    # The hub answers invalid UTF-8 with bad_json and the batch's seq; a proxy in between may close instead.
-    CloseCode.INVALID_DATA: (ErrorCode.BAD_JSON, "not valid UTF-8"),
+#: How each verdict on a close by the hub is logged.
+_CLOSE_LOGS: dict[CloseVerdict, Callable[[DeviceClient, PeerClosed], None]] = {
+    CloseVerdict.REPLACED: DeviceClient._log_replaced,
+    CloseVerdict.REFUSED: DeviceClient._log_refused,
+    CloseVerdict.PROBE: DeviceClient._log_probe,
+    CloseVerdict.DROPPED: DeviceClient._log_dropped,
+    CloseVerdict.WIRE_BUG: DeviceClient._log_wire_bug,
+    CloseVerdict.CLOSED: DeviceClient._log_closed,
 }
 
 

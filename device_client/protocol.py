@@ -11,6 +11,7 @@ them, with no per-point object on the hot path.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from typing import Any
@@ -23,9 +24,13 @@ except ImportError:  # pragma: no cover - depends on the install
     _fast_loads = None
 
 __all__ = [
+    "ANSWERS",
     "DEVICE_PATH",
+    "HANDSHAKE_ANSWER",
+    "LIMIT_FIELDS",
     "PROTOCOL_VERSION",
     "Ack",
+    "Answer",
     "CloseCode",
     "Error",
     "ErrorCode",
@@ -53,8 +58,8 @@ INT64_MAX = 2**63 - 1
 RESERVED_TAGS = frozenset({"device"})
 
 
-class ErrorCode:
-    """Stable error codes carried by `Error` frames (see docs/protocol.md)."""
+class ErrorCode(enum.StrEnum):
+    """Stable error codes carried by `Error` frames (see docs/protocol.md); each is a plain string on the wire."""
 
     BAD_JSON = "bad_json"  # not JSON, NaN/Infinity, too deeply nested
     BAD_MESSAGE = "bad_message"  # JSON, but not an object with a known "type" and right fields
@@ -76,7 +81,7 @@ class ErrorCode:
     INTERNAL = "internal"
 
 
-class CloseCode:
+class CloseCode(enum.IntEnum):
     """WebSocket close codes the hub uses (see docs/protocol.md)."""
 
     NORMAL = 1000
@@ -93,18 +98,44 @@ class CloseCode:
 
 
 class ProtocolError(Exception):
-    """An input the protocol refuses; `code` is stable, `detail` is safe to show the peer."""
+    """An input the protocol refuses; `code` is stable, `detail` is safe to show the peer.
 
-    def __init__(self, code: str, detail: str = "", seq: int | None = None) -> None:
-        super().__init__(f"{code}: {detail}" if detail else code)
-        self.code = code
+    `ANSWERS[code]` says how the hub answers it; `seq` names the refused telemetry batch when it was readable.
+    """
+
+    def __init__(self, code: ErrorCode | str, detail: str = "", seq: int | None = None) -> None:
+        super().__init__(f"{code}: {detail}" if detail else str(code))
+        self.code = ErrorCode(code)
         self.detail = detail
         self.seq = seq
 
 
 @attrs.frozen
+class Answer:
+    """How the hub answers a refused input: an error frame (`frame`), then a close with `close` unless None."""
+
+    frame: bool = True
+    close: CloseCode | None = None
+
+
+_STAY_OPEN = Answer()
+
+#: The answer to each error code once the session is open (the "session" column of docs/protocol.md's error table).
+ANSWERS: dict[ErrorCode, Answer] = {
+    **{code: _STAY_OPEN for code in ErrorCode},
+    ErrorCode.UNSUPPORTED_VERSION: Answer(close=CloseCode.POLICY),
+    ErrorCode.TOO_MANY_ERRORS: Answer(close=CloseCode.POLICY),
+    # Found by the WebSocket layer, which closes by itself: no frame can be sent.
+    ErrorCode.TOO_LARGE: Answer(frame=False, close=CloseCode.TOO_BIG),
+    ErrorCode.INTERNAL: Answer(frame=False, close=CloseCode.INTERNAL),
+}
+#: Before the welcome, every refused input is answered with its error frame and a close.
+HANDSHAKE_ANSWER = Answer(close=CloseCode.POLICY)
+
+
+@attrs.frozen
 class Limits:
-    """Validation limits; the hub's are configurable and sent to the device in `Welcome`."""
+    """Validation limits; the hub's are configurable and sent to the device in `Welcome` (same field names)."""
 
     max_points: int = 5000  # points per telemetry message
     max_fields: int = 100  # fields per point
@@ -115,6 +146,8 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+#: The names of the `Limits` fields, each also a field of `Welcome`.
+LIMIT_FIELDS = tuple(a.name for a in attrs.fields(Limits))
 
 # ---------------------------------------------------------------------------- messages
 
@@ -131,7 +164,10 @@ class Hello:
 
 @attrs.frozen
 class Welcome:
-    """Hub -> device, answer to `Hello`: identity, the last durable sequence, session terms."""
+    """Hub -> device, answer to `Hello`: identity, the last durable sequence, session terms, the hub's limits.
+
+    The limits after `proto` are None from a hub that does not send them: the device keeps its own then.
+    """
 
     device: str
     ack: int  # highest sequence the hub has made durable; number new batches above it
@@ -140,6 +176,17 @@ class Welcome:
     max_points: int
     ping_interval: float
     proto: int = PROTOCOL_VERSION
+    max_fields: int | None = None
+    max_tags: int | None = None
+    max_name_len: int | None = None
+    max_tag_value_len: int | None = None
+    max_string_len: int | None = None
+    max_message_bytes: int | None = None  # largest telemetry message, in bytes of UTF-8 JSON
+
+    def limits(self, base: Limits = DEFAULT_LIMITS) -> Limits:
+        """`base` with every limit this welcome carries (one missing, or not above 0, stays as in `base`)."""
+        given = {name: getattr(self, name) for name in LIMIT_FIELDS}
+        return attrs.evolve(base, **{name: value for name, value in given.items() if value is not None and value > 0})
 
 
 @attrs.frozen
@@ -198,6 +245,9 @@ class CommandResult:
 
 
 Message = Hello | Welcome | Telemetry | Ack | Error | Command | CommandAck | CommandResult
+
+#: The optional limit fields of `Welcome`.
+_WELCOME_LIMITS = (*(name for name in LIMIT_FIELDS if name != "max_points"), "max_message_bytes")
 
 _TYPE_NAMES: dict[type, str] = {
     Hello: "hello",
@@ -260,6 +310,8 @@ def encode(msg: Message) -> str:
         body = {"type": kind, **attrs.asdict(msg)}
         if isinstance(msg, Error) and msg.seq is None:
             del body["seq"]
+        elif isinstance(msg, Welcome):
+            body = {key: value for key, value in body.items() if value is not None}
         elif isinstance(msg, CommandResult):
             if msg.ok:
                 del body["error"]
@@ -563,6 +615,7 @@ def _decode(obj: dict[str, Any], limits: Limits) -> Message:
             max_points=_get(obj, "max_points", int),
             ping_interval=_float(_get(obj, "ping_interval", (int, float)), "ping_interval"),
             proto=_get(obj, "proto", int),
+            **{key: _get(obj, key, int, None) for key in _WELCOME_LIMITS},
         )
     if kind == "command_ack":
         return CommandAck(_command_id(obj))

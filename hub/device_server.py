@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -25,7 +24,6 @@ from device_client.protocol import (
     Hello,
     ProtocolError,
     Telemetry,
-    Welcome,
 )
 from hub import _wire
 from hub.commands import CommandService
@@ -37,6 +35,7 @@ from hub.pipeline import Pipeline
 from hub.presence import Presence
 from hub.ratelimit import DeviceRate, Rate, Throttle, Verdict
 from hub.registry import Registry
+from hub.session import Close, HubConnection, Refused, Resent
 from hub.stats import Stats
 from hub.subscriptions import Broadcaster
 
@@ -44,8 +43,6 @@ __all__ = ["DeviceServer", "DeviceSession"]
 
 log = logging.getLogger("hub.session")
 
-#: Protocol errors are counted over this many seconds when deciding to close a session.
-ERROR_WINDOW = 60.0
 #: Seconds between checks of the registry for devices revoked while connected.
 REVOKE_CHECK_EVERY = 2.0
 #: Longest wait for a peer to answer our close frame.
@@ -53,12 +50,10 @@ CLOSE_TIMEOUT = 2.0
 #: A device is idle after max(server.idle_timeout, this x the reporting interval it declared) without a message.
 IDLE_FACTOR = 3.0
 #: Error code of the notice that a device exceeds its rates (sent without a seq: nothing is refused).
-RATE_LIMITED = ErrorCode.RATE_LIMITED
+RATE_LIMITED = ErrorCode.RATE_LIMITED.value
 #: Names of a session's tasks (a shared string: trio would otherwise build one per task).
 OUTBOUND_TASK = "device-outbound"
 PING_TASK = "device-ping"
-#: Error detail for a text message that is not valid UTF-8 (refused as `bad_json`, with its seq when readable).
-BAD_UTF8_DETAIL = "text is not valid UTF-8"
 
 
 class DeviceServer:
@@ -212,31 +207,8 @@ class DeviceServer:
                 del self._device_locks[name]
 
 
-def _telemetry_seq(text: str) -> int | None:
-    """The seq of a telemetry message that failed to decode, when it can be read (None otherwise)."""
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    if type(obj) is not dict or obj.get("type") != "telemetry":
-        return None
-    seq = obj.get("seq")
-    return seq if type(seq) is int and 0 < seq <= protocol.INT64_MAX else None
-
-
-def _drop_durable(inflight: list[int], durable: int) -> None:
-    """Remove the leading seqs that are durable now from a device's in-flight list."""
-    n = 0
-    for seq in inflight:
-        if seq > durable:
-            break
-        n += 1
-    if n:
-        del inflight[:n]
-
-
 class DeviceSession:
-    """One authenticated device connection: hello/welcome, telemetry in, acks and pings out."""
+    """One authenticated device connection: drives its `HubConnection` with the WebSocket, the pipeline and trio."""
 
     def __init__(
         self, server: DeviceServer, ws: WebSocketConnection, name: str, remote: str, ticket: Ticket | None = None
@@ -249,15 +221,17 @@ class DeviceSession:
         self.epoch = 0
         self.reason = "closed"
         self.ledger: DeviceLedger | None = None
-        self._last_ack = 0
-        self._errors: list[float] = []  # times of recent refused messages
+        cfg = server.config
+        self.conn = HubConnection(
+            cfg.limits,
+            window=cfg.server.window,
+            max_errors=cfg.server.max_errors,
+            max_offers=2 * cfg.commands.max_queue,
+        )
         self._builder = LineBuilder(name)
-        self._throttle = Throttle(server.device_rate(name), server.config.server.throttle_close_after)
-        self._inflight = server.inflight(name)
-        self._interval = 0.0  # the reporting interval declared in hello
+        self._throttle = Throttle(server.device_rate(name), cfg.server.throttle_close_after)
         self._holds = 0  # > 0 while the session deliberately reads nothing (window, rate, pipeline backpressure)
         self._hold_end = -math.inf  # when the latest hold ended
-        self._commands: list[Command] = []  # offered by the command service, not yet sent
         self._parked: trio.lowlevel.Task | None = None  # the outbound task, while it waits for work
         self._nursery: trio.Nursery | None = None  # the session's own tasks, while they run
         self._pinging = False
@@ -305,6 +279,7 @@ class DeviceSession:
             with trio.move_on_after(CLOSE_TIMEOUT):
                 await self.ws.aclose(CloseCode.INTERNAL, "internal error")
         finally:
+            self.conn.connection_lost()
             if self.server.sessions.get(self.name) is self:
                 del self.server.sessions[self.name]
                 self.server.stats.connections -= 1
@@ -314,49 +289,41 @@ class DeviceSession:
                 await _wire.close_stream(self.ws, CLOSE_TIMEOUT)
 
     async def _receive_hello(self) -> Hello | None:
-        cfg = self.server.config.server
-        with trio.move_on_after(cfg.hello_timeout):
+        with trio.move_on_after(self.server.config.server.hello_timeout):
             try:
                 text = await self.ws.get_message()
             except ConnectionClosed:
                 await self._closed_by_peer_or_wire()
                 return None
-            if type(text) is str and _wire.has_bad_utf8(text):
-                await self._close_with_error(ErrorCode.BAD_JSON, BAD_UTF8_DETAIL)
-                return None
-            try:
-                msg = protocol.decode(text, self.server.config.limits)
-            except ProtocolError as exc:
-                await self._close_with_error(exc.code, exc.detail)
-                return None
-            if not isinstance(msg, Hello):
-                await self._close_with_error(ErrorCode.NOT_READY, "the first message must be hello")
-                return None
-            if msg.proto != protocol.PROTOCOL_VERSION:
-                await self._close_with_error(
-                    ErrorCode.UNSUPPORTED_VERSION, f"this hub speaks proto {protocol.PROTOCOL_VERSION}"
-                )
-                return None
-            self._interval = msg.interval
-            return msg
-        await self._close_with_error(ErrorCode.NOT_READY, "no hello in time")
+            event = self.conn.receive(text, trio.current_time())
+            if isinstance(event, Hello):
+                return event
+            assert isinstance(event, Refused) and event.close is not None
+            await self._close(event.close)
+            return None
+        await self._close(self.conn.hello_timed_out())
         return None
 
-    async def _close_with_error(self, code: str, detail: str) -> None:
-        log.warning("device refused", extra=self._kv(reason=code))
-        self.server.stats.count_error(code)
+    async def _close(self, close: Close) -> None:
+        """Close as the session decided: count and log its error, send its error frame, close with its code."""
+        if close.error is not None:
+            log.warning("device refused", extra=self._kv(reason=close.error.value))
+            self.server.stats.count_error(close.error.value)
         with trio.move_on_after(CLOSE_TIMEOUT):
-            with contextlib.suppress(ConnectionClosed):
-                await self.ws.send_message(protocol.encode(protocol.Error(code, detail)))
-            await self.ws.aclose(CloseCode.POLICY, code)
+            if close.frame is not None:
+                with contextlib.suppress(ConnectionClosed):
+                    await self.ws.send_message(close.frame)
+            await self.ws.aclose(close.code, close.reason)
 
     async def _start(self, hello: Hello) -> bool:
         server = self.server
+        cfg = server.config
         async with server.device_lock(self.name):
             old = server.sessions.get(self.name)
             if old is not None:
                 await old.close(CloseCode.REPLACED, "replaced by a new connection", reason="replaced")
             if server.closing:
+                self.conn.close()
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self.ws.aclose(CloseCode.GOING_AWAY, "hub shutting down")
                 return False
@@ -365,17 +332,16 @@ class DeviceSession:
             server.sessions[self.name] = self
             server.stats.connections += 1
             server.stats.connects += 1
-        cfg = server.config
-        self._last_ack = self.ledger.durable
-        welcome = Welcome(
-            device=self.name,
-            ack=self.ledger.durable,
-            epoch=self.epoch,
-            window=cfg.server.window,
-            max_points=cfg.limits.max_points,
-            ping_interval=cfg.presence.ping_interval,
-        )
-        await self.ws.send_message(protocol.encode(welcome))
+            # Before any checkpoint: a close from another task finds the session open.
+            welcome = self.conn.welcome(
+                self.name,
+                self.epoch,
+                self.ledger,
+                server.inflight(self.name),
+                ping_interval=cfg.presence.ping_interval,
+                max_message_bytes=cfg.server.max_message_bytes,
+            )
+        await self.ws.send_message(welcome)
         if self._ticket is not None:
             self._ticket.admitted()
             self._ticket = None
@@ -397,7 +363,8 @@ class DeviceSession:
     def idle_timeout(self) -> float:
         """Seconds without any message after which this session is closed as idle (inf: never)."""
         idle = self.server.config.server.idle_timeout
-        return max(idle, IDLE_FACTOR * self._interval) if idle > 0 else math.inf
+        interval = self.conn.hello.interval if self.conn.hello is not None else 0.0
+        return max(idle, IDLE_FACTOR * interval) if idle > 0 else math.inf
 
     async def _read_loop(self) -> None:
         stats = self.server.stats
@@ -443,28 +410,11 @@ class DeviceSession:
 
     async def _dispatch(self, text: str | bytes) -> int:
         """Act on one message from the device; the number of points it brought (for the rate limit)."""
-        if isinstance(text, bytes):
-            await self._refuse(ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted"))
-            return 0
-        if _wire.has_bad_utf8(text):
-            await self._refuse(ProtocolError(ErrorCode.BAD_JSON, BAD_UTF8_DETAIL, _telemetry_seq(text)))
-            return 0
-        try:
-            msg = protocol.decode(text, self.server.config.limits)
-        except ProtocolError as exc:
-            await self._refuse(exc)
-            return 0
-        kind = type(msg)
-        if kind is Telemetry:
-            await self._telemetry(msg)
-            return len(msg.points)
-        if kind is CommandAck or kind is CommandResult:
-            await self._command_answer(msg)
-        elif kind is Hello:
-            await self._refuse(ProtocolError(ErrorCode.NOT_READY, "hello was already received"))
-        else:
-            detail = "devices send hello, telemetry, command_ack and command_result only"
-            await self._refuse(ProtocolError(ErrorCode.BAD_MESSAGE, detail))
+        event = self.conn.receive(text, trio.current_time())
+        if type(event) is Telemetry:
+            await self._telemetry(event)
+            return len(event.points)
+        await _ON_EVENT[type(event)](self, event)
         return 0
 
     async def _throttled(self, verdict: Verdict) -> bool:
@@ -506,58 +456,50 @@ class DeviceSession:
         """Read nothing more until fewer than `server.window` batches of this device wait for their ack."""
         ledger = self.ledger
         assert ledger is not None
-        inflight = self._inflight
-        window = self.server.config.server.window
-        _drop_durable(inflight, ledger.durable)
-        if len(inflight) < window:
-            return
+        conn = self.conn
         self.server.stats.window_waits += 1
-        log.debug("window full: waiting for acks", extra=self._kv(inflight=len(inflight)))
+        log.debug("window full: waiting for acks", extra=self._kv(inflight=conn.window))
         with self._holding():
-            while len(inflight) >= window:
-                await ledger.wait_beyond(inflight[0] - 1)
-                _drop_durable(inflight, ledger.durable)
+            while conn.window_full():
+                oldest = conn.oldest_inflight
+                assert oldest is not None
+                await ledger.wait_beyond(oldest - 1)
 
     async def _submit(self, text: str, n: int, seq: int) -> None:
         """Hand batch `seq` to the pipeline once the window has room for it (both may make this session wait)."""
         ledger = self.ledger
         assert ledger is not None
-        inflight = self._inflight
-        if len(inflight) >= self.server.config.server.window:
+        if self.conn.window_full():
             await self._make_room()
         pipeline = self.server.pipeline
         if not pipeline.try_submit(text, n, (ledger, seq)):
             with self._holding():
                 await pipeline.submit(text, n, (ledger, seq))
-        ledger.submitted = seq
-        inflight.append(seq)
+        self.conn.submitted(seq)
 
     async def _end(self, code: int, text: str) -> None:
         """Close from inside the session: wait briefly for the acks in flight, send the last one, close with `code`."""
         ledger = self.ledger
+        conn = self.conn
+        conn.close()
         with trio.move_on_after(CLOSE_TIMEOUT):
-            if ledger is not None and self._inflight:
+            newest = conn.newest_inflight
+            if ledger is not None and newest is not None:
                 with self._holding():
-                    await ledger.wait_beyond(self._inflight[-1] - 1)
-            if ledger is not None and ledger.durable > self._last_ack:
+                    await ledger.wait_beyond(newest - 1)
+            ack = conn.ack_due()
+            if ack is not None:
                 with contextlib.suppress(ConnectionClosed):
-                    await self._send_ack(ledger.durable)
+                    await self._send_ack(ack)
             await self.ws.aclose(code, text)
 
     async def _telemetry(self, msg: Telemetry) -> None:
         ledger = self.ledger
         assert ledger is not None
-        stats = self.server.stats
-        seq = msg.seq
-        if seq <= ledger.submitted:
-            stats.resends += 1
-            if seq <= ledger.durable:
-                await self._send_ack(ledger.durable)
-            return  # still in the pipeline: its ack follows when it is durable
         points = msg.points
         n = len(points)
-        await self._submit(self._builder.lines(points), n, seq)
-        stats.points_in += n
+        await self._submit(self._builder.lines(points), n, msg.seq)
+        self.server.stats.points_in += n
         ledger.last_seen = time.time()
         latest = ledger.latest
         for p in points:
@@ -569,21 +511,42 @@ class DeviceSession:
         if status is not None and status.state == "late":
             await server.presence.seen(self.name)
 
+    async def _resent(self, event: Resent) -> None:
+        self.server.stats.resends += 1
+        if event.ack is not None:
+            await self._send_ack(event.ack)
+
     async def _command_answer(self, msg: CommandAck | CommandResult) -> None:
         commands = self.server.commands
         if type(msg) is CommandAck:
             known = await commands.on_ack(self.name, msg.id)
         else:
+            assert isinstance(msg, CommandResult)
             known = await commands.on_result(self.name, msg.id, msg.ok, msg.result, msg.error)
         if not known:
             detail = f"command {msg.id!r} was not sent to this device"
-            await self._refuse(ProtocolError(ErrorCode.UNKNOWN_COMMAND, detail))
+            await self._refused(self.conn.refuse(ProtocolError(ErrorCode.UNKNOWN_COMMAND, detail), trio.current_time()))
+
+    async def _refused(self, event: Refused) -> None:
+        """Answer one refused message with its error frame; close the session if the session says so."""
+        exc = event.error
+        self.server.stats.count_error(exc.code.value)
+        log.info("message refused", extra=self._kv(reason=exc.code.value, seq=exc.seq))
+        if event.frame is not None:
+            await self.ws.send_message(event.frame)
+        if event.resolve is not None:
+            # A refused batch is resolved: let the cumulative ack pass over it, in order.
+            await self._submit("", 0, event.resolve)
+        if event.close is not None:
+            if event.close.error is not None:
+                self.reason = event.close.error.value
+            await self._close(event.close)
+            self._scope.cancel()
 
     def _offer_command(self, command: Command) -> bool:
-        if len(self._commands) >= 2 * self.server.config.commands.max_queue:
+        if not self.conn.offer(command):
             log.warning("command queue of the session full", extra=self._kv(command_id=command.id))
             return False
-        self._commands.append(command)
         self._unpark()
         return True
 
@@ -603,48 +566,24 @@ class DeviceSession:
 
     async def _outbound(self) -> None:
         """Send command frames and acks as they become due; one task per session does both."""
-        ledger = self.ledger
-        assert ledger is not None
         commands = self.server.commands
-        pending = self._commands
+        conn = self.conn
         try:
             while True:
-                if pending:  # commands first: an ack a moment later costs nothing, a command's latency is seen
-                    command = pending.pop(0)
-                    if commands.is_open(command.id):
-                        await self.ws.send_message(protocol.encode(command))
-                        await commands.on_sent(self.name, command.id)
-                elif ledger.durable > self._last_ack:
-                    await self._send_ack(ledger.durable)
-                else:
+                item = conn.next_outbound()
+                if item is None:
                     self._parked = trio.lowlevel.current_task()
                     await trio.lowlevel.wait_task_rescheduled(self._abort_park)
+                elif isinstance(item, str):
+                    await self._send_ack(item)
+                elif commands.is_open(item.id):
+                    await self.ws.send_message(protocol.encode(item))
+                    await commands.on_sent(self.name, item.id)
         except ConnectionClosed:
             self._scope.cancel()
 
-    async def _refuse(self, exc: ProtocolError) -> None:
-        """Answer one refused message with an error frame; close the session if they keep coming."""
-        stats = self.server.stats
-        stats.count_error(exc.code)
-        log.info("message refused", extra=self._kv(reason=exc.code, seq=exc.seq))
-        await self.ws.send_message(protocol.encode(protocol.Error(exc.code, exc.detail[:200], exc.seq)))
-        ledger = self.ledger
-        if exc.seq is not None and ledger is not None and exc.seq > ledger.submitted:
-            # A refused batch is resolved: let the cumulative ack pass over it, in order.
-            await self._submit("", 0, exc.seq)
-        now = trio.current_time()
-        errors = self._errors
-        errors.append(now)
-        while errors[0] < now - ERROR_WINDOW:
-            del errors[0]
-        if len(errors) > self.server.config.server.max_errors:
-            self.reason = ErrorCode.TOO_MANY_ERRORS
-            await self._close_with_error(ErrorCode.TOO_MANY_ERRORS, "too many refused messages")
-            self._scope.cancel()
-
-    async def _send_ack(self, seq: int) -> None:
-        self._last_ack = max(self._last_ack, seq)
-        await self.ws.send_message(protocol.encode_ack(seq))
+    async def _send_ack(self, text: str) -> None:
+        await self.ws.send_message(text)
         self.server.stats.acks_sent += 1
 
     def ping_due(self) -> bool:
@@ -670,6 +609,7 @@ class DeviceSession:
             if timeout.cancelled_caught:
                 self.reason = "ping_timeout"
                 log.warning("device stopped answering pings", extra=self._kv(reason="ping_timeout"))
+                self.conn.close()
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self.ws.aclose(CloseCode.POLICY, "ping timeout")
                 self._scope.cancel()
@@ -686,12 +626,23 @@ class DeviceSession:
         """Send the last ack due, close the WebSocket with `code`, and wait for the session to end."""
         if self.reason == "closed":
             self.reason = reason
-        ledger = self.ledger
+        conn = self.conn
+        conn.close()
         with trio.move_on_after(CLOSE_TIMEOUT):
-            if ledger is not None and ledger.durable > self._last_ack:
+            ack = conn.ack_due()
+            if ack is not None:
                 with contextlib.suppress(ConnectionClosed):
-                    await self._send_ack(ledger.durable)
+                    await self._send_ack(ack)
             await self.ws.aclose(code, text)
         self._scope.cancel()
         with trio.move_on_after(CLOSE_TIMEOUT):
             await self._done.wait()
+
+
+#: What the session does with each event of its `HubConnection` (new telemetry takes the fast path in `_dispatch`).
+_ON_EVENT: dict[type, Callable[[DeviceSession, Any], Awaitable[None]]] = {
+    Resent: DeviceSession._resent,
+    CommandAck: DeviceSession._command_answer,
+    CommandResult: DeviceSession._command_answer,
+    Refused: DeviceSession._refused,
+}

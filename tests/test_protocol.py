@@ -80,6 +80,7 @@ ROUND_TRIP = [
     Hello(firmware="é" * 64, model="m" * 64, interval=604_800.0),
     Welcome(device="dev-1", ack=0, epoch=3, window=8, max_points=5000, ping_interval=20.0),
     Welcome(device="dev-2", ack=2**63 - 1, epoch=1, window=1, max_points=1, ping_interval=0.5, proto=1),
+    Welcome("dev-3", 0, 1, 64, 5000, 10.0, max_fields=5, max_tags=2, max_name_len=9, max_message_bytes=1024),
     Ack(1),
     Ack(INT64_MAX),
     Error(ErrorCode.BAD_FIELD, "field 'x' has a line break", seq=42),
@@ -262,6 +263,11 @@ BAD_MESSAGE = [
     pytest.param(json.dumps({"type": "hello", "proto": 1, "firmware": "f" * 65}), id="hello_firmware_too_long"),
     pytest.param(json.dumps({"type": "hello", "proto": 1, "model": "m" * 65}), id="hello_model_too_long"),
     pytest.param('{"type":"welcome"}', id="welcome_empty"),
+    pytest.param(
+        '{"type":"welcome","device":"d","ack":0,"epoch":1,"window":1,"max_points":1,"ping_interval":1,"proto":1,'
+        '"max_tags":"2"}',
+        id="welcome_limit_string",
+    ),
     pytest.param(
         '{"type":"welcome","device":1,"ack":0,"epoch":1,"window":1,"max_points":1,"ping_interval":1,"proto":1}',
         id="welcome_device_number",

@@ -1,0 +1,357 @@
+"""The hub's end of one device session, sans-I/O: hello, welcome, resends, the window, the error budget, acks, commands.
+
+`DeviceSession` (hub/device_server.py) makes one per connection and drives it with the WebSocket, the pipeline and
+trio's clock; the states and their table are in `device_client.session`. Text that was not UTF-8 on the wire reaches
+`receive` with lone surrogates in it (hub/_wire.py decodes it that way).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Protocol
+
+import attrs
+
+from device_client.protocol import (
+    ANSWERS,
+    DEFAULT_LIMITS,
+    HANDSHAKE_ANSWER,
+    INT64_MAX,
+    LIMIT_FIELDS,
+    PROTOCOL_VERSION,
+    Answer,
+    CloseCode,
+    Command,
+    CommandAck,
+    CommandResult,
+    Error,
+    ErrorCode,
+    Hello,
+    Limits,
+    ProtocolError,
+    Telemetry,
+    Welcome,
+    decode,
+    encode,
+    encode_ack,
+)
+from device_client.session import Role, SessionError, SessionState, Trigger, transition
+
+__all__ = [
+    "BAD_UTF8_DETAIL",
+    "ERROR_WINDOW",
+    "Book",
+    "Close",
+    "HubConnection",
+    "HubEvent",
+    "Refused",
+    "Resent",
+    "has_bad_utf8",
+    "telemetry_seq",
+]
+
+#: Refused messages count against `max_errors` for this many seconds.
+ERROR_WINDOW = 60.0
+#: Error detail for a text message that is not valid UTF-8 (refused as `bad_json`, with its seq when readable).
+BAD_UTF8_DETAIL = "text is not valid UTF-8"
+#: Longest error detail sent to a device.
+MAX_DETAIL = 200
+
+# Invalid UTF-8 bytes arrive as U+DC80..U+DCFF (surrogateescape); no valid UTF-8 text can hold a lone surrogate.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_bad_utf8(text: str) -> bool:
+    """True if a text message was not valid UTF-8 on the wire (it holds a lone surrogate)."""
+    return not text.isascii() and _LONE_SURROGATE.search(text) is not None
+
+
+def telemetry_seq(text: str) -> int | None:
+    """The seq of a telemetry message that failed to decode, when it can be read (None otherwise)."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if type(obj) is not dict or obj.get("type") != "telemetry":
+        return None
+    seq = obj.get("seq")
+    return seq if type(seq) is int and 0 < seq <= INT64_MAX else None
+
+
+class Book(Protocol):
+    """A device's sequence numbers, shared by its successive sessions (`hub.ledger.DeviceLedger` is one)."""
+
+    durable: int  # every batch up to it is durable; it grows as the pipeline writes, under the session's feet
+    submitted: int  # the highest seq handed to the pipeline, or refused
+
+
+@attrs.define
+class _NoBook:
+    durable: int = 0
+    submitted: int = 0
+
+
+@attrs.frozen
+class Resent:
+    """A telemetry batch the hub has already: `ack` is the ack to send again, None if its ack is still to come."""
+
+    seq: int
+    ack: str | None
+
+
+@attrs.frozen
+class Close:
+    """Close the connection with `code` and `reason`; first send `frame`, and count and log `error`, if given."""
+
+    code: CloseCode
+    reason: str
+    error: ErrorCode | None = None
+    frame: str | None = None
+
+
+@attrs.frozen
+class Refused:
+    """A refused input: send `frame`, let the ack pass over batch `resolve` (refused for good), then `close` if set."""
+
+    error: ProtocolError = attrs.field(eq=False)
+    frame: str | None
+    resolve: int | None = None
+    close: Close | None = None
+
+
+#: What `HubConnection.receive` returns: a message to act on, or what the session makes of it.
+HubEvent = Hello | Telemetry | Resent | CommandAck | CommandResult | Refused
+
+_HELLO, _OPEN, _CLOSING = SessionState.HELLO, SessionState.OPEN, SessionState.CLOSING
+
+
+class HubConnection:
+    """The hub's end of one device session: feed it each message with the time, ask it what to send.
+
+    `receive(text, now)` returns one `HubEvent` per message: the `Hello`, a new `Telemetry` batch (submit it when
+    `window_full()` is false, then call `submitted(seq)`), a `Resent` batch, a `CommandAck`/`CommandResult` to hand
+    to the command service, or a `Refused` input. `welcome` gives the welcome; `next_outbound` the next command offered
+    or ack due. Refusals past `max_errors` within `error_window` seconds close the session (`too_many_errors`).
+    """
+
+    __slots__ = (
+        "_book",
+        "_errors",
+        "_inflight",
+        "_last_ack",
+        "_offers",
+        "_state",
+        "error_window",
+        "hello",
+        "limits",
+        "max_errors",
+        "max_offers",
+        "window",
+    )
+
+    def __init__(
+        self,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        window: int = 64,
+        max_errors: int = 10,
+        max_offers: int = 200,
+        error_window: float = ERROR_WINDOW,
+    ) -> None:
+        self.limits = limits
+        self.window = window
+        self.max_errors = max_errors
+        self.max_offers = max_offers
+        self.error_window = error_window
+        #: The device's hello, once accepted.
+        self.hello: Hello | None = None
+        self._state = SessionState.HELLO
+        self._book: Book = _NoBook()
+        self._inflight: list[int] = []  # seqs handed to the pipeline and maybe not durable yet, oldest first
+        self._last_ack = 0
+        self._errors: list[float] = []  # times of recent refusals
+        self._offers: list[Command] = []  # offered by the command service, not handed out yet
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    def _go(self, trigger: Trigger) -> None:
+        self._state = transition(Role.HUB, self._state, trigger)
+
+    # ------------------------------------------------------------------ handshake
+
+    def receive(self, text: str | bytes, now: float) -> HubEvent:
+        """Take one message from the device that arrived at `now` (seconds, any monotonic clock)."""
+        state = self._state
+        if state is _OPEN or state is _CLOSING:
+            return self._receive_open(text, now)
+        if state is _HELLO:
+            return self._receive_hello(text)
+        raise SessionError(f"hub session: nothing to receive in state {state.value!r}")
+
+    def _receive_hello(self, text: str | bytes) -> Hello | Refused:
+        if type(text) is str and has_bad_utf8(text):
+            return self._refuse_hello(ProtocolError(ErrorCode.BAD_JSON, BAD_UTF8_DETAIL))
+        try:
+            msg = decode(text, self.limits)
+        except ProtocolError as exc:
+            return self._refuse_hello(exc)
+        if not isinstance(msg, Hello):
+            return self._refuse_hello(ProtocolError(ErrorCode.NOT_READY, "the first message must be hello"))
+        if msg.proto != PROTOCOL_VERSION:
+            detail = f"this hub speaks proto {PROTOCOL_VERSION}"
+            return self._refuse_hello(ProtocolError(ErrorCode.UNSUPPORTED_VERSION, detail))
+        self.hello = msg
+        self._go(Trigger.HELLO)
+        return msg
+
+    def _refuse_hello(self, exc: ProtocolError) -> Refused:
+        self._go(Trigger.CLOSE)
+        return Refused(exc, None, close=_close(exc.code, exc.detail, HANDSHAKE_ANSWER))
+
+    def hello_timed_out(self) -> Close:
+        """No hello came in time: how to close."""
+        self._go(Trigger.CLOSE)
+        return _close(ErrorCode.NOT_READY, "no hello in time", HANDSHAKE_ANSWER)
+
+    def welcome(
+        self,
+        device: str,
+        epoch: int,
+        book: Book,
+        inflight: list[int],
+        *,
+        ping_interval: float,
+        max_message_bytes: int,
+    ) -> str:
+        """The welcome to send, with every limit the device must keep: the session is open.
+
+        `book` and `inflight` are the device's, across its sessions.
+        """
+        self._go(Trigger.WELCOME)
+        self._book = book
+        self._inflight = inflight
+        self._last_ack = book.durable
+        limits = {name: getattr(self.limits, name) for name in LIMIT_FIELDS}
+        welcome = Welcome(
+            device=device,
+            ack=book.durable,
+            epoch=epoch,
+            window=self.window,
+            ping_interval=ping_interval,
+            max_message_bytes=max_message_bytes,
+            **limits,
+        )
+        return encode(welcome)
+
+    def close(self) -> None:
+        """This end closes the session (replaced, revoked, idle, shutdown...): no more commands go out."""
+        self._go(Trigger.CLOSE)
+
+    def connection_lost(self) -> None:
+        """The connection is over."""
+        self._go(Trigger.LOST)
+
+    # ------------------------------------------------------------------ open
+
+    def _receive_open(self, text: str | bytes, now: float) -> HubEvent:
+        if type(text) is not str:
+            return self.refuse(ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted"), now)
+        if has_bad_utf8(text):
+            return self.refuse(ProtocolError(ErrorCode.BAD_JSON, BAD_UTF8_DETAIL, telemetry_seq(text)), now)
+        try:
+            msg = decode(text, self.limits)
+        except ProtocolError as exc:
+            return self.refuse(exc, now)
+        if type(msg) is Telemetry:
+            seq, book = msg.seq, self._book
+            if seq > book.submitted:
+                return msg
+            # A resend: never written again; acked again if durable, else its ack follows when it is.
+            return Resent(seq, self._ack(book.durable) if seq <= book.durable else None)
+        if isinstance(msg, CommandAck | CommandResult):
+            return msg
+        if isinstance(msg, Hello):
+            return self.refuse(ProtocolError(ErrorCode.NOT_READY, "hello was already received"), now)
+        detail = "devices send hello, telemetry, command_ack and command_result only"
+        return self.refuse(ProtocolError(ErrorCode.BAD_MESSAGE, detail), now)
+
+    def refuse(self, exc: ProtocolError, now: float) -> Refused:
+        """Answer a refused input (`ANSWERS`); it counts against the error budget, which closes the session past it."""
+        answer = ANSWERS[exc.code]
+        frame = encode(Error(exc.code, exc.detail[:MAX_DETAIL], exc.seq)) if answer.frame else None
+        seq = exc.seq
+        resolve = seq if seq is not None and seq > self._book.submitted else None
+        errors = self._errors
+        errors.append(now)
+        while errors[0] < now - self.error_window:
+            del errors[0]
+        close = None
+        if answer.close is not None:
+            close = Close(answer.close, exc.code.value)
+        elif len(errors) > self.max_errors:
+            close = _close(ErrorCode.TOO_MANY_ERRORS, "too many refused messages", ANSWERS[ErrorCode.TOO_MANY_ERRORS])
+        if close is not None:
+            self._go(Trigger.CLOSE)
+        return Refused(exc, frame, resolve, close)
+
+    def window_full(self) -> bool:
+        """True while `window` batches of the device wait to be durable: take no more until one is."""
+        inflight = self._inflight
+        if len(inflight) < self.window:
+            return False
+        durable = self._book.durable
+        n = 0
+        for seq in inflight:
+            if seq > durable:
+                break
+            n += 1
+        if n:
+            del inflight[:n]
+        return len(inflight) >= self.window
+
+    @property
+    def oldest_inflight(self) -> int | None:
+        """The oldest batch that may not be durable yet: room opens when it is."""
+        return self._inflight[0] if self._inflight else None
+
+    @property
+    def newest_inflight(self) -> int | None:
+        """The newest batch handed to the pipeline that may not be durable yet."""
+        return self._inflight[-1] if self._inflight else None
+
+    def submitted(self, seq: int) -> None:
+        """Batch `seq` (or the mark of a refused one) is in the pipeline."""
+        self._book.submitted = seq
+        self._inflight.append(seq)
+
+    def ack_due(self) -> str | None:
+        """The ack to send now, if more is durable than this session has acked."""
+        durable = self._book.durable
+        return self._ack(durable) if durable > self._last_ack else None
+
+    def _ack(self, seq: int) -> str:
+        if seq > self._last_ack:
+            self._last_ack = seq
+        return encode_ack(seq)
+
+    def offer(self, command: Command) -> bool:
+        """The command service offers a command to send; False when too many wait already."""
+        if len(self._offers) >= self.max_offers:
+            return False
+        self._offers.append(command)
+        return True
+
+    def next_outbound(self) -> Command | str | None:
+        """The next command offered (commands first: their latency is seen), else the ack due, else None."""
+        if self._offers and self._state is _OPEN:
+            return self._offers.pop(0)
+        return self.ack_due()
+
+
+def _close(code: ErrorCode, detail: str, answer: Answer) -> Close:
+    assert answer.close is not None
+    frame = encode(Error(code, detail[:MAX_DETAIL])) if answer.frame else None
+    return Close(answer.close, code.value, code, frame)
