@@ -33,7 +33,7 @@ MIN_RATE = 50.0
 MAX_RETRY_AFTER = 60
 #: Answered refusals per second in total, and per address (with the burst an address may use at once).
 ANSWERS_PER_SECOND = 5000.0
-ADDRESS_ANSWERS = Rate(per_second=50.0, burst=300)
+ADDRESS_ANSWERS = Rate(per_second=10.0, burst=300)
 #: Per-address queues and answer budgets that ended this long ago are forgotten (checked every this many refusals).
 PRUNE_EVERY = 4096
 

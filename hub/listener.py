@@ -31,6 +31,8 @@ log = logging.getLogger("hub.listener")
 
 #: Longest wait for a refused client to read its answer and hang up before the socket is closed anyway.
 REFUSAL_LINGER = 1.0
+#: How often those held sockets are looked at.
+LINGER_POLL = 0.1
 #: accept() errors that mean "out of file descriptors or memory for now", and how long to pause on them.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1
@@ -80,26 +82,86 @@ def http_answer(status: int, body: str, headers: list[tuple[bytes, bytes]] | Non
     return b"\r\n".join(lines) + b"\r\n\r\n" + data
 
 
-async def _refuse(stream: trio.abc.Stream, refusal: Refusal) -> None:
-    """Answer without reading the request, then hang up once the client has (bounded)."""
+def _refusal_answer(refusal: Refusal) -> bytes:
     body = (
         "the hub is busy with other connections; retry after the given seconds\n"
         if refusal.status == 503
         else "too many connections in progress from your address; retry after the given seconds\n"
     )
-    answer = http_answer(refusal.status, body, [(b"retry-after", str(refusal.retry_after).encode())])
+    return http_answer(refusal.status, body, [(b"retry-after", str(refusal.retry_after).encode())])
+
+
+async def _refuse(stream: trio.abc.Stream, refusal: Refusal) -> None:
+    """Answer without reading the request, then hang up once the client has (bounded). For TLS connections."""
     with trio.move_on_after(REFUSAL_LINGER):
         try:
-            await stream.send_all(answer)
-            # Closing with the request unread in our buffer would send a RST, which can destroy the answer
-            # before the client reads it: wait for the client to hang up first (it will, on reading the answer).
-            if isinstance(stream, trio.SocketStream):
-                await stream.send_eof()
+            await stream.send_all(_refusal_answer(refusal))
             while await stream.receive_some(4096):
                 pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the client is gone: nothing more to say
     await trio.aclose_forcefully(stream)
+
+
+class _Lingering:
+    """Plain-TCP refusals: answered at accept, then held until their client hangs up (at most `REFUSAL_LINGER`).
+
+    Closing with the request unread in our buffer would send a RST, which can destroy the answer before the
+    client reads it; so each socket is drained until the client's end of file. One task for all of them, polling
+    a few times a second, instead of a task each: in a surge or under a flood of reconnects, answering costs a
+    send, a shutdown, a read and a close.
+    """
+
+    def __init__(self) -> None:
+        self._sockets: list[tuple[float, socket.socket]] = []
+        self._added = trio.Event()
+
+    def refuse(self, conn: socket.socket, refusal: Refusal, now: float) -> None:
+        """Send the answer and our end of file now; the socket is closed once the client has closed its end."""
+        answer = _refusal_answer(refusal)
+        try:
+            conn.setblocking(False)
+            if conn.send(answer) == len(answer):  # a fresh socket's send buffer takes a few hundred bytes
+                conn.shutdown(socket.SHUT_WR)
+                self._sockets.append((now + REFUSAL_LINGER, conn))
+                self._added.set()
+                return
+        except OSError:
+            pass  # reset already
+        conn.close()
+
+    async def run(self) -> None:
+        """Close each held socket once its client has hung up or its time is up; close them all when cancelled."""
+        try:
+            while True:
+                if not self._sockets:
+                    self._added = trio.Event()
+                    await self._added.wait()
+                await trio.sleep(LINGER_POLL)
+                now = trio.current_time()
+                held = []
+                for deadline, conn in self._sockets:
+                    if _client_gone(conn) or now >= deadline:
+                        conn.close()
+                    else:
+                        held.append((deadline, conn))
+                self._sockets = held
+        finally:
+            for _deadline, conn in self._sockets:
+                conn.close()
+            self._sockets = []
+
+
+def _client_gone(conn: socket.socket) -> bool:
+    """Read and drop what the client sent; True once it has closed its end (or the connection failed)."""
+    try:
+        while conn.recv(4096):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 async def _read_head(stream: trio.abc.Stream) -> bytes | None:
@@ -201,13 +263,16 @@ async def serve_listener(
             if not refusal.answered:
                 conn.close()  # before any trio object exists: a client hammering the port costs an accept and this
                 return
+            if ssl_context is None:
+                lingering.refuse(conn, refusal, now)
+                return
         stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
         if ssl_context is not None:
             stream = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
         if refusal is None:
             handler_nursery.start_soon(serve_admitted, stream, Ticket(admission, address))
         else:
-            handler_nursery.start_soon(_refuse, stream, refusal)
+            handler_nursery.start_soon(_refuse, stream, refusal)  # TLS: the answer needs the TLS handshake
 
     async def serve_admitted(stream: trio.abc.Stream, ticket: Ticket) -> None:
         try:
@@ -265,7 +330,9 @@ async def serve_listener(
                 with trio.move_on_after(close_timeout):
                     await connection.aclose()  # also ends the reader task, even when cancelled
 
+    lingering = _Lingering()
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(lingering.run)
         for listener in sockets:
             nursery.start_soon(accept_loop, listener)
         task_status.started(sockets)

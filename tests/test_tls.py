@@ -535,3 +535,22 @@ def test_demo_over_tls(tmp_path: Path) -> None:
     assert "hub listening on wss://127.0.0.1:" in result.stdout
     match = re.search(r"done: all (\d+) points acked and durable", result.stdout)
     assert match and int(match.group(1)) > 0, result.stdout
+
+
+async def test_a_refusal_before_the_handshake_is_answered_over_tls(tmp_path: Path) -> None:
+    """Past max_handshakes a wss:// client reads its 503 + Retry-After through TLS, like a ws:// one in plain."""
+    async with tls_hub(tmp_path) as hub:
+        hub.handle.edge.admission.max_pending = 0  # every place taken
+        context = ssl.create_default_context(cafile=str(hub.authority.ca_file))
+        with trio.fail_after(20):
+            stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", hub.handle.port, ssl_context=context)
+            await stream.send_all(b"GET /v1/device HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            try:
+                while chunk := await stream.receive_some():
+                    answer += chunk
+            except trio.BrokenResourceError:
+                pass  # the hub closed without close_notify: what was read is the answer
+            await trio.aclose_forcefully(stream)
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and b"\r\nretry-after: " in answer
+        assert hub.handle.stats.admission_refused == 1
