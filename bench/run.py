@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storm-devices", type=int, metavar="N", help="devices in the reconnect storm")
     p.add_argument("--surge-devices", type=int, metavar="N", help="devices connecting at once in the surge")
     p.add_argument("--slow-sockets", type=int, metavar="N", help="slow-handshake sockets beside good devices")
+    p.add_argument("--slow-sources", type=_ints, metavar="N,...", help="addresses the slow sockets come from (1,50)")
     p.add_argument("--surge-targets", type=_names_of(("hub", "transport")), help="hub,transport (default both)")
     p.add_argument(
         "--surge-busy", choices=("yes", "no"), help="also run the surge beside a CPU hog (default yes, quick no)"
@@ -169,7 +170,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     for key in ("scenarios", "duration", "ingest", "sdk", "connections", "command_devices", "commands"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
-    for key in ("storm_devices", "surge_devices", "slow_sockets", "surge_targets"):
+    for key in ("storm_devices", "surge_devices", "slow_sockets", "slow_sources", "surge_targets"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     if args.surge_busy is not None:

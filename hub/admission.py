@@ -6,8 +6,9 @@ the hub a task, its buffers and CPU (TLS, HTTP, authentication, the session's st
 surge at once makes them all slow, so they time out, retry and waste what was done. Past the bounds the answer is
 an immediate 503 (total) or 429 (one address) with a `Retry-After` that gives each refused client its own slot in
 a virtual queue drained at the rate handshakes have recently been completing: a surge is spread over the time
-the hub needs for it instead of returning as one wave. Each address has a queue of its own for its 429s, drained at
-its share of that rate, so one address hammering the hub does not push everyone else's slots back.
+the hub needs for it instead of returning as one wave. Each address has a queue of its own, drained at an equal
+share of that rate (for its 429s: its part of the places), so an address refused again and again (a client
+hammering the hub, or a slowloris) pushes back its own slots, not everyone else's.
 
 Answers are budgeted per address (a burst as large as a site's fleet refused at once, then a trickle) and in total:
 past its budget a connection is closed unanswered and takes no slot, so a client ignoring `Retry-After` neither
@@ -34,8 +35,10 @@ MAX_RETRY_AFTER = 60
 #: Answered refusals per second in total, and per address (with the burst an address may use at once).
 ANSWERS_PER_SECOND = 5000.0
 ADDRESS_ANSWERS = Rate(per_second=10.0, burst=300)
-#: Per-address queues and answer budgets that ended this long ago are forgotten (checked every this many refusals).
-PRUNE_EVERY = 4096
+#: Seconds between sweeps that forget drained per-address queues and refilled answer budgets.
+PRUNE_EVERY = 0.5
+#: The least share of the rate an address's queue drains at (handshakes per second).
+MIN_SHARE = 1.0
 
 
 @attrs.frozen
@@ -78,8 +81,8 @@ class Admission:
         self._window_start = -math.inf
         self._window_done = 0
         self._window_refused = 0
-        self._queue_end = -math.inf  # when the virtual queue of refused clients is drained
-        self._address_queue_end: dict[str, float] = {}  # the same, per address, for its 429s
+        self._address_queue_end: dict[str, float] = {}  # per address: when its virtual queue of refused clients ends
+        self._pruned = -math.inf
 
     @property
     def rate(self) -> float:
@@ -91,24 +94,32 @@ class Admission:
         if self.pending >= self.max_pending:
             if not self._may_answer(address, now):
                 return self._unanswered(503, "busy")
-            self._queue_end = end = self._next_slot(self._queue_end, now, self._rate)
-            return self._refuse(503, "busy", end - now)
+            # Each address with clients waiting drains at an equal share of the rate: the shares add up to the rate
+            # (a surge comes back at the pace the hub completes handshakes), and an address that is refused again
+            # and again lengthens its own queue, not those of others.
+            share = self._rate / max(1, len(self._address_queue_end))
+            return self._refuse(503, "busy", self._slot(address, now, share) - now)
         per_address = self.max_pending_per_address
         count = self._by_address.get(address, 0)
         if per_address and count >= per_address:
             if not self._may_answer(address, now):
                 return self._unanswered(429, "address_busy")
-            share = max(1.0, self._rate * per_address / self.max_pending)
-            queue = self._address_queue_end
-            queue[address] = end = self._next_slot(queue.get(address, -math.inf), now, share)
-            return self._refuse(429, "address_busy", end - now)
+            share = self._rate * per_address / self.max_pending  # its part of the places, its part of the rate
+            return self._refuse(429, "address_busy", self._slot(address, now, share) - now)
         self.pending += 1
         self._by_address[address] = count + 1
         return None
 
+    def _slot(self, address: str, now: float, share: float) -> float:
+        """When the client just refused from `address` may come back: the end of its address's queue, one later."""
+        queue = self._address_queue_end
+        queue[address] = end = self._next_slot(queue.get(address, -math.inf), now, max(MIN_SHARE, share))
+        return end
+
     def _may_answer(self, address: str, now: float) -> bool:
         """Whether a refusal of `address` gets an answer (taking it from both budgets) or is closed unanswered."""
-        if self.refused % PRUNE_EVERY == 0:
+        if now - self._pruned >= PRUNE_EVERY:
+            self._pruned = now
             self._prune(now)
         bucket = self._address_answers.get(address)
         if bucket is None:

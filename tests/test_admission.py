@@ -259,6 +259,16 @@ async def test_device_client_comes_back_after_retry_after_and_gets_in(tmp_path: 
         hub.stop()
 
 
+def test_refused_addresses_share_the_rate_equally_and_each_queue_is_its_own() -> None:
+    a = Admission(max_pending=1, address_answers=UNBOUNDED)  # rate: 50/s assumed before any handshake completed
+    a.enter("x", 0.0)
+    nat = [a.enter("nat", 0.0) for _ in range(50)]  # 50 devices behind one address, refused at once
+    assert [r.retry_after for r in nat if r is not None] == [1] * 50  # the whole rate: 50 in the next second
+    site = [a.enter("site", 0.0) for _ in range(50)]  # another address: now two share the rate
+    assert max(r.retry_after for r in site if r is not None) == 2
+    assert a.enter("nat", 0.0).retry_after == 2  # type: ignore[union-attr]  # so does the first address, from now
+
+
 def test_one_address_hammering_does_not_push_back_the_others() -> None:
     a = Admission(max_pending=4, max_pending_per_address=1, answers_per_second=1e9, address_answers=UNBOUNDED)
     a.enter("attacker", 0.0)
@@ -361,7 +371,7 @@ def test_each_address_has_an_answer_budget_of_its_own_so_a_fleet_of_sites_is_ans
     assert again is not None and again.answered
     newcomer = a.enter("10.9.9.9", 0.1)
     assert newcomer is not None and newcomer.answered
-    assert newcomer.retry_after == 40  # behind the 2,001 answered (at 50/s), not behind the 1,000 hammering
+    assert newcomer.retry_after == 1  # its address's own queue: an equal share of the rate, not behind the sites
 
 
 def test_retry_after_is_capped_however_long_the_queue() -> None:
