@@ -22,7 +22,7 @@ from device_client import protocol
 
 __all__ = ["Baseline", "main"]
 
-#: The hub's own listener settings (hub/device_server.py), so both sides pay the same per-frame costs.
+#: The hub's own listener settings (hub/devices/_server.py), so both sides pay the same per-frame costs.
 MAX_MESSAGE_BYTES = 256 * 1024
 HANDSHAKE_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0

@@ -385,7 +385,7 @@ class Bench(EdgeScenarios):
 
     def register(self, devices: int) -> None:
         """Register `devices` devices and an operator once, in a registry file each hub starts from."""
-        from hub.registry import Registry
+        from hub.fleet import Registry
 
         path = self.work / "registry-template" / "registry.sqlite3"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -731,7 +731,7 @@ class Bench(EdgeScenarios):
         return row
 
     async def _hub_commands(self, port: int, names: list[str]) -> tuple[list[float], dict[str, int]]:
-        from hub.control_client import ClientError, open_control
+        from hub.operator import ClientError, open_control
 
         latencies: list[float] = []
         failures: dict[str, int] = {}

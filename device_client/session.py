@@ -5,7 +5,7 @@ telemetry flows to the hub and acks, commands and errors flow back, until one en
 Each end holds a `SessionState` and moves it only along `TRANSITIONS`, one table for both roles; a move the table
 lacks raises `SessionError`, which is always a bug of the code driving the end, never the peer's doing (what the
 peer gets wrong is a `ProtocolError`, answered on the wire). The device's end lives across connections and rests in
-CLOSED between them; the hub makes a new end (`hub.session.HubConnection`) for every connection.
+CLOSED between them; the hub makes a new end (`hub.devices.HubConnection`) for every connection.
 
 `DeviceConnection` holds the device's rules: the hello, what the welcome changes (acked batches, window, limits), the
 window and the one-at-a-time probe after a close a batch caused, cumulative acks, refused batches, command ids run at

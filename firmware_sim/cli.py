@@ -159,7 +159,7 @@ def read_tokens(path: Path) -> list[str]:
 
 def register_devices(registry_path: Path, count: int) -> list[str]:
     """Register (or re-key) devices sim-0001..sim-<count> in the hub's registry file; return their tokens."""
-    from hub.registry import DeviceExists, Registry  # the hub is optional for a device install
+    from hub.fleet import DeviceExists, Registry  # the hub is optional for a device install
 
     tokens = []
     with Registry(registry_path) as registry:

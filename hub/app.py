@@ -17,23 +17,14 @@ import attrs
 import trio
 
 from device_client.protocol import CloseCode
-from hub.commands import CommandService, CommandStore
 from hub.config import HubConfig
-from hub.control_server import ControlServer
-from hub.device_server import DeviceServer
-from hub.edge import Edge
-from hub.fleet import device_summary
-from hub.http_listener import serve_http
-from hub.ledger import Ledgers
-from hub.metrics import HubMetrics
-from hub.pipeline import Pipeline, PipelineConfig
-from hub.presence import Presence
-from hub.registry import Registry
-from hub.sinks import FileSink, InfluxV1Sink, InfluxV2Sink, Sink
-from hub.spool import Spool
+from hub.control import ControlServer
+from hub.devices import DeviceServer
+from hub.edge import Edge, ServerTLS
+from hub.fleet import Broadcaster, CommandService, CommandStore, Ledgers, Presence, Registry, device_summary
+from hub.ingest import FileSink, InfluxV1Sink, InfluxV2Sink, Pipeline, PipelineConfig, Sink, Spool
+from hub.ops import HubMetrics, serve_http
 from hub.stats import Stats
-from hub.subscriptions import Broadcaster
-from hub.tls import ServerTLS
 
 __all__ = ["HubHandle", "ListenError", "listen_error", "make_sink", "registry_path", "reload_tls", "run", "serve"]
 

@@ -15,8 +15,8 @@ from typing import Any
 import attrs
 
 from hub.config import INFLUX_PASSWORD_ENV, INFLUX_TOKEN_ENV, ConfigError, HubConfig, load_config
+from hub.fleet import REGISTRY_FILE, ROLES, DeviceRecord, OperatorRecord, Registry, RegistryError, registry_path
 from hub.logs import FORMATS, LEVELS, setup_logging
-from hub.registry import REGISTRY_FILE, ROLES, DeviceRecord, OperatorRecord, Registry, RegistryError, registry_path
 
 __all__ = ["build_parser", "main"]
 
@@ -326,7 +326,7 @@ def _config(args: argparse.Namespace) -> HubConfig | None:
 
 def _check_tls(config: HubConfig) -> bool:
     """False (after a message) when the configured TLS certificate and key do not load."""
-    from hub.tls import TLSError, check_tls_files
+    from hub.edge import TLSError, check_tls_files
 
     try:
         check_tls_files(config.tls)

@@ -1,7 +1,8 @@
-"""The control channel's vocabulary (docs/control.md): its one error family, topics, final command states.
+"""The control channel's vocabulary (docs/control.md): its one error family and its subscription topics.
 
 Every refusal on the control wire is a `ControlError` whose `code` is an `ErrorCode`; `ANSWERS` says, for each code,
-what the hub does besides replying with it. The requests themselves are in `hub.control_codec`.
+what the hub does besides replying with it. The requests themselves are in `hub.control` (its codec). A shared leaf:
+the fleet's command service raises these errors and its subscriptions use `TOPICS`, below the control endpoint.
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ from collections.abc import Mapping
 import attrs
 
 from device_client.protocol import CloseCode
-from hub.command_states import FINAL_STATES as COMMAND_FINAL_STATES
 
-__all__ = ["ANSWERS", "COMMAND_FINAL_STATES", "TOPICS", "Answer", "ControlError", "ErrorCode"]
+__all__ = ["ANSWERS", "TOPICS", "Answer", "ControlError", "ErrorCode"]
 
 #: Subscription topics.
 TOPICS = ("telemetry", "presence", "commands")
-# COMMAND_FINAL_STATES: command states after which nothing changes (hub/command_states.py).
 
 
 class ErrorCode(enum.StrEnum):

@@ -14,7 +14,7 @@ from firmware_sim.cli import register_devices
 from firmware_sim.fleet import FleetTotals, run_fleet
 from hub.app import HubHandle, listen_error, registry_path, serve
 from hub.config import HubConfig
-from hub.control_server import CONTROL_PATH
+from hub.control import CONTROL_PATH
 
 __all__ = ["run_demo"]
 

@@ -1,4 +1,4 @@
-"""Counters the hub keeps about itself (shown in logs and the progress line, exported by `hub.metrics`)."""
+"""Counters the hub keeps about itself (shown in logs and the progress line, exported by `hub.ops`)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from device_client import protocol
 from device_client.protocol import Hello, Telemetry, Welcome
 from hub.app import HubHandle, serve
 from hub.config import HubConfig, load_config
-from hub.registry import Registry
+from hub.fleet import Registry
 
 BASE_TS = 1_764_000_000_000
 

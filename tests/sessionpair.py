@@ -14,7 +14,7 @@ import attrs
 from device_client.outbox import CommandLog, Outbox
 from device_client.protocol import DEFAULT_LIMITS, Hello, Limits, Telemetry, Welcome, encode
 from device_client.session import DeviceConnection, DeviceEvent, SessionEnd, SessionState, Welcomed
-from hub.session import HubConnection, HubEvent, Refused, Resent
+from hub.devices import HubConnection, HubEvent, Refused, Resent
 
 DEVICE = "d1"
 TS = 1_764_000_000_000
@@ -22,7 +22,7 @@ TS = 1_764_000_000_000
 
 @attrs.define
 class MemoryBook:
-    """The device's sequence numbers on the hub side (what `hub.ledger.DeviceLedger` holds)."""
+    """The device's sequence numbers on the hub side (what `hub.fleet.DeviceLedger` holds)."""
 
     durable: int = 0
     submitted: int = 0

@@ -10,10 +10,10 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from device_client.protocol import CloseCode
-from hub.admission import MIN_RATE, Admission
 from hub.app import HubHandle
-from hub.control_server import CONTROL_PATH
-from hub.listener import http_answer
+from hub.control import CONTROL_PATH
+from hub.edge._admission import MIN_RATE, Admission
+from hub.edge._listener import http_answer
 from hub.ratelimit import Rate, TokenBucket
 from tests.hubtools import add_devices, connect, hello, hub_config, start_hub
 from tests.test_control import add_operators

@@ -17,7 +17,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Pong,
 
 from device_client import protocol
 from device_client.protocol import DEVICE_PATH, Ack, CloseCode, Error, ErrorCode, Hello
-from hub.control_server import CONTROL_PATH
+from hub.control import CONTROL_PATH
 from tests.hubtools import (
     add_devices,
     connect,

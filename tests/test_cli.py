@@ -18,7 +18,7 @@ import pytest
 
 from hub import cli, logs
 from hub.config import INFLUX_PASSWORD_ENV, INFLUX_TOKEN_ENV, HubConfig, load_config
-from hub.registry import Registry, registry_path
+from hub.fleet import Registry, registry_path
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,9 @@ import pytest
 import trio
 
 from device_client.protocol import Command
-from hub.command_states import CommandEvent, CommandState, IllegalTransition
-from hub.command_store import CommandRecord, CommandStore
-from hub.commands import CommandError, CommandService
 from hub.config import CommandsConfig
+from hub.fleet import CommandError, CommandEvent, CommandRecord, CommandService, CommandState, CommandStore
+from hub.fleet._command_states import IllegalTransition
 
 #: Unix time when trio's mock clock reads 0.
 EPOCH = 1_700_000_000.0

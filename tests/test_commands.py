@@ -17,7 +17,8 @@ from trio_websocket import WebSocketConnection
 from device_client import protocol
 from device_client.protocol import Command, CommandAck, CommandResult, Error, ErrorCode
 from hub.app import HubHandle
-from hub.commands import FINAL_STATES, CommandError, CommandStore
+from hub.fleet import CommandError
+from hub.fleet._commands import FINAL_STATES, CommandStore
 from tests.hubtools import (
     add_devices,
     connect,

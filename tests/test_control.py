@@ -18,11 +18,9 @@ from device_client import DeviceClient, protocol
 from device_client.protocol import Command, CommandAck, CommandResult
 from hub import fleet
 from hub.app import HubHandle
-from hub.control_codec import REQUESTS, Reply
-from hub.control_server import _HANDLERS, CONTROL_PATH
-from hub.ledger import DeviceLedger
-from hub.presence import DeviceStatus
-from hub.registry import DeviceRecord, Registry
+from hub.control import CONTROL_PATH, REQUESTS, Reply
+from hub.control._server import _HANDLERS
+from hub.fleet import DeviceLedger, DeviceRecord, DeviceStatus, Registry
 from tests.hubtools import (
     BASE_TS,
     add_devices,

@@ -15,7 +15,9 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from hub.control_client import (
+from hub.control import ControlError, Device, Devices
+from hub.fleet import Registry
+from hub.operator import (
     AuthRefused,
     ClientError,
     ConnectFailed,
@@ -28,8 +30,6 @@ from hub.control_client import (
     control_url,
     open_control,
 )
-from hub.control_codec import ControlError, Device, Devices
-from hub.registry import Registry
 from tests.hubtools import add_devices, hub_config, start_hub
 
 TOKEN = "op.alice.s3cret"

@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 from device_client.protocol import CloseCode
-from hub.control_codec import (
+from hub.control import (
     ANSWERS,
     DEFAULT_LIMIT,
     DEFAULT_WAIT_TIMEOUT,
@@ -50,7 +50,7 @@ from hub.control_codec import (
     read_frame,
     spec_for,
 )
-from hub.registry import ROLES
+from hub.fleet import ROLES
 
 DOCS = (Path(__file__).parent.parent / "docs" / "control.md").read_text(encoding="utf-8")
 

@@ -352,7 +352,7 @@ async def test_cli_stops_gracefully_on_sigint(hub: FakeHub, tmp_path: Path) -> N
 
 
 async def test_cli_register_creates_and_rekeys_devices(hub: FakeHub, tmp_path: Path) -> None:
-    from hub import registry as registry_module
+    from hub.fleet import _registry as registry_module
     registry = tmp_path / "registry.sqlite3"
     args = ("--register", str(registry), "--devices", "3", "--interval", "0.1", "--duration", "0.5")
     first = await trio.run_process(sim_command(hub, *args), capture_stderr=True, check=False, cwd=ROOT)

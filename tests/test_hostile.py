@@ -24,9 +24,9 @@ from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Reque
 
 from device_client import protocol
 from device_client.protocol import DEVICE_PATH, Ack, CloseCode, CommandAck, CommandResult, Error, ErrorCode, Hello
-from hub.control_server import CONTROL_PATH
-from hub.metrics import COMMANDS_MEASUREMENT, ERRORS_MEASUREMENT, HUB_MEASUREMENT
-from hub.registry import Registry
+from hub.control import CONTROL_PATH
+from hub.fleet import Registry
+from hub.ops import COMMANDS_MEASUREMENT, ERRORS_MEASUREMENT, HUB_MEASUREMENT
 from tests.hubproc import HubProcess
 from tests.hubtools import (
     add_devices,

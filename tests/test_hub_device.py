@@ -12,7 +12,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from device_client import protocol
 from device_client.protocol import Ack, CloseCode, Error, ErrorCode
-from hub.registry import Registry
+from hub.fleet import Registry
 from tests.hubtools import (
     BASE_TS,
     add_devices,

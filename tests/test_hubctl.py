@@ -21,10 +21,10 @@ import pytest
 import trio
 
 from device_client import DeviceClient
-from hub import ctl
 from hub.app import HubHandle
-from hub.control_client import Dropped, Event
-from hub.ctl import (
+from hub.fleet import Registry
+from hub.operator import Dropped, Event, ctl
+from hub.operator.ctl import (
     ExitCode,
     ago,
     build_parser,
@@ -41,7 +41,6 @@ from hub.ctl import (
     parse_arg,
     table,
 )
-from hub.registry import Registry
 from tests.hubtools import add_devices, hub_config, start_hub
 
 NOW = 1_764_000_000.0  # 2025-11-24 16:00:00 UTC
@@ -166,7 +165,7 @@ def test_watch_and_list_arguments() -> None:
         ["send", "a", "cmd", "--timeout", "nan"],
         ["send", "a", "cmd", "--wait-timeout", "5"],  # needs --wait
         ["request"],
-        ["request", "reboot_the_world"],  # not in hub.control_codec.REQUESTS
+        ["request", "reboot_the_world"],  # not in hub.control.REQUESTS
         ["request", "device"],  # no name: refused before connecting, as the hub would
         ["request", "commands", "limit=0"],
         ["request", "commands", "nokey"],
@@ -491,7 +490,7 @@ class Run:
 
 
 def hubctl_argv(hub: Hub, *args: str) -> list[str]:
-    return [sys.executable, "-m", "hub.ctl", "--url", hub.url, *args]
+    return [sys.executable, "-m", "hub.operator.ctl", "--url", hub.url, *args]
 
 
 def hubctl_env(token: str) -> dict[str, str]:

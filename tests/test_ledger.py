@@ -7,8 +7,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from hub.ledger import Ledgers
-from hub.registry import Registry, registry_path
+from hub.fleet import Ledgers, Registry, registry_path
 
 
 def _registry(tmp_path: Path, *names: str) -> Registry:

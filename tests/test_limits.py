@@ -13,7 +13,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from device_client.protocol import DEVICE_PATH, Ack, CloseCode
 from hub.config import ConfigError, load_config
-from hub.control_server import CONTROL_PATH
+from hub.control import CONTROL_PATH
 from tests.hubtools import (
     add_devices,
     connect,

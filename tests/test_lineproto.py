@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from device_client.protocol import validate_points
-from hub.lineproto import LineBuilder, escape_key, escape_measurement, format_fields, line, series_prefix
+from hub.ingest import LineBuilder, line
+from hub.ingest._lineproto import escape_key, escape_measurement, format_fields, series_prefix
 from tests.servers import InfluxDB1, VictoriaMetrics
 
 TS = 1_700_000_000_000

@@ -14,14 +14,11 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from device_client.protocol import ErrorCode
-from hub.commands import STATES, CommandService, CommandStore
 from hub.config import CommandsConfig
-from hub.http_listener import serve_http
-from hub.metrics import HubMetrics, health
-from hub.pipeline import Mark, Pipeline, PipelineConfig
-from hub.presence import DeviceStatus, Presence
-from hub.sinks import FileSink, InfluxV1Sink, Sink
-from hub.spool import Spool
+from hub.fleet import CommandService, DeviceStatus, Presence
+from hub.fleet._commands import STATES, CommandStore
+from hub.ingest import FileSink, InfluxV1Sink, Mark, Pipeline, PipelineConfig, Sink, Spool
+from hub.ops import HubMetrics, health, serve_http
 from hub.stats import Stats
 from tests.servers import InfluxDB1, ScriptedWriteServer, free_port
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hub import cli
-from hub.registry import (
+from hub.fleet import (
     ROLES,
     BadName,
     BadRole,

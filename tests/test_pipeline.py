@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from hub.pipeline import Mark, Pipeline, PipelineConfig
-from hub.sinks import FileSink, InfluxV2Sink
-from hub.spool import Spool
+from hub.ingest import FileSink, InfluxV2Sink, Mark, Pipeline, PipelineConfig, Spool
 from hub.stats import Stats
 from tests.servers import ScriptedWriteServer, VictoriaMetrics, free_port
 

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import trio
 
-from hub.presence import LATE_CHECK_EVERY, DeviceStatus, Presence
-from hub.presence_states import IllegalTransition, PresenceEvent, PresenceState
+from hub.fleet import DeviceStatus, Presence, PresenceEvent, PresenceState
+from hub.fleet._presence import LATE_CHECK_EVERY
+from hub.fleet._presence_states import IllegalTransition
 
 EPOCH = 1_700_000_000.0
 

@@ -31,8 +31,8 @@ from device_client.protocol import (
     decode,
     validate_points,
 )
-from hub.lineproto import LineBuilder
-from hub.registry import NAME_RE
+from hub.fleet import NAME_RE
+from hub.ingest import LineBuilder
 from tests.servers import InfluxDB1, http_post
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from device_client import protocol
 from device_client.protocol import Ack, CloseCode, Error
-from hub.control_server import CONTROL_PATH
+from hub.control import CONTROL_PATH
 from hub.ratelimit import DeviceRate, Rate, Throttle, TokenBucket
 from tests.hubtools import add_devices, connect, hello, hub_config, points, send_batch, start_hub, status_lines
 from tests.hubtools import telemetry_lines as stored

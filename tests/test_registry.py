@@ -9,14 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.registry import (
-    BadName,
-    DeviceExists,
-    DeviceRecord,
-    Registry,
-    UnknownDevice,
-    registry_path,
-)
+from hub.fleet import BadName, DeviceExists, DeviceRecord, Registry, UnknownDevice, registry_path
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ from device_client.session import (
     Welcomed,
     transition,
 )
-from hub.session import HubConnection, Refused, Resent
+from hub.devices import HubConnection, Refused, Resent
 from tests.sessionpair import DEVICE, SessionPair, point
 
 

@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from hub.lineproto import LineBuilder
-from hub.sinks import InfluxV1Sink, SinkError, SinkRejected, SinkTooLarge, SinkUnavailable
+from hub.ingest import InfluxV1Sink, LineBuilder, SinkError, SinkRejected, SinkTooLarge, SinkUnavailable
 from tests.servers import InfluxDB1, ScriptedWriteServer, free_port
 
 TS = 1_700_000_000_000

@@ -12,17 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.sinks import (
-    FileSink,
-    InfluxV2Sink,
-    SinkError,
-    SinkRejected,
-    SinkTooLarge,
-    SinkUnavailable,
-    file_header,
-    import_commands,
-    parse_retry_after,
-)
+from hub.ingest import FileSink, InfluxV2Sink, SinkError, SinkRejected, SinkTooLarge, SinkUnavailable
+from hub.ingest._sinks import file_header, import_commands, parse_retry_after
 from tests.servers import InfluxDB1, ScriptedWriteServer, VictoriaMetrics, free_port
 
 TS = 1_700_000_000_000
@@ -319,7 +310,7 @@ def test_file_sink_check_fails_without_directory(tmp_path: Path) -> None:
 
 def sink_files(directory: Path, database: str = "telemetry") -> list[Path]:
     """Files the file sink wrote: 40 points of every field type, in several files."""
-    from hub.lineproto import LineBuilder
+    from hub.ingest import LineBuilder
 
     b = LineBuilder("dev 1")
     points = [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.spool import Spool, SpoolError, SpoolFull
+from hub.ingest import Spool, SpoolError, SpoolFull
 
 HEADER = 8
 
@@ -269,7 +269,7 @@ def test_closed_spool_refuses_use(tmp_path: Path) -> None:
 _CHILD = textwrap.dedent(
     """
     import sys
-    from hub.spool import Spool
+    from hub.ingest import Spool
     spool = Spool(sys.argv[1], max_bytes=50_000_000, segment_bytes=20_000)
     i = 0
     while True:

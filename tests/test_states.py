@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from hub import command_states as cs
-from hub import presence_states as ps
-from hub.command_states import CommandEvent, CommandState
-from hub.presence_states import PresenceEvent, PresenceState
+from hub.fleet import CommandEvent, CommandState, PresenceEvent, PresenceState
+from hub.fleet import _command_states as cs
+from hub.fleet import _presence_states as ps
 
 # The machines as docs/control.md and docs/protocol.md describe them, written out edge by edge.
 COMMAND_EDGES = {

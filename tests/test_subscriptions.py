@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from hub.subscriptions import Broadcaster, EventBuffer, Subscription, plain_fields, telemetry_event
+from hub.fleet import Broadcaster, EventBuffer, Subscription, telemetry_event
+from hub.fleet._subscriptions import plain_fields
 
 
 def _drain(buffer: EventBuffer) -> list[Any]:

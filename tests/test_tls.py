@@ -25,12 +25,11 @@ from device_client import DeviceClient
 from device_client.client import InsecureURLError, client_ssl_context, is_loopback
 from firmware_sim import cli as sim_cli
 from hub import cli as hub_cli
-from hub import ctl
 from hub.app import HubHandle, reload_tls
 from hub.config import ConfigError, TLSConfig
-from hub.control_client import ConnectFailed, open_control
-from hub.registry import Registry
-from hub.tls import ServerTLS, TLSError, certificate_fingerprint, check_tls_files
+from hub.edge import ServerTLS, TLSError, certificate_fingerprint, check_tls_files
+from hub.fleet import Registry
+from hub.operator import ConnectFailed, ctl, open_control
 from tests.hubproc import HubProcess
 from tests.hubtools import add_devices, hub_config, start_hub, telemetry_lines
 
@@ -389,7 +388,7 @@ async def test_hubctl_and_firmware_sim_over_wss(tmp_path: Path) -> None:
         env[ctl.TOKEN_ENV] = hub.operator
 
         async def hubctl(*args: str, **extra_env: str) -> trio.Process:
-            argv = [sys.executable, "-m", "hub.ctl", "--url", hub.control_url, *args]
+            argv = [sys.executable, "-m", "hub.operator.ctl", "--url", hub.control_url, *args]
             with trio.fail_after(60):
                 return await trio.run_process(
                     argv, env={**env, **extra_env}, capture_stdout=True, capture_stderr=True, check=False

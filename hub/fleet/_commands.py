@@ -1,7 +1,7 @@
 """The command service: accepts operator commands, offers them to device sessions, times them out, announces them.
 
-The state machine is hub/command_states.py (queued -> sent -> delivered -> succeeded | failed, plus expired,
-timed_out and cancelled); the records and their SQLite table are hub/command_store.py.
+The state machine is hub/fleet/_command_states.py (queued -> sent -> delivered -> succeeded | failed, plus expired,
+timed_out and cancelled); the records and their SQLite table are hub/fleet/_command_store.py.
 
 Timers run on trio's clock (so tests can run them on a mock clock): a command's TTL and result timeout start from
 the wall-clock times in its record (`expires`, `delivered_at`) when it enters the state, or when the service starts
@@ -45,14 +45,14 @@ import trio
 
 from device_client import protocol
 from device_client.protocol import Command, ProtocolError
-from hub.command_states import FINAL_STATES, STATES, TIMER_EVENTS, CommandEvent, CommandState, allows
-from hub.command_store import CommandRecord, CommandStore
 from hub.config import CommandsConfig
 from hub.control_codes import ControlError
-from hub.lineproto import line
+from hub.fleet._command_states import FINAL_STATES, STATES, TIMER_EVENTS, CommandEvent, CommandState, allows
+from hub.fleet._command_store import CommandRecord, CommandStore
+from hub.ingest import line
 
-# FINAL_STATES, STATES (hub/command_states.py), CommandRecord and CommandStore (hub/command_store.py) are
-# re-exported: callers need only this module.
+# FINAL_STATES, STATES (_command_states.py), CommandRecord and CommandStore (_command_store.py) are re-exported; outside
+# the fleet, callers use hub.fleet (COMMAND_FINAL_STATES, COMMAND_STATES, ...).
 __all__ = [
     "FINAL_STATES",
     "STATES",

@@ -17,7 +17,7 @@
 # acknowledged it (ACK) or answered (SUCCEED / FAIL), a timer ran out (EXPIRE before delivery, TIME_OUT after it),
 # or an operator cancelled it (CANCEL). `TRANSITIONS` says, for each state, which events it accepts and where each
 # one leads; an event a state does not accept is an error (`IllegalTransition`), never a silent no-op. The driver
-# (hub/commands.py) asks `allows()` first where an event may legitimately come too late, e.g. a second ack.
+# (hub/fleet/_commands.py) asks `allows()` first where an event may legitimately come too late, e.g. a second ack.
 #
 # Two details of the table are deliberate:
 # - ACK is accepted while still queued: the device may acknowledge a frame before its session has reported it

@@ -16,8 +16,9 @@ from typing import Any
 import trio
 
 from device_client.client import client_ssl_context
-from hub import command_states, presence_states
-from hub.control_client import (
+from hub import fleet
+from hub.control import REQUESTS, ControlError
+from hub.operator._client import (
     FINAL_STATES,
     HUB_WAIT_TIMEOUT,
     TOPICS,
@@ -33,7 +34,6 @@ from hub.control_client import (
     control_url,
     open_control,
 )
-from hub.control_codec import REQUESTS, ControlError
 
 __all__ = [
     "CA_FILE_ENV",
@@ -62,9 +62,9 @@ URL_ENV = "HUBCTL_URL"
 TOKEN_ENV = "HUBCTL_TOKEN"
 CA_FILE_ENV = "HUBCTL_CA_FILE"
 
-#: The states of a device summary (hub/fleet.py): "never" is registered but not connected since the hub started.
-DEVICE_STATES = tuple(s.value for s in presence_states.STATES)
-COMMAND_STATES = tuple(s.value for s in command_states.STATES)
+#: The states of a device summary (hub.fleet): "never" is registered but not connected since the hub started.
+DEVICE_STATES = tuple(s.value for s in fleet.DEVICE_STATES)
+COMMAND_STATES = tuple(s.value for s in fleet.COMMAND_STATES)
 
 
 class ExitCode:
@@ -434,7 +434,7 @@ def _result_text(record: Mapping[str, Any], now: float) -> str:
         return "-" if result is None else _compact(result)
     if record.get("error"):
         return _clean(record["error"])
-    if state in command_states.TTL_STATES:
+    if state in fleet.COMMAND_TTL_STATES:
         return f"expires {ago(record.get('expires'), now)}"
     return "-"
 
@@ -566,7 +566,7 @@ def format_status(status: Mapping[str, Any]) -> str:
     pairs = [
         ("hub", f"version {_clean(status.get('version', '?'))}, up {duration(_whole(uptime))}"),
         ("connections", connections),
-        ("devices", _counts(devices, [*presence_states.SEEN_STATES, "registered"])),
+        ("devices", _counts(devices, [*fleet.SEEN_STATES, "registered"])),
         ("points", _clean(ingest_text)),
         ("spool", f"{_bytes(ingest.get('spool_bytes'))}, sink {sink}"),
         ("commands", _counts(status.get("commands"))),
@@ -691,7 +691,7 @@ def _summary(record: Mapping[str, Any], now: float) -> str:
         f"command {_clean(record.get('command_id', '?'))} ({_clean(record.get('name', '?'))} "
         f"on {_clean(record.get('device', '?'))}): {state}"
     )
-    if state in command_states.TTL_STATES:
+    if state in fleet.COMMAND_TTL_STATES:
         line += f", expires {ago(record.get('expires'), now)}"
     if state == "succeeded" and record.get("result") is not None:
         line += f"\nresult: {_compact(record['result'])}"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from functools import partial
-from http import HTTPStatus
 
 import h11
 import trio
 
-__all__ = ["Route", "reason_phrase", "serve_http", "with_reason_phrase"]
+from hub.edge import reason_phrase
+
+__all__ = ["Route", "serve_http"]
 
 log = logging.getLogger("hub.http")
 
@@ -18,22 +19,6 @@ log = logging.getLogger("hub.http")
 Route = Callable[[], "tuple[int, str, bytes]"]
 
 _READ_CHUNK = 4096
-
-
-def reason_phrase(status: int) -> bytes:
-    """The standard reason phrase of an HTTP status (b"Forbidden" for 403); empty for a code it does not know."""
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
-def with_reason_phrase(data: bytes, status: int) -> bytes:
-    """`data` with the reason phrase put into its status line, if it starts with one that has none (`HTTP/1.1 403 `)."""
-    bare = b"HTTP/1.1 %d \r\n" % status
-    if not data.startswith(bare):
-        return data
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)) + data[len(bare) :]
 
 
 class _Refuse(Exception):

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from hub.registry import Registry
+from hub.fleet._registry import Registry
 
 __all__ = ["SAVE_EVERY", "DeviceLedger", "Ledgers"]
 

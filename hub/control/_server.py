@@ -14,10 +14,9 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from device_client.protocol import CloseCode
-from hub import _wire, fleet
-from hub.commands import CommandService
+from hub import fleet
 from hub.config import HubConfig
-from hub.control_codec import (
+from hub.control._codec import (
     CancelCommand,
     Command,
     Commands,
@@ -45,14 +44,22 @@ from hub.control_codec import (
     lookup,
     read_frame,
 )
-from hub.edge import Identity, Ticket
-from hub.ledger import Ledgers
-from hub.pipeline import Pipeline
-from hub.presence import Presence
+from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, close_stream, parse_failure
+from hub.fleet import (
+    BadName,
+    Broadcaster,
+    CommandService,
+    DeviceExists,
+    Ledgers,
+    Presence,
+    Registry,
+    Subscription,
+    UnknownDevice,
+    role_allows,
+)
+from hub.ingest import Pipeline
 from hub.ratelimit import Rate, TokenBucket
-from hub.registry import BadName, DeviceExists, Registry, UnknownDevice, role_allows
 from hub.stats import Stats
-from hub.subscriptions import Broadcaster, Subscription
 
 __all__ = ["CONTROL_PATH", "ControlServer", "ControlSession", "ErrorCode"]
 
@@ -91,7 +98,7 @@ _HANDLERS: dict[type[Request], _Handler] = {}
 
 
 def _handles(kind: type[_R]) -> Callable[[Callable[[ControlSession, _R], Awaitable[Any]]], _Handler]:
-    """Register the decorated method as the handler of requests of class `kind` (hub.control_codec.REQUESTS)."""
+    """Register the decorated method as the handler of requests of class `kind` (hub.control.REQUESTS)."""
 
     def register(handler: Callable[[ControlSession, _R], Awaitable[Any]]) -> _Handler:
         _HANDLERS[kind] = handler
@@ -326,16 +333,16 @@ class ControlSession:
 
     async def _closed_while_reading(self) -> None:
         """The connection closed under the reader: log it if the hub closed it (unparsable frames, too big)."""
-        failure = _wire.parse_failure(self.ws)
+        failure = parse_failure(self.ws)
         if failure is not None:
-            why = _wire.PARSE_FAILURE_REASONS.get(failure[0], "protocol_error")
+            why = PARSE_FAILURE_REASONS.get(failure[0], "protocol_error")
             log.warning(
                 "unparsable control frame: connection closed",
                 extra=self.kv(reason=why, code=failure[0], detail=failure[1][:200]),
             )
         elif self.ws.closed is not None and self.ws.closed.code == CloseCode.TOO_BIG and not self.closing:
             log.warning("control message too big", extra=self.kv(reason="too_big"))
-            await _wire.close_stream(self.ws, CLOSE_TIMEOUT)
+            await close_stream(self.ws, CLOSE_TIMEOUT)
 
     async def _dispatch(self, text: str | bytes, nursery: trio.Nursery) -> None:
         """Answer one frame: its id, the operator's rate, its type, the role, its arguments, then its handler."""

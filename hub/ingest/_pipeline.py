@@ -28,8 +28,8 @@ from typing import Any
 import attrs
 import trio
 
-from hub.sinks import Sink, SinkError, SinkRejected, SinkTooLarge, SinkUnavailable
-from hub.spool import Spool, SpoolFull
+from hub.ingest._sinks import Sink, SinkError, SinkRejected, SinkTooLarge, SinkUnavailable
+from hub.ingest._spool import Spool, SpoolFull
 from hub.stats import Stats
 
 __all__ = ["Mark", "OnDurable", "Pipeline", "PipelineConfig"]

@@ -16,16 +16,16 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.utilities import RemoteProtocolError
 
-from hub.admission import Admission, Refusal
-from hub.http_listener import reason_phrase
+from hub.edge._admission import Admission, Refusal
 
-__all__ = ["Handler", "Ticket", "http_answer", "serve_listener"]
+__all__ = ["Handler", "Ticket", "http_answer", "reason_phrase", "serve_listener", "with_reason_phrase"]
 
 log = logging.getLogger("hub.listener")
 
@@ -66,6 +66,22 @@ class Ticket:
 
 
 Handler = Callable[[WebSocketRequest, Ticket], Awaitable[None]]
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of an HTTP status (b"Forbidden" for 403); empty for a code it does not know."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def with_reason_phrase(data: bytes, status: int) -> bytes:
+    """`data` with the reason phrase put into its status line, if it starts with one that has none (`HTTP/1.1 403 `)."""
+    bare = b"HTTP/1.1 %d \r\n" % status
+    if not data.startswith(bare):
+        return data
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)) + data[len(bare) :]
 
 
 def http_answer(status: int, body: str, headers: list[tuple[bytes, bytes]] | None = None) -> bytes:

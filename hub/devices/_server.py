@@ -25,19 +25,13 @@ from device_client.protocol import (
     ProtocolError,
     Telemetry,
 )
-from hub import _wire
-from hub.commands import CommandService
 from hub.config import HubConfig
-from hub.edge import Identity, Ticket
-from hub.ledger import DeviceLedger, Ledgers
-from hub.lineproto import LineBuilder
-from hub.pipeline import Pipeline
-from hub.presence import Presence
+from hub.devices._session import Close, HubConnection, Refused, Resent
+from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, close_stream, parse_failure
+from hub.fleet import Broadcaster, CommandService, DeviceLedger, Ledgers, Presence, Registry
+from hub.ingest import LineBuilder, Pipeline
 from hub.ratelimit import DeviceRate, Rate, Throttle, Verdict
-from hub.registry import Registry
-from hub.session import Close, HubConnection, Refused, Resent
 from hub.stats import Stats
-from hub.subscriptions import Broadcaster
 
 __all__ = ["DeviceServer", "DeviceSession"]
 
@@ -286,7 +280,7 @@ class DeviceSession:
             self._done.set()
             if self.ws.closed is not None and self.ws.closed.code == CloseCode.TOO_BIG:
                 # Once the session is over (offline, replaceable): trio-websocket left the TCP connection open.
-                await _wire.close_stream(self.ws, CLOSE_TIMEOUT)
+                await close_stream(self.ws, CLOSE_TIMEOUT)
 
     async def _receive_hello(self) -> Hello | None:
         with trio.move_on_after(self.server.config.server.hello_timeout):
@@ -392,10 +386,10 @@ class DeviceSession:
         """The connection closed while reading: say why if the hub closed it (too big, unparsable frames)."""
         reason = self.ws.closed
         code = reason.code if reason is not None else None
-        failure = _wire.parse_failure(self.ws)
+        failure = parse_failure(self.ws)
         why = "disconnected"
         if failure is not None:
-            why = _wire.PARSE_FAILURE_REASONS.get(failure[0], "protocol_error")
+            why = PARSE_FAILURE_REASONS.get(failure[0], "protocol_error")
             self.server.stats.count_error(why)
             log.warning(
                 "unparsable frame: connection closed",

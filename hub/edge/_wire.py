@@ -9,6 +9,7 @@ stays open, and any other parse failure is answered with a real close frame (`Cl
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Generator
 
 import trio
@@ -17,14 +18,20 @@ from wsproto import ConnectionState, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event
 from wsproto.frame_protocol import Frame, MessageDecoder, Opcode
 
-from hub.session import has_bad_utf8
-
 __all__ = ["PARSE_FAILURE_REASONS", "Guard", "close_stream", "guard", "has_bad_utf8", "parse_failure"]
 
 #: Close reasons the hub sends when it cannot parse the peer's frames, by close code (stable: documented).
 PARSE_FAILURE_REASONS = {1002: "protocol_error", 1007: "bad_utf8"}
 
 _utf8 = codecs.getincrementaldecoder("utf-8")
+
+# Invalid UTF-8 bytes arrive as U+DC80..U+DCFF (surrogateescape); no valid UTF-8 text can hold a lone surrogate.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_bad_utf8(text: str) -> bool:
+    """True if a text message was not valid UTF-8 on the wire (it holds a lone surrogate)."""
+    return not text.isascii() and _LONE_SURROGATE.search(text) is not None
 
 
 class _TolerantText(MessageDecoder):

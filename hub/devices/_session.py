@@ -1,14 +1,13 @@
 """The hub's end of one device session, sans-I/O: hello, welcome, resends, the window, the error budget, acks, commands.
 
-`DeviceSession` (hub/device_server.py) makes one per connection and drives it with the WebSocket, the pipeline and
+`DeviceSession` (hub/devices/_server.py) makes one per connection and drives it with the WebSocket, the pipeline and
 trio's clock; the states and their table are in `device_client.session`. Text that was not UTF-8 on the wire reaches
-`receive` with lone surrogates in it (hub/_wire.py decodes it that way).
+`receive` with lone surrogates in it (hub/edge/_wire.py decodes it that way).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Protocol
 
 import attrs
@@ -37,6 +36,7 @@ from device_client.protocol import (
     encode_ack,
 )
 from device_client.session import Role, SessionError, SessionState, Trigger, transition
+from hub.edge import has_bad_utf8
 
 __all__ = [
     "BAD_UTF8_DETAIL",
@@ -47,7 +47,6 @@ __all__ = [
     "HubEvent",
     "Refused",
     "Resent",
-    "has_bad_utf8",
     "telemetry_seq",
 ]
 
@@ -57,15 +56,6 @@ ERROR_WINDOW = 60.0
 BAD_UTF8_DETAIL = "text is not valid UTF-8"
 #: Longest error detail sent to a device.
 MAX_DETAIL = 200
-
-# Invalid UTF-8 bytes arrive as U+DC80..U+DCFF (surrogateescape); no valid UTF-8 text can hold a lone surrogate.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def has_bad_utf8(text: str) -> bool:
-    """True if a text message was not valid UTF-8 on the wire (it holds a lone surrogate)."""
-    return not text.isascii() and _LONE_SURROGATE.search(text) is not None
-
 
 def telemetry_seq(text: str) -> int | None:
     """The seq of a telemetry message that failed to decode, when it can be read (None otherwise)."""
@@ -80,7 +70,7 @@ def telemetry_seq(text: str) -> int | None:
 
 
 class Book(Protocol):
-    """A device's sequence numbers, shared by its successive sessions (`hub.ledger.DeviceLedger` is one)."""
+    """A device's sequence numbers, shared by its successive sessions (`hub.fleet.DeviceLedger` is one)."""
 
     durable: int  # every batch up to it is durable; it grows as the pipeline writes, under the session's feet
     submitted: int  # the highest seq handed to the pipeline, or refused

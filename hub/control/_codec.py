@@ -7,7 +7,7 @@ answers with `encode_reply` / `encode_error`; `ControlClient` builds request obj
 `hubctl request TYPE K=V...` reaches any type in the table. A refusal is a `ControlError` (`hub.control_codes`).
 
 Adding a request: one `RequestSpec` entry in `REQUESTS` (with its class here), one handler in
-`hub/control_server.py` (`@_handles(TheClass)`), and its row in docs/control.md. `ControlClient.call(TheClass(...))`
+`hub/control/_server.py` (`@_handles(TheClass)`), and its row in docs/control.md. `ControlClient.call(TheClass(...))`
 and `hubctl request` can use it at once; a typed `ControlClient` method is a one-line convenience.
 """
 
@@ -22,10 +22,9 @@ from typing import Any, TypeAlias
 
 import attrs
 
-from hub import fleet
-from hub._wire import has_bad_utf8
-from hub.command_states import STATES as COMMAND_STATES
 from hub.control_codes import ANSWERS, TOPICS, Answer, ControlError, ErrorCode
+from hub.edge import has_bad_utf8
+from hub.fleet import COMMAND_STATES, DEVICE_STATES
 
 __all__ = [
     "ANSWERS",
@@ -171,7 +170,7 @@ class Status(Request):
 class Devices(Request):
     """Device summaries, optionally only those in `state` (online, late, offline, never)."""
 
-    state: str | None = _optional_str(_one_of(fleet.STATES))
+    state: str | None = _optional_str(_one_of(DEVICE_STATES))
 
 
 @attrs.frozen(kw_only=True)
@@ -295,7 +294,7 @@ class RequestSpec:
 
     type: str
     request: builtins.type[Request]
-    role: str  # viewer < operator < admin (hub.registry.ROLES)
+    role: str  # viewer < operator < admin (hub.fleet.ROLES)
     reply: Reply
 
     def decode(self, body: Mapping[str, Any]) -> Request:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from hub.spool import fsync_dir
+from hub.ingest._spool import fsync_dir
 
 __all__ = [
     "FileSink",

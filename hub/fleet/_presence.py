@@ -1,6 +1,6 @@
 """Device presence: online / late / offline with a reason and the session epoch, written as points.
 
-The machine is hub/presence_states.py. `since` (shown to operators, and the points' time) is Unix time; how long a
+The machine is _presence_states.py. `since` (shown to operators, and the points' time) is Unix time; how long a
 device has been in its state is counted on trio's clock, so the late check runs on a mock clock in tests.
 """
 
@@ -13,8 +13,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from hub.lineproto import line
-from hub.presence_states import (
+from hub.fleet._presence_states import (
     CONNECTED_STATES,
     INITIAL_STATE,
     SEEN_STATES,
@@ -23,6 +22,7 @@ from hub.presence_states import (
     allows,
     next_state,
 )
+from hub.ingest import line
 
 __all__ = ["DeviceStatus", "Presence"]
 

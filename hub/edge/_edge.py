@@ -27,11 +27,10 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from hub import _wire
-from hub.admission import Admission, Refusal
 from hub.config import ServerConfig
-from hub.http_listener import with_reason_phrase
-from hub.listener import Ticket, serve_listener
+from hub.edge import _wire
+from hub.edge._admission import Admission, Refusal
+from hub.edge._listener import Ticket, serve_listener, with_reason_phrase
 from hub.stats import Stats
 
 __all__ = ["Edge", "Endpoint", "Identity", "Ticket", "reject", "remote_of"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from hub.presence_states import INITIAL_STATE, SEEN_STATES, STATES
-from hub.subscriptions import plain_fields
+from hub.fleet._presence_states import INITIAL_STATE, SEEN_STATES, STATES
+from hub.fleet._subscriptions import plain_fields
 
 if TYPE_CHECKING:
-    from hub.ledger import DeviceLedger
-    from hub.presence import DeviceStatus
-    from hub.registry import DeviceRecord
+    from hub.fleet._ledger import DeviceLedger
+    from hub.fleet._presence import DeviceStatus
+    from hub.fleet._registry import DeviceRecord
 
 __all__ = [
     "PRESENCE_STATES",

@@ -4,13 +4,13 @@ Needs only trio, trio-websocket and attrs, like `hubctl`, which is built on it::
 
     async with open_control("wss://hub:8765/v1/control", token) as hub:
         devices = await hub.devices(state="online")
-        detail = await hub.call(Device(name="sensor-7"))  # any request of hub.control_codec.REQUESTS
+        detail = await hub.call(Device(name="sensor-7"))  # any request of hub.control.REQUESTS
         async with hub.subscribe("telemetry", ["sensor-7"]) as events:
             async for item in events:  # Event or Dropped
                 ...
 
 Every error it raises is a `ClientError`; a refused request is a `RequestFailed`, which is also the control wire's
-`ControlError` (hub.control_codes) with its `code`.
+`ControlError` (hub/control_codes.py) with its `code`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import wsproto.utilities
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
 
 from device_client.client import InsecureURLError, TLSHandshakeError, client_ssl_context, tls_handshake_errors
-from hub.control_codec import (
+from hub.control import (
     DEFAULT_WAIT_TIMEOUT,
     CancelCommand,
     Command,
@@ -51,8 +51,8 @@ from hub.control_codec import (
     encode_request,
     spec_for,
 )
-from hub.control_codes import COMMAND_FINAL_STATES
 from hub.control_codes import TOPICS as CONTROL_TOPICS
+from hub.fleet import COMMAND_FINAL_STATES
 
 __all__ = [
     "CONTROL_PATH",
@@ -249,7 +249,7 @@ class ControlClient:
     # ------------------------------------------------------------------ requests
 
     async def call(self, request: Request, *, timeout: float | None = None) -> Any:
-        """Send `request` (one of hub.control_codec.REQUESTS) and return its `result` (None for a ping).
+        """Send `request` (one of hub.control.REQUESTS) and return its `result` (None for a ping).
 
         Raises `RequestFailed` for an error reply, `ReplyTimeout` after `timeout` (default:
         `reply_timeout`, plus `wait_timeout` for a `send_command` with `wait`) seconds, `Disconnected` if the

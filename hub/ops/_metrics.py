@@ -12,20 +12,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from device_client.protocol import ErrorCode
-from hub._wire import PARSE_FAILURE_REASONS
-from hub.command_states import STATES
-from hub.http_listener import Route
-from hub.lineproto import line
-from hub.presence_states import SEEN_STATES
-from hub.sinks import Sink
+from hub.edge import PARSE_FAILURE_REASONS
+from hub.fleet import COMMAND_STATES, SEEN_STATES
+from hub.ingest import Sink, line
+from hub.ops._http import Route
 from hub.stats import Stats
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-    from hub.commands import CommandService
-    from hub.pipeline import Pipeline
-    from hub.presence import Presence
+    from hub.fleet import CommandService, Presence
+    from hub.ingest import Pipeline
 
 __all__ = ["COMMANDS_MEASUREMENT", "ERRORS_MEASUREMENT", "HUB_MEASUREMENT", "HubMetrics", "health"]
 
@@ -133,7 +130,7 @@ class HubMetrics:
         return out
 
     def _commands(self) -> dict[str, int]:
-        counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(COMMAND_STATES, 0)
         if self.commands is not None:
             counts.update(self.commands.counts())
         return counts

@@ -23,7 +23,7 @@
 # - offline: the session ended (DISCONNECT), with a reason.
 #
 # `TRANSITIONS` says which events each state accepts and where they lead; an event a state does not accept raises
-# `IllegalTransition`. The driver (hub/presence.py) asks `allows()` first for the events that are often moot: DATA
+# `IllegalTransition`. The driver (_presence.py) asks `allows()` first for the events that are often moot: DATA
 # from a device that is online anyway, DISCONNECT of a session already offline, SILENT of a device already late.
 # Which session an event belongs to (the epoch that orders them) is the driver's check, not the table's.
 

@@ -1,8 +1,8 @@
-"""Command records and their SQLite table: the persistence of the command service (hub/commands.py).
+"""Command records and their SQLite table: the persistence of the command service (hub/fleet/_commands.py).
 
 A record is a frozen value, replaced on each transition (`CommandRecord.after`, which follows the table in
-hub/command_states.py). Times in a record are Unix seconds: they are stored and shown; the service's timers run on
-trio's clock and only start from them.
+hub/fleet/_command_states.py). Times in a record are Unix seconds: they are stored and shown; the service's timers run
+on trio's clock and only start from them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from hub.command_states import FINAL_STATES, TIMER_EVENTS, CommandEvent, CommandState, next_state
+from hub.fleet._command_states import FINAL_STATES, TIMER_EVENTS, CommandEvent, CommandState, next_state
 
 __all__ = ["CommandRecord", "CommandStore"]
 

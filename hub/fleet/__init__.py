@@ -1,0 +1,89 @@
+"""The fleet: what the hub knows of its devices and operators, and the commands sent to them.
+
+`_registry` (SQLite: devices, operators, tokens, acked seqs, epochs), `_ledger` (per-device progress), `_presence`
+with its state table `_presence_states`, the command service `_commands` with its store `_command_store` and state
+table `_command_states`, `_subscriptions` (events for operators) and `_summary` (device summaries for operators).
+"""
+
+from hub.fleet._command_states import (
+    FINAL_STATES as COMMAND_FINAL_STATES,
+)
+from hub.fleet._command_states import (
+    STATES as COMMAND_STATES,
+)
+from hub.fleet._command_states import (
+    TTL_STATES as COMMAND_TTL_STATES,
+)
+from hub.fleet._command_states import (
+    CommandEvent,
+    CommandState,
+)
+from hub.fleet._command_store import CommandRecord, CommandStore
+from hub.fleet._commands import CommandError, CommandService
+from hub.fleet._ledger import DeviceLedger, Ledgers
+from hub.fleet._presence import DeviceStatus, Presence
+from hub.fleet._presence_states import SEEN_STATES, PresenceEvent, PresenceState
+from hub.fleet._presence_states import STATES as DEVICE_STATES
+from hub.fleet._registry import (
+    NAME_RE,
+    REGISTRY_FILE,
+    ROLES,
+    BadName,
+    BadRole,
+    DeviceExists,
+    DeviceRecord,
+    OperatorExists,
+    OperatorRecord,
+    Registry,
+    RegistryError,
+    UnknownDevice,
+    UnknownOperator,
+    registry_path,
+    role_allows,
+)
+from hub.fleet._subscriptions import Broadcaster, EventBuffer, Subscription, telemetry_event
+from hub.fleet._summary import device_detail, device_summary, latest_points, list_summaries, state_counts
+
+__all__ = [
+    "COMMAND_FINAL_STATES",
+    "COMMAND_STATES",
+    "COMMAND_TTL_STATES",
+    "DEVICE_STATES",
+    "NAME_RE",
+    "REGISTRY_FILE",
+    "ROLES",
+    "SEEN_STATES",
+    "BadName",
+    "BadRole",
+    "Broadcaster",
+    "CommandError",
+    "CommandEvent",
+    "CommandRecord",
+    "CommandService",
+    "CommandState",
+    "CommandStore",
+    "DeviceExists",
+    "DeviceLedger",
+    "DeviceRecord",
+    "DeviceStatus",
+    "EventBuffer",
+    "Ledgers",
+    "OperatorExists",
+    "OperatorRecord",
+    "Presence",
+    "PresenceEvent",
+    "PresenceState",
+    "Registry",
+    "RegistryError",
+    "Subscription",
+    "UnknownDevice",
+    "UnknownOperator",
+    "device_detail",
+    "device_summary",
+    "latest_points",
+    "list_summaries",
+    "registry_path",
+    "role_allows",
+    "state_counts",
+    "telemetry_event",
+]

@@ -1,0 +1,39 @@
+"""Ingest: telemetry lines from the sessions to the database, acked once durable.
+
+`_lineproto` builds InfluxDB line protocol, `_pipeline` batches lines and writes them to a sink (`_sinks`: InfluxDB v1
+and v2 APIs, the embedded file sink), `_spool` keeps batches on disk while the database is away.
+"""
+
+from hub.ingest._lineproto import LineBuilder, line
+from hub.ingest._pipeline import Mark, OnDurable, Pipeline, PipelineConfig
+from hub.ingest._sinks import (
+    FileSink,
+    InfluxV1Sink,
+    InfluxV2Sink,
+    Sink,
+    SinkError,
+    SinkRejected,
+    SinkTooLarge,
+    SinkUnavailable,
+)
+from hub.ingest._spool import Spool, SpoolError, SpoolFull
+
+__all__ = [
+    "FileSink",
+    "InfluxV1Sink",
+    "InfluxV2Sink",
+    "LineBuilder",
+    "Mark",
+    "OnDurable",
+    "Pipeline",
+    "PipelineConfig",
+    "Sink",
+    "SinkError",
+    "SinkRejected",
+    "SinkTooLarge",
+    "SinkUnavailable",
+    "Spool",
+    "SpoolError",
+    "SpoolFull",
+    "line",
+]
