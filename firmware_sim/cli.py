@@ -20,7 +20,7 @@ from device_client import DeviceClient
 from firmware_sim.fleet import FleetTotals, run_fleet
 from firmware_sim.sensors import MODELS
 
-__all__ = ["build_parser", "format_totals", "main", "read_tokens", "register_devices"]
+__all__ = ["build_parser", "format_totals", "main", "read_tokens"]
 
 log = logging.getLogger("firmware_sim")
 
@@ -73,22 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices",
         type=int,
         metavar="N",
-        help="number of devices (default: one per token in --tokens, 10 with --register)",
+        help="number of devices (default: one per token in --tokens)",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
+    parser.add_argument(
         "--tokens",
         type=Path,
+        required=True,
         metavar="FILE",
         help="file with one device token per line ('<name>.<secret>'; blank lines and # comments "
-        "are skipped); the first N are used",
-    )
-    source.add_argument(
-        "--register",
-        type=Path,
-        metavar="REGISTRY",
-        help="local demo: register (or re-key) devices sim-0001..sim-N directly in the hub's "
-        "registry file REGISTRY (e.g. DATA_DIR/registry.sqlite3) and use their new tokens",
+        "are skipped); the first N are used. For a local hub, `hub device add-sim N --tokens-file FILE "
+        "--data-dir DATA_DIR` registers (or re-keys) devices sim-0001..sim-N and writes their tokens",
     )
     parser.add_argument(
         "--interval",
@@ -154,21 +148,6 @@ def read_tokens(path: Path) -> list[str]:
         line = line.strip()
         if line and not line.startswith("#"):
             tokens.append(line)
-    return tokens
-
-
-def register_devices(registry_path: Path, count: int) -> list[str]:
-    """Register (or re-key) devices sim-0001..sim-<count> in the hub's registry file; return their tokens."""
-    from hub.fleet import DeviceExists, Registry  # the hub is optional for a device install
-
-    tokens = []
-    with Registry(registry_path) as registry:
-        for i in range(1, count + 1):
-            name = f"sim-{i:04d}"
-            try:
-                tokens.append(registry.add(name))
-            except DeviceExists:
-                tokens.append(registry.rotate(name))
     return tokens
 
 
@@ -255,22 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--interval must be positive")
     if args.devices is not None and args.devices < 1:
         parser.error("--devices must be at least 1")
-    if args.register is not None:
-        try:
-            tokens = register_devices(args.register, args.devices or 10)
-        except ImportError:
-            parser.error("--register needs the hub package (install trio-telemetry-hub with the hub)")
-    else:
-        try:
-            tokens = read_tokens(args.tokens)
-        except OSError as exc:
-            parser.error(f"--tokens: {exc}")
-        if not tokens:
-            parser.error(f"--tokens: no tokens in {args.tokens}")
-        if args.devices is not None:
-            if args.devices > len(tokens):
-                parser.error(f"--devices {args.devices}: only {len(tokens)} tokens in {args.tokens}")
-            tokens = tokens[: args.devices]
+    try:
+        tokens = read_tokens(args.tokens)
+    except OSError as exc:
+        parser.error(f"--tokens: {exc}")
+    if not tokens:
+        parser.error(f"--tokens: no tokens in {args.tokens}")
+    if args.devices is not None:
+        if args.devices > len(tokens):
+            parser.error(f"--devices {args.devices}: only {len(tokens)} tokens in {args.tokens}")
+        tokens = tokens[: args.devices]
     try:
         for token in tokens:
             DeviceClient(args.hub, token, **_client_options(args))  # checks URL, token and TLS; opens nothing

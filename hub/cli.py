@@ -1,16 +1,19 @@
 """The `hub` command: run the hub (`serve`), manage device and operator tokens (`device ...`, `operator ...`), or
-try it out (`demo`)."""
+try it out (`demo`, or `device add-sim` for `firmware-sim`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shlex
 import sqlite3
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import attrs
 
@@ -255,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config(sub)
         _add_options(sub, (_DATA_DIR,))
         sub.set_defaults(func=func)
+    sims = actions.add_parser(
+        "add-sim",
+        help="register (or re-key) simulated devices sim-0001..sim-N and write their tokens for firmware-sim",
+        description="Register devices sim-0001..sim-N (re-keying those already registered) and write their new tokens, "
+        "one per line, for `firmware-sim --tokens FILE`.",
+    )
+    sims.add_argument("count", type=_positive_int, metavar="N", help="number of simulated devices")
+    sims.add_argument(
+        "--tokens-file",
+        metavar="FILE",
+        help="write the tokens to FILE (created with mode 0600) (default: none, print them)",
+    )
+    _add_config(sims)
+    _add_options(sims, (_DATA_DIR,))
+    sims.set_defaults(func=_cmd_add_sim)
 
     operator = commands.add_parser(
         "operator",
@@ -451,6 +469,32 @@ def _print_table(table: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _cmd_add_sim(args: argparse.Namespace) -> int:
+    # The file is opened before the registry changes: a path that cannot be written changes nothing.
+    out: contextlib.AbstractContextManager[TextIO] = contextlib.nullcontext(sys.stdout)
+    if args.tokens_file is not None:
+        try:
+            out = open(os.open(args.tokens_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w")  # noqa: SIM115
+        except OSError as exc:
+            _error(f"--tokens-file: {exc}")
+            return 1
+    with out as stream:
+
+        @_registry_command
+        def add_sims(registry: Registry, args: argparse.Namespace) -> None:
+            from hub.demo import register_devices  # the demo's device names; it imports the server
+
+            print("\n".join(register_devices(registry, args.count)), file=stream)
+
+        code = add_sims(args)
+    if code == 0 and args.tokens_file is None:
+        print("hub: these tokens will not be shown again: give them to firmware-sim now", file=sys.stderr)
+    elif code == 0:
+        file = shlex.quote(args.tokens_file)
+        print(f"hub: {args.count} tokens written to {file}; run: firmware-sim --tokens {file}", file=sys.stderr)
+    return code
 
 
 def _operator_state(record: OperatorRecord) -> str:

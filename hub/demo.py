@@ -10,18 +10,32 @@ from pathlib import Path
 
 import trio
 
-from firmware_sim.cli import register_devices
 from firmware_sim.fleet import FleetTotals, run_fleet
 from hub.app import HubHandle, listen_error, registry_path, serve
 from hub.config import HubConfig
 from hub.control import CONTROL_PATH
+from hub.fleet import DeviceExists, Registry
 
-__all__ = ["run_demo"]
+__all__ = ["SIM_NAME", "register_devices", "run_demo"]
 
 #: Seconds between progress lines.
 PROGRESS_EVERY = 2.0
 #: Reporting interval of the simulated devices in the demo (seconds).
 DEMO_INTERVAL = 1.0
+#: Names of the simulated devices: sim-0001, sim-0002, ...
+SIM_NAME = "sim-{:04d}"
+
+
+def register_devices(registry: Registry, count: int) -> list[str]:
+    """Register (or re-key) devices sim-0001..sim-<count>; return their new tokens, in that order."""
+    tokens = []
+    for i in range(1, count + 1):
+        name = SIM_NAME.format(i)
+        try:
+            tokens.append(registry.add(name))
+        except DeviceExists:
+            tokens.append(registry.rotate(name))
+    return tokens
 
 
 def _progress_line(handle: HubHandle, totals: FleetTotals) -> str:
@@ -50,7 +64,8 @@ def _banner(config: HubConfig, handle: HubHandle, control_url: str) -> str:
 
 async def _demo(config: HubConfig, devices: int, duration: float) -> None:
     config.storage.path.mkdir(parents=True, exist_ok=True)
-    tokens = register_devices(Path(registry_path(config)), devices)
+    with Registry(Path(registry_path(config))) as registry:
+        tokens = register_devices(registry, devices)
     async with trio.open_nursery() as nursery:
         handle: HubHandle = await nursery.start(serve, config)
         host = "127.0.0.1" if config.server.host in ("0.0.0.0", "") else config.server.host

@@ -77,8 +77,9 @@ HELP = {
         "--metrics-host",
         "--metrics-port",
     ],
-    ("device",): ["add", "list", "revoke", "rotate"],
+    ("device",): ["add", "list", "revoke", "rotate", "add-sim"],
     ("device", "add"): [*_COMMON, "NAME"],
+    ("device", "add-sim"): [*_COMMON, "--tokens-file", "N"],
     ("device", "list"): [*_COMMON, "--json"],
     ("device", "revoke"): [*_COMMON, "NAME"],
     ("device", "rotate"): [*_COMMON, "NAME"],
@@ -205,6 +206,23 @@ def test_device_round_trip(tmp_path: Path) -> None:
         assert hub_side.authenticate(new_token) == "d1"
         assert hub_side.authenticate(token) is None
         assert hub_side.get("d1").revoked is False
+
+
+def test_add_sim_registers_and_rekeys_simulated_devices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, tokens = str(tmp_path / "data"), tmp_path / "tokens.txt"
+    assert cli.main(["device", "add-sim", "2", "--data-dir", data]) == 0
+    printed = capsys.readouterr().out.split()
+    assert cli.main(["device", "add-sim", "3", "--data-dir", data, "--tokens-file", str(tokens)]) == 0
+    assert capsys.readouterr().out == ""
+    written = tokens.read_text().split()
+    assert tokens.stat().st_mode & 0o777 == 0o600  # the file holds secrets
+    with Registry(registry_path(data)) as registry:
+        assert [registry.authenticate(t) for t in written] == ["sim-0001", "sim-0002", "sim-0003"]
+        assert [registry.authenticate(t) for t in printed] == [None, None]  # re-keyed by the second run
+    assert cli.main(["device", "add-sim", "1", "--data-dir", data, "--tokens-file", str(tmp_path / "no/dir")]) == 1
+    assert "--tokens-file" in capsys.readouterr().err
+    with Registry(registry_path(data)) as registry:
+        assert [registry.authenticate(t) for t in written] == ["sim-0001", "sim-0002", "sim-0003"]  # unchanged
 
 
 def test_device_error_in_a_subprocess(tmp_path: Path) -> None:

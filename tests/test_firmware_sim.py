@@ -266,7 +266,6 @@ def test_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None
         "--hub",
         "--devices",
         "--tokens",
-        "--register",
         "--interval",
         "--duration",
         "--seed",
@@ -275,13 +274,15 @@ def test_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None
         assert option in out
     for command in COMMANDS:
         assert f"\n  {command} " in out  # each simulated command is documented in the epilog
+    assert "hub device add-sim" in " ".join(out.split())  # where tokens for a local hub come from
 
 
 def test_bad_arguments_exit_with_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("a.1\n")
     for argv in (
-        [],  # no --tokens nor --register
+        [],  # no --tokens
+        ["--register", str(tmp_path / "registry.sqlite3")],  # gone: `hub device add-sim` registers devices
         ["--tokens", str(tokens), "--devices", "2"],
         ["--tokens", str(tmp_path / "missing.txt")],
         ["--tokens", str(tokens), "--models", "toaster"],
@@ -351,21 +352,28 @@ async def test_cli_stops_gracefully_on_sigint(hub: FakeHub, tmp_path: Path) -> N
     assert sent == sum(len(hub.all_points(d)) for d in devices_seen(hub))
 
 
-async def test_cli_register_creates_and_rekeys_devices(hub: FakeHub, tmp_path: Path) -> None:
-    from hub.fleet import _registry as registry_module
-    registry = tmp_path / "registry.sqlite3"
-    args = ("--register", str(registry), "--devices", "3", "--interval", "0.1", "--duration", "0.5")
-    first = await trio.run_process(sim_command(hub, *args), capture_stderr=True, check=False, cwd=ROOT)
-    assert first.returncode == 0, first.stderr.decode()
-    first_tokens = {c.headers[b"authorization"].decode().removeprefix("Bearer ") for c in hub.conns}
-    with registry_module.Registry(registry) as reg:
-        assert sorted(reg.authenticate(t) for t in first_tokens) == ["sim-0001", "sim-0002", "sim-0003"]
-    hub.conns.clear()
-    second = await trio.run_process(sim_command(hub, *args), capture_stderr=True, check=False, cwd=ROOT)
-    assert second.returncode == 0, second.stderr.decode()
-    second_tokens = {c.headers[b"authorization"].decode().removeprefix("Bearer ") for c in hub.conns}
+async def test_hub_add_sim_registers_and_rekeys_the_devices_firmware_sim_runs(hub: FakeHub, tmp_path: Path) -> None:
+    from hub.fleet import Registry, registry_path
+
+    data, tokens = tmp_path / "data", tmp_path / "tokens.txt"
+    add_sim = [sys.executable, "-m", "hub.cli", "device", "add-sim", "3", "--tokens-file", str(tokens)]
+    add_sim += ["--data-dir", str(data)]
+    args = ("--tokens", str(tokens), "--interval", "0.1", "--duration", "0.5")
+    seen = []
+    for _ in range(2):
+        added = await trio.run_process(add_sim, capture_stderr=True, check=False, cwd=ROOT)
+        assert added.returncode == 0, added.stderr.decode()
+        assert f"firmware-sim --tokens {tokens}" in added.stderr.decode()
+        assert tokens.stat().st_mode & 0o777 == 0o600
+        hub.conns.clear()
+        ran = await trio.run_process(sim_command(hub, *args), capture_stderr=True, check=False, cwd=ROOT)
+        assert ran.returncode == 0, ran.stderr.decode()
+        used = {c.headers[b"authorization"].decode().removeprefix("Bearer ") for c in hub.conns}
+        assert used == set(tokens.read_text().split())
+        seen.append(used)
+    first_tokens, second_tokens = seen
     assert len(second_tokens) == 3 and not second_tokens & first_tokens
-    with registry_module.Registry(registry) as reg:
+    with Registry(registry_path(str(data))) as reg:
         assert sorted(reg.authenticate(t) for t in second_tokens) == ["sim-0001", "sim-0002", "sim-0003"]
         assert all(reg.authenticate(t) is None for t in first_tokens)  # re-keyed
 
