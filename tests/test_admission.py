@@ -15,10 +15,8 @@ from hub.control import CONTROL_PATH
 from hub.edge._admission import MIN_RATE, Admission
 from hub.edge._listener import http_answer
 from hub.ratelimit import Rate, TokenBucket
-from tests.hubtools import add_devices, connect, hello, hub_config, start_hub
-from tests.test_control import add_operators
-from tests.test_limits import closed_by_peer, open_tcp, read_head, stream_batches, upgrade, upgrade_request
-from tests.test_metrics import exchange, get
+from tests.hubtools import add_devices, add_operators, connect, hello, hub_config, start_hub, stream_batches
+from tests.wire import closed_by_peer, exchange, get_request, open_tcp, read_head, upgrade, upgrade_request
 
 # ---------------------------------------------------------------------------- the pure object
 
@@ -225,7 +223,7 @@ async def test_refused_handshakes_show_in_metrics(tmp_path: Path) -> None:
                 status, _headers = await _refused(hub.port)
                 assert status == 503
         assert hub.metrics_port is not None
-        status, _headers, body = await exchange(hub.metrics_port, get("/metrics"))
+        status, _headers, body = await exchange(hub.metrics_port, get_request("/metrics"))
         assert status == 200
         assert b"hub_handshakes_busy_total 3.0" in body and b"hub_handshakes_unanswered_total 0.0" in body
         hub.stop()
@@ -414,4 +412,3 @@ async def test_a_request_head_trickled_in_pieces_split_inside_its_end_is_answere
         assert status == 101
         await stream.aclose()
         hub.stop()
-

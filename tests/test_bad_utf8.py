@@ -20,6 +20,7 @@ from device_client.protocol import DEVICE_PATH, Ack, CloseCode, Error, ErrorCode
 from hub.control import CONTROL_PATH
 from tests.hubtools import (
     add_devices,
+    add_operators,
     connect,
     hello,
     hub_config,
@@ -30,8 +31,7 @@ from tests.hubtools import (
     wait_ack,
 )
 from tests.hubtools import telemetry_lines as stored
-from tests.test_control import add_operators
-from tests.test_limits import open_tcp
+from tests.wire import open_tcp
 
 MASK = b"\x37\xfa\x21\x3d"
 TEXT, BINARY, CLOSE, PING = 0x1, 0x2, 0x8, 0x9

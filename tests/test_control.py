@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,11 @@ from hub.control._server import _HANDLERS
 from hub.fleet import DeviceLedger, DeviceRecord, DeviceStatus, Registry
 from tests.hubtools import (
     BASE_TS,
+    Ctl,
     add_devices,
+    add_operators,
     connect,
+    control,
     hello,
     hub_config,
     points,
@@ -116,97 +117,11 @@ def test_list_and_filter_summaries() -> None:
 # ---------------------------------------------------------------------------- helpers
 
 
-def add_operators(data_dir: Path, **roles: str) -> dict[str, str]:
-    """Create operators (name=role) in the hub's registry; their tokens by name."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with Registry(data_dir / "registry.sqlite3") as registry:
-        return {name: registry.add_operator(name, role) for name, role in roles.items()}
-
-
 async def start(nursery: trio.Nursery, tmp_path: Path, **overrides: Any) -> HubHandle:
     """A hub with its control channel, on any free port."""
     hub = await start_hub(nursery, hub_config(tmp_path, **overrides))
     assert hub.edge.endpoints[CONTROL_PATH] is hub.control
     return hub
-
-
-class Ctl:
-    """A raw control-channel client: numbered requests, replies matched by id, pushes kept in order."""
-
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
-        self.pushes: list[dict[str, Any]] = []
-        self._id = 0
-
-    async def recv(self) -> dict[str, Any]:
-        with trio.fail_after(10):
-            return json.loads(await self.ws.get_message())
-
-    async def send(self, obj: Any) -> None:
-        await self.ws.send_message(obj if isinstance(obj, str) else json.dumps(obj))
-
-    async def reply(self, rid: Any) -> dict[str, Any]:
-        """Read until the reply with id `rid`; keep pushes seen meanwhile."""
-        while True:
-            frame = await self.recv()
-            if frame.get("type") in ("result", "pong") and frame.get("id") == rid:
-                return frame
-            self.pushes.append(frame)
-
-    async def call(self, kind: str, **args: Any) -> dict[str, Any]:
-        self._id += 1
-        await self.send({"id": self._id, "type": kind, **args})
-        return await self.reply(self._id)
-
-    async def ok(self, kind: str, **args: Any) -> Any:
-        frame = await self.call(kind, **args)
-        assert frame["success"] is True, frame
-        return frame["result"]
-
-    async def error(self, kind: str, **args: Any) -> str:
-        frame = await self.call(kind, **args)
-        assert frame["success"] is False, frame
-        assert set(frame["error"]) == {"code", "message"}
-        return frame["error"]["code"]
-
-    async def push(self) -> dict[str, Any]:
-        """The next event or dropped notice."""
-        if self.pushes:
-            return self.pushes.pop(0)
-        frame = await self.recv()
-        assert frame["type"] in ("event", "dropped"), frame
-        return frame
-
-    async def events(self, sub: int, n: int) -> list[dict[str, Any]]:
-        """The next `n` events of subscription `sub` (other pushes stay in `pushes`, in order)."""
-        out = []
-        kept = []
-        for frame in self.pushes:
-            if len(out) < n and frame["type"] == "event" and frame["subscription"] == sub:
-                out.append(frame["event"])
-            else:
-                kept.append(frame)
-        self.pushes = kept
-        while len(out) < n:
-            frame = await self.recv()
-            assert frame["type"] in ("event", "dropped"), frame
-            if frame["type"] == "event" and frame["subscription"] == sub:
-                out.append(frame["event"])
-            else:
-                self.pushes.append(frame)
-        return out
-
-
-@asynccontextmanager
-async def control(
-    hub: HubHandle, token: str | None, *, path: str = CONTROL_PATH, headers: list | None = None, **kw: Any
-) -> AsyncIterator[Ctl]:
-    """An authenticated control session (header auth when `token` is given)."""
-    async with connect(hub, token, path=path, headers=headers, **kw) as ws:
-        ctl = Ctl(ws)
-        first = await ctl.recv()
-        assert first["type"] == "auth_ok", first
-        yield ctl
 
 
 def assert_not_logged(caplog: pytest.LogCaptureFixture, *secrets: str) -> None:

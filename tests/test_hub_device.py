@@ -14,6 +14,7 @@ from device_client import protocol
 from device_client.protocol import Ack, CloseCode, Error, ErrorCode
 from hub.fleet import Registry
 from tests.hubtools import (
+    BAD_MESSAGES,
     BASE_TS,
     add_devices,
     connect,
@@ -118,73 +119,6 @@ async def test_handshake_refusals(
     # Never logged by the hub, not even when sent in the URL (the test's own client logs its URL).
     server_side = [r.getMessage() for r in caplog.records if not r.getMessage().startswith("Connecting to ws")]
     assert server_side and not any(secret in m for m in server_side)
-
-
-BAD_MESSAGES = [
-    ("not json", ErrorCode.BAD_JSON, None),
-    (
-        '{"type": "telemetry", "seq": 50, "points": [{"measurement": "m", "ts": 1764000000000, "fields": {"x": NaN}}]}',
-        ErrorCode.BAD_JSON,
-        None,
-    ),
-    ("[1, 2]", ErrorCode.BAD_MESSAGE, None),
-    (raw({"type": "shout"}), ErrorCode.BAD_MESSAGE, None),
-    (raw({"type": "ack", "seq": 3}), ErrorCode.BAD_MESSAGE, None),
-    (raw({"type": "hello", "proto": 1}), ErrorCode.NOT_READY, None),
-    (raw({"type": "telemetry", "seq": -1, "points": []}), ErrorCode.BAD_SEQ, None),
-    (raw({"type": "telemetry", "seq": 60, "points": [1]}), ErrorCode.BAD_POINT, 60),
-    (
-        raw(
-            {
-                "type": "telemetry",
-                "seq": 61,
-                "points": [{"measurement": "m", "ts": 1764000000000, "fields": {"x": 1}, "tags": {"device": "other"}}],
-            }
-        ),
-        ErrorCode.RESERVED_TAG,
-        61,
-    ),
-    (
-        raw(
-            {
-                "type": "telemetry",
-                "seq": 62,
-                "points": [{"measurement": "m\nx", "ts": 1764000000000, "fields": {"x": 1}}],
-            }
-        ),
-        ErrorCode.BAD_NAME,
-        62,
-    ),
-    (
-        raw(
-            {
-                "type": "telemetry",
-                "seq": 63,
-                "points": [{"measurement": "m", "ts": 1764000000000, "fields": {"x": [1]}}],
-            }
-        ),
-        ErrorCode.BAD_FIELD,
-        63,
-    ),
-    (
-        raw(
-            {
-                "type": "telemetry",
-                "seq": 64,
-                "points": [{"measurement": "m", "ts": 1764000000000, "fields": {"x": 1}, "tags": {"k": ""}}],
-            }
-        ),
-        ErrorCode.BAD_TAG,
-        64,
-    ),
-    (
-        raw({"type": "telemetry", "seq": 65, "points": [{"measurement": "m", "ts": 17, "fields": {"x": 1}}]}),
-        ErrorCode.BAD_TIME,
-        65,
-    ),
-    (raw({"type": "telemetry", "seq": 66, "points": points(6)}), ErrorCode.TOO_MANY_POINTS, 66),
-    (b"\x00binary", ErrorCode.BAD_FRAME, None),
-]
 
 
 async def test_every_refused_message_gets_its_error_and_the_session_goes_on(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from hub.config import ConfigError, load_config
 from hub.control import CONTROL_PATH
 from tests.hubtools import (
     add_devices,
+    add_operators,
     connect,
     hello,
     hub_config,
@@ -24,81 +25,12 @@ from tests.hubtools import (
     send_batch,
     start_hub,
     status_lines,
+    stream_batches,
     telemetry_lines,
     wait_ack,
 )
 from tests.servers import ScriptedWriteServer
-from tests.test_control import add_operators
-
-# ---------------------------------------------------------------------------- raw HTTP helpers (shared)
-
-
-async def open_tcp(port: int, source: str = "127.0.0.1") -> trio.SocketStream:
-    """A TCP connection to the hub from the local address `source` (any of 127.0.0.0/8)."""
-    sock = trio.socket.socket()
-    await sock.bind((source, 0))
-    await sock.connect(("127.0.0.1", port))
-    return trio.SocketStream(sock)
-
-
-def upgrade_request(path: str, headers: dict[str, str] | None = None) -> bytes:
-    """The bytes of a WebSocket upgrade request for `path` with extra `headers`."""
-    lines = [
-        f"GET {path} HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        *(f"{k}: {v}" for k, v in (headers or {}).items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def read_head(stream: trio.SocketStream) -> tuple[int, dict[str, str]]:
-    """Read an HTTP response head: its status and headers (lower-case names)."""
-    head = b""
-    with trio.fail_after(10):
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(4096)
-            assert chunk, f"closed before a full response head: {head!r}"
-            head += chunk
-    status_line, *header_lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers
-
-
-async def upgrade(
-    port: int, path: str, *, source: str = "127.0.0.1", headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], trio.SocketStream]:
-    """Send an upgrade request from `source`; the answer's status and headers, and the open stream."""
-    stream = await open_tcp(port, source)
-    await stream.send_all(upgrade_request(path, headers))
-    status, answer = await read_head(stream)
-    return status, answer, stream
-
-
-async def closed_by_peer(stream: trio.SocketStream, within: float = 15.0) -> bool:
-    """Read (and drop) whatever comes until the peer closes; True if it did within `within` seconds."""
-    with trio.move_on_after(within):
-        try:
-            while await stream.receive_some(4096):
-                pass
-        except trio.BrokenResourceError:
-            pass
-        return True
-    return False
-
-
-async def stream_batches(ws: object, first: int, n: int, size: int = 3) -> None:
-    """Send `n` batches from seq `first` and wait for all their acks."""
-    for seq in range(first, first + n):
-        await send_batch(ws, seq, points(size, start=seq * 10))  # type: ignore[arg-type]
-    await wait_ack(ws, first + n - 1)  # type: ignore[arg-type]
-
+from tests.wire import closed_by_peer, open_tcp, upgrade, upgrade_request
 
 # ---------------------------------------------------------------------------- configuration
 

@@ -14,9 +14,19 @@ from device_client import protocol
 from device_client.protocol import Ack, CloseCode, Error
 from hub.control import CONTROL_PATH
 from hub.ratelimit import DeviceRate, Rate, Throttle, TokenBucket
-from tests.hubtools import add_devices, connect, hello, hub_config, points, send_batch, start_hub, status_lines
+from tests.hubtools import (
+    Ctl,
+    add_devices,
+    add_operators,
+    connect,
+    hello,
+    hub_config,
+    points,
+    send_batch,
+    start_hub,
+    status_lines,
+)
 from tests.hubtools import telemetry_lines as stored
-from tests.test_control import Ctl, add_operators
 
 # ---------------------------------------------------------------------------- pure buckets
 

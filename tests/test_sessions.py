@@ -12,8 +12,7 @@ from wsproto.events import Message
 from device_client import protocol
 from device_client.protocol import DEVICE_PATH, Hello
 from tests.hubtools import add_devices, connect, hello, hub_config, points, send_batch, start_hub, wait_ack
-from tests.test_hostile import RawClient
-from tests.test_limits import open_tcp
+from tests.wire import RawClient, open_tcp
 
 DEVICES = 40
 ROUNDS = 5
