@@ -16,6 +16,7 @@ from hub.edge._admission import MIN_RATE, Admission
 from hub.edge._listener import http_answer
 from hub.ratelimit import Rate, TokenBucket
 from tests.hubtools import add_devices, add_operators, connect, hello, hub_config, start_hub, stream_batches
+from tests.waiting import eventually
 from tests.wire import closed_by_peer, exchange, get_request, open_tcp, read_head, upgrade, upgrade_request
 
 # ---------------------------------------------------------------------------- the pure object
@@ -108,9 +109,7 @@ def test_http_answer_has_a_reason_phrase_and_a_length() -> None:
 
 async def until_pending(hub: HubHandle, n: int) -> None:
     """Wait until the hub counts `n` connections in their handshake (sockets the test opened and keeps silent)."""
-    with trio.fail_after(10):
-        while hub.edge.admission.pending < n:
-            await trio.sleep(0.01)
+    await eventually(lambda: hub.edge.admission.pending >= n, 10)
 
 
 async def _refused(port: int, source: str = "127.0.0.1") -> tuple[int, dict[str, str]]:
@@ -243,9 +242,7 @@ async def test_device_client_comes_back_after_retry_after_and_gets_in(tmp_path: 
         await until_pending(hub, 1)
         url = f"ws://127.0.0.1:{hub.port}/v1/device"
         async with DeviceClient(url, tokens["d1"], outbox_path=tmp_path / "outbox.sqlite3") as client:
-            with trio.fail_after(30):
-                while hub.stats.admission_refused == 0:
-                    await trio.sleep(0.01)
+            await eventually(lambda: hub.stats.admission_refused != 0, 30)
             assert not client.stats.connected
             await silent.aclose()  # the place is free: the client's next try after Retry-After gets in
             with trio.fail_after(30):
@@ -315,14 +312,16 @@ async def test_after_stop_accepting_the_port_refuses_connections(tmp_path: Path)
         async with connect(hub, tokens["d1"]) as ws:
             await hello(ws)
             hub.edge.stop_accepting()
-            with trio.fail_after(10):
-                while True:  # the listening socket is closed, not merely left unserved
-                    try:
-                        stream = await trio.open_tcp_stream("127.0.0.1", hub.port)
-                    except OSError:
-                        break
-                    await stream.aclose()
-                    await trio.sleep(0.01)
+
+            async def refused() -> bool:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", hub.port)
+                except OSError:
+                    return True
+                await stream.aclose()
+                return False
+
+            await eventually(refused, 10)  # the listening socket is closed, not merely left unserved
             assert hub.server.sessions  # the open session stays until the shutdown closes it
         hub.stop()
 

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import re
-import socket
 import sys
 import types
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from hub import cli, logs
 from hub.config import INFLUX_PASSWORD_ENV, INFLUX_TOKEN_ENV, HubConfig, load_config
 from hub.fleet import Registry, registry_path
 from tests.hubproc import run_hub
+from tests.ports import listening_port
 
 
 @pytest.fixture(autouse=True)
@@ -389,10 +389,8 @@ def test_demo_keeps_the_ports_of_its_config_file(tmp_path: Path, monkeypatch: py
 @pytest.fixture
 def held_port() -> Iterator[int]:
     """A port another program listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
+    with listening_port() as port:
+        yield port
 
 
 @pytest.mark.parametrize("command", ["serve", "demo"])

@@ -34,6 +34,8 @@ from tests.hubtools import (
     url,
     wait_ack,
 )
+from tests.waiting import eventually
+from tests.wire import upgrade
 
 # ---------------------------------------------------------------------------- fleet (pure)
 
@@ -122,6 +124,11 @@ async def start(nursery: trio.Nursery, tmp_path: Path, **overrides: Any) -> HubH
     hub = await start_hub(nursery, hub_config(tmp_path, **overrides))
     assert hub.edge.endpoints[CONTROL_PATH] is hub.control
     return hub
+
+
+async def device_state(ctl: Ctl, name: str, state: str) -> bool:
+    """Whether the hub reports device `name` in presence state `state`."""
+    return (await ctl.ok("device", name=name))["state"] == state
 
 
 def assert_not_logged(caplog: pytest.LogCaptureFixture, *secrets: str) -> None:
@@ -478,9 +485,7 @@ async def test_devices_and_device(tmp_path: Path) -> None:
                     "power": {"ts": BASE_TS + 9, "fields": {"w": 3.5, "n": 4}, "tags": {}},
                 }
                 assert detail["commands"] == []
-            with trio.fail_after(10):
-                while (await ctl.ok("device", name="d1"))["state"] != "offline":
-                    await trio.sleep(0.01)
+            await eventually(lambda: device_state(ctl, "d1", "offline"), 10)
             assert (await ctl.ok("device", name="d1"))["reason"] == "disconnected"
             assert [d["name"] for d in await ctl.ok("devices", state="offline")] == ["d1"]
             assert (await ctl.ok("device", name="d2"))["latest"] == {}
@@ -631,9 +636,7 @@ async def test_send_command_wait_with_device_client(tmp_path: Path) -> None:
             raise RuntimeError("sensor unplugged")
 
         async with client, control(hub, ops["o"]) as ctl:
-            with trio.fail_after(10):
-                while (await ctl.ok("device", name="d1"))["state"] != "online":
-                    await trio.sleep(0.01)
+            await eventually(lambda: device_state(ctl, "d1", "online"), 10)
             done = await ctl.ok("send_command", device="d1", name="echo", args={"x": 1}, wait=True)
             assert done["state"] == "succeeded"
             assert done["result"] == {"echo": {"x": 1}}
@@ -880,26 +883,13 @@ async def test_silent_client_is_dropped_by_keepalive(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         hub = await start(nursery, tmp_path, **overrides)
         # A hand-made upgrade; afterwards nothing reads the socket, so no pong ever goes back.
-        stream = await trio.open_tcp_stream("127.0.0.1", hub.port)
-        request = (
-            f"GET {CONTROL_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {ops['v']}\r\n\r\n"
-        )
-        await stream.send_all(request.encode())
-        head = b""
-        with trio.fail_after(10):
-            while b"\r\n\r\n" not in head:
-                head += await stream.receive_some(1)
-        assert head.startswith(b"HTTP/1.1 101")
-        with trio.fail_after(10):
-            while hub.control.sessions != 1:
-                await trio.sleep(0.01)
-            while hub.control.sessions != 0:  # pinged, no pong: closed
-                await trio.sleep(0.01)
+        status, _, stream = await upgrade(hub.port, CONTROL_PATH, headers={"Authorization": f"Bearer {ops['v']}"})
+        assert status == 101
+        await eventually(lambda: hub.control.sessions == 1, 10)
+        await eventually(lambda: hub.control.sessions == 0, 10)  # pinged, no pong: closed
         async with control(hub, ops["v"]) as ctl:  # an answering client stays
             for _ in range(3):
-                await trio.sleep(0.3)
+                await trio.sleep(0.3)  # the scenario: longer than a ping interval plus its timeout
                 assert (await ctl.ok("status"))["control_sessions"] == 1
         await stream.aclose()
         hub.stop()

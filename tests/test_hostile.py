@@ -42,6 +42,7 @@ from tests.hubtools import (
     wait_ack,
 )
 from tests.hubtools import telemetry_lines as stored
+from tests.waiting import eventually
 from tests.wire import RawClient, closed_by_peer, open_tcp, upgrade, upgrade_request
 
 GOOD = ("good0", "good1", "good2")
@@ -446,7 +447,7 @@ async def good_device(t: Target, name: str, stop: trio.Event, acked: dict[str, i
                 if msg == Ack(seq):
                     break
             acked[name] = seq
-            await trio.sleep(0.05)
+            await trio.sleep(0.05)  # pacing: a well-behaved device's rate
 
 
 async def run_suite(t: Target) -> dict[str, int]:
@@ -472,8 +473,7 @@ async def run_suite(t: Target) -> dict[str, int]:
             nursery.start_soon(run, name, partial(good_device, t, name, stop, acked))
         with trio.fail_after(300) as guard:  # a guard against a hang, far beyond what a loaded machine needs
             scopes.append(guard)
-            while len(acked) < len(GOOD):
-                await trio.sleep(0.01)
+            await eventually(lambda: len(acked) == len(GOOD), 300)
             async with trio.open_nursery() as attacks:
                 scopes.append(attacks.cancel_scope)
                 for attack in ATTACKS:

@@ -30,6 +30,7 @@ from tests.hubtools import (
     wait_ack,
 )
 from tests.servers import ScriptedWriteServer
+from tests.waiting import eventually
 
 
 async def test_stream_ack_and_resend(tmp_path: Path) -> None:
@@ -270,8 +271,7 @@ async def test_graceful_stop_sends_last_acks_then_1001(tmp_path: Path) -> None:
             await hello(ws)
             for seq in (1, 2, 3):
                 await send_batch(ws, seq, points(5, start=seq * 10))
-            while hub.stats.points_in < 15:
-                await trio.sleep(0.01)
+            await eventually(lambda: hub.stats.points_in >= 15, 10)
             hub.stop()
             seen = []
             with pytest.raises(ConnectionClosed) as closed:
@@ -293,9 +293,7 @@ async def test_unanswered_pings_mark_the_device_offline(tmp_path: Path) -> None:
             await hello(ok)
             await mute.send_message(protocol.encode(protocol.Hello()))
             await send_batch(mute, 1, points(1))
-            with trio.fail_after(20):
-                while hub.presence.status.get("mute") is None or hub.presence.status["mute"].online:
-                    await trio.sleep(0.05)
+            await eventually(lambda: "mute" in hub.presence.status and not hub.presence.status["mute"].online, 20)
             assert hub.presence.status["mute"].reason == "ping_timeout"
             assert hub.presence.status["ok"].online  # the well-behaved device answers and stays
         hub.stop()
@@ -363,9 +361,7 @@ async def test_backpressure_is_not_mistaken_for_a_dead_device(tmp_path: Path, ca
                 await hello(ws)
                 for seq in range(1, 11):
                     await send_batch(ws, seq, points(1, start=seq))
-                with trio.fail_after(30):
-                    while caplog.text.count("no pong while ingest is held back") < 3:
-                        await trio.sleep(0.05)
+                await eventually(lambda: caplog.text.count("no pong while ingest is held back") >= 3, 30)
                 assert hub.presence.status["d1"].online
                 release.set()
                 await wait_ack(ws, 10)

@@ -6,10 +6,9 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC
 from functools import partial
@@ -42,14 +41,9 @@ from hub.operator.ctl import (
     table,
 )
 from tests.hubtools import add_devices, hub_config, start_hub
+from tests.ports import refused_port
 
 NOW = 1_764_000_000.0  # 2025-11-24 16:00:00 UTC
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -221,7 +215,7 @@ def test_cannot_connect_exits_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv(ctl.TOKEN_ENV, raising=False)
     token_file = tmp_path / "token"
     token_file.write_text("op.alice.x\n")
-    assert main(["--url", f"ws://127.0.0.1:{free_port()}", "--token-file", str(token_file), "status"]) == 3
+    assert main(["--url", f"ws://127.0.0.1:{refused_port()}", "--token-file", str(token_file), "status"]) == 3
     assert "cannot connect" in capsys.readouterr().err
 
 
@@ -568,15 +562,6 @@ class Lines:
         return self._buffer.decode()
 
 
-async def until(predicate: Callable[[], Awaitable[bool]], what: str, deadline: float = 30.0) -> None:
-    """Poll `predicate` until true (fails the test after `deadline` seconds)."""
-    with trio.move_on_after(deadline):
-        while not await predicate():
-            await trio.sleep(0.05)
-        return
-    pytest.fail(f"timed out waiting for {what}")
-
-
 async def test_devices_device_and_status(hub: Hub) -> None:
     async with device(hub) as client:
         await client.send("environment", {"temperature": 20.5, "count": 7}, tags={"room": "lab 2"})
@@ -731,7 +716,7 @@ async def test_watch_json_streams_telemetry_until_ctrl_c(hub: Hub) -> None:
             while True:
                 n += 1
                 await client.send("environment", {"temperature": 20.0 + n / 10, "seq": n}, tags={"room": "lab"})
-                await trio.sleep(0.05)
+                await trio.sleep(0.05)  # pacing: a steady stream for watch to follow
 
         nursery.start_soon(stream)
         proc = await nursery.start(

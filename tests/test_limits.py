@@ -30,6 +30,7 @@ from tests.hubtools import (
     wait_ack,
 )
 from tests.servers import ScriptedWriteServer
+from tests.waiting import eventually
 from tests.wire import closed_by_peer, open_tcp, upgrade, upgrade_request
 
 # ---------------------------------------------------------------------------- configuration
@@ -73,9 +74,7 @@ async def test_total_connection_limit_answers_503_with_retry_after(
                 assert refused.value.status_code == 503
                 assert dict(refused.value.headers or [])[b"retry-after"] == b"7"
                 await stream_batches(d1, 1, 2)  # the hub serves those it has
-            with trio.fail_after(10):
-                while hub.edge.open_connections >= 3:
-                    await trio.sleep(0.01)
+            await eventually(lambda: hub.edge.open_connections < 3, 10)
             async with connect(hub, tokens["d3"]) as d3:  # a place is free again
                 await hello(d3)
                 await stream_batches(d3, 1, 1)
@@ -107,9 +106,7 @@ async def test_connections_per_address_answer_429_and_other_addresses_carry_on(t
             await stream_batches(d1, 1, 2)
         for stream in held:
             await stream.aclose()
-        with trio.fail_after(10):
-            while hub.edge.open_connections:
-                await trio.sleep(0.01)
+        await eventually(lambda: not hub.edge.open_connections, 10)
         status, _, stream = await upgrade(hub.port, CONTROL_PATH, source="127.0.0.2")
         assert status == 101
         await stream.aclose()
@@ -191,7 +188,7 @@ async def test_idle_device_is_closed_with_1001_and_marked_offline(tmp_path: Path
                 seq += 1
                 await send_batch(chatty, seq, points(1, start=seq))
                 assert await receive(chatty) == Ack(seq)
-                await trio.sleep(0.1)
+                await trio.sleep(0.1)  # pacing: chatty stays active while quiet goes idle
             assert hub.presence.status["quiet"].reason == "idle"
             with pytest.raises(ConnectionClosed) as closed:
                 await receive(quiet)
@@ -233,9 +230,7 @@ async def test_a_device_over_its_window_is_read_only_as_acks_make_room(tmp_path:
                 assert (await hello(ws)).window == 3
                 for seq in range(1, 11):  # ignores the window it was told
                     await send_batch(ws, seq, points(1, start=seq))
-                with trio.fail_after(20):
-                    while not hub.stats.window_waits:
-                        await trio.sleep(0.01)
+                await eventually(lambda: hub.stats.window_waits, 20)
                 assert hub.stats.points_in == 3  # the rest waits in the socket, unread
                 release.set()
                 seen = await wait_ack(ws, 10)

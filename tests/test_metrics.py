@@ -366,19 +366,21 @@ async def test_http_listener_limits_request_size_and_time() -> None:
 async def test_http_listener_refuses_connections_over_the_limit() -> None:
     routes = {"/x": lambda: (200, "text/plain", b"x")}
     async with listener(routes, max_connections=2, request_timeout=30) as port:
+        answers: list[tuple[int, dict[str, str], bytes]] = []
+
+        async def answered(status: int) -> bool:
+            answers.append(await exchange(port, get_request("/x")))
+            return answers[-1][0] == status
+
         idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
         try:
             # The two idle connections hold both slots (polled: the server takes them asynchronously).
-            with trio.fail_after(30):
-                while (answer := await exchange(port, get_request("/x")))[0] != 503:
-                    await trio.sleep(0.02)
-            assert answer[2] == b"too many connections\n"
+            await eventually(lambda: answered(503), 30)
+            assert answers[-1][2] == b"too many connections\n"
         finally:
             for stream in idle:
                 await stream.aclose()
-        with trio.fail_after(30):
-            while (await exchange(port, get_request("/x")))[0] != 200:
-                await trio.sleep(0.02)
+        await eventually(lambda: answered(200), 30)
 
 
 async def test_http_listener_reports_its_port() -> None:
