@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,14 +38,6 @@ class Acks:
 
 def v2(url: str, timeout_s: float = 5.0) -> InfluxV2Sink:
     return InfluxV2Sink(url, token="t", org="o", bucket="b", timeout_s=timeout_s)
-
-
-@pytest.fixture
-def scripted() -> Iterator[ScriptedWriteServer]:
-    server = ScriptedWriteServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def make(

@@ -65,14 +65,6 @@ def auth_influxdb1(tmp_path: Path) -> Iterator[AuthInfluxDB1]:
         server.stop()
 
 
-@pytest.fixture
-def scripted() -> Iterator[ScriptedWriteServer]:
-    server = ScriptedWriteServer()
-    server.start()
-    yield server
-    server.stop()
-
-
 # ---------------------------------------------------------------------------- real InfluxDB 1.6
 
 

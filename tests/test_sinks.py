@@ -90,14 +90,6 @@ def test_v2_sink_connection_refused_is_unavailable() -> None:
 # ---------------------------------------------------------------------------- InfluxV2Sink, scripted answers
 
 
-@pytest.fixture
-def scripted() -> ScriptedWriteServer:
-    server = ScriptedWriteServer()
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_v2_sink_request_shape(scripted: ScriptedWriteServer) -> None:
     sink = v2(scripted.url)
     try:
