@@ -19,7 +19,7 @@ from hub.config import INFLUX_TOKEN_ENV
 _LISTENING = re.compile(r'websocket endpoints listening.*?\bport"?[=:] ?(\d+)')
 
 
-def run_hub(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_hub(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the `hub` command line to completion in a child process (without an InfluxDB token in its environment)."""
     env = {k: v for k, v in os.environ.items() if k != INFLUX_TOKEN_ENV}
     return subprocess.run(
@@ -28,7 +28,8 @@ def run_hub(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         env=env,
         cwd=cwd,
-        timeout=60,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 

@@ -16,19 +16,13 @@ from pathlib import Path
 import pytest
 
 from hub.config import HubConfig
+from tests.hubproc import run_hub
 from tests.servers import VictoriaMetrics
 from tests.waiting import wait_until
 
 
 def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "hub.cli", "demo", "--devices", "4", "--duration", "3"]
-    return subprocess.run(
-        [*cmd, "--data-dir", str(tmp_path / "hub"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_hub("demo", "--devices", "4", "--duration", "3", "--data-dir", str(tmp_path / "hub"), *args, timeout=120)
 
 
 def acked_points(stdout: str) -> int:

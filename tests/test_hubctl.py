@@ -21,7 +21,6 @@ import trio
 
 from device_client import DeviceClient
 from hub.app import HubHandle
-from hub.fleet import Registry
 from hub.operator import Dropped, Event, ctl
 from hub.operator.ctl import (
     ExitCode,
@@ -40,7 +39,7 @@ from hub.operator.ctl import (
     parse_arg,
     table,
 )
-from tests.hubtools import add_devices, hub_config, start_hub
+from tests.hubtools import add_devices, add_operators, hub_config, start_hub
 from tests.ports import refused_port
 
 NOW = 1_764_000_000.0  # 2025-11-24 16:00:00 UTC
@@ -510,12 +509,10 @@ async def hubctl(hub: Hub, *args: str, token: str | None = None) -> Run:
 async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
     data = tmp_path / "hub"
     devices = add_devices(data, "boiler-1", "sensor-2")
-    with Registry(data / "registry.sqlite3") as registry:
-        operator = registry.add_operator("alice", "operator")
-        viewer = registry.add_operator("victor", "viewer")
+    operators = add_operators(data, alice="operator", victor="viewer")
     async with trio.open_nursery() as nursery:
         handle = await start_hub(nursery, hub_config(data))
-        yield Hub(handle, data, devices, operator, viewer)
+        yield Hub(handle, data, devices, operators["alice"], operators["victor"])
         handle.stop()
 
 

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import ssl
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,7 +28,7 @@ from hub.config import ConfigError, TLSConfig
 from hub.edge import ServerTLS, TLSError, certificate_fingerprint, check_tls_files
 from hub.fleet import Registry
 from hub.operator import ConnectFailed, ctl, open_control
-from tests.hubproc import HubProcess
+from tests.hubproc import HubProcess, run_hub
 from tests.hubtools import add_devices, hub_config, start_hub, telemetry_lines
 from tests.waiting import eventually
 
@@ -514,9 +513,8 @@ def test_demo_over_tls(tmp_path: Path) -> None:
     issued = ca.issue(tmp_path / "issued")
     # The demo's devices trust the certificate file itself: with the CA in it, like a self-signed certificate.
     issued.cert_file.write_bytes(issued.cert_file.read_bytes() + ca.ca_file.read_bytes())
-    cmd = [sys.executable, "-m", "hub.cli", "demo", "--devices", "2", "--duration", "2", "--port", "0"]
-    cmd += ["--data-dir", str(tmp_path / "hub"), "--tls-cert", str(issued.cert_file), "--tls-key", str(issued.key_file)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    args = ["demo", "--devices", "2", "--duration", "2", "--port", "0", "--data-dir", str(tmp_path / "hub")]
+    result = run_hub(*args, "--tls-cert", str(issued.cert_file), "--tls-key", str(issued.key_file), timeout=120)
     assert result.returncode == 0, result.stderr
     assert "hub listening on wss://127.0.0.1:" in result.stdout
     match = re.search(r"done: all (\d+) points acked and durable", result.stdout)
