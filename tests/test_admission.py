@@ -17,7 +17,16 @@ from hub.edge._listener import http_answer
 from hub.ratelimit import Rate, TokenBucket
 from tests.hubtools import add_devices, add_operators, connect, hello, hub_config, start_hub, stream_batches
 from tests.waiting import eventually
-from tests.wire import closed_by_peer, exchange, get_request, open_tcp, read_head, upgrade, upgrade_request
+from tests.wire import (
+    closed_by_peer,
+    exchange,
+    get_request,
+    open_tcp,
+    read_head,
+    read_to_close,
+    upgrade,
+    upgrade_request,
+)
 
 # ---------------------------------------------------------------------------- the pure object
 
@@ -155,10 +164,7 @@ async def test_503_answer_is_a_complete_http_response_with_reason_phrase(tmp_pat
             await until_pending(hub, 1)
             stream = await open_tcp(hub.port)
             async with stream:
-                answer = b""
-                with trio.fail_after(10):
-                    while chunk := await stream.receive_some(4096):  # the hub answers without reading
-                        answer += chunk
+                answer = await read_to_close(stream)  # the hub answers without reading
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert len(body) == int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
@@ -289,14 +295,7 @@ async def test_past_the_answer_budget_refused_connections_are_closed_unanswered(
             answers = []
             for _ in range(20):  # a client that reconnects at once, again and again
                 async with await open_tcp(hub.port) as stream:
-                    data = b""
-                    with trio.fail_after(10):
-                        try:
-                            while chunk := await stream.receive_some(4096):
-                                data += chunk
-                        except trio.BrokenResourceError:
-                            pass  # reset: closed with our request unread
-                    answers.append(data)
+                    answers.append(await read_to_close(stream))  # empty if reset: closed with our request unread
         answered = [a for a in answers if a]
         assert answered and all(a.startswith(b"HTTP/1.1 503 ") for a in answered)
         assert hub.stats.admission_unanswered == len(answers) - len(answered) > 0

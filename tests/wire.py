@@ -21,6 +21,7 @@ __all__ = [
     "http_post",
     "open_tcp",
     "read_head",
+    "read_to_close",
     "upgrade",
     "upgrade_request",
 ]
@@ -88,15 +89,24 @@ async def closed_by_peer(stream: trio.SocketStream, within: float = 15.0) -> boo
     return False
 
 
+async def read_to_close(stream: trio.abc.ReceiveStream, within: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes (a reset counts as a close); fails after `within` seconds."""
+    data = b""
+    with trio.fail_after(within):
+        try:
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        except trio.BrokenResourceError:
+            pass
+    return data
+
+
 async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send raw bytes, read until the server closes; status, headers, body."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(request)
-        data = b""
-        with trio.fail_after(30):
-            while chunk := await stream.receive_some(65536):
-                data += chunk
+        data = await read_to_close(stream, 30)
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
