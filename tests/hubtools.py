@@ -54,6 +54,7 @@ async def start_hub(nursery: trio.Nursery, config: HubConfig, **kwargs: Any) -> 
 
 
 def url(handle: HubHandle, path: str = protocol.DEVICE_PATH) -> str:
+    """The hub's WebSocket URL for `path` (the device endpoint by default)."""
     return f"ws://127.0.0.1:{handle.port}{path}"
 
 
@@ -97,6 +98,7 @@ def points(n: int, *, start: int = 0, measurement: str = "environment") -> list[
 
 
 async def send_batch(ws: WebSocketConnection, seq: int, pts: list[dict[str, Any]]) -> None:
+    """Send one telemetry batch (no wait for its ack)."""
     await ws.send_message(protocol.encode(Telemetry(seq, pts)))
 
 
@@ -199,10 +201,12 @@ def written_lines(data_dir: Path) -> list[str]:
 
 
 def telemetry_lines(data_dir: Path) -> list[str]:
+    """The written lines of device telemetry (not the hub's `device_status` lines)."""
     return [ln for ln in written_lines(data_dir) if not ln.startswith("device_status")]
 
 
 def status_lines(data_dir: Path) -> list[str]:
+    """The written `device_status` lines."""
     return [ln for ln in written_lines(data_dir) if ln.startswith("device_status")]
 
 
