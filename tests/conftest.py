@@ -1,4 +1,5 @@
-"""Shared fixtures: real database servers on loopback, killed at teardown even when a test fails."""
+"""Shared fixtures: real database servers and a scripted write endpoint on loopback, stopped at teardown even when a
+test fails."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import InfluxDB1, VictoriaMetrics
+from tests.servers import InfluxDB1, ScriptedWriteServer, VictoriaMetrics
 
 
 @pytest.fixture
@@ -30,3 +31,10 @@ def influxdb1(tmp_path: Path) -> Iterator[InfluxDB1]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedWriteServer]:
+    """A started `ScriptedWriteServer` (accepting everything with 204 until a test sets its `responder`)."""
+    with ScriptedWriteServer() as server:
+        yield server

@@ -1,4 +1,5 @@
-"""Run `hub serve` as a real child process (for signal, kill and restart tests)."""
+"""The hub as a real child process: `hub serve` for signal, kill and restart tests (`HubProcess`); any other `hub`
+command run to completion (`run_hub`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,24 @@ import time
 from pathlib import Path
 
 from device_client.protocol import DEVICE_PATH
+from hub.config import INFLUX_TOKEN_ENV
 
 #: The hub's "listening" log line, in kv and JSON format: the port it got.
 _LISTENING = re.compile(r'websocket endpoints listening.*?\bport"?[=:] ?(\d+)')
+
+
+def run_hub(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the `hub` command line to completion in a child process (without an InfluxDB token in its environment)."""
+    env = {k: v for k, v in os.environ.items() if k != INFLUX_TOKEN_ENV}
+    return subprocess.run(
+        [sys.executable, "-m", "hub.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 class HubProcess:

@@ -1,82 +1,73 @@
-"""Real servers for tests: VictoriaMetrics, InfluxDB 1.x, and a scripted HTTP write endpoint, on loopback."""
+"""Servers for tests, on loopback: real VictoriaMetrics and InfluxDB 1.x, a scripted HTTP write endpoint, a scripted
+device hub (`FakeHub`)."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gzip
 import http.server
 import json
+import math
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from bench.procs import listening_ports
+from device_client import ProtocolError
+from device_client.protocol import (
+    DEVICE_PATH,
+    Ack,
+    CloseCode,
+    Command,
+    CommandAck,
+    CommandResult,
+    Error,
+    ErrorCode,
+    Hello,
+    Telemetry,
+    Welcome,
+    decode,
+    encode,
+)
+from tests.wire import http_get, http_post
 
 __all__ = [
+    "FAST",
+    "TS",
+    "Conn",
+    "FakeHub",
     "InfluxDB1",
+    "Plan",
     "ScriptedWriteServer",
     "VictoriaMetrics",
-    "free_port",
-    "http_get",
-    "http_post",
-    "listening_ports",
-    "refused_port",
+    "batch",
 ]
 
+#: The first timestamp of `batch`.
+TS = 1_700_000_000_000
+#: DeviceClient options for quick reconnects to a `FakeHub`.
+FAST = {"backoff_initial": 0.01, "backoff_max": 0.05}
+
 _LIVE: set[subprocess.Popen[bytes]] = set()
-#: Sockets that hold `refused_port` numbers for as long as the test process lives.
-_HELD: list[socket.socket] = []
 
 
 @atexit.register
 def _kill_leftovers() -> None:
     for proc in list(_LIVE):
         proc.kill()
-
-
-def refused_port() -> int:
-    """A TCP port on 127.0.0.1 where every connection is refused, for as long as the test process lives.
-
-    A socket bound to it that never listens holds it: the kernel refuses connections, and no server (ours or another
-    process's) can bind it meanwhile. Servers for tests bind port 0 and report the port they got instead.
-    """
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    _HELD.append(sock)
-    return int(sock.getsockname()[1])
-
-
-#: The name older tests import, for a port where nothing answers.
-free_port = refused_port
-
-
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    """Status and body of a GET (HTTP errors are returned, not raised)."""
-    return _http(urllib.request.Request(url), timeout)
-
-
-def http_post(url: str, body: bytes, timeout: float = 10.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """Status and body of a POST (HTTP errors are returned, not raised)."""
-    return _http(urllib.request.Request(url, data=body, method="POST", headers=headers or {}), timeout)
-
-
-def _http(req: urllib.request.Request, timeout: float) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def _require(binary: str, package: str) -> str:
@@ -405,3 +396,258 @@ class ScriptedWriteServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------------- a scripted device hub
+
+
+@attrs.define
+class Plan:
+    """How the fake hub treats one connection."""
+
+    durable: bool = True  # keep the batches (and so re-ack them later)
+    ack: bool = True  # send acks
+    close_after: int | None = None  # close after this many telemetry messages
+    close_code: int = CloseCode.GOING_AWAY
+    ping_every: float | None = None  # ping the device this often (seconds), as the real hub does
+    hold: float | None = None  # close (with close_code) this many seconds after the welcome
+
+
+@attrs.define
+class Conn:
+    """What the fake hub saw on one connection."""
+
+    device: str
+    headers: dict[bytes, bytes]
+    hello: Hello | None = None
+    received: list[int] = attrs.field(factory=list)
+    max_inflight: int = 0
+    ws: Any = None
+    frames: list[str] = attrs.field(factory=list)  # message types after the hello, in order
+    acks: list[str] = attrs.field(factory=list)  # command ids acked
+    results: list[CommandResult] = attrs.field(factory=list)
+    close_code: int | None = None  # how the connection ended (either side's close code)
+    closed_at: float | None = None  # trio time at which the hub saw the connection end
+
+
+@attrs.define
+class FakeHub:
+    """The hub side of the device contract, small and scriptable: welcome, cumulative acks, errors, closes."""
+
+    tokens: dict[str, str] | None = None  # token -> device; None accepts any "<name>.<secret>"
+    window: int = 8
+    max_points: int = 5000
+    refuse_status: int | None = None  # refuse every handshake with this HTTP status
+    refuse_first: int = 0  # refuse this many handshakes with 503 first
+    retry_after: bytes | None = None
+    reject_seqs: set[int] = attrs.field(factory=set)
+    plans: list[Plan] = attrs.field(factory=list)  # one per connection, then `default`
+    default: Plan = attrs.field(factory=Plan)
+    lazy_acks: bool = False  # ack only when `window` batches are unacked or after a quiet moment
+    max_message_size: int = 1_048_576
+    notice: str | None = None  # an informational error (no seq) sent right after the welcome
+    url: str = ""
+    epoch: int = 0
+    attempts: list[float] = attrs.field(factory=list)
+    conns: list[Conn] = attrs.field(factory=list)
+    durable: dict[str, int] = attrs.field(factory=dict)
+    points: dict[str, dict[int, list[dict[str, Any]]]] = attrs.field(factory=dict)
+    errors_sent: int = 0
+    pongs: int = 0
+    # Commands as the real hub keeps them: sent on every session until a result comes (then dropped here).
+    open_commands: dict[str, dict[str, Command]] = attrs.field(factory=dict)
+    unknown_ids: set[str] = attrs.field(factory=set)  # answer acks/results of these ids with unknown_command
+
+    async def start(self, nursery: trio.Nursery) -> str:
+        server = await nursery.start(
+            partial(
+                serve_websocket,
+                self.handler,
+                "127.0.0.1",
+                0,
+                None,
+                max_message_size=self.max_message_size,
+                connect_timeout=5,
+            )
+        )
+        self.url = f"ws://127.0.0.1:{server.port}{DEVICE_PATH}"
+        return self.url
+
+    def seqs(self, device: str) -> list[int]:
+        return sorted(self.points.get(device, {}))
+
+    def all_points(self, device: str) -> list[dict[str, Any]]:
+        held = self.points.get(device, {})
+        return [p for seq in sorted(held) for p in held[seq]]
+
+    def live(self, device: str) -> Conn | None:
+        """The device's open connection, if any."""
+        for conn in reversed(self.conns):
+            if conn.device == device and conn.ws is not None and conn.ws.closed is None:
+                return conn
+        return None
+
+    async def command(self, device: str, cmd: Command) -> None:
+        """Queue a command like the hub: sent now if the device is online, again on each session until answered."""
+        self.open_commands.setdefault(device, {})[cmd.id] = cmd
+        await self.send_raw(device, cmd)
+
+    async def send_raw(self, device: str, cmd: Command) -> bool:
+        """Send one command frame on the device's open connection (no bookkeeping); False when offline."""
+        conn = self.live(device)
+        if conn is None:
+            return False
+        with contextlib.suppress(ConnectionClosed):
+            await conn.ws.send_message(encode(cmd))
+            return True
+        return False
+
+    async def drop(self, device: str, code: int = CloseCode.GOING_AWAY) -> None:
+        """Close the device's open connection from the hub side."""
+        conn = self.live(device)
+        assert conn is not None, f"{device} is not connected"
+        await conn.ws.aclose(code)
+
+    def results(self, cid: str) -> list[CommandResult]:
+        """Every result received for command `cid`, over all connections."""
+        return [r for conn in self.conns for r in conn.results if r.id == cid]
+
+    async def handler(self, request: WebSocketRequest) -> None:
+        self.attempts.append(trio.current_time())
+        headers = dict(request.headers)
+        if request.path != DEVICE_PATH:
+            await request.reject(404)
+            return
+        if b"origin" in headers:
+            await request.reject(403)
+            return
+        if self.refuse_first:
+            self.refuse_first -= 1
+            await request.reject(503)
+            return
+        if self.refuse_status is not None:
+            extra = [(b"retry-after", self.retry_after)] if self.retry_after else []
+            await request.reject(self.refuse_status, extra_headers=extra)
+            return
+        token = headers.get(b"authorization", b"").decode().removeprefix("Bearer ")
+        device = self.tokens.get(token) if self.tokens is not None else token.split(".")[0]
+        if not device or "." not in token:
+            await request.reject(401)
+            return
+        ws = await request.accept()
+        conn = Conn(device, headers, ws=ws)
+        self.conns.append(conn)
+        plan = self.plans.pop(0) if self.plans else self.default
+        async with trio.open_nursery() as nursery:
+            if plan.ping_every is not None:
+                nursery.start_soon(self._pinger, ws, plan.ping_every)
+            with contextlib.suppress(ConnectionClosed):  # the client went away: nothing to do
+                await self._session(ws, conn, plan)
+            nursery.cancel_scope.cancel()
+        conn.close_code = ws.closed.code if ws.closed is not None else None
+        conn.closed_at = trio.current_time()
+
+    async def _pinger(self, ws: Any, every: float) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                with trio.fail_after(5):
+                    await ws.ping()
+                self.pongs += 1
+                await trio.sleep(every)
+
+    async def _session(self, ws: Any, conn: Conn, plan: Plan) -> None:
+        hello = decode(await ws.get_message())
+        assert isinstance(hello, Hello)
+        conn.hello = hello
+        self.epoch += 1
+        device = conn.device
+        welcome = Welcome(device, self.durable.get(device, 0), self.epoch, self.window, self.max_points, 30.0)
+        await ws.send_message(encode(welcome))
+        if self.notice is not None:
+            await ws.send_message(encode(Error(self.notice, "just so you know")))
+        for cmd in list(self.open_commands.get(device, {}).values()):
+            await ws.send_message(encode(cmd))
+        if plan.close_after == 0:
+            await ws.aclose(plan.close_code)
+            return
+        if plan.hold is not None:
+            with trio.move_on_after(plan.hold):
+                await self._session_loop(ws, conn, plan)
+            await ws.aclose(plan.close_code)
+            return
+        await self._session_loop(ws, conn, plan)
+
+    async def _session_loop(self, ws: Any, conn: Conn, plan: Plan) -> None:
+        device = conn.device
+        unacked = 0
+        while True:
+            with trio.move_on_after(0.02 if self.lazy_acks and unacked else math.inf) as idle:
+                text = await ws.get_message()
+            if idle.cancelled_caught:
+                if plan.ack:
+                    await ws.send_message(encode(Ack(self.durable.get(device, 0))))
+                    unacked = 0
+                continue
+            if await self._command_answer(ws, conn, text):
+                continue
+            unacked += 1
+            conn.max_inflight = max(conn.max_inflight, unacked)
+            await self._telemetry(ws, conn, plan, text)
+            if plan.ack and (not self.lazy_acks or unacked >= self.window):
+                if self.lazy_acks:
+                    await ws.send_message(encode(Ack(self.durable.get(device, 0))))
+                unacked = 0
+            if plan.close_after is not None and len(conn.received) >= plan.close_after:
+                await ws.aclose(plan.close_code)
+                return
+
+    async def _command_answer(self, ws: Any, conn: Conn, text: str) -> bool:
+        """Record a command ack or result (True), or leave the frame to `_telemetry` (False)."""
+        try:
+            msg = decode(text)
+        except ProtocolError:
+            return False
+        conn.frames.append(type(msg).__name__)
+        if isinstance(msg, CommandAck):
+            conn.acks.append(msg.id)
+        elif isinstance(msg, CommandResult):
+            conn.results.append(msg)
+            self.open_commands.get(conn.device, {}).pop(msg.id, None)
+        else:
+            return False
+        if msg.id in self.unknown_ids:
+            self.errors_sent += 1
+            await ws.send_message(encode(Error(ErrorCode.UNKNOWN_COMMAND, f"no command {msg.id!r} for this device")))
+        return True
+
+    async def _telemetry(self, ws: Any, conn: Conn, plan: Plan, text: str) -> None:
+        device = conn.device
+        try:
+            msg = decode(text)
+        except ProtocolError as exc:
+            self.errors_sent += 1
+            await ws.send_message(encode(Error(exc.code, exc.detail, exc.seq)))
+            return
+        assert isinstance(msg, Telemetry)
+        conn.received.append(msg.seq)
+        held = self.durable.get(device, 0)
+        if msg.seq <= held:
+            if plan.ack and not self.lazy_acks:
+                await ws.send_message(encode(Ack(held)))
+            return
+        if msg.seq in self.reject_seqs:
+            self.errors_sent += 1
+            await ws.send_message(encode(Error(ErrorCode.BAD_FIELD, "refused by the test", msg.seq)))
+        elif plan.durable:
+            self.points.setdefault(device, {})[msg.seq] = msg.points
+        if plan.durable:
+            self.durable[device] = msg.seq
+            if plan.ack and not self.lazy_acks:
+                await ws.send_message(encode(Ack(msg.seq)))
+
+
+def batch(n: int = 1, base: int = 0, **fields: Any) -> list[dict[str, Any]]:
+    """`n` points of measurement `m`, one millisecond apart from `TS + base`."""
+    return [
+        {"measurement": "m", "ts": TS + base + i, "fields": dict(fields or {"v": float(base + i)})} for i in range(n)
+    ]

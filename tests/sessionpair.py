@@ -29,6 +29,7 @@ class MemoryBook:
 
 
 def point(i: int = 0, **fields: Any) -> dict[str, Any]:
+    """One point of measurement `m`, at `TS + i` milliseconds."""
     return {"measurement": "m", "ts": TS + i, "fields": fields or {"v": float(i)}, "tags": {}}
 
 

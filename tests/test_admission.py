@@ -15,10 +15,18 @@ from hub.control import CONTROL_PATH
 from hub.edge._admission import MIN_RATE, Admission
 from hub.edge._listener import http_answer
 from hub.ratelimit import Rate, TokenBucket
-from tests.hubtools import add_devices, connect, hello, hub_config, start_hub
-from tests.test_control import add_operators
-from tests.test_limits import closed_by_peer, open_tcp, read_head, stream_batches, upgrade, upgrade_request
-from tests.test_metrics import exchange, get
+from tests.hubtools import add_devices, add_operators, connect, hello, hub_config, start_hub, stream_batches
+from tests.waiting import eventually
+from tests.wire import (
+    closed_by_peer,
+    exchange,
+    get_request,
+    open_tcp,
+    read_head,
+    read_to_close,
+    upgrade,
+    upgrade_request,
+)
 
 # ---------------------------------------------------------------------------- the pure object
 
@@ -110,9 +118,7 @@ def test_http_answer_has_a_reason_phrase_and_a_length() -> None:
 
 async def until_pending(hub: HubHandle, n: int) -> None:
     """Wait until the hub counts `n` connections in their handshake (sockets the test opened and keeps silent)."""
-    with trio.fail_after(10):
-        while hub.edge.admission.pending < n:
-            await trio.sleep(0.01)
+    await eventually(lambda: hub.edge.admission.pending >= n, 10)
 
 
 async def _refused(port: int, source: str = "127.0.0.1") -> tuple[int, dict[str, str]]:
@@ -158,10 +164,7 @@ async def test_503_answer_is_a_complete_http_response_with_reason_phrase(tmp_pat
             await until_pending(hub, 1)
             stream = await open_tcp(hub.port)
             async with stream:
-                answer = b""
-                with trio.fail_after(10):
-                    while chunk := await stream.receive_some(4096):  # the hub answers without reading
-                        answer += chunk
+                answer = await read_to_close(stream)  # the hub answers without reading
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert len(body) == int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
@@ -225,7 +228,7 @@ async def test_refused_handshakes_show_in_metrics(tmp_path: Path) -> None:
                 status, _headers = await _refused(hub.port)
                 assert status == 503
         assert hub.metrics_port is not None
-        status, _headers, body = await exchange(hub.metrics_port, get("/metrics"))
+        status, _headers, body = await exchange(hub.metrics_port, get_request("/metrics"))
         assert status == 200
         assert b"hub_handshakes_busy_total 3.0" in body and b"hub_handshakes_unanswered_total 0.0" in body
         hub.stop()
@@ -245,9 +248,7 @@ async def test_device_client_comes_back_after_retry_after_and_gets_in(tmp_path: 
         await until_pending(hub, 1)
         url = f"ws://127.0.0.1:{hub.port}/v1/device"
         async with DeviceClient(url, tokens["d1"], outbox_path=tmp_path / "outbox.sqlite3") as client:
-            with trio.fail_after(30):
-                while hub.stats.admission_refused == 0:
-                    await trio.sleep(0.01)
+            await eventually(lambda: hub.stats.admission_refused != 0, 30)
             assert not client.stats.connected
             await silent.aclose()  # the place is free: the client's next try after Retry-After gets in
             with trio.fail_after(30):
@@ -294,14 +295,7 @@ async def test_past_the_answer_budget_refused_connections_are_closed_unanswered(
             answers = []
             for _ in range(20):  # a client that reconnects at once, again and again
                 async with await open_tcp(hub.port) as stream:
-                    data = b""
-                    with trio.fail_after(10):
-                        try:
-                            while chunk := await stream.receive_some(4096):
-                                data += chunk
-                        except trio.BrokenResourceError:
-                            pass  # reset: closed with our request unread
-                    answers.append(data)
+                    answers.append(await read_to_close(stream))  # empty if reset: closed with our request unread
         answered = [a for a in answers if a]
         assert answered and all(a.startswith(b"HTTP/1.1 503 ") for a in answered)
         assert hub.stats.admission_unanswered == len(answers) - len(answered) > 0
@@ -317,14 +311,16 @@ async def test_after_stop_accepting_the_port_refuses_connections(tmp_path: Path)
         async with connect(hub, tokens["d1"]) as ws:
             await hello(ws)
             hub.edge.stop_accepting()
-            with trio.fail_after(10):
-                while True:  # the listening socket is closed, not merely left unserved
-                    try:
-                        stream = await trio.open_tcp_stream("127.0.0.1", hub.port)
-                    except OSError:
-                        break
-                    await stream.aclose()
-                    await trio.sleep(0.01)
+
+            async def refused() -> bool:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", hub.port)
+                except OSError:
+                    return True
+                await stream.aclose()
+                return False
+
+            await eventually(refused, 10)  # the listening socket is closed, not merely left unserved
             assert hub.server.sessions  # the open session stays until the shutdown closes it
         hub.stop()
 
@@ -414,4 +410,3 @@ async def test_a_request_head_trickled_in_pieces_split_inside_its_end_is_answere
         assert status == 101
         await stream.aclose()
         hub.stop()
-

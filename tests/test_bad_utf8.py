@@ -6,20 +6,19 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Pong, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Pong, Request, TextMessage
 
 from device_client import protocol
 from device_client.protocol import DEVICE_PATH, Ack, CloseCode, Error, ErrorCode, Hello
 from hub.control import CONTROL_PATH
 from tests.hubtools import (
     add_devices,
+    add_operators,
     connect,
     hello,
     hub_config,
@@ -30,8 +29,7 @@ from tests.hubtools import (
     wait_ack,
 )
 from tests.hubtools import telemetry_lines as stored
-from tests.test_control import add_operators
-from tests.test_limits import open_tcp
+from tests.wire import RawClient, open_tcp
 
 MASK = b"\x37\xfa\x21\x3d"
 TEXT, BINARY, CLOSE, PING = 0x1, 0x2, 0x8, 0x9
@@ -60,48 +58,23 @@ def telemetry_bytes(seq: int, room: bytes) -> bytes:
     return text.replace(b'"@"', b'"' + room + b'"')
 
 
-class Raw:
-    """A WebSocket client over TCP that sends hand-made frames and reads with wsproto."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.conn = WSConnection(ConnectionType.CLIENT)
-        self._events: deque[Event] = deque()
+class Raw(RawClient):
+    """The raw WebSocket client, for hand-made frames: text messages as text, close frames, the TCP close."""
 
     @classmethod
     async def open(cls, port: int, path: str, token: str) -> Raw:
         raw = cls(await open_tcp(port))
-        headers = [(b"authorization", f"Bearer {token}".encode())]
-        await raw.stream.send_all(raw.conn.send(Request(host="127.0.0.1", target=path, extra_headers=headers)))
-        assert isinstance(await raw.event(), AcceptConnection)
+        await raw.handshake(path, token)
         return raw
-
-    async def event(self) -> Event | None:
-        """The next event from the hub; None once the TCP connection is closed."""
-        with trio.fail_after(15):
-            while not self._events:
-                try:
-                    data = await self.stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    data = b""
-                if not data:
-                    return None
-                self.conn.receive_data(data)
-                self._events.extend(self.conn.events())
-        return self._events.popleft()
 
     async def send_text(self, text: str) -> None:
         await self.stream.send_all(self.conn.send(TextMessage(data=text)))
 
-    async def message(self) -> Any:
-        """The next text message (pings are answered on the way)."""
-        while True:
-            event = await self.event()
-            if isinstance(event, Ping):
-                await self.stream.send_all(self.conn.send(event.response()))
-                continue
-            assert isinstance(event, TextMessage), event
-            return event.data
+    async def message(self) -> Any:  # type: ignore[override]
+        """The next text message, as text (pings are answered on the way)."""
+        event = await self.event()
+        assert isinstance(event, TextMessage), event
+        return event.data
 
     async def close_frame(self) -> CloseConnection:
         """Skip messages until the hub's close frame (fails on a TCP close without one)."""

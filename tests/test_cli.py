@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import socket
-import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -19,6 +16,8 @@ import pytest
 from hub import cli, logs
 from hub.config import INFLUX_PASSWORD_ENV, INFLUX_TOKEN_ENV, HubConfig, load_config
 from hub.fleet import Registry, registry_path
+from tests.hubproc import run_hub
+from tests.ports import listening_port
 
 
 @pytest.fixture(autouse=True)
@@ -29,18 +28,6 @@ def _restore_logging():
     for handler in [h for h in root.handlers if isinstance(h, logs._HubHandler)]:
         root.removeHandler(handler)
     root.setLevel(level)
-
-
-def run_hub(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != INFLUX_TOKEN_ENV}
-    return subprocess.run(
-        [sys.executable, "-m", "hub.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=60,
-    )
 
 
 # ---------------------------------------------------------------------------- help
@@ -402,10 +389,8 @@ def test_demo_keeps_the_ports_of_its_config_file(tmp_path: Path, monkeypatch: py
 @pytest.fixture
 def held_port() -> Iterator[int]:
     """A port another program listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
+    with listening_port() as port:
+        yield port
 
 
 @pytest.mark.parametrize("command", ["serve", "demo"])

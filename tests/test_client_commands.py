@@ -11,7 +11,8 @@ import trio
 
 from device_client import CommandContext, DeviceClient
 from device_client.protocol import MAX_RESULT_BYTES, CloseCode, Command, CommandResult
-from tests.test_client import FAST, FakeHub, Plan, batch, eventually
+from tests.servers import FAST, FakeHub, Plan, batch
+from tests.waiting import eventually
 
 
 def cmd(cid: str, name: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Command:

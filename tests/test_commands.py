@@ -33,6 +33,7 @@ from tests.hubtools import (
     written_lines,
 )
 from tests.servers import ScriptedWriteServer
+from tests.waiting import eventually
 
 
 async def next_command(ws: WebSocketConnection) -> Command:
@@ -49,9 +50,11 @@ async def answer(ws: WebSocketConnection, cmd: Command, *, ok: bool = True, resu
 
 async def until_state(hub: HubHandle, command_id: str, state: str) -> None:
     """Wait (10 s at most) until the hub has command `command_id` in `state`."""
-    with trio.fail_after(10):
-        while (await hub.commands.get(command_id)).state != state:
-            await trio.sleep(0.01)
+
+    async def reached() -> bool:
+        return (await hub.commands.get(command_id)).state == state
+
+    await eventually(reached, 10, what=f"command {command_id} {state}")
 
 
 def states(rec) -> list[str]:
@@ -239,14 +242,10 @@ async def test_device_that_goes_quiet_is_late_then_online_again(tmp_path: Path) 
         hub = await start_hub(nursery, config)
         async with connect(hub, tokens["d1"]) as ws:
             await hello(ws, interval=0.2)
-            with trio.fail_after(20):
-                while hub.presence.status["d1"].state != "late":
-                    await trio.sleep(0.05)
+            await eventually(lambda: hub.presence.status["d1"].state == "late", 20)
             await send_batch(ws, 1, points(1))
             await wait_ack(ws, 1)
-            with trio.fail_after(20):
-                while hub.presence.status["d1"].state != "online":
-                    await trio.sleep(0.01)
+            await eventually(lambda: hub.presence.status["d1"].state == "online", 20)
             assert hub.presence.status["d1"].reason == "data"
         hub.stop()
     lines = status_lines(tmp_path)
@@ -341,9 +340,7 @@ async def test_a_full_pipeline_holds_back_no_transition_and_loses_no_point(tmp_p
                 await hello(streamer)
                 for seq in range(1, 11):
                     await send_batch(streamer, seq, points(1, start=seq))
-                with trio.fail_after(10):
-                    while pipeline.queued < 1:  # full: the next submit to the pipeline would wait
-                        await trio.sleep(0.01)
+                await eventually(lambda: pipeline.queued >= 1, 10)  # full: the next submit to the pipeline would wait
                 with trio.fail_after(10):  # no transition waits for room in the pipeline
                     rec = await hub.commands.submit("d1", "ping")
                     await answer(ws, await next_command(ws))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,11 @@ from hub.control._server import _HANDLERS
 from hub.fleet import DeviceLedger, DeviceRecord, DeviceStatus, Registry
 from tests.hubtools import (
     BASE_TS,
+    Ctl,
     add_devices,
+    add_operators,
     connect,
+    control,
     hello,
     hub_config,
     points,
@@ -33,6 +34,8 @@ from tests.hubtools import (
     url,
     wait_ack,
 )
+from tests.waiting import eventually
+from tests.wire import upgrade
 
 # ---------------------------------------------------------------------------- fleet (pure)
 
@@ -116,13 +119,6 @@ def test_list_and_filter_summaries() -> None:
 # ---------------------------------------------------------------------------- helpers
 
 
-def add_operators(data_dir: Path, **roles: str) -> dict[str, str]:
-    """Create operators (name=role) in the hub's registry; their tokens by name."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with Registry(data_dir / "registry.sqlite3") as registry:
-        return {name: registry.add_operator(name, role) for name, role in roles.items()}
-
-
 async def start(nursery: trio.Nursery, tmp_path: Path, **overrides: Any) -> HubHandle:
     """A hub with its control channel, on any free port."""
     hub = await start_hub(nursery, hub_config(tmp_path, **overrides))
@@ -130,83 +126,9 @@ async def start(nursery: trio.Nursery, tmp_path: Path, **overrides: Any) -> HubH
     return hub
 
 
-class Ctl:
-    """A raw control-channel client: numbered requests, replies matched by id, pushes kept in order."""
-
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
-        self.pushes: list[dict[str, Any]] = []
-        self._id = 0
-
-    async def recv(self) -> dict[str, Any]:
-        with trio.fail_after(10):
-            return json.loads(await self.ws.get_message())
-
-    async def send(self, obj: Any) -> None:
-        await self.ws.send_message(obj if isinstance(obj, str) else json.dumps(obj))
-
-    async def reply(self, rid: Any) -> dict[str, Any]:
-        """Read until the reply with id `rid`; keep pushes seen meanwhile."""
-        while True:
-            frame = await self.recv()
-            if frame.get("type") in ("result", "pong") and frame.get("id") == rid:
-                return frame
-            self.pushes.append(frame)
-
-    async def call(self, kind: str, **args: Any) -> dict[str, Any]:
-        self._id += 1
-        await self.send({"id": self._id, "type": kind, **args})
-        return await self.reply(self._id)
-
-    async def ok(self, kind: str, **args: Any) -> Any:
-        frame = await self.call(kind, **args)
-        assert frame["success"] is True, frame
-        return frame["result"]
-
-    async def error(self, kind: str, **args: Any) -> str:
-        frame = await self.call(kind, **args)
-        assert frame["success"] is False, frame
-        assert set(frame["error"]) == {"code", "message"}
-        return frame["error"]["code"]
-
-    async def push(self) -> dict[str, Any]:
-        """The next event or dropped notice."""
-        if self.pushes:
-            return self.pushes.pop(0)
-        frame = await self.recv()
-        assert frame["type"] in ("event", "dropped"), frame
-        return frame
-
-    async def events(self, sub: int, n: int) -> list[dict[str, Any]]:
-        """The next `n` events of subscription `sub` (other pushes stay in `pushes`, in order)."""
-        out = []
-        kept = []
-        for frame in self.pushes:
-            if len(out) < n and frame["type"] == "event" and frame["subscription"] == sub:
-                out.append(frame["event"])
-            else:
-                kept.append(frame)
-        self.pushes = kept
-        while len(out) < n:
-            frame = await self.recv()
-            assert frame["type"] in ("event", "dropped"), frame
-            if frame["type"] == "event" and frame["subscription"] == sub:
-                out.append(frame["event"])
-            else:
-                self.pushes.append(frame)
-        return out
-
-
-@asynccontextmanager
-async def control(
-    hub: HubHandle, token: str | None, *, path: str = CONTROL_PATH, headers: list | None = None, **kw: Any
-) -> AsyncIterator[Ctl]:
-    """An authenticated control session (header auth when `token` is given)."""
-    async with connect(hub, token, path=path, headers=headers, **kw) as ws:
-        ctl = Ctl(ws)
-        first = await ctl.recv()
-        assert first["type"] == "auth_ok", first
-        yield ctl
+async def device_state(ctl: Ctl, name: str, state: str) -> bool:
+    """Whether the hub reports device `name` in presence state `state`."""
+    return (await ctl.ok("device", name=name))["state"] == state
 
 
 def assert_not_logged(caplog: pytest.LogCaptureFixture, *secrets: str) -> None:
@@ -563,9 +485,7 @@ async def test_devices_and_device(tmp_path: Path) -> None:
                     "power": {"ts": BASE_TS + 9, "fields": {"w": 3.5, "n": 4}, "tags": {}},
                 }
                 assert detail["commands"] == []
-            with trio.fail_after(10):
-                while (await ctl.ok("device", name="d1"))["state"] != "offline":
-                    await trio.sleep(0.01)
+            await eventually(lambda: device_state(ctl, "d1", "offline"), 10)
             assert (await ctl.ok("device", name="d1"))["reason"] == "disconnected"
             assert [d["name"] for d in await ctl.ok("devices", state="offline")] == ["d1"]
             assert (await ctl.ok("device", name="d2"))["latest"] == {}
@@ -716,9 +636,7 @@ async def test_send_command_wait_with_device_client(tmp_path: Path) -> None:
             raise RuntimeError("sensor unplugged")
 
         async with client, control(hub, ops["o"]) as ctl:
-            with trio.fail_after(10):
-                while (await ctl.ok("device", name="d1"))["state"] != "online":
-                    await trio.sleep(0.01)
+            await eventually(lambda: device_state(ctl, "d1", "online"), 10)
             done = await ctl.ok("send_command", device="d1", name="echo", args={"x": 1}, wait=True)
             assert done["state"] == "succeeded"
             assert done["result"] == {"echo": {"x": 1}}
@@ -965,26 +883,13 @@ async def test_silent_client_is_dropped_by_keepalive(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         hub = await start(nursery, tmp_path, **overrides)
         # A hand-made upgrade; afterwards nothing reads the socket, so no pong ever goes back.
-        stream = await trio.open_tcp_stream("127.0.0.1", hub.port)
-        request = (
-            f"GET {CONTROL_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {ops['v']}\r\n\r\n"
-        )
-        await stream.send_all(request.encode())
-        head = b""
-        with trio.fail_after(10):
-            while b"\r\n\r\n" not in head:
-                head += await stream.receive_some(1)
-        assert head.startswith(b"HTTP/1.1 101")
-        with trio.fail_after(10):
-            while hub.control.sessions != 1:
-                await trio.sleep(0.01)
-            while hub.control.sessions != 0:  # pinged, no pong: closed
-                await trio.sleep(0.01)
+        status, _, stream = await upgrade(hub.port, CONTROL_PATH, headers={"Authorization": f"Bearer {ops['v']}"})
+        assert status == 101
+        await eventually(lambda: hub.control.sessions == 1, 10)
+        await eventually(lambda: hub.control.sessions == 0, 10)  # pinged, no pong: closed
         async with control(hub, ops["v"]) as ctl:  # an answering client stays
             for _ in range(3):
-                await trio.sleep(0.3)
+                await trio.sleep(0.3)  # the scenario: longer than a ping interval plus its timeout
                 assert (await ctl.ok("status"))["control_sessions"] == 1
         await stream.aclose()
         hub.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -31,6 +30,8 @@ from hub.operator import (
     open_control,
 )
 from tests.hubtools import add_devices, hub_config, start_hub
+from tests.ports import refused_port
+from tests.waiting import eventually
 
 TOKEN = "op.alice.s3cret"
 
@@ -92,12 +93,6 @@ async def echo_session(ws: WebSocketConnection) -> None:
             await ws.send_message(json.dumps({"type": "pong", "id": req["id"]}))
         else:
             await ws.send_message(ok(req, req))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- URL
@@ -187,7 +182,7 @@ async def test_other_http_refusal_is_connect_failed_not_auth() -> None:
 
 async def test_nothing_listening_is_connect_failed() -> None:
     with pytest.raises(ConnectFailed, match="cannot connect"):
-        async with open_control(f"ws://127.0.0.1:{free_port()}", TOKEN):
+        async with open_control(f"ws://127.0.0.1:{refused_port()}", TOKEN):
             pytest.fail("connected to nothing")
 
 
@@ -485,6 +480,4 @@ async def test_a_keepalive_ping_racing_the_close_is_not_an_error() -> None:
 
     for _ in range(30):
         async with peer(close_at_once) as url, open_control(url, TOKEN, ping_interval=0.0005, ping_timeout=5) as hub:
-            with trio.fail_after(10):
-                while hub.closed is None:
-                    await trio.sleep(0.0005)
+            await eventually(lambda: hub.closed is not None, 10, poll=0.0005)

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,18 +16,13 @@ from pathlib import Path
 import pytest
 
 from hub.config import HubConfig
+from tests.hubproc import run_hub
 from tests.servers import VictoriaMetrics
+from tests.waiting import wait_until
 
 
 def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "hub.cli", "demo", "--devices", "4", "--duration", "3"]
-    return subprocess.run(
-        [*cmd, "--data-dir", str(tmp_path / "hub"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_hub("demo", "--devices", "4", "--duration", "3", "--data-dir", str(tmp_path / "hub"), *args, timeout=120)
 
 
 def acked_points(stdout: str) -> int:
@@ -58,13 +52,9 @@ def test_demo_into_victoria(tmp_path: Path, victoria: VictoriaMetrics) -> None:
     acked = acked_points(result.stdout)
     match = '{device=~"sim-.*",__name__!~"device_status.*"}'
     victoria.wait_for_count(match, acked)  # at least one sample per acked point (a point has 1+ fields)
-    deadline = time.monotonic() + 30
-    while True:  # the newest samples take a moment to become visible
-        devices = {s["metric"]["device"] for s in victoria.export(match)}
-        if devices == {"sim-0001", "sim-0002", "sim-0003", "sim-0004"} or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert devices == {"sim-0001", "sim-0002", "sim-0003", "sim-0004"}
+    devices = {"sim-0001", "sim-0002", "sim-0003", "sim-0004"}
+    # The newest samples take a moment to become visible.
+    wait_until(lambda: {s["metric"]["device"] for s in victoria.export(match)} == devices, 30, poll=0.2)
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ escaping; every acked point must come back exactly, through a database outage in
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,8 @@ import trio
 from device_client import DeviceClient
 from tests.hubtools import BASE_TS, add_devices, hub_config, start_hub, url
 from tests.servers import InfluxDB1
+from tests.waiting import eventually
+from tests.wire import http_get
 
 pytestmark = pytest.mark.e2e
 
@@ -100,22 +100,16 @@ def start_fleet(nursery: trio.Nursery, fleet: list[DeviceClient], batches: int, 
         nursery.start_soon(run, client, d)
 
 
-def get(address: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(address, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 async def eventually_status(address: str, status: int, timeout: float = 60.0) -> bytes:
     """Poll a URL (in a thread) until it answers `status`; its body."""
-    with trio.fail_after(timeout):
-        while True:
-            got, body = await trio.to_thread.run_sync(get, address)
-            if got == status:
-                return body
-            await trio.sleep(0.1)
+    answers: list[tuple[int, bytes]] = []
+
+    async def answered() -> bool:
+        answers.append(await trio.to_thread.run_sync(http_get, address))
+        return answers[-1][0] == status
+
+    await eventually(answered, timeout, what=f"{address} to answer {status}", poll=0.1)
+    return answers[-1][1]
 
 
 async def test_database_outage_mid_stream_loses_no_acked_point(tmp_path: Path, influxdb1: InfluxDB1) -> None:
@@ -139,23 +133,17 @@ async def test_database_outage_mid_stream_loses_no_acked_point(tmp_path: Path, i
         async with trio.open_nursery() as fleet:
             fleet_clients = clients(url(hub), tokens, devices)
             start_fleet(fleet, fleet_clients, batches, size, pause=0.02)
-            with trio.fail_after(60):
-                while hub.stats.points_written < devices * size * 5:
-                    await trio.sleep(0.02)
+            await eventually(lambda: hub.stats.points_written >= devices * size * 5, 60)
             assert json.loads(await eventually_status(healthz, 200))["sink"] == "up"
             influxdb1.stop()
-            with trio.fail_after(60):
-                while hub.stats.points_spooled < devices * size * 5:
-                    await trio.sleep(0.02)
+            await eventually(lambda: hub.stats.points_spooled >= devices * size * 5, 60)
             spooled_while_down = hub.stats.points_spooled
             down = json.loads(await eventually_status(healthz, 503))
             assert down["sink"] == "down" and down["spool_records"] > 0
             influxdb1.start()
         # Every batch was acked: before and after the outage by the database, during it by the spool.
         assert sum(c.stats.points_acked for c in fleet_clients) == devices * batches * size
-        with trio.fail_after(60):
-            while hub.stats.points_replayed < hub.stats.points_spooled:
-                await trio.sleep(0.05)
+        await eventually(lambda: hub.stats.points_replayed >= hub.stats.points_spooled, 60)
         assert json.loads(await eventually_status(healthz, 200))["spool_records"] == 0
         hub.stop()
     assert spooled_while_down > 0
@@ -178,12 +166,12 @@ async def test_hub_metrics_land_in_influxdb_and_on_the_http_listener(tmp_path: P
         hub = await start_hub(nursery, config)
         async with trio.open_nursery() as fleet:
             start_fleet(fleet, clients(url(hub), tokens, 2), batches=5, size=20, pause=0.0)
-        with trio.fail_after(60):
-            while True:
-                rows = influxdb1.rows('SELECT last("points_in") AS "n" FROM "hub"', DB)
-                if rows and rows[0]["n"] >= 200:
-                    break
-                await trio.sleep(0.1)
+
+        def all_counted() -> bool:
+            rows = influxdb1.rows('SELECT last("points_in") AS "n" FROM "hub"', DB)
+            return bool(rows) and rows[0]["n"] >= 200
+
+        await eventually(all_counted, 60, poll=0.1)
         body = await eventually_status(f"http://127.0.0.1:{hub.metrics_port}/metrics", 200)
         hub.stop()
     text = body.decode()

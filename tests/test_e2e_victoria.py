@@ -20,6 +20,7 @@ from device_client import DeviceClient
 from tests.hubproc import HubProcess
 from tests.hubtools import BASE_TS, add_devices, hub_config, start_hub, url
 from tests.servers import VictoriaMetrics
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -143,19 +144,13 @@ async def test_database_outage_mid_stream_loses_nothing_and_writes_once(
         hub = await start_hub(nursery, config)
         async with trio.open_nursery() as fleet:
             start_fleet(fleet, clients(url(hub), tokens, devices), batches, size, pause=0.02)
-            with trio.fail_after(60):
-                while hub.stats.points_written < devices * size * 5:
-                    await trio.sleep(0.02)
+            await eventually(lambda: hub.stats.points_written >= devices * size * 5, 60)
             exact_victoria.stop()
-            with trio.fail_after(60):
-                while hub.stats.points_spooled < devices * size * 5:
-                    await trio.sleep(0.02)
+            await eventually(lambda: hub.stats.points_spooled >= devices * size * 5, 60)
             spooled_while_down = hub.stats.points_spooled
             exact_victoria.start()
         # Every batch is acked: before the outage by the database, during it by the spool.
-        with trio.fail_after(60):
-            while hub.stats.points_replayed < hub.stats.points_spooled:
-                await trio.sleep(0.05)
+        await eventually(lambda: hub.stats.points_replayed >= hub.stats.points_spooled, 60)
         hub.stop()
     assert spooled_while_down > 0
     check_database(exact_victoria, devices, batches, size, exactly_once=True)
@@ -184,7 +179,7 @@ async def test_hung_database_keeps_acks_flowing_from_the_spool(tmp_path: Path, v
     async def send(client: DeviceClient, d: int, seqs: range) -> None:
         for seq in seqs:
             await client.send_batch(batch(d, seq, size))
-            await trio.sleep(0.02)
+            await trio.sleep(0.02)  # pacing: the batches spread over the outage
         await client.wait_acked()
 
     async with trio.open_nursery() as nursery:
@@ -203,9 +198,7 @@ async def test_hung_database_keeps_acks_flowing_from_the_spool(tmp_path: Path, v
                         for d, client in enumerate(fleet):
                             phase.start_soon(send, client, d, range(10, batches))
                 assert hub.stats.points_spooled >= devices * size * (batches - 10)
-            with trio.fail_after(60):
-                while hub.stats.points_replayed < hub.stats.points_spooled:
-                    await trio.sleep(0.05)
+            await eventually(lambda: hub.stats.points_replayed >= hub.stats.points_spooled, 60)
             opened.cancel_scope.cancel()
         hub.stop()
     # Deduplicated (as InfluxDB overwrites): every point is there; a write applied late was written twice.
@@ -229,9 +222,7 @@ async def test_hub_killed_mid_stream_loses_nothing_acked(tmp_path: Path, victori
         async with trio.open_nursery() as fleet:
             fleet_clients = clients(hub.url, tokens, devices)
             start_fleet(fleet, fleet_clients, batches, size, pause=0.02)
-            with trio.fail_after(60):
-                while sum(c.stats.points_acked for c in fleet_clients) < devices * size * 10:
-                    await trio.sleep(0.02)
+            await eventually(lambda: sum(c.stats.points_acked for c in fleet_clients) >= devices * size * 10, 60)
             hub.kill()
             acked_before_kill = sum(c.stats.points_acked for c in fleet_clients)
             await trio.sleep(0.5)  # devices keep queueing into their outboxes while the hub is gone

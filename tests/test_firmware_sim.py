@@ -18,7 +18,8 @@ import trio
 from device_client.protocol import Command, CommandResult
 from firmware_sim import COMMANDS, MODELS, FleetTotals, run_fleet
 from firmware_sim.cli import build_parser, main
-from tests.test_client import FakeHub, Plan, eventually
+from tests.servers import FakeHub, Plan
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = [f"sim-{i:04d}.secret{i}" for i in range(1, 7)]

@@ -27,6 +27,7 @@ from firmware_sim.sensors import MODELS, make_device
 from hub import cli
 from tests.hubtools import add_devices, connect, hello, hub_config, receive, start_hub, url
 from tests.servers import InfluxDB1
+from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "grafana"
@@ -249,12 +250,13 @@ def values_of(result: dict[str, Any]) -> int:
 
 
 async def wait_for(db: InfluxDB1, influxql: str, minimum: int, timeout: float = 60.0) -> None:
-    with trio.fail_after(timeout):
-        while True:
-            series = db.query(influxql, "telemetry")["results"][0].get("series", [])
-            if series and series[0]["values"][0][1] >= minimum:
-                return
-            await trio.sleep(0.2)
+    """Poll an InfluxQL count until it reaches `minimum`."""
+
+    def reached() -> bool:
+        series = db.query(influxql, "telemetry")["results"][0].get("series", [])
+        return bool(series) and series[0]["values"][0][1] >= minimum
+
+    await eventually(reached, timeout, what=f"{influxql} >= {minimum}", poll=0.2)
 
 
 @pytest.mark.e2e
@@ -275,14 +277,14 @@ async def test_every_dashboard_query_returns_data_the_hub_wrote(tmp_path: Path, 
         hub = await start_hub(nursery, config)
 
         async def commands() -> None:
-            await trio.sleep(2)
+            await trio.sleep(2)  # the scenario: commands come after some telemetry
             for name in names[:3]:
                 await hub.commands.submit(name, "ping", {})
 
         async def bad_input() -> None:
             async with connect(hub, tokens["noisy"]) as ws:
                 await hello(ws)
-                await trio.sleep(3)
+                await trio.sleep(3)  # the scenario: the error comes mid-run
                 await ws.send_message("this is not JSON")
                 await receive(ws)
 

@@ -10,7 +10,6 @@ import json
 import re
 import socket
 import struct
-from collections import deque
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,7 @@ import attrs
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Request, TextMessage
+from wsproto.events import CloseConnection
 
 from device_client import protocol
 from device_client.protocol import DEVICE_PATH, Ack, CloseCode, CommandAck, CommandResult, Error, ErrorCode, Hello
@@ -29,7 +27,10 @@ from hub.fleet import Registry
 from hub.ops import COMMANDS_MEASUREMENT, ERRORS_MEASUREMENT, HUB_MEASUREMENT
 from tests.hubproc import HubProcess
 from tests.hubtools import (
+    BAD_MESSAGES,
+    Ctl,
     add_devices,
+    add_operators,
     connect,
     hello,
     hub_config,
@@ -41,9 +42,8 @@ from tests.hubtools import (
     wait_ack,
 )
 from tests.hubtools import telemetry_lines as stored
-from tests.test_control import Ctl, add_operators
-from tests.test_hub_device import BAD_MESSAGES
-from tests.test_limits import closed_by_peer, open_tcp, upgrade, upgrade_request
+from tests.waiting import eventually
+from tests.wire import RawClient, closed_by_peer, open_tcp, upgrade, upgrade_request
 
 GOOD = ("good0", "good1", "good2")
 EVIL = ("evil_json", "evil_tags", "evil_big", "evil_frag", "evil_cmd", "evil_flood")
@@ -125,61 +125,6 @@ def device_tag(line: str) -> str | None:
         if sep and key == "device":
             return value
     return None
-
-
-# ---------------------------------------------------------------------------- a raw WebSocket client
-
-
-class RawClient:
-    """WebSocket framing by hand (wsproto) over a TCP stream: for frames no well-behaved library sends."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.conn = WSConnection(ConnectionType.CLIENT)
-        self._events: deque[Event] = deque()
-
-    async def handshake(self, path: str, token: str) -> None:
-        headers = [(b"authorization", f"Bearer {token}".encode())]
-        await self.stream.send_all(self.conn.send(Request(host="127.0.0.1", target=path, extra_headers=headers)))
-        assert isinstance(await self.event(), AcceptConnection)
-
-    async def event(self) -> Event | None:
-        """The next event from the hub (pings are answered, not returned); None once the TCP connection is closed."""
-        with trio.fail_after(15):
-            while not self._events:
-                try:
-                    data = await self.stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    data = b""
-                if not data:
-                    return None
-                self.conn.receive_data(data)
-                for event in self.conn.events():
-                    if isinstance(event, Ping):
-                        await self.send(self.conn.send(event.response()))
-                    else:
-                        self._events.append(event)
-        return self._events.popleft()
-
-    async def message(self) -> protocol.Message:
-        event = await self.event()
-        assert isinstance(event, TextMessage), event
-        return protocol.decode(event.data)
-
-    async def send(self, data: bytes) -> bool:
-        """Send raw bytes; False if the hub closed the connection meanwhile."""
-        try:
-            await self.stream.send_all(data)
-        except trio.BrokenResourceError:
-            return False
-        return True
-
-    def fragments(self, text: str, size: int = 1) -> bytes:
-        """`text` as one message cut into frames of `size` characters (a first frame, then continuations)."""
-        pieces = [text[i : i + size] for i in range(0, len(text), size)]
-        return b"".join(
-            self.conn.send(TextMessage(data=p, message_finished=i == len(pieces) - 1)) for i, p in enumerate(pieces)
-        )
 
 
 # ---------------------------------------------------------------------------- the attacks
@@ -502,7 +447,7 @@ async def good_device(t: Target, name: str, stop: trio.Event, acked: dict[str, i
                 if msg == Ack(seq):
                     break
             acked[name] = seq
-            await trio.sleep(0.05)
+            await trio.sleep(0.05)  # pacing: a well-behaved device's rate
 
 
 async def run_suite(t: Target) -> dict[str, int]:
@@ -528,8 +473,7 @@ async def run_suite(t: Target) -> dict[str, int]:
             nursery.start_soon(run, name, partial(good_device, t, name, stop, acked))
         with trio.fail_after(300) as guard:  # a guard against a hang, far beyond what a loaded machine needs
             scopes.append(guard)
-            while len(acked) < len(GOOD):
-                await trio.sleep(0.01)
+            await eventually(lambda: len(acked) == len(GOOD), 300)
             async with trio.open_nursery() as attacks:
                 scopes.append(attacks.cancel_scope)
                 for attack in ATTACKS:

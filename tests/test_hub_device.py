@@ -14,6 +14,7 @@ from device_client import protocol
 from device_client.protocol import Ack, CloseCode, Error, ErrorCode
 from hub.fleet import Registry
 from tests.hubtools import (
+    BAD_MESSAGES,
     BASE_TS,
     add_devices,
     connect,
@@ -29,6 +30,7 @@ from tests.hubtools import (
     wait_ack,
 )
 from tests.servers import ScriptedWriteServer
+from tests.waiting import eventually
 
 
 async def test_stream_ack_and_resend(tmp_path: Path) -> None:
@@ -118,73 +120,6 @@ async def test_handshake_refusals(
     # Never logged by the hub, not even when sent in the URL (the test's own client logs its URL).
     server_side = [r.getMessage() for r in caplog.records if not r.getMessage().startswith("Connecting to ws")]
     assert server_side and not any(secret in m for m in server_side)
-
-
-BAD_MESSAGES = [
-    ("not json", ErrorCode.BAD_JSON, None),
-    (
-        '{"type": "telemetry", "seq": 50, "points": [{"measurement": "m", "ts": 1764000000000, "fields": {"x": NaN}}]}',
-        ErrorCode.BAD_JSON,
-        None,
-    ),
-    ("[1, 2]", ErrorCode.BAD_MESSAGE, None),
-    (raw({"type": "shout"}), ErrorCode.BAD_MESSAGE, None),
-    (raw({"type": "ack", "seq": 3}), ErrorCode.BAD_MESSAGE, None),
-    (raw({"type": "hello", "proto": 1}), ErrorCode.NOT_READY, None),
-    (raw({"type": "telemetry", "seq": -1, "points": []}), ErrorCode.BAD_SEQ, None),
-    (raw({"type": "telemetry", "seq": 60, "points": [1]}), ErrorCode.BAD_POINT, 60),
-    (
-        raw(
-            {
-                "type": "telemetry",
-                "seq": 61,
-                "points": [{"measurement": "m", "ts": 1764000000000, "fields": {"x": 1}, "tags": {"device": "other"}}],
-            }
-        ),
-        ErrorCode.RESERVED_TAG,
-        61,
-    ),
-    (
-        raw(
-            {
-                "type": "telemetry",
-                "seq": 62,
-                "points": [{"measurement": "m\nx", "ts": 1764000000000, "fields": {"x": 1}}],
-            }
-        ),
-        ErrorCode.BAD_NAME,
-        62,
-    ),
-    (
-        raw(
-            {
-                "type": "telemetry",
-                "seq": 63,
-                "points": [{"measurement": "m", "ts": 1764000000000, "fields": {"x": [1]}}],
-            }
-        ),
-        ErrorCode.BAD_FIELD,
-        63,
-    ),
-    (
-        raw(
-            {
-                "type": "telemetry",
-                "seq": 64,
-                "points": [{"measurement": "m", "ts": 1764000000000, "fields": {"x": 1}, "tags": {"k": ""}}],
-            }
-        ),
-        ErrorCode.BAD_TAG,
-        64,
-    ),
-    (
-        raw({"type": "telemetry", "seq": 65, "points": [{"measurement": "m", "ts": 17, "fields": {"x": 1}}]}),
-        ErrorCode.BAD_TIME,
-        65,
-    ),
-    (raw({"type": "telemetry", "seq": 66, "points": points(6)}), ErrorCode.TOO_MANY_POINTS, 66),
-    (b"\x00binary", ErrorCode.BAD_FRAME, None),
-]
 
 
 async def test_every_refused_message_gets_its_error_and_the_session_goes_on(tmp_path: Path) -> None:
@@ -336,8 +271,7 @@ async def test_graceful_stop_sends_last_acks_then_1001(tmp_path: Path) -> None:
             await hello(ws)
             for seq in (1, 2, 3):
                 await send_batch(ws, seq, points(5, start=seq * 10))
-            while hub.stats.points_in < 15:
-                await trio.sleep(0.01)
+            await eventually(lambda: hub.stats.points_in >= 15, 10)
             hub.stop()
             seen = []
             with pytest.raises(ConnectionClosed) as closed:
@@ -359,9 +293,7 @@ async def test_unanswered_pings_mark_the_device_offline(tmp_path: Path) -> None:
             await hello(ok)
             await mute.send_message(protocol.encode(protocol.Hello()))
             await send_batch(mute, 1, points(1))
-            with trio.fail_after(20):
-                while hub.presence.status.get("mute") is None or hub.presence.status["mute"].online:
-                    await trio.sleep(0.05)
+            await eventually(lambda: "mute" in hub.presence.status and not hub.presence.status["mute"].online, 20)
             assert hub.presence.status["mute"].reason == "ping_timeout"
             assert hub.presence.status["ok"].online  # the well-behaved device answers and stays
         hub.stop()
@@ -429,9 +361,7 @@ async def test_backpressure_is_not_mistaken_for_a_dead_device(tmp_path: Path, ca
                 await hello(ws)
                 for seq in range(1, 11):
                     await send_batch(ws, seq, points(1, start=seq))
-                with trio.fail_after(30):
-                    while caplog.text.count("no pong while ingest is held back") < 3:
-                        await trio.sleep(0.05)
+                await eventually(lambda: caplog.text.count("no pong while ingest is held back") >= 3, 30)
                 assert hub.presence.status["d1"].online
                 release.set()
                 await wait_ack(ws, 10)

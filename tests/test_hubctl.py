@@ -6,10 +6,9 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC
 from functools import partial
@@ -22,7 +21,6 @@ import trio
 
 from device_client import DeviceClient
 from hub.app import HubHandle
-from hub.fleet import Registry
 from hub.operator import Dropped, Event, ctl
 from hub.operator.ctl import (
     ExitCode,
@@ -41,15 +39,10 @@ from hub.operator.ctl import (
     parse_arg,
     table,
 )
-from tests.hubtools import add_devices, hub_config, start_hub
+from tests.hubtools import add_devices, add_operators, hub_config, start_hub
+from tests.ports import refused_port
 
 NOW = 1_764_000_000.0  # 2025-11-24 16:00:00 UTC
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -221,7 +214,7 @@ def test_cannot_connect_exits_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv(ctl.TOKEN_ENV, raising=False)
     token_file = tmp_path / "token"
     token_file.write_text("op.alice.x\n")
-    assert main(["--url", f"ws://127.0.0.1:{free_port()}", "--token-file", str(token_file), "status"]) == 3
+    assert main(["--url", f"ws://127.0.0.1:{refused_port()}", "--token-file", str(token_file), "status"]) == 3
     assert "cannot connect" in capsys.readouterr().err
 
 
@@ -516,12 +509,10 @@ async def hubctl(hub: Hub, *args: str, token: str | None = None) -> Run:
 async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
     data = tmp_path / "hub"
     devices = add_devices(data, "boiler-1", "sensor-2")
-    with Registry(data / "registry.sqlite3") as registry:
-        operator = registry.add_operator("alice", "operator")
-        viewer = registry.add_operator("victor", "viewer")
+    operators = add_operators(data, alice="operator", victor="viewer")
     async with trio.open_nursery() as nursery:
         handle = await start_hub(nursery, hub_config(data))
-        yield Hub(handle, data, devices, operator, viewer)
+        yield Hub(handle, data, devices, operators["alice"], operators["victor"])
         handle.stop()
 
 
@@ -566,15 +557,6 @@ class Lines:
             while chunk := await self._stream.receive_some():
                 self._buffer += chunk
         return self._buffer.decode()
-
-
-async def until(predicate: Callable[[], Awaitable[bool]], what: str, deadline: float = 30.0) -> None:
-    """Poll `predicate` until true (fails the test after `deadline` seconds)."""
-    with trio.move_on_after(deadline):
-        while not await predicate():
-            await trio.sleep(0.05)
-        return
-    pytest.fail(f"timed out waiting for {what}")
 
 
 async def test_devices_device_and_status(hub: Hub) -> None:
@@ -731,7 +713,7 @@ async def test_watch_json_streams_telemetry_until_ctrl_c(hub: Hub) -> None:
             while True:
                 n += 1
                 await client.send("environment", {"temperature": 20.0 + n / 10, "seq": n}, tags={"room": "lab"})
-                await trio.sleep(0.05)
+                await trio.sleep(0.05)  # pacing: a steady stream for watch to follow
 
         nursery.start_soon(stream)
         proc = await nursery.start(

@@ -8,6 +8,7 @@ import trio
 import trio.testing
 
 from hub.fleet import Ledgers, Registry, registry_path
+from tests.waiting import eventually
 
 
 def _registry(tmp_path: Path, *names: str) -> Registry:
@@ -55,9 +56,7 @@ async def test_an_ack_sender_waiting_for_the_ledger_wakes_on_durable(tmp_path: P
 
 
 async def _until_stored(registry: Registry, expected: dict[str, int]) -> None:
-    with trio.fail_after(30):  # a hang guard, not a timing assertion
-        while _stored(registry) != expected:
-            await trio.sleep(0.01)
+    await eventually(lambda: _stored(registry) == expected, 30)  # a hang guard, not a timing assertion
 
 
 async def test_save_loop_saves_periodically(tmp_path: Path) -> None:

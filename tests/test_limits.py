@@ -16,6 +16,7 @@ from hub.config import ConfigError, load_config
 from hub.control import CONTROL_PATH
 from tests.hubtools import (
     add_devices,
+    add_operators,
     connect,
     hello,
     hub_config,
@@ -24,81 +25,13 @@ from tests.hubtools import (
     send_batch,
     start_hub,
     status_lines,
+    stream_batches,
     telemetry_lines,
     wait_ack,
 )
 from tests.servers import ScriptedWriteServer
-from tests.test_control import add_operators
-
-# ---------------------------------------------------------------------------- raw HTTP helpers (shared)
-
-
-async def open_tcp(port: int, source: str = "127.0.0.1") -> trio.SocketStream:
-    """A TCP connection to the hub from the local address `source` (any of 127.0.0.0/8)."""
-    sock = trio.socket.socket()
-    await sock.bind((source, 0))
-    await sock.connect(("127.0.0.1", port))
-    return trio.SocketStream(sock)
-
-
-def upgrade_request(path: str, headers: dict[str, str] | None = None) -> bytes:
-    """The bytes of a WebSocket upgrade request for `path` with extra `headers`."""
-    lines = [
-        f"GET {path} HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        *(f"{k}: {v}" for k, v in (headers or {}).items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def read_head(stream: trio.SocketStream) -> tuple[int, dict[str, str]]:
-    """Read an HTTP response head: its status and headers (lower-case names)."""
-    head = b""
-    with trio.fail_after(10):
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(4096)
-            assert chunk, f"closed before a full response head: {head!r}"
-            head += chunk
-    status_line, *header_lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        key, _, value = line.partition(":")
-        headers[key.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers
-
-
-async def upgrade(
-    port: int, path: str, *, source: str = "127.0.0.1", headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], trio.SocketStream]:
-    """Send an upgrade request from `source`; the answer's status and headers, and the open stream."""
-    stream = await open_tcp(port, source)
-    await stream.send_all(upgrade_request(path, headers))
-    status, answer = await read_head(stream)
-    return status, answer, stream
-
-
-async def closed_by_peer(stream: trio.SocketStream, within: float = 15.0) -> bool:
-    """Read (and drop) whatever comes until the peer closes; True if it did within `within` seconds."""
-    with trio.move_on_after(within):
-        try:
-            while await stream.receive_some(4096):
-                pass
-        except trio.BrokenResourceError:
-            pass
-        return True
-    return False
-
-
-async def stream_batches(ws: object, first: int, n: int, size: int = 3) -> None:
-    """Send `n` batches from seq `first` and wait for all their acks."""
-    for seq in range(first, first + n):
-        await send_batch(ws, seq, points(size, start=seq * 10))  # type: ignore[arg-type]
-    await wait_ack(ws, first + n - 1)  # type: ignore[arg-type]
-
+from tests.waiting import eventually
+from tests.wire import closed_by_peer, open_tcp, upgrade, upgrade_request
 
 # ---------------------------------------------------------------------------- configuration
 
@@ -141,9 +74,7 @@ async def test_total_connection_limit_answers_503_with_retry_after(
                 assert refused.value.status_code == 503
                 assert dict(refused.value.headers or [])[b"retry-after"] == b"7"
                 await stream_batches(d1, 1, 2)  # the hub serves those it has
-            with trio.fail_after(10):
-                while hub.edge.open_connections >= 3:
-                    await trio.sleep(0.01)
+            await eventually(lambda: hub.edge.open_connections < 3, 10)
             async with connect(hub, tokens["d3"]) as d3:  # a place is free again
                 await hello(d3)
                 await stream_batches(d3, 1, 1)
@@ -175,9 +106,7 @@ async def test_connections_per_address_answer_429_and_other_addresses_carry_on(t
             await stream_batches(d1, 1, 2)
         for stream in held:
             await stream.aclose()
-        with trio.fail_after(10):
-            while hub.edge.open_connections:
-                await trio.sleep(0.01)
+        await eventually(lambda: not hub.edge.open_connections, 10)
         status, _, stream = await upgrade(hub.port, CONTROL_PATH, source="127.0.0.2")
         assert status == 101
         await stream.aclose()
@@ -259,7 +188,7 @@ async def test_idle_device_is_closed_with_1001_and_marked_offline(tmp_path: Path
                 seq += 1
                 await send_batch(chatty, seq, points(1, start=seq))
                 assert await receive(chatty) == Ack(seq)
-                await trio.sleep(0.1)
+                await trio.sleep(0.1)  # pacing: chatty stays active while quiet goes idle
             assert hub.presence.status["quiet"].reason == "idle"
             with pytest.raises(ConnectionClosed) as closed:
                 await receive(quiet)
@@ -301,9 +230,7 @@ async def test_a_device_over_its_window_is_read_only_as_acks_make_room(tmp_path:
                 assert (await hello(ws)).window == 3
                 for seq in range(1, 11):  # ignores the window it was told
                     await send_batch(ws, seq, points(1, start=seq))
-                with trio.fail_after(20):
-                    while not hub.stats.window_waits:
-                        await trio.sleep(0.01)
+                await eventually(lambda: hub.stats.window_waits, 20)
                 assert hub.stats.points_in == 3  # the rest waits in the socket, unread
                 release.set()
                 seen = await wait_ack(ws, 10)

@@ -20,7 +20,10 @@ from hub.fleet._commands import STATES, CommandStore
 from hub.ingest import FileSink, InfluxV1Sink, Mark, Pipeline, PipelineConfig, Sink, Spool
 from hub.ops import HubMetrics, health, serve_http
 from hub.stats import Stats
-from tests.servers import InfluxDB1, ScriptedWriteServer, free_port
+from tests.ports import refused_port
+from tests.servers import InfluxDB1, ScriptedWriteServer
+from tests.waiting import eventually
+from tests.wire import exchange, get_request
 
 TS = 1_700_000_000_000
 FAST = PipelineConfig(max_lines=50, max_delay=0.02, write_attempts=1, backoff_initial=0.05, backoff_max=0.2)
@@ -61,12 +64,6 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
     h = Hub(tmp_path, FileSink(tmp_path / "lines"))
     yield h
     h.close()
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
 
 
 def prometheus(metrics: HubMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -289,7 +286,7 @@ async def test_health_up_then_unreachable(hub: Hub, tmp_path: Path) -> None:
         "spool_records": 0,
         "spool_bytes": 0,
     }
-    down = Hub(tmp_path / "down", InfluxV1Sink(f"http://127.0.0.1:{free_port()}", "db"))
+    down = Hub(tmp_path / "down", InfluxV1Sink(f"http://127.0.0.1:{refused_port()}", "db"))
     try:
         status, _, body = await trio.to_thread.run_sync(down.metrics.health_route)
     finally:
@@ -330,57 +327,38 @@ async def listener(routes: dict[str, Any], **kw: Any) -> AsyncIterator[int]:
         nursery.cancel_scope.cancel()
 
 
-async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read until the server closes; status, headers, body."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(request)
-        data = b""
-        with trio.fail_after(30):
-            while chunk := await stream.receive_some(65536):
-                data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
-    return int(status_line.split(" ")[1]), headers, body
-
-
-def get(path: str, extra: str = "") -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: hub\r\n{extra}\r\n".encode()
-
-
 async def test_http_listener_routes_and_errors(hub: Hub) -> None:
     def boom() -> tuple[int, str, bytes]:
         raise RuntimeError("route bug")
 
     routes = {**hub.metrics.routes(), "/boom": boom}
     async with listener(routes) as port:
-        status, headers, body = await exchange(port, get("/metrics"))
+        status, headers, body = await exchange(port, get_request("/metrics"))
         assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
         assert headers["connection"] == "close" and int(headers["content-length"]) == len(body)
         assert "hub_points_in_total 0.0" in body.decode()
 
-        status, headers, body = await exchange(port, get("/healthz?verbose=1"))
+        status, headers, body = await exchange(port, get_request("/healthz?verbose=1"))
         assert status == 200 and headers["content-type"] == "application/json"
         assert json.loads(body)["status"] == "ok"
 
-        assert (await exchange(port, get("/nope")))[0] == 404
+        assert (await exchange(port, get_request("/nope")))[0] == 404
         status, headers, _ = await exchange(port, b"POST /metrics HTTP/1.1\r\nHost: hub\r\nContent-Length: 2\r\n\r\nhi")
         assert status == 405 and headers["allow"] == "GET"
         assert (await exchange(port, b"HEAD /metrics HTTP/1.1\r\nHost: hub\r\n\r\n"))[0] == 405
-        assert (await exchange(port, get("/metrics", "Content-Length: 3\r\n") + b"abc"))[0] == 413
+        assert (await exchange(port, get_request("/metrics", "Content-Length: 3\r\n") + b"abc"))[0] == 413
         assert (await exchange(port, b"this is not http\r\n\r\n"))[0] == 400
-        status, _, body = await exchange(port, get("/boom"))
+        status, _, body = await exchange(port, get_request("/boom"))
         assert status == 500 and b"route bug" not in body
-        assert (await exchange(port, get("/metrics")))[0] == 200  # still serving after all of that
+        assert (await exchange(port, get_request("/metrics")))[0] == 200  # still serving after all of that
 
 
 async def test_http_listener_limits_request_size_and_time() -> None:
     routes = {"/x": lambda: (200, "text/plain", b"x")}
     async with listener(routes, max_request_bytes=1024, request_timeout=0.5) as port:
-        status, _, _ = await exchange(port, get("/x", "X-Big: " + "a" * 4000 + "\r\n"))
+        status, _, _ = await exchange(port, get_request("/x", "X-Big: " + "a" * 4000 + "\r\n"))
         assert status == 431
-        assert (await exchange(port, get("/x", "X-Ok: " + "a" * 500 + "\r\n")))[0] == 200
+        assert (await exchange(port, get_request("/x", "X-Ok: " + "a" * 500 + "\r\n")))[0] == 200
         # Headers never finished: answered 408 once the request time is up, and closed.
         assert (await exchange(port, b"GET /x HTTP/1.1\r\nHost: hub\r\n"))[0] == 408
 
@@ -388,24 +366,26 @@ async def test_http_listener_limits_request_size_and_time() -> None:
 async def test_http_listener_refuses_connections_over_the_limit() -> None:
     routes = {"/x": lambda: (200, "text/plain", b"x")}
     async with listener(routes, max_connections=2, request_timeout=30) as port:
+        answers: list[tuple[int, dict[str, str], bytes]] = []
+
+        async def answered(status: int) -> bool:
+            answers.append(await exchange(port, get_request("/x")))
+            return answers[-1][0] == status
+
         idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
         try:
             # The two idle connections hold both slots (polled: the server takes them asynchronously).
-            with trio.fail_after(30):
-                while (answer := await exchange(port, get("/x")))[0] != 503:
-                    await trio.sleep(0.02)
-            assert answer[2] == b"too many connections\n"
+            await eventually(lambda: answered(503), 30)
+            assert answers[-1][2] == b"too many connections\n"
         finally:
             for stream in idle:
                 await stream.aclose()
-        with trio.fail_after(30):
-            while (await exchange(port, get("/x")))[0] != 200:
-                await trio.sleep(0.02)
+        await eventually(lambda: answered(200), 30)
 
 
 async def test_http_listener_reports_its_port() -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_http, "127.0.0.1", 0, {})  # port 0: any free one, reported back
         assert port != 0
-        assert (await exchange(port, get("/")))[0] == 404
+        assert (await exchange(port, get_request("/")))[0] == 404
         nursery.cancel_scope.cancel()

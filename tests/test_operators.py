@@ -21,7 +21,7 @@ from hub.fleet import (
     registry_path,
     role_allows,
 )
-from tests.test_cli import run_hub
+from tests.hubproc import run_hub
 
 
 @pytest.fixture

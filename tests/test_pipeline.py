@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,9 @@ import trio
 
 from hub.ingest import FileSink, InfluxV2Sink, Mark, Pipeline, PipelineConfig, Spool
 from hub.stats import Stats
-from tests.servers import ScriptedWriteServer, VictoriaMetrics, free_port
+from tests.ports import refused_port
+from tests.servers import ScriptedWriteServer, VictoriaMetrics
+from tests.waiting import eventually
 
 TS = 1_700_000_000_000
 
@@ -35,23 +36,8 @@ class Acks:
         self.marks.extend(marks)
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll until `condition()` holds; fail after a generous deadline."""
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
-
-
 def v2(url: str, timeout_s: float = 5.0) -> InfluxV2Sink:
     return InfluxV2Sink(url, token="t", org="o", bucket="b", timeout_s=timeout_s)
-
-
-@pytest.fixture
-def scripted() -> Iterator[ScriptedWriteServer]:
-    server = ScriptedWriteServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def make(
@@ -393,7 +379,7 @@ async def test_spool_full_throttles_ingest_until_sink_back(
 
 async def test_shutdown_with_sink_down_spools_everything(tmp_path: Path) -> None:
     config = PipelineConfig(max_lines=10, max_delay=0.05, write_attempts=1)
-    sink = v2(f"http://127.0.0.1:{free_port()}")
+    sink = v2(f"http://127.0.0.1:{refused_port()}")
     pipeline, stats, acks, spool = make(sink, tmp_path / "spool", config)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
@@ -429,7 +415,7 @@ async def run_until_cancelled(pipeline: Pipeline, acks: Acks) -> None:
 @pytest.mark.parametrize("cancel_from_callback", [False, True])
 async def test_hard_cancel_loses_no_acked_line(tmp_path: Path, cancel_from_callback: bool) -> None:
     config = PipelineConfig(max_lines=10, max_delay=0.01, write_attempts=1, queue_items=4)
-    sink = v2(f"http://127.0.0.1:{free_port()}")
+    sink = v2(f"http://127.0.0.1:{refused_port()}")
     cancel_scope = trio.CancelScope()
 
     class CancellingAcks(Acks):

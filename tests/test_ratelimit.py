@@ -14,9 +14,20 @@ from device_client import protocol
 from device_client.protocol import Ack, CloseCode, Error
 from hub.control import CONTROL_PATH
 from hub.ratelimit import DeviceRate, Rate, Throttle, TokenBucket
-from tests.hubtools import add_devices, connect, hello, hub_config, points, send_batch, start_hub, status_lines
+from tests.hubtools import (
+    Ctl,
+    add_devices,
+    add_operators,
+    connect,
+    hello,
+    hub_config,
+    points,
+    send_batch,
+    start_hub,
+    status_lines,
+)
 from tests.hubtools import telemetry_lines as stored
-from tests.test_control import Ctl, add_operators
+from tests.waiting import eventually
 
 # ---------------------------------------------------------------------------- pure buckets
 
@@ -121,9 +132,7 @@ async def test_a_flooding_device_is_slowed_down_and_never_delays_the_others(tmp_
         good_seen: dict[str, list[Any]] = {name: [] for name in good}
         async with trio.open_nursery() as devices:
             devices.start_soon(flooder, flood_seen)
-            with trio.fail_after(30):
-                while not hub.stats.throttled:  # the flood is being held back before the others start
-                    await trio.sleep(0.01)
+            await eventually(lambda: hub.stats.throttled, 30)  # the flood is being held back before the others start
             for name in good:
                 devices.start_soon(well_behaved, name, good_seen[name])
         hub.stop()
@@ -172,9 +181,8 @@ async def test_a_device_that_keeps_exceeding_is_closed_with_1013_and_loses_nothi
                     pass
             await send_batch(good, 1, points(3))
             await collect(good, 1, [])
-            with trio.fail_after(10):  # the session ends just after its close frame: wait for it, then stop the hub
-                while hub.presence.status["flood"].state != "offline":
-                    await trio.sleep(0.01)
+            # The session ends just after its close frame: wait for it, then stop the hub.
+            await eventually(lambda: hub.presence.status["flood"].state == "offline", 10)
         hub.stop()
     close = seen[-1]
     assert close.code == CloseCode.TRY_LATER

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from hub.ingest import InfluxV1Sink, LineBuilder, SinkError, SinkRejected, SinkTooLarge, SinkUnavailable
-from tests.servers import InfluxDB1, ScriptedWriteServer, free_port
+from tests.ports import refused_port
+from tests.servers import InfluxDB1, ScriptedWriteServer
 
 TS = 1_700_000_000_000
 
@@ -62,14 +63,6 @@ def auth_influxdb1(tmp_path: Path) -> Iterator[AuthInfluxDB1]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def scripted() -> Iterator[ScriptedWriteServer]:
-    server = ScriptedWriteServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 # ---------------------------------------------------------------------------- real InfluxDB 1.6
@@ -299,7 +292,7 @@ def test_v1_sink_timeout_is_unavailable_and_not_resent(scripted: ScriptedWriteSe
 
 
 def test_v1_sink_connection_refused_and_bad_settings() -> None:
-    sink = InfluxV1Sink(f"http://127.0.0.1:{free_port()}", "db")
+    sink = InfluxV1Sink(f"http://127.0.0.1:{refused_port()}", "db")
     try:
         assert not sink.check()
         with pytest.raises(SinkUnavailable) as info:

@@ -14,7 +14,8 @@ import pytest
 
 from hub.ingest import FileSink, InfluxV2Sink, SinkError, SinkRejected, SinkTooLarge, SinkUnavailable
 from hub.ingest._sinks import file_header, import_commands, parse_retry_after
-from tests.servers import InfluxDB1, ScriptedWriteServer, VictoriaMetrics, free_port
+from tests.ports import refused_port
+from tests.servers import InfluxDB1, ScriptedWriteServer, VictoriaMetrics
 
 TS = 1_700_000_000_000
 
@@ -75,7 +76,7 @@ def test_v2_sink_database_down_and_back(victoria: VictoriaMetrics) -> None:
 
 
 def test_v2_sink_connection_refused_is_unavailable() -> None:
-    sink = v2(f"http://127.0.0.1:{free_port()}")
+    sink = v2(f"http://127.0.0.1:{refused_port()}")
     try:
         assert not sink.check()
         with pytest.raises(SinkUnavailable) as info:
@@ -87,14 +88,6 @@ def test_v2_sink_connection_refused_is_unavailable() -> None:
 
 
 # ---------------------------------------------------------------------------- InfluxV2Sink, scripted answers
-
-
-@pytest.fixture
-def scripted() -> ScriptedWriteServer:
-    server = ScriptedWriteServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_v2_sink_request_shape(scripted: ScriptedWriteServer) -> None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 import re
 import signal
 import ssl
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -30,8 +28,9 @@ from hub.config import ConfigError, TLSConfig
 from hub.edge import ServerTLS, TLSError, certificate_fingerprint, check_tls_files
 from hub.fleet import Registry
 from hub.operator import ConnectFailed, ctl, open_control
-from tests.hubproc import HubProcess
+from tests.hubproc import HubProcess, run_hub
 from tests.hubtools import add_devices, hub_config, start_hub, telemetry_lines
+from tests.waiting import eventually
 
 # ---------------------------------------------------------------------------- certificates
 
@@ -89,19 +88,6 @@ async def peer_certificate(port: int, ca_file: Path, host: str = "127.0.0.1") ->
             return stream.getpeercert(binary_form=True)
         finally:
             await stream.aclose()
-
-
-async def until(predicate: Callable[[], bool | Awaitable[bool]], what: str, deadline: float = 30.0) -> None:
-    """Poll `predicate` (sync or async) until true (fails the test after `deadline` seconds)."""
-    with trio.move_on_after(deadline):
-        while True:
-            result = predicate()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await trio.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @attrs.frozen
@@ -355,7 +341,7 @@ async def test_hostname_mismatch_is_refused(tmp_path: Path, caplog: pytest.LogCa
             hub.device_url, hub.tokens["d1"], ca_file=hub.authority.ca_file, connect_timeout=60, close_timeout=0.5
         )
         async with client:
-            await until(lambda: client.stats.connect_failures >= 1, "a refused connection attempt")
+            await eventually(lambda: client.stats.connect_failures >= 1, 30, what="a refused connection attempt")
             assert client.stats.connects == 0 and not client.stats.connected
     errors = [r.getMessage() for r in caplog.records if r.name == "device_client" and r.levelno == logging.ERROR]
     assert any("certificate was not accepted" in e and "mismatch" in e for e in errors), errors
@@ -376,7 +362,7 @@ async def test_device_with_the_wrong_ca_never_connects(tmp_path: Path, caplog: p
         )
         async with client:
             await client.send("env", {"t": 1.0})
-            await until(lambda: client.stats.connect_failures >= 2, "two refused connection attempts")
+            await eventually(lambda: client.stats.connect_failures >= 2, 30, what="two refused connection attempts")
             assert client.stats.connects == 0 and client.pending + client.buffered > 0
         assert hub.handle.stats.points_in == 0
     assert any("unable to get local issuer certificate" in r.getMessage() for r in caplog.records)
@@ -506,7 +492,7 @@ async def test_sighup_reloads_the_certificate_of_a_hub_process(tmp_path: Path) -
                 except trio.BrokenResourceError:  # the old certificate, not trusted by the new CA: not yet
                     return False
 
-            await until(rotated, "the new certificate after SIGHUP")
+            await eventually(rotated, 30, what="the new certificate after SIGHUP")
             await old.send("env", {"t": 2.0}, ts=1_764_000_000_001)
             with trio.fail_after(30):
                 await old.wait_acked()
@@ -527,9 +513,8 @@ def test_demo_over_tls(tmp_path: Path) -> None:
     issued = ca.issue(tmp_path / "issued")
     # The demo's devices trust the certificate file itself: with the CA in it, like a self-signed certificate.
     issued.cert_file.write_bytes(issued.cert_file.read_bytes() + ca.ca_file.read_bytes())
-    cmd = [sys.executable, "-m", "hub.cli", "demo", "--devices", "2", "--duration", "2", "--port", "0"]
-    cmd += ["--data-dir", str(tmp_path / "hub"), "--tls-cert", str(issued.cert_file), "--tls-key", str(issued.key_file)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    args = ["demo", "--devices", "2", "--duration", "2", "--port", "0", "--data-dir", str(tmp_path / "hub")]
+    result = run_hub(*args, "--tls-cert", str(issued.cert_file), "--tls-key", str(issued.key_file), timeout=120)
     assert result.returncode == 0, result.stderr
     assert "hub listening on wss://127.0.0.1:" in result.stdout
     match = re.search(r"done: all (\d+) points acked and durable", result.stdout)
