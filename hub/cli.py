@@ -465,7 +465,7 @@ def _cmd_list(registry: Registry, args: argparse.Namespace) -> None:
         print("hub: no devices registered", file=sys.stderr)
 
 
-def _print_table(table: list[tuple[str, ...]]) -> None:
+def _print_table(table: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

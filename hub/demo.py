@@ -71,6 +71,7 @@ async def _demo(config: HubConfig, devices: int, duration: float) -> None:
         host = "127.0.0.1" if config.server.host in ("0.0.0.0", "") else config.server.host
         # The devices run in this process: with TLS they trust the hub's own certificate file (meant for a
         # self-signed one); without, plain ws:// to our own address never leaves the machine.
+        trust: dict[str, str | bool]
         if config.tls.enabled:
             scheme, trust = "wss", {"ca_file": config.tls.cert_file}
         else:

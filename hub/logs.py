@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 __all__ = ["FORMATS", "LEVELS", "JsonFormatter", "KvFormatter", "setup_logging"]
 
@@ -82,7 +82,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(_fields(record, self), default=str, ensure_ascii=False)
 
 
-class _HubHandler(logging.StreamHandler):
+class _HubHandler(logging.StreamHandler[TextIO]):
     """Marks the handler `setup_logging` installed, so a second call replaces it instead of adding one."""
 
 

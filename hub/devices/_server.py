@@ -245,12 +245,14 @@ class DeviceSession:
                     return
                 if not await self._start(hello):
                     return
+                ledger = self.ledger
+                assert ledger is not None  # `_start` opened it
                 try:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         try:
                             nursery.start_soon(self._outbound, name=OUTBOUND_TASK)
-                            self.ledger.listener = self
+                            ledger.listener = self
                             self.server.schedule_ping(self)
                             self.server.commands.attach(self.name, self._offer_command)
                             with self._reader_scope:
@@ -260,8 +262,8 @@ class DeviceSession:
                         finally:
                             self._nursery = None  # before the nursery closes: no ping may start in it from now
                 finally:
-                    if self.ledger.listener is self:
-                        self.ledger.listener = None
+                    if ledger.listener is self:
+                        ledger.listener = None
                     self.server.commands.detach(self.name, self._offer_command)
                     if self.epoch:
                         with trio.CancelScope(shield=True):

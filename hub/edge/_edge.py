@@ -81,7 +81,7 @@ def remote_of(request_or_ws: WebSocketRequest | WebSocketConnection) -> str:
         remote = request_or_ws.remote
     except OSError:  # the peer reset the connection already: getpeername() fails
         return "gone"
-    return f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
+    return remote if isinstance(remote, str) else f"{remote.address}:{remote.port}"
 
 
 def _address(request: WebSocketRequest) -> str:

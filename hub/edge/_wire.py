@@ -11,10 +11,12 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Generator
+from typing import cast
 
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
-from wsproto import ConnectionState, WSConnection
+from wsproto import WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import AcceptConnection, CloseConnection, Event
 from wsproto.frame_protocol import Frame, MessageDecoder, Opcode
 
@@ -48,7 +50,8 @@ class _TolerantText(MessageDecoder):
             return super().process_frame(frame)  # binary messages, and the opcode errors wsproto reports
         assert self.decoder is not None
         finished = frame.frame_finished and frame.message_finished
-        out = Frame(Opcode.TEXT, self.decoder.decode(frame.payload, finished), frame.frame_finished, finished)
+        payload = cast(bytes, frame.payload)  # a text frame's payload (wsproto types it for every opcode)
+        out = Frame(Opcode.TEXT, self.decoder.decode(payload, finished), frame.frame_finished, finished)
         if finished:
             self.opcode = None
             self.decoder = None
@@ -88,7 +91,7 @@ class Guard:
                 # Not a close frame (that would have moved the state on): wsproto failed to parse a frame and
                 # cannot read more. Present it as the peer's close, so that trio-websocket answers it with a close
                 # frame carrying this code and a stable reason, then closes the TCP connection.
-                self.failure = (event.code, event.reason)
+                self.failure = (event.code, event.reason or "")  # wsproto gives its parse error's text
                 inner.connection._state = ConnectionState.REMOTE_CLOSING
                 event = CloseConnection(event.code, PARSE_FAILURE_REASONS.get(event.code, "protocol_error"))
             yield event
@@ -98,13 +101,13 @@ def guard(request: WebSocketRequest) -> Guard:
     """Guard the connection of `request`; call it before `request.accept()`."""
     connection = request._connection  # trio-websocket has no public hook for its wsproto object
     wire = Guard(connection._wsproto)
-    connection._wsproto = wire
+    connection._wsproto = wire  # type: ignore[assignment]  # Guard stands in for WSConnection (duck-typed)
     return wire
 
 
 def parse_failure(ws: WebSocketConnection) -> tuple[int, str] | None:
     """(close code, wsproto's description) if the hub closed `ws` because it could not parse the peer's frames."""
-    wire = ws._wsproto
+    wire: object = ws._wsproto
     return wire.failure if type(wire) is Guard else None
 
 

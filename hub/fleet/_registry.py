@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import os
@@ -293,7 +294,7 @@ class Registry:
             raise OperatorExists(f"operator {name!r} already exists") from None
         return f"{OPERATOR_TOKEN_PREFIX}{name}.{secret}"
 
-    def list_operators(self) -> list[OperatorRecord]:
+    def list_operators(self) -> builtins.list[OperatorRecord]:
         """All operators (revoked ones too), sorted by name."""
         with self._lock:
             rows = self._db.execute("SELECT name, role, created, revoked FROM operators ORDER BY name").fetchall()

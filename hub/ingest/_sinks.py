@@ -11,10 +11,10 @@ import logging
 import os
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from hub.ingest._spool import fsync_dir
 
@@ -95,7 +95,13 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, seconds)
 
 
-def error_for_status(status: int, headers: Mapping[str, str] | None, detail: str) -> SinkError:
+class _Headers(Protocol):
+    """An HTTP answer's headers: a plain mapping, or http.client's `HTTPMessage`."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+
+def error_for_status(status: int, headers: _Headers | None, detail: str) -> SinkError:
     """The `SinkError` subclass a failed HTTP write answer maps to."""
     retry_after = parse_retry_after(headers.get("Retry-After") if headers is not None else None)
     message = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
@@ -107,7 +113,7 @@ def error_for_status(status: int, headers: Mapping[str, str] | None, detail: str
     return SinkUnavailable(message, status, retry_after)
 
 
-def _short(data: Any, limit: int = 300) -> str:
+def _short(data: object, limit: int = 300) -> str:
     if isinstance(data, bytes):
         data = data.decode("utf-8", "replace")
     text = str(data or "").strip()
@@ -123,7 +129,8 @@ class InfluxV2Sink:
     def __init__(self, url: str, token: str, org: str, bucket: str, timeout_s: float = 10.0, gzip: bool = True) -> None:
         # Imported here: the base install (device side) has no influxdb-client.
         import urllib3
-        from influxdb_client import InfluxDBClient, WritePrecision
+        from influxdb_client.client.influxdb_client import InfluxDBClient
+        from influxdb_client.domain.write_precision import WritePrecision
         from influxdb_client.rest import ApiException
         from influxdb_client.service.ping_service import PingService
         from influxdb_client.service.write_service import WriteService
@@ -144,6 +151,7 @@ class InfluxV2Sink:
         self._precision = WritePrecision.MS
         self._api_exception = ApiException
         self._transport_errors: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, OSError)
+        self._ping_errors: tuple[type[BaseException], ...] = (ApiException, *self._transport_errors)
 
     def write(self, body: str) -> None:
         """POST the lines; raise `SinkUnavailable`, `SinkRejected` or `SinkTooLarge` on failure."""
@@ -172,7 +180,7 @@ class InfluxV2Sink:
         """Whether `/ping` answers within a couple of seconds."""
         try:
             self._ping.get_ping(_request_timeout=min(self._timeout_ms, 2000))
-        except (self._api_exception, *self._transport_errors) as exc:
+        except self._ping_errors as exc:
             log.debug("ping %s failed: %s", self.url, exc)
             return False
         return True

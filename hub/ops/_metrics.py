@@ -255,7 +255,7 @@ class HubMetrics:
 
         if self._registry is None:
             registry = CollectorRegistry(auto_describe=False)
-            registry.register(_HubCollector(self))  # type: ignore[arg-type]
+            registry.register(_HubCollector(self))
             self._registry = registry
         encoder, content_type = choose_encoder("")
         return encoder(self._registry), content_type
