@@ -13,9 +13,10 @@ import random
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import attrs
 import trio
@@ -33,14 +34,17 @@ from device_client.outbox import (
 from device_client.protocol import (
     DEFAULT_LIMITS,
     DEVICE_PATH,
+    JSON,
     MAX_ERROR_LEN,
     MAX_RESULT_BYTES,
     PROTOCOL_VERSION,
     Command,
     CommandResult,
     ErrorCode,
+    FieldValue,
     Hello,
     Limits,
+    Point,
     ProtocolError,
     check_command_name,
     json_size,
@@ -86,7 +90,9 @@ MAX_RETRY_AFTER = 3600.0
 #: Most command acks and results waiting to be written; the reader waits for room beyond it.
 MAX_OUTGOING = 1000
 
-_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+#: A command handler: ``async def handler(args)`` or ``async def handler(args, ctx)``, returning a JSON value.
+CommandHandler: TypeAlias = Callable[..., Awaitable[JSON]]
+_Handler = TypeVar("_Handler", bound=CommandHandler)
 
 
 @attrs.frozen
@@ -383,7 +389,7 @@ class DeviceClient:
         self._disconnect_timeout = min(5.0, connect_timeout)
         self._close_timeout = close_timeout
         self._on_rejected = on_rejected
-        self._commands: dict[str, Callable[..., Awaitable[Any]]] = {}
+        self._commands: dict[str, CommandHandler] = {}
         self._with_context: dict[str, bool] = {}
         self._command_log_limit = command_log_limit
         self._log: CommandLog | None = None
@@ -391,7 +397,7 @@ class DeviceClient:
         self.stats = ClientStats()
         self._outbox: Outbox | None = None
         self._conn: DeviceConnection | None = None  # the session rules; made with the outbox in __aenter__
-        self._buffer: list[dict[str, Any]] = []
+        self._buffer: list[Point] = []
         self._buffer_since = 0.0
         self._buffered = trio.Event()
         self._changed = trio.Event()
@@ -400,7 +406,7 @@ class DeviceClient:
         self._loop_done = trio.Event()
         self._running = False
         self._last_session_stable = False
-        self._nursery_manager: Any = None
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._main_scope = trio.CancelScope(shield=True)
 
     # ------------------------------------------------------------------ lifetime
@@ -441,6 +447,7 @@ class DeviceClient:
                 with trio.move_on_after(self._disconnect_timeout + 1.0):
                     await self._loop_done.wait()
             self._main_scope.cancel()
+            assert self._nursery_manager is not None  # set by __aenter__
             await self._nursery_manager.__aexit__(None, None, None)
         finally:
             self._running = False
@@ -514,9 +521,9 @@ class DeviceClient:
     async def send(
         self,
         measurement: str,
-        fields: dict[str, Any],
+        fields: Mapping[str, FieldValue],
         *,
-        tags: dict[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
         ts: int | None = None,
         block: bool = True,
     ) -> None:
@@ -527,7 +534,7 @@ class DeviceClient:
         would refuse. Waits while the outbox is full, or raises `OutboxFull` with ``block=False``.
         """
         self._check_open()
-        point = {
+        point: Point = {
             "measurement": measurement,
             "ts": int(time.time() * 1000) if ts is None else ts,
             "fields": dict(fields),
@@ -545,7 +552,7 @@ class DeviceClient:
             with contextlib.suppress(OutboxFull):
                 await self._flush(block)
 
-    async def send_batch(self, points: list[dict[str, Any]], *, block: bool = True) -> int:
+    async def send_batch(self, points: list[Point], *, block: bool = True) -> int:
         """Queue `points` as one batch now and return its sequence number.
 
         Each point is ``{"measurement", "ts", "fields", "tags"?}``; at most the hub's
@@ -619,7 +626,7 @@ class DeviceClient:
         return register
 
     @property
-    def commands(self) -> dict[str, Callable[..., Awaitable[Any]]]:
+    def commands(self) -> dict[str, CommandHandler]:
         """The registered command handlers by name."""
         return dict(self._commands)
 
@@ -656,7 +663,7 @@ class DeviceClient:
     def _batch_size(self) -> int:
         return min(self._batch_points, self.limits.max_points)
 
-    def _queue(self, points: list[dict[str, Any]]) -> int:
+    def _queue(self, points: list[Point]) -> int:
         assert self._outbox is not None
         seq = self._outbox.add(points, limits=None)
         self.stats.batches_queued += 1
@@ -1030,7 +1037,7 @@ _CLOSE_LOGS: dict[CloseVerdict, Callable[[DeviceClient, PeerClosed], None]] = {
 }
 
 
-def _takes_context(handler: Callable[..., Any]) -> bool:
+def _takes_context(handler: Callable[..., object]) -> bool:
     """True for ``handler(args, ctx)``, False for ``handler(args)``; TypeError for other shapes."""
     params = list(inspect.signature(handler).parameters.values())
     if any(p.kind is p.VAR_POSITIONAL for p in params):

@@ -16,6 +16,7 @@ from device_client.protocol import (
     INT64_MAX,
     ErrorCode,
     Limits,
+    Point,
     ProtocolError,
     Telemetry,
     encode,
@@ -59,14 +60,14 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def check_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[str, Any]]:
+def check_points(points: object, limits: Limits = DEFAULT_LIMITS) -> list[Point]:
     """Validate points as the hub will (in place: a missing `tags` becomes `{}`), and refuse NaN/infinity."""
-    validate_points(points, limits)
-    for p in points:
+    checked = validate_points(points, limits)  # `points` itself
+    for p in checked:
         for key, value in p["fields"].items():
             if type(value) is float and not math.isfinite(value):
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"field {key!r} is NaN or infinite")
-    return points
+    return checked
 
 
 _SCHEMA = """
@@ -226,7 +227,7 @@ class Outbox:
 
     # ------------------------------------------------------------------ transitions
 
-    def add(self, points: list[dict[str, Any]], *, limits: Limits | None = DEFAULT_LIMITS) -> int:
+    def add(self, points: list[Point], *, limits: Limits | None = DEFAULT_LIMITS) -> int:
         """Number, encode and store one batch; return its seq.
 
         Validates with `limits` first (pass None when the points are already checked).

@@ -14,10 +14,12 @@ from __future__ import annotations
 import enum
 import json
 import math
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, NotRequired, TypeAlias, TypedDict
 
 import attrs
 
+_fast_loads: Callable[[str | bytes], object] | None
 try:  # the hub installs orjson (3-4x faster); a device need not: json alone decides the same way
     from orjson import loads as _fast_loads
 except ImportError:  # pragma: no cover - depends on the install
@@ -27,6 +29,7 @@ __all__ = [
     "ANSWERS",
     "DEVICE_PATH",
     "HANDSHAKE_ANSWER",
+    "JSON",
     "LIMIT_FIELDS",
     "PROTOCOL_VERSION",
     "Ack",
@@ -34,9 +37,11 @@ __all__ = [
     "CloseCode",
     "Error",
     "ErrorCode",
+    "FieldValue",
     "Hello",
     "Limits",
     "Message",
+    "Point",
     "ProtocolError",
     "Telemetry",
     "Welcome",
@@ -56,6 +61,22 @@ MAX_TS_MS = 4_102_444_800_000
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 RESERVED_TAGS = frozenset({"device"})
+
+#: A JSON value (command args and results): what `json.loads` returns, or anything `json.dumps` writes the same way.
+JSON: TypeAlias = "Mapping[str, JSON] | Sequence[JSON] | str | int | float | bool | None"
+
+#: A field value: float, bool, str, an integer field as on the wire (``{"int": n}``, see `int_value`), or a Python
+#: int (the SDK sends it as ``{"int": n}``; in a decoded point it is a plain JSON integer, which means a float).
+FieldValue: TypeAlias = float | int | bool | str | dict[str, int]
+
+
+class Point(TypedDict):
+    """A telemetry point, a plain dict on purpose (see the module docstring); `validate_points` checks one."""
+
+    measurement: str
+    ts: int  # ms since the Unix epoch
+    fields: dict[str, FieldValue]
+    tags: NotRequired[dict[str, str]]  # validation puts in {} when it is missing: a checked point always has it
 
 
 class ErrorCode(enum.StrEnum):
@@ -194,7 +215,7 @@ class Telemetry:
     """Device -> hub: one batch of points under a per-device sequence number."""
 
     seq: int
-    points: list[dict[str, Any]] = attrs.field(eq=False)
+    points: list[Point] = attrs.field(eq=False)
 
 
 @attrs.frozen
@@ -223,7 +244,7 @@ class Command:
 
     id: str
     name: str
-    args: dict[str, Any]
+    args: dict[str, JSON]
     timeout: float  # seconds the hub waits for the result after delivery
 
 
@@ -240,7 +261,7 @@ class CommandResult:
 
     id: str
     ok: bool
-    result: Any = None  # any JSON value, at most MAX_RESULT_BYTES encoded
+    result: JSON = None  # at most MAX_RESULT_BYTES encoded
     error: str = ""
 
 
@@ -276,14 +297,14 @@ def int_value(n: int) -> dict[str, int]:
     return {"int": n}
 
 
-def _wire_value(v: Any) -> Any:
+def _wire_value(v: FieldValue) -> FieldValue:
     # Python ints become explicit integer fields; bool is an int subclass, keep it bool.
     if isinstance(v, int) and not isinstance(v, bool):
         return {"int": v}
     return v
 
 
-def _wire_point(p: dict[str, Any]) -> dict[str, Any]:
+def _wire_point(p: Point) -> Point:
     fields = p["fields"]
     if any(type(v) is int for v in fields.values()):
         p = {**p, "fields": {k: _wire_value(v) for k, v in fields.items()}}
@@ -301,7 +322,7 @@ def encode(msg: Message) -> str:
         return encode_ack(msg.seq)
     kind = _TYPE_NAMES[type(msg)]
     if isinstance(msg, Telemetry):
-        body: dict[str, Any] = {
+        body: dict[str, object] = {
             "type": kind,
             "seq": msg.seq,
             "points": [_wire_point(p) for p in msg.points],
@@ -323,11 +344,11 @@ def encode(msg: Message) -> str:
 # ---------------------------------------------------------------------------- decoding
 
 
-def _reject_constant(name: str) -> Any:
+def _reject_constant(name: str) -> NoReturn:
     raise ProtocolError(ErrorCode.BAD_JSON, f"{name} is not allowed")
 
 
-def _parse(text: str | bytes) -> dict[str, Any]:
+def _parse(text: str | bytes) -> dict[str, JSON]:
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except ProtocolError:
@@ -341,7 +362,8 @@ def _parse(text: str | bytes) -> dict[str, Any]:
     return obj
 
 
-def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+def _get(obj: dict[str, JSON], key: str, kind: type | tuple[type, ...], default: object = ...) -> Any:
+    # Any: the value is of `kind` (or `default`), which the caller's field declares.
     value = obj.get(key, default)
     if value is ...:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"missing {key!r}")
@@ -363,14 +385,14 @@ def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
-def _command_id(obj: dict[str, Any]) -> str:
+def _command_id(obj: dict[str, JSON]) -> str:
     cid = obj.get("id")
     if type(cid) is not str or not 0 < len(cid) <= MAX_ID_LEN or not cid.isprintable():
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"id must be a string of 1..{MAX_ID_LEN} printable characters")
     return cid
 
 
-def check_command_name(name: Any) -> str:
+def check_command_name(name: object) -> str:
     """A command name: 1..64 of A-Z a-z 0-9 _ . - (raises `ProtocolError` otherwise)."""
     if (
         type(name) is not str
@@ -382,19 +404,20 @@ def check_command_name(name: Any) -> str:
     return name
 
 
-def json_size(value: Any) -> int:
+def json_size(value: object) -> int:
     """Bytes of `value` as compact JSON (for the args/result bounds)."""
     return len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
 
 
-def _seq(obj: dict[str, Any]) -> int:
+def _seq(obj: dict[str, JSON]) -> int:
     seq = obj.get("seq")
     if type(seq) is not int or not 0 < seq <= INT64_MAX:
         raise ProtocolError(ErrorCode.BAD_SEQ, "seq must be an integer from 1 to 2**63-1")
     return seq
 
 
-def _check_name(name: Any, what: str, limits: Limits) -> None:
+def _check_name(name: object, what: str, limits: Limits) -> str:
+    """`name`, if it is a name the hub takes as `what`."""
     if type(name) is not str or not name:
         raise ProtocolError(ErrorCode.BAD_NAME, f"{what} must be a non-empty string")
     if len(name) > limits.max_name_len:
@@ -405,9 +428,10 @@ def _check_name(name: Any, what: str, limits: Limits) -> None:
         raise ProtocolError(ErrorCode.BAD_NAME, f"{what} {name[:20]!r} starts with '_' (reserved)")
     if not name.isprintable() or "\\" in name:
         raise ProtocolError(ErrorCode.BAD_NAME, f"{what} {name[:20]!r} has a control character or backslash")
+    return name
 
 
-def _check_tag_value(value: Any, key: str, limits: Limits) -> None:
+def _check_tag_value(value: object, key: str, limits: Limits) -> None:
     if type(value) is not str or not value:
         raise ProtocolError(ErrorCode.BAD_TAG, f"tag {key!r} must be a non-empty string")
     if len(value) > limits.max_tag_value_len:
@@ -478,10 +502,11 @@ def _remember(known: set[str], value: str) -> None:
     known.add(value)
 
 
-def _check_measurement(measurement: Any, limits: Limits) -> None:
-    _check_name(measurement, "measurement", limits)
-    if measurement[0] == "#":
+def _check_measurement(measurement: object, limits: Limits) -> str:
+    name = _check_name(measurement, "measurement", limits)
+    if name[0] == "#":
         raise ProtocolError(ErrorCode.BAD_NAME, "a measurement may not start with '#' (a comment in line protocol)")
+    return name
 
 
 def _check_tag_key(key: str, limits: Limits) -> None:
@@ -490,7 +515,7 @@ def _check_tag_key(key: str, limits: Limits) -> None:
         raise ProtocolError(ErrorCode.RESERVED_TAG, f"tag {key!r} is set by the hub")
 
 
-def validate_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[str, Any]]:
+def validate_points(points: object, limits: Limits = DEFAULT_LIMITS) -> list[Point]:
     """Check a telemetry `points` list in place and return it, or raise `ProtocolError`.
 
     After this, each point has `measurement` (str), `ts` (int ms), `fields` (a non-empty
@@ -500,7 +525,7 @@ def validate_points(points: Any, limits: Limits = DEFAULT_LIMITS) -> list[dict[s
     return _validate_points(points, limits, exact=True)
 
 
-def _validate_points(points: Any, limits: Limits, *, exact: bool) -> list[dict[str, Any]]:
+def _validate_points(points: object, limits: Limits, *, exact: bool) -> list[Point]:
     # `exact=False`: the points came from orjson, which reads integers beyond 64 bits as floats; any value where
     # that could matter raises `_Inexact` instead of being judged.
     if type(points) is not list or not points:
@@ -522,8 +547,7 @@ def _validate_points(points: Any, limits: Limits, *, exact: bool) -> list[dict[s
             raise ProtocolError(ErrorCode.BAD_POINT, "a point is a JSON object")
         measurement = p.get("measurement")
         if type(measurement) is not str or measurement not in measurements:
-            _check_measurement(measurement, limits)
-            _remember(measurements, measurement)
+            _remember(measurements, _check_measurement(measurement, limits))
         ts = p.get("ts")
         if type(ts) is not int or not MIN_TS_MS <= ts <= MAX_TS_MS:
             raise ProtocolError(ErrorCode.BAD_TIME, "ts must be integer milliseconds between 2000 and 2100")
@@ -581,7 +605,7 @@ def decode(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
     return _decode(_parse(text), limits)
 
 
-def _telemetry(obj: dict[str, Any], limits: Limits, *, exact: bool) -> Telemetry:
+def _telemetry(obj: dict[str, JSON], limits: Limits, *, exact: bool) -> Telemetry:
     seq = _seq(obj)
     try:
         return Telemetry(seq, _validate_points(obj.get("points"), limits, exact=exact))
@@ -590,7 +614,7 @@ def _telemetry(obj: dict[str, Any], limits: Limits, *, exact: bool) -> Telemetry
         raise
 
 
-def _decode(obj: dict[str, Any], limits: Limits) -> Message:
+def _decode(obj: dict[str, JSON], limits: Limits) -> Message:
     kind = obj.get("type")
     if kind == "telemetry":
         return _telemetry(obj, limits, exact=True)

@@ -9,11 +9,12 @@ what is still in its outbox, and numbers new batches above the larger of the two
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
 
+from device_client.protocol import Point
 from hub.fleet._registry import Registry
 
 __all__ = ["SAVE_EVERY", "DeviceLedger", "Ledgers"]
@@ -41,7 +42,7 @@ class DeviceLedger:
     durable: int
     submitted: int
     last_seen: float | None = None  # Unix time of the last telemetry message
-    latest: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # measurement -> its newest point
+    latest: dict[str, Point] = attrs.field(factory=dict)  # measurement -> its newest point
     listener: Listener | None = None  # the connected session: told of every advance (it sends the ack)
     _changed: trio.Event | None = None  # made only while someone waits in `wait_beyond`
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
+
+from device_client.protocol import FieldValue, Point
 
 __all__ = ["LineBuilder", "escape_key", "escape_measurement", "format_fields", "line", "series_prefix"]
 
@@ -31,6 +34,7 @@ def _string_value(value: str) -> str:
 
 
 def _value(value: Any) -> str:
+    # Any: dispatches on type(value) held in a local (mypy cannot narrow through it).
     # Order matters: bool is an int subclass, and plain ints are floats on the wire.
     t = type(value)
     if t is float:
@@ -48,12 +52,11 @@ def _value(value: Any) -> str:
     raise TypeError(f"unsupported field value {value!r}")
 
 
-def format_fields(fields: dict[str, Any]) -> str:
+def format_fields(fields: Mapping[str, FieldValue]) -> str:
     """The `k=v,k=v` field set of one point, in input order."""
     parts = []
     for key, value in fields.items():
-        t = type(value)
-        if t is float and math.isfinite(value):
+        if type(value) is float and math.isfinite(value):
             parts.append(f"{escape_key(key)}={value!r}")
         else:
             parts.append(f"{escape_key(key)}={_value(value)}")
@@ -76,7 +79,7 @@ def series_prefix(measurement: str, tags: dict[str, str], device: str | None) ->
     return ",".join(parts)
 
 
-def line(measurement: str, tags: dict[str, str], fields: dict[str, Any], ts_ms: int) -> str:
+def line(measurement: str, tags: dict[str, str], fields: Mapping[str, FieldValue], ts_ms: int) -> str:
     """One line (without the trailing newline) for cold paths such as presence and hub metrics.
 
     Field values follow the wire convention: a plain int is written as a float,
@@ -96,8 +99,9 @@ class LineBuilder:
         self._prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         self._field_keys: dict[str, str] = {}
 
-    def lines(self, points: list[dict[str, Any]]) -> str:
+    def lines(self, points: list[Point]) -> str:
         """The whole batch of validated points: one line each, each ending with `\\n`."""
+        value: Any  # a FieldValue, dispatched on type(value) held in a local (mypy cannot narrow through it)
         prefixes = self._prefixes
         field_keys = self._field_keys
         out: list[str] = []

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from device_client.protocol import ErrorCode
+from device_client.protocol import ErrorCode, FieldValue
 from hub.edge import PARSE_FAILURE_REASONS
 from hub.fleet import COMMAND_STATES, SEEN_STATES
 from hub.ingest import Sink, line
@@ -19,6 +19,7 @@ from hub.ops._http import Route
 from hub.stats import Stats
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
     from hub.fleet import CommandService, Presence
@@ -214,7 +215,7 @@ class HubMetrics:
         """
         snap = self.snapshot() if snapshot is None else snapshot
         host = {"host": self.host}
-        fields: dict[str, Any] = {key: {"int": int(snap[key])} for key in _INT_FIELDS}
+        fields: dict[str, FieldValue] = {key: {"int": int(snap[key])} for key in _INT_FIELDS}
         fields.update((key, float(snap[key])) for key in _FLOAT_FIELDS)
         out = [line(HUB_MEASUREMENT, host, fields, ts_ms)]
         for code, count in sorted(snap["protocol_errors"].items()):
@@ -341,7 +342,7 @@ class _HubCollector:
     def __init__(self, metrics: HubMetrics) -> None:
         self._metrics = metrics
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
         snap = self._metrics.current()
