@@ -18,13 +18,13 @@ import enum
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypedDict
 
 import attrs
 
 from hub.control_codes import ANSWERS, TOPICS, Answer, ControlError, ErrorCode
 from hub.edge import has_bad_utf8
-from hub.fleet import COMMAND_STATES, DEVICE_STATES
+from hub.fleet import COMMAND_STATES, DEVICE_STATES, CommandRecordDict, DeviceDetail, DeviceSummary
 
 __all__ = [
     "ANSWERS",
@@ -262,6 +262,61 @@ class DeviceRotate(Request):
     """Give a device a new token; the reply holds it."""
 
     name: str = _name()
+
+
+class IngestCounts(TypedDict):
+    """The `status` reply's ingest figures."""
+
+    points_in: int
+    points_written: int
+    points_spooled: int
+    points_replayed: int
+    points_dropped: int
+    spool_bytes: int
+    sink_up: bool
+
+
+class HubStatus(TypedDict):
+    """The `status` reply: the hub's figures."""
+
+    version: str
+    uptime: float
+    connections: int
+    devices: dict[str, int]  # online, late, offline (devices seen since the hub started), registered
+    ingest: IngestCounts
+    commands: dict[str, int]  # state -> count, only states that have commands
+    control_sessions: int
+
+
+class Subscribed(TypedDict):
+    """The `subscribe` reply."""
+
+    subscription: int
+
+
+class NewToken(TypedDict):
+    """The `device_add` and `device_rotate` reply (the token is shown only this once)."""
+
+    name: str
+    token: str
+
+
+class Empty(TypedDict):
+    """The `unsubscribe` and `device_revoke` reply: ``{}``."""
+
+
+#: A successful request's `result`, by its `Reply` (None for a pong).
+Result: TypeAlias = (
+    HubStatus
+    | list[DeviceSummary]
+    | DeviceDetail
+    | list[CommandRecordDict]
+    | CommandRecordDict
+    | Subscribed
+    | NewToken
+    | Empty
+    | None
+)
 
 
 class Reply(enum.Enum):

@@ -26,12 +26,17 @@ from hub.control._codec import (
     DeviceRevoke,
     DeviceRotate,
     Devices,
+    Empty,
     ErrorCode,
+    HubStatus,
+    NewToken,
     Ping,
     Request,
+    Result,
     SendCommand,
     Status,
     Subscribe,
+    Subscribed,
     Unsubscribe,
     decode_auth,
     encode_auth_invalid,
@@ -48,8 +53,11 @@ from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, close_stream, pars
 from hub.fleet import (
     BadName,
     Broadcaster,
+    CommandRecordDict,
     CommandService,
+    DeviceDetail,
     DeviceExists,
+    DeviceSummary,
     Ledgers,
     Presence,
     Registry,
@@ -92,15 +100,16 @@ def _too_big(text: str | bytes, limit: int) -> bool:
 
 
 _R = TypeVar("_R", bound=Request)
-_Handler = Callable[["ControlSession", Any], Awaitable[Any]]
+#: Any: the table holds handlers of different request classes, each looked up by its request's class.
+_Handler = Callable[["ControlSession", Any], Awaitable[Result]]
 #: Request class -> the `ControlSession` method that serves it (registered with `@_handles`).
 _HANDLERS: dict[type[Request], _Handler] = {}
 
 
-def _handles(kind: type[_R]) -> Callable[[Callable[[ControlSession, _R], Awaitable[Any]]], _Handler]:
+def _handles(kind: type[_R]) -> Callable[[Callable[[ControlSession, _R], Awaitable[Result]]], _Handler]:
     """Register the decorated method as the handler of requests of class `kind` (hub.control.REQUESTS)."""
 
-    def register(handler: Callable[[ControlSession, _R], Awaitable[Any]]) -> _Handler:
+    def register(handler: Callable[[ControlSession, _R], Awaitable[Result]]) -> _Handler:
         _HANDLERS[kind] = handler
         return handler
 
@@ -416,7 +425,7 @@ class ControlSession:
         return None
 
     @_handles(Status)
-    async def _status(self, req: Status) -> dict[str, Any]:
+    async def _status(self, req: Status) -> HubStatus:
         server = self.server
         stats = server.stats
         registered = len(await trio.to_thread.run_sync(server.registry.list))
@@ -439,13 +448,13 @@ class ControlSession:
         }
 
     @_handles(Devices)
-    async def _devices(self, req: Devices) -> list[dict[str, Any]]:
+    async def _devices(self, req: Devices) -> list[DeviceSummary]:
         server = self.server
         records = await trio.to_thread.run_sync(server.registry.list)
         return fleet.list_summaries(records, server.presence.status, server.ledgers.find, req.state)
 
     @_handles(Device)
-    async def _device(self, req: Device) -> dict[str, Any]:
+    async def _device(self, req: Device) -> DeviceDetail:
         name = req.name
         server = self.server
         record = await trio.to_thread.run_sync(server.registry.get, name)
@@ -456,18 +465,18 @@ class ControlSession:
         return fleet.device_detail(name, record, status, server.ledgers.find(name), commands)
 
     @_handles(Commands)
-    async def _commands(self, req: Commands) -> list[dict[str, Any]]:
+    async def _commands(self, req: Commands) -> list[CommandRecordDict]:
         records = await self.server.commands.list(device=req.device, state=req.state, limit=req.limit)
         return [r.as_dict() for r in records]
 
     @_handles(Command)
-    async def _command(self, req: Command) -> dict[str, Any]:
+    async def _command(self, req: Command) -> CommandRecordDict:
         record = await self.server.commands.get(req.command_id)
         if record is None:
             raise ControlError(ErrorCode.NOT_FOUND, f"no command {req.command_id[:64]!r}")
         return record.as_dict()
 
-    async def _submit(self, req: SendCommand) -> dict[str, Any]:
+    async def _submit(self, req: SendCommand) -> CommandRecordDict:
         """Submit the command; its record."""
         record = await self.server.commands.submit(
             req.device,
@@ -485,7 +494,7 @@ class ControlSession:
         return record.as_dict()
 
     @_handles(SendCommand)
-    async def _send_command(self, req: SendCommand) -> dict[str, Any]:
+    async def _send_command(self, req: SendCommand) -> CommandRecordDict:
         return await self._submit(req)  # with `wait`, _dispatch replies later instead
 
     async def _wait_and_reply(self, req_id: int, req: SendCommand, command_id: str) -> None:
@@ -502,13 +511,13 @@ class ControlSession:
             self._waits.release()
 
     @_handles(CancelCommand)
-    async def _cancel_command(self, req: CancelCommand) -> dict[str, Any]:
+    async def _cancel_command(self, req: CancelCommand) -> CommandRecordDict:
         record = await self.server.commands.cancel(req.command_id)
         log.info("command cancelled by operator", extra=self.kv(command_id=req.command_id))
         return record.as_dict()
 
     @_handles(Subscribe)
-    async def _subscribe(self, req: Subscribe) -> dict[str, Any]:
+    async def _subscribe(self, req: Subscribe) -> Subscribed:
         cfg = self.server.config.control
         if len(self._subs) >= cfg.max_subscriptions:
             raise ControlError(
@@ -520,7 +529,7 @@ class ControlSession:
         return {"subscription": sub.id}
 
     @_handles(Unsubscribe)
-    async def _unsubscribe(self, req: Unsubscribe) -> dict[str, Any]:
+    async def _unsubscribe(self, req: Unsubscribe) -> Empty:
         sub = self._subs.pop(req.subscription, None)
         if sub is None:
             raise ControlError(ErrorCode.NOT_FOUND, f"no subscription {req.subscription}")
@@ -528,7 +537,7 @@ class ControlSession:
         return {}
 
     @_handles(DeviceAdd)
-    async def _device_add(self, req: DeviceAdd) -> dict[str, Any]:
+    async def _device_add(self, req: DeviceAdd) -> NewToken:
         name = req.name
         try:
             token = await trio.to_thread.run_sync(self.server.registry.add, name)
@@ -540,7 +549,7 @@ class ControlSession:
         return {"name": name, "token": token}
 
     @_handles(DeviceRevoke)
-    async def _device_revoke(self, req: DeviceRevoke) -> dict[str, Any]:
+    async def _device_revoke(self, req: DeviceRevoke) -> Empty:
         name = req.name
         try:
             await trio.to_thread.run_sync(self.server.registry.revoke, name)
@@ -551,7 +560,7 @@ class ControlSession:
         return {}
 
     @_handles(DeviceRotate)
-    async def _device_rotate(self, req: DeviceRotate) -> dict[str, Any]:
+    async def _device_rotate(self, req: DeviceRotate) -> NewToken:
         name = req.name
         try:
             token = await trio.to_thread.run_sync(self.server.registry.rotate, name)

@@ -18,7 +18,7 @@ from hub.fleet._command_states import (
     CommandEvent,
     CommandState,
 )
-from hub.fleet._command_store import CommandRecord, CommandStore
+from hub.fleet._command_store import CommandHistoryEntry, CommandRecord, CommandRecordDict, CommandStore
 from hub.fleet._commands import CommandError, CommandService
 from hub.fleet._ledger import DeviceLedger, Ledgers
 from hub.fleet._presence import DeviceStatus, Presence
@@ -41,8 +41,25 @@ from hub.fleet._registry import (
     registry_path,
     role_allows,
 )
-from hub.fleet._subscriptions import Broadcaster, EventBuffer, Subscription, telemetry_event
-from hub.fleet._summary import device_detail, device_summary, latest_points, list_summaries, state_counts
+from hub.fleet._subscriptions import (
+    Broadcaster,
+    EventBuffer,
+    Subscription,
+    SubscriptionEvent,
+    SubscriptionItem,
+    TelemetryEvent,
+    telemetry_event,
+)
+from hub.fleet._summary import (
+    DeviceDetail,
+    DeviceSummary,
+    LatestPoint,
+    device_detail,
+    device_summary,
+    latest_points,
+    list_summaries,
+    state_counts,
+)
 
 __all__ = [
     "COMMAND_FINAL_STATES",
@@ -58,15 +75,20 @@ __all__ = [
     "Broadcaster",
     "CommandError",
     "CommandEvent",
+    "CommandHistoryEntry",
     "CommandRecord",
+    "CommandRecordDict",
     "CommandService",
     "CommandState",
     "CommandStore",
+    "DeviceDetail",
     "DeviceExists",
     "DeviceLedger",
     "DeviceRecord",
     "DeviceStatus",
+    "DeviceSummary",
     "EventBuffer",
+    "LatestPoint",
     "Ledgers",
     "OperatorExists",
     "OperatorRecord",
@@ -76,6 +98,9 @@ __all__ = [
     "Registry",
     "RegistryError",
     "Subscription",
+    "SubscriptionEvent",
+    "SubscriptionItem",
+    "TelemetryEvent",
     "UnknownDevice",
     "UnknownOperator",
     "device_detail",

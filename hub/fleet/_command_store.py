@@ -14,13 +14,48 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import attrs
 
+from device_client.protocol import JSON
 from hub.fleet._command_states import FINAL_STATES, TIMER_EVENTS, CommandEvent, CommandState, next_state
 
-__all__ = ["CommandRecord", "CommandStore"]
+__all__ = ["CommandHistoryEntry", "CommandRecord", "CommandRecordDict", "CommandStore", "RecordChanges"]
+
+
+class RecordChanges(TypedDict, total=False):
+    """What a transition may set besides the state: the result of a device, when it was delivered."""
+
+    result: JSON
+    error: str
+    delivered_at: float
+
+
+class CommandHistoryEntry(TypedDict):
+    """One step of a command record's `history`: the state entered and when (Unix s)."""
+
+    state: str
+    at: float
+
+
+class CommandRecordDict(TypedDict):
+    """The control channel's "command record" (docs/control.md): `CommandRecord.as_dict`."""
+
+    command_id: str
+    device: str
+    name: str
+    args: dict[str, JSON]
+    state: str
+    created: float
+    updated: float
+    expires: float
+    timeout: float
+    idempotency_key: str | None
+    operator: str
+    result: JSON
+    error: str
+    history: list[CommandHistoryEntry]
 
 
 @attrs.frozen
@@ -30,7 +65,7 @@ class CommandRecord:
     command_id: str
     device: str
     name: str
-    args: dict[str, Any]
+    args: dict[str, JSON]
     state: CommandState
     created: float
     updated: float
@@ -38,7 +73,7 @@ class CommandRecord:
     timeout: float  # seconds for the result after delivery
     idempotency_key: str | None = None
     operator: str = ""
-    result: Any = None
+    result: JSON = None
     error: str = ""
     delivered_at: float | None = None
     history: tuple[tuple[CommandState, float], ...] = ()
@@ -57,12 +92,12 @@ class CommandRecord:
             return self.delivered_at + self.timeout
         return math.inf
 
-    def after(self, event: CommandEvent, now: float, **changes: Any) -> CommandRecord:
+    def after(self, event: CommandEvent, now: float, **changes: Unpack[RecordChanges]) -> CommandRecord:
         """The record after `event` at `now` (Unix s); raises `IllegalTransition` if its state does not take it."""
         state = next_state(self.state, event)
         return attrs.evolve(self, state=state, updated=now, history=(*self.history, (state, now)), **changes)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> CommandRecordDict:
         """The control channel's "command record"."""
         return {
             "command_id": self.command_id,

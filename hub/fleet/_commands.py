@@ -39,16 +39,16 @@ import sqlite3
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Unpack
 
 import trio
 
 from device_client import protocol
-from device_client.protocol import Command, ProtocolError
+from device_client.protocol import JSON, Command, ProtocolError
 from hub.config import CommandsConfig
 from hub.control_codes import ControlError
 from hub.fleet._command_states import FINAL_STATES, STATES, TIMER_EVENTS, CommandEvent, CommandState, allows
-from hub.fleet._command_store import CommandRecord, CommandStore
+from hub.fleet._command_store import CommandRecord, CommandRecordDict, CommandStore, RecordChanges
 from hub.ingest import line
 
 # FINAL_STATES, STATES (_command_states.py), CommandRecord and CommandStore (_command_store.py) are re-exported; outside
@@ -98,7 +98,7 @@ class CommandService:
         *,
         device_exists: Callable[[str], bool],
         write: Callable[[str, int, None], Awaitable[None]],
-        on_change: Callable[[dict[str, Any]], None] | None = None,
+        on_change: Callable[[CommandRecordDict], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -138,7 +138,7 @@ class CommandService:
         self,
         device: str,
         name: str,
-        args: dict[str, Any] | None = None,
+        args: dict[str, JSON] | None = None,
         *,
         ttl: float | None = None,
         timeout: float | None = None,
@@ -279,7 +279,7 @@ class CommandService:
             self._transition(rec, CommandEvent.ACK)
         return True
 
-    async def on_result(self, device: str, command_id: str, ok: bool, result: Any, error: str) -> bool:
+    async def on_result(self, device: str, command_id: str, ok: bool, result: JSON, error: str) -> bool:
         """The device's result. False: not a command this device was sent."""
         rec = self._open.get(command_id)
         if rec is None:
@@ -362,7 +362,7 @@ class CommandService:
                 self._dirty.set()
                 await trio.sleep(1.0)
 
-    def _transition(self, rec: CommandRecord, event: CommandEvent, **changes: Any) -> CommandRecord:
+    def _transition(self, rec: CommandRecord, event: CommandEvent, **changes: Unpack[RecordChanges]) -> CommandRecord:
         """Apply `event` to `rec`; a final state is committed, then announced, before this returns."""
         new = self._apply(rec, event, **changes)
         if new.final:
@@ -371,7 +371,7 @@ class CommandService:
             self._announce(new)
         return new
 
-    def _apply(self, rec: CommandRecord, event: CommandEvent, **changes: Any) -> CommandRecord:
+    def _apply(self, rec: CommandRecord, event: CommandEvent, **changes: Unpack[RecordChanges]) -> CommandRecord:
         """The transition in memory, its write queued (no await: nothing can come between check and change).
 
         Raises `IllegalTransition` (changing nothing) if `rec`'s state does not take `event`."""

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Generic, TypeAlias, TypedDict, TypeVar
 
+from device_client.protocol import FieldValue, Point
 from hub.control_codes import TOPICS as CONTROL_TOPICS
 
-__all__ = ["TOPICS", "Broadcaster", "EventBuffer", "Subscription", "plain_fields", "telemetry_event"]
+if TYPE_CHECKING:
+    from hub.fleet._command_store import CommandRecordDict
+    from hub.fleet._summary import DeviceSummary
+
+__all__ = [
+    "TOPICS",
+    "Broadcaster",
+    "EventBuffer",
+    "Subscription",
+    "SubscriptionEvent",
+    "SubscriptionItem",
+    "TelemetryEvent",
+    "plain_fields",
+    "telemetry_event",
+]
 
 #: The topics a control session may subscribe to.
 TOPICS = CONTROL_TOPICS
@@ -16,8 +31,26 @@ TOPICS = CONTROL_TOPICS
 #: Events a subscription buffers by default (`control.buffer`).
 DEFAULT_BUFFER = 1000
 
+_T = TypeVar("_T")
 
-class EventBuffer:
+
+class TelemetryEvent(TypedDict):
+    """The event of one telemetry point (docs/control.md), integers plain."""
+
+    device: str
+    measurement: str
+    ts: int
+    fields: dict[str, FieldValue]
+    tags: dict[str, str]
+
+
+#: What a subscription buffers: ``(device, point)`` for telemetry (the event is built when it is sent), else the event.
+SubscriptionItem: TypeAlias = "tuple[str, Point] | DeviceSummary | CommandRecordDict"
+#: What a subscription pushes: a telemetry event, a device summary or a command record.
+SubscriptionEvent: TypeAlias = "TelemetryEvent | DeviceSummary | CommandRecordDict"
+
+
+class EventBuffer(Generic[_T]):
     """A bounded buffer of pending events, one per key, oldest first.
 
     `put` is O(1) and never blocks: an event whose key is already waiting replaces it in place
@@ -32,12 +65,12 @@ class EventBuffer:
         self.dropped = 0
         self.coalesced = 0
         self._reported = 0
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._items: OrderedDict[Hashable, _T] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, key: Hashable, item: Any) -> None:
+    def put(self, key: Hashable, item: _T) -> None:
         """Add `item` under `key`: replace a waiting item of the same key, or drop the oldest if full."""
         items = self._items
         if key in items:
@@ -49,7 +82,7 @@ class EventBuffer:
             self.dropped += 1
         items[key] = item
 
-    def pop(self) -> Any:
+    def pop(self) -> _T:
         """The oldest waiting item (raises KeyError when empty)."""
         return self._items.popitem(last=False)[1]
 
@@ -61,14 +94,14 @@ class EventBuffer:
         return self.dropped, self.coalesced
 
 
-def plain_fields(fields: dict[str, Any]) -> dict[str, Any]:
+def plain_fields(fields: dict[str, FieldValue]) -> dict[str, FieldValue]:
     """Field values as operators see them: an explicit integer ``{"int": n}`` becomes plain ``n``."""
     if not any(type(v) is dict for v in fields.values()):
         return fields
     return {k: v["int"] if type(v) is dict else v for k, v in fields.items()}
 
 
-def telemetry_event(device: str, point: dict[str, Any]) -> dict[str, Any]:
+def telemetry_event(device: str, point: Point) -> TelemetryEvent:
     """The event of one telemetry point: ``{"device", "measurement", "ts", "fields", "tags"}``."""
     return {
         "device": device,
@@ -99,13 +132,13 @@ class Subscription:
         self.id = sub_id
         self.topic = topic
         self.devices = devices
-        self.buffer = EventBuffer(capacity)
+        self.buffer: EventBuffer[SubscriptionItem] = EventBuffer(capacity)
         self.notify = notify
         self.active = True
 
-    def render(self, item: Any) -> dict[str, Any]:
+    def render(self, item: SubscriptionItem) -> SubscriptionEvent:
         """The event for a buffered item (telemetry items are ``(device, point)``, others are ready dicts)."""
-        if self.topic == "telemetry":
+        if isinstance(item, tuple):  # only telemetry items are tuples
             device, point = item
             return telemetry_event(device, point)
         return item
@@ -199,7 +232,7 @@ class Broadcaster:
         """Whether anyone watches this device's telemetry (so the caller can skip building events)."""
         return bool(self._telemetry_all) or device in self._telemetry_by_device
 
-    def telemetry(self, device: str, points: list[dict[str, Any]]) -> None:
+    def telemetry(self, device: str, points: list[Point]) -> None:
         """Points just accepted from `device` (validated dicts; they are kept, never mutated)."""
         subs = list(self._telemetry_all.values())
         by_device = self._telemetry_by_device.get(device)
@@ -215,7 +248,7 @@ class Broadcaster:
         """Whether any subscription wants presence events (building a summary costs a registry read)."""
         return bool(self._presence)
 
-    def presence(self, summary: dict[str, Any]) -> None:
+    def presence(self, summary: DeviceSummary) -> None:
         """A device summary after a presence change (coalesced per device)."""
         device = summary["name"]
         for sub in self._presence.values():
@@ -223,7 +256,7 @@ class Broadcaster:
                 sub.buffer.put(device, summary)
                 sub.notify()
 
-    def command(self, record: dict[str, Any]) -> None:
+    def command(self, record: CommandRecordDict) -> None:
         """A command record after a state change (coalesced per command id)."""
         device = record["device"]
         for sub in self._commands.values():

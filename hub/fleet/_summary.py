@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
+from device_client.protocol import FieldValue
+from hub.fleet._command_store import CommandRecordDict
 from hub.fleet._presence_states import INITIAL_STATE, SEEN_STATES, STATES
 from hub.fleet._subscriptions import plain_fields
 
@@ -16,6 +18,9 @@ if TYPE_CHECKING:
 __all__ = [
     "PRESENCE_STATES",
     "STATES",
+    "DeviceDetail",
+    "DeviceSummary",
+    "LatestPoint",
     "device_detail",
     "device_summary",
     "latest_points",
@@ -28,12 +33,42 @@ __all__ = [
 PRESENCE_STATES = SEEN_STATES
 
 
+class DeviceSummary(TypedDict):
+    """The device summary of docs/control.md (a `devices` reply item, a presence event)."""
+
+    name: str
+    state: str  # a PresenceState, or "never"
+    since: float | None
+    reason: str
+    last_seen: float | None
+    epoch: int
+    firmware: str
+    model: str
+    interval: float
+    revoked: bool
+
+
+class LatestPoint(TypedDict):
+    """The newest point of one measurement in a device detail, integers plain."""
+
+    ts: int
+    fields: dict[str, FieldValue]
+    tags: dict[str, str]
+
+
+class DeviceDetail(DeviceSummary):
+    """The `device` reply: the summary plus `latest` (by measurement) and `commands` (newest first)."""
+
+    latest: dict[str, LatestPoint]
+    commands: list[CommandRecordDict]
+
+
 def device_summary(
     name: str,
     record: DeviceRecord | None,
     status: DeviceStatus | None,
     ledger: DeviceLedger | None,
-) -> dict[str, Any]:
+) -> DeviceSummary:
     """The device summary of docs/control.md: name, state, since, reason, last_seen, epoch, firmware, model,
     interval, revoked. State "never" when there is no status; then `since` is the registration time, if known."""
     last_seen = ledger.last_seen if ledger is not None else None
@@ -65,7 +100,7 @@ def device_summary(
     }
 
 
-def latest_points(ledger: DeviceLedger | None) -> dict[str, dict[str, Any]]:
+def latest_points(ledger: DeviceLedger | None) -> dict[str, LatestPoint]:
     """``{measurement: {"ts", "fields", "tags"}}`` of the newest point per measurement, integers plain."""
     if ledger is None:
         return {}
@@ -80,13 +115,10 @@ def device_detail(
     record: DeviceRecord | None,
     status: DeviceStatus | None,
     ledger: DeviceLedger | None,
-    commands: list[dict[str, Any]],
-) -> dict[str, Any]:
+    commands: list[CommandRecordDict],
+) -> DeviceDetail:
     """The summary plus ``latest`` (newest point per measurement) and ``commands`` (records, newest first)."""
-    detail = device_summary(name, record, status, ledger)
-    detail["latest"] = latest_points(ledger)
-    detail["commands"] = commands
-    return detail
+    return {**device_summary(name, record, status, ledger), "latest": latest_points(ledger), "commands": commands}
 
 
 def list_summaries(
@@ -94,7 +126,7 @@ def list_summaries(
     statuses: Mapping[str, DeviceStatus],
     find_ledger: Callable[[str], DeviceLedger | None],
     state: str | None = None,
-) -> list[dict[str, Any]]:
+) -> list[DeviceSummary]:
     """Summaries of every registered device (and any device presence knows of), sorted by name;
     only those in `state` when it is given."""
     by_name: dict[str, DeviceRecord | None] = {r.name: r for r in records}

@@ -21,9 +21,9 @@ import json
 import logging
 import os
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import trio
@@ -32,6 +32,7 @@ import wsproto.utilities
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
 
 from device_client.client import InsecureURLError, TLSHandshakeError, client_ssl_context, tls_handshake_errors
+from device_client.protocol import JSON
 from hub.control import (
     DEFAULT_WAIT_TIMEOUT,
     CancelCommand,
@@ -41,6 +42,7 @@ from hub.control import (
     Device,
     Devices,
     ErrorCode,
+    HubStatus,
     Ping,
     Request,
     SendCommand,
@@ -52,7 +54,7 @@ from hub.control import (
     spec_for,
 )
 from hub.control_codes import TOPICS as CONTROL_TOPICS
-from hub.fleet import COMMAND_FINAL_STATES
+from hub.fleet import COMMAND_FINAL_STATES, CommandRecordDict, DeviceDetail, DeviceSummary
 
 __all__ = [
     "CONTROL_PATH",
@@ -181,7 +183,7 @@ class _Pending:
     """A request waiting for its reply."""
 
     kind: str
-    on_success: Callable[[Any], None] | None = None
+    on_success: Callable[[JSON], None] | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
     reply: dict[str, Any] | None = None
 
@@ -248,7 +250,7 @@ class ControlClient:
 
     # ------------------------------------------------------------------ requests
 
-    async def call(self, request: Request, *, timeout: float | None = None) -> Any:
+    async def call(self, request: Request, *, timeout: float | None = None) -> JSON:
         """Send `request` (one of hub.control.REQUESTS) and return its `result` (None for a ping).
 
         Raises `RequestFailed` for an error reply, `ReplyTimeout` after `timeout` (default:
@@ -260,7 +262,9 @@ class ControlClient:
             timeout = self.reply_timeout + request.wait_timeout
         return await self._request(spec_for(request).type, lambda rid: encode_request(rid, request), timeout)
 
-    async def request(self, kind: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+    async def request(
+        self, kind: str, args: Mapping[str, JSON] | None = None, *, timeout: float | None = None
+    ) -> JSON:
         """Like `call`, but request `kind` with `args` as they are, unchecked: for a type this client does not know."""
 
         def frame(rid: int) -> str:
@@ -273,8 +277,8 @@ class ControlClient:
         kind: str,
         frame: Callable[[int], str],
         timeout: float | None,
-        on_success: Callable[[Any], None] | None = None,
-    ) -> Any:
+        on_success: Callable[[JSON], None] | None = None,
+    ) -> JSON:
         if (closed := self.closed) is not None:
             raise closed
         limit = self.reply_timeout if timeout is None else timeout
@@ -308,40 +312,42 @@ class ControlClient:
         await self.call(Ping())
         return trio.current_time() - start
 
-    async def status(self) -> dict[str, Any]:
+    # The typed requests trust the hub to answer in the shape docs/control.md gives (the casts say so).
+
+    async def status(self) -> HubStatus:
         """The hub's figures (see docs/control.md)."""
-        return await self.call(Status())
+        return cast(HubStatus, await self.call(Status()))
 
-    async def devices(self, state: str | None = None) -> list[dict[str, Any]]:
+    async def devices(self, state: str | None = None) -> list[DeviceSummary]:
         """Device summaries sorted by name, optionally only those in `state` (online, late, offline, never)."""
-        return await self.call(_build(Devices, state=state))
+        return cast(list[DeviceSummary], await self.call(_build(Devices, state=state)))
 
-    async def device(self, name: str) -> dict[str, Any]:
+    async def device(self, name: str) -> DeviceDetail:
         """One device: its summary plus `latest` values and its 20 most recent `commands`."""
-        return await self.call(_build(Device, name=name))
+        return cast(DeviceDetail, await self.call(_build(Device, name=name)))
 
     async def commands(
         self, device: str | None = None, state: str | None = None, limit: int | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[CommandRecordDict]:
         """Command records, newest first."""
-        return await self.call(_build(Commands, device=device, state=state, limit=limit))
+        return cast(list[CommandRecordDict], await self.call(_build(Commands, device=device, state=state, limit=limit)))
 
-    async def command(self, command_id: str) -> dict[str, Any]:
+    async def command(self, command_id: str) -> CommandRecordDict:
         """One command record."""
-        return await self.call(_build(Command, command_id=command_id))
+        return cast(CommandRecordDict, await self.call(_build(Command, command_id=command_id)))
 
     async def send_command(
         self,
         device: str,
         name: str,
-        args: dict[str, Any] | None = None,
+        args: dict[str, JSON] | None = None,
         *,
         ttl: float | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
         wait: bool = False,
         wait_timeout: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> CommandRecordDict:
         """Queue command `name` for `device`; its record. With `wait`, the record once final (or at `wait_timeout`)."""
         request = _build(
             SendCommand,
@@ -354,11 +360,11 @@ class ControlClient:
             wait=wait,
             wait_timeout=wait_timeout,
         )
-        return await self.call(request)
+        return cast(CommandRecordDict, await self.call(request))
 
-    async def cancel_command(self, command_id: str) -> dict[str, Any]:
+    async def cancel_command(self, command_id: str) -> CommandRecordDict:
         """Cancel a command still queued or sent; its record, now cancelled."""
-        return await self.call(_build(CancelCommand, command_id=command_id))
+        return cast(CommandRecordDict, await self.call(_build(CancelCommand, command_id=command_id)))
 
     @asynccontextmanager
     async def subscribe(
@@ -367,7 +373,7 @@ class ControlClient:
         """Subscribe to `topic` (telemetry, presence, commands) of `devices` (None: all); unsubscribe on exit."""
         send, receive = trio.open_memory_channel[Event | Dropped](buffer)
 
-        def route(result: Any) -> None:
+        def route(result: JSON) -> None:
             # Runs in the reader before it reads the next frame, so no event can arrive unrouted.
             if (sid := _subscription_id(result)) is not None:
                 self._routes[sid] = _Route(topic, send)
@@ -488,7 +494,7 @@ class ControlClient:
         return closed
 
 
-def _subscription_id(result: Any) -> int | None:
+def _subscription_id(result: JSON) -> int | None:
     sid = result.get("subscription") if isinstance(result, dict) else None
     return sid if type(sid) is int else None
 
