@@ -605,8 +605,8 @@ class DeviceClient:
     def command(self, name: str) -> Callable[[_Handler], _Handler]:
         """Decorator registering the async handler of the hub's command `name` (replacing an earlier one).
 
-        The handler is ``async def handler(args: dict) -> Any`` or
-        ``async def handler(args: dict, ctx: CommandContext) -> Any``. It runs in its own
+        The handler is ``async def handler(args: dict) -> JSON`` or
+        ``async def handler(args: dict, ctx: CommandContext) -> JSON``. It runs in its own
         task, once per command id; its return value (JSON, at most `MAX_RESULT_BYTES`)
         is the result, an exception makes the command fail with ``str(exc)``.
         """
@@ -1017,6 +1017,7 @@ class DeviceClient:
 
 
 #: What the driver does with each report of the session end: one entry per event type.
+#: (The event argument is untyped: each handler takes the event class it is registered for.)
 _EVENT_HANDLERS: dict[type, Callable[[DeviceClient, Any], None]] = {
     Welcomed: DeviceClient._on_welcomed,
     Acked: DeviceClient._on_acked,

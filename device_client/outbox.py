@@ -7,7 +7,6 @@ import os
 import sqlite3
 from collections import OrderedDict
 from types import TracebackType
-from typing import Any
 
 import attrs
 
@@ -140,7 +139,7 @@ class Outbox:
         # Entries found on disk may have reached the hub before the restart: count them as resends.
         self._sent_max = last_entry
 
-    def _commit(self, sql: str, args: tuple[Any, ...], **meta: int) -> None:
+    def _commit(self, sql: str, args: tuple[object, ...], **meta: int) -> None:
         if self._db is None:
             return
         with self._db:
@@ -446,7 +445,7 @@ class CommandLog:
             for cid in gone:
                 del self._results[cid]
 
-    def _commit(self, sql: str, args: tuple[Any, ...]) -> None:
+    def _commit(self, sql: str, args: tuple[object, ...]) -> None:
         if self._db is not None:
             with self._db:
                 self._db.execute(sql, args)

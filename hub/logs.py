@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TextIO
 
 __all__ = ["FORMATS", "LEVELS", "JsonFormatter", "KvFormatter", "setup_logging"]
 
@@ -35,9 +35,9 @@ def _timestamp(record: logging.LogRecord) -> str:
     return f"{when:%Y-%m-%dT%H:%M:%S}.{int(record.msecs):03d}Z"
 
 
-def _fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, Any]:
+def _fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, object]:
     """The event's keys in output order: ts, level, logger, msg, then the record's kv, then exc."""
-    fields: dict[str, Any] = {
+    fields: dict[str, object] = {
         "ts": _timestamp(record),
         "level": _LEVEL_NAMES.get(record.levelno, record.levelname.lower()),
         "logger": record.name,
@@ -54,7 +54,7 @@ def _fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str
     return fields
 
 
-def _kv_value(value: Any) -> str:
+def _kv_value(value: object) -> str:
     if value is None:
         text = "null"
     elif isinstance(value, bool):

@@ -18,10 +18,11 @@ import enum
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeAlias, TypedDict
+from typing import Any, Final, NoReturn, TypeAlias, TypedDict
 
 import attrs
 
+from device_client.protocol import JSON
 from hub.control_codes import ANSWERS, TOPICS, Answer, ControlError, ErrorCode
 from hub.edge import has_bad_utf8
 from hub.fleet import COMMAND_STATES, DEVICE_STATES, CommandRecordDict, DeviceDetail, DeviceSummary
@@ -77,7 +78,7 @@ MAX_LIMIT = 1000
 DEFAULT_WAIT_TIMEOUT = 30.0
 MAX_WAIT_TIMEOUT = 3600.0
 
-_Validator: TypeAlias = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+_Validator: TypeAlias = Callable[[object, "attrs.Attribute[Any]", object], None]
 
 
 # ---------------------------------------------------------------------------- field checks
@@ -88,7 +89,7 @@ def _typed(
 ) -> _Validator:
     """The value is one of `kinds` (a bool is never taken for a number), or None when `optional`."""
 
-    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if value is None and optional:
             return
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
@@ -98,14 +99,14 @@ def _typed(
 
 
 def _one_of(choices: Sequence[str]) -> _Validator:
-    def check(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if value is not None and value not in choices:
             raise ControlError(ErrorCode.BAD_REQUEST, f"{attribute.name} must be one of {', '.join(choices)}")
 
     return check
 
 
-def _seconds(value: Any) -> Any:
+def _seconds(value: object) -> object:
     """An integer number of seconds as a float (the hub's records show floats); anything else as it is."""
     if isinstance(value, int) and not isinstance(value, bool):
         try:
@@ -115,25 +116,26 @@ def _seconds(value: Any) -> Any:
     return value
 
 
-def _names(value: Any) -> Any:
+def _names(value: object) -> object:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
-def _limit_range(_: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+def _limit_range(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 1 <= value <= MAX_LIMIT:
         raise ControlError(ErrorCode.BAD_REQUEST, f"limit must be 1..{MAX_LIMIT}")
 
 
-def _wait_range(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+def _wait_range(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not 0 < value <= MAX_WAIT_TIMEOUT:
         raise ControlError(ErrorCode.BAD_REQUEST, f"wait_timeout must be in (0, {MAX_WAIT_TIMEOUT:g}] seconds")
 
 
-def _device_list(_: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...] | None) -> None:
+def _device_list(_: object, attribute: attrs.Attribute[Any], value: tuple[object, ...] | None) -> None:
     if value is not None and (not value or not all(isinstance(d, str) for d in value)):
         raise ControlError(ErrorCode.BAD_REQUEST, "devices must be a non-empty list of names (or null for all)")
 
 
+# These return attrs.field's declaration, typed as attrs types it, so the annotated attribute keeps its own type.
 def _name() -> Any:
     return attrs.field(validator=_typed(str))
 
@@ -207,7 +209,7 @@ class SendCommand(Request):
     wait: bool = attrs.field(default=False, validator=_typed(bool))
     device: str = _name()
     name: str = _name()
-    args: dict[str, Any] | None = attrs.field(
+    args: dict[str, JSON] | None = attrs.field(
         default=None,
         validator=_typed(dict, optional=True, code=ErrorCode.BAD_COMMAND, message="args must be an object"),
     )
@@ -340,7 +342,7 @@ class Reply(enum.Enum):
         return list if self in (Reply.SUMMARIES, Reply.RECORDS) else dict
 
 
-_MISSING: Any = object()
+_MISSING: Final = object()
 
 
 @attrs.frozen
@@ -352,7 +354,7 @@ class RequestSpec:
     role: str  # viewer < operator < admin (hub.fleet.ROLES)
     reply: Reply
 
-    def decode(self, body: Mapping[str, Any]) -> Request:
+    def decode(self, body: Mapping[str, object]) -> Request:
         """The request from the JSON object `body`; ControlError (bad_request, bad_command) if an argument is bad."""
         given = {}
         for field in attrs.fields(self.request):
@@ -407,11 +409,11 @@ class Frame:
     """A request frame whose `id` could be read; `type` is as sent (`lookup` checks it), `body` the whole object."""
 
     id: int
-    type: Any
-    body: Mapping[str, Any]
+    type: object
+    body: Mapping[str, object]
 
 
-def _reject_constant(name: str) -> Any:
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
@@ -469,11 +471,11 @@ def decode_auth(text: str | bytes) -> str | None:
 # ---------------------------------------------------------------------------- encoding
 
 
-def _dumps(obj: Mapping[str, Any]) -> str:
+def _dumps(obj: Mapping[str, object]) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
-def _given(attribute: attrs.Attribute[Any], value: Any) -> bool:
+def _given(attribute: attrs.Attribute[Any], value: object) -> bool:
     return bool(value != attribute.default)
 
 
@@ -483,7 +485,7 @@ def encode_request(req_id: int, request: Request) -> str:
     return _dumps({"id": req_id, "type": spec_for(request).type, **args})
 
 
-def encode_reply(req_id: int, request: Request, result: Any) -> str:
+def encode_reply(req_id: int, request: Request, result: Result) -> str:
     """The success answer to `request`: a `pong` frame, or a `result` frame carrying `result`."""
     if spec_for(request).reply is Reply.PONG:
         return _dumps({"type": "pong", "id": req_id})
@@ -497,7 +499,7 @@ def encode_error(req_id: int | None, error: ControlError) -> str:
     )
 
 
-def encode_event(subscription: int, event: Mapping[str, Any]) -> str:
+def encode_event(subscription: int, event: Mapping[str, object]) -> str:
     """A pushed event of `subscription`."""
     return _dumps({"type": "event", "subscription": subscription, "event": event})
 

@@ -100,7 +100,8 @@ def _too_big(text: str | bytes, limit: int) -> bool:
 
 
 _R = TypeVar("_R", bound=Request)
-#: Any: the table holds handlers of different request classes, each looked up by its request's class.
+#: The request argument is untyped here: the table holds handlers of different request classes, each found by its
+#: request's class.
 _Handler = Callable[["ControlSession", Any], Awaitable[Result]]
 #: Request class -> the `ControlSession` method that serves it (registered with `@_handles`).
 _HANDLERS: dict[type[Request], _Handler] = {}
@@ -232,7 +233,7 @@ class ControlSession:
         self._scope = trio.CancelScope()
         self._done = trio.Event()
 
-    def kv(self, **extra: Any) -> dict[str, Any]:
+    def kv(self, **extra: object) -> dict[str, dict[str, object]]:
         """Log context of this session (never a token)."""
         return {"kv": {"operator": self.operator, "role": self.role, "remote": self.remote, **extra}}
 
@@ -356,7 +357,7 @@ class ControlSession:
     async def _dispatch(self, text: str | bytes, nursery: trio.Nursery) -> None:
         """Answer one frame: its id, the operator's rate, its type, the role, its arguments, then its handler."""
         req_id: int | None = None
-        kind: Any = None
+        kind: object = None
         try:
             frame = read_frame(text)
             req_id = frame.id
@@ -381,7 +382,7 @@ class ControlSession:
             return
         await self._send(encode_reply(frame.id, request, result))
 
-    async def _refuse_request(self, req_id: int | None, kind: Any, error: ControlError) -> None:
+    async def _refuse_request(self, req_id: int | None, kind: object, error: ControlError) -> None:
         """Answer `error` and do what its code's answer says (hub.control_codes.ANSWERS)."""
         answer = error.answer
         if answer.close is not None:

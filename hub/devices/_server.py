@@ -233,7 +233,7 @@ class DeviceSession:
         self._scope = trio.CancelScope()
         self._done = trio.Event()
 
-    def _kv(self, **extra: Any) -> dict[str, Any]:
+    def _kv(self, **extra: object) -> dict[str, dict[str, object]]:
         return {"kv": {"device": self.name, "epoch": self.epoch, "remote": self.remote, **extra}}
 
     async def run(self) -> None:
@@ -556,7 +556,7 @@ class DeviceSession:
             self._parked = None
             trio.lowlevel.reschedule(task)
 
-    def _abort_park(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+    def _abort_park(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._parked = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -636,6 +636,7 @@ class DeviceSession:
 
 
 #: What the session does with each event of its `HubConnection` (new telemetry takes the fast path in `_dispatch`).
+#: The event argument is untyped: each handler takes the event class it is registered for.
 _ON_EVENT: dict[type, Callable[[DeviceSession, Any], Awaitable[None]]] = {
     Resent: DeviceSession._resent,
     CommandAck: DeviceSession._command_answer,

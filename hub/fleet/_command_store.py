@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import TypeAlias, TypedDict, Unpack
 
 import attrs
 
@@ -148,7 +148,13 @@ _COLUMNS = (
 )
 
 
-def _row(rec: CommandRecord) -> tuple[Any, ...]:
+#: A `commands` row in `_COLUMNS` order (args, result and history as JSON text).
+_Row: TypeAlias = tuple[
+    str, str, str, str, str, float, float, float, float, str | None, str, str | None, str, float | None, str
+]
+
+
+def _row(rec: CommandRecord) -> _Row:
     return (
         rec.command_id,
         rec.device,
@@ -168,7 +174,7 @@ def _row(rec: CommandRecord) -> tuple[Any, ...]:
     )
 
 
-def _record(row: tuple[Any, ...]) -> CommandRecord:
+def _record(row: _Row) -> CommandRecord:
     return CommandRecord(
         command_id=row[0],
         device=row[1],
@@ -303,7 +309,7 @@ class CommandStore:
                     del self._queued[rec.command_id]
         return len(batch)
 
-    def _select(self, clause: str, params: Iterable[Any] = ()) -> builtins.list[CommandRecord]:
+    def _select(self, clause: str, params: Iterable[object] = ()) -> builtins.list[CommandRecord]:
         self.flush()
         with self._reader_lock:
             rows = self._reader.execute(f"SELECT {_COLUMNS} FROM commands {clause}", tuple(params)).fetchall()

@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import TypeAlias, TypeVar, TypeVarTuple
 
 import attrs
 import trio
@@ -40,9 +40,14 @@ Mark = tuple[object, int]
 """(opaque device token, seq): handed back through `on_durable` once its lines are durable."""
 
 OnDurable = Callable[[list[Mark]], Awaitable[None]]
+#: What the pipeline's input channel carries: (lines, how many, mark or None).
+_Item: TypeAlias = "tuple[str, int, Mark | None]"
+_T = TypeVar("_T")
+_N = TypeVar("_N", int, float)
+_Ts = TypeVarTuple("_Ts")
 
 
-def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+def _positive(_inst: object, attribute: attrs.Attribute[_N], value: _N) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be positive, not {value!r}")
 
@@ -108,7 +113,7 @@ class Pipeline:
         self._config = config
         self._stats = stats
         self._on_durable = on_durable
-        self._send, self._receive = trio.open_memory_channel[tuple[str, int, Mark | None]](config.queue_items)
+        self._send, self._receive = trio.open_memory_channel[_Item](config.queue_items)
         self._sink_lock = trio.Lock()
         self._spool_lock = trio.Lock()
         self._spooled = trio.Event()  # set after an append: wakes the replayer
@@ -229,7 +234,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ writer
 
-    async def _flush_early(self, receive: trio.MemoryReceiveChannel[Any]) -> bool:
+    async def _flush_early(self, receive: trio.MemoryReceiveChannel[_Item]) -> bool:
         """Whether to hand over a batch now, before it is full: when the writer is idle and nothing else is waiting.
 
         Under load the writer is busy and batches grow by themselves; a quiet hub writes at once instead of
@@ -435,7 +440,7 @@ class Pipeline:
             if await trio.to_thread.run_sync(self._sink.check, abandon_on_cancel=True):
                 return
 
-    async def _spool_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _spool_call(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         async with self._spool_lock:
             return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
 
