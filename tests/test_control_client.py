@@ -379,6 +379,26 @@ async def test_subscription_gets_events_sent_right_after_the_reply_and_dropped_r
     assert seen[1] == {"id": 2, "type": "unsubscribe", "subscription": 7}
 
 
+async def test_frames_with_ids_or_counts_of_the_wrong_type_are_ignored_not_fatal() -> None:
+    async def garbling(ws: WebSocketConnection) -> None:
+        async for req in requests(ws):
+            if req["type"] == "subscribe":
+                await ws.send_message(ok(req, {"subscription": 7}))
+                await ws.send_message(json.dumps({"type": "event", "subscription": [7], "event": {}}))
+                await ws.send_message(json.dumps({"type": "dropped", "subscription": 7, "dropped": "x"}))
+                await ws.send_message(json.dumps({"type": "event", "subscription": 7, "event": [1]}))
+            else:
+                await ws.send_message(json.dumps({"type": "result", "id": [req["id"]], "success": True}))
+                await ws.send_message(ok(req, {}))
+
+    async with peer(garbling) as url, open_control(url, TOKEN) as hub:
+        async with hub.subscribe("telemetry") as events:
+            with trio.fail_after(10):
+                items = [await events.__anext__() for _ in range(2)]
+        await hub.ping()  # the reader survived the unhashable ids
+    assert items == [Dropped(7, "telemetry", 0, 0), Event(7, "telemetry", {})]
+
+
 async def test_a_slow_subscriber_holds_events_back_without_loss_or_false_keepalive_alarm() -> None:
     count = 200
 

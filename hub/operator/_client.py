@@ -23,7 +23,7 @@ import os
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import attrs
 import trio
@@ -150,7 +150,7 @@ class Event:
 
     subscription: int
     topic: str
-    event: dict[str, Any] = attrs.field(eq=False)
+    event: dict[str, JSON] = attrs.field(eq=False)  # as the hub sent it: see docs/control.md for its shape
 
 
 @attrs.frozen
@@ -185,7 +185,7 @@ class _Pending:
     kind: str
     on_success: Callable[[JSON], None] | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
-    reply: dict[str, Any] | None = None
+    reply: dict[str, JSON] | None = None
 
 
 @attrs.define(eq=False)
@@ -424,10 +424,11 @@ class ControlClient:
             self._lost(None)
             raise
 
-    async def _dispatch(self, msg: dict[str, Any]) -> None:
+    async def _dispatch(self, msg: dict[str, JSON]) -> None:
         kind = msg.get("type")
         if kind in ("result", "pong"):
-            pending = self._pending.get(msg.get("id"))  # type: ignore[arg-type]
+            rid = msg.get("id")
+            pending = self._pending.get(rid) if type(rid) is int else None
             if pending is None:
                 if msg.get("success") is False:
                     log.warning("error reply to no open request (id %r): %r", msg.get("id"), msg.get("error"))
@@ -440,14 +441,14 @@ class ControlClient:
             pending.done.set()
         elif kind in ("event", "dropped"):
             sid = msg.get("subscription")
-            route = self._routes.get(sid)  # type: ignore[arg-type]
-            if route is None:
+            if type(sid) is not int or (route := self._routes.get(sid)) is None:
                 log.debug("%s for subscription %r, which is not (or no longer) open", kind, sid)
                 return
             if kind == "event":
-                item: Event | Dropped = Event(sid, route.topic, msg.get("event") or {})  # type: ignore[arg-type]
+                event = msg.get("event")
+                item: Event | Dropped = Event(sid, route.topic, event if isinstance(event, dict) else {})
             else:
-                item = Dropped(sid, route.topic, int(msg.get("dropped", 0)), int(msg.get("coalesced", 0)))  # type: ignore[arg-type]
+                item = Dropped(sid, route.topic, _count(msg.get("dropped")), _count(msg.get("coalesced")))
             # A subscriber that has just left closed its channel: drop the item, its unsubscribe is on the way.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 try:
@@ -499,7 +500,12 @@ def _subscription_id(result: JSON) -> int | None:
     return sid if type(sid) is int else None
 
 
-def _build(kind: type[_R], **fields: Any) -> _R:
+def _count(value: JSON) -> int:
+    """A count in a frame from the hub; 0 if it is missing or not an integer."""
+    return value if type(value) is int else 0
+
+
+def _build(kind: type[_R], **fields: object) -> _R:
     """Request `kind` with the `fields` that are not None; one the codec refuses raises `RequestFailed` at once,
     with the code and message the hub would have answered."""
     try:
