@@ -11,13 +11,15 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
-from typing import Any
+from typing import NoReturn
 
 import trio
 
 from device_client.client import client_ssl_context
+from device_client.protocol import JSON
 from hub import fleet
 from hub.control import REQUESTS, ControlError
+from hub.fleet import CommandRecordDict, DeviceDetail
 from hub.operator._client import (
     FINAL_STATES,
     HUB_WAIT_TIMEOUT,
@@ -100,7 +102,7 @@ exit codes: 0 ok; 1 the hub answered with an error (its code is on stderr); 2 us
 failed, expired, timed out or was cancelled, or the wait timed out."""
 
 
-def parse_arg(text: str) -> tuple[str, Any]:
+def parse_arg(text: str) -> tuple[str, JSON]:
     """One ``--arg k=v``: `v` as JSON when it parses (``n=5`` is 5), else as a string (``mode=eco``)."""
     key, eq, raw = text.partition("=")
     if not eq or not key:
@@ -112,11 +114,11 @@ def parse_arg(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _refuse_constant(name: str) -> Any:
+def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")  # NaN, Infinity: keep them as strings
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def _json_object(text: str) -> dict[str, JSON]:
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
@@ -279,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def command_args(opts: argparse.Namespace) -> dict[str, Any] | None:
+def command_args(opts: argparse.Namespace) -> dict[str, JSON] | None:
     """The `args` object of `send`: --args-json, updated by each --arg; None when neither is given."""
     if opts.args_json is None and not opts.args:
         return None
@@ -309,7 +311,7 @@ def _token(opts: argparse.Namespace, env: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------------------- formatting
 
 
-def _clean(value: Any) -> str:
+def _clean(value: object) -> str:
     """`value` as text safe for a terminal: control characters (escape sequences) are shown escaped."""
     text = value if isinstance(value, str) else str(value)
     if text.isprintable():
@@ -317,7 +319,7 @@ def _clean(value: Any) -> str:
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
-def _compact(value: Any) -> str:
+def _compact(value: object) -> str:
     return _clean(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
 
 
@@ -332,7 +334,7 @@ def _dur(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def duration(seconds: Any) -> str:
+def duration(seconds: object) -> str:
     """A length of time for people: ``2.5s``, ``42s``, ``4m05s``, ``3h02m``, ``2d04h``; "-" when unknown."""
     if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not math.isfinite(seconds):
         return "-"
@@ -341,7 +343,7 @@ def duration(seconds: Any) -> str:
     return _dur(max(seconds, 0))
 
 
-def ago(t: Any, now: float) -> str:
+def ago(t: object, now: float) -> str:
     """How long ago Unix time `t` was: ``12s ago``, ``now``, ``in 5m00s`` (future), "-" when unknown."""
     if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
         return "-"
@@ -351,7 +353,7 @@ def ago(t: Any, now: float) -> str:
     return f"{_dur(delta)} ago" if delta > 0 else f"in {_dur(-delta)}"
 
 
-def _when(t: Any, tz: tzinfo | None, *, ms: bool = False) -> str:
+def _when(t: object, tz: tzinfo | None, *, ms: bool = False) -> str:
     """Unix time `t` (seconds) as local date and time."""
     if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
         return "-"
@@ -362,7 +364,7 @@ def _when(t: Any, tz: tzinfo | None, *, ms: bool = False) -> str:
     return stamp.isoformat(" ", "milliseconds" if ms else "seconds")[: 23 if ms else 19]
 
 
-def _at(t: Any, now: float, tz: tzinfo | None) -> str:
+def _at(t: object, now: float, tz: tzinfo | None) -> str:
     when = _when(t, tz)
     return when if when == "-" else f"{when} ({ago(t, now)})"
 
@@ -375,7 +377,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
-def _value(v: Any) -> str:
+def _value(v: object) -> str:
     if v is True or v is False:
         return "true" if v else "false"
     if isinstance(v, dict) and len(v) == 1 and isinstance(v.get("int"), int):
@@ -387,24 +389,24 @@ def _value(v: Any) -> str:
     return _compact(v)
 
 
-def _fields(fields: Any) -> str:
+def _fields(fields: object) -> str:
     if not isinstance(fields, dict):
         return _compact(fields)
     return " ".join(f"{_clean(k)}={_value(v)}" for k, v in fields.items())
 
 
-def _tags(tags: Any) -> str:
+def _tags(tags: object) -> str:
     if not isinstance(tags, dict) or not tags:
         return ""
     return ", ".join(f"{_clean(k)}={_clean(v)}" for k, v in tags.items())
 
 
-def _state(summary: Mapping[str, Any]) -> str:
+def _state(summary: Mapping[str, object]) -> str:
     state = _clean(summary.get("state", "?"))
     return f"{state} (revoked)" if summary.get("revoked") else state
 
 
-def format_devices(devices: Sequence[Mapping[str, Any]], now: float, state: str | None = None) -> str:
+def format_devices(devices: Sequence[Mapping[str, object]], now: float, state: str | None = None) -> str:
     """The `devices` table."""
     if not devices:
         if state == "never":
@@ -427,7 +429,7 @@ def format_devices(devices: Sequence[Mapping[str, Any]], now: float, state: str 
     return "\n".join(table(headers, rows))
 
 
-def _result_text(record: Mapping[str, Any], now: float) -> str:
+def _result_text(record: Mapping[str, object], now: float) -> str:
     state = record.get("state")
     if state == "succeeded":
         result = record.get("result")
@@ -443,7 +445,7 @@ def _shorten(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def format_commands(records: Sequence[Mapping[str, Any]], now: float, *, device_column: bool = True) -> str:
+def format_commands(records: Sequence[Mapping[str, object]], now: float, *, device_column: bool = True) -> str:
     """The `commands` table (newest first, as the hub sends them)."""
     if not records:
         return "no commands"
@@ -473,7 +475,7 @@ def _pairs(pairs: Sequence[tuple[str, str]]) -> list[str]:
     return [f"{k.ljust(width)}  {v}".rstrip() for k, v in pairs]
 
 
-def format_device(device: Mapping[str, Any], now: float, tz: tzinfo | None = None) -> str:
+def format_device(device: DeviceDetail, now: float, tz: tzinfo | None = None) -> str:
     """The `device NAME` view: summary, latest values, recent commands."""
     since = _at(device.get("since"), now, tz)
     reason = f", reason: {_clean(device['reason'])}" if device.get("reason") else ""
@@ -514,7 +516,7 @@ def format_device(device: Mapping[str, Any], now: float, tz: tzinfo | None = Non
     return "\n".join(lines)
 
 
-def format_command(record: Mapping[str, Any], now: float, tz: tzinfo | None = None) -> str:
+def format_command(record: CommandRecordDict, now: float, tz: tzinfo | None = None) -> str:
     """The `command ID` view: the record and its history."""
     pairs = [
         ("command", _clean(record.get("command_id", "?"))),
@@ -540,17 +542,21 @@ def format_command(record: Mapping[str, Any], now: float, tz: tzinfo | None = No
     return "\n".join(lines)
 
 
-def _counts(mapping: Any, keys: Sequence[str] | None = None) -> str:
+def _counts(mapping: object, keys: Sequence[str] | None = None) -> str:
     if not isinstance(mapping, dict) or not mapping:
         return "none"
     keys = keys or list(mapping)
     return ", ".join(f"{_clean(mapping.get(k, 0))} {_clean(k)}" for k in keys)
 
 
-def format_status(status: Mapping[str, Any]) -> str:
-    """The `status` view of the hub's figures."""
-    devices = status.get("devices") or {}
-    ingest = status.get("ingest") or {}
+def _object(value: object) -> Mapping[str, object]:
+    return value if isinstance(value, dict) else {}
+
+
+def format_status(status: Mapping[str, object]) -> str:
+    """The `status` view of the hub's figures (a `HubStatus`; a part missing or malformed shows as "?")."""
+    devices = _object(status.get("devices"))
+    ingest = _object(status.get("ingest"))
     up = ingest.get("sink_up")
     sink = "up" if up is True else "DOWN" if up is False else "?"
     ingest_text = (
@@ -574,15 +580,15 @@ def format_status(status: Mapping[str, Any]) -> str:
     return "\n".join(_pairs(pairs))
 
 
-def _whole(seconds: Any) -> Any:
+def _whole(seconds: object) -> object:
     return int(seconds) if isinstance(seconds, float) and math.isfinite(seconds) else seconds
 
 
-def _plural(n: Any, noun: str) -> str:
+def _plural(n: object, noun: str) -> str:
     return f"{_clean(n)} {noun}" if n == 1 else f"{_clean('?' if n is None else n)} {noun}s"
 
 
-def _bytes(n: Any) -> str:
+def _bytes(n: object) -> str:
     if not isinstance(n, int) or isinstance(n, bool):
         return "?"
     for size, unit in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
@@ -628,7 +634,7 @@ def format_dropped(item: Dropped) -> str:
 
 def _json_line(item: Event | Dropped) -> str:
     if isinstance(item, Event):
-        body: dict[str, Any] = {"type": "event", "topic": item.topic, "event": item.event}
+        body: dict[str, object] = {"type": "event", "topic": item.topic, "event": item.event}
     else:
         body = {"type": "dropped", "topic": item.topic, "dropped": item.dropped, "coalesced": item.coalesced}
     return json.dumps(body, separators=(",", ":"))
@@ -645,7 +651,7 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _show(opts: argparse.Namespace, result: Any, human: Callable[[], str]) -> None:
+def _show(opts: argparse.Namespace, result: object, human: Callable[[], str]) -> None:
     _out(json.dumps(result, indent=2) if opts.json else human())
 
 
@@ -685,7 +691,7 @@ async def _status(hub: ControlClient, opts: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _summary(record: Mapping[str, Any], now: float) -> str:
+def _summary(record: Mapping[str, object], now: float) -> str:
     state = _clean(record.get("state", "?"))
     line = (
         f"command {_clean(record.get('command_id', '?'))} ({_clean(record.get('name', '?'))} "
