@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Final, Literal, NotRequired, TypedDict
 
 import trio
 
@@ -36,7 +36,7 @@ COMMANDS_MEASUREMENT = "hub_commands"
 
 # Fields of the `hub` point, in order. Their types never change (InfluxDB fixes a field's type on first write):
 # counts and gauges are integers, rates, durations and averages floats.
-_INT_FIELDS = (
+_INT_FIELDS: Final = (
     "connections",
     "connects",
     "handshakes_refused",
@@ -66,7 +66,7 @@ _INT_FIELDS = (
     "requests_rate_limited",
     "sink_up",
 )
-_FLOAT_FIELDS = (
+_FLOAT_FIELDS: Final = (
     "uptime_s",
     "points_in_per_s",
     "points_written_per_s",
@@ -83,6 +83,51 @@ _ERROR_CODES = tuple(
         | set(PARSE_FAILURE_REASONS.values())
     )
 )
+
+
+class Snapshot(TypedDict):
+    """The hub's figures: `HubMetrics.current()`, and from `snapshot()` also those of the interval (NotRequired)."""
+
+    uptime_s: float
+    connections: int
+    connects: int
+    handshakes_refused: int
+    handshakes_busy: int
+    handshakes_unanswered: int
+    devices_online: int
+    devices_late: int
+    devices_offline: int
+    messages_in: int
+    points_in: int
+    points_written: int
+    points_spooled: int
+    points_replayed: int
+    points_dropped: int
+    batches_written: int
+    write_seconds_sum: float
+    write_ms_last: float
+    spool_bytes: int
+    spool_records: int
+    spool_full: int
+    queued: int
+    write_errors: int
+    write_retries: int
+    acks_sent: int
+    resends: int
+    throttled: int
+    window_waits: int
+    requests_rate_limited: int
+    sink_up: int
+    protocol_errors: dict[str, int]  # by error code, every code (0 until it occurs)
+    commands: dict[str, int]  # by state, every state
+    command_points_lost: int
+    interval_s: NotRequired[float]
+    points_in_per_s: NotRequired[float]
+    points_written_per_s: NotRequired[float]
+    write_ms_avg: NotRequired[float]
+    write_ms_max: NotRequired[float]
+    batch_lines_avg: NotRequired[float]
+    batch_lines_max: NotRequired[int]
 
 
 class HubMetrics:
@@ -141,7 +186,7 @@ class HubMetrics:
         errors.update(dict(self.stats.protocol_errors))
         return errors
 
-    def current(self) -> dict[str, Any]:
+    def current(self) -> Snapshot:
         """Cumulative counters and gauges as they are now (no interval figures; changes nothing)."""
         s = self.stats
         devices = self._devices()
@@ -181,7 +226,7 @@ class HubMetrics:
             "command_points_lost": self.commands.points_lost if self.commands is not None else 0,
         }
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         """`current()` plus the figures of the interval since the previous snapshot, which this one ends.
 
         Interval figures: `points_in_per_s`, `points_written_per_s`, `write_ms_avg`, `write_ms_max`,
@@ -208,7 +253,7 @@ class HubMetrics:
 
     # ------------------------------------------------------------------ points
 
-    def lines(self, ts_ms: int, snapshot: dict[str, Any] | None = None) -> str:
+    def lines(self, ts_ms: int, snapshot: Snapshot | None = None) -> str:
         """Line protocol of a snapshot (a new one if not given): `hub`, `hub_errors`, `hub_commands` at `ts_ms`.
 
         Every line ends with `\\n` and carries the tag `host`.
@@ -297,10 +342,41 @@ def health(pipeline: Pipeline, sink: Sink) -> tuple[int, str, bytes]:
     return (200 if ok else 503), "application/json", json.dumps(doc).encode()
 
 
+#: The figures the Prometheus collector reads by name (mypy checks each against `Snapshot`).
+_Collected = Literal[
+    "connects",
+    "handshakes_refused",
+    "handshakes_busy",
+    "handshakes_unanswered",
+    "messages_in",
+    "points_in",
+    "points_written",
+    "points_spooled",
+    "points_replayed",
+    "points_dropped",
+    "batches_written",
+    "write_errors",
+    "write_retries",
+    "spool_full",
+    "acks_sent",
+    "resends",
+    "throttled",
+    "window_waits",
+    "requests_rate_limited",
+    "command_points_lost",
+    "connections",
+    "spool_bytes",
+    "spool_records",
+    "queued",
+    "sink_up",
+    "uptime_s",
+]
+
+
 class _HubCollector:
     """A Prometheus collector: metric families over `HubMetrics.current()`."""
 
-    _COUNTERS = (
+    _COUNTERS: Final[tuple[tuple[_Collected, str, str], ...]] = (
         ("connects", "hub_connects", "Device sessions accepted."),
         ("handshakes_refused", "hub_handshakes_refused", "Device handshakes refused before the upgrade."),
         (
@@ -330,7 +406,7 @@ class _HubCollector:
         ("requests_rate_limited", "hub_requests_rate_limited", "Control requests refused over the operator's rate."),
         ("command_points_lost", "hub_command_points_lost", "Command transition points that could not be written."),
     )
-    _GAUGES = (
+    _GAUGES: Final[tuple[tuple[_Collected, str, str], ...]] = (
         ("connections", "hub_connections", "Open device sessions."),
         ("spool_bytes", "hub_spool_bytes", "Bytes waiting in the spool."),
         ("spool_records", "hub_spool_records", "Batches waiting in the spool."),
@@ -355,12 +431,13 @@ class _HubCollector:
         for key, name, doc in self._GAUGES:
             yield GaugeMetricFamily(name, doc, value=snap[key])
         devices = GaugeMetricFamily("hub_devices", "Devices seen since the hub started, by state.", labels=["state"])
+        by_state = {"online": snap["devices_online"], "late": snap["devices_late"], "offline": snap["devices_offline"]}
         for state in SEEN_STATES:
-            devices.add_metric([state.value], snap[f"devices_{state}"])
+            devices.add_metric([state.value], by_state[state])
         yield devices
         commands = GaugeMetricFamily("hub_commands", "Commands in the command store, by state.", labels=["state"])
-        for state, count in snap["commands"].items():
-            commands.add_metric([state], count)
+        for command_state, count in snap["commands"].items():
+            commands.add_metric([command_state], count)
         yield commands
         yield SummaryMetricFamily(
             "hub_write_duration_seconds",
