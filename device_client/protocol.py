@@ -363,7 +363,7 @@ def _parse(text: str | bytes) -> dict[str, JSON]:
 
 
 def _get(obj: dict[str, JSON], key: str, kind: type | tuple[type, ...], default: object = ...) -> Any:
-    # Any: the value is of `kind` (or `default`), which the caller's field declares.
+    # Untyped: the value is of `kind` (or `default`), which the caller's field declares.
     value = obj.get(key, default)
     if value is ...:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"missing {key!r}")
@@ -441,6 +441,7 @@ def _check_tag_value(value: object, key: str, limits: Limits) -> None:
 
 
 def _check_field_value(value: Any, key: str, limits: Limits) -> None:
+    # Untyped: dispatches on type(value) held in a local, as the hot loop in `_validate_points` does.
     t = type(value)
     if t is float:
         # parse_constant refuses NaN/Infinity literals; 1e400 still parses to inf.

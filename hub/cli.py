@@ -50,7 +50,7 @@ prints them, with the control URL and how to get an operator token for hubctl.
 {_SERVE_EPILOG}"""
 
 
-def _default(dotted: str) -> Any:
+def _default(dotted: str) -> object:
     section, _, key = dotted.rpartition(".")
     return getattr(getattr(_DEFAULTS, section) if section else _DEFAULTS, key)
 
@@ -61,7 +61,7 @@ class _Option:
 
     flag: str
     key: str  # "section.key" in HubConfig
-    type: Callable[[str], Any]
+    type: Callable[[str], object]
     metavar: str
     help: str
     shown: str = ""  # how to show the default, when its value alone says too little
@@ -179,7 +179,7 @@ _TUNING = (
 
 def _show(key: str) -> str:
     value = _default(key)
-    if key.endswith("_bytes"):
+    if key.endswith("_bytes") and isinstance(value, int):
         for size, unit in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
             if value >= size and value % size == 0:
                 return f"{value} = {value // size} {unit}"

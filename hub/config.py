@@ -213,8 +213,9 @@ _ZERO_OK = frozenset({"port", "http_port", "max_delay", "max_connections_per_add
 
 
 def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    # TOML values in, checked here; out an instance of `cls` (the sections differ: load_config reads them by name).
     known = {f.name: f for f in attrs.fields(cls)}
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, object] = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{where}: unknown option {key!r} (known: {', '.join(sorted(known))})")
@@ -251,7 +252,7 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
     env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, object] | None = None,
 ) -> HubConfig:
     """Read the TOML file (if any), apply `overrides` ("section.key" -> value), take secrets from `env`.
 

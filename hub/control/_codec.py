@@ -120,12 +120,12 @@ def _names(value: object) -> object:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
-def _limit_range(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+def _limit_range(_: object, attribute: attrs.Attribute[int], value: int) -> None:
     if not 1 <= value <= MAX_LIMIT:
         raise ControlError(ErrorCode.BAD_REQUEST, f"limit must be 1..{MAX_LIMIT}")
 
 
-def _wait_range(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+def _wait_range(_: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not 0 < value <= MAX_WAIT_TIMEOUT:
         raise ControlError(ErrorCode.BAD_REQUEST, f"wait_timeout must be in (0, {MAX_WAIT_TIMEOUT:g}] seconds")
 

@@ -34,7 +34,7 @@ def _string_value(value: str) -> str:
 
 
 def _value(value: Any) -> str:
-    # Any: dispatches on type(value) held in a local (mypy cannot narrow through it).
+    # Untyped: dispatches on type(value) held in a local (mypy cannot narrow through it).
     # Order matters: bool is an int subclass, and plain ints are floats on the wire.
     t = type(value)
     if t is float:
