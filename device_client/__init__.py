@@ -3,6 +3,7 @@
 from device_client.client import (
     ClientStats,
     CommandContext,
+    CommandHandler,
     DeviceClient,
     InsecureURLError,
     TLSHandshakeError,
@@ -10,23 +11,37 @@ from device_client.client import (
     device_url,
 )
 from device_client.outbox import CommandLog, Entry, Outbox, OutboxFull
-from device_client.protocol import MAX_RESULT_BYTES, CloseCode, ErrorCode, Limits, ProtocolError, int_value
+from device_client.protocol import (
+    JSON,
+    MAX_RESULT_BYTES,
+    CloseCode,
+    ErrorCode,
+    FieldValue,
+    Limits,
+    Point,
+    ProtocolError,
+    int_value,
+)
 from device_client.session import DeviceConnection, SessionState
 
 __all__ = [
+    "JSON",
     "MAX_RESULT_BYTES",
     "ClientStats",
     "CloseCode",
     "CommandContext",
+    "CommandHandler",
     "CommandLog",
     "DeviceClient",
     "DeviceConnection",
     "Entry",
     "ErrorCode",
+    "FieldValue",
     "InsecureURLError",
     "Limits",
     "Outbox",
     "OutboxFull",
+    "Point",
     "ProtocolError",
     "SessionState",
     "TLSHandshakeError",

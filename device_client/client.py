@@ -70,6 +70,7 @@ __all__ = [
     "STABLE_SESSION",
     "ClientStats",
     "CommandContext",
+    "CommandHandler",
     "DeviceClient",
     "InsecureURLError",
     "TLSHandshakeError",
