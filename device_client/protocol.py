@@ -63,7 +63,7 @@ INT64_MAX = 2**63 - 1
 RESERVED_TAGS = frozenset({"device"})
 
 #: A JSON value (command args and results): what `json.loads` returns, or anything `json.dumps` writes the same way.
-JSON: TypeAlias = "Mapping[str, JSON] | Sequence[JSON] | str | int | float | bool | None"
+JSON: TypeAlias = Mapping[str, "JSON"] | Sequence["JSON"] | str | int | float | bool | None
 
 #: A field value: float, bool, str, an integer field as on the wire (``{"int": n}``, see `int_value`), or a Python
 #: int (the SDK sends it as ``{"int": n}``; in a decoded point it is a plain JSON integer, which means a float).
