@@ -33,7 +33,7 @@ from device_client import protocol
 
 __all__ = ["GenSpec", "LeanFleet", "SdkFleet", "main"]
 
-#: Failed attempts before a device counts as failed to connect.
+#: Failed attempts in a row before a device counts as failed to connect (a refusal with a Retry-After is none).
 CONNECT_ATTEMPTS = 3
 #: A send blocked this long means the connection is stuck: it is reset (and the device reconnects).
 SEND_STALL = 60.0
@@ -57,7 +57,9 @@ class GenSpec:
     path: str = protocol.DEVICE_PATH
     local_address: str | None = None  # source address, to spread connections over 127.0.0.x
     local_addresses: tuple[str, ...] = ()  # if set: device i connects from local_addresses[i % len] instead
-    connect_concurrency: int = 256  # handshakes in progress at once
+    # Handshakes in progress at once. One generator is one source address, and the hub takes at most 64 handshakes
+    # from one address at a time (server.max_handshakes_per_address): more would measure its refusals instead.
+    connect_concurrency: int = 64
     connect_timeout: float = 30.0
     connect_attempts: int = CONNECT_ATTEMPTS  # failed attempts in a row before a device counts as failed
     ack_latency: bool = False  # time each message from its send to its ack (reported as percentiles)
@@ -345,7 +347,7 @@ class LeanFleet(_Fleet):
             if ok:
                 self.lost += 1
                 failures = 0
-            else:
+            elif dev.retry_after is None:  # refused with a Retry-After: the hub said when to come back, not a failure
                 failures += 1
                 if failures >= attempts:
                     if not dev.settled:

@@ -337,10 +337,12 @@ class DeviceSession:
                 ping_interval=cfg.presence.ping_interval,
                 max_message_bytes=cfg.server.max_message_bytes,
             )
-        await self.ws.send_message(welcome)
         if self._ticket is not None:
+            # Before the send: a device that got its welcome may open its next connection at once (a fleet behind
+            # one address, keeping to its handshake bound), and must find this place free, not be refused 429.
             self._ticket.admitted()
             self._ticket = None
+        await self.ws.send_message(welcome)
         await server.presence.online(
             self.name, self.epoch, firmware=hello.firmware, model=hello.model, interval=hello.interval
         )
