@@ -306,11 +306,7 @@ class ControlSession:
                 await self._abort(CloseCode.TOO_BIG, "message too big")
                 return None
             token = decode_auth(text)
-            found = (
-                None
-                if token is None
-                else await self.server.registry.authenticate_operator(token)
-            )
+            found = None if token is None else await self.server.registry.authenticate_operator(token)
             if found is not None:
                 return Identity(*found)
             self.server.stats.refused += 1

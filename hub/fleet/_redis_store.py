@@ -139,7 +139,9 @@ class RedisStore:
 
     async def revoke(self, name: str) -> None:
         with self._reachable():
-            found: object = await self._set_revoked(keys=[self._device_prefix + name, self._revoked_devices], args=[name, "1"])
+            found: object = await self._set_revoked(
+                keys=[self._device_prefix + name, self._revoked_devices], args=[name, "1"]
+            )
         if not found:
             raise UnknownDevice(f"unknown device {name!r}")
 
@@ -194,7 +196,9 @@ class RedisStore:
         secret, digest = new_secret()
         fields = ["role", role, "token_hash", digest, "created", repr(time.time()), "revoked", "0"]
         with self._reachable():
-            created: object = await self._create(keys=[self._operator_prefix + name, self._operators], args=[name, *fields])
+            created: object = await self._create(
+                keys=[self._operator_prefix + name, self._operators], args=[name, *fields]
+            )
         if not created:
             raise OperatorExists(f"operator {name!r} already exists")
         return f"{OPERATOR_TOKEN_PREFIX}{name}.{secret}"
@@ -256,6 +260,8 @@ def _ssl_context(url: str, ca_file: str) -> ssl.SSLContext | None:
 
 def _where(url: str) -> str:
     parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return parts._replace(netloc=netloc, query="").geturl()
