@@ -239,7 +239,11 @@ async def _serve(
             if not broadcaster.has_presence_subscribers():
                 return  # nobody watches: no registry read per connect
             status = presence.status.get(name)  # before the read: the event reports this change
-            record = await registry.get(name)
+            try:
+                record = await registry.get(name)
+            except StoreUnavailable as exc:  # the event still goes out, without the registry's `revoked`
+                log.warning("presence event without registry record", extra={"kv": {"device": name, "error": str(exc)}})
+                record = None
             broadcaster.presence(device_summary(name, record, status, ledgers.find(name)))
 
         async def device_exists(name: str) -> bool:
