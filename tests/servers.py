@@ -330,7 +330,13 @@ class Redis(_Process):
         """Its URL for coredis and `[state] url`."""
         return f"unix://{self.socket_path}"
 
+    def stop(self) -> None:
+        super().stop()
+        if self.socket_path.parent != self.directory:  # the short directory made for a long path
+            shutil.rmtree(self.socket_path.parent, ignore_errors=True)
+
     def _args(self) -> list[str]:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)  # again after a restart
         return [
             "--port", "0",
             "--unixsocket", str(self.socket_path),
@@ -344,7 +350,7 @@ class Redis(_Process):
         return self.command(b"PING") == b"+PONG\r\n"
 
     def command(self, *words: bytes) -> bytes:
-        """Send one command (inline RESP) and return the raw reply, for checks that need no client library."""
+        """Send one command; its raw RESP reply (one read: small replies only), for checks without a client."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(2)
             sock.connect(str(self.socket_path))
