@@ -52,10 +52,12 @@ def _banner(config: HubConfig, handle: HubHandle, control_url: str) -> str:
     if handle.metrics_port is not None:
         lines[0] += f"; metrics: http://{config.metrics.http_host}:{handle.metrics_port}/metrics"
     ca = f" --ca-file {shlex.quote(config.tls.cert_file)}" if config.tls.enabled else ""
-    data_dir = shlex.quote(config.storage.data_dir)
+    registry = f"--data-dir {shlex.quote(config.storage.data_dir)}"
+    if config.state.backend == "redis":
+        registry = "--config FILE"  # FILE: the config whose [state] names this Redis
     lines += [
         "hubctl needs an operator token; in another terminal:",
-        f"  hub operator add NAME --role operator --data-dir {data_dir}   # prints the token once",
+        f"  hub operator add NAME --role operator {registry}   # prints the token once",
         f"  HUBCTL_TOKEN=TOKEN hubctl --url {control_url}{ca} status",
     ]
     return "\n".join(lines)
