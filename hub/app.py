@@ -21,17 +21,39 @@ from hub.config import HubConfig
 from hub.control import ControlServer
 from hub.devices import DeviceServer
 from hub.edge import Edge, ServerTLS
-from hub.fleet import Broadcaster, CommandService, CommandStore, Ledgers, Presence, Registry, device_summary
+from hub.fleet import (
+    Broadcaster,
+    CommandService,
+    CommandStore,
+    Ledgers,
+    Presence,
+    RegistryStore,
+    StoreUnavailable,
+    device_summary,
+    open_registry_store,
+)
 from hub.ingest import FileSink, InfluxV1Sink, InfluxV2Sink, Pipeline, PipelineConfig, Sink, Spool
 from hub.ops import HubMetrics, serve_http
 from hub.stats import Stats
 
-__all__ = ["HubHandle", "ListenError", "listen_error", "make_sink", "registry_path", "reload_tls", "run", "serve"]
+__all__ = [
+    "HubHandle",
+    "ListenError",
+    "listen_error",
+    "make_sink",
+    "registry_path",
+    "reload_tls",
+    "run",
+    "serve",
+    "start_error",
+]
 
 log = logging.getLogger("hub")
 
 #: Seconds between "hub status" log lines.
 STATUS_EVERY = 10.0
+#: Longest wait at shutdown for the last acked seqs to reach the registry.
+FINAL_SAVE_TIMEOUT = 10.0
 
 
 @attrs.define(eq=False)
@@ -44,7 +66,7 @@ class HubHandle:
     server: DeviceServer
     sink: Sink
     commands: CommandService
-    registry: Registry
+    registry: RegistryStore  # SQLite or Redis ([state] backend)
     ledgers: Ledgers
     broadcaster: Broadcaster
     control: ControlServer
@@ -94,6 +116,18 @@ def listen_error(exc: BaseException) -> ListenError | None:
     leaves = _leaves(exc)
     first = leaves[0]
     if isinstance(first, ListenError) and all(isinstance(leaf, ListenError) for leaf in leaves):
+        return first
+    return None
+
+
+def start_error(exc: BaseException) -> ListenError | StoreUnavailable | None:
+    """What stopped the hub at start, when `exc` is (or only holds) a `ListenError` or an unreachable registry."""
+    error = listen_error(exc)
+    if error is not None:
+        return error
+    leaves = _leaves(exc)
+    first = leaves[0]
+    if isinstance(first, StoreUnavailable) and all(isinstance(leaf, StoreUnavailable) for leaf in leaves):
         return first
     return None
 
@@ -182,8 +216,18 @@ async def serve(
     """Run a hub until `HubHandle.stop()`; report the handle once devices can connect."""
     config.storage.path.mkdir(parents=True, exist_ok=True)
     tls = ServerTLS.from_config(config.tls)  # first: bad TLS files stop the hub before it opens anything
+    async with open_registry_store(config.state, config.storage.path) as registry:  # closed last
+        await _serve(config, registry, tls, sink, task_status)
+
+
+async def _serve(
+    config: HubConfig,
+    registry: RegistryStore,
+    tls: ServerTLS | None,
+    sink: Sink | None,
+    task_status: trio.TaskStatus[HubHandle],
+) -> None:
     sink = sink or make_sink(config)
-    registry = Registry(registry_path(config))
     command_store = CommandStore(config.storage.path / "commands.sqlite3")
     spool = Spool(config.storage.path / "spool", config.storage.spool_max_bytes)
     stats = Stats()
@@ -191,11 +235,19 @@ async def serve(
     try:
         broadcaster = Broadcaster()
 
-        def presence_changed(name: str) -> None:
+        async def presence_changed(name: str) -> None:
             if not broadcaster.has_presence_subscribers():
                 return  # nobody watches: no registry read per connect
-            status = presence.status.get(name)
-            broadcaster.presence(device_summary(name, registry.get(name), status, ledgers.find(name)))
+            status = presence.status.get(name)  # before the read: the event reports this change
+            try:
+                record = await registry.get(name)
+            except StoreUnavailable as exc:  # the event still goes out, without the registry's `revoked`
+                log.warning("presence event without registry record", extra={"kv": {"device": name, "error": str(exc)}})
+                record = None
+            broadcaster.presence(device_summary(name, record, status, ledgers.find(name)))
+
+        async def device_exists(name: str) -> bool:
+            return await registry.get(name) is not None
 
         pipeline = Pipeline(sink, spool, _pipeline_config(config), stats, ledgers.on_durable_callback())
         presence = Presence(
@@ -207,7 +259,7 @@ async def serve(
         commands = CommandService(
             command_store,
             config.commands,
-            device_exists=lambda name: registry.get(name) is not None,
+            device_exists=device_exists,
             write=pipeline.submit,
             on_change=broadcaster.command,
         )
@@ -283,12 +335,15 @@ async def serve(
         log.info("hub stopped", extra={"kv": {"written": stats.points_written, "spooled": stats.points_spooled}})
     finally:
         try:
-            ledgers.save()  # acks sent since the last periodic save (durable marks only: safe even when cancelled)
+            # Acks sent since the last periodic save (durable marks only: safe even when cancelled), bounded.
+            with trio.CancelScope(shield=True), trio.move_on_after(FINAL_SAVE_TIMEOUT) as saving:
+                await ledgers.save()
+            if saving.cancelled_caught:
+                log.error("acked seqs not saved in time; devices resend what the registry does not know")
         finally:
             spool.close()
             sink.close()
             command_store.close()
-            registry.close()
 
 
 def reload_tls(handle: HubHandle) -> bool:
@@ -332,12 +387,12 @@ def tune_gc() -> None:
 
 
 def run(config: HubConfig) -> int:
-    """Entry point of `hub serve`: run until a signal; the exit code (1: a listener could not open)."""
+    """Entry point of `hub serve`: run until a signal; the exit code (1: a listener or Redis could not be had)."""
     tune_gc()
     try:
         trio.run(serve_until_signal, config)
-    except (ListenError, BaseExceptionGroup) as exc:
-        error = listen_error(exc)
+    except (ListenError, StoreUnavailable, BaseExceptionGroup) as exc:
+        error = start_error(exc)
         if error is None:
             raise
         print(f"hub: error: {error}", file=sys.stderr)

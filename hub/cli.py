@@ -11,14 +11,25 @@ import shlex
 import sqlite3
 import sys
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import attrs
+import trio
 
 from hub.config import INFLUX_PASSWORD_ENV, INFLUX_TOKEN_ENV, ConfigError, HubConfig, load_config
-from hub.fleet import REGISTRY_FILE, ROLES, DeviceRecord, OperatorRecord, Registry, RegistryError, registry_path
+from hub.fleet import (
+    REGISTRY_FILE,
+    ROLES,
+    DeviceRecord,
+    OperatorRecord,
+    RegistryError,
+    RegistryStore,
+    StoreUnavailable,
+    open_registry_store,
+    registry_path,
+)
 from hub.logs import FORMATS, LEVELS, setup_logging
 
 __all__ = ["build_parser", "main"]
@@ -241,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     device = commands.add_parser(
         "device",
         help="register devices and manage their tokens",
-        description=f"Manage the device registry (DATA_DIR/{REGISTRY_FILE}); safe to use while a hub runs.",
+        description=f"Manage the device registry (DATA_DIR/{REGISTRY_FILE}, or Redis with [state] backend = "
+        '"redis"); safe to use while hubs run.',
     )
     actions = device.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, func, text in (
@@ -277,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser(
         "operator",
         help="manage the operators of the control channel and their tokens",
-        description=f"Manage control-channel operators (DATA_DIR/{REGISTRY_FILE}); safe to use while a hub runs.",
+        description=f"Manage control-channel operators (DATA_DIR/{REGISTRY_FILE}, or Redis with [state] backend = "
+        '"redis"); safe to use while hubs run.',
     )
     op_actions = operator.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, func, text in (
@@ -389,21 +402,29 @@ def _demo_ports(config: HubConfig, args: argparse.Namespace) -> HubConfig:
     return attrs.evolve(config, server=server, metrics=metrics)
 
 
-def _registry_command(
-    action: Callable[[Registry, argparse.Namespace], None],
-) -> Callable[[argparse.Namespace], int]:
-    """Run `action` on the configured registry; registry and storage errors become a message and exit 1."""
+_Action = Callable[[RegistryStore, argparse.Namespace], Awaitable[None]]
+
+
+def _registry_command(action: _Action) -> Callable[[argparse.Namespace], int]:
+    """Run `action` on the configured registry store; its refusals and storage errors become a message and exit 1."""
 
     def command(args: argparse.Namespace) -> int:
         config = _config(args)
         if config is None:
             return 2
+
+        async def run() -> None:
+            async with open_registry_store(config.state, config.storage.data_dir) as store:
+                await action(store, args)
+
         path = registry_path(config.storage.data_dir)
         try:
-            with Registry(path) as registry:
-                action(registry, args)
-        except RegistryError as exc:
-            _error(str(exc))
+            trio.run(run)
+        except (RegistryError, StoreUnavailable, BaseExceptionGroup) as exc:
+            error = _sole_error(exc)  # Redis: errors come out of its client's task group
+            if error is None:
+                raise
+            _error(str(error))
             return 1
         except (OSError, sqlite3.Error) as exc:
             _error(f"registry {path}: {exc}")
@@ -411,6 +432,13 @@ def _registry_command(
         return 0
 
     return command
+
+
+def _sole_error(exc: BaseException) -> RegistryError | StoreUnavailable | None:
+    """The registry or store error `exc` is, or is the only one in (through exception groups); else None."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, RegistryError | StoreUnavailable) else None
 
 
 def _print_token(token: str, who: str = "device") -> None:
@@ -427,24 +455,24 @@ def _state(record: DeviceRecord) -> str:
 
 
 @_registry_command
-def _cmd_add(registry: Registry, args: argparse.Namespace) -> None:
-    _print_token(registry.add(args.name))
+async def _cmd_add(registry: RegistryStore, args: argparse.Namespace) -> None:
+    _print_token(await registry.add(args.name))
 
 
 @_registry_command
-def _cmd_rotate(registry: Registry, args: argparse.Namespace) -> None:
-    _print_token(registry.rotate(args.name))
+async def _cmd_rotate(registry: RegistryStore, args: argparse.Namespace) -> None:
+    _print_token(await registry.rotate(args.name))
 
 
 @_registry_command
-def _cmd_revoke(registry: Registry, args: argparse.Namespace) -> None:
-    registry.revoke(args.name)
+async def _cmd_revoke(registry: RegistryStore, args: argparse.Namespace) -> None:
+    await registry.revoke(args.name)
     print(f"hub: device {args.name!r} revoked", file=sys.stderr)
 
 
 @_registry_command
-def _cmd_list(registry: Registry, args: argparse.Namespace) -> None:
-    records = registry.list()
+async def _cmd_list(registry: RegistryStore, args: argparse.Namespace) -> None:
+    records = await registry.list()
     if args.json:
         rows = [
             {
@@ -483,10 +511,10 @@ def _cmd_add_sim(args: argparse.Namespace) -> int:
     with out as stream:
 
         @_registry_command
-        def add_sims(registry: Registry, args: argparse.Namespace) -> None:
+        async def add_sims(registry: RegistryStore, args: argparse.Namespace) -> None:
             from hub.demo import register_devices  # the demo's device names; it imports the server
 
-            print("\n".join(register_devices(registry, args.count)), file=stream)
+            print("\n".join(await register_devices(registry, args.count)), file=stream)
 
         code = add_sims(args)
     if code == 0 and args.tokens_file is None:
@@ -502,19 +530,19 @@ def _operator_state(record: OperatorRecord) -> str:
 
 
 @_registry_command
-def _cmd_operator_add(registry: Registry, args: argparse.Namespace) -> None:
-    _print_token(registry.add_operator(args.name, args.role), "operator")
+async def _cmd_operator_add(registry: RegistryStore, args: argparse.Namespace) -> None:
+    _print_token(await registry.add_operator(args.name, args.role), "operator")
 
 
 @_registry_command
-def _cmd_operator_revoke(registry: Registry, args: argparse.Namespace) -> None:
-    registry.revoke_operator(args.name)
+async def _cmd_operator_revoke(registry: RegistryStore, args: argparse.Namespace) -> None:
+    await registry.revoke_operator(args.name)
     print(f"hub: operator {args.name!r} revoked (open sessions are closed within seconds)", file=sys.stderr)
 
 
 @_registry_command
-def _cmd_operator_list(registry: Registry, args: argparse.Namespace) -> None:
-    records = registry.list_operators()
+async def _cmd_operator_list(registry: RegistryStore, args: argparse.Namespace) -> None:
+    records = await registry.list_operators()
     if args.json:
         rows = [
             {"name": r.name, "role": r.role, "state": _operator_state(r), "created": _iso(r.created)} for r in records

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -22,6 +24,7 @@ __all__ = [
     "MetricsConfig",
     "PresenceConfig",
     "ServerConfig",
+    "StateConfig",
     "StorageConfig",
     "TLSConfig",
     "load_config",
@@ -30,6 +33,13 @@ __all__ = [
 #: Environment variables that carry the InfluxDB secrets (never put them in the TOML file).
 INFLUX_TOKEN_ENV = "HUB_INFLUX_TOKEN"
 INFLUX_PASSWORD_ENV = "HUB_INFLUX_PASSWORD"
+#: Environment variables for the Redis state backend: its password, and a URL that overrides `[state] url`.
+REDIS_PASSWORD_ENV = "HUB_REDIS_PASSWORD"
+REDIS_URL_ENV = "HUB_REDIS_URL"
+#: State backends: SQLite files in the data directory (one hub process), or Redis (shared by many).
+STATE_BACKENDS = ("sqlite", "redis")
+#: URL schemes of the Redis backend: plain TCP, TLS, a Unix socket.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 #: InfluxDB refuses a point whose series key (measurement + tags) is longer than this many bytes.
@@ -40,6 +50,9 @@ def _max_series_key_bytes(limits: Limits) -> int:
     """Worst-case series key in bytes: 4 bytes a character (UTF-8), escaping included; the device tag on top."""
     name, value = 4 * limits.max_name_len, 4 * limits.max_tag_value_len
     return name + limits.max_tags * (name + value + 2) + len(",device=") + 64
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ConfigError(Exception):
@@ -163,6 +176,17 @@ class StorageConfig:
 
 
 @attrs.frozen
+class StateConfig:
+    """Where the registry and the acked seqs live: SQLite in the data directory, or Redis shared by many hubs."""
+
+    backend: str = "sqlite"  # one of STATE_BACKENDS
+    url: str = "redis://127.0.0.1:6379"  # redis://, rediss:// (TLS) or unix://; HUB_REDIS_URL overrides it
+    prefix: str = "hub"  # every Redis key starts with "<prefix>:" (several fleets may share one Redis)
+    ca_file: str = ""  # rediss://: PEM CA bundle the server's certificate must chain to; empty: the system's CAs
+    password: str = attrs.field(default="", repr=False)  # from HUB_REDIS_PASSWORD
+
+
+@attrs.frozen
 class BatchConfig:
     """The batcher and writer."""
 
@@ -189,6 +213,7 @@ class HubConfig:
     commands: CommandsConfig = attrs.field(factory=CommandsConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
+    state: StateConfig = attrs.field(factory=StateConfig)
     batch: BatchConfig = attrs.field(factory=BatchConfig)
     limits: Limits = attrs.field(factory=Limits)
     log_level: str = "info"
@@ -203,6 +228,7 @@ _SECTIONS: dict[str, type] = {
     "commands": CommandsConfig,
     "metrics": MetricsConfig,
     "storage": StorageConfig,
+    "state": StateConfig,
     "batch": BatchConfig,
     "limits": Limits,
 }
@@ -223,7 +249,8 @@ def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
         if key == "token":
             raise ConfigError(f"{where}: put the token in the {INFLUX_TOKEN_ENV} environment variable")
         if key == "password":
-            raise ConfigError(f"{where}: put the password in the {INFLUX_PASSWORD_ENV} environment variable")
+            env = REDIS_PASSWORD_ENV if cls is StateConfig else INFLUX_PASSWORD_ENV
+            raise ConfigError(f"{where}: put the password in the {env} environment variable")
         if isinstance(default, tuple):
             ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
             value = tuple(value) if ok else value
@@ -246,6 +273,21 @@ def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
                 raise ConfigError(f"{where}.{key}: must be greater than zero")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _state(state: StateConfig, env: Mapping[str, str]) -> StateConfig:
+    """The [state] section checked, with the URL and password from the environment."""
+    if state.backend not in STATE_BACKENDS:
+        raise ConfigError(f"state.backend: expected {' or '.join(STATE_BACKENDS)}, got {state.backend!r}")
+    if urlsplit(state.url).password:
+        raise ConfigError(f"state.url: put the password in the {REDIS_PASSWORD_ENV} environment variable")
+    url = env.get(REDIS_URL_ENV) or state.url
+    if urlsplit(url).scheme not in REDIS_SCHEMES:
+        where = REDIS_URL_ENV if env.get(REDIS_URL_ENV) else "state.url"
+        raise ConfigError(f"{where}: expected a redis://, rediss:// or unix:// URL, got {url!r}")
+    if not _PREFIX.fullmatch(state.prefix):
+        raise ConfigError(f"state.prefix: use 1-64 of A-Z a-z 0-9 _ - . (no ':'), got {state.prefix!r}")
+    return attrs.evolve(state, url=url, password=env.get(REDIS_PASSWORD_ENV, ""))
 
 
 def load_config(
@@ -290,6 +332,7 @@ def load_config(
     sections = {name: _section(cls, merged[name], name) for name, cls in _SECTIONS.items()}
     secrets = {"token": env.get(INFLUX_TOKEN_ENV, ""), "password": env.get(INFLUX_PASSWORD_ENV, "")}
     sections["influx"] = attrs.evolve(sections["influx"], **{k: v for k, v in secrets.items() if v})
+    sections["state"] = _state(sections["state"], env)
     tls = sections["tls"]
     if bool(tls.cert_file) != bool(tls.key_file):
         raise ConfigError("tls: cert_file and key_file go together (both for wss://, neither for plain ws://)")

@@ -6,15 +6,14 @@ import logging
 import shlex
 import signal
 import sys
-from pathlib import Path
 
 import trio
 
 from firmware_sim.fleet import FleetTotals, run_fleet
-from hub.app import HubHandle, listen_error, registry_path, serve
+from hub.app import HubHandle, serve, start_error
 from hub.config import HubConfig
 from hub.control import CONTROL_PATH
-from hub.fleet import DeviceExists, Registry
+from hub.fleet import DeviceExists, RegistryStore, open_registry_store
 
 __all__ = ["SIM_NAME", "register_devices", "run_demo"]
 
@@ -26,15 +25,15 @@ DEMO_INTERVAL = 1.0
 SIM_NAME = "sim-{:04d}"
 
 
-def register_devices(registry: Registry, count: int) -> list[str]:
+async def register_devices(registry: RegistryStore, count: int) -> list[str]:
     """Register (or re-key) devices sim-0001..sim-<count>; return their new tokens, in that order."""
     tokens = []
     for i in range(1, count + 1):
         name = SIM_NAME.format(i)
         try:
-            tokens.append(registry.add(name))
+            tokens.append(await registry.add(name))
         except DeviceExists:
-            tokens.append(registry.rotate(name))
+            tokens.append(await registry.rotate(name))
     return tokens
 
 
@@ -53,10 +52,12 @@ def _banner(config: HubConfig, handle: HubHandle, control_url: str) -> str:
     if handle.metrics_port is not None:
         lines[0] += f"; metrics: http://{config.metrics.http_host}:{handle.metrics_port}/metrics"
     ca = f" --ca-file {shlex.quote(config.tls.cert_file)}" if config.tls.enabled else ""
-    data_dir = shlex.quote(config.storage.data_dir)
+    registry = f"--data-dir {shlex.quote(config.storage.data_dir)}"
+    if config.state.backend == "redis":
+        registry = "--config FILE"  # FILE: the config whose [state] names this Redis
     lines += [
         "hubctl needs an operator token; in another terminal:",
-        f"  hub operator add NAME --role operator --data-dir {data_dir}   # prints the token once",
+        f"  hub operator add NAME --role operator {registry}   # prints the token once",
         f"  HUBCTL_TOKEN=TOKEN hubctl --url {control_url}{ca} status",
     ]
     return "\n".join(lines)
@@ -64,8 +65,8 @@ def _banner(config: HubConfig, handle: HubHandle, control_url: str) -> str:
 
 async def _demo(config: HubConfig, devices: int, duration: float) -> None:
     config.storage.path.mkdir(parents=True, exist_ok=True)
-    with Registry(Path(registry_path(config))) as registry:
-        tokens = register_devices(registry, devices)
+    async with open_registry_store(config.state, config.storage.path) as registry:
+        tokens = await register_devices(registry, devices)
     async with trio.open_nursery() as nursery:
         handle: HubHandle = await nursery.start(serve, config)
         host = "127.0.0.1" if config.server.host in ("0.0.0.0", "") else config.server.host
@@ -118,7 +119,7 @@ def run_demo(config: HubConfig, *, devices: int, duration: float) -> int:
     try:
         trio.run(_demo, config, devices, duration)
     except (OSError, BaseExceptionGroup) as exc:
-        error = exc if isinstance(exc, OSError) else listen_error(exc)
+        error = exc if isinstance(exc, OSError) else start_error(exc)
         if error is None:
             raise
         print(f"hub: error: {error}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""Servers for tests, on loopback: real VictoriaMetrics and InfluxDB 1.x, a scripted HTTP write endpoint, a scripted
-device hub (`FakeHub`)."""
+"""Servers for tests, on loopback: real VictoriaMetrics, InfluxDB 1.x and Redis, a scripted HTTP write endpoint, a
+scripted device hub (`FakeHub`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import json
 import math
 import re
 import shutil
+import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -51,6 +53,7 @@ __all__ = [
     "FakeHub",
     "InfluxDB1",
     "Plan",
+    "Redis",
     "ScriptedWriteServer",
     "VictoriaMetrics",
     "batch",
@@ -86,6 +89,7 @@ class _Process:
 
     binary = ""
     package = ""
+    needs_port = True  # False: the server listens on something else (a Unix socket), known before it starts
 
     def __init__(self, directory: Path, port: int | None = None) -> None:
         self.directory = Path(directory)
@@ -128,12 +132,12 @@ class _Process:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 self._fail(f"exited with code {self._proc.returncode}")
-            if not self.port:
+            if self.needs_port and not self.port:
                 with open(self.log_path, "rb") as logf:
                     logf.seek(offset)
                     self.port = self._bound_port(self._proc.pid, logf.read().decode(errors="replace")) or 0
             try:
-                if self.port and self._ready():
+                if (self.port or not self.needs_port) and self._ready():
                     return
             except OSError:
                 pass
@@ -143,7 +147,8 @@ class _Process:
     def _fail(self, why: str) -> None:
         tail = self.log_path.read_text(errors="replace")[-3000:]
         self.stop()
-        pytest.fail(f"{self.binary} on port {self.port} {why}; log tail:\n{tail}", pytrace=False)
+        where = f"on port {self.port}" if self.needs_port else f"in {self.directory}"
+        pytest.fail(f"{self.binary} {where} {why}; log tail:\n{tail}", pytrace=False)
 
     def stop(self) -> None:
         """Terminate (kill after 10 s); safe to call twice."""
@@ -305,6 +310,52 @@ class InfluxDB1(_Process):
         """The rows of the first series of a query, as dicts of column -> value."""
         series = self.query(influxql, db)["results"][0].get("series", [])
         return [dict(zip(s["columns"], row, strict=True)) for s in series for row in s["values"]]
+
+
+class Redis(_Process):
+    """A Redis server on a Unix socket in its directory (no TCP listener: `--port 0`), nothing saved to disk."""
+
+    binary = "redis-server"
+    package = "redis-server"
+    needs_port = False
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.socket_path = self.directory / "redis.sock"
+        if len(str(self.socket_path)) > 100:  # a Unix socket path holds at most 107 bytes
+            self.socket_path = Path(tempfile.mkdtemp(prefix="redis-")) / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        """Its URL for coredis and `[state] url`."""
+        return f"unix://{self.socket_path}"
+
+    def stop(self) -> None:
+        super().stop()
+        if self.socket_path.parent != self.directory:  # the short directory made for a long path
+            shutil.rmtree(self.socket_path.parent, ignore_errors=True)
+
+    def _args(self) -> list[str]:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)  # again after a restart
+        return [
+            "--port", "0",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "no",
+        ]  # fmt: skip
+
+    def _ready(self) -> bool:
+        return self.command(b"PING") == b"+PONG\r\n"
+
+    def command(self, *words: bytes) -> bytes:
+        """Send one command; its raw RESP reply (one read: small replies only), for checks without a client."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(str(self.socket_path))
+            sock.sendall(b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words))
+            return sock.recv(65536)
 
 
 Responder = Callable[[str, str], "tuple[int, dict[str, str], bytes]"]

@@ -47,9 +47,10 @@ async def service(store: CommandStore, clock: Callable[[], float] = wall) -> Asy
     async def write(text: str, n: int, mark: None) -> None:
         pass
 
-    svc = CommandService(
-        store, CommandsConfig(), device_exists=lambda name: name in ("d1", "d2"), write=write, clock=clock
-    )
+    async def device_exists(name: str) -> bool:
+        return name in ("d1", "d2")
+
+    svc = CommandService(store, CommandsConfig(), device_exists=device_exists, write=write, clock=clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(svc.run)
         yield svc

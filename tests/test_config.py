@@ -8,7 +8,15 @@ from pathlib import Path
 import attrs
 import pytest
 
-from hub.config import INFLUX_TOKEN_ENV, ConfigError, HubConfig, load_config
+from hub.config import (
+    INFLUX_PASSWORD_ENV,
+    INFLUX_TOKEN_ENV,
+    REDIS_PASSWORD_ENV,
+    REDIS_URL_ENV,
+    ConfigError,
+    HubConfig,
+    load_config,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "hub.example.toml"
 
@@ -109,6 +117,11 @@ def test_bad_override_value() -> None:
         ("[presence]\nping_timeout = -0.5\n", "presence.ping_timeout: must be greater than zero"),
         ("[limits]\nmax_points = -5\n", "limits.max_points: must be greater than zero"),
         ('log_level = "loud"\n', "log_level"),
+        ('[state]\nbackend = "postgres"\n', "state.backend: expected sqlite or redis, got 'postgres'"),
+        ('[state]\nurl = "http://redis:6379"\n', "state.url: expected a redis://, rediss:// or unix:// URL"),
+        ('[state]\nurl = "redis://:pw@redis:6379"\n', f"state.url: put the password in the {REDIS_PASSWORD_ENV}"),
+        ('[state]\nprefix = "a:b"\n', "state.prefix: use 1-64 of"),
+        ('[state]\nprefix = ""\n', "state.prefix: use 1-64 of"),
         ("[server\n", "hub.toml"),  # not TOML
     ],
 )
@@ -139,3 +152,19 @@ def test_limits_that_would_let_a_series_key_outgrow_influxdb_are_refused() -> No
     for overrides in ({"limits.max_tags": 43}, {"limits.max_tag_value_len": 512}):
         with pytest.raises(ConfigError, match="series key could reach"):
             load_config(None, env={}, overrides=overrides)
+
+
+def test_state_backend_url_and_password_from_env(tmp_path: Path) -> None:
+    assert load_config(None, env={}).state.backend == "sqlite"
+    with pytest.raises(ConfigError, match=f"state: put the password in the {REDIS_PASSWORD_ENV} environment"):
+        load_config(_write(tmp_path, '[state]\npassword = "s3cret"\n'), env={})
+    with pytest.raises(ConfigError, match=f"influx: put the password in the {INFLUX_PASSWORD_ENV} environment"):
+        load_config(_write(tmp_path, '[influx]\npassword = "s3cret"\n'), env={})
+    path = _write(tmp_path, '[state]\nbackend = "redis"\nurl = "redis://a:6379"\nprefix = "east"\n')
+    state = load_config(path, env={REDIS_PASSWORD_ENV: "s3cret"}).state
+    assert (state.backend, state.url, state.prefix, state.password) == ("redis", "redis://a:6379", "east", "s3cret")
+    assert "s3cret" not in repr(state)
+    overridden = load_config(path, env={REDIS_URL_ENV: "rediss://:pw@b:6380/1"}).state
+    assert overridden.url == "rediss://:pw@b:6380/1"  # the environment may carry the password in the URL
+    with pytest.raises(ConfigError, match=f"{REDIS_URL_ENV}: expected a redis://"):
+        load_config(path, env={REDIS_URL_ENV: "b:6380"})

@@ -7,7 +7,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from hub.fleet import Ledgers, Registry, registry_path
+from hub.fleet import Ledgers, Registry, SQLiteStore, registry_path
 from tests.waiting import eventually
 
 
@@ -24,23 +24,23 @@ def _stored(registry: Registry) -> dict[str, int]:
 
 async def test_durable_marks_advance_ledgers_at_once_and_reach_the_registry_on_save(tmp_path: Path) -> None:
     with _registry(tmp_path, "d1", "d2") as registry:
-        ledgers = Ledgers(registry)
+        ledgers = Ledgers(SQLiteStore(registry))
         d1, d2 = ledgers.get("d1", 0), ledgers.get("d2", 0)
         on_durable = ledgers.on_durable_callback()
         await on_durable([(d1, 1), (d2, 4), (d1, 3), (d1, 2)])
         assert (d1.durable, d2.durable) == (3, 4)
         assert _stored(registry) == {"d1": 0, "d2": 0}  # not yet saved: acks did not wait for the registry
-        ledgers.save()
+        await ledgers.save()
         assert _stored(registry) == {"d1": 3, "d2": 4}
         await on_durable([(d1, 2)])  # not beyond durable: nothing to save
-        ledgers.save()
+        await ledgers.save()
         assert d1.durable == 3
         assert _stored(registry) == {"d1": 3, "d2": 4}
 
 
 async def test_an_ack_sender_waiting_for_the_ledger_wakes_on_durable(tmp_path: Path) -> None:
     with _registry(tmp_path, "d1") as registry:
-        ledgers = Ledgers(registry)
+        ledgers = Ledgers(SQLiteStore(registry))
         ledger = ledgers.get("d1", 5)
         got: list[int] = []
 
@@ -61,7 +61,7 @@ async def _until_stored(registry: Registry, expected: dict[str, int]) -> None:
 
 async def test_save_loop_saves_periodically(tmp_path: Path) -> None:
     with _registry(tmp_path, "d1") as registry:
-        ledgers = Ledgers(registry)
+        ledgers = Ledgers(SQLiteStore(registry))
         ledger = ledgers.get("d1", 0)
         on_durable = ledgers.on_durable_callback()
         async with trio.open_nursery() as nursery:

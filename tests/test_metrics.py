@@ -40,12 +40,13 @@ class Hub:
         self.submitted: list[str] = []
         self.presence = Presence(self._record)
         self.store = CommandStore(tmp / "commands.sqlite3")
-        self.commands = CommandService(
-            self.store, CommandsConfig(), device_exists=lambda name: True, write=self._record
-        )
+        self.commands = CommandService(self.store, CommandsConfig(), device_exists=self._exists, write=self._record)
         self.metrics = HubMetrics(
             self.stats, self.presence, self.commands, self.pipeline, sink, time.time() - 5, host="h1", clock=clock
         )
+
+    async def _exists(self, name: str) -> bool:
+        return True
 
     async def _durable(self, marks: list[Mark]) -> None:
         pass

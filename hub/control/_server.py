@@ -60,7 +60,7 @@ from hub.fleet import (
     DeviceSummary,
     Ledgers,
     Presence,
-    Registry,
+    RegistryStore,
     Subscription,
     UnknownDevice,
     role_allows,
@@ -128,7 +128,7 @@ class ControlServer:
     def __init__(
         self,
         config: HubConfig,
-        registry: Registry,
+        registry: RegistryStore,
         presence: Presence,
         ledgers: Ledgers,
         commands: CommandService,
@@ -173,8 +173,8 @@ class ControlServer:
             while True:
                 await trio.sleep(REVOKE_CHECK_EVERY)
                 try:
-                    revoked = await trio.to_thread.run_sync(self.registry.revoked_operators)
-                except Exception:  # a busy or broken registry file: try again next time
+                    revoked = await self.registry.revoked_operators()
+                except Exception:  # a busy or broken registry file, Redis away: try again next time
                     log.exception("cannot read revoked operators")
                     continue
                 for session in list(self._sessions):
@@ -198,8 +198,8 @@ class ControlServer:
         return "origin_not_allowed", "this Origin may not use the control channel"
 
     async def authenticate(self, token: str) -> Identity | None:
-        """The operator a token belongs to (in a worker thread: the registry may be busy)."""
-        found = await trio.to_thread.run_sync(self.registry.authenticate_operator, token)
+        """The operator a token belongs to (SQLite: in a worker thread, the file may be busy)."""
+        found = await self.registry.authenticate_operator(token)
         return None if found is None else Identity(*found)
 
     async def serve(self, ws: WebSocketConnection, identity: Identity | None, remote: str, ticket: Ticket) -> None:
@@ -306,11 +306,7 @@ class ControlSession:
                 await self._abort(CloseCode.TOO_BIG, "message too big")
                 return None
             token = decode_auth(text)
-            found = (
-                None
-                if token is None
-                else await trio.to_thread.run_sync(self.server.registry.authenticate_operator, token)
-            )
+            found = None if token is None else await self.server.registry.authenticate_operator(token)
             if found is not None:
                 return Identity(*found)
             self.server.stats.refused += 1
@@ -429,7 +425,7 @@ class ControlSession:
     async def _status(self, req: Status) -> HubStatus:
         server = self.server
         stats = server.stats
-        registered = len(await trio.to_thread.run_sync(server.registry.list))
+        registered = len(await server.registry.list())
         return {
             "version": VERSION,
             "uptime": round(time.time() - server.started_at, 3),
@@ -451,14 +447,14 @@ class ControlSession:
     @_handles(Devices)
     async def _devices(self, req: Devices) -> list[DeviceSummary]:
         server = self.server
-        records = await trio.to_thread.run_sync(server.registry.list)
+        records = await server.registry.list()
         return fleet.list_summaries(records, server.presence.status, server.ledgers.find, req.state)
 
     @_handles(Device)
     async def _device(self, req: Device) -> DeviceDetail:
         name = req.name
         server = self.server
-        record = await trio.to_thread.run_sync(server.registry.get, name)
+        record = await server.registry.get(name)
         status = server.presence.status.get(name)
         if record is None and status is None:
             raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}")
@@ -541,7 +537,7 @@ class ControlSession:
     async def _device_add(self, req: DeviceAdd) -> NewToken:
         name = req.name
         try:
-            token = await trio.to_thread.run_sync(self.server.registry.add, name)
+            token = await self.server.registry.add(name)
         except BadName as exc:
             raise ControlError(ErrorCode.BAD_REQUEST, str(exc)) from None
         except DeviceExists:
@@ -553,7 +549,7 @@ class ControlSession:
     async def _device_revoke(self, req: DeviceRevoke) -> Empty:
         name = req.name
         try:
-            await trio.to_thread.run_sync(self.server.registry.revoke, name)
+            await self.server.registry.revoke(name)
         except UnknownDevice:
             raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
         log.info("device revoked by operator", extra=self.kv(device=name))
@@ -564,7 +560,7 @@ class ControlSession:
     async def _device_rotate(self, req: DeviceRotate) -> NewToken:
         name = req.name
         try:
-            token = await trio.to_thread.run_sync(self.server.registry.rotate, name)
+            token = await self.server.registry.rotate(name)
         except UnknownDevice:
             raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
         log.info("device token rotated by operator", extra=self.kv(device=name))

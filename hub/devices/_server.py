@@ -28,7 +28,15 @@ from device_client.protocol import (
 from hub.config import HubConfig
 from hub.devices._session import Close, HubConnection, Refused, Resent
 from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, close_stream, parse_failure
-from hub.fleet import Broadcaster, CommandService, DeviceLedger, Ledgers, Presence, Registry
+from hub.fleet import (
+    Broadcaster,
+    CommandService,
+    DeviceLedger,
+    Ledgers,
+    Presence,
+    RegistryStore,
+    StoreUnavailable,
+)
 from hub.ingest import LineBuilder, Pipeline
 from hub.ratelimit import DeviceRate, Rate, Throttle, Verdict
 from hub.stats import Stats
@@ -61,7 +69,7 @@ class DeviceServer:
     def __init__(
         self,
         config: HubConfig,
-        registry: Registry,
+        registry: RegistryStore,
         ledgers: Ledgers,
         pipeline: Pipeline,
         presence: Presence,
@@ -109,8 +117,8 @@ class DeviceServer:
         return "origin_present", "browsers may not connect to the device endpoint"
 
     async def authenticate(self, token: str) -> Identity | None:
-        """The device a token belongs to (checked on the loop: one indexed read and one hash)."""
-        name = self.registry.authenticate(token)
+        """The device a token belongs to (SQLite: checked on the loop, one indexed read and one hash)."""
+        name = await self.registry.authenticate(token)
         return None if name is None else Identity(name, "device")
 
     async def serve(self, ws: WebSocketConnection, identity: Identity | None, remote: str, ticket: Ticket) -> None:
@@ -124,7 +132,11 @@ class DeviceServer:
         """Close the sessions of devices revoked while connected (`hub device revoke` runs in another process)."""
         while True:
             await trio.sleep(REVOKE_CHECK_EVERY)
-            revoked = await trio.to_thread.run_sync(self.registry.revoked_names)
+            try:
+                revoked = await self.registry.revoked_names()
+            except StoreUnavailable as exc:  # Redis away: try again next time
+                log.warning("cannot read revoked devices", extra={"kv": {"error": str(exc)}})
+                continue
             for name in revoked & self.sessions.keys():
                 self.revoke(name)
 
@@ -318,12 +330,13 @@ class DeviceSession:
             old = server.sessions.get(self.name)
             if old is not None:
                 await old.close(CloseCode.REPLACED, "replaced by a new connection", reason="replaced")
+            # Before the check of `closing`: with a remote registry this awaits, and shutdown may begin meanwhile.
+            self.epoch, acked = await server.registry.begin_session(self.name)
             if server.closing:
                 self.conn.close()
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self.ws.aclose(CloseCode.GOING_AWAY, "hub shutting down")
                 return False
-            self.epoch, acked = server.registry.begin_session(self.name)
             self.ledger = server.ledgers.get(self.name, acked)
             server.sessions[self.name] = self
             server.stats.connections += 1

@@ -1,10 +1,25 @@
 """The fleet: what the hub knows of its devices and operators, and the commands sent to them.
 
-`_registry` (SQLite: devices, operators, tokens, acked seqs, epochs), `_ledger` (per-device progress), `_presence`
+`_store` (`RegistryStore`: devices, operators, tokens, acked seqs, epochs, over SQLite `_registry` or Redis
+`_redis_store`; `_accounts` holds what both share), `_ledger` (per-device progress), `_presence`
 with its state table `_presence_states`, the command service `_commands` with its store `_command_store` and state
 table `_command_states`, `_subscriptions` (events for operators) and `_summary` (device summaries for operators).
 """
 
+from hub.fleet._accounts import (
+    NAME_RE,
+    ROLES,
+    BadName,
+    BadRole,
+    DeviceExists,
+    DeviceRecord,
+    OperatorExists,
+    OperatorRecord,
+    RegistryError,
+    UnknownDevice,
+    UnknownOperator,
+    role_allows,
+)
 from hub.fleet._command_states import (
     FINAL_STATES as COMMAND_FINAL_STATES,
 )
@@ -24,23 +39,8 @@ from hub.fleet._ledger import DeviceLedger, Ledgers
 from hub.fleet._presence import DeviceStatus, Presence
 from hub.fleet._presence_states import SEEN_STATES, PresenceEvent, PresenceState
 from hub.fleet._presence_states import STATES as DEVICE_STATES
-from hub.fleet._registry import (
-    NAME_RE,
-    REGISTRY_FILE,
-    ROLES,
-    BadName,
-    BadRole,
-    DeviceExists,
-    DeviceRecord,
-    OperatorExists,
-    OperatorRecord,
-    Registry,
-    RegistryError,
-    UnknownDevice,
-    UnknownOperator,
-    registry_path,
-    role_allows,
-)
+from hub.fleet._registry import REGISTRY_FILE, Registry, registry_path
+from hub.fleet._store import RegistryStore, SQLiteStore, StoreUnavailable, open_registry_store
 from hub.fleet._subscriptions import (
     Broadcaster,
     EventBuffer,
@@ -97,6 +97,9 @@ __all__ = [
     "PresenceState",
     "Registry",
     "RegistryError",
+    "RegistryStore",
+    "SQLiteStore",
+    "StoreUnavailable",
     "Subscription",
     "SubscriptionEvent",
     "SubscriptionItem",
@@ -107,6 +110,7 @@ __all__ = [
     "device_summary",
     "latest_points",
     "list_summaries",
+    "open_registry_store",
     "registry_path",
     "role_allows",
     "state_counts",

@@ -96,7 +96,7 @@ class CommandService:
         store: CommandStore,
         config: CommandsConfig,
         *,
-        device_exists: Callable[[str], bool],
+        device_exists: Callable[[str], Awaitable[bool]],
         write: Callable[[str, int, None], Awaitable[None]],
         on_change: Callable[[CommandRecordDict], None] | None = None,
         clock: Callable[[], float] = time.time,
@@ -151,9 +151,10 @@ class CommandService:
             existing = await self._find_key(device, idempotency_key)
             if existing is not None:
                 return existing
-        # No await from here until the record is in memory: checks and creation are one step.
-        if not self._device_exists(device):
+        # Devices are never deleted: one that exists now still exists after the awaits below.
+        if not await self._device_exists(device):
             raise CommandError("not_found", f"no device {device!r}")
+        # No await from here until the record is in memory: checks and creation are one step.
         try:
             protocol.check_command_name(name)
         except ProtocolError as exc:

@@ -8,16 +8,19 @@ what is still in its outbox, and numbers new batches above the larger of the two
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 import attrs
 import trio
 
 from device_client.protocol import Point
-from hub.fleet._registry import Registry
+from hub.fleet._store import RegistryStore, StoreUnavailable
 
 __all__ = ["SAVE_EVERY", "DeviceLedger", "Ledgers"]
+
+log = logging.getLogger("hub.ledger")
 
 #: Seconds between saves of the acked seqs to the registry.
 SAVE_EVERY = 1.0
@@ -69,8 +72,8 @@ class DeviceLedger:
 class Ledgers:
     """All device ledgers of this hub process, and the pipeline's durability callback."""
 
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
+    def __init__(self, store: RegistryStore) -> None:
+        self._store = store
         self._by_name: dict[str, DeviceLedger] = {}
         self._unsaved: dict[str, int] = {}  # device -> durable seq the registry does not have yet
 
@@ -111,9 +114,25 @@ class Ledgers:
             await trio.sleep(every)
             if self._unsaved:
                 updates, self._unsaved = self._unsaved, {}
-                await trio.to_thread.run_sync(self._registry.save_acked, updates)
+                try:
+                    await self._store.save_acked(updates)
+                except StoreUnavailable as exc:
+                    log.warning("acked seqs not saved, kept for the next try", extra={"kv": {"error": str(exc)}})
+                    self._keep(updates)
 
-    def save(self) -> None:
+    def _keep(self, updates: Mapping[str, int]) -> None:
+        """Put back seqs a save could not write (a newer one that arrived since wins)."""
+        for name, seq in updates.items():
+            if seq > self._unsaved.get(name, 0):
+                self._unsaved[name] = seq
+
+    async def save(self) -> None:
         """Save what `save_loop` has not yet (at shutdown, once the pipeline has drained)."""
         updates, self._unsaved = self._unsaved, {}
-        self._registry.save_acked(updates)
+        if not updates:
+            return
+        try:
+            await self._store.save_acked(updates)
+        except StoreUnavailable as exc:
+            # Safe, as after a crash: the welcome tells these devices less than they know (see above).
+            log.error("acked seqs not saved at shutdown", extra={"kv": {"devices": len(updates), "error": str(exc)}})

@@ -66,7 +66,7 @@ class Presence:
         *,
         late_factor: float = 1.5,
         late_grace: float = 2.0,
-        on_change: Callable[[str], None] | None = None,
+        on_change: Callable[[str], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._submit = submit
@@ -148,7 +148,7 @@ class Presence:
             extra={"kv": {"device": name, "epoch": status.epoch, "reason": status.reason}},
         )
         if self.on_change is not None:
-            self.on_change(name)
+            await self.on_change(name)
         if self.closed:
             return
         # Strictly increasing per device, so two transitions in one millisecond keep their order.

@@ -1,13 +1,9 @@
-"""The device registry: names, hashed tokens, session epochs and last acked sequences, in one SQLite file."""
+"""The device registry over SQLite: names, hashed tokens, session epochs and last acked sequences, in one file."""
 
 from __future__ import annotations
 
 import builtins
-import hashlib
-import hmac
 import os
-import re
-import secrets
 import sqlite3
 import threading
 import time
@@ -15,43 +11,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-import attrs
+from hub.fleet._accounts import (
+    OPERATOR_TOKEN_PREFIX,
+    DeviceExists,
+    DeviceRecord,
+    OperatorExists,
+    OperatorRecord,
+    UnknownDevice,
+    UnknownOperator,
+    check_name,
+    check_role,
+    device_token_parts,
+    new_secret,
+    operator_token_parts,
+    token_matches,
+)
 
-__all__ = [
-    "NAME_RE",
-    "OPERATOR_TOKEN_PREFIX",
-    "REGISTRY_FILE",
-    "ROLES",
-    "BadName",
-    "BadRole",
-    "DeviceExists",
-    "DeviceRecord",
-    "OperatorExists",
-    "OperatorRecord",
-    "Registry",
-    "RegistryError",
-    "UnknownDevice",
-    "UnknownOperator",
-    "registry_path",
-    "role_allows",
-]
+__all__ = ["REGISTRY_FILE", "Registry", "registry_path"]
 
-#: Device names. No "." in a name: a token is "<name>.<secret>".
-NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 #: The registry's file name inside the hub's data directory.
 REGISTRY_FILE = "registry.sqlite3"
-#: Longer tokens are refused without a lookup (a real one is at most 64 + 1 + 43 characters).
-MAX_TOKEN_LEN = 200
-#: Operator tokens are "op.<name>.<secret>". Device names hold no ".", so no operator token can pass for a
-#: device token (its name part "op.<name>" is never a device name), and a device token never starts with "op.".
-OPERATOR_TOKEN_PREFIX = "op."
-#: Operator roles, least to most privileged: each may do everything the ones before it may.
-ROLES = ("viewer", "operator", "admin")
-
-_NAME = re.compile(NAME_RE)
-# Compared against when the name is unknown, so a miss costs the same hash + compare as a hit.
-_DUMMY_DIGEST = hashlib.sha256(b"no such device").hexdigest()
-_BAD_NAME_TEXT = "use 1-64 of A-Z a-z 0-9 _ -, starting with a letter or digit"
 _BUSY_TIMEOUT_S = 10.0
 
 _SCHEMA = """
@@ -73,69 +52,9 @@ CREATE TABLE IF NOT EXISTS operators (
 """
 
 
-class RegistryError(Exception):
-    """A registry operation was refused."""
-
-
-class DeviceExists(RegistryError):
-    """`add` of a name that is already registered."""
-
-
-class UnknownDevice(RegistryError):
-    """The named device is not registered."""
-
-
-class BadName(RegistryError):
-    """The name does not match `NAME_RE`."""
-
-
-class OperatorExists(RegistryError):
-    """`add_operator` of a name that is already taken (also by a revoked operator: names are never reused)."""
-
-
-class UnknownOperator(RegistryError):
-    """The named operator does not exist."""
-
-
-class BadRole(RegistryError):
-    """The role is not one of `ROLES`."""
-
-
-@attrs.frozen
-class DeviceRecord:
-    """One registered device (the token hash is never exposed)."""
-
-    name: str
-    created: float  # seconds since the Unix epoch
-    revoked: bool
-    epoch: int  # bumped by every accepted session
-    acked_seq: int  # highest sequence the hub has made durable
-
-
-@attrs.frozen
-class OperatorRecord:
-    """One operator of the control channel (the token hash is never exposed)."""
-
-    name: str
-    role: str  # one of ROLES
-    created: float  # seconds since the Unix epoch
-    revoked: bool
-
-
-def role_allows(role: str, needed: str) -> bool:
-    """Whether `role` includes the rights of `needed` (viewer < operator < admin); unknown roles allow nothing."""
-    return role in ROLES and needed in ROLES and ROLES.index(role) >= ROLES.index(needed)
-
-
 def registry_path(data_dir: str | os.PathLike[str]) -> Path:
     """The registry file inside a hub data directory."""
     return Path(data_dir) / REGISTRY_FILE
-
-
-def _digest(secret: str) -> str:
-    # The secret is 256 random bits (token_urlsafe(32)), so guessing is hopeless without any stretching:
-    # a plain SHA-256 is right here, a slow password KDF (bcrypt, scrypt) would only slow every handshake.
-    return hashlib.sha256(secret.encode("ascii")).hexdigest()
 
 
 class Registry:
@@ -182,14 +101,13 @@ class Registry:
 
     def add(self, name: str) -> str:
         """Register a new device; return its token ``"<name>.<secret>"`` (only its hash is stored)."""
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise BadName(f"bad device name {name!r}: {_BAD_NAME_TEXT}")
-        secret = secrets.token_urlsafe(32)
+        check_name(name, "device")
+        secret, digest = new_secret()
         try:
             with self._lock, self._db:
                 self._db.execute(
                     "INSERT INTO devices (name, token_hash, created) VALUES (?, ?, ?)",
-                    (name, _digest(secret), time.time()),
+                    (name, digest, time.time()),
                 )
         except sqlite3.IntegrityError:
             raise DeviceExists(f"device {name!r} already exists") from None
@@ -197,11 +115,9 @@ class Registry:
 
     def rotate(self, name: str) -> str:
         """Give an existing device a new token (the old one stops working) and un-revoke it."""
-        secret = secrets.token_urlsafe(32)
+        secret, digest = new_secret()
         with self._lock, self._db:
-            cur = self._db.execute(
-                "UPDATE devices SET token_hash = ?, revoked = 0 WHERE name = ?", (_digest(secret), name)
-            )
+            cur = self._db.execute("UPDATE devices SET token_hash = ?, revoked = 0 WHERE name = ?", (digest, name))
         if cur.rowcount == 0:
             raise UnknownDevice(f"unknown device {name!r}")
         return f"{name}.{secret}"
@@ -239,17 +155,14 @@ class Registry:
 
     def authenticate(self, token: str) -> str | None:
         """The name of the device the token belongs to; None for unknown, wrong, revoked or malformed."""
-        if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN or not token.isascii():
+        parts = device_token_parts(token)
+        if parts is None:
             return None
-        name, dot, secret = token.rpartition(".")
-        if not dot:
-            return None
+        name, secret = parts
         with self._lock:
             row = self._db.execute("SELECT token_hash, revoked FROM devices WHERE name = ?", (name,)).fetchone()
-        stored, revoked = (_DUMMY_DIGEST, True) if row is None else (row[0], bool(row[1]))
-        # Same hash + constant-time compare whether or not the name exists: timing reveals no names.
-        match = hmac.compare_digest(_digest(secret), stored)
-        return name if match and not revoked else None
+        stored, revoked = (None, True) if row is None else (row[0], bool(row[1]))
+        return name if token_matches(secret, stored) and not revoked else None
 
     def begin_session(self, name: str) -> tuple[int, int]:
         """Bump the device's session epoch; return ``(epoch, acked_seq)``."""
@@ -279,16 +192,14 @@ class Registry:
 
     def add_operator(self, name: str, role: str) -> str:
         """Create an operator; return its token ``"op.<name>.<secret>"`` (only its hash is stored)."""
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise BadName(f"bad operator name {name!r}: {_BAD_NAME_TEXT}")
-        if role not in ROLES:
-            raise BadRole(f"bad role {role!r}: use {', '.join(ROLES)}")
-        secret = secrets.token_urlsafe(32)
+        check_name(name, "operator")
+        check_role(role)
+        secret, digest = new_secret()
         try:
             with self._lock, self._db:
                 self._db.execute(
                     "INSERT INTO operators (name, role, token_hash, created) VALUES (?, ?, ?, ?)",
-                    (name, role, _digest(secret), time.time()),
+                    (name, role, digest, time.time()),
                 )
         except sqlite3.IntegrityError:
             raise OperatorExists(f"operator {name!r} already exists") from None
@@ -315,19 +226,14 @@ class Registry:
 
     def authenticate_operator(self, token: str) -> tuple[str, str] | None:
         """``(name, role)`` of the operator the token belongs to; None for unknown, wrong, revoked or malformed."""
-        if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN or not token.isascii():
+        parts = operator_token_parts(token)
+        if parts is None:
             return None
-        if not token.startswith(OPERATOR_TOKEN_PREFIX):
-            return None
-        name, dot, secret = token[len(OPERATOR_TOKEN_PREFIX) :].rpartition(".")
-        if not dot:
-            return None
+        name, secret = parts
         with self._lock:
             row = self._db.execute("SELECT token_hash, revoked, role FROM operators WHERE name = ?", (name,)).fetchone()
-        stored, revoked, role = (_DUMMY_DIGEST, True, "") if row is None else (row[0], bool(row[1]), row[2])
-        # Same hash + constant-time compare whether or not the name exists: timing reveals no names.
-        match = hmac.compare_digest(_digest(secret), stored)
-        return (name, role) if match and not revoked else None
+        stored, revoked, role = (None, True, "") if row is None else (row[0], bool(row[1]), row[2])
+        return (name, role) if token_matches(secret, stored) and not revoked else None
 
 
 def _record(row: tuple[str, float, int, int, int]) -> DeviceRecord:

@@ -11,9 +11,9 @@ from hub.fleet._presence_states import INITIAL_STATE, SEEN_STATES, STATES
 from hub.fleet._subscriptions import plain_fields
 
 if TYPE_CHECKING:
+    from hub.fleet._accounts import DeviceRecord
     from hub.fleet._ledger import DeviceLedger
     from hub.fleet._presence import DeviceStatus
-    from hub.fleet._registry import DeviceRecord
 
 __all__ = [
     "PRESENCE_STATES",
