@@ -33,6 +33,7 @@ class ErrorCode(enum.StrEnum):
     BAD_COMMAND = "bad_command"
     EXISTS = "exists"
     RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
 
@@ -60,6 +61,7 @@ ANSWERS: Mapping[str, Answer] = {
     ErrorCode.BAD_COMMAND: Answer(),
     ErrorCode.EXISTS: Answer(),
     ErrorCode.RATE_LIMITED: Answer(quiet=True),
+    ErrorCode.UNAVAILABLE: Answer(),
     ErrorCode.INTERNAL: Answer(close=CloseCode.INTERNAL),
 }
 

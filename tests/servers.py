@@ -313,14 +313,16 @@ class InfluxDB1(_Process):
 
 
 class Redis(_Process):
-    """A Redis server on a Unix socket in its directory (no TCP listener: `--port 0`), nothing saved to disk."""
+    """A Redis server on a Unix socket in its directory (no TCP listener: `--port 0`); nothing saved to disk
+    unless `persistent`."""
 
     binary = "redis-server"
     package = "redis-server"
     needs_port = False
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = False) -> None:
         super().__init__(directory)
+        self.persistent = persistent  # an append-only file in its directory: what it holds survives a restart
         self.socket_path = self.directory / "redis.sock"
         if len(str(self.socket_path)) > 100:  # a Unix socket path holds at most 107 bytes
             self.socket_path = Path(tempfile.mkdtemp(prefix="redis-")) / "redis.sock"
@@ -343,7 +345,7 @@ class Redis(_Process):
             "--unixsocketperm", "700",
             "--dir", str(self.directory),
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.persistent else "no",
         ]  # fmt: skip
 
     def _ready(self) -> bool:

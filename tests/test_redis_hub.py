@@ -8,10 +8,12 @@ from pathlib import Path
 
 import trio
 
-from device_client import DeviceClient
+from device_client import DeviceClient, protocol
 from tests.hubproc import run_hub
 from tests.hubtools import connect, control, hello, hub_config, points, start_hub, stream_batches, url
 from tests.servers import Redis
+from tests.waiting import eventually
+from tests.wire import upgrade
 
 
 def _config_file(tmp_path: Path, redis_url: str) -> Path:
@@ -95,3 +97,45 @@ def test_hub_serve_says_in_one_line_that_redis_is_unreachable(tmp_path: Path) ->
     assert done.returncode == 1
     assert done.stderr.startswith(f"hub: error: cannot reach Redis at {where}: "), done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_while_redis_is_away_acks_go_on_and_handshakes_and_requests_are_told_to_retry(tmp_path: Path) -> None:
+    redis = Redis(tmp_path / "redis", persistent=True)  # the registry must survive the restart
+    redis.start()
+    try:
+        config_file = _config_file(tmp_path, redis.url)
+        token = _cli("device", "add", "d1", "--config", str(config_file)).strip()
+        second = _cli("device", "add", "d2", "--config", str(config_file)).strip()
+        operator = _cli("operator", "add", "alice", "--role", "admin", "--config", str(config_file)).strip()
+        config = hub_config(tmp_path / "hub", **{"state.backend": "redis", "state.url": redis.url})
+        async with trio.open_nursery() as nursery:
+            hub = await start_hub(nursery, config)
+            async with connect(hub, token) as ws, control(hub, operator) as ctl:
+                await hello(ws)
+                await stream_batches(ws, 1, 2)
+                await trio.to_thread.run_sync(redis.stop)
+
+                await stream_batches(ws, 3, 5)  # acked: durability does not need Redis
+                assert await ctl.error("devices") == "unavailable"
+                assert await ctl.error("device", name="d1") == "unavailable"
+                status, headers, stream = await upgrade(
+                    hub.port, protocol.DEVICE_PATH, headers={"Authorization": f"Bearer {second}"}
+                )
+                await stream.aclose()
+                assert status == 503
+                assert int(headers["retry-after"]) >= 1
+
+                await trio.to_thread.run_sync(redis.start)
+                assert [d["name"] for d in await ctl.ok("devices")] == ["d1", "d2"]  # the same session
+                async with connect(hub, second) as ws2:
+                    assert (await hello(ws2)).epoch == 1
+                await eventually(lambda: _acked_seq(redis, "d1") == 7, timeout=15, poll=0.1)  # saved once back
+            hub.stop()
+    finally:
+        redis.stop()
+
+
+def _acked_seq(redis: Redis, name: str) -> int:
+    """The acked seq Redis holds for device `name` (0 when none)."""
+    reply = redis.command(b"HGET", f"hub:device:{name}".encode(), b"acked_seq")
+    return int(reply.split(b"\r\n")[1]) if reply.startswith(b"$") and not reply.startswith(b"$-1") else 0

@@ -49,7 +49,7 @@ from hub.control._codec import (
     lookup,
     read_frame,
 )
-from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, close_stream, parse_failure
+from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, Unavailable, close_stream, parse_failure
 from hub.fleet import (
     BadName,
     Broadcaster,
@@ -61,6 +61,7 @@ from hub.fleet import (
     Ledgers,
     Presence,
     RegistryStore,
+    StoreUnavailable,
     Subscription,
     UnknownDevice,
     role_allows,
@@ -199,7 +200,10 @@ class ControlServer:
 
     async def authenticate(self, token: str) -> Identity | None:
         """The operator a token belongs to (SQLite: in a worker thread, the file may be busy)."""
-        found = await self.registry.authenticate_operator(token)
+        try:
+            found = await self.registry.authenticate_operator(token)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
         return None if found is None else Identity(*found)
 
     async def serve(self, ws: WebSocketConnection, identity: Identity | None, remote: str, ticket: Ticket) -> None:
@@ -306,9 +310,14 @@ class ControlSession:
                 await self._abort(CloseCode.TOO_BIG, "message too big")
                 return None
             token = decode_auth(text)
-            found = None if token is None else await self.server.registry.authenticate_operator(token)
+            try:
+                found = None if token is None else await self.server.authenticate(token)
+            except Unavailable:
+                log.warning("operator not authenticated: no state store", extra=self.kv(reason="state_unavailable"))
+                await self._abort(CloseCode.TRY_LATER, "cannot check credentials now; retry later")
+                return None
             if found is not None:
-                return Identity(*found)
+                return found
             self.server.stats.refused += 1
             why = "bad_credentials" if token is not None else "not_auth"
             log.warning("operator authentication failed", extra=self.kv(reason=why))
@@ -371,6 +380,11 @@ class ControlSession:
             result = await _HANDLERS[spec.request](self, request)
         except ControlError as exc:
             await self._refuse_request(req_id, kind, exc)
+            return
+        except StoreUnavailable as exc:
+            log.warning("control request without its state store", extra=self.kv(type=str(kind)[:40], error=str(exc)))
+            error = ControlError(ErrorCode.UNAVAILABLE, "the hub cannot reach its state store; retry later")
+            await self._refuse_request(req_id, kind, error)
             return
         except Exception:
             log.exception("control request failed", extra=self.kv(type=str(kind)[:40], id=req_id))

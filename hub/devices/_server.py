@@ -27,7 +27,7 @@ from device_client.protocol import (
 )
 from hub.config import HubConfig
 from hub.devices._session import Close, HubConnection, Refused, Resent
-from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, close_stream, parse_failure
+from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, Unavailable, close_stream, parse_failure
 from hub.fleet import (
     Broadcaster,
     CommandService,
@@ -118,7 +118,10 @@ class DeviceServer:
 
     async def authenticate(self, token: str) -> Identity | None:
         """The device a token belongs to (SQLite: checked on the loop, one indexed read and one hash)."""
-        name = await self.registry.authenticate(token)
+        try:
+            name = await self.registry.authenticate(token)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
         return None if name is None else Identity(name, "device")
 
     async def serve(self, ws: WebSocketConnection, identity: Identity | None, remote: str, ticket: Ticket) -> None:
@@ -331,7 +334,14 @@ class DeviceSession:
             if old is not None:
                 await old.close(CloseCode.REPLACED, "replaced by a new connection", reason="replaced")
             # Before the check of `closing`: with a remote registry this awaits, and shutdown may begin meanwhile.
-            self.epoch, acked = await server.registry.begin_session(self.name)
+            try:
+                self.epoch, acked = await server.registry.begin_session(self.name)
+            except StoreUnavailable as exc:  # no epoch without the state store: the device comes back later
+                log.warning("session not started: no state store", extra=self._kv(error=str(exc)))
+                self.conn.close()
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self.ws.aclose(CloseCode.TRY_LATER, "state store unavailable; retry later")
+                return False
             if server.closing:
                 self.conn.close()
                 with trio.move_on_after(CLOSE_TIMEOUT):

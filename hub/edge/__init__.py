@@ -5,7 +5,7 @@ refusals and counts sessions (`_edge`), loads and reloads the TLS certificate (`
 handling of malformed frames (`_wire`). An endpoint receives an accepted connection and its `Identity`.
 """
 
-from hub.edge._edge import Edge, Endpoint, Identity, Ticket
+from hub.edge._edge import Edge, Endpoint, Identity, Ticket, Unavailable
 from hub.edge._listener import reason_phrase
 from hub.edge._tls import ServerTLS, TLSError, certificate_fingerprint, check_tls_files
 from hub.edge._wire import PARSE_FAILURE_REASONS, close_stream, has_bad_utf8, parse_failure
@@ -18,6 +18,7 @@ __all__ = [
     "ServerTLS",
     "TLSError",
     "Ticket",
+    "Unavailable",
     "certificate_fingerprint",
     "check_tls_files",
     "close_stream",

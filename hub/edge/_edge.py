@@ -33,7 +33,7 @@ from hub.edge._admission import Admission, Refusal
 from hub.edge._listener import Ticket, serve_listener, with_reason_phrase
 from hub.stats import Stats
 
-__all__ = ["Edge", "Endpoint", "Identity", "Ticket", "reject", "remote_of"]
+__all__ = ["Edge", "Endpoint", "Identity", "Ticket", "Unavailable", "reject", "remote_of"]
 
 log = logging.getLogger("hub.edge")
 
@@ -41,6 +41,10 @@ log = logging.getLogger("hub.edge")
 CLOSE_TIMEOUT = 2.0
 #: File descriptors kept for the hub's own files (registry, spool, sink files, logs) besides connections.
 FD_RESERVE = 100
+
+
+class Unavailable(Exception):
+    """Raised by `Endpoint.authenticate` when the credentials cannot be checked now (the state store is away)."""
 
 
 @attrs.frozen
@@ -67,7 +71,10 @@ class Endpoint(Protocol):
         ...
 
     async def authenticate(self, token: str) -> Identity | None:
-        """The identity a Bearer token belongs to; None for unknown, wrong, revoked or malformed."""
+        """The identity a Bearer token belongs to; None for unknown, wrong, revoked or malformed.
+
+        Raises `Unavailable` when it cannot tell now: the handshake is answered 503 with a `Retry-After`.
+        """
         ...
 
     async def serve(self, ws: WebSocketConnection, identity: Identity | None, remote: str, ticket: Ticket) -> None:
@@ -284,7 +291,13 @@ class Edge:
             if auth is not None and auth[:7].lower() == b"bearer ":
                 with contextlib.suppress(UnicodeDecodeError):
                     token = auth[7:].strip().decode("ascii")
-            identity = None if token is None else await endpoint.authenticate(token)
+            try:
+                identity = None if token is None else await endpoint.authenticate(token)
+            except Unavailable:  # the credentials cannot be checked now: come back, as after any 503
+                body = "the hub cannot check credentials right now; retry later"
+                retry_after = self.config.retry_after
+                await self._refuse(request, 503, "state_unavailable", body, endpoint=name, retry_after=retry_after)
+                return
             if identity is None:
                 body = f"missing, unknown or revoked {endpoint.credential}"
                 await self._refuse(request, 401, "bad_credentials", body, endpoint=name)
