@@ -51,8 +51,10 @@ InfluxDB 2.x (influx write) or 1.x (influx -import): the hub prints both command
 the certificate and key for new connections without dropping open ones. The hub serves its own
 figures on plain http://METRICS_HOST:METRICS_PORT/metrics (Prometheus) and /healthz, and writes
 them as hub* points. A port that cannot be had (taken by another program, say) stops the hub at
-start with one line naming it and the option that changes it, and exit code 1.
-See docs/hub.example.toml for every setting."""
+start with one line naming it and the option that changes it, and exit code 1. With --workers N
+(and [state] backend = "redis") this process supervises N hubs sharing the port: it restarts a
+worker that dies, passes SIGTERM/SIGINT and SIGHUP on, and serves one /metrics for all of them
+(docs/scaling.md). See docs/hub.example.toml for every setting."""
 
 
 _DEMO_EPILOG = f"""\
