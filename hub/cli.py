@@ -51,10 +51,13 @@ InfluxDB 2.x (influx write) or 1.x (influx -import): the hub prints both command
 the certificate and key for new connections without dropping open ones. The hub serves its own
 figures on plain http://METRICS_HOST:METRICS_PORT/metrics (Prometheus) and /healthz, and writes
 them as hub* points. A port that cannot be had (taken by another program, say) stops the hub at
-start with one line naming it and the option that changes it, and exit code 1. With --workers N
-(and [state] backend = "redis") this process supervises N hubs sharing the port: it restarts a
-worker that dies, passes SIGTERM/SIGINT and SIGHUP on, and serves one /metrics for all of them
-(docs/scaling.md). See docs/hub.example.toml for every setting."""
+start with one line naming it and the option that changes it, and exit code 1.
+See docs/hub.example.toml for every setting."""
+
+_WORKERS_EPILOG = """With --workers N (and [state] backend = "redis") this process supervises N hubs sharing the port,
+each with its own data directory DATA_DIR/worker-K: it restarts a worker that dies, passes
+SIGTERM/SIGINT (graceful) and SIGHUP (TLS reload) on, and serves one /metrics and /healthz for
+all of them (docs/scaling.md)."""
 
 
 _DEMO_EPILOG = f"""\
@@ -246,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the hub",
         description="Run the hub until SIGINT/SIGTERM.\n" + _DESCRIPTION,
-        epilog=_SERVE_EPILOG,
+        epilog=f"{_SERVE_EPILOG}\n\n{_WORKERS_EPILOG}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config(serve)
