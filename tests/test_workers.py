@@ -239,3 +239,32 @@ def test_the_machine_is_healthy_only_when_every_worker_is() -> None:
     assert merge_health({0: ok, 1: (503, b'{"status": "unavailable"}')})[0] == 503
     status, _, body = merge_health({0: ok, 1: None})
     assert status == 503 and b"unreachable" in body
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(redis_server: Redis, tmp_path: Path) -> None:
+    hub = HubProcess(tmp_path / "hub", "--workers", "2", "--config", _config(tmp_path, redis_server))
+    await _start(hub)
+    pids = _pids(hub)
+    hub.kill()  # SIGKILL: no chance to stop them itself
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False  # (a zombie until reaped by init: also gone from the port)
+
+    await eventually(lambda: all(gone(pid) for pid in pids.values()), 30, what="workers gone")
+    assert hub.log().count('msg="the supervisor is gone: shutting down"') == 2
+    assert hub.log().count('msg="hub stopped"') == 2
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text(f'[state]\nbackend = "redis"\nurl = "unix://{tmp_path}/nothing.sock"\n')
+    done = run_hub("serve", "--workers", "2", "--port", "0", "--metrics-port", "0", "--config", str(config))
+    assert done.returncode == 1
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("hub: error:")]
+    assert errors[0].startswith(f"hub: error: cannot reach Redis at unix://{tmp_path}/nothing.sock")
+    assert errors[-1] == "hub: error: worker 0 exited with 1 before it was ready"
+    assert "Traceback" not in done.stderr
