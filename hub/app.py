@@ -369,8 +369,8 @@ async def serve_until_signal(
 ) -> None:
     """`serve` until SIGINT or SIGTERM, then shut down gracefully (a second signal aborts); SIGHUP reloads TLS.
 
-    A `worker` leaves SIGINT to its supervisor (which sends SIGTERM), and stops as gracefully when its standard
-    input ends: the supervisor is gone.
+    A `worker` leaves SIGINT to its supervisor (which sends SIGTERM), ignores a second SIGTERM, and stops as
+    gracefully when its standard input ends: the supervisor is gone.
     """
     stop_signals = (signal.SIGTERM,) if worker is not None else (signal.SIGINT, signal.SIGTERM)
     async with trio.open_nursery() as nursery:
@@ -432,7 +432,11 @@ def run(config: HubConfig, *, worker: int | None = None, ready_fd: int | None = 
     """
     tune_gc()
     if worker is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group: the parent acts
+        # Ignored outside the signal receiver: a terminal's Ctrl-C, or systemd's SIGTERM to the whole cgroup, reaches
+        # every worker as well as the supervisor, which passes SIGTERM on; a second one must not abort the graceful
+        # shutdown (the supervisor kills a worker that overstays). A SIGHUP while starting loads nothing new.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
     on_ready = None if ready_fd is None else partial(_report_ready, ready_fd, worker)
     try:
         trio.run(partial(serve_until_signal, config, on_ready, worker=worker))

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from device_client import DeviceClient
 from hub.config import StateConfig
+from hub.edge import bind_shared, open_shared_listeners
 from hub.fleet import open_registry_store
 from hub.ops import merge_health, merge_metrics
 from tests.hubproc import HubProcess, run_hub
@@ -151,7 +152,11 @@ async def test_two_workers_share_a_port_survive_a_kill_and_stop_gracefully(redis
             status, body = await trio.to_thread.run_sync(http_get, _health_url(hub))
             assert status == 200, body
             nursery.cancel_scope.cancel()
-        hub.signal(signal.SIGTERM)
+        hub.signal(signal.SIGHUP)  # passed on: each worker reloads its TLS files (here: has none)
+        await eventually(lambda: hub.log().count('msg="nothing to reload: TLS is not configured"') == 2, 10)
+        for pid in _pids(hub).values():  # as systemd stops a service: SIGTERM to every process of its cgroup
+            os.kill(pid, signal.SIGTERM)
+        hub.signal(signal.SIGTERM)  # the supervisor's SIGTERM reaches each worker a second time: still graceful
         assert hub.wait() == 0
     finally:
         hub.kill()
@@ -268,3 +273,16 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_with_one_line(tmp_path:
     assert errors[0].startswith(f"hub: error: cannot reach Redis at unix://{tmp_path}/nothing.sock")
     assert errors[-1] == "hub: error: worker 0 exited with 1 before it was ready"
     assert "Traceback" not in done.stderr
+
+
+async def test_shared_sockets_hold_one_port_for_every_address() -> None:
+    held = await bind_shared("localhost", 0)  # 127.0.0.1 and, where there is IPv6, ::1
+    try:
+        ports = {sock.getsockname()[1] for sock in held}
+        assert len(ports) == 1
+        listeners = await open_shared_listeners("localhost", ports.pop())  # a worker: same port, listening
+        for listener in listeners:
+            await listener.aclose()
+    finally:
+        for sock in held:
+            sock.close()

@@ -8,7 +8,7 @@ handling of malformed frames (`_wire`). An endpoint receives an accepted connect
 
 from hub.edge._edge import Edge, Endpoint, Identity, Ticket
 from hub.edge._listener import reason_phrase
-from hub.edge._sockets import bind_shared
+from hub.edge._sockets import bind_shared, open_shared_listeners
 from hub.edge._tls import ServerTLS, TLSError, certificate_fingerprint, check_tls_files
 from hub.edge._wire import PARSE_FAILURE_REASONS, close_stream, has_bad_utf8, parse_failure
 
@@ -25,6 +25,7 @@ __all__ = [
     "check_tls_files",
     "close_stream",
     "has_bad_utf8",
+    "open_shared_listeners",
     "parse_failure",
     "reason_phrase",
 ]

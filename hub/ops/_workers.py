@@ -162,6 +162,8 @@ class Workers:
                 worker.metrics_port = report.get("metrics_port")
                 kv = {"worker": worker.id, "pid": process.pid, "port": report.get("port")}
                 log.info("worker ready", extra={"kv": kv})
+                if self._stop.is_set():  # it may have been starting, and ignoring signals, when the stop went out
+                    process.send_signal(signal.SIGTERM)
                 if first is not None:
                     first.started()
             worker.returncode = await process.wait()
