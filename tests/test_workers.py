@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,10 +73,11 @@ def _keys(lines: list[str]) -> set[tuple[str, str]]:
     return {(ln.split(",", 2)[1], ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("environment,")}
 
 
-def _file_lines(data_dir: Path) -> list[str]:
+def _file_lines(data_dir: Path, workers: str = "worker-*") -> list[str]:
+    """What the embedded sink of the workers wrote (every worker's by default)."""
     return [
         ln
-        for path in sorted(data_dir.glob("worker-*/lines/*.lp"))
+        for path in sorted(data_dir.glob(f"{workers}/lines/*.lp"))
         for ln in path.read_text().splitlines()
         if not ln.startswith("#")
     ]
@@ -165,7 +167,11 @@ async def test_two_workers_share_a_port_survive_a_kill_and_stop_gracefully(redis
     assert 'msg="worker died; restarting it" worker=0 returncode=-9' in log
     assert "Traceback" not in log
     assert _sent(tokens, range(0, 6), 20) <= _keys(_file_lines(data))  # every acked point, none lost to the kill
-    assert (data / "worker-0" / "lines").is_dir() and (data / "worker-1" / "lines").is_dir()
+    for worker in (0, 1):  # each worker's own points name it: tag hub=<host>-K
+        own = [ln for ln in _file_lines(data, f"worker-{worker}") if ln.startswith("hub,")]
+        assert own and all(
+            ln.startswith(f"hub,host={socket.gethostname()},hub={socket.gethostname()}-{worker} ") for ln in own
+        ), own[:1]
 
 
 def _health_url(hub: HubProcess) -> str:
