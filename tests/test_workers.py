@@ -252,10 +252,21 @@ def test_the_machine_is_healthy_only_when_every_worker_is() -> None:
     assert status == 503 and b"unreachable" in body
 
 
-async def test_workers_stop_when_their_supervisor_is_killed(redis_server: Redis, tmp_path: Path) -> None:
+async def test_workers_stop_when_their_supervisor_is_killed_and_a_second_one_is_refused(
+    redis_server: Redis, tmp_path: Path
+) -> None:
     hub = HubProcess(tmp_path / "hub", "--workers", "2", "--config", _config(tmp_path, redis_server))
     await _start(hub)
     pids = _pids(hub)
+    config = _config(tmp_path, redis_server)
+    again = run_hub(
+        "serve", "--workers", "2", "--port", str(hub.port), "--data-dir", str(hub.data_dir), "--config", config
+    )
+    assert again.returncode == 1  # SO_REUSEPORT would let it share the port; the data directory's lock does not
+    lock = hub.data_dir / "workers.lock"
+    assert (
+        again.stderr == f"hub: error: another hub serve --workers runs on the data directory {hub.data_dir} ({lock})\n"
+    )
     hub.kill()  # SIGKILL: no chance to stop them itself
 
     def gone(pid: int) -> bool:

@@ -10,14 +10,17 @@ port merge the workers' own, which listen on loopback ports of their choosing.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from pathlib import Path
 
 import attrs
 import trio
@@ -34,6 +37,8 @@ log = logging.getLogger("hub.workers")
 #: (worker id, port, ready fd) -> the command line of that worker.
 WorkerCommand = Callable[[int, int, int], Sequence[str]]
 
+#: The supervisor's lock in the data directory (the workers' directories are worker-0, worker-1, ... beside it).
+LOCK_FILE = "workers.lock"
 #: Longest wait for a worker to report ready (it opens its stores, Redis, its listeners).
 START_TIMEOUT = 60.0
 #: Restart backoff: the first wait, its ceiling, and how long a worker must have run for the next to be the first.
@@ -231,15 +236,39 @@ async def supervise(
     task_status: trio.TaskStatus[Workers] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `count` workers until SIGINT/SIGTERM (forwarded as SIGTERM; a second one kills them); forward SIGHUP."""
-    host, port = config.server.host, config.server.port
-    try:
-        held = await bind_shared(host, port)  # the port, ours until we exit
-    except OSError as exc:
-        reason = (exc.strerror or str(exc)).lower()
-        raise WorkersError(
-            f"cannot listen on {host}:{port} for devices and operators: {reason}; "
-            "choose another port with --port (0: any free port)"
-        ) from None
+    with _data_dir_lock(config.storage.path):
+        host, port = config.server.host, config.server.port
+        try:
+            held = await bind_shared(host, port)  # the port, ours until we exit
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise WorkersError(
+                f"cannot listen on {host}:{port} for devices and operators: {reason}; "
+                "choose another port with --port (0: any free port)"
+            ) from None
+        await _supervise(config, count, command, held, task_status)
+
+
+@contextlib.contextmanager
+def _data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """Hold DATA_DIR/workers.lock: a second supervisor would share the port (SO_REUSEPORT lets it) and the spools."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkersError(f"another hub serve --workers runs on the data directory {data_dir} ({path})") from None
+        yield
+
+
+async def _supervise(
+    config: HubConfig,
+    count: int,
+    command: WorkerCommand,
+    held: list[trio.socket.SocketType],
+    task_status: trio.TaskStatus[Workers],
+) -> None:
     try:
         workers = Workers(held[0].getsockname()[1], [_Worker(k) for k in range(count)])
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
