@@ -30,7 +30,7 @@ from hub.edge import bind_shared
 from hub.ops._http import serve_http
 from hub.ops._scrape import fetch, merge_health, merge_metrics
 
-__all__ = ["WorkerCommand", "Workers", "WorkersError", "run_workers"]
+__all__ = ["WorkerCommand", "Workers", "WorkersError", "run_workers", "supervise"]
 
 log = logging.getLogger("hub.workers")
 
@@ -45,7 +45,8 @@ START_TIMEOUT = 60.0
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0
-#: Time the workers get to stop, beyond their own drain bound (server.shutdown_grace) and final registry save.
+#: Time the workers get to stop beyond twice server.shutdown_grace (their bounds on the last command points and on
+#: the drain), covering their final registry save (at most 10 s).
 STOP_MARGIN = 15.0
 
 
@@ -195,7 +196,8 @@ class Workers:
                     self.metrics_port = await nursery.start(partial(serve_http, m.http_host, m.http_port, routes))
                     log.info("metrics listening", extra={"kv": {"host": m.http_host, "port": self.metrics_port}})
                 log.info("workers ready", extra={"kv": {"workers": len(self.workers), "port": self.port}})
-                nursery.start_soon(self._kill_late, processes.cancel_scope, config.server.shutdown_grace + STOP_MARGIN)
+                grace = 2 * config.server.shutdown_grace + STOP_MARGIN
+                nursery.start_soon(self._kill_late, processes.cancel_scope, grace)
                 task_status.started(self)
             nursery.cancel_scope.cancel()  # the metrics listener and the deadline
         log.info("workers stopped", extra={"kv": {"returncodes": self.returncodes()}})
