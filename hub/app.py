@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -211,13 +213,17 @@ async def serve(
     config: HubConfig,
     *,
     sink: Sink | None = None,
+    worker: int | None = None,
     task_status: trio.TaskStatus[HubHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a hub until `HubHandle.stop()`; report the handle once devices can connect."""
+    """Run a hub until `HubHandle.stop()`; report the handle once devices can connect.
+
+    `worker`: this hub is worker K of `hub serve --workers N` (its port shared, its points tagged `hub=<host>-K`).
+    """
     config.storage.path.mkdir(parents=True, exist_ok=True)
     tls = ServerTLS.from_config(config.tls)  # first: bad TLS files stop the hub before it opens anything
     async with open_registry_store(config.state, config.storage.path) as registry:  # closed last
-        await _serve(config, registry, tls, sink, task_status)
+        await _serve(config, registry, tls, sink, worker, task_status)
 
 
 async def _serve(
@@ -225,6 +231,7 @@ async def _serve(
     registry: RegistryStore,
     tls: ServerTLS | None,
     sink: Sink | None,
+    worker: int | None,
     task_status: trio.TaskStatus[HubHandle],
 ) -> None:
     sink = sink or make_sink(config)
@@ -268,7 +275,8 @@ async def _serve(
             config, registry, presence, ledgers, commands, broadcaster, stats, pipeline, revoke_device=server.revoke
         )
         edge = Edge(config.server, [server, control], stats)
-        metrics = HubMetrics(stats, presence, commands, pipeline, sink, started_at=time.time())
+        hub_id = None if worker is None else f"{socket.gethostname()}-{worker}"
+        metrics = HubMetrics(stats, presence, commands, pipeline, sink, started_at=time.time(), hub_id=hub_id)
         async with trio.open_nursery() as nursery:
             drained = trio.Event()
 
@@ -304,7 +312,9 @@ async def _serve(
             ssl_context = tls.context if tls is not None else None
             cfg = config.server
             with _listening("devices and operators", cfg.host, cfg.port, "--port", "--host"):
-                port = await nursery.start(partial(edge.listen, ssl_context=ssl_context))
+                port = await nursery.start(
+                    partial(edge.listen, ssl_context=ssl_context, reuse_port=worker is not None)
+                )
             handle = HubHandle(
                 port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, edge,
                 metrics_port, tls=tls,
@@ -354,22 +364,50 @@ def reload_tls(handle: HubHandle) -> bool:
     return handle.tls.reload()
 
 
-async def serve_until_signal(config: HubConfig, on_ready: Callable[[HubHandle], None] | None = None) -> None:
-    """`serve` until SIGINT or SIGTERM, then shut down gracefully (a second signal aborts); SIGHUP reloads TLS."""
+async def serve_until_signal(
+    config: HubConfig, on_ready: Callable[[HubHandle], None] | None = None, *, worker: int | None = None
+) -> None:
+    """`serve` until SIGINT or SIGTERM, then shut down gracefully (a second signal aborts); SIGHUP reloads TLS.
+
+    A `worker` leaves SIGINT to its supervisor (which sends SIGTERM), ignores a second SIGTERM, and stops as
+    gracefully when its standard input ends: the supervisor is gone.
+    """
+    stop_signals = (signal.SIGTERM,) if worker is not None else (signal.SIGINT, signal.SIGTERM)
     async with trio.open_nursery() as nursery:
         # Caught from before the listener opens (a SIGHUP right after startup must not kill the hub) until the
         # first SIGINT/SIGTERM; the handlers are then restored, so a second one aborts the graceful shutdown.
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            handle: HubHandle = await nursery.start(serve, config)
+        with trio.open_signal_receiver(*stop_signals, signal.SIGHUP) as signals:
+            handle: HubHandle = await nursery.start(partial(serve, config, worker=worker))
             if on_ready is not None:
                 on_ready(handle)
-            async for signum in signals:
-                log.info("signal received", extra={"kv": {"signal": signal.Signals(signum).name}})
-                if signum == signal.SIGHUP:
-                    reload_tls(handle)
-                    continue
-                handle.stop()
-                break
+            async with trio.open_nursery() as waiting:
+                if worker is not None:
+                    waiting.start_soon(_stop_without_supervisor, handle, waiting.cancel_scope)
+                async for signum in signals:
+                    log.info("signal received", extra={"kv": {"signal": signal.Signals(signum).name}})
+                    if signum == signal.SIGHUP:
+                        reload_tls(handle)
+                        continue
+                    handle.stop()
+                    break
+                waiting.cancel_scope.cancel()
+
+
+async def _stop_without_supervisor(handle: HubHandle, waiting: trio.CancelScope) -> None:
+    """A worker's stdin is a pipe from its supervisor: its end means the supervisor died. Stop gracefully."""
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    async with stdin:
+        while await stdin.receive_some():
+            pass  # the supervisor sends nothing; anything it did would be ignored
+    log.warning("the supervisor is gone: shutting down")
+    handle.stop()
+    waiting.cancel()
+
+
+def _report_ready(fd: int, worker: int | None, handle: HubHandle) -> None:
+    report = {"worker": worker, "pid": os.getpid(), "port": handle.port, "metrics_port": handle.metrics_port}
+    with open(fd, "w") as ready:
+        ready.write(json.dumps(report) + "\n")
 
 
 #: Cyclic-GC thresholds of the hub process (Python's are 700, 10, 10). Most of the hub's garbage is freed by
@@ -386,11 +424,22 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def run(config: HubConfig) -> int:
-    """Entry point of `hub serve`: run until a signal; the exit code (1: a listener or Redis could not be had)."""
+def run(config: HubConfig, *, worker: int | None = None, ready_fd: int | None = None) -> int:
+    """Entry point of `hub serve`: run until a signal; the exit code (1: a listener or Redis could not be had).
+
+    As worker K of `hub serve --workers N` (`worker`), the hub reports that it is ready by writing one JSON line
+    (`worker`, `pid`, `port`, `metrics_port`) to `ready_fd` and closing it.
+    """
     tune_gc()
+    if worker is not None:
+        # Ignored outside the signal receiver: a terminal's Ctrl-C, or systemd's SIGTERM to the whole cgroup, reaches
+        # every worker as well as the supervisor, which passes SIGTERM on; a second one must not abort the graceful
+        # shutdown (the supervisor kills a worker that overstays). A SIGHUP while starting loads nothing new.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+    on_ready = None if ready_fd is None else partial(_report_ready, ready_fd, worker)
     try:
-        trio.run(serve_until_signal, config)
+        trio.run(partial(serve_until_signal, config, on_ready, worker=worker))
     except (ListenError, StoreUnavailable, BaseExceptionGroup) as exc:
         error = start_error(exc)
         if error is None:

@@ -13,6 +13,7 @@ import sys
 import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TextIO
 
 import attrs
@@ -52,6 +53,11 @@ figures on plain http://METRICS_HOST:METRICS_PORT/metrics (Prometheus) and /heal
 them as hub* points. A port that cannot be had (taken by another program, say) stops the hub at
 start with one line naming it and the option that changes it, and exit code 1.
 See docs/hub.example.toml for every setting."""
+
+_WORKERS_EPILOG = """With --workers N (and [state] backend = "redis") this process supervises N hubs sharing the port,
+each with its own data directory DATA_DIR/worker-K: it restarts a worker that dies, passes
+SIGTERM/SIGINT (graceful) and SIGHUP (TLS reload) on, and serves one /metrics and /healthz for
+all of them (docs/scaling.md)."""
 
 
 _DEMO_EPILOG = f"""\
@@ -187,6 +193,8 @@ _TUNING = (
     _Option("--spool-max-bytes", "storage.spool_max_bytes", int, "N", "spool bound while the database is down"),
 )
 
+_SERVE_OPTIONS = (_HOST, _PORT, *_TLS, _DATA_DIR, *_INFLUX, *_METRICS, *_TUNING)
+
 
 def _show(key: str) -> str:
     value = _default(key)
@@ -241,12 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the hub",
         description="Run the hub until SIGINT/SIGTERM.\n" + _DESCRIPTION,
-        epilog=_SERVE_EPILOG,
+        epilog=f"{_SERVE_EPILOG}\n\n{_WORKERS_EPILOG}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config(serve)
-    _add_options(serve, (_HOST, _PORT, *_TLS, _DATA_DIR, *_INFLUX, *_METRICS, *_TUNING))
+    _add_options(serve, _SERVE_OPTIONS)
     _add_logging(serve)
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="hub processes sharing the port (SO_REUSEPORT), supervised by this one; more than 1 needs "
+        '[state] backend = "redis" (default: 1, this process is the hub)',
+    )
+    serve.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
+    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=_cmd_serve)
 
     device = commands.add_parser(
@@ -371,10 +389,47 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None or not _check_tls(config):
         return 2
+    if args.worker_id is not None:
+        return _serve_worker(config, args)
+    if args.workers > 1 and config.state.backend != "redis":
+        _error(f'--workers {args.workers} needs [state] backend = "redis": the workers share registry and acked seqs')
+        return 2
     setup_logging(config.log_level, args.log_format)
+    if args.workers > 1:
+        from hub.ops import run_workers
+
+        return run_workers(config, args.workers, partial(_worker_command, args))
     from hub.app import run  # imported here: the device commands need none of the server's modules
 
     return run(config)
+
+
+def _worker_command(args: argparse.Namespace, worker: int, port: int, ready_fd: int) -> list[str]:
+    """The command line of worker `worker` of `hub serve --workers N`: the same options, the supervisor's port."""
+    argv = [sys.executable, "-m", "hub.cli", "serve"]
+    if args.config is not None:
+        argv += ["--config", args.config]
+    for opt in _SERVE_OPTIONS:
+        value = getattr(args, opt.key)
+        if value is not None:
+            argv += [opt.flag, str(value)]
+    if args.log_level is not None:
+        argv += ["--log-level", args.log_level]
+    argv += ["--log-format", args.log_format, "--port", str(port)]
+    return [*argv, "--worker-id", str(worker), "--ready-fd", str(ready_fd)]
+
+
+def _serve_worker(config: HubConfig, args: argparse.Namespace) -> int:
+    """Worker K: its own data directory (spool, command store, embedded sink) and a loopback /metrics on a port of
+    its choosing, which the supervisor merges into the machine's."""
+    worker = args.worker_id
+    storage = attrs.evolve(config.storage, data_dir=str(config.storage.path / f"worker-{worker}"))
+    metrics = attrs.evolve(config.metrics, http_host="127.0.0.1", http_port=0)
+    config = attrs.evolve(config, storage=storage, metrics=metrics)
+    setup_logging(config.log_level, args.log_format, {"worker": worker})
+    from hub.app import run
+
+    return run(config, worker=worker, ready_fd=args.ready_fd)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -35,13 +35,14 @@ def _timestamp(record: logging.LogRecord) -> str:
     return f"{when:%Y-%m-%dT%H:%M:%S}.{int(record.msecs):03d}Z"
 
 
-def _fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, object]:
-    """The event's keys in output order: ts, level, logger, msg, then the record's kv, then exc."""
+def _fields(record: logging.LogRecord, formatter: _Formatter) -> dict[str, object]:
+    """The event's keys in output order: ts, level, logger, msg, the process's context, the record's kv, exc."""
     fields: dict[str, object] = {
         "ts": _timestamp(record),
         "level": _LEVEL_NAMES.get(record.levelno, record.levelname.lower()),
         "logger": record.name,
         "msg": record.getMessage(),
+        **formatter.context,
     }
     kv = getattr(record, "kv", None)
     if isinstance(kv, dict):
@@ -66,7 +67,15 @@ def _kv_value(value: object) -> str:
     return text
 
 
-class KvFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """A formatter that adds the same `context` (say, a worker's id) to every event."""
+
+    def __init__(self, context: dict[str, object] | None = None) -> None:
+        super().__init__()
+        self.context = dict(context or {})
+
+
+class KvFormatter(_Formatter):
     """``key=value`` pairs on one line (logfmt)."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -74,7 +83,7 @@ class KvFormatter(logging.Formatter):
         return " ".join(f"{key}={_kv_value(value)}" for key, value in _fields(record, self).items())
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_Formatter):
     """One JSON object per line; values that JSON cannot hold are written as strings."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -86,8 +95,9 @@ class _HubHandler(logging.StreamHandler[TextIO]):
     """Marks the handler `setup_logging` installed, so a second call replaces it instead of adding one."""
 
 
-def setup_logging(level: str, fmt: str = "kv") -> None:
-    """Send all logging to stderr at `level` (debug, info, warning, error), in format `fmt` (kv or json).
+def setup_logging(level: str, fmt: str = "kv", context: dict[str, object] | None = None) -> None:
+    """Send all logging to stderr at `level` (debug, info, warning, error), in format `fmt` (kv or json); every
+    event carries `context` (a worker's `worker=K`) after its message.
 
     Raises ValueError for an unknown level or format.
     """
@@ -96,7 +106,7 @@ def setup_logging(level: str, fmt: str = "kv") -> None:
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     handler = _HubHandler(sys.stderr)
-    handler.setFormatter(KvFormatter() if fmt == "kv" else JsonFormatter())
+    handler.setFormatter(KvFormatter(context) if fmt == "kv" else JsonFormatter(context))
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _HubHandler)]:
         root.removeHandler(old)

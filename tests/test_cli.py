@@ -63,6 +63,7 @@ HELP = {
         "--spool-max-bytes",
         "--metrics-host",
         "--metrics-port",
+        "--workers",
     ],
     ("device",): ["add", "list", "revoke", "rotate", "add-sim"],
     ("device", "add"): [*_COMMON, "NAME"],
@@ -103,7 +104,9 @@ def _parsers() -> dict[tuple[str, ...], argparse.ArgumentParser]:
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
-    return {s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+    """The options `--help` shows (not the internal ones, such as the supervisor's `--worker-id`)."""
+    shown = [a for a in parser._actions if a.help != argparse.SUPPRESS]
+    return {s for a in shown for s in a.option_strings if s.startswith("--") and s != "--help"}
 
 
 def test_help_table_covers_the_parser() -> None:
@@ -125,6 +128,8 @@ def test_help_lists_every_option(path: tuple[str, ...], tmp_path: Path) -> None:
 def test_every_option_help_states_its_default() -> None:
     for path, parser in _parsers().items():
         for action in parser._actions:
+            if action.help == argparse.SUPPRESS:
+                continue  # internal: not shown
             if action.option_strings and action.option_strings[0] not in ("-h", "--json"):
                 assert "(default: " in action.help, (path, action.option_strings)
 

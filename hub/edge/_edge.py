@@ -146,11 +146,16 @@ class Edge:
         self._listen_scope = trio.CancelScope()
 
     async def listen(
-        self, *, ssl_context: ssl.SSLContext | None = None, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept connections until `stop_accepting`; return once every connection has ended. Reports the port.
 
-        With `ssl_context` the listener speaks TLS (wss://); the context is read at each handshake.
+        With `ssl_context` the listener speaks TLS (wss://); the context is read at each handshake. With
+        `reuse_port` other processes may listen on the same port (SO_REUSEPORT), the kernel spreading connections.
         """
         cfg = self.config
         _check_fd_limit(cfg.max_connections)
@@ -170,6 +175,7 @@ class Edge:
                         max_message_size=cfg.max_message_bytes,
                         evict_after=cfg.evict_slow_handshake_after,
                         on_refused=self._on_refused,
+                        reuse_port=reuse_port,
                         task_status=task_status,
                     )
 

@@ -24,6 +24,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.utilities import RemoteProtocolError
 
 from hub.edge._admission import Admission, Refusal
+from hub.edge._sockets import open_shared_listeners
 
 __all__ = ["Handler", "Ticket", "http_answer", "reason_phrase", "serve_listener", "with_reason_phrase"]
 
@@ -213,6 +214,7 @@ async def serve_listener(
     max_message_size: int,
     evict_after: float = 1.0,
     on_refused: Callable[[str, Refusal], None] | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections until cancelled; report the TCP listeners once they listen.
@@ -222,9 +224,13 @@ async def serve_listener(
     cannot lock out new devices, whose requests come at once.
 
     With `ssl_context` each connection speaks TLS (wss://); the context is read at each handshake, so a
-    reloaded certificate applies to new connections.
+    reloaded certificate applies to new connections. With `reuse_port` the port is shared with other processes
+    (SO_REUSEPORT: the hub's workers).
     """
-    sockets = await trio.open_tcp_listeners(port, host=host)
+    if reuse_port:
+        sockets = await open_shared_listeners(host, port)
+    else:
+        sockets = await trio.open_tcp_listeners(port, host=host)
 
     async def accept_loop(listener: trio.SocketListener) -> None:
         # The decision is taken here, before a task exists: a refusal past the answer budget costs an accept and a

@@ -1,7 +1,10 @@
-"""Operations: the hub's own figures, as Prometheus /metrics and hub_* points, and /healthz on a small HTTP listener."""
+"""Operations: the hub's own figures, as Prometheus /metrics and hub_* points, and /healthz on a small HTTP listener;
+the supervisor of `hub serve --workers N` (`_workers`), whose /metrics merges its workers' (`_scrape`)."""
 
 from hub.ops._http import Route, serve_http
 from hub.ops._metrics import COMMANDS_MEASUREMENT, ERRORS_MEASUREMENT, HUB_MEASUREMENT, HubMetrics, health
+from hub.ops._scrape import merge_health, merge_metrics
+from hub.ops._workers import WorkerCommand, Workers, WorkersError, run_workers, supervise
 
 __all__ = [
     "COMMANDS_MEASUREMENT",
@@ -9,6 +12,13 @@ __all__ = [
     "HUB_MEASUREMENT",
     "HubMetrics",
     "Route",
+    "WorkerCommand",
+    "Workers",
+    "WorkersError",
     "health",
+    "merge_health",
+    "merge_metrics",
+    "run_workers",
     "serve_http",
+    "supervise",
 ]

@@ -148,6 +148,7 @@ class HubMetrics:
         started_at: float,
         *,
         host: str | None = None,
+        hub_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stats = stats
@@ -157,6 +158,7 @@ class HubMetrics:
         self.sink = sink
         self.started_at = started_at  # Unix time the hub started
         self.host = host or socket.gethostname()
+        self.hub_id = hub_id  # a worker's `<host>-<K>`: its points' `hub` tag (one hub process: no such tag)
         self._clock = clock
         self._prev_at = clock()
         self._prev = self._cumulative()
@@ -256,10 +258,10 @@ class HubMetrics:
     def lines(self, ts_ms: int, snapshot: Snapshot | None = None) -> str:
         """Line protocol of a snapshot (a new one if not given): `hub`, `hub_errors`, `hub_commands` at `ts_ms`.
 
-        Every line ends with `\\n` and carries the tag `host`.
+        Every line ends with `\\n` and carries the tag `host` (and `hub`, the worker's id, when there are several).
         """
         snap = self.snapshot() if snapshot is None else snapshot
-        host = {"host": self.host}
+        host = {"host": self.host} if self.hub_id is None else {"host": self.host, "hub": self.hub_id}
         fields: dict[str, FieldValue] = {key: {"int": int(snap[key])} for key in _INT_FIELDS}
         fields.update((key, float(snap[key])) for key in _FLOAT_FIELDS)
         out = [line(HUB_MEASUREMENT, host, fields, ts_ms)]
