@@ -175,7 +175,10 @@ class ControlServer:
                 await trio.sleep(REVOKE_CHECK_EVERY)
                 try:
                     revoked = await self.registry.revoked_operators()
-                except Exception:  # a busy or broken registry file, Redis away: try again next time
+                except StoreUnavailable as exc:  # Redis away: try again next time
+                    log.warning("cannot read revoked operators", extra={"kv": {"error": str(exc)}})
+                    continue
+                except Exception:  # a busy or broken registry file: try again next time
                     log.exception("cannot read revoked operators")
                     continue
                 for session in list(self._sessions):
