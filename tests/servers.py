@@ -51,6 +51,7 @@ __all__ = [
     "TS",
     "Conn",
     "FakeHub",
+    "HAProxy",
     "InfluxDB1",
     "Plan",
     "Redis",
@@ -90,6 +91,7 @@ class _Process:
     binary = ""
     package = ""
     needs_port = True  # False: the server listens on something else (a Unix socket), known before it starts
+    pass_fds: tuple[int, ...] = ()  # descriptors the server inherits (a listening socket the test bound)
 
     def __init__(self, directory: Path, port: int | None = None) -> None:
         self.directory = Path(directory)
@@ -125,7 +127,11 @@ class _Process:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as logf:
             self._proc = subprocess.Popen(
-                [self._exe, *self._args()], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                [self._exe, *self._args()],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                pass_fds=self.pass_fds,
             )
         _LIVE.add(self._proc)
         deadline = time.monotonic() + timeout
@@ -358,6 +364,67 @@ class Redis(_Process):
             sock.connect(str(self.socket_path))
             sock.sendall(b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words))
             return sock.recv(65536)
+
+
+#: The repository's load balancer configuration, which `HAProxy` runs with its `bind` and `server` lines replaced.
+HAPROXY_CFG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
+_MONITOR_URI = "/haproxy-up"
+
+
+def haproxy_config(listen_fd: int, hubs: list[tuple[int, int]], check_inter: str = "200ms") -> str:
+    """deploy/haproxy.cfg bound to inherited descriptor `listen_fd`, its backend the hubs at (port, metrics port) on
+    loopback, checked every `check_inter` (a dead hub is out after two failed checks, as in the file)."""
+    out: list[str] = []
+    for line in HAPROXY_CFG.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["bind"]:
+            out.append(f"    bind fd@{listen_fd}")
+            out.append(f"    monitor-uri {_MONITOR_URI}")  # haproxy's own 200: it is up (for `_ready`)
+        elif words[:1] == ["maxconn"]:
+            out.append("    maxconn 1000")  # the file's needs twice as many descriptors, more than a test may open
+        elif words[:1] == ["default-server"]:
+            out.append(line.replace("inter 2s", f"inter {check_inter}"))
+        elif words[:1] != ["server"]:
+            out.append(line)
+    out += [f"    server hub-{i} 127.0.0.1:{port} check port {metrics}" for i, (port, metrics) in enumerate(hubs, 1)]
+    return "\n".join(out) + "\n"
+
+
+class HAProxy(_Process):
+    """HAProxy in the foreground, with deploy/haproxy.cfg in front of hubs on loopback.
+
+    haproxy cannot tell which port it got for port 0, so this binds 127.0.0.1:0 itself and hands the socket over as an
+    inherited descriptor (`bind fd@N`): the port is known before haproxy starts and never probed free.
+    """
+
+    binary = "haproxy"
+    package = "haproxy"
+
+    def __init__(self, directory: Path, hubs: list[tuple[int, int]]) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(1024)
+        self._sock.set_inheritable(True)
+        super().__init__(directory, self._sock.getsockname()[1])
+        self.pass_fds = (self._sock.fileno(),)
+        self.config_path = self.directory / "haproxy.cfg"
+        self.config_path.write_text(haproxy_config(self._sock.fileno(), hubs))
+
+    @property
+    def ws_url(self) -> str:
+        """The device endpoint through the load balancer."""
+        return f"ws://127.0.0.1:{self.port}{DEVICE_PATH}"
+
+    def _args(self) -> list[str]:
+        return ["-db", "-f", str(self.config_path)]  # -db: foreground, no daemon
+
+    def _ready(self) -> bool:
+        return http_get(self.url + _MONITOR_URI, timeout=2)[0] == 200
+
+    def close(self) -> None:
+        """Stop haproxy and close the listening socket."""
+        self.stop()
+        self._sock.close()
 
 
 Responder = Callable[[str, str], "tuple[int, dict[str, str], bytes]"]

@@ -14,6 +14,7 @@ import re
 import shlex
 import socket
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,7 @@ def test_queried_fields_exist() -> None:
 def test_docker_compose_is_valid_and_consistent() -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert set(services) == {"influxdb", "grafana", "hub"}
+    assert set(services) == {"influxdb", "grafana", "redis", "hub-1", "hub-2", "haproxy"}
     assert services["influxdb"]["image"].startswith("influxdb:2")
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -207,14 +208,21 @@ def test_docker_compose_is_valid_and_consistent() -> None:
     assert (COMPOSE.parent / mounts[provider["options"]["path"]]).resolve() == GRAFANA / "dashboards"
     env = services["influxdb"]["environment"]
     assert grafana["environment"]["INFLUX_DB"] == env["DOCKER_INFLUXDB_INIT_BUCKET"]  # the virtual DBRP mapping
-    # The hub's command line is one `hub serve` understands, pointing at the same org and bucket.
-    script = services["hub"]["command"][-1]
-    argv = shlex.split(script.split("exec hub ", 1)[1])
-    args = cli.build_parser().parse_args(argv)
-    assert args.command == "serve"
-    assert vars(args)["influx.org"] == env["DOCKER_INFLUXDB_INIT_ORG"]
-    assert vars(args)["influx.bucket"] == env["DOCKER_INFLUXDB_INIT_BUCKET"]
-    assert "HUB_INFLUX_TOKEN" in services["hub"]["environment"]
+    # Each replica's command line is one `hub serve` understands, pointing at the same org and bucket, on Redis.
+    for name in ("hub-1", "hub-2"):
+        hub = services[name]
+        script = hub["command"][-1]
+        argv = shlex.split(script.split("exec hub ", 1)[1])
+        args = cli.build_parser().parse_args(argv)
+        assert args.command == "serve"
+        assert vars(args)["influx.org"] == env["DOCKER_INFLUXDB_INIT_ORG"]
+        assert vars(args)["influx.bucket"] == env["DOCKER_INFLUXDB_INIT_BUCKET"]
+        assert "HUB_INFLUX_TOKEN" in hub["environment"]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in hub["volumes"]}
+        config = tomllib.loads((COMPOSE.parent / mounts[vars(args)["config"]]).read_text())
+        assert config["state"]["backend"] == "redis" and "redis" in hub["depends_on"]
+    proxy = (COMPOSE.parent / services["haproxy"]["volumes"][0].split(":")[0]).read_text()
+    assert "server hub-1 hub-1:8765 check port 9108" in proxy and "server hub-2 hub-2:8765" in proxy
 
 
 # ---------------------------------------------------------------------------- the query proof
