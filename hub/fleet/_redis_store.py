@@ -15,7 +15,7 @@ import builtins
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import coredis
@@ -117,6 +117,16 @@ class RedisStore:
 
     # -- devices
 
+    async def _hashes(
+        self, names_key: str, prefix: str, fields: Sequence[str]
+    ) -> tuple[builtins.list[str], builtins.list[tuple[str | None, ...]]]:
+        """Every name in the set `names_key`, sorted, and the `fields` of its hash (one pipelined round trip)."""
+        with self._reachable():
+            names = sorted(await self._client.smembers(names_key))
+            async with self._client.pipeline(transaction=False) as pipe:
+                replies = [pipe.hmget(prefix + name, fields) for name in names]
+            return names, [await reply for reply in replies]
+
     async def add(self, name: str) -> str:
         check_name(name, "device")
         secret, digest = new_secret()
@@ -151,11 +161,7 @@ class RedisStore:
         return _device(name, values)
 
     async def list(self) -> builtins.list[DeviceRecord]:
-        with self._reachable():
-            names = sorted(await self._client.smembers(self._devices))
-            async with self._client.pipeline(transaction=False) as pipe:
-                replies = [pipe.hmget(self._device_prefix + name, _DEVICE_FIELDS) for name in names]
-            rows = [await reply for reply in replies]
+        names, rows = await self._hashes(self._devices, self._device_prefix, _DEVICE_FIELDS)
         records = (_device(name, values) for name, values in zip(names, rows, strict=True))
         return [r for r in records if r is not None]
 
@@ -204,11 +210,7 @@ class RedisStore:
         return f"{OPERATOR_TOKEN_PREFIX}{name}.{secret}"
 
     async def list_operators(self) -> builtins.list[OperatorRecord]:
-        with self._reachable():
-            names = sorted(await self._client.smembers(self._operators))
-            async with self._client.pipeline(transaction=False) as pipe:
-                replies = [pipe.hmget(self._operator_prefix + name, _OPERATOR_FIELDS) for name in names]
-            rows = [await reply for reply in replies]
+        names, rows = await self._hashes(self._operators, self._operator_prefix, _OPERATOR_FIELDS)
         return [
             OperatorRecord(name=name, role=str(role), created=float(str(created)), revoked=revoked == "1")
             for name, (role, created, revoked) in zip(names, rows, strict=True)
