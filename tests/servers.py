@@ -9,6 +9,7 @@ import gzip
 import http.server
 import json
 import math
+import os
 import re
 import shutil
 import socket
@@ -75,7 +76,8 @@ def _kill_leftovers() -> None:
 
 
 def _require(binary: str, package: str) -> str:
-    path = shutil.which(binary)
+    # Debian puts some servers (haproxy) in /usr/sbin, which a non-login PATH may lack.
+    path = shutil.which(binary, path=os.pathsep.join((os.environ.get("PATH", ""), "/usr/sbin", "/sbin")))
     if path is None:
         pytest.fail(f"{binary} is not installed: apt-get install -y {package}", pytrace=False)
     return path
