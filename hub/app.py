@@ -8,12 +8,14 @@ import gc
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -25,6 +27,7 @@ from hub.devices import DeviceServer
 from hub.edge import Edge, ServerTLS
 from hub.fleet import (
     Broadcaster,
+    CommandRecordDict,
     CommandService,
     CommandStore,
     Ledgers,
@@ -37,6 +40,9 @@ from hub.fleet import (
 from hub.ingest import FileSink, InfluxV1Sink, InfluxV2Sink, Pipeline, PipelineConfig, Sink, Spool
 from hub.ops import HubMetrics, serve_http
 from hub.stats import Stats
+
+if TYPE_CHECKING:
+    from hub.cluster import Cluster
 
 __all__ = [
     "HubHandle",
@@ -263,17 +269,25 @@ async def _serve(
             late_grace=config.presence.late_grace,
             on_change=presence_changed,
         )
+        cluster: Cluster | None = None
+
+        def command_changed(record: CommandRecordDict) -> None:
+            broadcaster.command(record)
+            if cluster is not None:
+                cluster.command_changed(record)
+
         commands = CommandService(
             command_store,
             config.commands,
             device_exists=device_exists,
             write=pipeline.submit,
-            on_change=broadcaster.command,
+            on_change=command_changed,
         )
         server = DeviceServer(config, registry, ledgers, pipeline, presence, stats, commands, broadcaster)
         control = ControlServer(
             config, registry, presence, ledgers, commands, broadcaster, stats, pipeline, revoke_device=server.revoke
         )
+        cluster = _cluster(config, registry, presence, commands, broadcaster, ledgers, server, control)
         edge = Edge(config.server, [server, control], stats)
         hub_id = None if worker is None else f"{socket.gethostname()}-{worker}"
         metrics = HubMetrics(stats, presence, commands, pipeline, sink, started_at=time.time(), hub_id=hub_id)
@@ -290,6 +304,8 @@ async def _serve(
             async def run_background(task_status: trio.TaskStatus[int | None]) -> None:
                 with background:
                     async with trio.open_nursery() as tasks:
+                        if cluster is not None:
+                            await tasks.start(cluster.run)
                         await tasks.start(commands.run)
                         await tasks.start(server.run)
                         await tasks.start(control.run)
@@ -326,8 +342,9 @@ async def _serve(
             log.info("shutting down: no new connections, draining the pipeline")
             edge.stop_accepting()
             server.stop_reading()
-            for session in list(server.sessions.values()):
-                await presence.offline(session.name, session.epoch, "hub_shutdown")
+            async with trio.open_nursery() as offline:  # in a cluster each is a claim in Redis: batched, not one by one
+                for session in list(server.sessions.values()):
+                    offline.start_soon(presence.offline, session.name, session.epoch, "hub_shutdown")
             background.cancel()
             presence.closed = True
             with trio.move_on_after(config.server.shutdown_grace):
@@ -341,6 +358,9 @@ async def _serve(
             async with trio.open_nursery() as closing:
                 closing.start_soon(server.close_all, CloseCode.GOING_AWAY, "hub shutting down")
                 closing.start_soon(control.close_all, CloseCode.GOING_AWAY, "hub shutting down")
+            if cluster is not None:
+                with trio.move_on_after(FINAL_SAVE_TIMEOUT):
+                    await cluster.leave()
             nursery.cancel_scope.cancel()
         log.info("hub stopped", extra={"kv": {"written": stats.points_written, "spooled": stats.points_spooled}})
     finally:
@@ -354,6 +374,39 @@ async def _serve(
             spool.close()
             sink.close()
             command_store.close()
+
+
+def _cluster(
+    config: HubConfig,
+    registry: RegistryStore,
+    presence: Presence,
+    commands: CommandService,
+    broadcaster: Broadcaster,
+    ledgers: Ledgers,
+    server: DeviceServer,
+    control: ControlServer,
+) -> Cluster | None:
+    """This hub's part in a cluster, when its state is in Redis (shared with other hubs); else None."""
+    client = getattr(registry, "client", None)
+    if config.state.backend != "redis" or client is None:
+        return None
+    from hub.cluster import Bus, Cluster  # coredis is needed only for this backend
+
+    hub_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+    cluster = Cluster(
+        Bus(client, config.state.prefix, hub_id),
+        presence,
+        commands,
+        broadcaster,
+        ledgers,
+        session_epoch=server.session_epoch,
+        close_superseded=server.superseded,
+        revoke_device=server.revoke,
+        revoke_operator=control.revoke_operator,
+    )
+    control.cluster = cluster
+    log.info("in a cluster of hubs", extra={"kv": {"hub_id": hub_id}})
+    return cluster
 
 
 def reload_tls(handle: HubHandle) -> bool:

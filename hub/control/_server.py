@@ -7,8 +7,8 @@ import importlib.metadata
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -57,6 +57,7 @@ from hub.fleet import (
     CommandService,
     DeviceDetail,
     DeviceExists,
+    DeviceStatus,
     DeviceSummary,
     Ledgers,
     Presence,
@@ -118,6 +119,14 @@ def _handles(kind: type[_R]) -> Callable[[Callable[[ControlSession, _R], Awaitab
     return register
 
 
+class ClusterView(Protocol):
+    """What the control channel asks of the other hubs in a cluster (hub.cluster.Cluster)."""
+
+    async def statuses(self, names: list[str]) -> dict[str, DeviceStatus]:
+        """The presence of `names` across the cluster (raises `StoreUnavailable` if it cannot be read)."""
+        ...
+
+
 class ControlServer:
     """The /v1/control endpoint: operator sessions (requests, subscriptions, commands)."""
 
@@ -151,6 +160,8 @@ class ControlServer:
         self.closing = False
         self._sessions: set[ControlSession] = set()
         self._buckets: dict[str, TokenBucket] = {}  # per operator, shared by its sessions
+        self._closers: trio.Nursery | None = None  # while `run` runs
+        self.cluster: ClusterView | None = None  # the other hubs, in a cluster (hub.cluster)
 
     def bucket(self, operator: str) -> TokenBucket:
         """The request bucket of `operator` (`control.request_rate`, `control.request_burst`)."""
@@ -170,6 +181,7 @@ class ControlServer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Close the sessions of operators revoked while connected (4003); runs until cancelled."""
         async with trio.open_nursery() as closers:
+            self._closers = closers
             task_status.started()
             while True:
                 await trio.sleep(REVOKE_CHECK_EVERY)
@@ -181,10 +193,18 @@ class ControlServer:
                 except Exception:  # a busy or broken registry file: try again next time
                     log.exception("cannot read revoked operators")
                     continue
-                for session in list(self._sessions):
-                    if session.operator in revoked and not session.closing:
-                        log.warning("operator revoked: closing its session", extra=session.kv(reason="revoked"))
-                        closers.start_soon(session.close, CloseCode.REVOKED, "token revoked")
+                for name in revoked:
+                    self.revoke_operator(name)
+
+    def revoke_operator(self, name: str) -> None:
+        """Close the open sessions of an operator whose token was just revoked (4003)."""
+        closers = self._closers
+        if closers is None:
+            return
+        for session in list(self._sessions):
+            if session.operator == name and not session.closing:
+                log.warning("operator revoked: closing its session", extra=session.kv(reason="revoked"))
+                closers.start_soon(session.close, CloseCode.REVOKED, "token revoked")
 
     async def close_all(self, code: int, reason: str) -> None:
         """Refuse new sessions and close every open one with `code` (1001 at hub shutdown)."""
@@ -442,12 +462,13 @@ class ControlSession:
     async def _status(self, req: Status) -> HubStatus:
         server = self.server
         stats = server.stats
-        registered = len(await server.registry.list())
+        records = await server.registry.list()
+        statuses = await self._statuses([r.name for r in records])
         return {
             "version": VERSION,
             "uptime": round(time.time() - server.started_at, 3),
             "connections": stats.connections,
-            "devices": {**fleet.state_counts(server.presence.status.values()), "registered": registered},
+            "devices": {**fleet.state_counts(statuses.values()), "registered": len(records)},
             "ingest": {
                 "points_in": stats.points_in,
                 "points_written": stats.points_written,
@@ -465,14 +486,23 @@ class ControlSession:
     async def _devices(self, req: Devices) -> list[DeviceSummary]:
         server = self.server
         records = await server.registry.list()
-        return fleet.list_summaries(records, server.presence.status, server.ledgers.find, req.state)
+        statuses = await self._statuses([r.name for r in records])
+        return fleet.list_summaries(records, statuses, server.ledgers.find, req.state)
+
+    async def _statuses(self, names: list[str]) -> Mapping[str, DeviceStatus]:
+        """Presence of the fleet: this hub's, or the cluster's (where this hub's own sessions are the freshest)."""
+        local = self.server.presence.status
+        cluster = self.server.cluster
+        if cluster is None:
+            return local
+        return {**await cluster.statuses(names), **local}
 
     @_handles(Device)
     async def _device(self, req: Device) -> DeviceDetail:
         name = req.name
         server = self.server
         record = await server.registry.get(name)
-        status = server.presence.status.get(name)
+        status = (await self._statuses([name])).get(name)
         if record is None and status is None:
             raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}")
         commands = [r.as_dict() for r in await server.commands.list(device=name, limit=DETAIL_COMMANDS)]

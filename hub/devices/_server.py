@@ -173,6 +173,20 @@ class DeviceServer:
             log.warning("device revoked: closing its session", extra=session._kv(reason="revoked"))
             self._tasks.start_soon(partial(session.close, CloseCode.REVOKED, "token revoked", reason="revoked"))
 
+    def session_epoch(self, name: str) -> int | None:
+        """The epoch of the device's session here, if it has one."""
+        session = self.sessions.get(name)
+        return None if session is None else session.epoch
+
+    def superseded(self, name: str, epoch: int) -> None:
+        """A session `epoch` of the device started on another hub: close an older one here (4000, replaced)."""
+        session = self.sessions.get(name)
+        if session is not None and session.epoch < epoch and self._tasks is not None:
+            log.info("device connected to another hub: closing its session here", extra=session._kv(reason="replaced"))
+            self._tasks.start_soon(
+                partial(session.close, CloseCode.REPLACED, "replaced by a new connection", reason="replaced")
+            )
+
     def stop_reading(self) -> None:
         """Shutdown: refuse new sessions, stop pinging and every session from reading more telemetry."""
         self.closing = True

@@ -97,6 +97,29 @@ class CommandRecord:
         state = next_state(self.state, event)
         return attrs.evolve(self, state=state, updated=now, history=(*self.history, (state, now)), **changes)
 
+    @classmethod
+    def from_dict(cls, d: CommandRecordDict) -> CommandRecord:
+        """The record `as_dict` made (raises KeyError, ValueError or TypeError for anything else)."""
+        history = tuple((CommandState(h["state"]), float(h["at"])) for h in d["history"])
+        delivered = [at for state, at in history if state is CommandState.DELIVERED]
+        return cls(
+            command_id=str(d["command_id"]),
+            device=str(d["device"]),
+            name=str(d["name"]),
+            args=dict(d["args"]),
+            state=CommandState(d["state"]),
+            created=float(d["created"]),
+            updated=float(d["updated"]),
+            expires=float(d["expires"]),
+            timeout=float(d["timeout"]),
+            idempotency_key=d["idempotency_key"],
+            operator=str(d["operator"]),
+            result=d["result"],
+            error=str(d["error"]),
+            delivered_at=delivered[0] if delivered else None,
+            history=history,
+        )
+
     def as_dict(self) -> CommandRecordDict:
         """The control channel's "command record"."""
         return {

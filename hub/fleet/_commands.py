@@ -39,7 +39,7 @@ import sqlite3
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from typing import Unpack
+from typing import Protocol, Unpack
 
 import trio
 
@@ -60,6 +60,9 @@ __all__ = [
     "CommandRecord",
     "CommandService",
     "CommandStore",
+    "Elsewhere",
+    "Relay",
+    "Sender",
 ]
 
 log = logging.getLogger("hub.commands")
@@ -76,6 +79,33 @@ POINT_BUFFER = 10_000
 
 #: A device session's way to put a command frame on its WebSocket (False if it could not take it now).
 Sender = Callable[[Command], bool]
+#: How a hub holding a device passes the device's answers to a command owned by another hub: the event ("sent",
+#: "ack" or "result") and, for a result, ``{"ok", "result", "error"}``.
+Relay = Callable[[str, dict[str, JSON]], None]
+
+
+class Elsewhere(Protocol):
+    """The other hubs of a cluster (hub.cluster), as the command service of one of them needs them."""
+
+    async def locate(self, device: str) -> Sender | None:
+        """A sender to the hub that holds `device`'s session now, or None if none does."""
+        ...
+
+    async def get(self, command_id: str) -> CommandRecord | None:
+        """A command owned by any hub, as last published."""
+        ...
+
+    async def list(self, device: str | None, state: str | None, limit: int) -> builtins.list[CommandRecord]:
+        """Commands of every hub, newest first."""
+        ...
+
+    async def cancel(self, command_id: str) -> CommandRecord | None:
+        """Cancel a command another hub owns (raises `CommandError` as its owner does); None if none owns it."""
+        ...
+
+    async def wait_final(self, command_id: str, timeout: float) -> CommandRecord | None:
+        """Wait for another hub's command to be final (bounded); None if no hub knows it."""
+        ...
 
 
 #: A command request refused: the control channel's own error, with its code (hub.control_codes).
@@ -114,6 +144,9 @@ class CommandService:
         self._keys: dict[tuple[str, str], str] = {}  # (device, idempotency key) -> id, for commands in memory
         self._counts: dict[CommandState, int] = dict.fromkeys(STATES, 0)
         self._senders: dict[str, Sender] = {}
+        self._remote_senders: dict[str, Sender] = {}  # devices held by another hub (a subset of `_senders`)
+        self._foreign: dict[str, tuple[str, Relay]] = {}  # id -> (device, relay): other hubs' commands sent here
+        self.elsewhere: Elsewhere | None = None  # the other hubs, when this one is part of a cluster
         self._final_events: dict[str, trio.Event] = {}
         self._due: dict[str, float] = {}  # unfinished id -> when its state's timer fires, on trio's clock
         self._wake = trio.Event()  # a deadline may have changed
@@ -154,6 +187,9 @@ class CommandService:
         # Devices are never deleted: one that exists now still exists after the awaits below.
         if not await self._device_exists(device):
             raise CommandError("not_found", f"no device {device!r}")
+        remote = None
+        if self.elsewhere is not None and device not in self._senders:
+            remote = await self.elsewhere.locate(device)
         # No await from here until the record is in memory: checks and creation are one step.
         try:
             protocol.check_command_name(name)
@@ -202,13 +238,26 @@ class CommandService:
                     del self._keys[(device, idempotency_key)]
                 self._counts[CommandState.QUEUED] -= 1
             raise
-        self._offer(rec)
+        if remote is not None and device not in self._senders:
+            self.attach_remote(device, remote)  # offers this one with any older ones
+        else:
+            self._offer(rec)
         self._announce(rec)
         return rec
 
     async def cancel(self, command_id: str) -> CommandRecord:
         """Cancel a command that has not been delivered."""
         rec = self._open.get(command_id)
+        elsewhere = self.elsewhere
+        if (
+            rec is None
+            and elsewhere is not None
+            and command_id not in self._finishing
+            and await trio.to_thread.run_sync(self._store.get, command_id) is None
+        ):
+            remote = await elsewhere.cancel(command_id)  # another hub's, or None
+            if remote is not None:
+                return remote
         if rec is None:
             if await self.get(command_id) is None:
                 raise CommandError("not_found", f"no command {command_id!r}")
@@ -222,11 +271,19 @@ class CommandService:
         rec = self._open.get(command_id) or self._recent.get(command_id)
         if rec is not None:
             return rec
-        return await trio.to_thread.run_sync(self._store.get, command_id)
+        rec = await trio.to_thread.run_sync(self._store.get, command_id)
+        if rec is None and self.elsewhere is not None:
+            rec = await self.elsewhere.get(command_id)
+        return rec
 
     async def list(self, device: str | None = None, state: str | None = None, limit: int = 50) -> list[CommandRecord]:
-        """Newest first."""
-        return await trio.to_thread.run_sync(self._store.list, device, state, limit)
+        """Newest first (in a cluster, every hub's)."""
+        local = await trio.to_thread.run_sync(self._store.list, device, state, limit)
+        if self.elsewhere is None:
+            return local
+        by_id = {rec.command_id: rec for rec in await self.elsewhere.list(device, state, limit)}
+        by_id.update((rec.command_id, rec) for rec in local)  # ours are the freshest of our own
+        return sorted(by_id.values(), key=lambda rec: rec.created, reverse=True)[:limit]
 
     def counts(self) -> dict[str, int]:
         """Commands by state (from memory; safe to call from a worker thread)."""
@@ -238,6 +295,10 @@ class CommandService:
             event = self._final_events.setdefault(command_id, trio.Event())
             with trio.move_on_after(timeout):
                 await event.wait()
+        elif self.elsewhere is not None and command_id not in self._recent:
+            remote = await self.elsewhere.wait_final(command_id, timeout)
+            if remote is not None:
+                return remote
         found = await self.get(command_id)
         if found is None:
             raise CommandError("not_found", f"no command {command_id!r}")
@@ -247,7 +308,36 @@ class CommandService:
 
     def attach(self, device: str, sender: Sender) -> None:
         """A session of `device` is ready: re-send what it has not answered, in order, then new ones."""
+        self._remote_senders.pop(device, None)
         self._senders[device] = sender
+        self._offer_open(device, sender)
+
+    def attach_remote(self, device: str, sender: Sender) -> None:
+        """`device`'s session is on another hub now (the caller checked it is newer than any session here): offer
+        its open commands there."""
+        self._remote_senders[device] = self._senders[device] = sender
+        self._offer_open(device, sender)
+
+    def detach_remote(self, device: str) -> None:
+        """`device`'s session on another hub has ended."""
+        if self._remote_senders.pop(device, None) is not None:
+            del self._senders[device]
+
+    def has_open(self, device: str) -> bool:
+        """Whether `device` has unfinished commands owned here."""
+        return device in self._open_ids
+
+    def offer_foreign(self, device: str, frame: Command, relay: Relay) -> bool:
+        """Send another hub's command to `device`'s session here; `relay` carries the answers back. False: no
+        session of `device` here."""
+        sender = self._senders.get(device)
+        if sender is None or device in self._remote_senders:
+            return False
+        self._foreign[frame.id] = (device, relay)
+        sender(frame)
+        return True
+
+    def _offer_open(self, device: str, sender: Sender) -> None:
         now = trio.current_time()
         open_ = self._open
         for command_id in list(self._open_ids.get(device, ())):  # this device's only: a connect is not O(fleet)
@@ -258,19 +348,35 @@ class CommandService:
     def detach(self, device: str, sender: Sender) -> None:
         if self._senders.get(device) is sender:
             del self._senders[device]
+            for command_id in [i for i, (d, _) in self._foreign.items() if d == device]:
+                del self._foreign[command_id]  # their owners offer them again where the device comes back
 
     def is_open(self, command_id: str) -> bool:
         """Whether the command still wants to reach its device (not final)."""
-        return command_id in self._open
+        return command_id in self._open or command_id in self._foreign
+
+    def _relayed(self, device: str, command_id: str, event: str, answer: dict[str, JSON] | None = None) -> bool:
+        """Pass a device's answer to another hub's command to its owner; False if it is not one."""
+        found = self._foreign.get(command_id)
+        if found is None or found[0] != device:
+            return False
+        if event == "result":
+            del self._foreign[command_id]
+        found[1](event, answer or {})
+        return True
 
     async def on_sent(self, device: str, command_id: str) -> None:
         """The session wrote the command frame."""
+        if self._relayed(device, command_id, "sent"):
+            return
         rec = self._open.get(command_id)
         if rec is not None and rec.device == device and allows(rec.state, CommandEvent.SEND):
             self._transition(rec, CommandEvent.SEND)
 
     async def on_ack(self, device: str, command_id: str) -> bool:
         """The device acknowledged receipt. False: not a command this device was sent."""
+        if self._relayed(device, command_id, "ack"):
+            return True
         rec = self._open.get(command_id)
         if rec is None:
             return await self._known_final(device, command_id)
@@ -282,6 +388,8 @@ class CommandService:
 
     async def on_result(self, device: str, command_id: str, ok: bool, result: JSON, error: str) -> bool:
         """The device's result. False: not a command this device was sent."""
+        if self._relayed(device, command_id, "result", {"ok": ok, "result": result, "error": error}):
+            return True
         rec = self._open.get(command_id)
         if rec is None:
             return await self._known_final(device, command_id)

@@ -57,7 +57,9 @@ class Presence:
     """Keeps each device's status and writes every transition into the pipeline.
 
     Transitions of an older session epoch than the current one are ignored, so a replaced
-    session's late "offline" never overrides its successor's "online".
+    session's late "offline" never overrides its successor's "online". In a cluster, `claim` (hub.cluster) is
+    asked first: it stores the transition for every hub unless a newer session of the device, on any hub, has
+    stored its own; then the transition is dropped here too.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class Presence:
         self._late_factor = late_factor
         self._late_grace = late_grace
         self.on_change = on_change
+        self.claim: Callable[[str, DeviceStatus], Awaitable[bool]] | None = None
         self._clock = clock  # Unix time, for `since`, the points and the age of `last_seen`
         self._last_ts: dict[str, int] = {}
         self.status: dict[str, DeviceStatus] = {}
@@ -141,14 +144,32 @@ class Presence:
         now = trio.current_time()
         await self._set(name, attrs.evolve(current, state=state, since=self._clock(), reason=reason, changed_at=now))
 
+    def forget(self, name: str, epoch: int) -> bool:
+        """A session `epoch` of `name` started on another hub: drop what is known here of older sessions (their
+        end is not news). True if something was dropped."""
+        current = self.status.get(name)
+        if current is None or current.epoch >= epoch:
+            return False
+        del self.status[name]
+        return True
+
     async def _set(self, name: str, status: DeviceStatus) -> None:
-        self.status[name] = status
+        self.status[name] = status  # first: a transition that follows while the claim is out starts from it
+        if self.claim is not None and not await self.claim(name, status):
+            log.info("device presence superseded", extra={"kv": {"device": name, "epoch": status.epoch}})
+            if self.status.get(name) is status:
+                del self.status[name]
+            return
         log.info(
             "device " + status.state,
             extra={"kv": {"device": name, "epoch": status.epoch, "reason": status.reason}},
         )
         if self.on_change is not None:
             await self.on_change(name)
+        await self.write_point(name, status)
+
+    async def write_point(self, name: str, status: DeviceStatus) -> None:
+        """Write a `device_status` point of `name` (also for a device whose hub was lost, by the hub that saw it)."""
         if self.closed:
             return
         # Strictly increasing per device, so two transitions in one millisecond keep their order.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -97,10 +98,16 @@ class RedisStore:
         self._revoked_operators = f"{prefix}:operators:revoked"
         self._device_prefix = f"{prefix}:device:"
         self._operator_prefix = f"{prefix}:operator:"
+        self._bus = f"{prefix}:bus"  # the hubs' broadcast channel (hub.cluster): revocations are announced there
         self._create = client.register_script(_CREATE)
         self._set_revoked = client.register_script(_SET_REVOKED)
         self._begin_session = client.register_script(_BEGIN_SESSION)
         self._save_acked = client.register_script(_SAVE_ACKED)
+
+    @property
+    def client(self) -> coredis.Redis[str]:
+        """The Redis client (the hubs' bus shares its connection pool)."""
+        return self._client
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -152,8 +159,14 @@ class RedisStore:
             found: object = await self._set_revoked(
                 keys=[self._device_prefix + name, self._revoked_devices], args=[name, "1"]
             )
+            if found:
+                await self._announce_revoked("device", name)
         if not found:
             raise UnknownDevice(f"unknown device {name!r}")
+
+    async def _announce_revoked(self, what: str, name: str) -> None:
+        """Tell the hubs at once (they also poll the revoked sets, so a lost announcement costs seconds)."""
+        await self._client.publish(self._bus, json.dumps({"k": "revoke", "what": what, "name": name}))
 
     async def get(self, name: str) -> DeviceRecord | None:
         with self._reachable():
@@ -222,6 +235,8 @@ class RedisStore:
             found: object = await self._set_revoked(
                 keys=[self._operator_prefix + name, self._revoked_operators], args=[name, "1"]
             )
+            if found:
+                await self._announce_revoked("operator", name)
         if not found:
             raise UnknownOperator(f"unknown operator {name!r}")
 

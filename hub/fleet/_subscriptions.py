@@ -126,6 +126,8 @@ class Subscription:
         devices: frozenset[str] | None,
         capacity: int,
         notify: Callable[[], None],
+        *,
+        relay: bool = False,
     ) -> None:
         if topic not in TOPICS:
             raise ValueError(f"unknown topic {topic!r}")
@@ -135,6 +137,7 @@ class Subscription:
         self.buffer: EventBuffer[SubscriptionItem] = EventBuffer(capacity)
         self.notify = notify
         self.active = True
+        self.relay = relay  # the cluster's: forwards telemetry other hubs watch (hub.cluster)
 
     def render(self, item: SubscriptionItem) -> SubscriptionEvent:
         """The event for a buffered item (telemetry items are ``(device, point)``, others are ready dicts)."""
@@ -164,6 +167,9 @@ class Broadcaster:
         self._telemetry_by_device: dict[str, dict[int, Subscription]] = {}
         self._presence: dict[int, Subscription] = {}
         self._commands: dict[int, Subscription] = {}
+        self._relays = 0  # relay subscriptions among the telemetry ones
+        #: Called when the devices this hub's operators watch change (the cluster tells the other hubs).
+        self.on_watch_change: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ subscribers
 
@@ -174,14 +180,19 @@ class Broadcaster:
         notify: Callable[[], None],
         *,
         capacity: int | None = None,
+        relay: bool = False,
     ) -> Subscription:
-        """A new subscription to `topic` (for `devices`, or all when None); its id is unique in this hub."""
+        """A new subscription to `topic` (for `devices`, or all when None); its id is unique in this hub.
+
+        `relay`: the cluster's subscription to the telemetry other hubs watch; it gets no points that came from the
+        bus and does not count as watching."""
         sub = Subscription(
             self._next_id,
             topic,
             None if devices is None else frozenset(devices),
             capacity or self.buffer,
             notify,
+            relay=relay,
         )
         self._next_id += 1
         self._subs[sub.id] = sub
@@ -191,6 +202,7 @@ class Broadcaster:
             else:
                 for device in sub.devices:
                     self._telemetry_by_device.setdefault(device, {})[sub.id] = sub
+            self._watch_changed(sub)
         elif topic == "presence":
             self._presence[sub.id] = sub
         else:
@@ -212,11 +224,29 @@ class Broadcaster:
                     by_id.pop(sub.id, None)
                     if not by_id:
                         del self._telemetry_by_device[device]
+        if sub.topic == "telemetry":
+            self._watch_changed(sub, -1)
+
+    def _watch_changed(self, sub: Subscription, sign: int = 1) -> None:
+        if sub.relay:
+            self._relays += sign
+        elif self.on_watch_change is not None:
+            self.on_watch_change()
+
+    def watched(self) -> frozenset[str] | None:
+        """The devices whose telemetry this hub's operators watch (None: all of them)."""
+        if any(not sub.relay for sub in self._telemetry_all.values()):
+            return None
+        return frozenset(
+            device
+            for device, subs in self._telemetry_by_device.items()
+            if any(not sub.relay for sub in subs.values())
+        )
 
     @property
     def subscriptions(self) -> int:
-        """Subscriptions open in the whole hub."""
-        return len(self._subs)
+        """Operators' subscriptions open in the whole hub (the cluster's relay is not one)."""
+        return len(self._subs) - self._relays
 
     def totals(self) -> dict[str, int]:
         """Events dropped and coalesced so far over the open subscriptions."""
@@ -232,13 +262,16 @@ class Broadcaster:
         """Whether anyone watches this device's telemetry (so the caller can skip building events)."""
         return bool(self._telemetry_all) or device in self._telemetry_by_device
 
-    def telemetry(self, device: str, points: list[Point]) -> None:
-        """Points just accepted from `device` (validated dicts; they are kept, never mutated)."""
+    def telemetry(self, device: str, points: list[Point], *, relayed: bool = False) -> None:
+        """Points just accepted from `device` (validated dicts; they are kept, never mutated); `relayed`: points
+        another hub accepted (they go to no relay subscription)."""
         subs = list(self._telemetry_all.values())
         by_device = self._telemetry_by_device.get(device)
         if by_device:
             subs.extend(by_device.values())
         for sub in subs:
+            if relayed and sub.relay:
+                continue
             put = sub.buffer.put
             for point in points:
                 put((device, point["measurement"]), (device, point))
