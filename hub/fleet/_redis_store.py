@@ -36,6 +36,7 @@ from hub.fleet._accounts import (
     operator_token_parts,
     token_matches,
 )
+from hub.fleet._cache import CachedAccount, Kind, RegistryCache
 from hub.fleet._store import StoreUnavailable
 
 __all__ = ["RedisStore", "open_redis_store"]
@@ -60,11 +61,25 @@ redis.call('HSET', KEYS[1], 'revoked', ARGV[2], unpack(ARGV, 3))
 if ARGV[2] == '1' then redis.call('SADD', KEYS[2], ARGV[1]) else redis.call('SREM', KEYS[2], ARGV[1]) end
 return 1
 """
-# KEYS: the device's hash. Returns {epoch, acked_seq}, or nil for an unknown device.
+# KEYS: the device's hash. ARGV: an epoch the new one must exceed (one this hub handed out while Redis was away).
+# Returns {epoch, acked_seq, token_hash, revoked}, or nil for an unknown device.
 _BEGIN_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-return {epoch, tonumber(redis.call('HGET', KEYS[1], 'acked_seq'))}
+if epoch <= tonumber(ARGV[1]) then
+    epoch = tonumber(ARGV[1]) + 1
+    redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+local rest = redis.call('HMGET', KEYS[1], 'acked_seq', 'token_hash', 'revoked')
+return {epoch, tonumber(rest[1]), rest[2], rest[3]}
+"""
+# KEYS: device hashes; ARGV: epochs. Raises only (epochs handed out while Redis was away); a missing hash stays missing.
+_RAISE_EPOCHS = """
+for i, key in ipairs(KEYS) do
+    local current = redis.call('HGET', key, 'epoch')
+    if current and tonumber(ARGV[i]) > tonumber(current) then redis.call('HSET', key, 'epoch', ARGV[i]) end
+end
+return 0
 """
 # KEYS: device hashes; ARGV: their new seqs. Raises only; a missing hash (unknown device) is left missing.
 _SAVE_ACKED = """
@@ -77,6 +92,9 @@ return 0
 
 _DEVICE_FIELDS = ("created", "revoked", "epoch", "acked_seq")
 _OPERATOR_FIELDS = ("role", "created", "revoked")
+#: Seconds after a failed read during which the cache answers what it can without asking Redis first (so that a
+#: Redis that does not answer at all costs one connect timeout, not one per handshake).
+CACHE_FIRST_FOR = 1.0
 _UNREACHABLE = (
     coredis.exceptions.ConnectionError,
     coredis.exceptions.AuthenticationError,
@@ -88,8 +106,12 @@ _UNREACHABLE = (
 class RedisStore:
     """`RegistryStore` on one Redis (or Valkey) server; any number of hub processes may share it."""
 
-    def __init__(self, client: coredis.Redis[str], prefix: str, where: str) -> None:
+    def __init__(
+        self, client: coredis.Redis[str], prefix: str, where: str, cache: RegistryCache | None = None
+    ) -> None:
         self._client = client
+        self._cache = cache  # None: every read needs Redis
+        self._cache_first_until = 0.0  # monotonic time until which the cache answers first (see CACHE_FIRST_FOR)
         self._where = where  # the URL without credentials, for error messages
         self._devices = f"{prefix}:devices"
         self._revoked_devices = f"{prefix}:devices:revoked"
@@ -101,6 +123,7 @@ class RedisStore:
         self._set_revoked = client.register_script(_SET_REVOKED)
         self._begin_session = client.register_script(_BEGIN_SESSION)
         self._save_acked = client.register_script(_SAVE_ACKED)
+        self._raise_epochs = client.register_script(_RAISE_EPOCHS)
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -109,6 +132,17 @@ class RedisStore:
             yield
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"cannot reach Redis at {self._where}: {exc}") from exc
+
+    def _cached(self, kind: Kind, name: str, exc: StoreUnavailable | None) -> CachedAccount | None:
+        """The cache's trusted entry once Redis failed (`exc`) or while it is asked first; re-raises `exc` if none."""
+        if exc is not None:
+            self._cache_first_until = time.monotonic() + CACHE_FIRST_FOR
+        entry = None
+        if self._cache is not None and (exc is not None or time.monotonic() < self._cache_first_until):
+            entry = self._cache.account(kind, name, time.monotonic())
+        if entry is None and exc is not None:
+            raise exc
+        return entry
 
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless Redis answers."""
@@ -143,6 +177,8 @@ class RedisStore:
             found: object = await self._set_revoked(
                 keys=[self._device_prefix + name, self._revoked_devices], args=[name, "0", "token_hash", digest]
             )
+        if self._cache is not None:
+            self._cache.forget("device", name)
         if not found:
             raise UnknownDevice(f"unknown device {name!r}")
         return f"{name}.{secret}"
@@ -152,13 +188,20 @@ class RedisStore:
             found: object = await self._set_revoked(
                 keys=[self._device_prefix + name, self._revoked_devices], args=[name, "1"]
             )
+        if self._cache is not None:
+            self._cache.saw_revoked("device", [name])
         if not found:
             raise UnknownDevice(f"unknown device {name!r}")
 
     async def get(self, name: str) -> DeviceRecord | None:
         with self._reachable():
-            values = await self._client.hmget(self._device_prefix + name, _DEVICE_FIELDS)
-        return _device(name, values)
+            *values, token_hash = await self._client.hmget(self._device_prefix + name, [*_DEVICE_FIELDS, "token_hash"])
+        record = _device(name, tuple(values))
+        if self._cache is not None:
+            self._cache.saw("device", name, token_hash, record is None or record.revoked, time.monotonic())
+            if record is not None:
+                self._cache.saw_session(name, record.epoch, record.acked_seq)
+        return record
 
     async def list(self) -> builtins.list[DeviceRecord]:
         names, rows = await self._hashes(self._devices, self._device_prefix, _DEVICE_FIELDS)
@@ -166,33 +209,83 @@ class RedisStore:
         return [r for r in records if r is not None]
 
     async def revoked_names(self) -> set[str]:
+        await self._write_pending_epochs()  # polled every few seconds by each hub: the time to catch up
         with self._reachable():
-            return set(await self._client.smembers(self._revoked_devices))
+            names = set(await self._client.smembers(self._revoked_devices))
+        if self._cache is not None:
+            self._cache.saw_revoked("device", names)
+        return names
 
     async def authenticate(self, token: str) -> str | None:
         parts = device_token_parts(token)
         if parts is None:
             return None
         name, secret = parts
-        with self._reachable():
-            stored, revoked = await self._client.hmget(self._device_prefix + name, ["token_hash", "revoked"])
-        return name if token_matches(secret, stored) and revoked == "0" else None
+        cached = self._cached("device", name, None)
+        if cached is None:
+            try:
+                with self._reachable():
+                    stored, revoked = await self._client.hmget(self._device_prefix + name, ["token_hash", "revoked"])
+            except StoreUnavailable as exc:
+                cached = self._cached("device", name, exc)
+            else:
+                if self._cache is not None:
+                    self._cache.saw("device", name, stored, revoked != "0", time.monotonic())
+                return name if token_matches(secret, stored) and revoked == "0" else None
+        assert cached is not None
+        return name if token_matches(secret, cached.token_hash) and not cached.revoked else None
 
     async def begin_session(self, name: str) -> tuple[int, int]:
-        with self._reachable():
-            reply: object = await self._begin_session(keys=[self._device_prefix + name])
+        cache = self._cache
+        opened = None
+        if cache is not None and self._cached("device", name, None) is not None:
+            opened = cache.begin_session(name, time.monotonic())
+        if opened is not None:
+            return opened
+        floor = 0 if cache is None else cache.epoch_floor(name)
+        try:
+            with self._reachable():
+                reply: object = await self._begin_session(keys=[self._device_prefix + name], args=[str(floor)])
+        except StoreUnavailable:
+            opened = None if cache is None else cache.begin_session(name, time.monotonic())
+            if opened is None:
+                raise
+            self._cache_first_until = time.monotonic() + CACHE_FIRST_FOR
+            return opened
         if reply is None:
+            if cache is not None:
+                cache.forget("device", name)
             raise UnknownDevice(f"unknown device {name!r}")
         assert isinstance(reply, list), reply
-        epoch, acked = reply
-        return int(epoch), int(acked)
+        epoch, acked, token_hash, revoked = int(reply[0]), int(reply[1]), reply[2], reply[3]
+        if cache is not None:
+            cache.saw("device", name, token_hash, revoked != "0", time.monotonic())
+            cache.saw_session(name, epoch, acked)
+            cache.epochs_written({name: epoch})
+        return epoch, acked
 
     async def save_acked(self, updates: Mapping[str, int]) -> None:
+        if self._cache is not None:
+            self._cache.saw_acked(updates)  # first: a session opened during an outage starts from them
+        await self._write_pending_epochs()
         items = [(self._device_prefix + name, str(int(seq))) for name, seq in updates.items()]
         with self._reachable():
             for start in range(0, len(items), SAVE_CHUNK):
                 chunk = items[start : start + SAVE_CHUNK]
                 await self._save_acked(keys=[key for key, _ in chunk], args=[seq for _, seq in chunk])
+
+    async def _write_pending_epochs(self) -> None:
+        """Write the epochs handed out while Redis was unreachable (each only raises what Redis holds)."""
+        if self._cache is None:
+            return
+        pending = list(self._cache.pending_epochs().items())
+        with self._reachable():
+            for start in range(0, len(pending), SAVE_CHUNK):
+                chunk = pending[start : start + SAVE_CHUNK]
+                await self._raise_epochs(
+                    keys=[self._device_prefix + name for name, _ in chunk], args=[str(epoch) for _, epoch in chunk]
+                )
+                self._cache.epochs_written(dict(chunk))
 
     # -- operators
 
@@ -222,23 +315,38 @@ class RedisStore:
             found: object = await self._set_revoked(
                 keys=[self._operator_prefix + name, self._revoked_operators], args=[name, "1"]
             )
+        if self._cache is not None:
+            self._cache.saw_revoked("operator", [name])
         if not found:
             raise UnknownOperator(f"unknown operator {name!r}")
 
     async def revoked_operators(self) -> set[str]:
         with self._reachable():
-            return set(await self._client.smembers(self._revoked_operators))
+            names = set(await self._client.smembers(self._revoked_operators))
+        if self._cache is not None:
+            self._cache.saw_revoked("operator", names)
+        return names
 
     async def authenticate_operator(self, token: str) -> tuple[str, str] | None:
         parts = operator_token_parts(token)
         if parts is None:
             return None
         name, secret = parts
-        with self._reachable():
-            stored, revoked, role = await self._client.hmget(
-                self._operator_prefix + name, ["token_hash", "revoked", "role"]
-            )
-        return (name, str(role)) if token_matches(secret, stored) and revoked == "0" else None
+        cached = self._cached("operator", name, None)
+        if cached is None:
+            try:
+                with self._reachable():
+                    stored, revoked, role = await self._client.hmget(
+                        self._operator_prefix + name, ["token_hash", "revoked", "role"]
+                    )
+            except StoreUnavailable as exc:
+                cached = self._cached("operator", name, exc)
+            else:
+                if self._cache is not None:
+                    self._cache.saw("operator", name, stored, revoked != "0", time.monotonic(), str(role))
+                return (name, str(role)) if token_matches(secret, stored) and revoked == "0" else None
+        assert cached is not None
+        return (name, cached.role) if token_matches(secret, cached.token_hash) and not cached.revoked else None
 
     async def aclose(self) -> None:
         """Nothing to do: `open_redis_store` closes the client's connections."""
@@ -271,9 +379,12 @@ def _where(url: str) -> str:
 
 @contextlib.asynccontextmanager
 async def open_redis_store(
-    url: str, prefix: str, *, password: str = "", ca_file: str = ""
+    url: str, prefix: str, *, password: str = "", ca_file: str = "", cache_devices: int = 0, cache_ttl: float = 0.0
 ) -> AsyncIterator[RedisStore]:
     """A `RedisStore` on `url` (redis://, rediss:// or unix://) once Redis answers; its connections closed on exit.
+
+    With `cache_devices` and `cache_ttl` both above 0, handshakes are answered from a `RegistryCache` of that size
+    and trust while Redis is unreachable.
 
     Raises `StoreUnavailable` when Redis cannot be reached or refuses the password.
     """
@@ -286,6 +397,7 @@ async def open_redis_store(
         stream_timeout=REPLY_TIMEOUT,
     )
     async with client:
-        store = RedisStore(client, prefix, _where(url))
+        cache = RegistryCache(cache_devices, cache_ttl) if cache_devices > 0 and cache_ttl > 0 else None
+        store = RedisStore(client, prefix, _where(url), cache)
         await store.ping()
         yield store

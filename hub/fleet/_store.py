@@ -156,7 +156,12 @@ async def open_registry_store(state: StateConfig, data_dir: str | os.PathLike[st
         from hub.fleet._redis_store import open_redis_store  # coredis is needed only for this backend
 
         async with open_redis_store(
-            state.url, state.prefix, password=state.password, ca_file=state.ca_file
+            state.url,
+            state.prefix,
+            password=state.password,
+            ca_file=state.ca_file,
+            cache_devices=state.cache_devices,
+            cache_ttl=state.cache_ttl,
         ) as redis_store:
             yield redis_store
         return
