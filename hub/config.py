@@ -237,9 +237,7 @@ _SECTIONS: dict[str, type] = {
 
 
 #: Numeric options for which 0 makes sense (any free port; flush every message at once).
-_ZERO_OK = frozenset(
-    {"port", "http_port", "max_delay", "max_connections_per_address", "idle_timeout", "cache_ttl"}
-)
+_ZERO_OK = frozenset({"port", "http_port", "max_delay", "max_connections_per_address", "idle_timeout", "cache_ttl"})
 
 
 def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
