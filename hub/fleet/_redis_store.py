@@ -2,11 +2,15 @@
 
 Keys, under a prefix P (default "hub"): a hash per device ``P:device:<name>`` (token_hash, created, revoked, epoch,
 acked_seq) and per operator ``P:operator:<name>`` (role, token_hash, created, revoked); the sets ``P:devices`` and
-``P:operators`` (every name, for listing) and ``P:devices:revoked`` and ``P:operators:revoked``.
+``P:operators`` (every name, for listing) and ``P:devices:revoked`` and ``P:operators:revoked``; a hash per device
+``P:latest:<name>`` (last_seen, and "m:<measurement>" -> its newest point as JSON).
 
 Every read-modify-write is a small Lua script: Redis runs a script alone, so create-if-absent, bump-and-read and
 raise-only are atomic across hubs in one round trip, where WATCH/MULTI would need a dedicated connection and a retry
 loop whenever two hubs touch the same device.
+
+With a `RegistryCache`, handshakes (authenticate, begin_session, authenticate_operator) go on from what was read
+before while Redis is unreachable (docs/scaling.md).
 """
 
 from __future__ import annotations
