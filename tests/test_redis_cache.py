@@ -12,7 +12,7 @@ import trio
 from device_client import protocol
 from hub.config import StateConfig
 from hub.fleet import StoreUnavailable, open_registry_store
-from tests.hubtools import connect, hello, hub_config, start_hub, stream_batches, telemetry_lines
+from tests.hubtools import connect, control, hello, hub_config, start_hub, stream_batches, telemetry_lines
 from tests.servers import Redis
 from tests.waiting import eventually
 from tests.wire import upgrade
@@ -164,9 +164,12 @@ async def test_a_known_device_reconnects_and_streams_while_redis_is_away(redis: 
     async with open_registry_store(_state(redis), tmp_path / "cli") as cli:
         token = await cli.add("d1")
         unknown = await cli.add("d2")  # registered, but this hub never read it
+        operator = await cli.add_operator("alice", "admin")
     config = hub_config(tmp_path / "hub", **{"state.backend": "redis", "state.url": redis.url})
     async with trio.open_nursery() as nursery:
         hub = await start_hub(nursery, config)
+        async with control(hub, operator) as ctl:
+            await ctl.ok("devices")
         async with connect(hub, token) as ws:
             assert (await hello(ws)).epoch == 1
             await stream_batches(ws, 1, 2)
@@ -183,6 +186,8 @@ async def test_a_known_device_reconnects_and_streams_while_redis_is_away(redis: 
         await stream.aclose()
         assert status == 503
         assert int(headers["retry-after"]) >= 1
+        async with control(hub, operator) as ctl:  # authenticated from the cache; the registry itself is away
+            assert await ctl.error("devices") == "unavailable"
 
         await _start(redis)
         await eventually(lambda: _hget(redis, "hub:device:d1", "acked_seq") == 6, timeout=15, poll=0.1)
