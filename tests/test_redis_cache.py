@@ -12,6 +12,7 @@ import trio
 from device_client import protocol
 from hub.config import StateConfig
 from hub.fleet import StoreUnavailable, open_registry_store
+from hub.fleet._redis_store import CACHE_FIRST_FOR, CACHE_PATIENCE
 from tests.hubtools import connect, control, hello, hub_config, start_hub, stream_batches, telemetry_lines
 from tests.servers import Redis
 from tests.waiting import eventually
@@ -155,6 +156,28 @@ async def test_a_rotated_token_is_forgotten(redis: Redis, tmp_path: Path) -> Non
         for token in (old, new):
             with pytest.raises(StoreUnavailable):
                 await store.authenticate(token)
+
+
+async def test_a_redis_that_hangs_holds_a_known_device_for_a_second_at_most(redis: Redis, tmp_path: Path) -> None:
+    async with open_registry_store(_state(redis), tmp_path) as store:
+        token = await store.add("d1")
+        operator = await store.add_operator("alice", "operator")
+        assert await store.authenticate(token) == "d1"
+        assert await store.authenticate_operator(operator) == ("alice", "operator")
+        assert await store.begin_session("d1") == (1, 0)
+        redis.pause()  # connections open, nothing answered: the client alone would wait 3 x 10 s
+        try:
+            with trio.fail_after(CACHE_PATIENCE + 5):
+                assert await store.authenticate(token) == "d1"
+            with trio.fail_after(0.5):  # and then the cache answers first
+                assert await store.begin_session("d1") == (2, 0)
+                assert await store.authenticate_operator(operator) == ("alice", "operator")
+        finally:
+            redis.resume()
+        await trio.sleep(CACHE_FIRST_FOR + 0.1)
+        assert await store.begin_session("d1") == (3, 0)  # Redis again, its replies still in order
+        assert await store.authenticate(token) == "d1"
+        assert _hget(redis, "hub:device:d1", "epoch") == 3
 
 
 # ---------------------------------------------------------------------------- a hub

@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 import coredis
 import coredis.exceptions
 import orjson
+import trio
 
 from device_client.protocol import Point
 from hub.fleet._accounts import (
@@ -119,9 +121,11 @@ return 0
 
 _DEVICE_FIELDS = ("created", "revoked", "epoch", "acked_seq")
 _OPERATOR_FIELDS = ("role", "created", "revoked")
-#: Seconds after a failed read during which the cache answers what it can without asking Redis first (so that a
-#: Redis that does not answer at all costs one connect timeout, not one per handshake).
+#: Seconds after a failed read during which the cache answers what it can without asking Redis first.
 CACHE_FIRST_FOR = 1.0
+#: Seconds a handshake's read waits for Redis when the cache could answer instead (a Redis that hangs, rather than
+#: refuses, would otherwise hold each such handshake for the client's timeouts: 3 tries of REPLY_TIMEOUT).
+CACHE_PATIENCE = 1.0
 _LATEST_PREFIX = "m:"
 _UNREACHABLE = (
     coredis.exceptions.ConnectionError,
@@ -160,17 +164,6 @@ class RedisStore:
             yield
         except _UNREACHABLE as exc:
             raise StoreUnavailable(f"cannot reach Redis at {self._where}: {exc}") from exc
-
-    def _cached(self, kind: Kind, name: str, exc: StoreUnavailable | None) -> CachedAccount | None:
-        """The cache's trusted entry once Redis failed (`exc`) or while it is asked first; re-raises `exc` if none."""
-        if exc is not None:
-            self._cache_first_until = time.monotonic() + CACHE_FIRST_FOR
-        entry = None
-        if self._cache is not None and (exc is not None or time.monotonic() < self._cache_first_until):
-            entry = self._cache.account(kind, name, time.monotonic())
-        if entry is None and exc is not None:
-            raise exc
-        return entry
 
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless Redis answers."""
@@ -249,36 +242,31 @@ class RedisStore:
         if parts is None:
             return None
         name, secret = parts
-        cached = self._cached("device", name, None)
-        if cached is None:
-            try:
-                with self._reachable():
-                    stored, revoked = await self._client.hmget(self._device_prefix + name, ["token_hash", "revoked"])
-            except StoreUnavailable as exc:
-                cached = self._cached("device", name, exc)
-            else:
-                if self._cache is not None:
-                    self._cache.saw("device", name, stored, revoked != "0", time.monotonic())
-                return name if token_matches(secret, stored) and revoked == "0" else None
-        assert cached is not None
-        return name if token_matches(secret, cached.token_hash) and not cached.revoked else None
+        stored, revoked, _ = await self._account("device", name)
+        return name if token_matches(secret, stored) and not revoked else None
 
     async def begin_session(self, name: str) -> tuple[int, int]:
         cache = self._cache
-        opened = None
         if cache is not None and self._cached("device", name, None) is not None:
             opened = cache.begin_session(name, time.monotonic())
-        if opened is not None:
-            return opened
+            if opened is not None:
+                return opened
         floor = 0 if cache is None else cache.epoch_floor(name)
-        try:
-            with self._reachable():
-                reply: object = await self._begin_session(keys=[self._device_prefix + name], args=[str(floor)])
-        except StoreUnavailable:
+        reply: object = None
+        answered, failure = False, None
+        with trio.move_on_after(self._patience("device", name)):
+            try:
+                with self._reachable():
+                    reply = await self._begin_session(keys=[self._device_prefix + name], args=[str(floor)])
+                answered = True
+            except StoreUnavailable as exc:
+                failure = exc
+        if not answered:
+            failure = failure or self._slow()
+            self._cached("device", name, failure)  # raises unless the cache trusts the device
             opened = None if cache is None else cache.begin_session(name, time.monotonic())
             if opened is None:
-                raise
-            self._cache_first_until = time.monotonic() + CACHE_FIRST_FOR
+                raise failure
             return opened
         if reply is None:
             if cache is not None:
@@ -396,21 +384,52 @@ class RedisStore:
         if parts is None:
             return None
         name, secret = parts
-        cached = self._cached("operator", name, None)
+        stored, revoked, role = await self._account("operator", name)
+        return (name, role) if token_matches(secret, stored) and not revoked else None
+
+    # -- the cache's part
+
+    async def _account(self, kind: Kind, name: str) -> tuple[str | None, bool, str]:
+        """``(token_hash, revoked, role)`` of a device or operator from Redis, or, when Redis fails or is slow, from
+        the cache while it trusts the entry; raises `StoreUnavailable` when neither answers."""
+        cached = self._cached(kind, name, None)
         if cached is None:
-            try:
-                with self._reachable():
-                    stored, revoked, role = await self._client.hmget(
-                        self._operator_prefix + name, ["token_hash", "revoked", "role"]
-                    )
-            except StoreUnavailable as exc:
-                cached = self._cached("operator", name, exc)
-            else:
-                if self._cache is not None:
-                    self._cache.saw("operator", name, stored, revoked != "0", time.monotonic(), str(role))
-                return (name, str(role)) if token_matches(secret, stored) and revoked == "0" else None
+            key = (self._device_prefix if kind == "device" else self._operator_prefix) + name
+            with trio.move_on_after(self._patience(kind, name)):
+                try:
+                    with self._reachable():
+                        stored, revoked, role = await self._client.hmget(key, ["token_hash", "revoked", "role"])
+                except StoreUnavailable as exc:
+                    cached = self._cached(kind, name, exc)
+                else:
+                    is_revoked, role = revoked != "0", role or ""
+                    if self._cache is not None:
+                        self._cache.saw(kind, name, stored, is_revoked, time.monotonic(), role)
+                    return stored, is_revoked, role
+            if cached is None:  # no answer within the cache's patience
+                cached = self._cached(kind, name, self._slow())
         assert cached is not None
-        return (name, cached.role) if token_matches(secret, cached.token_hash) and not cached.revoked else None
+        return cached.token_hash, cached.revoked, cached.role
+
+    def _cached(self, kind: Kind, name: str, exc: StoreUnavailable | None) -> CachedAccount | None:
+        """The cache's trusted entry once Redis failed (`exc`) or while it is asked first; re-raises `exc` if none."""
+        if exc is not None:
+            self._cache_first_until = time.monotonic() + CACHE_FIRST_FOR
+        entry = None
+        if self._cache is not None and (exc is not None or time.monotonic() < self._cache_first_until):
+            entry = self._cache.account(kind, name, time.monotonic())
+        if entry is None and exc is not None:
+            raise exc
+        return entry
+
+    def _patience(self, kind: Kind, name: str) -> float:
+        """Seconds to wait for Redis: `CACHE_PATIENCE` when the cache could answer instead, else no bound of ours
+        (the client's timeouts)."""
+        trusted = self._cache is not None and self._cache.account(kind, name, time.monotonic()) is not None
+        return CACHE_PATIENCE if trusted else math.inf
+
+    def _slow(self) -> StoreUnavailable:
+        return StoreUnavailable(f"Redis at {self._where} did not answer within {CACHE_PATIENCE} s")
 
     async def aclose(self) -> None:
         """Nothing to do: `open_redis_store` closes the client's connections."""
