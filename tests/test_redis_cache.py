@@ -12,6 +12,7 @@ import trio
 from device_client import protocol
 from hub.config import StateConfig
 from hub.fleet import StoreUnavailable, open_registry_store
+from hub.fleet import _redis_store as redis_store
 from hub.fleet._redis_store import CACHE_FIRST_FOR, CACHE_PATIENCE
 from tests.hubtools import connect, control, hello, hub_config, start_hub, stream_batches, telemetry_lines
 from tests.servers import Redis
@@ -158,9 +159,13 @@ async def test_a_rotated_token_is_forgotten(redis: Redis, tmp_path: Path) -> Non
                 await store.authenticate(token)
 
 
-async def test_a_redis_that_hangs_holds_a_known_device_for_a_second_at_most(redis: Redis, tmp_path: Path) -> None:
+async def test_a_redis_that_hangs_holds_a_handshake_briefly(
+    redis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_store, "HANDSHAKE_PATIENCE", 0.5)  # 5 s in earnest
     async with open_registry_store(_state(redis), tmp_path) as store:
         token = await store.add("d1")
+        unknown = await store.add("d2")
         operator = await store.add_operator("alice", "operator")
         assert await store.authenticate(token) == "d1"
         assert await store.authenticate_operator(operator) == ("alice", "operator")
@@ -172,6 +177,8 @@ async def test_a_redis_that_hangs_holds_a_known_device_for_a_second_at_most(redi
             with trio.fail_after(0.5):  # and then the cache answers first
                 assert await store.begin_session("d1") == (2, 0)
                 assert await store.authenticate_operator(operator) == ("alice", "operator")
+            with trio.fail_after(3), pytest.raises(StoreUnavailable, match="no answer within"):
+                await store.authenticate(unknown)  # not in the cache: told to retry, not held for 30 s
         finally:
             redis.resume()
         await trio.sleep(CACHE_FIRST_FOR + 0.1)

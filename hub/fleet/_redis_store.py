@@ -18,7 +18,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -126,6 +125,8 @@ CACHE_FIRST_FOR = 1.0
 #: Seconds a handshake's read waits for Redis when the cache could answer instead (a Redis that hangs, rather than
 #: refuses, would otherwise hold each such handshake for the client's timeouts: 3 tries of REPLY_TIMEOUT).
 CACHE_PATIENCE = 1.0
+#: ... and when it cannot: a handshake is not held longer than this by a Redis that hangs (then 503, retry later).
+HANDSHAKE_PATIENCE = 5.0
 _LATEST_PREFIX = "m:"
 _UNREACHABLE = (
     coredis.exceptions.ConnectionError,
@@ -423,13 +424,12 @@ class RedisStore:
         return entry
 
     def _patience(self, kind: Kind, name: str) -> float:
-        """Seconds to wait for Redis: `CACHE_PATIENCE` when the cache could answer instead, else no bound of ours
-        (the client's timeouts)."""
+        """Seconds a handshake's read waits for Redis: `CACHE_PATIENCE` when the cache could answer instead."""
         trusted = self._cache is not None and self._cache.account(kind, name, time.monotonic()) is not None
-        return CACHE_PATIENCE if trusted else math.inf
+        return CACHE_PATIENCE if trusted else HANDSHAKE_PATIENCE
 
     def _slow(self) -> StoreUnavailable:
-        return StoreUnavailable(f"Redis at {self._where} did not answer within {CACHE_PATIENCE} s")
+        return StoreUnavailable(f"cannot reach Redis at {self._where}: no answer within the handshake's patience")
 
     async def aclose(self) -> None:
         """Nothing to do: `open_redis_store` closes the client's connections."""
