@@ -166,6 +166,7 @@ def _pt(measurement: str, ts: int, **fields: object) -> Point:
 
 async def test_latest_values_are_saved_merged_and_read_in_bulk(registry_store: RegistryStore) -> None:
     assert await registry_store.latest(["d1"]) == {}
+    assert await registry_store.latest([]) == {}
     env = _pt("env", 1_764_000_000_123, temperature=21.123456789012345, door=False, status="ok", boots={"int": 2**62})
     power = _pt("power", 1_764_000_000_200, watts=0.1)
     await registry_store.save_latest({"d1": (1_764_000_001.25, {"env": env, "power": power}), "d2": (5.0, {})})

@@ -323,6 +323,8 @@ class RedisStore:
                 await self._save_latest(keys=[key for key, _, _ in chunk], args=args)
 
     async def latest(self, names: builtins.list[str]) -> dict[str, tuple[float, dict[str, Point]]]:
+        if not names:
+            return {}
         with self._reachable():
             async with self._client.pipeline(transaction=False) as pipe:
                 replies = [pipe.hgetall(self._latest_prefix + name) for name in names]
