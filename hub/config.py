@@ -236,8 +236,18 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-#: Numeric options for which 0 makes sense (any free port; flush every message at once).
-_ZERO_OK = frozenset({"port", "http_port", "max_delay", "max_connections_per_address", "idle_timeout", "cache_ttl"})
+#: Numeric options for which 0 makes sense (any free port; flush every message at once; no per-address limit; ...).
+_ZERO_OK = frozenset(
+    {
+        "port",
+        "http_port",
+        "max_delay",
+        "max_connections_per_address",
+        "max_handshakes_per_address",
+        "idle_timeout",
+        "cache_ttl",
+    }
+)
 
 
 def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:

@@ -31,6 +31,11 @@ def test_example_equals_defaults() -> None:
     assert load_config(EXAMPLE, env={}) == HubConfig()
 
 
+def test_the_compose_replicas_config_loads() -> None:
+    config = load_config(EXAMPLE.parents[1] / "deploy" / "hub.toml", env={})
+    assert (config.server.max_connections_per_address, config.server.max_handshakes_per_address) == (0, 0)
+
+
 def test_example_sets_every_option() -> None:
     data = tomllib.loads(EXAMPLE.read_text())
     defaults = HubConfig()
