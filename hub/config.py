@@ -184,6 +184,8 @@ class StateConfig:
     prefix: str = "hub"  # every Redis key starts with "<prefix>:" (several fleets may share one Redis)
     ca_file: str = ""  # rediss://: PEM CA bundle the server's certificate must chain to; empty: the system's CAs
     password: str = attrs.field(default="", repr=False)  # from HUB_REDIS_PASSWORD
+    cache_devices: int = 100_000  # Redis: devices and operators whose handshake data is kept for an outage (LRU)
+    cache_ttl: float = 300.0  # ... each trusted this many seconds after it was last read from Redis; 0: no cache
 
 
 @attrs.frozen
@@ -234,8 +236,18 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-#: Numeric options for which 0 makes sense (any free port; flush every message at once).
-_ZERO_OK = frozenset({"port", "http_port", "max_delay", "max_connections_per_address", "idle_timeout"})
+#: Numeric options for which 0 makes sense (any free port; flush every message at once; no per-address limit; ...).
+_ZERO_OK = frozenset(
+    {
+        "port",
+        "http_port",
+        "max_delay",
+        "max_connections_per_address",
+        "max_handshakes_per_address",
+        "idle_timeout",
+        "cache_ttl",
+    }
+)
 
 
 def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -177,6 +178,16 @@ class _Process:
         if self._proc is not None:
             self._proc.kill()
         self.stop()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs (connections stay open, nothing is answered) until `resume`."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         """Stop and start again on the same port with the same data."""

@@ -31,6 +31,11 @@ def test_example_equals_defaults() -> None:
     assert load_config(EXAMPLE, env={}) == HubConfig()
 
 
+def test_the_compose_replicas_config_loads() -> None:
+    config = load_config(EXAMPLE.parents[1] / "deploy" / "hub.toml", env={})
+    assert (config.server.max_connections_per_address, config.server.max_handshakes_per_address) == (0, 0)
+
+
 def test_example_sets_every_option() -> None:
     data = tomllib.loads(EXAMPLE.read_text())
     defaults = HubConfig()
@@ -122,6 +127,9 @@ def test_bad_override_value() -> None:
         ('[state]\nurl = "redis://:pw@redis:6379"\n', f"state.url: put the password in the {REDIS_PASSWORD_ENV}"),
         ('[state]\nprefix = "a:b"\n', "state.prefix: use 1-64 of"),
         ('[state]\nprefix = ""\n', "state.prefix: use 1-64 of"),
+        ("[state]\ncache_devices = 0\n", "state.cache_devices: must be greater than zero"),
+        ("[state]\ncache_devices = 1.5\n", "state.cache_devices: expected int"),
+        ("[state]\ncache_ttl = -1\n", "state.cache_ttl: must not be negative"),
         ("[server\n", "hub.toml"),  # not TOML
     ],
 )
@@ -168,3 +176,10 @@ def test_state_backend_url_and_password_from_env(tmp_path: Path) -> None:
     assert overridden.url == "rediss://:pw@b:6380/1"  # the environment may carry the password in the URL
     with pytest.raises(ConfigError, match=f"{REDIS_URL_ENV}: expected a redis://"):
         load_config(path, env={REDIS_URL_ENV: "b:6380"})
+
+
+def test_state_cache_options() -> None:
+    state = load_config(None, env={}).state
+    assert (state.cache_devices, state.cache_ttl) == (100_000, 300.0)
+    state = load_config(None, env={}, overrides={"state.cache_devices": 10, "state.cache_ttl": 0}).state
+    assert (state.cache_devices, state.cache_ttl) == (10, 0.0)  # 0: no cache

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import trio
 import trio.testing
 
-from hub.fleet import Ledgers, Registry, SQLiteStore, registry_path
+from device_client.protocol import Point
+from hub.fleet import DeviceLedger, Ledgers, Registry, SQLiteStore, StoreUnavailable, registry_path
 from tests.waiting import eventually
 
 
@@ -70,4 +72,103 @@ async def test_save_loop_saves_periodically(tmp_path: Path) -> None:
             await _until_stored(registry, {"d1": 9})
             await on_durable([(ledger, 12)])
             await _until_stored(registry, {"d1": 12})
+            nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------- latest values and last_seen
+
+
+class _Recording(SQLiteStore):
+    """A SQLite store that records each `save_latest` call, and fails them while `failing`."""
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__(registry)
+        self.calls: list[dict[str, tuple[float, dict[str, Point]]]] = []
+        self.failing = False
+
+    async def save_latest(self, values: Mapping[str, tuple[float, dict[str, Point]]]) -> None:
+        self.calls.append(dict(values))
+        if self.failing:
+            raise StoreUnavailable("cannot reach Redis at unix:///nowhere: refused")
+        await super().save_latest(values)
+
+
+def _point(measurement: str, ts: int) -> Point:
+    return {"measurement": measurement, "ts": ts, "fields": {"v": 1.0}, "tags": {}}
+
+
+def _telemetry(ledger: DeviceLedger, seen: float, *points: Point) -> None:
+    """What a session does with a telemetry message (hub/devices/_server.py)."""
+    ledger.last_seen = seen
+    for p in points:
+        ledger.latest[p["measurement"]] = p
+
+
+async def test_latest_values_of_devices_with_new_data_are_saved_once(tmp_path: Path) -> None:
+    with _registry(tmp_path, "d1", "d2", "d3") as registry:
+        store = _Recording(registry)
+        ledgers = Ledgers(store)
+        d1, d2, d3 = (ledgers.get(name, 0) for name in ("d1", "d2", "d3"))
+        on_durable = ledgers.on_durable_callback()
+        _telemetry(d1, 100.0, _point("env", 1), _point("power", 2))
+        _telemetry(d2, 101.0, _point("env", 3))
+        _telemetry(d3, 99.0, _point("env", 0))  # nothing durable since: not saved
+        await on_durable([(d1, 1), (d2, 1)])
+        await ledgers.save()
+        assert store.calls == [
+            {
+                "d1": (100.0, {"env": _point("env", 1), "power": _point("power", 2)}),
+                "d2": (101.0, {"env": _point("env", 3)}),
+            }
+        ]
+        await ledgers.save()  # nothing new: no call
+        assert len(store.calls) == 1
+        assert (await store.latest(["d1", "d3"])).keys() == {"d1"}
+
+
+async def test_values_that_arrive_after_their_batch_was_durable_are_saved_next_time(tmp_path: Path) -> None:
+    with _registry(tmp_path, "d1") as registry:
+        store = _Recording(registry)
+        ledgers = Ledgers(store)
+        d1 = ledgers.get("d1", 0)
+        _telemetry(d1, 100.0, _point("env", 1))
+        await ledgers.on_durable_callback()([(d1, 1)])
+        await ledgers.save()
+        _telemetry(d1, 101.0, _point("env", 2))  # the session updated `latest` after the save
+        await ledgers.save()
+        assert await store.latest(["d1"]) == {"d1": (101.0, {"env": _point("env", 2)})}
+        await ledgers.save()
+        assert len(store.calls) == 2
+
+
+async def test_a_failed_save_of_latest_values_is_dropped_and_counted(tmp_path: Path) -> None:
+    with _registry(tmp_path, "d1") as registry:
+        store = _Recording(registry)
+        store.failing = True
+        ledgers = Ledgers(store)
+        d1 = ledgers.get("d1", 0)
+        on_durable = ledgers.on_durable_callback()
+        _telemetry(d1, 100.0, _point("env", 1))
+        await on_durable([(d1, 1)])
+        await ledgers.save()
+        await ledgers.save()
+        assert (len(store.calls), ledgers.latest_failures) == (1, 1)  # not retried: newer values come
+        store.failing = False
+        _telemetry(d1, 102.0, _point("env", 2))
+        await on_durable([(d1, 2)])
+        await ledgers.save()
+        assert await store.latest(["d1"]) == {"d1": (102.0, {"env": _point("env", 2)})}
+
+
+async def test_save_loop_saves_latest_values_after_the_acked_seqs(tmp_path: Path) -> None:
+    with _registry(tmp_path, "d1") as registry:
+        store = _Recording(registry)
+        ledgers = Ledgers(store)
+        d1 = ledgers.get("d1", 0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ledgers.save_loop, 0.02)
+            _telemetry(d1, 100.0, _point("env", 1))
+            await ledgers.on_durable_callback()([(d1, 3)])
+            await _until_stored(registry, {"d1": 3})
+            await eventually(lambda: len(store.calls) == 1, 30)
             nursery.cancel_scope.cancel()

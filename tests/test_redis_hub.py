@@ -4,13 +4,27 @@ cannot be reached."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import trio
 
 from device_client import DeviceClient, protocol
+from hub.config import StateConfig
+from hub.fleet import open_registry_store
 from tests.hubproc import run_hub
-from tests.hubtools import connect, control, hello, hub_config, points, start_hub, stream_batches, url
+from tests.hubtools import (
+    connect,
+    control,
+    hello,
+    hub_config,
+    points,
+    send_batch,
+    start_hub,
+    stream_batches,
+    url,
+    wait_ack,
+)
 from tests.servers import Redis
 from tests.waiting import eventually
 from tests.wire import upgrade
@@ -139,3 +153,31 @@ def _acked_seq(redis: Redis, name: str) -> int:
     """The acked seq Redis holds for device `name` (0 when none)."""
     reply = redis.command(b"HGET", f"hub:device:{name}".encode(), b"acked_seq")
     return int(reply.split(b"\r\n")[1]) if reply.startswith(b"$") and not reply.startswith(b"$-1") else 0
+
+
+async def test_latest_values_and_last_seen_reach_redis_for_every_hub(redis_server: Redis, tmp_path: Path) -> None:
+    state = StateConfig(backend="redis", url=redis_server.url)
+    async with open_registry_store(state, tmp_path / "other") as other_hub:
+        token = await other_hub.add("d1")
+        config = hub_config(tmp_path / "hub", **{"state.backend": "redis", "state.url": redis_server.url})
+        async with trio.open_nursery() as nursery:
+            hub = await start_hub(nursery, config)
+            before = time.time()
+            async with connect(hub, token) as ws:
+                await hello(ws)
+                await send_batch(ws, 1, points(2, start=0))
+                await send_batch(ws, 2, points(1, start=100, measurement="power"))
+                await wait_ack(ws, 2)
+            for _ in range(100):  # saved within a second or so of the ack
+                found = await other_hub.latest(["d1", "d2"])
+                if "d1" in found and len(found["d1"][1]) == 2:
+                    break
+                await trio.sleep(0.1)
+            last_seen, latest = found["d1"]
+            assert before <= last_seen <= time.time()
+            sent = {"environment": points(2, start=0)[1], "power": points(1, start=100, measurement="power")[0]}
+            assert {m: (p["ts"], p["fields"]["temperature"]) for m, p in latest.items()} == {
+                m: (p["ts"], p["fields"]["temperature"]) for m, p in sent.items()
+            }
+            assert latest["power"]["fields"]["count"] == {"int": 0}  # as on the wire
+            hub.stop()

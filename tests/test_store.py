@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from device_client.protocol import Point
 from hub.config import StateConfig
 from hub.fleet import (
     BadName,
@@ -159,6 +160,34 @@ async def test_device_and_operator_tokens_never_cross(registry_store: RegistrySt
     assert await registry_store.authenticate_operator("op.alice") is None
 
 
+def _pt(measurement: str, ts: int, **fields: object) -> Point:
+    return {"measurement": measurement, "ts": ts, "fields": dict(fields), "tags": {"room": "lab 2"}}  # type: ignore[typeddict-item]
+
+
+async def test_latest_values_are_saved_merged_and_read_in_bulk(registry_store: RegistryStore) -> None:
+    assert await registry_store.latest(["d1"]) == {}
+    assert await registry_store.latest([]) == {}
+    env = _pt("env", 1_764_000_000_123, temperature=21.123456789012345, door=False, status="ok", boots={"int": 2**62})
+    power = _pt("power", 1_764_000_000_200, watts=0.1)
+    await registry_store.save_latest({"d1": (1_764_000_001.25, {"env": env, "power": power}), "d2": (5.0, {})})
+    assert await registry_store.latest(["d1", "d2", "ghost"]) == {
+        "d1": (1_764_000_001.25, {"env": env, "power": power}),  # exactly: floats, ints, bools, strings
+        "d2": (5.0, {}),
+    }
+    newer = _pt("env", 1_764_000_002_000, temperature=22.0)
+    await registry_store.save_latest({"d1": (1_764_000_002.5, {"env": newer})})  # another hub: only env since
+    assert await registry_store.latest(["d1"]) == {"d1": (1_764_000_002.5, {"env": newer, "power": power})}
+    await registry_store.save_latest({"d1": (1_764_000_001.75, {"env": env})})  # an older hub's late save
+    assert await registry_store.latest(["d1"]) == {"d1": (1_764_000_002.5, {"env": newer, "power": power})}
+
+
+async def test_latest_values_of_many_devices_in_one_call(registry_store: RegistryStore) -> None:
+    values = {f"d{i}": (float(i), {"env": _pt("env", i, v=float(i))}) for i in range(1200)}
+    await registry_store.save_latest(values)
+    names = [f"d{i}" for i in range(0, 1300, 7)]
+    assert await registry_store.latest(names) == {name: values[name] for name in names if name in values}
+
+
 # ---------------------------------------------------------------------------- Redis: many hubs, one registry
 
 
@@ -242,6 +271,19 @@ async def test_key_layout(redis_server: Redis, tmp_path: Path) -> None:
     for field in (b"token_hash", b"created", b"revoked", b"epoch", b"acked_seq"):
         assert b"\r\n" + field + b"\r\n" in device
     assert redis_server.command(b"HGET", b"hub:operator:alice", b"role") == b"$6\r\nviewer\r\n"
+
+
+async def test_latest_values_key_layout_and_two_hubs(redis_server: Redis, tmp_path: Path) -> None:
+    async with (
+        open_registry_store(_redis(redis_server), tmp_path / "a") as hub_a,
+        open_registry_store(_redis(redis_server), tmp_path / "b") as hub_b,
+    ):
+        point: Point = {"measurement": "env", "ts": 1, "fields": {"t": 1.5}, "tags": {}}
+        await hub_a.save_latest({"d1": (10.5, {"env": point})})
+        assert await hub_b.latest(["d1"]) == {"d1": (10.5, {"env": point})}
+    assert redis_server.command(b"HGET", b"hub:latest:d1", b"last_seen") == b"$4\r\n10.5\r\n"
+    stored = redis_server.command(b"HGET", b"hub:latest:d1", b"m:env")
+    assert stored.split(b"\r\n")[1] == b'{"measurement":"env","ts":1,"fields":{"t":1.5},"tags":{}}'
 
 
 async def test_an_unreachable_redis_is_one_clear_error(tmp_path: Path) -> None:

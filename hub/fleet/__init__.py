@@ -1,9 +1,10 @@
 """The fleet: what the hub knows of its devices and operators, and the commands sent to them.
 
-`_store` (`RegistryStore`: devices, operators, tokens, acked seqs, epochs, over SQLite `_registry` or Redis
-`_redis_store`; `_accounts` holds what both share), `_ledger` (per-device progress), `_presence`
-with its state table `_presence_states`, the command service `_commands` with its store `_command_store` and state
-table `_command_states`, `_subscriptions` (events for operators) and `_summary` (device summaries for operators).
+`_store` (`RegistryStore`: devices, operators, tokens, acked seqs, epochs, latest values, over SQLite `_registry` or
+Redis `_redis_store` with its handshake cache `_cache`; `_accounts` holds what both share), `_ledger` (per-device
+progress), `_presence` with its state table `_presence_states`, the command service `_commands` with its store
+`_command_store` and state table `_command_states`, `_subscriptions` (events for operators) and `_summary` (device
+summaries for operators).
 """
 
 from hub.fleet._accounts import (

@@ -47,6 +47,7 @@ class DeviceLedger:
     last_seen: float | None = None  # Unix time of the last telemetry message
     latest: dict[str, Point] = attrs.field(factory=dict)  # measurement -> its newest point
     listener: Listener | None = None  # the connected session: told of every advance (it sends the ack)
+    latest_saved: float | None = None  # the `last_seen` of the latest values last handed to the store
     _changed: trio.Event | None = None  # made only while someone waits in `wait_beyond`
 
     def advance(self, seq: int) -> None:
@@ -76,6 +77,11 @@ class Ledgers:
         self._store = store
         self._by_name: dict[str, DeviceLedger] = {}
         self._unsaved: dict[str, int] = {}  # device -> durable seq the registry does not have yet
+        # Ledgers whose latest values may have changed since the last save: those with new durable data, and those
+        # saved last time (telemetry updates `latest` after its batch is submitted, possibly after it is durable).
+        self._latest_dirty: set[DeviceLedger] = set()
+        self._latest_recent: set[DeviceLedger] = set()
+        self.latest_failures = 0  # saves of latest values that failed (dropped: newer values come)
 
     def get(self, name: str, acked_seq: int) -> DeviceLedger:
         """The ledger of `name`, created from the registry's stored seq on first use."""
@@ -102,13 +108,14 @@ class Ledgers:
                 if seq > ledger.durable:
                     ledger.advance(seq)
                     unsaved[ledger.name] = seq
+            self._latest_dirty.update(best)
 
         return on_durable
 
     async def save_loop(
         self, every: float = SAVE_EVERY, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Save the acked seqs to the registry every `every` seconds; runs until cancelled."""
+        """Save the acked seqs, then the latest values that changed, every `every` seconds; runs until cancelled."""
         task_status.started()
         while True:
             await trio.sleep(every)
@@ -119,6 +126,33 @@ class Ledgers:
                 except StoreUnavailable as exc:
                     log.warning("acked seqs not saved, kept for the next try", extra={"kv": {"error": str(exc)}})
                     self._keep(updates)
+                    continue  # the store is away: no latest values either (dropped, newer ones come)
+            await self._save_latest()
+
+    def _changed_latest(self) -> dict[str, tuple[float, dict[str, Point]]]:
+        """``(last_seen, latest)`` of every device whose values changed since they were last handed to the store."""
+        candidates = self._latest_dirty | self._latest_recent
+        self._latest_dirty = set()
+        recent: set[DeviceLedger] = set()
+        values: dict[str, tuple[float, dict[str, Point]]] = {}
+        for ledger in candidates:
+            seen = ledger.last_seen
+            if seen is not None and seen != ledger.latest_saved:
+                values[ledger.name] = seen, dict(ledger.latest)
+                ledger.latest_saved = seen
+                recent.add(ledger)
+        self._latest_recent = recent
+        return values
+
+    async def _save_latest(self) -> None:
+        values = self._changed_latest()
+        if not values:
+            return
+        try:
+            await self._store.save_latest(values)
+        except StoreUnavailable as exc:
+            self.latest_failures += 1
+            log.debug("latest values not saved", extra={"kv": {"devices": len(values), "error": str(exc)}})
 
     def _keep(self, updates: Mapping[str, int]) -> None:
         """Put back seqs a save could not write (a newer one that arrived since wins)."""
@@ -129,10 +163,13 @@ class Ledgers:
     async def save(self) -> None:
         """Save what `save_loop` has not yet (at shutdown, once the pipeline has drained)."""
         updates, self._unsaved = self._unsaved, {}
-        if not updates:
-            return
-        try:
-            await self._store.save_acked(updates)
-        except StoreUnavailable as exc:
-            # Safe, as after a crash: the welcome tells these devices less than they know (see above).
-            log.error("acked seqs not saved at shutdown", extra={"kv": {"devices": len(updates), "error": str(exc)}})
+        if updates:
+            try:
+                await self._store.save_acked(updates)
+            except StoreUnavailable as exc:
+                # Safe, as after a crash: the welcome tells these devices less than they know (see above).
+                log.error(
+                    "acked seqs not saved at shutdown", extra={"kv": {"devices": len(updates), "error": str(exc)}}
+                )
+                return
+        await self._save_latest()

@@ -2,11 +2,15 @@
 
 Keys, under a prefix P (default "hub"): a hash per device ``P:device:<name>`` (token_hash, created, revoked, epoch,
 acked_seq) and per operator ``P:operator:<name>`` (role, token_hash, created, revoked); the sets ``P:devices`` and
-``P:operators`` (every name, for listing) and ``P:devices:revoked`` and ``P:operators:revoked``.
+``P:operators`` (every name, for listing) and ``P:devices:revoked`` and ``P:operators:revoked``; a hash per device
+``P:latest:<name>`` (last_seen, and "m:<measurement>" -> its newest point as JSON).
 
 Every read-modify-write is a small Lua script: Redis runs a script alone, so create-if-absent, bump-and-read and
 raise-only are atomic across hubs in one round trip, where WATCH/MULTI would need a dedicated connection and a retry
 loop whenever two hubs touch the same device.
+
+With a `RegistryCache`, handshakes (authenticate, begin_session, authenticate_operator) go on from what was read
+before while Redis is unreachable (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from urllib.parse import urlsplit
 
 import coredis
 import coredis.exceptions
+import orjson
+import trio
 
+from device_client.protocol import Point
 from hub.fleet._accounts import (
     OPERATOR_TOKEN_PREFIX,
     DeviceExists,
@@ -37,6 +44,7 @@ from hub.fleet._accounts import (
     operator_token_parts,
     token_matches,
 )
+from hub.fleet._cache import CachedAccount, Kind, RegistryCache
 from hub.fleet._store import StoreUnavailable
 
 __all__ = ["RedisStore", "open_redis_store"]
@@ -61,11 +69,25 @@ redis.call('HSET', KEYS[1], 'revoked', ARGV[2], unpack(ARGV, 3))
 if ARGV[2] == '1' then redis.call('SADD', KEYS[2], ARGV[1]) else redis.call('SREM', KEYS[2], ARGV[1]) end
 return 1
 """
-# KEYS: the device's hash. Returns {epoch, acked_seq}, or nil for an unknown device.
+# KEYS: the device's hash. ARGV: an epoch the new one must exceed (one this hub handed out while Redis was away).
+# Returns {epoch, acked_seq, token_hash, revoked}, or nil for an unknown device.
 _BEGIN_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-return {epoch, tonumber(redis.call('HGET', KEYS[1], 'acked_seq'))}
+if epoch <= tonumber(ARGV[1]) then
+    epoch = tonumber(ARGV[1]) + 1
+    redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+local rest = redis.call('HMGET', KEYS[1], 'acked_seq', 'token_hash', 'revoked')
+return {epoch, tonumber(rest[1]), rest[2], rest[3]}
+"""
+# KEYS: device hashes; ARGV: epochs. Raises only (epochs handed out while Redis was away); a missing hash stays missing.
+_RAISE_EPOCHS = """
+for i, key in ipairs(KEYS) do
+    local current = redis.call('HGET', key, 'epoch')
+    if current and tonumber(ARGV[i]) > tonumber(current) then redis.call('HSET', key, 'epoch', ARGV[i]) end
+end
+return 0
 """
 # KEYS: device hashes; ARGV: their new seqs. Raises only; a missing hash (unknown device) is left missing.
 _SAVE_ACKED = """
@@ -76,8 +98,36 @@ end
 return 0
 """
 
+# KEYS: latest-value hashes. ARGV, two for each: last_seen, then its fields and values ("m:<measurement>", the JSON
+# point) joined by NUL (in neither a name nor JSON text): two arguments a device, where the client's cost is.
+# A save older than what the hash holds (a device's previous hub saving late) is skipped whole.
+_SAVE_LATEST = """
+for i, key in ipairs(KEYS) do
+    local seen, packed = ARGV[2 * i - 1], ARGV[2 * i]
+    local current = redis.call('HGET', key, 'last_seen')
+    if not current or tonumber(seen) >= tonumber(current) then
+        local args, pos = {'last_seen', seen}, 1
+        while pos <= #packed do
+            local stop = string.find(packed, '\\0', pos, true) or (#packed + 1)
+            args[#args + 1] = string.sub(packed, pos, stop - 1)
+            pos = stop + 1
+        end
+        redis.call('HSET', key, unpack(args))
+    end
+end
+return 0
+"""
+
 _DEVICE_FIELDS = ("created", "revoked", "epoch", "acked_seq")
 _OPERATOR_FIELDS = ("role", "created", "revoked")
+#: Seconds after a failed read during which the cache answers what it can without asking Redis first.
+CACHE_FIRST_FOR = 1.0
+#: Seconds a handshake's read waits for Redis when the cache could answer instead (a Redis that hangs, rather than
+#: refuses, would otherwise hold each such handshake for the client's timeouts: 3 tries of REPLY_TIMEOUT).
+CACHE_PATIENCE = 1.0
+#: ... and when it cannot: a handshake is not held longer than this by a Redis that hangs (then 503, retry later).
+HANDSHAKE_PATIENCE = 5.0
+_LATEST_PREFIX = "m:"
 _UNREACHABLE = (
     coredis.exceptions.ConnectionError,
     coredis.exceptions.AuthenticationError,
@@ -89,8 +139,10 @@ _UNREACHABLE = (
 class RedisStore:
     """`RegistryStore` on one Redis (or Valkey) server; any number of hub processes may share it."""
 
-    def __init__(self, client: coredis.Redis[str], prefix: str, where: str) -> None:
+    def __init__(self, client: coredis.Redis[str], prefix: str, where: str, cache: RegistryCache | None = None) -> None:
         self._client = client
+        self._cache = cache  # None: every read needs Redis
+        self._cache_first_until = 0.0  # monotonic time until which the cache answers first (see CACHE_FIRST_FOR)
         self._where = where  # the URL without credentials, for error messages
         self._devices = f"{prefix}:devices"
         self._revoked_devices = f"{prefix}:devices:revoked"
@@ -99,10 +151,13 @@ class RedisStore:
         self._device_prefix = f"{prefix}:device:"
         self._operator_prefix = f"{prefix}:operator:"
         self._bus = f"{prefix}:bus"  # the hubs' broadcast channel (hub.cluster): revocations are announced there
+        self._latest_prefix = f"{prefix}:latest:"
         self._create = client.register_script(_CREATE)
         self._set_revoked = client.register_script(_SET_REVOKED)
         self._begin_session = client.register_script(_BEGIN_SESSION)
         self._save_acked = client.register_script(_SAVE_ACKED)
+        self._raise_epochs = client.register_script(_RAISE_EPOCHS)
+        self._save_latest = client.register_script(_SAVE_LATEST)
 
     @property
     def client(self) -> coredis.Redis[str]:
@@ -150,6 +205,8 @@ class RedisStore:
             found: object = await self._set_revoked(
                 keys=[self._device_prefix + name, self._revoked_devices], args=[name, "0", "token_hash", digest]
             )
+        if self._cache is not None:
+            self._cache.forget("device", name)
         if not found:
             raise UnknownDevice(f"unknown device {name!r}")
         return f"{name}.{secret}"
@@ -161,6 +218,8 @@ class RedisStore:
             )
             if found:
                 await self._announce_revoked("device", name)
+        if self._cache is not None:
+            self._cache.saw_revoked("device", [name])
         if not found:
             raise UnknownDevice(f"unknown device {name!r}")
 
@@ -170,8 +229,13 @@ class RedisStore:
 
     async def get(self, name: str) -> DeviceRecord | None:
         with self._reachable():
-            values = await self._client.hmget(self._device_prefix + name, _DEVICE_FIELDS)
-        return _device(name, values)
+            *values, token_hash = await self._client.hmget(self._device_prefix + name, [*_DEVICE_FIELDS, "token_hash"])
+        record = _device(name, tuple(values))
+        if self._cache is not None:
+            self._cache.saw("device", name, token_hash, record is None or record.revoked, time.monotonic())
+            if record is not None:
+                self._cache.saw_session(name, record.epoch, record.acked_seq)
+        return record
 
     async def list(self) -> builtins.list[DeviceRecord]:
         names, rows = await self._hashes(self._devices, self._device_prefix, _DEVICE_FIELDS)
@@ -179,33 +243,116 @@ class RedisStore:
         return [r for r in records if r is not None]
 
     async def revoked_names(self) -> set[str]:
+        await self._write_pending_epochs()  # polled every few seconds by each hub: the time to catch up
         with self._reachable():
-            return set(await self._client.smembers(self._revoked_devices))
+            names = set(await self._client.smembers(self._revoked_devices))
+        if self._cache is not None:
+            self._cache.saw_revoked("device", names)
+        return names
 
     async def authenticate(self, token: str) -> str | None:
         parts = device_token_parts(token)
         if parts is None:
             return None
         name, secret = parts
-        with self._reachable():
-            stored, revoked = await self._client.hmget(self._device_prefix + name, ["token_hash", "revoked"])
-        return name if token_matches(secret, stored) and revoked == "0" else None
+        stored, revoked, _ = await self._account("device", name)
+        return name if token_matches(secret, stored) and not revoked else None
 
     async def begin_session(self, name: str) -> tuple[int, int]:
-        with self._reachable():
-            reply: object = await self._begin_session(keys=[self._device_prefix + name])
+        cache = self._cache
+        if cache is not None and self._cached("device", name, None) is not None:
+            opened = cache.begin_session(name, time.monotonic())
+            if opened is not None:
+                return opened
+        floor = 0 if cache is None else cache.epoch_floor(name)
+        reply: object = None
+        answered, failure = False, None
+        with trio.move_on_after(self._patience("device", name)):
+            try:
+                with self._reachable():
+                    reply = await self._begin_session(keys=[self._device_prefix + name], args=[str(floor)])
+                answered = True
+            except StoreUnavailable as exc:
+                failure = exc
+        if not answered:
+            failure = failure or self._slow()
+            self._cached("device", name, failure)  # raises unless the cache trusts the device
+            opened = None if cache is None else cache.begin_session(name, time.monotonic())
+            if opened is None:
+                raise failure
+            return opened
         if reply is None:
+            if cache is not None:
+                cache.forget("device", name)
             raise UnknownDevice(f"unknown device {name!r}")
         assert isinstance(reply, list), reply
-        epoch, acked = reply
-        return int(epoch), int(acked)
+        epoch, acked, token_hash, revoked = int(reply[0]), int(reply[1]), reply[2], reply[3]
+        if cache is not None:
+            cache.saw("device", name, token_hash, revoked != "0", time.monotonic())
+            cache.saw_session(name, epoch, acked)
+            cache.epochs_written({name: epoch})
+        return epoch, acked
 
     async def save_acked(self, updates: Mapping[str, int]) -> None:
+        if self._cache is not None:
+            self._cache.saw_acked(updates)  # first: a session opened during an outage starts from them
+        await self._write_pending_epochs()
         items = [(self._device_prefix + name, str(int(seq))) for name, seq in updates.items()]
         with self._reachable():
             for start in range(0, len(items), SAVE_CHUNK):
                 chunk = items[start : start + SAVE_CHUNK]
                 await self._save_acked(keys=[key for key, _ in chunk], args=[seq for _, seq in chunk])
+
+    async def _write_pending_epochs(self) -> None:
+        """Write the epochs handed out while Redis was unreachable (each only raises what Redis holds)."""
+        if self._cache is None:
+            return
+        pending = list(self._cache.pending_epochs().items())
+        with self._reachable():
+            for start in range(0, len(pending), SAVE_CHUNK):
+                chunk = pending[start : start + SAVE_CHUNK]
+                await self._raise_epochs(
+                    keys=[self._device_prefix + name for name, _ in chunk], args=[str(epoch) for _, epoch in chunk]
+                )
+                self._cache.epochs_written(dict(chunk))
+
+    # -- latest values
+
+    async def save_latest(self, values: Mapping[str, tuple[float, dict[str, Point]]]) -> None:
+        prefix = _LATEST_PREFIX
+        items = [
+            (
+                self._latest_prefix + name,
+                repr(float(last_seen)),
+                "\0".join(f"{prefix}{measurement}\0{_json(point)}" for measurement, point in latest.items()),
+            )
+            for name, (last_seen, latest) in values.items()
+        ]
+        with self._reachable():
+            for start in range(0, len(items), SAVE_CHUNK):
+                chunk = items[start : start + SAVE_CHUNK]
+                args = [arg for _, seen, packed in chunk for arg in (seen, packed)]
+                await self._save_latest(keys=[key for key, _, _ in chunk], args=args)
+
+    async def latest(self, names: builtins.list[str]) -> dict[str, tuple[float, dict[str, Point]]]:
+        if not names:
+            return {}
+        with self._reachable():
+            async with self._client.pipeline(transaction=False) as pipe:
+                replies = [pipe.hgetall(self._latest_prefix + name) for name in names]
+            found: dict[str, tuple[float, dict[str, Point]]] = {}
+            for name, reply in zip(names, replies, strict=True):
+                fields = await reply
+                if "last_seen" in fields:
+                    found[name] = (
+                        float(fields["last_seen"]),
+                        {
+                            field.removeprefix(_LATEST_PREFIX): json.loads(value)
+                            for field, value in fields.items()
+                            if field.startswith(_LATEST_PREFIX)
+                        },
+                    )
+            return found
 
     # -- operators
 
@@ -237,26 +384,79 @@ class RedisStore:
             )
             if found:
                 await self._announce_revoked("operator", name)
+        if self._cache is not None:
+            self._cache.saw_revoked("operator", [name])
         if not found:
             raise UnknownOperator(f"unknown operator {name!r}")
 
     async def revoked_operators(self) -> set[str]:
         with self._reachable():
-            return set(await self._client.smembers(self._revoked_operators))
+            names = set(await self._client.smembers(self._revoked_operators))
+        if self._cache is not None:
+            self._cache.saw_revoked("operator", names)
+        return names
 
     async def authenticate_operator(self, token: str) -> tuple[str, str] | None:
         parts = operator_token_parts(token)
         if parts is None:
             return None
         name, secret = parts
-        with self._reachable():
-            stored, revoked, role = await self._client.hmget(
-                self._operator_prefix + name, ["token_hash", "revoked", "role"]
-            )
-        return (name, str(role)) if token_matches(secret, stored) and revoked == "0" else None
+        stored, revoked, role = await self._account("operator", name)
+        return (name, role) if token_matches(secret, stored) and not revoked else None
+
+    # -- the cache's part
+
+    async def _account(self, kind: Kind, name: str) -> tuple[str | None, bool, str]:
+        """``(token_hash, revoked, role)`` of a device or operator from Redis, or, when Redis fails or is slow, from
+        the cache while it trusts the entry; raises `StoreUnavailable` when neither answers."""
+        cached = self._cached(kind, name, None)
+        if cached is None:
+            key = (self._device_prefix if kind == "device" else self._operator_prefix) + name
+            with trio.move_on_after(self._patience(kind, name)):
+                try:
+                    with self._reachable():
+                        stored, revoked, role = await self._client.hmget(key, ["token_hash", "revoked", "role"])
+                except StoreUnavailable as exc:
+                    cached = self._cached(kind, name, exc)
+                else:
+                    is_revoked, role = revoked != "0", role or ""
+                    if self._cache is not None:
+                        self._cache.saw(kind, name, stored, is_revoked, time.monotonic(), role)
+                    return stored, is_revoked, role
+            if cached is None:  # no answer within the cache's patience
+                cached = self._cached(kind, name, self._slow())
+        assert cached is not None
+        return cached.token_hash, cached.revoked, cached.role
+
+    def _cached(self, kind: Kind, name: str, exc: StoreUnavailable | None) -> CachedAccount | None:
+        """The cache's trusted entry once Redis failed (`exc`) or while it is asked first; re-raises `exc` if none."""
+        if exc is not None:
+            self._cache_first_until = time.monotonic() + CACHE_FIRST_FOR
+        entry = None
+        if self._cache is not None and (exc is not None or time.monotonic() < self._cache_first_until):
+            entry = self._cache.account(kind, name, time.monotonic())
+        if entry is None and exc is not None:
+            raise exc
+        return entry
+
+    def _patience(self, kind: Kind, name: str) -> float:
+        """Seconds a handshake's read waits for Redis: `CACHE_PATIENCE` when the cache could answer instead."""
+        trusted = self._cache is not None and self._cache.account(kind, name, time.monotonic()) is not None
+        return CACHE_PATIENCE if trusted else HANDSHAKE_PATIENCE
+
+    def _slow(self) -> StoreUnavailable:
+        return StoreUnavailable(f"cannot reach Redis at {self._where}: no answer within the handshake's patience")
 
     async def aclose(self) -> None:
         """Nothing to do: `open_redis_store` closes the client's connections."""
+
+
+def _json(point: Point) -> str:
+    """A point as compact JSON (orjson, which the Redis backend's extra installs, is 10x faster than json)."""
+    try:
+        return orjson.dumps(point).decode()
+    except (TypeError, orjson.JSONEncodeError):  # what orjson does not write (an integer beyond 64 bits): json does
+        return json.dumps(point, separators=(",", ":"))
 
 
 def _device(name: str, values: tuple[str | None, ...]) -> DeviceRecord | None:
@@ -286,9 +486,12 @@ def _where(url: str) -> str:
 
 @contextlib.asynccontextmanager
 async def open_redis_store(
-    url: str, prefix: str, *, password: str = "", ca_file: str = ""
+    url: str, prefix: str, *, password: str = "", ca_file: str = "", cache_devices: int = 0, cache_ttl: float = 0.0
 ) -> AsyncIterator[RedisStore]:
     """A `RedisStore` on `url` (redis://, rediss:// or unix://) once Redis answers; its connections closed on exit.
+
+    With `cache_devices` and `cache_ttl` both above 0, handshakes are answered from a `RegistryCache` of that size
+    and trust while Redis is unreachable.
 
     Raises `StoreUnavailable` when Redis cannot be reached or refuses the password.
     """
@@ -301,6 +504,7 @@ async def open_redis_store(
         stream_timeout=REPLY_TIMEOUT,
     )
     async with client:
-        store = RedisStore(client, prefix, _where(url))
+        cache = RegistryCache(cache_devices, cache_ttl) if cache_devices > 0 and cache_ttl > 0 else None
+        store = RedisStore(client, prefix, _where(url), cache)
         await store.ping()
         yield store

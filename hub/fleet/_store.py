@@ -13,6 +13,7 @@ from typing import Protocol
 
 import trio
 
+from device_client.protocol import Point
 from hub.config import StateConfig
 from hub.fleet._accounts import DeviceRecord, OperatorRecord
 from hub.fleet._registry import Registry, registry_path
@@ -65,6 +66,18 @@ class RegistryStore(Protocol):
         """Raise each device's acked seq to the given one (never lowers it; unknown names are ignored)."""
         ...
 
+    async def save_latest(self, values: Mapping[str, tuple[float, dict[str, Point]]]) -> None:
+        """Store each device's ``(last_seen, latest points by measurement)`` for every hub to read.
+
+        A device's measurements are merged with those stored; a save whose `last_seen` is older than the stored one
+        (its previous hub saving late) is skipped.
+        """
+        ...
+
+    async def latest(self, names: builtins.list[str]) -> dict[str, tuple[float, dict[str, Point]]]:
+        """``(last_seen, latest points by measurement)`` of those `names` that have any, in one round trip."""
+        ...
+
     async def add_operator(self, name: str, role: str) -> str:
         """Create an operator; return its token ``"op.<name>.<secret>"`` (names are never reused)."""
         ...
@@ -99,6 +112,9 @@ class SQLiteStore:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        # In memory only: one process holds every ledger anyway, and a point per device per second is no write to
+        # put on the registry file. Lost at restart, like the ledgers' own `latest`.
+        self._latest: dict[str, tuple[float, dict[str, Point]]] = {}
 
     async def add(self, name: str) -> str:
         return await trio.to_thread.run_sync(self.registry.add, name)
@@ -126,6 +142,19 @@ class SQLiteStore:
 
     async def save_acked(self, updates: Mapping[str, int]) -> None:
         await trio.to_thread.run_sync(self.registry.save_acked, updates)
+
+    async def save_latest(self, values: Mapping[str, tuple[float, dict[str, Point]]]) -> None:
+        stored = self._latest
+        for name, (last_seen, points) in values.items():
+            old = stored.get(name)
+            if old is None:
+                stored[name] = last_seen, dict(points)
+            elif last_seen >= old[0]:
+                stored[name] = last_seen, {**old[1], **points}
+
+    async def latest(self, names: builtins.list[str]) -> dict[str, tuple[float, dict[str, Point]]]:
+        stored = self._latest
+        return {name: (found[0], dict(found[1])) for name in names if (found := stored.get(name)) is not None}
 
     async def add_operator(self, name: str, role: str) -> str:
         return await trio.to_thread.run_sync(self.registry.add_operator, name, role)
@@ -156,7 +185,12 @@ async def open_registry_store(state: StateConfig, data_dir: str | os.PathLike[st
         from hub.fleet._redis_store import open_redis_store  # coredis is needed only for this backend
 
         async with open_redis_store(
-            state.url, state.prefix, password=state.password, ca_file=state.ca_file
+            state.url,
+            state.prefix,
+            password=state.password,
+            ca_file=state.ca_file,
+            cache_devices=state.cache_devices,
+            cache_ttl=state.cache_ttl,
         ) as redis_store:
             yield redis_store
         return
