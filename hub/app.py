@@ -81,6 +81,7 @@ class HubHandle:
     edge: Edge
     metrics_port: int | None  # the /metrics and /healthz listener, if enabled
     tls: ServerTLS | None = None  # the listener's certificate (wss://), reloadable; None: plain ws://
+    cluster: Cluster | None = None  # this hub's part in a cluster of hubs on Redis
     _stop: trio.Event = attrs.field(factory=trio.Event)
 
     def stop(self) -> None:
@@ -333,7 +334,7 @@ async def _serve(
                 )
             handle = HubHandle(
                 port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, edge,
-                metrics_port, tls=tls,
+                metrics_port, tls=tls, cluster=cluster,
             )
             nursery.start_soon(_log_status, handle)
             task_status.started(handle)

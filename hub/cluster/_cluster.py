@@ -129,6 +129,7 @@ class Cluster:
         self._revoke_device = revoke_device
         self._revoke_operator = revoke_operator
         self._claims: deque[_Claim] = deque()
+        self._running = False
         self._claims_ready = trio.Event()
         self._resync_due = False  # a claim could not reach Redis: say every local presence again when it can
         self._calls: dict[int, _Call] = {}
@@ -159,12 +160,18 @@ class Cluster:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the bus and this hub's cluster tasks until cancelled."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._claim_loop)
-            nursery.start_soon(self._relay_loop)
-            nursery.start_soon(self._watch_loop)
-            await nursery.start(self.bus.run)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._claim_loop)
+                nursery.start_soon(self._relay_loop)
+                nursery.start_soon(self._watch_loop)
+                await nursery.start(self.bus.run)
+                self._running = True
+                task_status.started()
+        finally:
+            self._running = False  # sessions that end from now on (shutdown) are not claimed: the hub is leaving
+            while self._claims:
+                self._claims.popleft().done.set()
 
     async def leave(self) -> None:
         """At a graceful stop, once the sessions are closed: leave the cluster's set of hubs."""
@@ -179,6 +186,8 @@ class Cluster:
         return cast(dict[str, Any], summary)
 
     async def _claim(self, name: str, status: DeviceStatus) -> bool:
+        if not self._running:
+            return True
         claim = _Claim(name, status.epoch, status.state.value, self.summary(name, status), self.hub_id)
         self._claims.append(claim)
         self._claims_ready.set()
@@ -196,16 +205,18 @@ class Cluster:
                 continue
             batch = [claims.popleft() for _ in range(min(len(claims), CLAIM_BATCH))]
             replies: list[bool] | None = None
-            with trio.move_on_after(CLAIM_TIMEOUT):
-                try:
-                    replies = await self._send_claims(batch)
-                except UNREACHABLE as exc:
-                    log.warning("presence not stored in Redis, said again later", extra={"kv": {"error": str(exc)}})
-            if replies is None:
-                self._resync_due = True  # applied here; every hub hears of it once Redis is back
-            for i, claim in enumerate(batch):
-                claim.applied = True if replies is None else replies[i]
-                claim.done.set()
+            try:
+                with trio.move_on_after(CLAIM_TIMEOUT):
+                    try:
+                        replies = await self._send_claims(batch)
+                    except UNREACHABLE as exc:
+                        log.warning("presence not stored in Redis, said again later", extra={"kv": {"error": str(exc)}})
+                if replies is None:
+                    self._resync_due = True  # applied here; every hub hears of it once Redis is back
+            finally:  # also when cancelled (the hub stops): nobody may wait for an answer that will not come
+                for i, claim in enumerate(batch):
+                    claim.applied = True if replies is None else replies[i]
+                    claim.done.set()
 
     async def _send_claims(self, batch: list[_Claim]) -> list[bool]:
         bus = self.bus
@@ -335,8 +346,8 @@ class Cluster:
         index = bus.key("commands", device) if device is not None else bus.key("commands")
         want = limit * LIST_OVERREAD if state is not None else limit
         try:
-            ids = [str(i) for i in await bus.client.zrevrange(index, 0, max(want, 1) - 1)]
-            texts = await bus.client.mget(ids) if ids else []
+            ids = [str(i) for i in await bus.client.zrange(index, 0, max(want, 1) - 1, rev=True)]
+            texts = await bus.client.mget([bus.key("command", i) for i in ids]) if ids else []
         except UNREACHABLE as exc:
             raise ControlError("unavailable", f"the cluster's state store is unreachable: {exc}") from exc
         out = []

@@ -57,6 +57,7 @@ from hub.fleet import (
     CommandService,
     DeviceDetail,
     DeviceExists,
+    DeviceLedger,
     DeviceStatus,
     DeviceSummary,
     Ledgers,
@@ -486,8 +487,21 @@ class ControlSession:
     async def _devices(self, req: Devices) -> list[DeviceSummary]:
         server = self.server
         records = await server.registry.list()
-        statuses = await self._statuses([r.name for r in records])
-        return fleet.list_summaries(records, statuses, server.ledgers.find, req.state)
+        names = [r.name for r in records]
+        statuses = await self._statuses(names)
+        return fleet.list_summaries(records, statuses, await self._ledgers(names), req.state)
+
+    async def _ledgers(self, names: list[str]) -> Callable[[str], DeviceLedger | None]:
+        """Each device's ledger here, or (in a cluster) what its hub last saved of it: last_seen, latest points."""
+        find = self.server.ledgers.find
+        if self.server.cluster is None:
+            return find
+        saved = await self.server.registry.latest([name for name in names if find(name) is None])
+        elsewhere = {
+            name: DeviceLedger(name, 0, 0, last_seen=last_seen, latest=latest)
+            for name, (last_seen, latest) in saved.items()
+        }
+        return lambda name: find(name) or elsewhere.get(name)
 
     async def _statuses(self, names: list[str]) -> Mapping[str, DeviceStatus]:
         """Presence of the fleet: this hub's, or the cluster's (where this hub's own sessions are the freshest)."""
@@ -506,7 +520,8 @@ class ControlSession:
         if record is None and status is None:
             raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}")
         commands = [r.as_dict() for r in await server.commands.list(device=name, limit=DETAIL_COMMANDS)]
-        return fleet.device_detail(name, record, status, server.ledgers.find(name), commands)
+        ledger = (await self._ledgers([name]))(name)
+        return fleet.device_detail(name, record, status, ledger, commands)
 
     @_handles(Commands)
     async def _commands(self, req: Commands) -> list[CommandRecordDict]:

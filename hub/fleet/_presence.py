@@ -183,6 +183,6 @@ class Presence:
         text = line(STATUS_MEASUREMENT, {"device": name, "reason": status.reason}, fields, ts)
         try:
             await self._submit(text + "\n", 1, None)
-        except trio.ClosedResourceError:
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
             # Shutdown closed the pipeline while this point waited for room: the hub is stopping, drop it.
             log.debug("presence point not written: pipeline closed", extra={"kv": {"device": name}})
