@@ -15,6 +15,8 @@ import logging
 import os
 import socket
 import ssl
+import struct
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
@@ -37,10 +39,18 @@ LINGER_POLL = 0.1
 #: accept() errors that mean "out of file descriptors or memory for now", and how long to pause on them.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1
+#: struct tcp_info of a listening socket (Linux): after 8 one-byte fields and 4 u32s, tcpi_unacked is the length of
+#: its accept queue and tcpi_sacked the queue's bound.
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_TCP_INFO_QUEUE = struct.Struct("24xII")
 #: Largest request head read before it goes to the HTTP parser (h11's own bound), and the size of each read.
 MAX_REQUEST_HEAD = 16 * 1024
 HEAD_READ_SIZE = 4096
-#: Connections taken from the kernel's queue in one go before other tasks get their turn.
+#: Longest the accept loop runs before other tasks get their turn, while the kernel's accept queue is short (s).
+ACCEPT_SLICE = 0.002
+#: While the kernel's accept queue holds at least this share of its bound, the loop runs on, slice after slice, up
+#: to `ACCEPT_BURST` connections: in a surge a full queue drops new SYNs, which clients resend only after 1 s, 3 s...
+RUN_AHEAD_SHARE = 0.25
 ACCEPT_BURST = 256
 
 
@@ -181,6 +191,22 @@ def _client_gone(conn: socket.socket) -> bool:
     return True
 
 
+def _accept_queue_filling(listener: socket.socket) -> bool:
+    """Whether the kernel's queue of connections waiting for accept() holds `RUN_AHEAD_SHARE` of its bound or more.
+
+    Linux reports a listening socket's queue length and bound in TCP_INFO (`ss -lt`'s Recv-Q and Send-Q); where it
+    does not, False: the loop then always yields after a slice.
+    """
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCP_INFO_QUEUE.size)
+    except (OSError, AttributeError):
+        return False
+    if len(info) < _TCP_INFO_QUEUE.size:
+        return False
+    queued, bound = _TCP_INFO_QUEUE.unpack_from(info)
+    return bool(bound > 0 and queued >= bound * RUN_AHEAD_SHARE)
+
+
 async def _read_head(stream: trio.abc.Stream) -> bytes | None:
     """The bytes received up to the end of the HTTP request head (and any after it in the same read).
 
@@ -244,11 +270,12 @@ async def serve_listener(
             async with listener:  # closed when the loop ends: no more connections queue in the kernel
                 while True:
                     await trio.lowlevel.wait_readable(sock)
-                    for _ in range(ACCEPT_BURST):
+                    # In slices: a long run of admissions and refusals holds up every session's next step (an ack
+                    # waits several turns of the loop). A slice that ends with connections still queued is followed
+                    # by a checkpoint, not by a wait: the queue is served every turn until it is empty.
+                    while True:
                         try:
-                            conn, peer = raw.accept()
-                        except BlockingIOError:
-                            break
+                            drained = accept_slice(raw)
                         except OSError as exc:
                             if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                                 raise
@@ -259,7 +286,26 @@ async def serve_listener(
                             )
                             await trio.sleep(ACCEPT_PAUSE)
                             break
-                        admit(conn, str(peer[0]))
+                        if drained:
+                            break
+                        await trio.lowlevel.checkpoint()
+
+    def accept_slice(raw: socket.socket) -> bool:
+        """Accept and decide for `ACCEPT_SLICE` (longer while the kernel's queue is filling); True once it is empty."""
+        start = time.perf_counter()
+        slice_end = start + ACCEPT_SLICE
+        for _ in range(ACCEPT_BURST):
+            try:
+                conn, peer = raw.accept()
+            except BlockingIOError:
+                return True
+            admit(conn, str(peer[0]))
+            now = time.perf_counter()
+            if now >= slice_end:
+                if not _accept_queue_filling(raw):
+                    return False
+                slice_end = now + ACCEPT_SLICE
+        return False
 
     waiting_head: dict[Ticket, None] = {}  # admitted, request head not complete yet: oldest first
 
