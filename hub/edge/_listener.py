@@ -10,9 +10,12 @@ handshake ends otherwise).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -34,8 +37,9 @@ log = logging.getLogger("hub.listener")
 
 #: Longest wait for a refused client to read its answer and hang up before the socket is closed anyway.
 REFUSAL_LINGER = 1.0
-#: How often those held sockets are looked at.
+#: How often those held sockets are looked at where there is no epoll, and how many are looked at in one turn.
 LINGER_POLL = 0.1
+LINGER_BATCH = 256
 #: accept() errors that mean "out of file descriptors or memory for now", and how long to pause on them.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1
@@ -134,61 +138,96 @@ class _Lingering:
     """Plain-TCP refusals: answered at accept, then held until their client hangs up (at most `REFUSAL_LINGER`).
 
     Closing with the request unread in our buffer would send a RST, which can destroy the answer before the
-    client reads it; so each socket is drained until the client's end of file. One task for all of them, polling
-    a few times a second, instead of a task each: in a surge or under a flood of reconnects, answering costs a
-    send, a shutdown, a read and a close.
+    client reads it. A client whose whole request has arrived by the time it is refused (as in a surge) has nothing
+    more to send: its socket is closed at once, after the answer. Any other is held, drained until the client's
+    end of file. One task for all of them, not a task each, woken by the sockets that have something to read
+    (epoll; where there is none, every held socket is looked at every `LINGER_POLL`).
     """
 
     def __init__(self) -> None:
-        self._sockets: list[tuple[float, socket.socket]] = []
+        self._held: dict[int, socket.socket] = {}  # by file descriptor
+        self._deadlines: collections.deque[tuple[float, socket.socket]] = collections.deque()  # oldest first
+        self._events = select.epoll() if hasattr(select, "epoll") else None
         self._added = trio.Event()
 
     def refuse(self, conn: socket.socket, refusal: Refusal, now: float) -> None:
-        """Send the answer and our end of file now; the socket is closed once the client has closed its end."""
+        """Send the answer now, and our end of file; the socket is closed once the client has closed its end."""
         answer = _refusal_answer(refusal)
         try:
             conn.setblocking(False)
-            if conn.send(answer) == len(answer):  # a fresh socket's send buffer takes a few hundred bytes
+            tail = _drain(conn)
+            if conn.send(answer) == len(answer):  # a fresh socket's send buffer takes a few hundred bytes at once
+                if tail is None or tail == b"\r\n\r\n":
+                    conn.close()  # nothing more to read (a whole request, or the client's end): answer, FIN, no RST
+                    return
                 conn.shutdown(socket.SHUT_WR)
-                self._sockets.append((now + REFUSAL_LINGER, conn))
-                self._added.set()
+                self._hold(conn, now + REFUSAL_LINGER)
                 return
         except OSError:
             pass  # reset already
+        conn.close()
+
+    def _hold(self, conn: socket.socket, deadline: float) -> None:
+        fd = conn.fileno()
+        if self._events is not None:
+            self._events.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self._held[fd] = conn
+        self._deadlines.append((deadline, conn))
+        self._added.set()
+
+    def _release(self, fd: int) -> None:
+        conn = self._held.pop(fd)
+        if self._events is not None:
+            with contextlib.suppress(OSError):
+                self._events.unregister(fd)
         conn.close()
 
     async def run(self) -> None:
         """Close each held socket once its client has hung up or its time is up; close them all when cancelled."""
         try:
             while True:
-                if not self._sockets:
+                if not self._deadlines:
                     self._added = trio.Event()
                     await self._added.wait()
-                await trio.sleep(LINGER_POLL)
-                now = trio.current_time()
-                held = []
-                for deadline, conn in self._sockets:
-                    if _client_gone(conn) or now >= deadline:
-                        conn.close()
+                with trio.move_on_at(self._deadlines[0][0]):
+                    if self._events is not None:
+                        await trio.lowlevel.wait_readable(self._events.fileno())
                     else:
-                        held.append((deadline, conn))
-                self._sockets = held
+                        await trio.sleep(LINGER_POLL)
+                if self._events is not None:
+                    ready = [fd for fd, _ in self._events.poll(0, LINGER_BATCH)]
+                else:
+                    ready = list(self._held)
+                for fd in ready:
+                    conn = self._held.get(fd)
+                    if conn is not None and _drain(conn) is None:
+                        self._release(fd)
+                now = trio.current_time()
+                deadlines = self._deadlines
+                while deadlines and deadlines[0][0] <= now:
+                    _deadline, conn = deadlines.popleft()
+                    fd = conn.fileno()  # -1 once closed
+                    if self._held.get(fd) is conn:
+                        self._release(fd)
         finally:
-            for _deadline, conn in self._sockets:
-                conn.close()
-            self._sockets = []
+            for fd in list(self._held):
+                self._release(fd)
+            self._deadlines.clear()
+            if self._events is not None:
+                self._events.close()
 
 
-def _client_gone(conn: socket.socket) -> bool:
-    """Read and drop what the client sent; True once it has closed its end (or the connection failed)."""
+def _drain(conn: socket.socket) -> bytes | None:
+    """Read and drop what the client has sent; the last 4 bytes of it (b"" for none), None once it has hung up."""
+    tail = b""
     try:
-        while conn.recv(4096):
-            pass
+        while data := conn.recv(4096):
+            tail = (tail + data)[-4:]
     except BlockingIOError:
-        return False
+        return tail
     except OSError:
-        return True
-    return True
+        return None
+    return None
 
 
 def _accept_queue_filling(listener: socket.socket) -> bool:
