@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from hub.edge._admission import Refusal
-from hub.edge._listener import REFUSAL_LINGER, _accept_queue_filling, _Lingering
+from hub.edge._listener import REFUSAL_LINGER, RUN_AHEAD_DEPTH, _accept_queue_filling, _Lingering
 from tests.waiting import eventually
 from tests.wire import upgrade_request
 
@@ -96,12 +96,13 @@ async def test_held_sockets_are_closed_when_the_listener_stops() -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO of a listening socket is Linux's")
-def test_the_accept_queue_counts_as_filling_from_a_quarter_of_its_bound() -> None:
-    with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
-        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
-        assert not _accept_queue_filling(listener)  # 3 of 16 waiting
-        clients.append(socket.create_connection(listener.getsockname()))
-        assert _accept_queue_filling(listener)  # 4 of 16
+def test_the_accept_queue_counts_as_long_from_run_ahead_depth() -> None:
+    with socket.create_server(("127.0.0.1", 0), backlog=4 * RUN_AHEAD_DEPTH) as listener:
+        address = listener.getsockname()
+        clients = [socket.create_connection(address) for _ in range(RUN_AHEAD_DEPTH - 1)]
+        assert not _accept_queue_filling(listener)
+        clients.append(socket.create_connection(address))
+        assert _accept_queue_filling(listener)
         listener.accept()[0].close()
         assert not _accept_queue_filling(listener)
         for client in clients:

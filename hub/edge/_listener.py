@@ -52,9 +52,10 @@ MAX_REQUEST_HEAD = 16 * 1024
 HEAD_READ_SIZE = 4096
 #: Longest the accept loop runs before other tasks get their turn, while the kernel's accept queue is short (s).
 ACCEPT_SLICE = 0.002
-#: While the kernel's accept queue holds at least this share of its bound, the loop runs on, slice after slice, up
-#: to `ACCEPT_BURST` connections: in a surge a full queue drops new SYNs, which clients resend only after 1 s, 3 s...
-RUN_AHEAD_SHARE = 0.25
+#: While the kernel's accept queue holds at least this many connections, the loop runs on, slice after slice, up to
+#: `ACCEPT_BURST` a turn: in a surge a turn of the loop can last a second, and a queue served 2 ms a turn keeps its
+#: clients waiting past their connect timeout (and, once full, drops new SYNs, which are resent after 1 s, 3 s...).
+RUN_AHEAD_DEPTH = 64
 ACCEPT_BURST = 256
 
 
@@ -231,10 +232,10 @@ def _drain(conn: socket.socket) -> bytes | None:
 
 
 def _accept_queue_filling(listener: socket.socket) -> bool:
-    """Whether the kernel's queue of connections waiting for accept() holds `RUN_AHEAD_SHARE` of its bound or more.
+    """Whether the kernel's queue of connections waiting for accept() holds `RUN_AHEAD_DEPTH` or more.
 
-    Linux reports a listening socket's queue length and bound in TCP_INFO (`ss -lt`'s Recv-Q and Send-Q); where it
-    does not, False: the loop then always yields after a slice.
+    Linux reports a listening socket's queue length (and its bound) in TCP_INFO, as `ss -lt` shows them (Recv-Q,
+    Send-Q); where it does not, False: the loop then always yields after a slice.
     """
     try:
         info = listener.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCP_INFO_QUEUE.size)
@@ -242,8 +243,8 @@ def _accept_queue_filling(listener: socket.socket) -> bool:
         return False
     if len(info) < _TCP_INFO_QUEUE.size:
         return False
-    queued, bound = _TCP_INFO_QUEUE.unpack_from(info)
-    return bool(bound > 0 and queued >= bound * RUN_AHEAD_SHARE)
+    queued, _bound = _TCP_INFO_QUEUE.unpack_from(info)
+    return bool(queued >= RUN_AHEAD_DEPTH)
 
 
 async def _read_head(stream: trio.abc.Stream) -> bytes | None:
@@ -330,7 +331,7 @@ async def serve_listener(
                         await trio.lowlevel.checkpoint()
 
     def accept_slice(raw: socket.socket) -> bool:
-        """Accept and decide for `ACCEPT_SLICE` (longer while the kernel's queue is filling); True once it is empty."""
+        """Accept and decide for `ACCEPT_SLICE` (longer while the kernel's queue is long); True once it is empty."""
         start = time.perf_counter()
         slice_end = start + ACCEPT_SLICE
         for _ in range(ACCEPT_BURST):
