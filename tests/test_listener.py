@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from hub.edge._admission import Refusal
-from hub.edge._listener import REFUSAL_LINGER, RUN_AHEAD_DEPTH, _accept_queue_filling, _Lingering
+from hub.edge._listener import REFUSAL_LINGER, RUN_AHEAD_DEPTH, _accept_queue_long, _Lingering
 from tests.waiting import eventually
 from tests.wire import upgrade_request
 
@@ -100,11 +100,11 @@ def test_the_accept_queue_counts_as_long_from_run_ahead_depth() -> None:
     with socket.create_server(("127.0.0.1", 0), backlog=4 * RUN_AHEAD_DEPTH) as listener:
         address = listener.getsockname()
         clients = [socket.create_connection(address) for _ in range(RUN_AHEAD_DEPTH - 1)]
-        assert not _accept_queue_filling(listener)
+        assert not _accept_queue_long(listener)
         clients.append(socket.create_connection(address))
-        assert _accept_queue_filling(listener)
+        assert _accept_queue_long(listener)
         listener.accept()[0].close()
-        assert not _accept_queue_filling(listener)
+        assert not _accept_queue_long(listener)
         for client in clients:
             client.close()
 

@@ -52,9 +52,11 @@ MAX_REQUEST_HEAD = 16 * 1024
 HEAD_READ_SIZE = 4096
 #: Longest the accept loop runs before other tasks get their turn, while the kernel's accept queue is short (s).
 ACCEPT_SLICE = 0.002
-#: While the kernel's accept queue holds at least this many connections, the loop runs on, slice after slice, up to
-#: `ACCEPT_BURST` a turn: in a surge a turn of the loop can last a second, and a queue served 2 ms a turn keeps its
-#: clients waiting past their connect timeout (and, once full, drops new SYNs, which are resent after 1 s, 3 s...).
+#: When the other tasks' turn took `LONG_TURN` or more (a surge: up to a second) and the kernel's accept queue holds
+#: `RUN_AHEAD_DEPTH` or more, the loop runs on, slice after slice, up to `ACCEPT_BURST` connections: a queue served
+#: 2 ms per long turn keeps its clients waiting past their connect timeout (and, once full, drops new SYNs, which are
+#: resent after 1 s, 3 s...). A loop that turns quickly comes back to the queue within milliseconds anyway.
+LONG_TURN = 0.02
 RUN_AHEAD_DEPTH = 64
 ACCEPT_BURST = 256
 
@@ -231,7 +233,7 @@ def _drain(conn: socket.socket) -> bytes | None:
     return None
 
 
-def _accept_queue_filling(listener: socket.socket) -> bool:
+def _accept_queue_long(listener: socket.socket) -> bool:
     """Whether the kernel's queue of connections waiting for accept() holds `RUN_AHEAD_DEPTH` or more.
 
     Linux reports a listening socket's queue length (and its bound) in TCP_INFO, as `ss -lt` shows them (Recv-Q,
@@ -313,9 +315,10 @@ async def serve_listener(
                     # In slices: a long run of admissions and refusals holds up every session's next step (an ack
                     # waits several turns of the loop). A slice that ends with connections still queued is followed
                     # by a checkpoint, not by a wait: the queue is served every turn until it is empty.
+                    long_turn = False
                     while True:
                         try:
-                            drained = accept_slice(raw)
+                            drained = accept_slice(raw, long_turn)
                         except OSError as exc:
                             if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                                 raise
@@ -328,12 +331,14 @@ async def serve_listener(
                             break
                         if drained:
                             break
+                        yielded = time.perf_counter()
                         await trio.lowlevel.checkpoint()
+                        long_turn = time.perf_counter() - yielded >= LONG_TURN
 
-    def accept_slice(raw: socket.socket) -> bool:
-        """Accept and decide for `ACCEPT_SLICE` (longer while the kernel's queue is long); True once it is empty."""
-        start = time.perf_counter()
-        slice_end = start + ACCEPT_SLICE
+    def accept_slice(raw: socket.socket, long_turn: bool) -> bool:
+        """Accept and decide for `ACCEPT_SLICE` (longer after a long turn while the kernel's queue is long); True once
+        the queue is empty."""
+        slice_end = time.perf_counter() + ACCEPT_SLICE
         for _ in range(ACCEPT_BURST):
             try:
                 conn, peer = raw.accept()
@@ -342,7 +347,7 @@ async def serve_listener(
             admit(conn, str(peer[0]))
             now = time.perf_counter()
             if now >= slice_end:
-                if not _accept_queue_filling(raw):
+                if not (long_turn and _accept_queue_long(raw)):
                     return False
                 slice_end = now + ACCEPT_SLICE
         return False
