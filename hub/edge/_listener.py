@@ -37,7 +37,8 @@ log = logging.getLogger("hub.listener")
 
 #: Longest wait for a refused client to read its answer and hang up before the socket is closed anyway.
 REFUSAL_LINGER = 1.0
-#: How often those held sockets are looked at where there is no epoll, and how many are looked at in one turn.
+#: How often those held sockets are looked at where there is no epoll; with it, how many of those with something to
+#: read are looked at in one turn.
 LINGER_POLL = 0.1
 LINGER_BATCH = 256
 #: accept() errors that mean "out of file descriptors or memory for now", and how long to pause on them.
