@@ -12,7 +12,7 @@ from trio_websocket import ConnectionClosed
 from device_client.protocol import CloseCode
 from hub.app import HubHandle
 from hub.control import CONTROL_PATH
-from hub.edge._admission import MIN_RATE, Admission
+from hub.edge._admission import MIN_RATE, RATE_WINDOW, Admission
 from hub.edge._listener import http_answer
 from hub.ratelimit import Rate, TokenBucket
 from tests.hubtools import add_devices, add_operators, connect, hello, hub_config, start_hub, stream_batches
@@ -90,6 +90,30 @@ def test_retry_after_follows_the_measured_completion_rate() -> None:
         a.enter("x", now)
     refusals = [a.enter("y", now) for _ in range(int(a.rate) * 2)]
     assert max(r.retry_after for r in refusals if r is not None) == 2
+
+
+def test_one_window_of_few_completions_does_not_halve_the_rate() -> None:
+    a = Admission(max_pending=4, address_answers=UNBOUNDED)
+    now = 0.0
+
+    def second(completions: int) -> None:  # a busy second: every place taken, newcomers refused
+        nonlocal now
+        for _ in range(completions):
+            a.enter("x", now)
+            a.leave("x", now, completed=True)
+        for _ in range(4):
+            a.enter("x", now)
+        a.enter("y", now)  # refused: the window measures capacity
+        for _ in range(4):
+            a.leave("x", now, completed=False)
+        now += RATE_WINDOW
+
+    for _ in range(10):
+        second(400)
+    assert 390 <= a.rate <= 410
+    second(1)  # a collection, or handshakes finishing together a moment later
+    second(400)
+    assert a.rate >= 300  # halving it (the estimate before) told every client refused meanwhile to wait twice as long
 
 
 def test_rate_never_falls_below_its_floor_and_bad_bounds_are_refused() -> None:

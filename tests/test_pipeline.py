@@ -481,3 +481,33 @@ def test_config_validation() -> None:
         PipelineConfig(spool_after=0)
     with pytest.raises(ValueError):
         PipelineConfig(probe_interval=0)
+
+
+async def test_lines_that_came_while_the_writer_was_busy_are_written_once_it_is_idle(
+    scripted: ScriptedWriteServer, tmp_path: Path
+) -> None:
+    # An hour of batching delay. The first line's write is held at the server; a second line comes meanwhile and
+    # waits. Once the first write is done, the idle writer takes the second at once, not an hour (or a line) later.
+    release, first_started = threading.Event(), threading.Event()
+
+    def hold_the_first(path: str, body: str) -> tuple[int, dict[str, str], bytes]:
+        if not first_started.is_set():
+            first_started.set()
+            release.wait(60)
+        return 204, {}, b""
+
+    scripted.responder = hold_the_first
+    config = PipelineConfig(max_lines=1000, max_delay=3600)
+    pipeline, _stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        await pipeline.submit(lines(1, 1), 1, ("d", 1))
+        await eventually(first_started.is_set, timeout=60)
+        await pipeline.submit(lines(2, 1), 1, ("d", 2))
+        await eventually(lambda: pipeline._receive.statistics().current_buffer_used == 0, timeout=60)
+        await trio.sleep(0.05)  # the batcher has taken the second line and holds it: the writer is busy
+        release.set()
+        await eventually(lambda: acks.marks == [("d", 1), ("d", 2)], timeout=60)
+        pipeline.close_input()
+    spool.close()
+    assert [body.count("\n") for _, body in scripted.requests] == [1, 1]

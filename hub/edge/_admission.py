@@ -18,6 +18,7 @@ from many addresses gets its slot.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import attrs
@@ -26,8 +27,12 @@ from hub.ratelimit import Rate, TokenBucket
 
 __all__ = ["Admission", "Refusal"]
 
-#: Seconds over which the completion rate is measured.
+#: Seconds over which the completion rate is measured, and how many such measurements the estimate averages. One
+#: window with few completions (a garbage collection, or a wave of handshakes that all finish in the next window)
+#: must not halve the pace that every client refused meanwhile gets its slot from: a slot handed out is a promise,
+#: and one too late leaves the hub idle while the fleet waits (a surge took 75 s instead of about 40 that way).
 RATE_WINDOW = 1.0
+RATE_WINDOWS = 5
 #: Handshakes per second assumed before any has completed, and the least ever assumed.
 MIN_RATE = 50.0
 #: The longest Retry-After handed out (seconds).
@@ -78,6 +83,7 @@ class Admission:
         self._address_answers: dict[str, TokenBucket] = {}
         self._by_address: dict[str, int] = {}
         self._rate = max(MIN_RATE, float(max_pending))  # completed handshakes per second, measured
+        self._measured = collections.deque([self._rate], maxlen=RATE_WINDOWS)  # the last windows' rates
         self._window_start = -math.inf
         self._window_done = 0
         self._window_refused = 0
@@ -153,7 +159,8 @@ class Admission:
                 # A window with refusals measures capacity (there was more to do than got done); a quiet one only
                 # shows the hub can go at least that fast.
                 if self._window_refused or measured > self._rate:
-                    self._rate = max(MIN_RATE, (self._rate + measured) / 2)
+                    self._measured.append(measured)
+                    self._rate = max(MIN_RATE, sum(self._measured) / len(self._measured))
             self._window_start, self._window_done, self._window_refused = now, 0, 0
         self._window_done += 1
 

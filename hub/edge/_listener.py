@@ -10,11 +10,16 @@ handshake ends otherwise).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import ssl
+import struct
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
@@ -32,15 +37,28 @@ log = logging.getLogger("hub.listener")
 
 #: Longest wait for a refused client to read its answer and hang up before the socket is closed anyway.
 REFUSAL_LINGER = 1.0
-#: How often those held sockets are looked at.
+#: How often those held sockets are looked at where there is no epoll; with it, how many of those with something to
+#: read are looked at in one turn.
 LINGER_POLL = 0.1
+LINGER_BATCH = 256
 #: accept() errors that mean "out of file descriptors or memory for now", and how long to pause on them.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1
+#: struct tcp_info of a listening socket (Linux): after 8 one-byte fields and 4 u32s, tcpi_unacked is the length of
+#: its accept queue and tcpi_sacked the queue's bound.
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_TCP_INFO_QUEUE = struct.Struct("24xII")
 #: Largest request head read before it goes to the HTTP parser (h11's own bound), and the size of each read.
 MAX_REQUEST_HEAD = 16 * 1024
 HEAD_READ_SIZE = 4096
-#: Connections taken from the kernel's queue in one go before other tasks get their turn.
+#: Longest the accept loop runs before other tasks get their turn, while the kernel's accept queue is short (s).
+ACCEPT_SLICE = 0.002
+#: When the other tasks' turn took `LONG_TURN` or more (a surge: up to a second) and the kernel's accept queue holds
+#: `RUN_AHEAD_DEPTH` or more, the loop runs on, slice after slice, up to `ACCEPT_BURST` connections: a queue served
+#: 2 ms per long turn keeps its clients waiting past their connect timeout (and, once full, drops new SYNs, which are
+#: resent after 1 s, 3 s...). A loop that turns quickly comes back to the queue within milliseconds anyway.
+LONG_TURN = 0.02
+RUN_AHEAD_DEPTH = 64
 ACCEPT_BURST = 256
 
 
@@ -124,61 +142,112 @@ class _Lingering:
     """Plain-TCP refusals: answered at accept, then held until their client hangs up (at most `REFUSAL_LINGER`).
 
     Closing with the request unread in our buffer would send a RST, which can destroy the answer before the
-    client reads it; so each socket is drained until the client's end of file. One task for all of them, polling
-    a few times a second, instead of a task each: in a surge or under a flood of reconnects, answering costs a
-    send, a shutdown, a read and a close.
+    client reads it. A client whose whole request has arrived by the time it is refused (as in a surge) has nothing
+    more to send: its socket is closed at once, after the answer. Any other is held, drained until the client's
+    end of file. One task for all of them, not a task each, woken by the sockets that have something to read
+    (epoll; where there is none, every held socket is looked at every `LINGER_POLL`).
     """
 
     def __init__(self) -> None:
-        self._sockets: list[tuple[float, socket.socket]] = []
+        self._held: dict[int, socket.socket] = {}  # by file descriptor
+        self._deadlines: collections.deque[tuple[float, socket.socket]] = collections.deque()  # oldest first
+        self._events = select.epoll() if hasattr(select, "epoll") else None
         self._added = trio.Event()
 
     def refuse(self, conn: socket.socket, refusal: Refusal, now: float) -> None:
-        """Send the answer and our end of file now; the socket is closed once the client has closed its end."""
+        """Send the answer now, and our end of file; the socket is closed once the client has closed its end."""
         answer = _refusal_answer(refusal)
         try:
             conn.setblocking(False)
-            if conn.send(answer) == len(answer):  # a fresh socket's send buffer takes a few hundred bytes
+            tail = _drain(conn)
+            if conn.send(answer) == len(answer):  # a fresh socket's send buffer takes a few hundred bytes at once
+                if tail is None or tail == b"\r\n\r\n":
+                    conn.close()  # nothing more to read (a whole request, or the client's end): answer, FIN, no RST
+                    return
                 conn.shutdown(socket.SHUT_WR)
-                self._sockets.append((now + REFUSAL_LINGER, conn))
-                self._added.set()
+                self._hold(conn, now + REFUSAL_LINGER)
                 return
         except OSError:
             pass  # reset already
+        conn.close()
+
+    def _hold(self, conn: socket.socket, deadline: float) -> None:
+        fd = conn.fileno()
+        if self._events is not None:
+            self._events.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self._held[fd] = conn
+        self._deadlines.append((deadline, conn))
+        self._added.set()
+
+    def _release(self, fd: int) -> None:
+        conn = self._held.pop(fd)
+        if self._events is not None:
+            with contextlib.suppress(OSError):
+                self._events.unregister(fd)
         conn.close()
 
     async def run(self) -> None:
         """Close each held socket once its client has hung up or its time is up; close them all when cancelled."""
         try:
             while True:
-                if not self._sockets:
+                if not self._deadlines:
                     self._added = trio.Event()
                     await self._added.wait()
-                await trio.sleep(LINGER_POLL)
-                now = trio.current_time()
-                held = []
-                for deadline, conn in self._sockets:
-                    if _client_gone(conn) or now >= deadline:
-                        conn.close()
+                with trio.move_on_at(self._deadlines[0][0]):
+                    if self._events is not None:
+                        await trio.lowlevel.wait_readable(self._events.fileno())
                     else:
-                        held.append((deadline, conn))
-                self._sockets = held
+                        await trio.sleep(LINGER_POLL)
+                if self._events is not None:
+                    ready = [fd for fd, _ in self._events.poll(0, LINGER_BATCH)]
+                else:
+                    ready = list(self._held)
+                for fd in ready:
+                    conn = self._held.get(fd)
+                    if conn is not None and _drain(conn) is None:
+                        self._release(fd)
+                now = trio.current_time()
+                deadlines = self._deadlines
+                while deadlines and deadlines[0][0] <= now:
+                    _deadline, conn = deadlines.popleft()
+                    fd = conn.fileno()  # -1 once closed
+                    if self._held.get(fd) is conn:
+                        self._release(fd)
         finally:
-            for _deadline, conn in self._sockets:
-                conn.close()
-            self._sockets = []
+            for fd in list(self._held):
+                self._release(fd)
+            self._deadlines.clear()
+            if self._events is not None:
+                self._events.close()
 
 
-def _client_gone(conn: socket.socket) -> bool:
-    """Read and drop what the client sent; True once it has closed its end (or the connection failed)."""
+def _drain(conn: socket.socket) -> bytes | None:
+    """Read and drop what the client has sent; the last 4 bytes of it (b"" for none), None once it has hung up."""
+    tail = b""
     try:
-        while conn.recv(4096):
-            pass
+        while data := conn.recv(4096):
+            tail = (tail + data)[-4:]
     except BlockingIOError:
-        return False
+        return tail
     except OSError:
-        return True
-    return True
+        return None
+    return None
+
+
+def _accept_queue_long(listener: socket.socket) -> bool:
+    """Whether the kernel's queue of connections waiting for accept() holds `RUN_AHEAD_DEPTH` or more.
+
+    Linux reports a listening socket's queue length (and its bound) in TCP_INFO, as `ss -lt` shows them (Recv-Q,
+    Send-Q); where it does not, False: the loop then always yields after a slice.
+    """
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCP_INFO_QUEUE.size)
+    except (OSError, AttributeError):
+        return False
+    if len(info) < _TCP_INFO_QUEUE.size:
+        return False
+    queued, _bound = _TCP_INFO_QUEUE.unpack_from(info)
+    return bool(queued >= RUN_AHEAD_DEPTH)
 
 
 async def _read_head(stream: trio.abc.Stream) -> bytes | None:
@@ -244,11 +313,13 @@ async def serve_listener(
             async with listener:  # closed when the loop ends: no more connections queue in the kernel
                 while True:
                     await trio.lowlevel.wait_readable(sock)
-                    for _ in range(ACCEPT_BURST):
+                    # In slices: a long run of admissions and refusals holds up every session's next step (an ack
+                    # waits several turns of the loop). A slice that ends with connections still queued is followed
+                    # by a checkpoint, not by a wait: the queue is served every turn until it is empty.
+                    long_turn = False
+                    while True:
                         try:
-                            conn, peer = raw.accept()
-                        except BlockingIOError:
-                            break
+                            drained = accept_slice(raw, long_turn)
                         except OSError as exc:
                             if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                                 raise
@@ -259,7 +330,28 @@ async def serve_listener(
                             )
                             await trio.sleep(ACCEPT_PAUSE)
                             break
-                        admit(conn, str(peer[0]))
+                        if drained:
+                            break
+                        yielded = time.perf_counter()
+                        await trio.lowlevel.checkpoint()
+                        long_turn = time.perf_counter() - yielded >= LONG_TURN
+
+    def accept_slice(raw: socket.socket, long_turn: bool) -> bool:
+        """Accept and decide for `ACCEPT_SLICE` (longer after a long turn while the kernel's queue is long); True once
+        the queue is empty."""
+        slice_end = time.perf_counter() + ACCEPT_SLICE
+        for _ in range(ACCEPT_BURST):
+            try:
+                conn, peer = raw.accept()
+            except BlockingIOError:
+                return True
+            admit(conn, str(peer[0]))
+            now = time.perf_counter()
+            if now >= slice_end:
+                if not (long_turn and _accept_queue_long(raw)):
+                    return False
+                slice_end = now + ACCEPT_SLICE
+        return False
 
     waiting_head: dict[Ticket, None] = {}  # admitted, request head not complete yet: oldest first
 

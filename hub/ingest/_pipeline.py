@@ -120,6 +120,7 @@ class Pipeline:
         self._room = trio.Event()  # set after a pop: wakes a writer waiting for spool room
         self._sink_up = True
         self._writer_idle = True  # the writer waits for a batch (see _flush_early)
+        self._holding: trio.CancelScope | None = None  # the batcher's wait while it holds lines (see _writer)
         self._spool_full = False  # in a spool-full episode: from full until at most a quarter full
         self._nursery: trio.Nursery | None = None  # runs write attempts, which may outlive the writer's wait
         stats.spool_bytes = spool.bytes_used
@@ -203,11 +204,15 @@ class Pipeline:
         async with batch_send, receive:
             while True:
                 item = None
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(deadline) as wait:
+                    # Holding lines the busy writer could not take: it ends this wait once it is idle.
+                    self._holding = wait if deadline != math.inf and cfg.flush_when_idle else None
                     try:
                         item = await receive.receive()
                     except trio.EndOfChannel:
                         break
+                    finally:
+                        self._holding = None
                 if item is not None:
                     while True:  # take what else is queued without a checkpoint per item
                         text, n, mark = item
@@ -254,6 +259,10 @@ class Pipeline:
                 if batch.marks:
                     await self._on_durable(batch.marks)
                 self._writer_idle = batch_receive.statistics().current_buffer_used == 0
+                if self._writer_idle and self._holding is not None:
+                    # Lines came while this batch was being written, and nothing since: without this they would
+                    # wait for the next line or the batching delay (`max_delay`), and so would their acks.
+                    self._holding.cancel()
 
     async def _make_durable(self, text: str, lines: int) -> None:
         cfg = self._config
