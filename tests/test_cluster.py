@@ -200,6 +200,11 @@ async def test_the_devices_of_a_hub_killed_with_sigkill_go_offline_hub_lost_then
         async with _hubs(redis_server, tmp_path, 1) as (survivor,), control(survivor, operator) as ctl:
             presence = (await ctl.ok("subscribe", topic="presence"))["subscription"]
             clients = [DeviceClient(doomed.url, tokens[n], backoff_initial=0.05, backoff_max=0.5) for n in names]
+
+            @clients[0].command("echo")
+            async def never_answers(args: dict[str, Any]) -> Any:
+                await trio.sleep_forever()  # acked at once, no result before its hub dies
+
             async with trio.open_nursery() as nursery:
                 for client in clients:
                     await nursery.start(_hold, client)
@@ -208,6 +213,13 @@ async def test_the_devices_of_a_hub_killed_with_sigkill_go_offline_hub_lost_then
                     await client.wait_acked()
                 online = await ctl.events(presence, len(names))
                 assert {(e["name"], e["state"]) for e in online} == {(n, "online") for n in names}
+                # A command owned by the survivor, delivered to d0 through the hub about to die.
+                in_flight = await ctl.ok("send_command", device="d0", name="echo", args={"k": 1})
+
+                async def delivered() -> bool:
+                    return (await ctl.ok("command", command_id=in_flight["command_id"]))["state"] == "delivered"
+
+                await eventually(delivered)
                 doomed.signal(signal.SIGKILL)
                 with trio.fail_after(HUB_TTL * 4 + 10):  # the heartbeat's bound, with room for a busy machine
                     lost = await ctl.events(presence, len(names))
@@ -221,6 +233,11 @@ async def test_the_devices_of_a_hub_killed_with_sigkill_go_offline_hub_lost_then
                     await nursery.start(_hold, _client(survivor, tokens[name]))
                 back = await ctl.events(presence, len(names))
                 assert {(e["name"], e["state"]) for e in back} == {(n, "online") for n in names}
+                # The in-flight command is offered again on d0's new hub, and answered there.
+                done = await ctl.ok("send_command", device="d0", name="echo", args={"k": 2}, wait=True, wait_timeout=20)
+                assert done["state"] == "succeeded"
+                again = await ctl.ok("command", command_id=in_flight["command_id"])
+                assert (again["state"], again["result"]) == ("succeeded", {"echo": {"k": 1}}), again
                 nursery.cancel_scope.cancel()
     finally:
         doomed.kill()

@@ -46,11 +46,11 @@ from hub.fleet import (
     Ledgers,
     Presence,
     PresenceState,
+    Sender,
     StoreUnavailable,
     Subscription,
     device_summary,
 )
-from hub.fleet._commands import Sender
 
 __all__ = ["Cluster", "RemoteSender"]
 

@@ -35,7 +35,7 @@ from hub.fleet._command_states import (
     CommandState,
 )
 from hub.fleet._command_store import CommandHistoryEntry, CommandRecord, CommandRecordDict, CommandStore
-from hub.fleet._commands import CommandError, CommandService
+from hub.fleet._commands import CommandError, CommandService, Elsewhere, Relay, Sender
 from hub.fleet._ledger import DeviceLedger, Ledgers
 from hub.fleet._presence import DeviceStatus, Presence
 from hub.fleet._presence_states import SEEN_STATES, PresenceEvent, PresenceState
@@ -88,6 +88,7 @@ __all__ = [
     "DeviceRecord",
     "DeviceStatus",
     "DeviceSummary",
+    "Elsewhere",
     "EventBuffer",
     "LatestPoint",
     "Ledgers",
@@ -99,7 +100,9 @@ __all__ = [
     "Registry",
     "RegistryError",
     "RegistryStore",
+    "Relay",
     "SQLiteStore",
+    "Sender",
     "StoreUnavailable",
     "Subscription",
     "SubscriptionEvent",
