@@ -292,6 +292,8 @@ async def _serve(
         edge = Edge(config.server, [server, control], stats)
         hub_id = None if worker is None else f"{socket.gethostname()}-{worker}"
         metrics = HubMetrics(stats, presence, commands, pipeline, sink, started_at=time.time(), hub_id=hub_id)
+        if cluster is not None:
+            metrics.cluster_figures = cluster.figures
         async with trio.open_nursery() as nursery:
             drained = trio.Event()
 

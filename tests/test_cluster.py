@@ -23,6 +23,7 @@ from tests.hubproc import HubProcess
 from tests.hubtools import connect, control, hello, hub_config, points, start_hub, url
 from tests.servers import Redis
 from tests.waiting import eventually
+from tests.wire import http_get
 
 
 async def _register(redis: Redis, *devices: str) -> tuple[dict[str, str], str]:
@@ -128,6 +129,10 @@ async def test_subscriptions_see_every_hub_and_telemetry_crosses_only_when_watch
                 assert events[0]["fields"]["temperature"] == points(3, start=100)[2]["fields"]["temperature"]
                 # d2 is not watched: none of its points crossed the bus (d1's: coalesced per measurement).
                 assert 1 <= b.cluster.telemetry_relayed <= 3
+                status, body = await trio.to_thread.run_sync(http_get, f"http://127.0.0.1:{b.metrics_port}/metrics")
+                assert status == 200
+                assert 'hub_bus_published_total{kind="telemetry"}' in body.decode()
+                assert "hub_bus_connected 1.0" in body.decode()
             # A device's presence on hub B reaches a presence subscriber on hub A.
             summary = (await ctl.events(presence, 1))[0]
             assert (summary["name"], summary["state"], summary["reason"]) == ("d2", "offline", "disconnected")

@@ -35,7 +35,7 @@ from coredis.retry import NoRetryPolicy
 
 from hub.cluster._messages import BadMessage, Kind, Message, decode, encode
 
-__all__ = ["HEARTBEAT_EVERY", "HUB_TTL", "Bus", "LostDevice"]
+__all__ = ["HEARTBEAT_EVERY", "HUB_TTL", "Bus", "LostDevice", "unreachable"]
 
 log = logging.getLogger("hub.bus")
 
@@ -106,6 +106,17 @@ for _, hub in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
 end
 return out
 """
+
+
+def unreachable(exc: BaseException) -> BaseException | None:
+    """The connection failure `exc` is, or the first one of its group if that holds nothing else; else None."""
+    if isinstance(exc, UNREACHABLE):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [unreachable(sub) for sub in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None
 
 
 @attrs.frozen
@@ -275,7 +286,10 @@ class Bus:
                     async for message in pubsub:
                         await self._dispatch(message["data"])
                 raise coredis.exceptions.ConnectionError("subscription ended")
-            except UNREACHABLE as exc:
+            except Exception as error:  # coredis raises a lost connection inside an exception group
+                exc = unreachable(error)
+                if exc is None:
+                    raise
                 if self.connected:
                     log.warning("bus: connection lost, reconnecting", extra={"kv": {"error": str(exc)}})
                 self.connected = False

@@ -173,6 +173,18 @@ class Cluster:
             while self._claims:
                 self._claims.popleft().done.set()
 
+    def figures(self) -> dict[str, Any]:
+        """Counters of the bus and the cluster, for /metrics (hub.ops.ClusterFigures)."""
+        bus = self.bus
+        return {
+            "connected": int(bus.connected),
+            "published": dict(bus.published),
+            "received": dict(bus.received),
+            "dropped": bus.dropped,
+            "claims_refused": self.claims_refused,
+            "telemetry_relayed": self.telemetry_relayed,
+        }
+
     async def leave(self) -> None:
         """At a graceful stop, once the sessions are closed: leave the cluster's set of hubs."""
         await self.bus.leave()

@@ -6,8 +6,8 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Final, Literal, NotRequired, TypedDict
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Final, Literal, NotRequired, TypedDict
 
 import trio
 
@@ -163,6 +163,8 @@ class HubMetrics:
         self._prev_at = clock()
         self._prev = self._cumulative()
         self._registry: CollectorRegistry | None = None
+        #: In a cluster of hubs: the bus's figures (`Cluster.figures`), exposed on /metrics.
+        self.cluster_figures: Callable[[], Mapping[str, Any]] | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -441,6 +443,8 @@ class _HubCollector:
         for command_state, count in snap["commands"].items():
             commands.add_metric([command_state], count)
         yield commands
+        if self._metrics.cluster_figures is not None:
+            yield from _cluster_metrics(self._metrics.cluster_figures())
         yield SummaryMetricFamily(
             "hub_write_duration_seconds",
             "Duration of successful sink writes.",
@@ -458,3 +462,27 @@ class _HubCollector:
             count_value=snap["batches_written"],
             sum_value=snap["points_written"],
         )
+
+
+def _cluster_metrics(f: Mapping[str, Any]) -> Iterator[Metric]:
+    """/metrics of a hub in a cluster, from `Cluster.figures()`."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    yield GaugeMetricFamily("hub_bus_connected", "1 while subscribed to the bus in Redis.", value=f["connected"])
+    for name, doc, counts in (
+        ("hub_bus_published", "Bus messages published, by kind.", f["published"]),
+        ("hub_bus_received", "Bus messages received from other hubs, by kind.", f["received"]),
+    ):
+        family = CounterMetricFamily(name, doc, labels=["kind"])
+        for kind, n in sorted(counts.items()):
+            family.add_metric([kind], n)
+        yield family
+    yield CounterMetricFamily("hub_bus_dropped", "Bus messages dropped: the queue was full.", value=f["dropped"])
+    yield CounterMetricFamily(
+        "hub_cluster_claims_refused",
+        "Presence transitions refused because a newer session of the device lives on another hub.",
+        value=f["claims_refused"],
+    )
+    yield CounterMetricFamily(
+        "hub_cluster_telemetry_relayed", "Points relayed to other hubs' watchers.", value=f["telemetry_relayed"]
+    )
