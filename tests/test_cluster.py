@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from device_client import DeviceClient
 from device_client.protocol import CloseCode
@@ -52,6 +52,16 @@ def _client(hub: HubHandle, token: str) -> DeviceClient:
         return {"echo": args}
 
     return client
+
+
+async def _close_code(ws: WebSocketConnection) -> int | None:
+    """Read until the hub closes `ws`; its close code."""
+    with trio.fail_after(10):
+        while True:
+            try:
+                await ws.get_message()
+            except ConnectionClosed as closed:
+                return closed.reason.code
 
 
 async def _online_on(hub: HubHandle, name: str) -> None:
@@ -158,13 +168,7 @@ async def test_a_device_reconnecting_to_another_hub_replaces_its_old_session_wit
             async with connect(b, tokens["d1"]) as new:
                 second = await hello(new)
                 assert second.epoch == first.epoch + 1
-                with trio.fail_after(10):  # hub A closes its older session as replaced
-                    while True:
-                        try:
-                            await old.get_message()
-                        except ConnectionClosed as closed:
-                            assert closed.reason.code == CloseCode.REPLACED
-                            break
+                assert await _close_code(old) == CloseCode.REPLACED  # hub A closes its older session
                 await eventually(lambda: "d1" not in a.server.sessions)
                 events = await ctl.events(presence, 2)
                 assert [(e["state"], e["epoch"]) for e in events] == [
@@ -182,13 +186,7 @@ async def test_revoking_a_device_on_one_hub_closes_its_session_on_another(redis_
         await hello(ws)
         async with control(a, operator) as ctl:
             await ctl.ok("device_revoke", name="d1")
-        with trio.fail_after(10):
-            while True:
-                try:
-                    await ws.get_message()
-                except ConnectionClosed as closed:
-                    assert closed.reason.code == CloseCode.REVOKED
-                    break
+        assert await _close_code(ws) == CloseCode.REVOKED
         assert b.cluster is not None and b.cluster.bus.received["revoke"] >= 1  # told at once, not found by polling
 
 
