@@ -29,7 +29,7 @@ __all__ = ["TABLES", "ClusterScenarios"]
 #: Devices one generator process holds in the failover (as in the storm).
 FAILOVER_PER_GENERATOR = 2500
 #: Longest wait for the killed hub's devices to be welcomed elsewhere.
-FAILOVER_LIMIT_S = 300.0
+FAILOVER_LIMIT_S = 120.0
 
 TABLES: dict[str, list[tuple[str, str]]] = {
     "workers": [

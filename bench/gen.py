@@ -94,6 +94,7 @@ class _Device:
         "port",
         "retry_after",
         "scope",
+        "sending",
         "sending_done",
         "seq",
         "settled",
@@ -124,6 +125,7 @@ class _Device:
         self.dropped = False
         self.back = False  # dropped by `drop` and not welcomed again yet
         self.sending_done = False
+        self.sending = False  # its sender runs (it is welcomed)
         self.settled = False  # welcomed once, or failed for good: counted for `ready`
         self.retry_after: float | None = None  # the hub's Retry-After on the last refused handshake
         self.source: str | None = None  # the local address it connects from
@@ -450,6 +452,14 @@ class LeanFleet(_Fleet):
                 if isinstance(event, RejectConnection):
                     raise _Refused(event.status_code, _retry_after(event.headers))
 
+    def stop(self) -> None:
+        """`stop`; a device between connections (no sender running) is done sending too."""
+        super().stop()
+        for dev in self.devices:
+            if not dev.sending and not dev.sending_done:
+                dev.sending_done = True
+                self.sender_done()
+
     def drop(self) -> None:
         """Reset every open connection at once (RST, no close handshake); devices reconnect immediately."""
         self.t_drop = time.monotonic()
@@ -586,6 +596,7 @@ class LeanFleet(_Fleet):
         template, ppm, acks, interval = self.template, spec.points, spec.acks, spec.interval
         with trio.CancelScope(deadline=self.send_deadline) as scope:
             self.sender_scopes.add(scope)
+            dev.sending = True
             try:
                 next_at = trio.current_time() + (random.uniform(0, interval) if interval else 0.0)
                 while True:
@@ -611,6 +622,7 @@ class LeanFleet(_Fleet):
                         await trio.sleep_forever()
             finally:
                 self.sender_scopes.discard(scope)
+                dev.sending = False
         if scope.cancelled_caught:
             dev.sending_done = True
             self.sender_done()
