@@ -205,7 +205,7 @@ class ClusterScenarios:
         """Command round trips operator on hub A -> device on hub B (and on B itself), next to one hub and the relay."""
         rows: list[dict[str, Any]] = []
         for run in range(1, self.plan.cluster_runs + 1):
-            for row in await self._guarded_rows(self._cluster_commands):  # type: ignore[attr-defined]
+            for row in await self._guarded_rows(self._cluster_commands):
                 row["run"] = run
                 rows.append(row)
                 table.row(row)
@@ -334,7 +334,7 @@ class ClusterScenarios:
             "hubs": k,
             "devices": n,
             "on_killed_hub": on_victim,
-            "welcomed_at_kill": before,
+            "welcomed_first_poll": before,  # devices welcomed at the first poll after the kill
             "back_s": back_at - t_kill if back_at else None,
             "connections_lost": lost,
             "sent_points": r["sent_points"],
