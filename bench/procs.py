@@ -416,8 +416,8 @@ class HubProcess:
         found = re.search(r"metrics listening.*?port=(\d+)", text)
         return int(found.group(1)) if found else None
 
-    def connections(self) -> int | None:
-        """Open device sessions, from its /metrics (None if that cannot be read now)."""
+    def metric(self, name: str) -> float | None:
+        """One unlabelled sample of its /metrics (None if that cannot be read now)."""
         port = self.metrics_port()
         if port is None:
             return None
@@ -426,9 +426,14 @@ class HubProcess:
         except OSError:
             return None  # includes a timeout: a hub busy closing thousands of sessions answers late
         for line in body.decode(errors="replace").splitlines():
-            if status == 200 and line.startswith("hub_connections "):
-                return int(float(line.split()[1]))
+            if status == 200 and line.startswith(name + " "):
+                return float(line.split()[1])
         return None
+
+    def connections(self) -> int | None:
+        """Open device sessions, from its /metrics (None if that cannot be read now)."""
+        value = self.metric("hub_connections")
+        return None if value is None else int(value)
 
     def wait_disconnected(self, timeout: float = 120.0) -> bool:
         """Wait until the hub has closed every device session (bounded); whether it did.
