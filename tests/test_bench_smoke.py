@@ -183,3 +183,4 @@ async def test_cluster_scenarios_smoke_run(tmp_path: Path) -> None:
     assert failover["hubs"] == 3 and failover["devices"] == 30 and failover["on_killed_hub"] == 10
     assert failover["back_s"] is not None and failover["connections_lost"] >= 10
     assert failover["acked_points"] > 0 and failover["points_lost"] == 0 and failover["db_verified"] is True
+    assert failover["spool_records_left"] == 0
