@@ -1,9 +1,11 @@
 """The load generator process: many device connections, lean (wsproto, pre-encoded frames) or through `device_client`.
 
 Run by `bench.run` as `python -m bench.gen SPEC.json`. It connects its devices and reports `ready`, then obeys
-one command per stdin line: `go` (start sending), `drop` (reset every connection at once and reconnect), `stop`
-(stop sending, wait for the last acks, report `result`), `exit`. Sending also stops by itself after
-`duration` seconds; the whole process ends itself after `max_seconds`.
+one command per stdin line: `go` (start sending), `drop` (reset every connection at once and reconnect), `status`
+(report `status`: devices welcomed now, the last welcome's time), `stop` (stop sending, wait for the last acks,
+report `result`), `exit`. With `ports`, device i connects to `ports[i % len]` first and, whenever its connection
+ends or fails without being asked to, moves on to another of them (the failover scenario). Sending also stops by
+itself after `duration` seconds; the whole process ends itself after `max_seconds`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class GenSpec:
     path: str = protocol.DEVICE_PATH
     local_address: str | None = None  # source address, to spread connections over 127.0.0.x
     local_addresses: tuple[str, ...] = ()  # if set: device i connects from local_addresses[i % len] instead
+    ports: tuple[int, ...] = ()  # if set: device i starts on ports[i % len] and moves on after a loss (lean only)
     # Handshakes in progress at once. One generator is one source address, and the hub takes at most 64 handshakes
     # from one address at a time (server.max_handshakes_per_address): more would measure its refusals instead.
     connect_concurrency: int = 64
@@ -73,6 +76,7 @@ class GenSpec:
         data = json.loads(Path(path).read_text())
         data["tokens"] = tuple(data["tokens"])
         data["local_addresses"] = tuple(data.get("local_addresses", ()))
+        data["ports"] = tuple(data.get("ports", ()))
         return cls(**data)
 
 
@@ -87,12 +91,15 @@ class _Device:
         "index",
         "lock",
         "parts",
+        "port",
         "retry_after",
         "scope",
+        "sending",
         "sending_done",
         "seq",
         "settled",
         "source",
+        "step",
         "stream",
         "token",
         "unacked",
@@ -118,9 +125,12 @@ class _Device:
         self.dropped = False
         self.back = False  # dropped by `drop` and not welcomed again yet
         self.sending_done = False
+        self.sending = False  # its sender runs (it is welcomed)
         self.settled = False  # welcomed once, or failed for good: counted for `ready`
         self.retry_after: float | None = None  # the hub's Retry-After on the last refused handshake
         self.source: str | None = None  # the local address it connects from
+        self.port = 0  # the port it connects to
+        self.step = 1  # with several ports: how far it moves on after a loss
 
 
 class _Refused(Exception):
@@ -169,6 +179,8 @@ class _Fleet:
         self.resent = 0
         self.commands = 0
         self.cpu_go = 0.0
+        self.welcomed_now = 0  # devices with a live, welcomed connection
+        self.t_welcome = 0.0  # the latest welcome
 
     def settle(self, ok: bool) -> None:
         """Count a device as connected (`ok`) or failed for good; emit `ready` after the last one."""
@@ -270,6 +282,8 @@ class _Fleet:
                 self.stop()
             elif line == "drop":
                 self.drop()
+            elif line == "status":
+                self.status()
             elif line == "exit":
                 break
             else:
@@ -280,6 +294,10 @@ class _Fleet:
         """`drop`: reset every connection at once."""
         emit("error", detail="drop is not supported by this generator")
 
+    def status(self) -> None:
+        """`status`: devices welcomed now (and when the last was), connections lost so far."""
+        emit("status", t=time.monotonic(), welcomed_now=self.welcomed_now, t_welcome=self.t_welcome, lost=self.lost)
+
 
 class LeanFleet(_Fleet):
     """Devices that speak the protocol with wsproto directly: pre-encoded frames, cumulative ack tracking."""
@@ -288,8 +306,12 @@ class LeanFleet(_Fleet):
         super().__init__(spec)
         self.devices = [_Device(t) for t in spec.tokens]
         sources = spec.local_addresses or (spec.local_address,)
+        self.ports = spec.ports or (spec.port,)
         for i, dev in enumerate(self.devices):
             dev.source = sources[i % len(sources)]
+            dev.port = self.ports[i % len(self.ports)]
+            if len(self.ports) > 1:  # the devices of one port spread over the others
+                dev.step = 1 + (i // len(self.ports)) % (len(self.ports) - 1)
         self.limiter = trio.CapacityLimiter(spec.connect_concurrency)
         self.template = telemetry_template(spec.measurement, spec.points)
         self.hello = client_frame(protocol.encode(protocol.Hello(firmware="bench", model="lean")).encode())
@@ -329,6 +351,10 @@ class LeanFleet(_Fleet):
 
     # ---------------------------------------------------------------- connections
 
+    def _next_port(self, dev: _Device) -> None:
+        """Move on to another port."""
+        dev.port = self.ports[(self.ports.index(dev.port) + dev.step) % len(self.ports)]
+
     async def _device_main(self, dev: _Device) -> None:
         failures = 0
         attempts = self.spec.connect_attempts
@@ -341,6 +367,10 @@ class LeanFleet(_Fleet):
                 if dev.stream is not None:
                     dev.stream.socket.close()
                     dev.stream = None
+                if dev.welcomed.is_set():
+                    self.welcomed_now -= 1
+            if not dev.dropped and self.spec.ports:
+                self._next_port(dev)
             if dev.dropped:
                 dev.dropped = False
                 continue  # a storm: reconnect at once, as a fleet whose network came back does
@@ -374,10 +404,10 @@ class LeanFleet(_Fleet):
         try:
             with trio.move_on_after(spec.connect_timeout) as timeout:
                 try:
-                    dev.stream = await trio.open_tcp_stream(spec.host, spec.port, local_address=dev.source)
+                    dev.stream = await trio.open_tcp_stream(spec.host, dev.port, local_address=dev.source)
                     dev.ws = WSConnection(ConnectionType.CLIENT)
                     auth = [(b"authorization", b"Bearer " + dev.token.encode())]
-                    request = Request(host=f"{spec.host}:{spec.port}", target=spec.path, extra_headers=auth)
+                    request = Request(host=f"{spec.host}:{dev.port}", target=spec.path, extra_headers=auth)
                     await dev.stream.send_all(dev.ws.send(request))
                     await self._accepted(dev)
                     await dev.stream.send_all(self.hello)
@@ -421,6 +451,14 @@ class LeanFleet(_Fleet):
                     return
                 if isinstance(event, RejectConnection):
                     raise _Refused(event.status_code, _retry_after(event.headers))
+
+    def stop(self) -> None:
+        """`stop`; a device between connections (no sender running) is done sending too."""
+        super().stop()
+        for dev in self.devices:
+            if not dev.sending and not dev.sending_done:
+                dev.sending_done = True
+                self.sender_done()
 
     def drop(self) -> None:
         """Reset every open connection at once (RST, no close handshake); devices reconnect immediately."""
@@ -521,6 +559,8 @@ class LeanFleet(_Fleet):
             await self._send(dev, frame)
             self.resent += 1
         dev.welcomed.set()
+        self.welcomed_now += 1
+        self.t_welcome = time.monotonic()
         if not dev.settled:
             dev.settled = True
             self.settle(True)
@@ -556,6 +596,7 @@ class LeanFleet(_Fleet):
         template, ppm, acks, interval = self.template, spec.points, spec.acks, spec.interval
         with trio.CancelScope(deadline=self.send_deadline) as scope:
             self.sender_scopes.add(scope)
+            dev.sending = True
             try:
                 next_at = trio.current_time() + (random.uniform(0, interval) if interval else 0.0)
                 while True:
@@ -581,6 +622,7 @@ class LeanFleet(_Fleet):
                         await trio.sleep_forever()
             finally:
                 self.sender_scopes.discard(scope)
+                dev.sending = False
         if scope.cancelled_caught:
             dev.sending_done = True
             self.sender_done()

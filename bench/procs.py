@@ -7,10 +7,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -28,12 +30,15 @@ __all__ = [
     "Child",
     "ChildError",
     "HubProcess",
+    "RedisServer",
     "VictoriaMetrics",
     "cpu_seconds",
+    "descendants",
     "hub_limit_overrides",
     "listening_ports",
     "rss_bytes",
     "toml_config",
+    "tree_cpu_seconds",
 ]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -73,6 +78,31 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    """Process `pid`'s children, their children and so on (from /proc/PID/task/*/children)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(x) for x in (task / "children").read_text().split()]
+            except OSError:  # gone meanwhile
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of process `pid` and its live descendants (a supervisor and its workers)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(p)
+    return total
 
 
 def rss_bytes(pid: int) -> int:
@@ -205,6 +235,61 @@ class VictoriaMetrics:
             self.proc = None
 
 
+class RedisServer:
+    """Debian's redis-server on a Unix socket (no TCP, nothing saved to disk), as tests/servers.py's `Redis`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        # A Unix socket path holds at most 107 bytes: a short directory of its own.
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+        self.socket_path = self.socket_dir / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Its URL for `[state] url`."""
+        return f"unix://{self.socket_path}"
+
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start it and wait until it answers PING."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        args = [exe, "--port", "0", "--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        args += ["--dir", str(self.directory), "--save", "", "--appendonly", "no"]
+        with open(self.directory / "redis.log", "ab") as log:
+            try:
+                self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            except FileNotFoundError:
+                raise ChildError("redis-server is not installed: apt-get install -y redis-server") from None
+        _LIVE.add(self.proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ChildError(f"redis-server exited with {self.proc.returncode}: see {self.directory}")
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(1)
+                sock.connect(str(self.socket_path))
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                if sock.recv(64) == b"+PONG\r\n":
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise ChildError(f"redis-server did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        """Terminate it (kill after 10 s) and remove its socket directory."""
+        if self.proc is not None:
+            _stop_process(self.proc, 10.0)
+            self.proc = None
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
 def hub_limit_overrides() -> dict[str, Any]:
     """Config overrides ("section.key" -> value) that lift the hub's rate and connection limits, if it has any.
 
@@ -331,8 +416,8 @@ class HubProcess:
         found = re.search(r"metrics listening.*?port=(\d+)", text)
         return int(found.group(1)) if found else None
 
-    def connections(self) -> int | None:
-        """Open device sessions, from its /metrics (None if that cannot be read now)."""
+    def metric(self, name: str) -> float | None:
+        """One unlabelled sample of its /metrics (None if that cannot be read now)."""
         port = self.metrics_port()
         if port is None:
             return None
@@ -341,9 +426,14 @@ class HubProcess:
         except OSError:
             return None  # includes a timeout: a hub busy closing thousands of sessions answers late
         for line in body.decode(errors="replace").splitlines():
-            if status == 200 and line.startswith("hub_connections "):
-                return int(float(line.split()[1]))
+            if status == 200 and line.startswith(name + " "):
+                return float(line.split()[1])
         return None
+
+    def connections(self) -> int | None:
+        """Open device sessions, from its /metrics (None if that cannot be read now)."""
+        value = self.metric("hub_connections")
+        return None if value is None else int(value)
 
     def wait_disconnected(self, timeout: float = 120.0) -> bool:
         """Wait until the hub has closed every device session (bounded); whether it did.
@@ -358,6 +448,14 @@ class HubProcess:
                 return True
             time.sleep(0.2)
         return False
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no last acks, nothing flushed (the failover scenario)."""
+        if self.proc is not None:
+            _LIVE.discard(self.proc)
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """Graceful stop (SIGTERM: drain, last acks), killed after `timeout`; the exit code."""

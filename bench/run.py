@@ -28,7 +28,8 @@ from typing import Any
 import attrs
 import trio
 
-from bench import outage, profile
+from bench import cluster, outage, profile
+from bench.cluster import ClusterScenarios
 from bench.edge import EdgeScenarios
 from bench.gen import GenSpec
 from bench.jsonl import raise_fd_limit
@@ -40,12 +41,25 @@ from bench.procs import (
     cpu_seconds,
     hub_limit_overrides,
     rss_bytes,
+    tree_cpu_seconds,
 )
 from bench.wire import FIELDS_PER_POINT
 
 __all__ = ["Plan", "build_parser", "main", "plan_from_args", "run_bench"]
 
-SCENARIOS = ("ingest", "connections", "surge", "slowloris", "commands", "storm", "profile", "outage")
+SCENARIOS = (
+    "ingest",
+    "connections",
+    "surge",
+    "slowloris",
+    "commands",
+    "storm",
+    "profile",
+    "outage",
+    "workers",
+    "cluster-commands",
+    "failover",
+)
 #: Devices one generator process holds in the connection and storm scenarios (fds, and one core each).
 IDLE_PER_GENERATOR = 5000
 STORM_PER_GENERATOR = 2500
@@ -83,6 +97,14 @@ class Plan:
     slow_sources: tuple[int, ...] = (1, 50)  # ... from this many addresses (one run each)
     slow_gap: float = 2.0  # ... a byte every this many seconds
     slow_seconds: float = 20.0  # the good devices' streaming time in each run
+    workers_ingest: tuple[tuple[int, int], ...] = ((100, 100), (1000, 10))  # loads of the workers scenario ...
+    workers: tuple[int, ...] = (1, 2)  # ... on Redis with these `--workers` (beside SQLite, one process)
+    workers_rounds: int = 1  # ... each combination this many times, interleaved
+    cluster_runs: int = 3  # cluster-commands: repetitions (command_devices stream, `commands` sent each)
+    failover_devices: int = 10000
+    failover_hubs: int = 3
+    failover_interval: float = 5.0  # one message per device per interval ...
+    failover_points: int = 10  # ... of this many points
     hub_args: tuple[str, ...] = ()
 
 
@@ -101,6 +123,9 @@ QUICK = Plan(
     surge_busy=False,
     slow_sockets=300,
     slow_sources=(1,),
+    workers_ingest=((100, 100),),
+    cluster_runs=1,
+    failover_devices=1000,
 )
 
 
@@ -157,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", type=_combos, metavar="DxP", help="load while profiling (default 1000x10)")
     p.add_argument("--profile-seconds", type=float, metavar="S", help="py-spy sampling time")
+    p.add_argument("--workers-ingest", type=_combos, metavar="DxP,...", help="loads of the workers scenario")
+    p.add_argument("--workers", type=_ints, metavar="N,...", help="--workers counts on Redis (default 1,2)")
+    p.add_argument("--workers-rounds", type=int, metavar="N", help="times each workers combination runs")
+    p.add_argument("--cluster-runs", type=int, metavar="N", help="repetitions of cluster-commands (default 3)")
+    p.add_argument("--failover-devices", type=int, metavar="N", help="devices over the failover's hubs")
     p.add_argument("--hub-arg", action="append", default=[], metavar="ARG", help="extra `hub serve` argument")
     p.add_argument("--out", type=Path, help="results file (default var/bench/results-<time>.json)")
     p.add_argument("--work-dir", type=Path, help="keep data and logs here (default: a temporary directory)")
@@ -170,7 +200,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     for key in ("scenarios", "duration", "ingest", "sdk", "connections", "command_devices", "commands"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
-    for key in ("storm_devices", "surge_devices", "slow_sockets", "slow_sources", "surge_targets"):
+    for key in ("storm_devices", "surge_devices", "slow_sockets", "slow_sources", "surge_targets", "workers_ingest"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    for key in ("workers", "workers_rounds", "cluster_runs", "failover_devices"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     if args.surge_busy is not None:
@@ -324,6 +357,7 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("main thr %", "main_thread_percent"),
     ],
     "outage": outage.TABLE,
+    **cluster.TABLES,
 }
 
 
@@ -367,7 +401,7 @@ class Target:
     baseline: Child | None = None
 
 
-class Bench(EdgeScenarios):
+class Bench(EdgeScenarios, ClusterScenarios):
     """One harness run: VictoriaMetrics for all of it, a fresh hub (or baseline server) per scenario."""
 
     def __init__(self, plan: Plan, work: Path) -> None:
@@ -526,13 +560,22 @@ class Bench(EdgeScenarios):
         except ChildError as exc:
             return {"error": str(exc)[:2000], "args": [a for a in args if isinstance(a, int | str)]}
 
-    async def _ingest_hub(self, hub: Target, client: str, devices: int, points: int) -> dict[str, Any]:
+    async def _ingest_hub(
+        self,
+        hub: Target,
+        client: str,
+        devices: int,
+        points: int,
+        tokens: Sequence[str] | None = None,
+        redis_pid: int | None = None,
+    ) -> dict[str, Any]:
+        """One ingest run against a hub (with `tokens` if not the template registry's; Redis's CPU if given)."""
         plan = self.plan
         measurement = self.measurement(f"{client}_{devices}x{points}")
         gens = await self.generators(
             measurement,
             hub.port,
-            self.tokens[:devices],
+            (self.tokens if tokens is None else tokens)[:devices],
             devices,
             measurement=measurement,
             points=points,
@@ -542,10 +585,13 @@ class Bench(EdgeScenarios):
         )
         try:
             readies = await self.ready(gens, devices)
-            cpu0, vm0 = cpu_seconds(hub.pid), cpu_seconds(self.vm.pid)
+            # The hub and any processes it started (the workers of `--workers N`).
+            cpu0, vm0 = tree_cpu_seconds(hub.pid), cpu_seconds(self.vm.pid)
+            redis0 = cpu_seconds(redis_pid) if redis_pid else 0.0
             await self.go(gens)
             results = [await g.expect("result", plan.duration + DRAIN_TIMEOUT + 60) for g in gens]
-            cpu1, vm1 = cpu_seconds(hub.pid), cpu_seconds(self.vm.pid)
+            cpu1, vm1 = tree_cpu_seconds(hub.pid), cpu_seconds(self.vm.pid)
+            redis1 = cpu_seconds(redis_pid) if redis_pid else 0.0
         finally:
             await self.close_all(gens)
         r = _merge(results)
@@ -570,6 +616,10 @@ class Bench(EdgeScenarios):
             "cpu_percent": 100 * hub_cpu / elapsed,  # CPU over the measured window: go to the last ack
             "cpu_s_per_mpoint": hub_cpu / r["acked_points"] * 1e6 if r["acked_points"] else None,
             "vm_cpu_percent": 100 * (vm1 - vm0) / elapsed,
+            "redis_cpu_s": redis1 - redis0 if redis_pid else None,
+            "redis_cpu_s_per_mpoint": (redis1 - redis0) / r["acked_points"] * 1e6
+            if redis_pid and r["acked_points"]
+            else None,
             "generator_cpu_percent": 100 * r["cpu_s"] / elapsed,
             "generator": r,
         }
@@ -702,7 +752,7 @@ class Bench(EdgeScenarios):
                 await trio.sleep(min(2.0, plan.command_interval * 2))
                 names = [token.rpartition(".")[0] for token in self.tokens[:n]]
                 if target == "hub":
-                    latencies, failures = await self._hub_commands(t.port, names)
+                    latencies, failures = await self._hub_commands(t.port, names, self.operator_token)
                 else:
                     latencies, failures = await self._relay_commands(t.port, names)
                 for g in gens:
@@ -730,13 +780,16 @@ class Bench(EdgeScenarios):
             row.update(await self.verify(measurement, r["acked_points"], r["drained"]))
         return row
 
-    async def _hub_commands(self, port: int, names: list[str]) -> tuple[list[float], dict[str, int]]:
+    async def _hub_commands(
+        self, port: int, names: list[str], operator_token: str
+    ) -> tuple[list[float], dict[str, int]]:
+        """`plan.commands` ping commands one after another through the hub at `port` (after 5 not counted)."""
         from hub.operator import ClientError, open_control
 
         latencies: list[float] = []
         failures: dict[str, int] = {}
         warmup = 5
-        async with open_control(f"ws://127.0.0.1:{port}/v1/control", self.operator_token) as control:
+        async with open_control(f"ws://127.0.0.1:{port}/v1/control", operator_token) as control:
             for i in range(warmup + self.plan.commands):
                 device = names[(i * 7919) % len(names)]
                 started = time.perf_counter()
@@ -959,6 +1012,7 @@ async def run_bench(plan: Plan, work: Path, out: Path) -> dict[str, Any]:
         [d for d, _ in plan.ingest + plan.sdk]
         + list(plan.connections)
         + [plan.command_devices, plan.storm_devices, plan.profile_devices, plan.surge_devices]
+        + [d for d, _ in plan.workers_ingest]
     )
     bench.register(needed)
     bench.vm.start()
@@ -968,7 +1022,7 @@ async def run_bench(plan: Plan, work: Path, out: Path) -> dict[str, Any]:
             table = Table(name)
             started = time.monotonic()
             try:
-                results["scenarios"][name] = await getattr(bench, name)(table)
+                results["scenarios"][name] = await getattr(bench, name.replace("-", "_"))(table)
             except ChildError as exc:
                 results["scenarios"][name] = {"error": str(exc)[:2000]}
                 table.row(results["scenarios"][name])

@@ -138,3 +138,49 @@ async def test_edge_scenarios_smoke_run(tmp_path: Path) -> None:
         assert "error" not in row, row
         assert row["acked_msgs"] > 0 and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
     assert slow[1]["attack_opened"] >= 20
+
+
+@pytest.mark.e2e
+async def test_cluster_scenarios_smoke_run(tmp_path: Path) -> None:
+    plan = Plan(
+        quick=True,
+        scenarios=("workers", "cluster-commands", "failover"),
+        duration=1.0,
+        workers_ingest=((5, 10),),
+        workers=(1, 2),
+        command_devices=20,
+        commands=10,
+        command_interval=0.5,
+        cluster_runs=1,
+        failover_devices=30,
+        failover_interval=1.0,
+        failover_points=5,
+    )
+    out = tmp_path / "results.json"
+    await run_bench(plan, tmp_path / "work", out)
+    results = json.loads(out.read_text())
+    assert results["scenarios"].keys() == set(plan.scenarios)
+
+    workers = results["scenarios"]["workers"]["runs"]
+    assert [(r["state"], r["workers"]) for r in workers] == [("sqlite", 1), ("redis", 1), ("redis", 2)]
+    for row in workers:
+        assert "error" not in row, row
+        assert row["db_verified"] is True and row["points"] == row["sent_points"] > 0
+        assert row["cpu_s_per_mpoint"] is not None
+    assert [r["processes"] for r in workers[1:]] == [1, 3]  # --workers 2: the supervisor and two workers
+    assert workers[1]["redis_cpu_s"] is not None and workers[2]["cpu_ratio_to_sqlite"] > 0
+
+    commands = results["scenarios"]["cluster-commands"]["runs"]
+    assert [r["target"] for r in commands] == ["cross-hub", "same hub", "one hub", "relay"]
+    for row in commands:
+        assert "error" not in row, row
+        assert row["succeeded"] == 10 and row["run"] == 1, row
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert commands[0]["db_verified"] is True
+
+    (failover,) = results["scenarios"]["failover"]["runs"]
+    assert "error" not in failover, failover
+    assert failover["hubs"] == 3 and failover["devices"] == 30 and failover["on_killed_hub"] == 10
+    assert failover["back_s"] is not None and failover["connections_lost"] >= 10
+    assert failover["acked_points"] > 0 and failover["points_lost"] == 0 and failover["db_verified"] is True
+    assert failover["spool_records_left"] == 0
