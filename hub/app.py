@@ -331,12 +331,22 @@ async def _serve(
             ssl_context = tls.context if tls is not None else None
             cfg = config.server
             with _listening("devices and operators", cfg.host, cfg.port, "--port", "--host"):
-                port = await nursery.start(
-                    partial(edge.listen, ssl_context=ssl_context, reuse_port=worker is not None)
-                )
+                port = await nursery.start(partial(edge.listen, ssl_context=ssl_context, reuse_port=worker is not None))
             handle = HubHandle(
-                port, stats, presence, server, sink, commands, registry, ledgers, broadcaster, control, edge,
-                metrics_port, tls=tls, cluster=cluster,
+                port,
+                stats,
+                presence,
+                server,
+                sink,
+                commands,
+                registry,
+                ledgers,
+                broadcaster,
+                control,
+                edge,
+                metrics_port,
+                tls=tls,
+                cluster=cluster,
             )
             nursery.start_soon(_log_status, handle)
             task_status.started(handle)
@@ -397,7 +407,7 @@ def _cluster(
 
     hub_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
     cluster = Cluster(
-        Bus(client, config.state.prefix, hub_id),
+        Bus(client, config.state.prefix, hub_id, hub_ttl=config.state.hub_ttl),
         presence,
         commands,
         broadcaster,

@@ -186,6 +186,9 @@ class StateConfig:
     password: str = attrs.field(default="", repr=False)  # from HUB_REDIS_PASSWORD
     cache_devices: int = 100_000  # Redis: devices and operators whose handshake data is kept for an outage (LRU)
     cache_ttl: float = 300.0  # ... each trusted this many seconds after it was last read from Redis; 0: no cache
+    hub_ttl: float = (
+        15.0  # Redis: a hub not heard of (heartbeat every second) for this long is lost; its devices offline
+    )
 
 
 @attrs.frozen
@@ -299,6 +302,8 @@ def _state(state: StateConfig, env: Mapping[str, str]) -> StateConfig:
         raise ConfigError(f"{where}: expected a redis://, rediss:// or unix:// URL, got {url!r}")
     if not _PREFIX.fullmatch(state.prefix):
         raise ConfigError(f"state.prefix: use 1-64 of A-Z a-z 0-9 _ - . (no ':'), got {state.prefix!r}")
+    if state.hub_ttl < 3:
+        raise ConfigError(f"state.hub_ttl: at least 3 seconds (a hub beats every second), got {state.hub_ttl!r}")
     return attrs.evolve(state, url=url, password=env.get(REDIS_PASSWORD_ENV, ""))
 
 

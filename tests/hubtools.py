@@ -221,8 +221,8 @@ class Ctl:
         self.pushes: list[dict[str, Any]] = []
         self._id = 0
 
-    async def recv(self) -> dict[str, Any]:
-        with trio.fail_after(10):
+    async def recv(self, timeout: float = 10) -> dict[str, Any]:
+        with trio.fail_after(timeout):
             return json.loads(await self.ws.get_message())
 
     async def send(self, obj: Any) -> None:
@@ -260,8 +260,8 @@ class Ctl:
         assert frame["type"] in ("event", "dropped"), frame
         return frame
 
-    async def events(self, sub: int, n: int) -> list[dict[str, Any]]:
-        """The next `n` events of subscription `sub` (other pushes stay in `pushes`, in order)."""
+    async def events(self, sub: int, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+        """The next `n` events of subscription `sub`, each within `timeout` (other pushes kept in order)."""
         out = []
         kept = []
         for frame in self.pushes:
@@ -271,7 +271,7 @@ class Ctl:
                 kept.append(frame)
         self.pushes = kept
         while len(out) < n:
-            frame = await self.recv()
+            frame = await self.recv(timeout)
             assert frame["type"] in ("event", "dropped"), frame
             if frame["type"] == "event" and frame["subscription"] == sub:
                 out.append(frame["event"])

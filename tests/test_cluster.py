@@ -16,7 +16,6 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from device_client import DeviceClient
 from device_client.protocol import CloseCode
 from hub.app import HubHandle
-from hub.cluster import HUB_TTL
 from hub.config import StateConfig
 from hub.fleet import open_registry_store
 from tests.hubproc import HubProcess
@@ -34,9 +33,9 @@ async def _register(redis: Redis, *devices: str) -> tuple[dict[str, str], str]:
 
 
 @asynccontextmanager
-async def _hubs(redis: Redis, tmp_path: Path, n: int) -> AsyncIterator[list[HubHandle]]:
+async def _hubs(redis: Redis, tmp_path: Path, n: int, **overrides: Any) -> AsyncIterator[list[HubHandle]]:
     """`n` hubs in this process, each with its own data directory, all on `redis`."""
-    on_redis = {"state.backend": "redis", "state.url": redis.url}
+    on_redis = {"state.backend": "redis", "state.url": redis.url, **overrides}
     async with trio.open_nursery() as nursery:
         hubs = [await start_hub(nursery, hub_config(tmp_path / f"hub{i}", **on_redis)) for i in range(n)]
         yield hubs
@@ -196,11 +195,15 @@ async def test_the_devices_of_a_hub_killed_with_sigkill_go_offline_hub_lost_then
     names = [f"d{i}" for i in range(4)]
     tokens, operator = await _register(redis_server, *names)
     config = tmp_path / "killed.toml"
-    config.write_text(f'[state]\nbackend = "redis"\nurl = "{redis_server.url}"\n')
+    hub_ttl = 5.0  # shorter than the default 15 s, so the test waits less for the loss to be noticed
+    config.write_text(f'[state]\nbackend = "redis"\nurl = "{redis_server.url}"\nhub_ttl = {hub_ttl}\n')
     doomed = HubProcess(tmp_path / "killed", "--config", str(config), "--log-level", "info")
     await trio.to_thread.run_sync(doomed.start)
     try:
-        async with _hubs(redis_server, tmp_path, 1) as (survivor,), control(survivor, operator) as ctl:
+        async with (
+            _hubs(redis_server, tmp_path, 1, **{"state.hub_ttl": hub_ttl}) as (survivor,),
+            control(survivor, operator) as ctl,
+        ):
             presence = (await ctl.ok("subscribe", topic="presence"))["subscription"]
             clients = [DeviceClient(doomed.url, tokens[n], backoff_initial=0.05, backoff_max=0.5) for n in names]
 
@@ -224,8 +227,8 @@ async def test_the_devices_of_a_hub_killed_with_sigkill_go_offline_hub_lost_then
 
                 await eventually(delivered)
                 doomed.signal(signal.SIGKILL)
-                with trio.fail_after(HUB_TTL * 4 + 10):  # the heartbeat's bound, with room for a busy machine
-                    lost = await ctl.events(presence, len(names))
+                # The heartbeat's bound, with room for a busy machine.
+                lost = await ctl.events(presence, len(names), timeout=hub_ttl * 4 + 10)
                 assert {(e["name"], e["state"], e["reason"]) for e in lost} == {
                     (n, "offline", "hub_lost") for n in names
                 }

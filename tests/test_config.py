@@ -130,6 +130,7 @@ def test_bad_override_value() -> None:
         ("[state]\ncache_devices = 0\n", "state.cache_devices: must be greater than zero"),
         ("[state]\ncache_devices = 1.5\n", "state.cache_devices: expected int"),
         ("[state]\ncache_ttl = -1\n", "state.cache_ttl: must not be negative"),
+        ("[state]\nhub_ttl = 2\n", "state.hub_ttl: at least 3 seconds"),
         ("[server\n", "hub.toml"),  # not TOML
     ],
 )

@@ -143,6 +143,7 @@ async def test_database_outage_mid_stream_loses_no_acked_point(tmp_path: Path, i
             influxdb1.start()
         # Every batch was acked: before and after the outage by the database, during it by the spool.
         assert sum(c.stats.points_acked for c in fleet_clients) == devices * batches * size
+
         # The spool empty and the sink up, as /healthz says: waited for as one condition (replayed points are counted
         # before their records leave the spool, so "replayed >= spooled" alone can come a moment too early).
         async def drained() -> bool:

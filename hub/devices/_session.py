@@ -57,6 +57,7 @@ BAD_UTF8_DETAIL = "text is not valid UTF-8"
 #: Longest error detail sent to a device.
 MAX_DETAIL = 200
 
+
 def telemetry_seq(text: str) -> int | None:
     """The seq of a telemetry message that failed to decode, when it can be read (None otherwise)."""
     try:

@@ -140,7 +140,6 @@ class CommandRecord:
         }
 
 
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
     command_id      TEXT PRIMARY KEY,

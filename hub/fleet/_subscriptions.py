@@ -238,9 +238,7 @@ class Broadcaster:
         if any(not sub.relay for sub in self._telemetry_all.values()):
             return None
         return frozenset(
-            device
-            for device, subs in self._telemetry_by_device.items()
-            if any(not sub.relay for sub in subs.values())
+            device for device, subs in self._telemetry_by_device.items() if any(not sub.relay for sub in subs.values())
         )
 
     @property

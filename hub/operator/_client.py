@@ -262,9 +262,7 @@ class ControlClient:
             timeout = self.reply_timeout + request.wait_timeout
         return await self._request(spec_for(request).type, lambda rid: encode_request(rid, request), timeout)
 
-    async def request(
-        self, kind: str, args: Mapping[str, JSON] | None = None, *, timeout: float | None = None
-    ) -> JSON:
+    async def request(self, kind: str, args: Mapping[str, JSON] | None = None, *, timeout: float | None = None) -> JSON:
         """Like `call`, but request `kind` with `args` as they are, unchecked: for a type this client does not know."""
 
         def frame(rid: int) -> str:

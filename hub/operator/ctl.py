@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub(
         "request",
         "send any control request and print its result as JSON",
-        "Send any request of the control channel (docs/control.md, \"Requests and replies\") and print\n"
+        'Send any request of the control channel (docs/control.md, "Requests and replies") and print\n'
         "its result as JSON, e.g. `hubctl request commands device=boiler-1 limit=5`.",
     )
     p.add_argument("type", metavar="TYPE", choices=list(REQUESTS), help=f"one of: {', '.join(REQUESTS)}")
