@@ -45,6 +45,7 @@ from hub.fleet._accounts import (
     token_matches,
 )
 from hub.fleet._cache import CachedAccount, Kind, RegistryCache
+from hub.fleet._redis_pool import Pool
 from hub.fleet._store import StoreUnavailable
 
 __all__ = ["RedisStore", "open_redis_store"]
@@ -495,7 +496,7 @@ async def open_redis_store(
 
     Raises `StoreUnavailable` when Redis cannot be reached or refuses the password.
     """
-    client = coredis.Redis.from_url(
+    pool = Pool.from_url(
         url,
         decode_responses=True,
         password=password or None,  # one in the URL (HUB_REDIS_URL) wins
@@ -503,6 +504,7 @@ async def open_redis_store(
         connect_timeout=CONNECT_TIMEOUT,
         stream_timeout=REPLY_TIMEOUT,
     )
+    client: coredis.Redis[str] = coredis.Redis(connection_pool=pool, decode_responses=True)
     async with client:
         cache = RegistryCache(cache_devices, cache_ttl) if cache_devices > 0 and cache_ttl > 0 else None
         store = RedisStore(client, prefix, _where(url), cache)
