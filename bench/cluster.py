@@ -58,6 +58,7 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("p99 ms", "p99_ms"),
         ("max ms", "max_ms"),
         ("verified", "db_verified"),
+        ("hops p50/p99 ms", "hops_ms"),
     ],
     "failover": [
         ("hubs", "hubs"),
@@ -255,9 +256,15 @@ class ClusterScenarios:
                     await trio.sleep(min(2.0, plan.command_interval * 2))
                     names = [token.rpartition(".")[0] for token in tokens[:n]]
                     cpu0 = cpu_seconds(hub_a.pid), cpu_seconds(hub_b.pid), cpu_seconds(redis.pid)
-                    cross, cross_fail = await self._hub_commands(hub_a.port, names, operator)  # type: ignore[attr-defined]
+                    cross_hops: dict[str, list[float]] = {}
+                    same_hops: dict[str, list[float]] = {}
+                    cross, cross_fail = await self._hub_commands(  # type: ignore[attr-defined]
+                        hub_a.port, names, operator, cross_hops
+                    )
                     cpu1 = cpu_seconds(hub_a.pid), cpu_seconds(hub_b.pid), cpu_seconds(redis.pid)
-                    same, same_fail = await self._hub_commands(hub_b.port, names, operator)  # type: ignore[attr-defined]
+                    same, same_fail = await self._hub_commands(  # type: ignore[attr-defined]
+                        hub_b.port, names, operator, same_hops
+                    )
                     for g in gens:
                         await g.send("stop")
                     results = [await g.expect("result", DRAIN_TIMEOUT + 60) for g in gens]
@@ -266,6 +273,8 @@ class ClusterScenarios:
             finally:
                 await self.stop_hub(hub_a)
                 await self.stop_hub(hub_b)
+        from bench.run import hop_figures
+
         r = _merge(results)
         check = await self.verify(measurement, r["acked_points"], r["drained"])  # type: ignore[attr-defined]
         common = {"devices": n, "commands": plan.commands, "stream_points_per_s": n * plan.command_points}
@@ -274,12 +283,19 @@ class ClusterScenarios:
                 "target": "cross-hub",  # operator on hub A, devices on hub B
                 **common,
                 **_percentiles(cross),
+                "hops_ms": hop_figures(cross_hops),
                 "failures": cross_fail,
                 "cpu_s": {"hub_a": cpu1[0] - cpu0[0], "hub_b": cpu1[1] - cpu0[1], "redis": cpu1[2] - cpu0[2]},
                 "generator": r,
                 **check,
             },
-            {"target": "same hub", **common, **_percentiles(same), "failures": same_fail},
+            {
+                "target": "same hub",
+                **common,
+                **_percentiles(same),
+                "hops_ms": hop_figures(same_hops),
+                "failures": same_fail,
+            },
         ]
 
     # -------------------------------------------------------------- failover

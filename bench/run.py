@@ -336,6 +336,7 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("p99 ms", "p99_ms"),
         ("max ms", "max_ms"),
         ("stream pts/s", "stream_points_per_s"),
+        ("hops p50/p99 ms", "hops_ms"),
     ],
     "storm": [
         ("target", "target"),
@@ -380,6 +381,21 @@ class Table:
 
 
 # ---------------------------------------------------------------------------- the bench
+
+
+#: A command's steps, as `hops_ms` names them: the request reaching its hub (queued), the frame written to the device
+#: (sent), the device's ack back (delivered), its result back (succeeded), and the reply reaching the operator.
+HOPS = ("request", "to device", "ack", "result", "reply")
+
+
+def hop_figures(hops: dict[str, list[float]]) -> str:
+    """Each hop's p50/p99 in ms, in one cell: ``request 0.4/1.2 · to device ...``."""
+    cells = []
+    for hop in HOPS:
+        ms = sorted(x * 1000 for x in hops.get(hop, ()))
+        if ms:
+            cells.append(f"{hop} {_percentile(ms, 50):.2g}/{_percentile(ms, 99):.2g}")
+    return " · ".join(cells)
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -751,8 +767,9 @@ class Bench(EdgeScenarios, ClusterScenarios):
                 await self.go(gens)
                 await trio.sleep(min(2.0, plan.command_interval * 2))
                 names = [token.rpartition(".")[0] for token in self.tokens[:n]]
+                hops: dict[str, list[float]] = {}
                 if target == "hub":
-                    latencies, failures = await self._hub_commands(t.port, names, self.operator_token)
+                    latencies, failures = await self._hub_commands(t.port, names, self.operator_token, hops)
                 else:
                     latencies, failures = await self._relay_commands(t.port, names)
                 for g in gens:
@@ -774,6 +791,7 @@ class Bench(EdgeScenarios, ClusterScenarios):
             "max_ms": ms[-1] if ms else None,
             "mean_ms": statistics.fmean(ms) if ms else None,
             "stream_points_per_s": n * plan.command_points / plan.command_interval,
+            "hops_ms": hop_figures(hops) if hops else None,
             "generator": r,
         }
         if target == "hub":
@@ -781,9 +799,13 @@ class Bench(EdgeScenarios, ClusterScenarios):
         return row
 
     async def _hub_commands(
-        self, port: int, names: list[str], operator_token: str
+        self, port: int, names: list[str], operator_token: str, hops: dict[str, list[float]] | None = None
     ) -> tuple[list[float], dict[str, int]]:
-        """`plan.commands` ping commands one after another through the hub at `port` (after 5 not counted)."""
+        """`plan.commands` ping commands one after another through the hub at `port` (after 5 not counted).
+
+        With `hops`, each succeeded command's time between its steps is added to it (`HOPS`, from its history's
+        wall-clock times, each taken when the hub that owns it recorded the step; this machine's one clock).
+        """
         from hub.operator import ClientError, open_control
 
         latencies: list[float] = []
@@ -792,7 +814,7 @@ class Bench(EdgeScenarios, ClusterScenarios):
         async with open_control(f"ws://127.0.0.1:{port}/v1/control", operator_token) as control:
             for i in range(warmup + self.plan.commands):
                 device = names[(i * 7919) % len(names)]
-                started = time.perf_counter()
+                started, wall = time.perf_counter(), time.time()
                 try:
                     record = await control.send_command(device, "ping", {}, wait=True, wait_timeout=10)
                 except ClientError as exc:
@@ -804,6 +826,10 @@ class Bench(EdgeScenarios, ClusterScenarios):
                     failures[str(state)] = failures.get(str(state), 0) + 1
                 elif i >= warmup:
                     latencies.append(took)
+                    if hops is not None:
+                        at = [wall, *(float(h["at"]) for h in record["history"]), wall + took]
+                        for hop, start, end in zip(HOPS, at, at[1:], strict=False):
+                            hops.setdefault(hop, []).append(end - start)
         return latencies, failures
 
     async def _relay_commands(self, port: int, names: list[str]) -> tuple[list[float], dict[str, int]]:

@@ -14,7 +14,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 from bench import profile
-from bench.run import Plan, run_bench
+from bench.run import HOPS, Plan, run_bench
 from bench.wire import client_frame, parse_ack, telemetry_template
 from device_client import protocol
 
@@ -102,6 +102,8 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
         assert row["succeeded"] == 10, row
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
     assert commands[0]["db_verified"] is True
+    for row in commands[:3]:  # hub rows: each step of a command timed, from request to reply
+        assert [cell.rpartition(" ")[0] for cell in row["hops_ms"].split(" · ")] == list(HOPS), row["hops_ms"]
 
     storm = results["scenarios"]["storm"]["runs"]
     hub_storm = storm[0]
@@ -177,6 +179,8 @@ async def test_cluster_scenarios_smoke_run(tmp_path: Path) -> None:
         assert row["succeeded"] == 10 and row["run"] == 1, row
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
     assert commands[0]["db_verified"] is True
+    for row in commands[:3]:  # hub rows: each step of a command timed, from request to reply
+        assert [cell.rpartition(" ")[0] for cell in row["hops_ms"].split(" · ")] == list(HOPS), row["hops_ms"]
 
     (failover,) = results["scenarios"]["failover"]["runs"]
     assert "error" not in failover, failover

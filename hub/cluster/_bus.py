@@ -183,9 +183,11 @@ class Bus:
         """Publish to hub `hub_id` only."""
         self._put(("pub", self.channel_of(hub_id), encode(kind, **fields), kind.value))
 
-    def mirror_command(self, command_id: str, device: str, created: float, record_json: str, message: str) -> None:
-        """Store a command record for other hubs' reads (and index it), then broadcast its change."""
-        self._put(("cmd", command_id, device, created, record_json, message))
+    def mirror_command(
+        self, command_id: str, device: str, created: float, record_json: str, message: str, *, new: bool
+    ) -> None:
+        """Store a command record for other hubs' reads (and index it, when `new`), then broadcast its change."""
+        self._put(("cmd", command_id, device, created if new else None, record_json, message))
 
     def _put(self, item: tuple[Any, ...]) -> None:
         out = self._out
@@ -230,10 +232,11 @@ class Bus:
                     continue
                 _, command_id, device, created, record_json, message = item
                 pipe.set(self.key("command", command_id), record_json, ex=COMMAND_KEEP)
-                for index in (self.key("commands", device), self.key("commands")):
-                    pipe.zadd(index, {command_id: created})
-                    pipe.zremrangebyrank(index, 0, -COMMAND_INDEX_MAX - 1)
-                    pipe.expire(index, COMMAND_KEEP)
+                if created is not None:  # a new command: its place in the indexes (later changes keep it)
+                    for index in (self.key("commands", device), self.key("commands")):
+                        pipe.zadd(index, {command_id: created})
+                        pipe.zremrangebyrank(index, 0, -COMMAND_INDEX_MAX - 1)
+                        pipe.expire(index, COMMAND_KEEP)
                 pipe.publish(self.broadcast_channel, message)
 
     # ------------------------------------------------------------------ presence

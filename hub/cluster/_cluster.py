@@ -42,6 +42,7 @@ from hub.fleet import (
     CommandRecord,
     CommandRecordDict,
     CommandService,
+    CommandState,
     DeviceStatus,
     Ledgers,
     Presence,
@@ -324,7 +325,10 @@ class Cluster:
         """A command owned here changed: mirror it for the other hubs' reads and tell them."""
         record_json = orjson.dumps({**record, "hub": self.hub_id}).decode()
         message = orjson.dumps({"k": Kind.COMMAND.value, "hub": self.hub_id, "record": record}).decode()
-        self.bus.mirror_command(record["command_id"], record["device"], record["created"], record_json, message)
+        new = record["state"] == CommandState.QUEUED.value  # commands start queued; later states only update it
+        self.bus.mirror_command(
+            record["command_id"], record["device"], record["created"], record_json, message, new=new
+        )
 
     async def locate(self, device: str) -> Sender | None:
         bus = self.bus

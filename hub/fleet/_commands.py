@@ -184,12 +184,13 @@ class CommandService:
             existing = await self._find_key(device, idempotency_key)
             if existing is not None:
                 return existing
-        # Devices are never deleted: one that exists now still exists after the awaits below.
-        if not await self._device_exists(device):
-            raise CommandError("not_found", f"no device {device!r}")
+        # Devices are never deleted: one that exists now still exists after the awaits below. One connected here,
+        # or found connected to another hub, exists: the registry is asked only about the others.
         remote = None
         if self.elsewhere is not None and device not in self._senders:
             remote = await self.elsewhere.locate(device)
+        if device not in self._senders and remote is None and not await self._device_exists(device):
+            raise CommandError("not_found", f"no device {device!r}")
         # No await from here until the record is in memory: checks and creation are one step.
         try:
             protocol.check_command_name(name)
