@@ -189,6 +189,23 @@ async def test_revoking_a_device_on_one_hub_closes_its_session_on_another(redis_
         assert b.cluster is not None and b.cluster.bus.received["revoke"] >= 1  # told at once, not found by polling
 
 
+async def test_presence_lost_from_redis_is_said_again_by_the_hub_holding_the_session(
+    redis_server: Redis, tmp_path: Path
+) -> None:
+    tokens, operator = await _register(redis_server, "d1")
+    async with _hubs(redis_server, tmp_path, 2) as (a, b), _client(b, tokens["d1"]), control(a, operator) as ctl:
+        await _online_on(b, "d1")
+        assert (await ctl.ok("device", name="d1"))["state"] == "online"
+        # What a Redis restarted without those keys (an old snapshot, a flush of volatile keys) has lost.
+        assert redis_server.command(b"DEL", b"hub:hubs", b"hub:hubs:joined", b"hub:presence:d1").startswith(b":")
+
+        async def shown_online_again() -> bool:
+            return bool((await ctl.ok("device", name="d1"))["state"] == "online")
+
+        await eventually(lambda: redis_server.command(b"EXISTS", b"hub:presence:d1") == b":1\r\n", what="re-claimed")
+        await eventually(shown_online_again)
+
+
 async def test_the_devices_of_a_hub_killed_with_sigkill_go_offline_hub_lost_then_online_elsewhere(
     redis_server: Redis, tmp_path: Path
 ) -> None:
