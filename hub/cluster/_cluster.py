@@ -57,6 +57,8 @@ __all__ = ["Cluster", "RemoteSender"]
 
 log = logging.getLogger("hub.cluster")
 
+#: Reads of a device's location at most, while presence messages about it keep arriving during the read.
+LOCATE_TRIES = 3
 #: Longest wait for Redis to take a presence claim before the transition is applied here only (and said again
 #: once the bus is back).
 CLAIM_TIMEOUT = 2.0
@@ -136,6 +138,8 @@ class Cluster:
         self._calls: dict[int, _Call] = {}
         self._next_rid = 1
         self._final_waiters: dict[str, trio.Event] = {}
+        # device -> [`locate` calls reading it now, presence messages about it handled meanwhile]
+        self._locating: dict[str, list[int]] = {}
         self._relay: Subscription | None = None  # telemetry of devices other hubs watch
         self._relay_ready = trio.Event()
         self._watch_changed = trio.Event()  # ours changed, or another hub said its own did
@@ -254,6 +258,9 @@ class Cluster:
 
     async def _on_presence(self, msg: Message) -> None:
         name, epoch, hub, state = msg["device"], msg["epoch"], msg["hub"], msg["state"]
+        locating = self._locating.get(name)
+        if locating is not None:
+            locating[1] += 1
         local = self._session_epoch(name)
         newer_elsewhere = local is None or local < epoch
         if newer_elsewhere and hub != self.hub_id:
@@ -331,14 +338,28 @@ class Cluster:
         )
 
     async def locate(self, device: str) -> Sender | None:
+        """Where `device` is connected, if on another hub. Read again (a few times at most) when a presence message
+        about it was handled during the read: that message may be newer than what the read returned, and it found
+        no command here to offer (the caller creates its command only after this returns)."""
         bus = self.bus
+        key = bus.key("presence", device)
+        locating = self._locating.setdefault(device, [0, 0])
+        locating[0] += 1
         try:
-            hub, epoch, state = await bus.client.hmget(bus.key("presence", device), ["hub", "epoch", "state"])
+            for _ in range(LOCATE_TRIES):
+                seen = locating[1]
+                hub, epoch, state = await bus.client.hmget(key, ["hub", "epoch", "state"])
+                if locating[1] == seen:
+                    break
         except UNREACHABLE as exc:
             log.warning(
                 "cannot locate device: its command waits here", extra={"kv": {"device": device, "error": str(exc)}}
             )
             return None
+        finally:
+            locating[0] -= 1
+            if not locating[0]:
+                del self._locating[device]
         if hub is None or hub == self.hub_id or state not in _CONNECTED:
             return None
         return RemoteSender(bus, hub, device, int(epoch or 0))

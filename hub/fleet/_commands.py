@@ -185,12 +185,17 @@ class CommandService:
             if existing is not None:
                 return existing
         # Devices are never deleted: one that exists now still exists after the awaits below. One connected here,
-        # or found connected to another hub, exists: the registry is asked only about the others.
+        # or found connected to another hub, exists: the registry is asked only about the others. Where the device
+        # is must be the last await before the record is in memory (a move announced later finds it open).
         remote = None
-        if self.elsewhere is not None and device not in self._senders:
-            remote = await self.elsewhere.locate(device)
-        if device not in self._senders and remote is None and not await self._device_exists(device):
-            raise CommandError("not_found", f"no device {device!r}")
+        if device not in self._senders:
+            if self.elsewhere is not None:
+                remote = await self.elsewhere.locate(device)
+            if remote is None and device not in self._senders:
+                if not await self._device_exists(device):
+                    raise CommandError("not_found", f"no device {device!r}")
+                if self.elsewhere is not None and device not in self._senders:
+                    remote = await self.elsewhere.locate(device)  # again: it may have connected elsewhere meanwhile
         # No await from here until the record is in memory: checks and creation are one step.
         try:
             protocol.check_command_name(name)
