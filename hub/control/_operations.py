@@ -79,15 +79,19 @@ class Caller:
         return {"kv": {"operator": self.operator, "role": self.role, "remote": self.remote, "via": self.via, **extra}}
 
 
-_R = TypeVar("_R", bound=Request)
 #: The request argument is untyped here: the table holds handlers of different request classes.
 _Handler = Callable[["Operations", Caller, Any], Awaitable[Result]]
 #: Request class -> the `Operations` method that serves it (registered with `@_handles`).
 HANDLERS: dict[type[Request], _Handler] = {}
 
 
-def _handles(kind: type[_R]) -> Callable[[Callable[[Operations, Caller, _R], Awaitable[Result]]], _Handler]:
-    def register(handler: Callable[[Operations, Caller, _R], Awaitable[Result]]) -> _Handler:
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+def _handles(kind: type[Request]) -> Callable[[_F], _F]:
+    """Register the decorated method as the handler of requests of class `kind`."""
+
+    def register(handler: _F) -> _F:
         HANDLERS[kind] = handler
         return handler
 
@@ -213,7 +217,8 @@ class Operations:
     # ------------------------------------------------------------------ commands
 
     @_handles(SendCommand)
-    async def _send_command(self, caller: Caller, req: SendCommand) -> CommandRecordDict:
+    async def submit(self, caller: Caller, req: SendCommand) -> CommandRecordDict:
+        """Queue the command (idempotent with its key); its record. `wait` is the caller's: see `wait_final`."""
         record = await self.server.commands.submit(
             req.device,
             req.name,

@@ -68,6 +68,13 @@ ERROR_WINDOW = 60.0
 MAX_WAITS = 32
 
 
+def split_host(header: str) -> str:
+    """The host of a Host header, without its port (an IPv6 address keeps its brackets), in lower case."""
+    if header.startswith("[") and "]" in header:
+        return header[: header.index("]") + 1].lower()
+    return header.rsplit(":", 1)[0].lower()
+
+
 def _too_big(text: str | bytes, limit: int) -> bool:
     if len(text) > limit:
         return True
@@ -134,6 +141,7 @@ class ControlServer:
         self.revoke_device = revoke_device  # closes the device's open session (4003)
         self.started_at = time.time()
         self.closing = False
+        self.console_port: int | None = None  # the HTTP port serving the console, once it listens
         self._sessions: set[ControlSession] = set()
         self._buckets: dict[str, TokenBucket] = {}  # per operator, shared by its sessions
         self._closers: trio.Nursery | None = None  # while `run` runs
@@ -192,11 +200,30 @@ class ControlServer:
 
     # ------------------------------------------------------------------ the endpoint (see hub.edge)
 
-    def refuse_origin(self, origin: bytes | None) -> tuple[str, str] | None:
-        """Browsers may connect from the origins in `control.allowed_origins`; other clients send no Origin."""
-        if origin is None or origin.decode("latin-1") in self.config.control.allowed_origins:
+    def refuse_origin(self, origin: bytes | None, host: bytes | None) -> tuple[str, str] | None:
+        """Browsers may connect from the console's own origin and from `control.allowed_origins`; other clients send
+        no Origin.
+
+        The console's origin is that of a page from this hub's HTTP port: the host the browser asked for (the Host
+        header, whose port is the WebSocket port), the HTTP port, https when TLS is configured.
+        """
+        if origin is None:
+            return None
+        text = origin.decode("latin-1")
+        if text in self.config.control.allowed_origins or self._is_console(text, host):
             return None
         return "origin_not_allowed", "this Origin may not use the control channel"
+
+    def _is_console(self, origin: str, host: bytes | None) -> bool:
+        if self.console_port is None or host is None:
+            return False
+        scheme = "https" if self.config.tls.enabled else "http"
+        hostname = split_host(host.decode("latin-1"))
+        default = 443 if scheme == "https" else 80
+        own = {f"{scheme}://{hostname}:{self.console_port}"}
+        if self.console_port == default:
+            own.add(f"{scheme}://{hostname}")
+        return origin in own
 
     async def authenticate(self, token: str) -> Identity | None:
         """The operator a token belongs to (SQLite: in a worker thread, the file may be busy)."""
@@ -438,9 +465,7 @@ class ControlSession:
 
     async def _submit(self, req: SendCommand) -> CommandRecordDict:
         """Submit the command (as `Operations` does for every caller); its record."""
-        result = await self.server.operations.run(self.caller, req)
-        assert isinstance(result, dict)
-        return result  # type: ignore[return-value]
+        return await self.server.operations.submit(self.caller, req)
 
     async def _wait_and_reply(self, req_id: int, req: SendCommand, command_id: str) -> None:
         try:

@@ -27,8 +27,8 @@ import trio
 
 from hub.config import HubConfig
 from hub.edge import bind_shared
-from hub.ops._http import serve_http
 from hub.ops._scrape import fetch, merge_health, merge_metrics
+from hub.web import serve_asgi, web_app
 
 __all__ = ["WorkerCommand", "Workers", "WorkersError", "run_workers", "supervise"]
 
@@ -192,8 +192,8 @@ class Workers:
                     await processes.start(self._run_worker, worker, command)
                 m = config.metrics
                 if m.http_enabled:
-                    routes = {"/metrics": self.metrics_route, "/healthz": self.health_route}
-                    self.metrics_port = await nursery.start(partial(serve_http, m.http_host, m.http_port, routes))
+                    app = web_app(pages={"/metrics": self.metrics_route, "/healthz": self.health_route})
+                    self.metrics_port = await nursery.start(partial(serve_asgi, app, m.http_host, m.http_port))
                     log.info("metrics listening", extra={"kv": {"host": m.http_host, "port": self.metrics_port}})
                 log.info("workers ready", extra={"kv": {"workers": len(self.workers), "port": self.port}})
                 grace = 2 * config.server.shutdown_grace + STOP_MARGIN
