@@ -55,6 +55,12 @@ class Identity:
     role: str
 
 
+def _host_header(request: WebSocketRequest) -> bytes | None:
+    """The request's Host header: wsproto takes it out of the headers into its Request event's `host`."""
+    host = getattr(getattr(request, "_event", None), "host", None)
+    return host.encode("utf-8", "replace") if isinstance(host, str) and host else None
+
+
 class Endpoint(Protocol):
     """A WebSocket endpoint served behind the edge."""
 
@@ -289,7 +295,7 @@ class Edge:
             await self._refuse(request, 401, "token_in_url", body, endpoint=name)
             return
         headers: dict[bytes, bytes] = {k.lower(): v for k, v in request.headers}
-        refusal = endpoint.refuse_origin(headers.get(b"origin"), headers.get(b"host"))
+        refusal = endpoint.refuse_origin(headers.get(b"origin"), _host_header(request))
         if refusal is not None:
             origin = headers.get(b"origin", b"").decode("latin-1")[:200]
             await self._refuse(request, 403, *refusal, endpoint=name, origin=origin)
