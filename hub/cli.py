@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="URL",
         help="a browser Origin allowed on /v1/control and the REST API besides the console's own, e.g. "
-        "https://ops.example.com (repeatable; added to [control] allowed_origins)",
+        "https://ops.example.com (repeatable; added to [control] allowed_origins) (default: none)",
     )
     serve.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)

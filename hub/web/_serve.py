@@ -24,6 +24,11 @@ KEEP_ALIVE = 5.0
 MAX_HEAD_BYTES = 16 * 1024
 
 
+#: Hypercorn's own log: its errors only (the hub logs where it listens, and with which options).
+_SERVER_LOG = logging.getLogger("hub.web.server")
+_SERVER_LOG.setLevel(logging.WARNING)
+
+
 class _HubConfig(Config):
     """Hypercorn's configuration with the sockets we bound and the hub's SSL context (reloaded in place on SIGHUP).
 
@@ -36,7 +41,7 @@ class _HubConfig(Config):
         self._bound = sockets
         self._context = ssl_context
         self.accesslog = None
-        self.errorlog = logging.getLogger("hub.web.server")
+        self.errorlog = _SERVER_LOG
         self.keep_alive_timeout = KEEP_ALIVE
         self.h11_max_incomplete_size = MAX_HEAD_BYTES
         self.include_server_header = False
