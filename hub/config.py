@@ -155,7 +155,7 @@ class InfluxConfig:
 
 @attrs.frozen
 class MetricsConfig:
-    """The hub's own figures: points every `interval`, and an HTTP listener for /metrics and /healthz."""
+    """The hub's own figures as points every `interval`; the HTTP listener (/metrics, /healthz, REST, console)."""
 
     interval: float = 10.0  # seconds between hub_* points written to the sink
     http_host: str = "127.0.0.1"

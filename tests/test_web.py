@@ -22,7 +22,7 @@ from hub.app import HubHandle
 from hub.cli import _config, build_parser
 from hub.config import ConfigError, check_origin
 from hub.control import CONTROL_PATH, REQUESTS, spec_for
-from hub.web import ENDPOINTS, OPENAPI_PATH, RestApi, openapi, serve_asgi, web_app
+from hub.web import ENDPOINTS, HTTP_CODES, OPENAPI_PATH, STATUS, RestApi, openapi, serve_asgi, web_app
 from tests.hubtools import add_devices, add_operators, connect, control, hello, hub_config, receive, start_hub
 from tests.wire import open_tcp, read_head
 
@@ -251,6 +251,14 @@ async def test_openapi_lists_every_route_and_routes_every_path(tmp_path: Path) -
         operation = served["paths"][endpoint.path][endpoint.method.lower()]
         assert operation["x-role"] == spec_for(endpoint.request).role
         assert str(endpoint.status) in operation["responses"]
+
+
+def test_docs_list_every_route_and_error_code() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "rest.md").read_text(encoding="utf-8")
+    for endpoint in ENDPOINTS:
+        assert f"| `{endpoint.method} {endpoint.path}" in docs, endpoint.path
+    for code, status in {**STATUS, **HTTP_CODES}.items():
+        assert f"| `{code}` | {status} |" in docs, code
 
 
 # ---------------------------------------------------------------------------- the console
