@@ -298,6 +298,8 @@ async def _serve(
         if cluster is not None:
             metrics.cluster_figures = cluster.figures
         ssl_context = tls.context if tls is not None else None
+        # A worker's HTTP port is the loopback one its supervisor scrapes: plain; the supervisor's own serves TLS.
+        http_context = ssl_context if worker is None else None
         ws_port: int | None = None  # known once the edge listens; the console's config.json tells browsers
         async with trio.open_nursery() as nursery:
             drained = trio.Event()
@@ -324,10 +326,10 @@ async def _serve(
                             where = ("HTTP (/metrics, /healthz, /v1, the console)", m.http_host, m.http_port)
                             with _listening(*where, "--metrics-port", "--metrics-host"):
                                 http_port = await tasks.start(
-                                    partial(serve_asgi, app, m.http_host, m.http_port, ssl_context=ssl_context)
+                                    partial(serve_asgi, app, m.http_host, m.http_port, ssl_context=http_context)
                                 )
                             control.console_port = http_port
-                            kv = {"host": m.http_host, "port": http_port, "tls": tls is not None}
+                            kv = {"host": m.http_host, "port": http_port, "tls": http_context is not None}
                             log.info("metrics listening", extra={"kv": kv})  # and /v1, the console
                         else:
                             http_port = None

@@ -18,8 +18,9 @@ __all__ = ["serve_asgi"]
 
 log = logging.getLogger("hub.web")
 
-#: Seconds a keep-alive connection may stay idle.
+#: Seconds a connection may stay idle (also: to send a whole request head), and to finish its TLS handshake.
 KEEP_ALIVE = 5.0
+HANDSHAKE_TIMEOUT = 5.0
 #: Largest request head (request line and headers) in bytes; larger: 400.
 MAX_HEAD_BYTES = 16 * 1024
 
@@ -44,6 +45,7 @@ class _HubConfig(Config):
         self.errorlog = _SERVER_LOG
         self.keep_alive_timeout = KEEP_ALIVE
         self.h11_max_incomplete_size = MAX_HEAD_BYTES
+        self.ssl_handshake_timeout = HANDSHAKE_TIMEOUT
         self.include_server_header = False
 
     def create_sockets(self) -> Sockets:
