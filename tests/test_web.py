@@ -4,6 +4,7 @@ files and config.json, and the origins the control channel accepts."""
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from hub.config import ConfigError, check_origin
 from hub.control import CONTROL_PATH, REQUESTS, spec_for
 from hub.web import ENDPOINTS, HTTP_CODES, OPENAPI_PATH, STATUS, RestApi, openapi, serve_asgi, web_app
 from tests.hubtools import add_devices, add_operators, connect, control, hello, hub_config, receive, start_hub
+from tests.test_tls import tls_hub
 from tests.wire import open_tcp, read_head
 
 
@@ -360,16 +362,19 @@ def test_allowed_origin_option_adds_to_the_config_file(tmp_path: Path) -> None:
     assert _config(args) is None
 
 
+def upgrade_bytes(host: str, origin: str) -> bytes:
+    """A control-channel upgrade request with this Host and Origin (no token: first-message auth would follow)."""
+    return (
+        f"GET {CONTROL_PATH} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n"
+    ).encode()
+
+
 async def handshake_status(hub: HubHandle, origin: str, host: str | None = None) -> int:
     """The status of a control-channel upgrade with this Origin and Host (by default the hub's address)."""
-    request = (
-        f"GET {CONTROL_PATH} HTTP/1.1\r\nHost: {host or f'127.0.0.1:{hub.port}'}\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        f"Origin: {origin}\r\n\r\n"
-    )
     stream = await open_tcp(hub.port)
     async with stream:
-        await stream.send_all(request.encode())
+        await stream.send_all(upgrade_bytes(host or f"127.0.0.1:{hub.port}", origin))
         status, _ = await read_head(stream)
         return status
 
@@ -395,3 +400,25 @@ async def test_the_consoles_own_origin_may_open_the_control_channel(
     refused = [r for r in caplog.records if r.getMessage() == "handshake refused"]
     assert refused and all(r.kv["origin"].startswith(("http://", "https://")) for r in refused)  # type: ignore[attr-defined]
     assert {r.kv["origin"] for r in refused} >= {"http://evil.example:" + str(web.hub.metrics_port)}  # type: ignore[attr-defined]
+
+
+async def test_with_tls_the_consoles_origin_is_https(tmp_path: Path) -> None:
+    async with tls_hub(tmp_path) as hub:
+        port, http_port = hub.handle.port, hub.handle.metrics_port
+        context = ssl.create_default_context(cafile=str(hub.authority.ca_file))
+
+        async def status(origin: str) -> int:
+            stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+            async with stream:
+                await stream.send_all(upgrade_bytes(f"127.0.0.1:{port}", origin))
+                head = b""
+                with trio.fail_after(10):
+                    while b"\r\n" not in head:
+                        head += await stream.receive_some(4096)
+                return int(head.split(b" ")[1])
+
+        assert await status(f"https://127.0.0.1:{http_port}") == 101
+        assert await status(f"http://127.0.0.1:{http_port}") == 403
+        async with httpx.AsyncClient(verify=context) as http:
+            config = await http.get(f"https://127.0.0.1:{http_port}/console/config.json")
+        assert config.json() == {"control_url": f"wss://127.0.0.1:{port}/v1/control"}
