@@ -7,6 +7,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ from hub.app import HubHandle
 from hub.cli import _config, build_parser
 from hub.config import ConfigError, check_origin
 from hub.control import CONTROL_PATH, REQUESTS, spec_for
-from hub.web import ENDPOINTS, HTTP_CODES, OPENAPI_PATH, STATUS, RestApi, openapi, serve_asgi, web_app
+from hub.web import ENDPOINTS, HTTP_CODES, MAX_WAITS, OPENAPI_PATH, STATUS, RestApi, openapi, serve_asgi, web_app
 from tests.hubtools import add_devices, add_operators, connect, control, hello, hub_config, receive, start_hub
 from tests.test_tls import tls_hub
+from tests.waiting import eventually
 from tests.wire import open_tcp, read_head
 
 
@@ -422,3 +424,20 @@ async def test_with_tls_the_consoles_origin_is_https(tmp_path: Path) -> None:
         async with httpx.AsyncClient(verify=context) as http:
             config = await http.get(f"https://127.0.0.1:{http_port}/console/config.json")
         assert config.json() == {"control_url": f"wss://127.0.0.1:{port}/v1/control"}
+
+
+async def test_sends_with_wait_in_progress_are_bounded_per_operator(tmp_path: Path) -> None:
+    async with web_hub(tmp_path) as web, trio.open_nursery() as nursery:
+        body = {"device": "d2", "name": "sleep", "wait": True, "wait_timeout": 600}  # d2 is offline: they all wait
+        for _ in range(MAX_WAITS):
+            nursery.start_soon(partial(web.post, "/v1/commands", "operator", json=body))
+
+        async def all_queued() -> bool:
+            return len((await web.get("/v1/commands", params={"device": "d2"})).json()) == MAX_WAITS
+
+        await eventually(all_queued, 20, what=f"{MAX_WAITS} commands waited on")
+        refused = await web.post("/v1/commands", "operator", json=body)
+        assert refused.status_code == 429 and error(refused) == "rate_limited" and "retry-after" in refused.headers
+        unwaited = await web.post("/v1/commands", "operator", json={**body, "wait": False})
+        assert unwaited.status_code == 202
+        nursery.cancel_scope.cancel()

@@ -7,7 +7,7 @@ holds the one table of REST endpoints; `_openapi` builds the OpenAPI document fr
 
 from hub.web._app import CONSOLE_DIR, CONTENT_SECURITY_POLICY, Page, web_app
 from hub.web._openapi import openapi
-from hub.web._rest import ENDPOINTS, HTTP_CODES, OPENAPI_PATH, STATUS, Endpoint, RestApi
+from hub.web._rest import ENDPOINTS, HTTP_CODES, MAX_WAITS, OPENAPI_PATH, STATUS, Endpoint, RestApi
 from hub.web._serve import serve_asgi
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "CONTENT_SECURITY_POLICY",
     "ENDPOINTS",
     "HTTP_CODES",
+    "MAX_WAITS",
     "OPENAPI_PATH",
     "STATUS",
     "Endpoint",

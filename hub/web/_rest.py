@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+import trio
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -66,6 +67,8 @@ STATUS: Mapping[str, int] = {
 #: Codes only HTTP answers with -> status.
 HTTP_CODES: Mapping[str, int] = {"unauthorized": 401, "too_large": 413, "unsupported_media_type": 415}
 
+#: `POST /v1/commands` with `wait` one operator may have in progress (as one control session may).
+MAX_WAITS = 32
 #: Seconds a client waits before retrying when the state store is away.
 UNAVAILABLE_RETRY = 5
 
@@ -140,6 +143,7 @@ class RestApi:
         self.default_host = default_host
         self.max_body = control.config.control.max_message_bytes
         self._openapi = openapi
+        self._waits: dict[str, trio.Semaphore] = {}  # per operator: its sends with `wait` in progress
 
     def routes(self) -> list[BaseRoute]:
         """One Starlette route per endpoint, and the OpenAPI document."""
@@ -177,8 +181,13 @@ class RestApi:
             request = spec.decode(await self._arguments(endpoint, http))
             status = endpoint.status
             if isinstance(request, SendCommand) and request.wait:
-                record = await operations.submit(caller, request)
-                result: Result = await operations.wait_final(request, record["command_id"])
+                waits = self._waits.setdefault(caller.operator, trio.Semaphore(MAX_WAITS))
+                if waits.value == 0:
+                    message = f"at most {MAX_WAITS} sends with wait at once per operator: poll instead"
+                    raise _Refusal(429, ErrorCode.RATE_LIMITED, message, {"retry-after": "1"})
+                async with waits:
+                    record = await operations.submit(caller, request)
+                    result: Result = await operations.wait_final(request, record["command_id"])
                 status = 200
             else:
                 result = await operations.run(caller, request)
