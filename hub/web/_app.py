@@ -59,8 +59,12 @@ def request_host(request: Request, default: str) -> str:
 
 def _console_config(ws_port: Callable[[], int | None], tls: bool, default_host: str) -> Route:
     async def endpoint(request: Request) -> Response:
+        port = ws_port()
+        if port is None:  # the WebSocket listener opens right after this one
+            error = {"code": "unavailable", "message": "the hub is starting; retry"}
+            return JSONResponse({"error": error}, 503, {"retry-after": "1", "cache-control": "no-store"})
         scheme = "wss" if tls else "ws"
-        url = f"{scheme}://{request_host(request, default_host)}:{ws_port()}/v1/control"
+        url = f"{scheme}://{request_host(request, default_host)}:{port}/v1/control"
         return JSONResponse({"control_url": url}, headers={"cache-control": "no-cache"})
 
     return Route("/console/config.json", endpoint, methods=["GET"])
