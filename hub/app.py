@@ -38,10 +38,13 @@ from hub.fleet import (
     open_registry_store,
 )
 from hub.ingest import FileSink, InfluxV1Sink, InfluxV2Sink, Pipeline, PipelineConfig, Sink, Spool
-from hub.ops import HubMetrics, serve_http
+from hub.ops import HubMetrics
 from hub.stats import Stats
+from hub.web import RestApi, openapi, serve_asgi, web_app
 
 if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
     from hub.cluster import Cluster
 
 __all__ = [
@@ -79,7 +82,7 @@ class HubHandle:
     broadcaster: Broadcaster
     control: ControlServer
     edge: Edge
-    metrics_port: int | None  # the /metrics and /healthz listener, if enabled
+    metrics_port: int | None  # the HTTP listener (/metrics, /healthz, /v1 REST, the console), if enabled
     tls: ServerTLS | None = None  # the listener's certificate (wss://), reloadable; None: plain ws://
     cluster: Cluster | None = None  # this hub's part in a cluster of hubs on Redis
     _stop: trio.Event = attrs.field(factory=trio.Event)
@@ -294,6 +297,10 @@ async def _serve(
         metrics = HubMetrics(stats, presence, commands, pipeline, sink, started_at=time.time(), hub_id=hub_id)
         if cluster is not None:
             metrics.cluster_figures = cluster.figures
+        ssl_context = tls.context if tls is not None else None
+        # A worker's HTTP port is the loopback one its supervisor scrapes: plain; the supervisor's own serves TLS.
+        http_context = ssl_context if worker is None else None
+        ws_port: int | None = None  # known once the edge listens; the console's config.json tells browsers
         async with trio.open_nursery() as nursery:
             drained = trio.Event()
 
@@ -315,12 +322,15 @@ async def _serve(
                         await tasks.start(partial(metrics.write_loop, pipeline.submit, config.metrics.interval))
                         if config.metrics.http_enabled:
                             m = config.metrics
-                            where = ("/metrics and /healthz", m.http_host, m.http_port)
+                            app = _web_app(config, metrics, control, tls, lambda: ws_port)
+                            where = ("HTTP (/metrics, /healthz, /v1, the console)", m.http_host, m.http_port)
                             with _listening(*where, "--metrics-port", "--metrics-host"):
                                 http_port = await tasks.start(
-                                    partial(serve_http, m.http_host, m.http_port, metrics.routes())
+                                    partial(serve_asgi, app, m.http_host, m.http_port, ssl_context=http_context)
                                 )
-                            log.info("metrics listening", extra={"kv": {"host": m.http_host, "port": http_port}})
+                            control.console_port = http_port
+                            kv = {"host": m.http_host, "port": http_port, "tls": http_context is not None}
+                            log.info("metrics listening", extra={"kv": kv})  # and /v1, the console
                         else:
                             http_port = None
                         await tasks.start(partial(presence.watch_late, _last_seen(ledgers)))
@@ -328,10 +338,10 @@ async def _serve(
                         task_status.started(http_port)
 
             metrics_port = await nursery.start(run_background)
-            ssl_context = tls.context if tls is not None else None
             cfg = config.server
             with _listening("devices and operators", cfg.host, cfg.port, "--port", "--host"):
                 port = await nursery.start(partial(edge.listen, ssl_context=ssl_context, reuse_port=worker is not None))
+            ws_port = port
             handle = HubHandle(
                 port,
                 stats,
@@ -387,6 +397,18 @@ async def _serve(
             spool.close()
             sink.close()
             command_store.close()
+
+
+def _web_app(
+    config: HubConfig,
+    metrics: HubMetrics,
+    control: ControlServer,
+    tls: ServerTLS | None,
+    ws_port: Callable[[], int | None],
+) -> Starlette:
+    """The HTTP port's app: /metrics, /healthz, the REST API over the control channel's operations, the console."""
+    api = RestApi(control, ws_port=ws_port, tls=tls is not None, default_host=config.server.host, openapi=openapi)
+    return web_app(pages=metrics.routes(), api=api, allowed_origins=config.control.allowed_origins)
 
 
 def _cluster(

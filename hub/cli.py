@@ -48,10 +48,12 @@ password from {INFLUX_PASSWORD_ENV} (never from the command line or the config f
 DATA_DIR/lines (the embedded sink) and needs no database; each file imports as it is into
 InfluxDB 2.x (influx write) or 1.x (influx -import): the hub prints both commands at start. With
 --tls-cert and --tls-key, devices and operators connect with wss:// (same port); SIGHUP reloads
-the certificate and key for new connections without dropping open ones. The hub serves its own
-figures on plain http://METRICS_HOST:METRICS_PORT/metrics (Prometheus) and /healthz, and writes
-them as hub* points. A port that cannot be had (taken by another program, say) stops the hub at
-start with one line naming it and the option that changes it, and exit code 1.
+the certificate and key for new connections without dropping open ones (also on the HTTP port,
+which then serves https://). The HTTP port METRICS_HOST:METRICS_PORT serves the hub's figures
+(/metrics for Prometheus, /healthz), the REST API (/v1/..., docs/rest.md) and the web console
+(/); the hub also writes its figures as hub* points. A port that cannot be had (taken by another
+program, say) stops the hub at start with one line naming it and the option that changes it, and
+exit code 1. --allowed-origin adds browser origins (the console's own needs none).
 See docs/hub.example.toml for every setting."""
 
 _WORKERS_EPILOG = """With --workers N (and [state] backend = "redis") this process supervises N hubs sharing the port,
@@ -155,8 +157,16 @@ _INFLUX = (
     ),
 )
 _METRICS = (
-    _Option("--metrics-host", "metrics.http_host", str, "H", "address the /metrics and /healthz listener binds to"),
-    _Option("--metrics-port", "metrics.http_port", _port, "P", "TCP port of the /metrics and /healthz listener"),
+    _Option(
+        "--metrics-host",
+        "metrics.http_host",
+        str,
+        "H",
+        "address the HTTP listener (/metrics, /healthz, /v1 REST, the console) binds to",
+    ),
+    _Option(
+        "--metrics-port", "metrics.http_port", _port, "P", "TCP port of the HTTP listener (metrics, REST, console)"
+    ),
 )
 #: The demo's ports: any free one (printed at start) unless an option or the config file names one.
 _DEMO_PORTS = (
@@ -166,7 +176,7 @@ _DEMO_PORTS = (
         "metrics.http_port",
         _port,
         "P",
-        "TCP port of the /metrics and /healthz listener",
+        "TCP port of the HTTP listener (metrics, REST, console)",
         "any free port",
     ),
 )
@@ -262,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="hub processes sharing the port (SO_REUSEPORT), supervised by this one; more than 1 needs "
         '[state] backend = "redis" (default: 1, this process is the hub)',
+    )
+    serve.add_argument(
+        "--allowed-origin",
+        action="append",
+        metavar="URL",
+        help="a browser Origin allowed on /v1/control and the REST API besides the console's own, e.g. "
+        "https://ops.example.com (repeatable; added to [control] allowed_origins) (default: none)",
     )
     serve.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -367,7 +384,9 @@ def _config(args: argparse.Namespace) -> HubConfig | None:
     """The config from --config plus every "section.key" option given; None (after a message) if invalid."""
     overrides = {key: value for key, value in vars(args).items() if "." in key or key == "log_level"}
     try:
-        return load_config(args.config, overrides=overrides)
+        return load_config(
+            args.config, overrides=overrides, allowed_origins=getattr(args, "allowed_origin", None) or ()
+        )
     except ConfigError as exc:
         _error(f"bad configuration: {exc}")
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +27,7 @@ __all__ = [
     "StateConfig",
     "StorageConfig",
     "TLSConfig",
+    "check_origin",
     "load_config",
 ]
 
@@ -112,7 +113,9 @@ class PresenceConfig:
 class ControlConfig:
     """The operator control channel (/v1/control, same port as devices)."""
 
-    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed, e.g. "https://ops.example.com"
+    # Browser Origins allowed besides the console's own (checked at start: scheme://host[:port], lower case, no path),
+    # e.g. "https://ops.example.com"; also on the REST API (CORS).
+    allowed_origins: tuple[str, ...] = ()
     auth_timeout: float = 5.0  # seconds for a browser's first-message auth
     max_message_bytes: int = 64 * 1024
     max_subscriptions: int = 16  # per control session
@@ -152,7 +155,7 @@ class InfluxConfig:
 
 @attrs.frozen
 class MetricsConfig:
-    """The hub's own figures: points every `interval`, and an HTTP listener for /metrics and /healthz."""
+    """The hub's own figures as points every `interval`; the HTTP listener (/metrics, /healthz, REST, console)."""
 
     interval: float = 10.0  # seconds between hub_* points written to the sink
     http_host: str = "127.0.0.1"
@@ -290,6 +293,48 @@ def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+_ORIGIN_HOST = re.compile(r"[a-z0-9.-]+|\[[0-9a-f:.]+\]")
+
+
+def check_origin(entry: str, where: str = "control.allowed_origins") -> str:
+    """`entry` if it is an Origin exactly as a browser sends it (scheme://host[:port], lower case, no path, no
+    default port); else ConfigError naming the entry and how to write it."""
+    parts = urlsplit(entry)
+    suggestion = ""
+    if entry in ("*", "null"):
+        why = "list each site's origin; a wildcard or null would let any page drive the hub"
+    elif parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        why = "an origin is http:// or https:// and a host"
+    elif parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        why = "an origin has no user, query or fragment"
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        default = 443 if parts.scheme.lower() == "https" else 80
+        host = parts.netloc.rsplit("@", 1)[-1].lower()
+        if port == default:
+            host = host.rsplit(":", 1)[0]
+        suggestion = f"{parts.scheme.lower()}://{host}"
+        if port is not None and port < 0:
+            why = "its port is not a number 1-65535"
+            suggestion = ""
+        elif parts.path:
+            why = "an origin has no path, not even a trailing slash"
+        elif entry != entry.lower():
+            why = "browsers send it in lower case"
+        elif port == default:
+            why = f"browsers leave out the default port {default}"
+        elif not _ORIGIN_HOST.fullmatch(host.rsplit(":", 1)[0] if not host.endswith("]") else host):
+            why = "its host is not a host name or address"
+            suggestion = ""
+        else:
+            return entry
+    hint = f" (write {suggestion!r})" if suggestion else " (e.g. 'https://ops.example.com')"
+    raise ConfigError(f"{where}: {entry!r} is not an origin as browsers send it: {why}{hint}")
+
+
 def _state(state: StateConfig, env: Mapping[str, str]) -> StateConfig:
     """The [state] section checked, with the URL and password from the environment."""
     if state.backend not in STATE_BACKENDS:
@@ -312,8 +357,10 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
+    allowed_origins: Sequence[str] = (),
 ) -> HubConfig:
-    """Read the TOML file (if any), apply `overrides` ("section.key" -> value), take secrets from `env`.
+    """Read the TOML file (if any), apply `overrides` ("section.key" -> value), take secrets from `env`, add
+    `allowed_origins` (`hub serve --allowed-origin`) to `control.allowed_origins`.
 
     Raises `ConfigError` with a message naming the bad option.
     """
@@ -350,6 +397,11 @@ def load_config(
     secrets = {"token": env.get(INFLUX_TOKEN_ENV, ""), "password": env.get(INFLUX_PASSWORD_ENV, "")}
     sections["influx"] = attrs.evolve(sections["influx"], **{k: v for k, v in secrets.items() if v})
     sections["state"] = _state(sections["state"], env)
+    control = sections["control"]
+    origins = tuple(dict.fromkeys([*control.allowed_origins, *allowed_origins]))
+    for origin in origins:
+        check_origin(origin)
+    sections["control"] = attrs.evolve(control, allowed_origins=origins)
     tls = sections["tls"]
     if bool(tls.cert_file) != bool(tls.key_file):
         raise ConfigError("tls: cert_file and key_file go together (both for wss://, neither for plain ws://)")

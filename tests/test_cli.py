@@ -63,6 +63,7 @@ HELP = {
         "--spool-max-bytes",
         "--metrics-host",
         "--metrics-port",
+        "--allowed-origin",
         "--workers",
     ],
     ("device",): ["add", "list", "revoke", "rotate", "add-sim"],
@@ -400,7 +401,8 @@ def held_port() -> Iterator[int]:
 
 @pytest.mark.parametrize("command", ["serve", "demo"])
 @pytest.mark.parametrize(
-    ("option", "what"), [("--port", "devices and operators"), ("--metrics-port", "/metrics and /healthz")]
+    ("option", "what"),
+    [("--port", "devices and operators"), ("--metrics-port", "HTTP (/metrics, /healthz, /v1, the console)")],
 )
 def test_a_busy_port_is_one_line_naming_it_and_the_option(
     tmp_path: Path, held_port: int, command: str, option: str, what: str

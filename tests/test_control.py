@@ -17,7 +17,8 @@ from device_client.protocol import Command, CommandAck, CommandResult
 from hub import fleet
 from hub.app import HubHandle
 from hub.control import CONTROL_PATH, REQUESTS, Reply
-from hub.control._server import _HANDLERS
+from hub.control._operations import HANDLERS
+from hub.control._server import _SESSION_HANDLERS
 from hub.fleet import DeviceLedger, DeviceRecord, DeviceStatus, Registry
 from tests.hubtools import (
     BASE_TS,
@@ -344,7 +345,8 @@ async def test_bad_frames(tmp_path: Path) -> None:
 
 
 def test_every_request_type_has_a_handler() -> None:
-    assert set(_HANDLERS) == {spec.request for spec in REQUESTS.values()}
+    assert not set(HANDLERS) & set(_SESSION_HANDLERS)
+    assert set(HANDLERS) | set(_SESSION_HANDLERS) == {spec.request for spec in REQUESTS.values()}
 
 
 async def test_every_request_type_answers_with_the_reply_shape_of_the_table(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ def test_every_module_imports(package: str) -> None:
 
 
 def test_the_parts_are_the_documented_ones() -> None:
-    assert PARTS == ["cluster", "control", "devices", "edge", "fleet", "ingest", "operator", "ops"]
+    assert PARTS == ["cluster", "control", "devices", "edge", "fleet", "ingest", "operator", "ops", "web"]
     top = {p.stem for p in HUB.glob("*.py")} - {"__init__"}
     assert top == SHARED | ASSEMBLY
 

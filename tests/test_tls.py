@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import pytest
 import trio
 import trustme
@@ -299,17 +300,14 @@ async def test_device_streams_over_wss(tmp_path: Path) -> None:
             with trio.fail_after(30):
                 await client.wait_acked()
             assert client.stats.points_acked == 20 and client.stats.connects == 1
-        # The same certificate for "localhost", and the metrics listener stays plain HTTP on loopback.
+        # The same certificate for "localhost", also on the HTTP port (/metrics, /healthz, REST, the console).
         assert await peer_certificate(hub.handle.port, hub.authority.ca_file, "localhost") == hub.cert.der
         assert hub.handle.metrics_port is not None
-        with trio.fail_after(20):
-            stream = await trio.open_tcp_stream("127.0.0.1", hub.handle.metrics_port)
-            await stream.send_all(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
-            reply = b""
-            while chunk := await stream.receive_some():
-                reply += chunk
-            await stream.aclose()
-        assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n")[0]
+        assert await peer_certificate(hub.handle.metrics_port, hub.authority.ca_file) == hub.cert.der
+        context = ssl.create_default_context(cafile=str(hub.authority.ca_file))
+        async with httpx.AsyncClient(verify=context) as client:
+            reply = await client.get(f"https://127.0.0.1:{hub.handle.metrics_port}/healthz")
+        assert reply.status_code == 200 and reply.json()["status"] == "ok"
     assert len(telemetry_lines(hub.data)) == 20
 
 
@@ -424,6 +422,8 @@ async def test_reload_serves_the_new_certificate_and_keeps_connections(
             assert reload_tls(hub.handle) is True
 
             assert await peer_certificate(port, new_ca.ca_file) == rotated.der
+            assert hub.handle.metrics_port is not None  # the HTTP port shares the context: reloaded with it
+            assert await peer_certificate(hub.handle.metrics_port, new_ca.ca_file) == rotated.der
             async with open_control(hub.control_url, hub.operator, ca_file=new_ca.ca_file) as control:
                 assert {d["name"] for d in await control.devices()} == {"d1", "d2"}
             with trio.fail_after(30), pytest.raises(ConnectFailed, match="certificate was not accepted"):
@@ -493,6 +493,8 @@ async def test_sighup_reloads_the_certificate_of_a_hub_process(tmp_path: Path) -
                     return False
 
             await eventually(rotated, 30, what="the new certificate after SIGHUP")
+            http_port = int(re.findall(r'msg="metrics listening" host=\S+ port=(\d+)', hub.log())[-1])
+            assert await peer_certificate(http_port, second_ca.ca_file) == second.der  # the HTTP port's too
             await old.send("env", {"t": 2.0}, ts=1_764_000_000_001)
             with trio.fail_after(30):
                 await old.wait_acked()

@@ -115,7 +115,7 @@ async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], byte
 
 def get_request(path: str, extra: str = "") -> bytes:
     """The bytes of a GET request for `path` (`extra`: more header lines, each ending in CRLF)."""
-    return f"GET {path} HTTP/1.1\r\nHost: hub\r\n{extra}\r\n".encode()
+    return f"GET {path} HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n{extra}\r\n".encode()
 
 
 # ---------------------------------------------------------------------------- HTTP with urllib (blocking)

@@ -1,7 +1,8 @@
 """The control endpoint (/v1/control, docs/control.md): operators watch the fleet and send commands.
 
 `_codec` is the channel's pure codec and its one request table (type -> request class, minimum role, reply shape),
-read by the server here and by the operator's client; `_server` runs one session per operator connection.
+read by the server here and by the operator's client; `_operations` serves each request once, for
+the WebSocket sessions and the REST API (hub.web); `_server` runs one session per operator connection.
 """
 
 from hub.control._codec import (
@@ -53,6 +54,7 @@ from hub.control._codec import (
     read_frame,
     spec_for,
 )
+from hub.control._operations import VERSION, Caller, Operations, retry_seconds
 from hub.control._server import CONTROL_PATH, ControlServer, ControlSession
 
 __all__ = [
@@ -64,7 +66,9 @@ __all__ = [
     "MAX_WAIT_TIMEOUT",
     "REQUESTS",
     "TOPICS",
+    "VERSION",
     "Answer",
+    "Caller",
     "CancelCommand",
     "Command",
     "Commands",
@@ -82,6 +86,7 @@ __all__ = [
     "HubStatus",
     "IngestCounts",
     "NewToken",
+    "Operations",
     "Ping",
     "Reply",
     "Request",
@@ -105,5 +110,6 @@ __all__ = [
     "encode_request",
     "lookup",
     "read_frame",
+    "retry_seconds",
     "spec_for",
 ]

@@ -7,7 +7,8 @@ answers with `encode_reply` / `encode_error`; `ControlClient` builds request obj
 `hubctl request TYPE K=V...` reaches any type in the table. A refusal is a `ControlError` (`hub.control_codes`).
 
 Adding a request: one `RequestSpec` entry in `REQUESTS` (with its class here), one handler in
-`hub/control/_server.py` (`@_handles(TheClass)`), and its row in docs/control.md. `ControlClient.call(TheClass(...))`
+`hub/control/_operations.py` (`@_handles(TheClass)`; `_server.py` for one bound to a session), and its row in
+docs/control.md (a REST route: hub/web/_rest.py `ENDPOINTS` and docs/rest.md). `ControlClient.call(TheClass(...))`
 and `hubctl request` can use it at once; a typed `ControlClient` method is a one-line convenience.
 """
 

@@ -3,38 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from device_client.protocol import CloseCode
-from hub import fleet
 from hub.config import HubConfig
 from hub.control._codec import (
-    CancelCommand,
-    Command,
-    Commands,
     ControlError,
-    Device,
-    DeviceAdd,
-    DeviceRevoke,
-    DeviceRotate,
-    Devices,
     Empty,
     ErrorCode,
-    HubStatus,
-    NewToken,
     Ping,
     Request,
     Result,
     SendCommand,
-    Status,
     Subscribe,
     Subscribed,
     Unsubscribe,
@@ -49,24 +36,18 @@ from hub.control._codec import (
     lookup,
     read_frame,
 )
+from hub.control._operations import Caller, Operations
 from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, Unavailable, close_stream, parse_failure
 from hub.fleet import (
-    BadName,
     Broadcaster,
     CommandRecordDict,
     CommandService,
-    DeviceDetail,
-    DeviceExists,
-    DeviceLedger,
     DeviceStatus,
-    DeviceSummary,
     Ledgers,
     Presence,
     RegistryStore,
     StoreUnavailable,
     Subscription,
-    UnknownDevice,
-    role_allows,
 )
 from hub.ingest import Pipeline
 from hub.ratelimit import Rate, TokenBucket
@@ -85,13 +66,13 @@ CLOSE_TIMEOUT = 2.0
 ERROR_WINDOW = 60.0
 #: `send_command` requests with `wait` one session may have pending; more make its reader wait.
 MAX_WAITS = 32
-#: Most recent commands shown in a `device` reply.
-DETAIL_COMMANDS = 20
 
-try:
-    VERSION = importlib.metadata.version("trio-telemetry-hub")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
-    VERSION = "0+unknown"
+
+def split_host(header: str) -> str:
+    """The host of a Host header, without its port (an IPv6 address keeps its brackets), in lower case."""
+    if header.startswith("[") and "]" in header:
+        return header[: header.index("]") + 1].lower()
+    return header.rsplit(":", 1)[0].lower()
 
 
 def _too_big(text: str | bytes, limit: int) -> bool:
@@ -106,15 +87,16 @@ _R = TypeVar("_R", bound=Request)
 #: The request argument is untyped here: the table holds handlers of different request classes, each found by its
 #: request's class.
 _Handler = Callable[["ControlSession", Any], Awaitable[Result]]
-#: Request class -> the `ControlSession` method that serves it (registered with `@_handles`).
-_HANDLERS: dict[type[Request], _Handler] = {}
+#: Request class -> the `ControlSession` method that serves it (registered with `@_handles`): the requests bound to a
+#: session. Every other request is served by `Operations` (hub.control._operations.HANDLERS), also for REST.
+_SESSION_HANDLERS: dict[type[Request], _Handler] = {}
 
 
 def _handles(kind: type[_R]) -> Callable[[Callable[[ControlSession, _R], Awaitable[Result]]], _Handler]:
     """Register the decorated method as the handler of requests of class `kind` (hub.control.REQUESTS)."""
 
     def register(handler: Callable[[ControlSession, _R], Awaitable[Result]]) -> _Handler:
-        _HANDLERS[kind] = handler
+        _SESSION_HANDLERS[kind] = handler
         return handler
 
     return register
@@ -159,10 +141,12 @@ class ControlServer:
         self.revoke_device = revoke_device  # closes the device's open session (4003)
         self.started_at = time.time()
         self.closing = False
+        self.console_port: int | None = None  # the HTTP port serving the console, once it listens
         self._sessions: set[ControlSession] = set()
         self._buckets: dict[str, TokenBucket] = {}  # per operator, shared by its sessions
         self._closers: trio.Nursery | None = None  # while `run` runs
         self.cluster: ClusterView | None = None  # the other hubs, in a cluster (hub.cluster)
+        self.operations = Operations(self)  # each request, for this channel's sessions and for REST
 
     def bucket(self, operator: str) -> TokenBucket:
         """The request bucket of `operator` (`control.request_rate`, `control.request_burst`)."""
@@ -216,11 +200,30 @@ class ControlServer:
 
     # ------------------------------------------------------------------ the endpoint (see hub.edge)
 
-    def refuse_origin(self, origin: bytes | None) -> tuple[str, str] | None:
-        """Browsers may connect from the origins in `control.allowed_origins`; other clients send no Origin."""
-        if origin is None or origin.decode("latin-1") in self.config.control.allowed_origins:
+    def refuse_origin(self, origin: bytes | None, host: bytes | None) -> tuple[str, str] | None:
+        """Browsers may connect from the console's own origin and from `control.allowed_origins`; other clients send
+        no Origin.
+
+        The console's origin is that of a page from this hub's HTTP port: the host the browser asked for (the Host
+        header, whose port is the WebSocket port), the HTTP port, https when TLS is configured.
+        """
+        if origin is None:
+            return None
+        text = origin.decode("latin-1")
+        if text in self.config.control.allowed_origins or self._is_console(text, host):
             return None
         return "origin_not_allowed", "this Origin may not use the control channel"
+
+    def _is_console(self, origin: str, host: bytes | None) -> bool:
+        if self.console_port is None or host is None:
+            return False
+        scheme = "https" if self.config.tls.enabled else "http"
+        hostname = split_host(host.decode("latin-1"))
+        default = 443 if scheme == "https" else 80
+        own = {f"{scheme}://{hostname}:{self.console_port}"}
+        if self.console_port == default:
+            own.add(f"{scheme}://{hostname}")
+        return origin in own
 
     async def authenticate(self, token: str) -> Identity | None:
         """The operator a token belongs to (SQLite: in a worker thread, the file may be busy)."""
@@ -255,8 +258,8 @@ class ControlSession:
         self._subs: dict[int, Subscription] = {}
         self._wake = trio.Event()
         self._errors: deque[float] = deque()
-        self._bucket: TokenBucket | None = None  # the operator's request bucket, once authenticated
         self._limited = False  # the latest request was refused for the rate: log only the first of a run
+        self.caller = Caller("", "", remote)
         self._waits = trio.Semaphore(MAX_WAITS)
         self._scope = trio.CancelScope()
         self._done = trio.Event()
@@ -276,7 +279,7 @@ class ControlSession:
                     if identity is None:
                         return
                 self.operator, self.role = identity.name, identity.role
-                self._bucket = server.bucket(self.operator)
+                self.caller = Caller(identity.name, identity.role, self.remote)
                 if server.closing:  # authenticated after close_all took its list of sessions
                     await self._abort(CloseCode.GOING_AWAY, "hub shutting down")
                     return
@@ -393,15 +396,18 @@ class ControlSession:
             self._check_rate()
             kind = frame.type
             spec = lookup(frame)
-            if not role_allows(self.role, spec.role):
-                raise ControlError(ErrorCode.FORBIDDEN, f"role {self.role!r} may not {spec.type}")
+            Operations.check_role(self.caller, spec)
             request = spec.decode(frame.body)
             if isinstance(request, SendCommand) and request.wait:
                 record = await self._submit(request)
                 await self._waits.acquire()
                 nursery.start_soon(self._wait_and_reply, frame.id, request, record["command_id"])
                 return
-            result = await _HANDLERS[spec.request](self, request)
+            handler = _SESSION_HANDLERS.get(spec.request)
+            if handler is not None:
+                result = await handler(self, request)
+            else:
+                result = await self.server.operations.run(self.caller, request)
         except ControlError as exc:
             await self._refuse_request(req_id, kind, exc)
             return
@@ -432,16 +438,14 @@ class ControlSession:
 
     def _check_rate(self) -> None:
         """Refuse the request (`rate_limited`) when the operator is over `control.request_rate`."""
-        assert self._bucket is not None
-        if self._bucket.try_take(1, trio.current_time()):
+        operations = self.server.operations
+        if not operations.retry_after(self.operator):
             self._limited = False
             return
-        self.server.stats.requests_rate_limited += 1
         if not self._limited:
             self._limited = True
             log.warning("operator over its request rate: refusing requests", extra=self.kv(reason="rate_limited"))
-        cfg = self.server.config.control
-        raise ControlError(ErrorCode.RATE_LIMITED, f"more than {cfg.request_rate:g} requests/s: slow down")
+        raise operations.rate_error()
 
     async def _count_bad_frame(self) -> None:
         now = trio.current_time()
@@ -459,121 +463,22 @@ class ControlSession:
     async def _ping(self, req: Ping) -> None:
         return None
 
-    @_handles(Status)
-    async def _status(self, req: Status) -> HubStatus:
-        server = self.server
-        stats = server.stats
-        records = await server.registry.list()
-        statuses = await self._statuses([r.name for r in records])
-        return {
-            "version": VERSION,
-            "uptime": round(time.time() - server.started_at, 3),
-            "connections": stats.connections,
-            "devices": {**fleet.state_counts(statuses.values()), "registered": len(records)},
-            "ingest": {
-                "points_in": stats.points_in,
-                "points_written": stats.points_written,
-                "points_spooled": stats.points_spooled,
-                "points_replayed": stats.points_replayed,
-                "points_dropped": stats.points_dropped,
-                "spool_bytes": stats.spool_bytes,
-                "sink_up": server.pipeline.sink_up,
-            },
-            "commands": server.commands.counts(),
-            "control_sessions": server.sessions,
-        }
-
-    @_handles(Devices)
-    async def _devices(self, req: Devices) -> list[DeviceSummary]:
-        server = self.server
-        records = await server.registry.list()
-        names = [r.name for r in records]
-        statuses = await self._statuses(names)
-        return fleet.list_summaries(records, statuses, await self._ledgers(names), req.state)
-
-    async def _ledgers(self, names: list[str]) -> Callable[[str], DeviceLedger | None]:
-        """Each device's ledger here, or (in a cluster) what its hub last saved of it: last_seen, latest points."""
-        find = self.server.ledgers.find
-        if self.server.cluster is None:
-            return find
-        saved = await self.server.registry.latest([name for name in names if find(name) is None])
-        elsewhere = {
-            name: DeviceLedger(name, 0, 0, last_seen=last_seen, latest=latest)
-            for name, (last_seen, latest) in saved.items()
-        }
-        return lambda name: find(name) or elsewhere.get(name)
-
-    async def _statuses(self, names: list[str]) -> Mapping[str, DeviceStatus]:
-        """Presence of the fleet: this hub's, or the cluster's (where this hub's own sessions are the freshest)."""
-        local = self.server.presence.status
-        cluster = self.server.cluster
-        if cluster is None:
-            return local
-        return {**await cluster.statuses(names), **local}
-
-    @_handles(Device)
-    async def _device(self, req: Device) -> DeviceDetail:
-        name = req.name
-        server = self.server
-        record = await server.registry.get(name)
-        status = (await self._statuses([name])).get(name)
-        if record is None and status is None:
-            raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}")
-        commands = [r.as_dict() for r in await server.commands.list(device=name, limit=DETAIL_COMMANDS)]
-        ledger = (await self._ledgers([name]))(name)
-        return fleet.device_detail(name, record, status, ledger, commands)
-
-    @_handles(Commands)
-    async def _commands(self, req: Commands) -> list[CommandRecordDict]:
-        records = await self.server.commands.list(device=req.device, state=req.state, limit=req.limit)
-        return [r.as_dict() for r in records]
-
-    @_handles(Command)
-    async def _command(self, req: Command) -> CommandRecordDict:
-        record = await self.server.commands.get(req.command_id)
-        if record is None:
-            raise ControlError(ErrorCode.NOT_FOUND, f"no command {req.command_id[:64]!r}")
-        return record.as_dict()
-
     async def _submit(self, req: SendCommand) -> CommandRecordDict:
-        """Submit the command; its record."""
-        record = await self.server.commands.submit(
-            req.device,
-            req.name,
-            req.args,
-            ttl=req.ttl,
-            timeout=req.timeout,
-            idempotency_key=req.idempotency_key,
-            operator=self.operator,
-        )
-        log.info(
-            "command submitted",
-            extra=self.kv(command_id=record.command_id, device=req.device, name=req.name, state=record.state),
-        )
-        return record.as_dict()
-
-    @_handles(SendCommand)
-    async def _send_command(self, req: SendCommand) -> CommandRecordDict:
-        return await self._submit(req)  # with `wait`, _dispatch replies later instead
+        """Submit the command (as `Operations` does for every caller); its record."""
+        return await self.server.operations.submit(self.caller, req)
 
     async def _wait_and_reply(self, req_id: int, req: SendCommand, command_id: str) -> None:
         try:
             try:
-                record = await self.server.commands.wait_final(command_id, req.wait_timeout)
+                record = await self.server.operations.wait_final(req, command_id)
             except ControlError as exc:
                 await self._send(encode_error(req_id, exc))
                 return
-            await self._send(encode_reply(req_id, req, record.as_dict()))
+            await self._send(encode_reply(req_id, req, record))
         except ConnectionClosed:
             self._scope.cancel()
         finally:
             self._waits.release()
-
-    @_handles(CancelCommand)
-    async def _cancel_command(self, req: CancelCommand) -> CommandRecordDict:
-        record = await self.server.commands.cancel(req.command_id)
-        log.info("command cancelled by operator", extra=self.kv(command_id=req.command_id))
-        return record.as_dict()
 
     @_handles(Subscribe)
     async def _subscribe(self, req: Subscribe) -> Subscribed:
@@ -594,39 +499,6 @@ class ControlSession:
             raise ControlError(ErrorCode.NOT_FOUND, f"no subscription {req.subscription}")
         self.server.broadcaster.unsubscribe(sub)
         return {}
-
-    @_handles(DeviceAdd)
-    async def _device_add(self, req: DeviceAdd) -> NewToken:
-        name = req.name
-        try:
-            token = await self.server.registry.add(name)
-        except BadName as exc:
-            raise ControlError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        except DeviceExists:
-            raise ControlError(ErrorCode.EXISTS, f"device {name!r} already exists") from None
-        log.info("device added by operator", extra=self.kv(device=name))
-        return {"name": name, "token": token}
-
-    @_handles(DeviceRevoke)
-    async def _device_revoke(self, req: DeviceRevoke) -> Empty:
-        name = req.name
-        try:
-            await self.server.registry.revoke(name)
-        except UnknownDevice:
-            raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
-        log.info("device revoked by operator", extra=self.kv(device=name))
-        self.server.revoke_device(name)
-        return {}
-
-    @_handles(DeviceRotate)
-    async def _device_rotate(self, req: DeviceRotate) -> NewToken:
-        name = req.name
-        try:
-            token = await self.server.registry.rotate(name)
-        except UnknownDevice:
-            raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
-        log.info("device token rotated by operator", extra=self.kv(device=name))
-        return {"name": name, "token": token}
 
     # ------------------------------------------------------------------ pushing events
 

@@ -110,7 +110,7 @@ class DeviceServer:
 
     # ------------------------------------------------------------------ the endpoint (see hub.edge)
 
-    def refuse_origin(self, origin: bytes | None) -> tuple[str, str] | None:
+    def refuse_origin(self, origin: bytes | None, host: bytes | None) -> tuple[str, str] | None:
         """Devices are not browsers: any Origin header is refused (this blocks cross-site WebSocket hijacking)."""
         if origin is None:
             return None

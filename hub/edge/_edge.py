@@ -55,6 +55,12 @@ class Identity:
     role: str
 
 
+def _host_header(request: WebSocketRequest) -> bytes | None:
+    """The request's Host header: wsproto takes it out of the headers into its Request event's `host`."""
+    host = getattr(getattr(request, "_event", None), "host", None)
+    return host.encode("utf-8", "replace") if isinstance(host, str) and host else None
+
+
 class Endpoint(Protocol):
     """A WebSocket endpoint served behind the edge."""
 
@@ -66,8 +72,11 @@ class Endpoint(Protocol):
     #: Whether a connection without an Authorization header is refused (401) before the upgrade.
     bearer_required: bool
 
-    def refuse_origin(self, origin: bytes | None) -> tuple[str, str] | None:
-        """`(reason, body)` of a 403 for this Origin header (None: the header is absent), or None to let it in."""
+    def refuse_origin(self, origin: bytes | None, host: bytes | None) -> tuple[str, str] | None:
+        """`(reason, body)` of a 403 for this Origin header (None: the header is absent), or None to let it in.
+
+        `host` is the request's Host header (a browser's page may come from this hub's own HTTP port).
+        """
         ...
 
     async def authenticate(self, token: str) -> Identity | None:
@@ -202,9 +211,12 @@ class Edge:
         *,
         endpoint: str | None = None,
         retry_after: int | None = None,
+        origin: str | None = None,
     ) -> None:
         self.stats.refused += 1
         kv = {"status": status, "reason": why, "remote": remote_of(request), "endpoint": endpoint}
+        if origin is not None:
+            kv["origin"] = origin
         log.warning("handshake refused", extra={"kv": kv})
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
         if status == 401:
@@ -283,9 +295,10 @@ class Edge:
             await self._refuse(request, 401, "token_in_url", body, endpoint=name)
             return
         headers: dict[bytes, bytes] = {k.lower(): v for k, v in request.headers}
-        origin = endpoint.refuse_origin(headers.get(b"origin"))
-        if origin is not None:
-            await self._refuse(request, 403, *origin, endpoint=name)
+        refusal = endpoint.refuse_origin(headers.get(b"origin"), _host_header(request))
+        if refusal is not None:
+            origin = headers.get(b"origin", b"").decode("latin-1")[:200]
+            await self._refuse(request, 403, *refusal, endpoint=name, origin=origin)
             return
         if self.closing:
             await self._refuse(request, 503, "shutting_down", "hub shutting down; retry later", endpoint=name)

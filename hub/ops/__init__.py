@@ -1,7 +1,6 @@
-"""Operations: the hub's own figures, as Prometheus /metrics and hub_* points, and /healthz on a small HTTP listener;
+"""Operations: the hub's own figures, as Prometheus /metrics and hub_* points, and /healthz (served by hub.web);
 the supervisor of `hub serve --workers N` (`_workers`), whose /metrics merges its workers' (`_scrape`)."""
 
-from hub.ops._http import Route, serve_http
 from hub.ops._metrics import COMMANDS_MEASUREMENT, ERRORS_MEASUREMENT, HUB_MEASUREMENT, HubMetrics, health
 from hub.ops._scrape import merge_health, merge_metrics
 from hub.ops._workers import WorkerCommand, Workers, WorkersError, run_workers, supervise
@@ -11,7 +10,6 @@ __all__ = [
     "ERRORS_MEASUREMENT",
     "HUB_MEASUREMENT",
     "HubMetrics",
-    "Route",
     "WorkerCommand",
     "Workers",
     "WorkersError",
@@ -19,6 +17,5 @@ __all__ = [
     "merge_health",
     "merge_metrics",
     "run_workers",
-    "serve_http",
     "supervise",
 ]

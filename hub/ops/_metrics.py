@@ -15,8 +15,8 @@ from device_client.protocol import ErrorCode, FieldValue
 from hub.edge import PARSE_FAILURE_REASONS
 from hub.fleet import COMMAND_STATES, SEEN_STATES
 from hub.ingest import Sink, line
-from hub.ops._http import Route
 from hub.stats import Stats
+from hub.web import Page
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -319,7 +319,7 @@ class HubMetrics:
         """`GET /healthz`: see `health`."""
         return health(self.pipeline, self.sink)
 
-    def routes(self) -> dict[str, Route]:
+    def routes(self) -> dict[str, Page]:
         """The routes to mount on the HTTP listener: `/metrics` and `/healthz`."""
         return {"/metrics": self.metrics_route, "/healthz": self.health_route}
 

@@ -26,9 +26,9 @@ import attrs
 import trio
 
 from hub.config import HubConfig
-from hub.edge import bind_shared
-from hub.ops._http import serve_http
+from hub.edge import ServerTLS, bind_shared
 from hub.ops._scrape import fetch, merge_health, merge_metrics
+from hub.web import serve_asgi, web_app
 
 __all__ = ["WorkerCommand", "Workers", "WorkersError", "run_workers", "supervise"]
 
@@ -182,18 +182,22 @@ class Workers:
         config: HubConfig,
         command: WorkerCommand,
         *,
+        tls: ServerTLS | None = None,
         task_status: trio.TaskStatus[Workers] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Start every worker and the merged `/metrics`; report once all are ready; return once all have stopped
-        (after `stop`, each within the deadline, or killed)."""
+        """Start every worker and the merged `/metrics` (HTTPS with `tls`); report once all are ready; return once all
+        have stopped (after `stop`, each within the deadline, or killed)."""
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as processes:
                 for worker in self.workers:  # one after the other: each worker's start costs CPU the others need
                     await processes.start(self._run_worker, worker, command)
                 m = config.metrics
                 if m.http_enabled:
-                    routes = {"/metrics": self.metrics_route, "/healthz": self.health_route}
-                    self.metrics_port = await nursery.start(partial(serve_http, m.http_host, m.http_port, routes))
+                    app = web_app(pages={"/metrics": self.metrics_route, "/healthz": self.health_route})
+                    context = None if tls is None else tls.context
+                    self.metrics_port = await nursery.start(
+                        partial(serve_asgi, app, m.http_host, m.http_port, ssl_context=context)
+                    )
                     log.info("metrics listening", extra={"kv": {"host": m.http_host, "port": self.metrics_port}})
                 log.info("workers ready", extra={"kv": {"workers": len(self.workers), "port": self.port}})
                 grace = 2 * config.server.shutdown_grace + STOP_MARGIN
@@ -273,11 +277,12 @@ async def _supervise(
 ) -> None:
     try:
         workers = Workers(held[0].getsockname()[1], [_Worker(k) for k in range(count)])
+        tls = ServerTLS.from_config(config.tls)  # the machine's /metrics and /healthz: HTTPS like the workers' port
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
 
                 async def run(task_status: trio.TaskStatus[Workers]) -> None:
-                    await workers.run(config, command, task_status=task_status)
+                    await workers.run(config, command, tls=tls, task_status=task_status)
                     nursery.cancel_scope.cancel()  # every worker has stopped: so does the signal loop
 
                 await nursery.start(run)
@@ -286,6 +291,8 @@ async def _supervise(
                     log.info("signal received", extra={"kv": {"signal": signal.Signals(signum).name}})
                     if signum == signal.SIGHUP:
                         workers.signal(signal.SIGHUP)
+                        if tls is not None:
+                            tls.reload()
                     elif workers.stopping:
                         log.warning("second signal: killing the workers")
                         nursery.cancel_scope.cancel()

@@ -1,0 +1,281 @@
+"""Each control request served once: the control channel and the REST API hand the same typed request to `Operations`.
+
+The session-bound requests (ping, subscribe, unsubscribe) stay with the WebSocket session; everything else is here,
+with the checks both doors share: the operator's request rate and the least role of the request's table entry.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+import trio
+
+from hub import fleet
+from hub.control._codec import (
+    CancelCommand,
+    Command,
+    Commands,
+    ControlError,
+    Device,
+    DeviceAdd,
+    DeviceRevoke,
+    DeviceRotate,
+    Devices,
+    Empty,
+    ErrorCode,
+    HubStatus,
+    NewToken,
+    Request,
+    RequestSpec,
+    Result,
+    SendCommand,
+    Status,
+)
+from hub.fleet import (
+    BadName,
+    CommandRecordDict,
+    DeviceDetail,
+    DeviceExists,
+    DeviceLedger,
+    DeviceStatus,
+    DeviceSummary,
+    UnknownDevice,
+    role_allows,
+)
+
+if TYPE_CHECKING:
+    from hub.control._server import ControlServer
+
+__all__ = ["HANDLERS", "Caller", "Operations", "retry_seconds"]
+
+log = logging.getLogger("hub.control")
+
+#: Most recent commands shown in a `device` reply.
+DETAIL_COMMANDS = 20
+
+try:
+    VERSION = importlib.metadata.version("trio-telemetry-hub")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    VERSION = "0+unknown"
+
+
+@attrs.frozen
+class Caller:
+    """Who makes a request, and through which door ("control": the WebSocket channel, "rest": HTTP)."""
+
+    operator: str
+    role: str
+    remote: str = ""
+    via: str = "control"
+
+    def kv(self, **extra: object) -> dict[str, dict[str, object]]:
+        """Log context of the caller (never a token)."""
+        return {"kv": {"operator": self.operator, "role": self.role, "remote": self.remote, "via": self.via, **extra}}
+
+
+#: The request argument is untyped here: the table holds handlers of different request classes.
+_Handler = Callable[["Operations", Caller, Any], Awaitable[Result]]
+#: Request class -> the `Operations` method that serves it (registered with `@_handles`).
+HANDLERS: dict[type[Request], _Handler] = {}
+
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+def _handles(kind: type[Request]) -> Callable[[_F], _F]:
+    """Register the decorated method as the handler of requests of class `kind`."""
+
+    def register(handler: _F) -> _F:
+        HANDLERS[kind] = handler
+        return handler
+
+    return register
+
+
+class Operations:
+    """The requests of `hub.control.REQUESTS` that need no session, for any caller: `admit`, then `run`."""
+
+    def __init__(self, server: ControlServer) -> None:
+        self.server = server
+
+    def retry_after(self, operator: str) -> float:
+        """Take one request from the operator's bucket: 0.0 if it had one, else the seconds until it will."""
+        bucket = self.server.bucket(operator)
+        now = trio.current_time()
+        if bucket.try_take(1, now):
+            return 0.0
+        self.server.stats.requests_rate_limited += 1
+        return max(1.0 - bucket.tokens, 0.0) / bucket.per_second
+
+    def rate_error(self) -> ControlError:
+        """The refusal of a request over the operator's rate."""
+        return ControlError(
+            ErrorCode.RATE_LIMITED, f"more than {self.server.config.control.request_rate:g} requests/s: slow down"
+        )
+
+    @staticmethod
+    def check_role(caller: Caller, spec: RequestSpec) -> None:
+        """ControlError(forbidden) unless the caller's role may make requests of `spec`."""
+        if not role_allows(caller.role, spec.role):
+            raise ControlError(ErrorCode.FORBIDDEN, f"role {caller.role!r} may not {spec.type}")
+
+    async def run(self, caller: Caller, request: Request) -> Result:
+        """Serve `request` (its role already checked); ControlError or StoreUnavailable when refused.
+
+        A `send_command` with `wait` is only submitted here: the caller waits with `wait_final`.
+        """
+        return await HANDLERS[type(request)](self, caller, request)
+
+    async def wait_final(self, request: SendCommand, command_id: str) -> CommandRecordDict:
+        """The command's record once final, or as it is at `request.wait_timeout`."""
+        record = await self.server.commands.wait_final(command_id, request.wait_timeout)
+        return record.as_dict()
+
+    # ------------------------------------------------------------------ reads
+
+    @_handles(Status)
+    async def _status(self, caller: Caller, req: Status) -> HubStatus:
+        server = self.server
+        stats = server.stats
+        records = await server.registry.list()
+        statuses = await self._statuses([r.name for r in records])
+        return {
+            "version": VERSION,
+            "uptime": round(time.time() - server.started_at, 3),
+            "connections": stats.connections,
+            "devices": {**fleet.state_counts(statuses.values()), "registered": len(records)},
+            "ingest": {
+                "points_in": stats.points_in,
+                "points_written": stats.points_written,
+                "points_spooled": stats.points_spooled,
+                "points_replayed": stats.points_replayed,
+                "points_dropped": stats.points_dropped,
+                "spool_bytes": stats.spool_bytes,
+                "sink_up": server.pipeline.sink_up,
+            },
+            "commands": server.commands.counts(),
+            "control_sessions": server.sessions,
+        }
+
+    @_handles(Devices)
+    async def _devices(self, caller: Caller, req: Devices) -> list[DeviceSummary]:
+        records = await self.server.registry.list()
+        names = [r.name for r in records]
+        statuses = await self._statuses(names)
+        return fleet.list_summaries(records, statuses, await self._ledgers(names), req.state)
+
+    async def _ledgers(self, names: list[str]) -> Callable[[str], DeviceLedger | None]:
+        """Each device's ledger here, or (in a cluster) what its hub last saved of it: last_seen, latest points."""
+        find = self.server.ledgers.find
+        if self.server.cluster is None:
+            return find
+        saved = await self.server.registry.latest([name for name in names if find(name) is None])
+        elsewhere = {
+            name: DeviceLedger(name, 0, 0, last_seen=last_seen, latest=latest)
+            for name, (last_seen, latest) in saved.items()
+        }
+        return lambda name: find(name) or elsewhere.get(name)
+
+    async def _statuses(self, names: list[str]) -> Mapping[str, DeviceStatus]:
+        """Presence of the fleet: this hub's, or the cluster's (where this hub's own sessions are the freshest)."""
+        local = self.server.presence.status
+        cluster = self.server.cluster
+        if cluster is None:
+            return local
+        return {**await cluster.statuses(names), **local}
+
+    @_handles(Device)
+    async def _device(self, caller: Caller, req: Device) -> DeviceDetail:
+        name = req.name
+        server = self.server
+        record = await server.registry.get(name)
+        status = (await self._statuses([name])).get(name)
+        if record is None and status is None:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}")
+        commands = [r.as_dict() for r in await server.commands.list(device=name, limit=DETAIL_COMMANDS)]
+        ledger = (await self._ledgers([name]))(name)
+        return fleet.device_detail(name, record, status, ledger, commands)
+
+    @_handles(Commands)
+    async def _commands(self, caller: Caller, req: Commands) -> list[CommandRecordDict]:
+        records = await self.server.commands.list(device=req.device, state=req.state, limit=req.limit)
+        return [r.as_dict() for r in records]
+
+    @_handles(Command)
+    async def _command(self, caller: Caller, req: Command) -> CommandRecordDict:
+        record = await self.server.commands.get(req.command_id)
+        if record is None:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no command {req.command_id[:64]!r}")
+        return record.as_dict()
+
+    # ------------------------------------------------------------------ commands
+
+    @_handles(SendCommand)
+    async def submit(self, caller: Caller, req: SendCommand) -> CommandRecordDict:
+        """Queue the command (idempotent with its key); its record. `wait` is the caller's: see `wait_final`."""
+        record = await self.server.commands.submit(
+            req.device,
+            req.name,
+            req.args,
+            ttl=req.ttl,
+            timeout=req.timeout,
+            idempotency_key=req.idempotency_key,
+            operator=caller.operator,
+        )
+        log.info(
+            "command submitted",
+            extra=caller.kv(command_id=record.command_id, device=req.device, name=req.name, state=record.state),
+        )
+        return record.as_dict()
+
+    @_handles(CancelCommand)
+    async def _cancel_command(self, caller: Caller, req: CancelCommand) -> CommandRecordDict:
+        record = await self.server.commands.cancel(req.command_id)
+        log.info("command cancelled by operator", extra=caller.kv(command_id=req.command_id))
+        return record.as_dict()
+
+    # ------------------------------------------------------------------ devices (admin)
+
+    @_handles(DeviceAdd)
+    async def _device_add(self, caller: Caller, req: DeviceAdd) -> NewToken:
+        name = req.name
+        try:
+            token = await self.server.registry.add(name)
+        except BadName as exc:
+            raise ControlError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        except DeviceExists:
+            raise ControlError(ErrorCode.EXISTS, f"device {name!r} already exists") from None
+        log.info("device added by operator", extra=caller.kv(device=name))
+        return {"name": name, "token": token}
+
+    @_handles(DeviceRevoke)
+    async def _device_revoke(self, caller: Caller, req: DeviceRevoke) -> Empty:
+        name = req.name
+        try:
+            await self.server.registry.revoke(name)
+        except UnknownDevice:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
+        log.info("device revoked by operator", extra=caller.kv(device=name))
+        self.server.revoke_device(name)
+        return {}
+
+    @_handles(DeviceRotate)
+    async def _device_rotate(self, caller: Caller, req: DeviceRotate) -> NewToken:
+        name = req.name
+        try:
+            token = await self.server.registry.rotate(name)
+        except UnknownDevice:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
+        log.info("device token rotated by operator", extra=caller.kv(device=name))
+        return {"name": name, "token": token}
+
+
+def retry_seconds(seconds: float) -> int:
+    """A Retry-After value: whole seconds, at least 1."""
+    return max(1, math.ceil(seconds))
