@@ -353,7 +353,9 @@ function onTelemetry(page, event) {
     if (!chart) {
       chart = newChart(key, typeof value === "number");
       page.charts.set(key, chart);
-      const cards = [...page.charts.keys()].sort().map((k) => page.charts.get(k).card);
+      // Charts first, then fields that are not numbers (text, booleans) as small cards; each group by name.
+      const order = (c) => `${c.svg ? 0 : 1}${c.key}`;
+      const cards = [...page.charts.values()].sort((a, b) => (order(a) < order(b) ? -1 : 1)).map((c) => c.card);
       $("charts").replaceChildren(...cards);
       $("charts-empty").hidden = true;
     }
@@ -364,7 +366,7 @@ function onTelemetry(page, event) {
 function newChart(key, numeric) {
   const value = el("span", { class: "chart-value" });
   const svg = numeric ? el("svg:svg", { viewBox: "0 0 320 120", role: "img", "aria-label": key }) : null;
-  const card = el("figure", { class: "card chart", dataset: { series: key, points: "0" } },
+  const card = el("figure", { class: `card chart${numeric ? "" : " field"}`, dataset: { series: key, points: "0" } },
     el("figcaption", {}, el("span", { class: "chart-name" }, key), value), svg);
   return { key, card, svg, value, points: [] };
 }
