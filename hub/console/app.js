@@ -386,7 +386,6 @@ function addPoint(chart, ts, value) {
 
 /** A line of the series in a 320×120 box: value labels left, time labels under it. */
 function drawChart(chart) {
-  const left = 46, right = 312, top = 8, bottom = 98;
   const pts = chart.points;
   let lo = Math.min(...pts.map((p) => p.v));
   let hi = Math.max(...pts.map((p) => p.v));
@@ -394,6 +393,9 @@ function drawChart(chart) {
     lo -= 1;
     hi += 1;
   }
+  // The value labels sit left of the plot: make room for the longer one (about 6 units a character).
+  const left = 10 + 6 * Math.max(number(hi).length, number(lo).length, 3);
+  const right = 312, top = 8, bottom = 98;
   const t0 = pts[0].t;
   const t1 = Math.max(pts[pts.length - 1].t, t0 + 1);
   const x = (t) => left + ((t - t0) / (t1 - t0)) * (right - left);
@@ -437,7 +439,7 @@ function renderCommands(page) {
       ? el("button", { type: "button", class: "quiet small", dataset: { cancel: r.command_id } }, "Cancel") : null;
     if (cancel) cancel.addEventListener("click", () => cancelCommand(page, r.command_id, cancel));
     return el("tr", { dataset: { command: r.command_id, state: r.state } },
-      el("td", { title: r.command_id }, clock(r.created)),
+      el("td", { title: r.command_id, class: "nowrap" }, clock(r.created)),
       el("td", {}, el("code", {}, r.name), " ", el("span", { class: "args" }, compact(r.args ?? {}, 60))),
       el("td", {}, el("span", { class: `state state-${r.state}` }, r.state), el("div", { class: "trail" }, trail)),
       el("td", { class: "wide outcome" }, outcome),
