@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 import trio
 
@@ -13,9 +16,9 @@ from firmware_sim.fleet import FleetTotals, run_fleet
 from hub.app import HubHandle, serve, start_error
 from hub.config import HubConfig
 from hub.control import CONTROL_PATH
-from hub.fleet import DeviceExists, RegistryStore, open_registry_store
+from hub.fleet import DeviceExists, OperatorExists, RegistryStore, open_registry_store
 
-__all__ = ["SIM_NAME", "register_devices", "run_demo"]
+__all__ = ["DEMO_OPERATOR", "OPERATOR_TOKEN_FILE", "SIM_NAME", "demo_operator_token", "register_devices", "run_demo"]
 
 #: Seconds between progress lines.
 PROGRESS_EVERY = 2.0
@@ -23,6 +26,10 @@ PROGRESS_EVERY = 2.0
 DEMO_INTERVAL = 1.0
 #: Names of the simulated devices: sim-0001, sim-0002, ...
 SIM_NAME = "sim-{:04d}"
+#: The demo's own operator (role operator), for the web console: "demo", or "demo-2", ... if that name is taken.
+DEMO_OPERATOR = "demo"
+#: The file in the data directory that keeps the demo operator's token (the registry keeps only its hash).
+OPERATOR_TOKEN_FILE = "demo-operator.token"
 
 
 async def register_devices(registry: RegistryStore, count: int) -> list[str]:
@@ -37,6 +44,29 @@ async def register_devices(registry: RegistryStore, count: int) -> list[str]:
     return tokens
 
 
+async def demo_operator_token(registry: RegistryStore, data_dir: Path) -> str:
+    """A token the registry accepts for an operator: the one an earlier demo saved in `data_dir`, or else a new
+    operator's (saved there, mode 0600, for the next demo)."""
+    path = data_dir / OPERATOR_TOKEN_FILE
+    try:
+        saved = path.read_text().strip()
+    except FileNotFoundError:
+        saved = ""
+    if saved and (found := await registry.authenticate_operator(saved)) is not None and found[1] != "viewer":
+        return saved
+    for n in itertools.count(1):
+        try:
+            token = await registry.add_operator(DEMO_OPERATOR if n == 1 else f"{DEMO_OPERATOR}-{n}", "operator")
+        except OperatorExists:  # revoked, or made by hand: names are never reused
+            continue
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file left from before keeps its mode otherwise
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+    raise AssertionError("unreachable")
+
+
 def _progress_line(handle: HubHandle, totals: FleetTotals) -> str:
     s = handle.stats
     return (
@@ -46,17 +76,22 @@ def _progress_line(handle: HubHandle, totals: FleetTotals) -> str:
     )
 
 
-def _banner(config: HubConfig, handle: HubHandle, control_url: str) -> str:
-    """Where the control channel and the metrics are, and how to get a token for `hubctl`."""
+def _banner(config: HubConfig, handle: HubHandle, control_url: str, operator_token: str) -> str:
+    """Where the control channel, the metrics and the web console are, and the tokens for them."""
     lines = [f"control channel: {control_url}"]
     if handle.metrics_port is not None:
         lines[0] += f"; metrics: http://{config.metrics.http_host}:{handle.metrics_port}/metrics"
+        http_host = "127.0.0.1" if config.metrics.http_host in ("0.0.0.0", "") else config.metrics.http_host
+        lines += [
+            f"web console: http://{http_host}:{handle.metrics_port}/",
+            f"  log in with the demo's operator token: {operator_token}",
+        ]
     ca = f" --ca-file {shlex.quote(config.tls.cert_file)}" if config.tls.enabled else ""
     registry = f"--data-dir {shlex.quote(config.storage.data_dir)}"
     if config.state.backend == "redis":
         registry = "--config FILE"  # FILE: the config whose [state] names this Redis
     lines += [
-        "hubctl needs an operator token; in another terminal:",
+        "hubctl needs an operator token (the demo's will do); more operators, in another terminal:",
         f"  hub operator add NAME --role operator {registry}   # prints the token once",
         f"  HUBCTL_TOKEN=TOKEN hubctl --url {control_url}{ca} status",
     ]
@@ -67,6 +102,7 @@ async def _demo(config: HubConfig, devices: int, duration: float) -> None:
     config.storage.path.mkdir(parents=True, exist_ok=True)
     async with open_registry_store(config.state, config.storage.path) as registry:
         tokens = await register_devices(registry, devices)
+        operator_token = await demo_operator_token(registry, config.storage.path)
     async with trio.open_nursery() as nursery:
         handle: HubHandle = await nursery.start(serve, config)
         host = "127.0.0.1" if config.server.host in ("0.0.0.0", "") else config.server.host
@@ -79,7 +115,8 @@ async def _demo(config: HubConfig, devices: int, duration: float) -> None:
             scheme, trust = "ws", {"allow_insecure": True}
         url = f"{scheme}://{host}:{handle.port}/v1/device"
         print(f"hub listening on {url}; storage: {handle.sink.description}", flush=True)
-        print(_banner(config, handle, f"{scheme}://{host}:{handle.port}{CONTROL_PATH}"), flush=True)
+        control_url = f"{scheme}://{host}:{handle.port}{CONTROL_PATH}"
+        print(_banner(config, handle, control_url, operator_token), flush=True)
         print(f"{devices} simulated devices report every ~{DEMO_INTERVAL:g}s; Ctrl-C stops", flush=True)
         stop = trio.Event()
 
