@@ -8,75 +8,31 @@ Screenshots go to each test's tmp_path.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-import hub
 from hub.fleet import Registry, registry_path
 from tests.hubproc import HubProcess
+from tests.servers import ConsoleSite
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright cannot download its own browsers here
-CONSOLE_DIR = Path(hub.__file__).parent / "console"
 DESKTOP = {"width": 1280, "height": 860}
 PHONE = {"width": 390, "height": 844}
 SIM_DEVICES = ["sim-0001", "sim-0002", "sim-0003"]
 TIMEOUT_MS = 20_000  # for a condition to show in the page (the hub and chromium share 2 cores with the suite)
 
 expect.set_options(timeout=TIMEOUT_MS)
-
-
-class StaticSite:
-    """hub/console/ over HTTP on 127.0.0.1 port 0, and /console/config.json naming the hub's control channel."""
-
-    def __init__(self, control_url: Callable[[], str]) -> None:
-        control = control_url
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, directory=str(CONSOLE_DIR), **kwargs)
-
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/console/config.json":
-                    super().do_GET()
-                    return
-                body = json.dumps({"control_url": control()}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        Handler.extensions_map = {**Handler.extensions_map, ".js": "text/javascript"}
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="console-site", daemon=True)
-
-    def __enter__(self) -> StaticSite:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
 
 
 class ConsoleHub:
@@ -151,7 +107,7 @@ def console_url(console_hub: ConsoleHub) -> Iterator[str]:
     /console/config.json (naming the hub's control channel), and the hub allows that site's origin. Once the hub
     serves them, this becomes: start the hub without allowed origins, and return its own HTTP origin + "/".
     """
-    with StaticSite(lambda: console_hub.control_url) as site:
+    with ConsoleSite(lambda: console_hub.control_url) as site:
         console_hub.start(allowed_origins=[site.origin])
         yield site.origin + "/"
 
@@ -367,7 +323,7 @@ def test_a_page_from_a_foreign_origin_cannot_open_the_control_channel(
 ) -> None:
     """The same console served from an origin not in control.allowed_origins: the hub refuses the handshake."""
     context = browser.new_context(viewport=DESKTOP)
-    with StaticSite(lambda: console_hub.control_url) as foreign:
+    with ConsoleSite(lambda: console_hub.control_url) as foreign:
         page = context.new_page()
         try:
             log_in(page, foreign.origin + "/", console_hub.tokens["alice"])
