@@ -390,31 +390,31 @@ function drawChart(chart) {
   let lo = Math.min(...pts.map((p) => p.v));
   let hi = Math.max(...pts.map((p) => p.v));
   if (lo === hi) {
-    lo -= 1;
-    hi += 1;
+    const pad = Math.abs(lo) * 0.05 || 1; // a flat series sits in the middle
+    lo -= pad;
+    hi += pad;
   }
   // The value labels sit left of the plot: make room for the longer one (about 6 units a character).
   const left = 10 + 6 * Math.max(number(hi).length, number(lo).length, 3);
   const right = 312, top = 8, bottom = 98;
-  const t0 = pts[0].t;
-  const t1 = Math.max(pts[pts.length - 1].t, t0 + 1);
-  const x = (t) => left + ((t - t0) / (t1 - t0)) * (right - left);
+  const first = pts[0];
+  const last = pts[pts.length - 1];
+  const span = last.t - first.t;
+  const x = (t) => (span > 0 ? left + ((t - first.t) / span) * (right - left) : right); // one point: at the right
   const y = (v) => bottom - ((v - lo) / (hi - lo)) * (bottom - top);
-  const path = pts.length === 1 ? `${x(t0)},${y(pts[0].v)} ${right},${y(pts[0].v)}`
-    : pts.map((p) => `${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join(" ");
-  const lastPt = pts[pts.length - 1];
   const time = (t) => new Date(t).toLocaleTimeString();
-  chart.svg.replaceChildren(
+  const parts = [
     el("svg:line", { x1: left, y1: top, x2: right, y2: top, class: "grid" }),
     el("svg:line", { x1: left, y1: (top + bottom) / 2, x2: right, y2: (top + bottom) / 2, class: "grid" }),
     el("svg:line", { x1: left, y1: bottom, x2: right, y2: bottom, class: "axis" }),
     el("svg:text", { x: left - 4, y: top + 4, class: "tick", "text-anchor": "end" }, number(hi)),
     el("svg:text", { x: left - 4, y: bottom, class: "tick", "text-anchor": "end" }, number(lo)),
-    el("svg:text", { x: left, y: 114, class: "tick" }, time(t0)),
-    el("svg:text", { x: right, y: 114, class: "tick", "text-anchor": "end" }, time(lastPt.t)),
-    el("svg:polyline", { points: path, class: "line" }),
-    el("svg:circle", { cx: x(lastPt.t), cy: y(lastPt.v), r: 3, class: "dot" }),
-  );
+    span > 0 ? el("svg:text", { x: left, y: 114, class: "tick" }, time(first.t)) : null,
+    el("svg:text", { x: right, y: 114, class: "tick", "text-anchor": "end" }, time(last.t)),
+    el("svg:polyline", { points: pts.map((p) => `${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join(" "), class: "line" }),
+    el("svg:circle", { cx: x(last.t), cy: y(last.v), r: 3, class: "dot" }),
+  ];
+  chart.svg.replaceChildren(...parts.filter((part) => part !== null));
 }
 
 // ------------------------------------------------------------------------------------------- commands
