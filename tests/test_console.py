@@ -23,7 +23,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from hub.fleet import Registry, registry_path
-from tests.hubproc import HubProcess
+from tests.hubproc import HubProcess, run_hub
 from tests.servers import ConsoleSite
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright cannot download its own browsers here
@@ -46,6 +46,7 @@ class ConsoleHub:
                 self.tokens[name] = registry.add(name)
             self.tokens["alice"] = registry.add_operator("alice", "operator")
             self.tokens["victor"] = registry.add_operator("victor", "viewer")
+            self.tokens["rita"] = registry.add_operator("rita", "operator")  # revoked by a test
         self.process: HubProcess | None = None
 
     def start(self, allowed_origins: list[str]) -> None:
@@ -316,6 +317,18 @@ def test_a_bad_token_is_refused_with_a_message(
     page.get_by_label("Operator token").fill(console_hub.tokens["sim-0001"])
     page.get_by_role("button", name="Log in").click()
     expect(page.locator("#login-error")).to_contain_text("The hub refused this token")
+
+
+def test_a_revoked_operator_is_sent_back_to_the_login_form(
+    page: Page, console_url: str, console_hub: ConsoleHub
+) -> None:
+    log_in(page, console_url, console_hub.tokens["rita"])
+    expect(page.locator("#who")).to_have_text("rita · operator")
+    revoked = run_hub("operator", "revoke", "rita", "--data-dir", str(console_hub.data_dir))
+    assert revoked.returncode == 0, revoked.stderr
+    expect(page.locator("#login-error")).to_have_text("This operator's token was revoked.")
+    expect(page.locator("#fleet-view")).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('hub.operatorToken')") is None
 
 
 def test_a_page_from_a_foreign_origin_cannot_open_the_control_channel(

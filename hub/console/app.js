@@ -8,6 +8,8 @@ const TOKEN_KEY = "hub.operatorToken"; // in sessionStorage: this tab only, neve
 const STATUS_EVERY = 5000; // ms between `status` requests
 const CHART_POINTS = 120; // points kept per series
 const COMMANDS_SHOWN = 50;
+const FLEET_SHOWN = 1000; // rows in the fleet table; the filters narrow a larger fleet
+const RETRY_LOGIN = 5000; // ms before a saved token is tried again when the hub could not be reached
 const COMMAND_NAME = /^[A-Za-z0-9_.-]{1,64}$/; // as the device protocol allows
 const MAX_ARGS_BYTES = 16 * 1024; // the hub refuses larger args (bad_command)
 const CANCELLABLE = new Set(["queued", "sent"]);
@@ -127,13 +129,21 @@ function showLogin(message = "") {
   $("token").focus();
 }
 
-async function login(token) {
+async function login(token, saved = false) {
   $("login-button").disabled = true;
   $("login-error").textContent = "";
   let hub;
   try {
     hub = await connect(app.config.control_url, token);
   } catch (err) {
+    if (saved && !(err instanceof AuthError) && sessionStorage.getItem(TOKEN_KEY) === token) {
+      // The hub is away (restarting, say): keep this tab's token and try again, unless the user logs in anew.
+      showLogin(`${describe(err)} Trying again…`);
+      setTimeout(() => {
+        if (!app.hub && sessionStorage.getItem(TOKEN_KEY) === token) login(token, true);
+      }, RETRY_LOGIN);
+      return;
+    }
     sessionStorage.removeItem(TOKEN_KEY);
     showLogin(describe(err));
     return;
@@ -148,6 +158,7 @@ async function login(token) {
     setConnection("live", "ok");
     refreshAll();
   });
+  hub.addEventListener("subscription-failed", (e) => showBanner(`A live view stopped: ${describe(e.detail.error)}`));
   hub.addEventListener("closed", (e) => {
     if (app.hub !== hub) return;
     const error = e.detail.error;
@@ -227,7 +238,7 @@ function renderFleet() {
   const shown = [...app.devices.values()]
     .filter((d) => (!state || d.state === state) && (!needle || d.name.toLowerCase().includes(needle)))
     .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-  const rows = shown.map((d) => {
+  const rows = shown.slice(0, FLEET_SHOWN).map((d) => {
     const href = `#/device/${encodeURIComponent(d.name)}`;
     return el("tr", { dataset: { device: d.name, state: d.state } },
       el("td", {}, el("a", { href }, d.name)),
@@ -240,6 +251,8 @@ function renderFleet() {
   });
   $("fleet").tBodies[0].replaceChildren(...rows);
   $("fleet-empty").hidden = rows.length > 0 || app.devices.size === 0;
+  $("fleet-more").hidden = shown.length <= FLEET_SHOWN;
+  $("fleet-more").textContent = `The first ${FLEET_SHOWN} of ${shown.length} are shown: filter to find the others.`;
   $("fleet-count").textContent = shown.length === app.devices.size ? `(${app.devices.size})`
     : `(${shown.length} of ${app.devices.size})`;
 }
@@ -515,8 +528,13 @@ function route() {
   if (!app.hub) return;
   hideBanner();
   const match = /^#\/device\/(.+)$/.exec(location.hash);
-  if (match) {
-    const name = decodeURIComponent(match[1]);
+  let name = null;
+  try {
+    name = match ? decodeURIComponent(match[1]) : null;
+  } catch {
+    name = null; // a malformed address: the fleet
+  }
+  if (name !== null) {
     if (!app.page || app.page.name !== name) openDevice(name);
   } else {
     closeDevice();
@@ -543,7 +561,7 @@ async function main() {
     return;
   }
   const token = sessionStorage.getItem(TOKEN_KEY);
-  if (token) await login(token);
+  if (token) await login(token, true);
   else showLogin();
 }
 

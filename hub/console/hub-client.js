@@ -145,7 +145,8 @@ export class Subscription {
 /**
  * An authenticated control-channel connection that reconnects by itself. Events (it is an EventTarget):
  * `disconnected` (detail: { code }), `reconnecting` (detail: { attempt, delay }), `ready` (connected again, every
- * subscription renewed) and `closed` (for good; detail: { error }, a HubError or null after close()).
+ * subscription renewed), `subscription-failed` (detail: { subscription, error }: the hub refused to renew one after a
+ * reconnect; it has ended) and `closed` (for good; detail: { error }, a HubError or null after close()).
  */
 export class Connection extends EventTarget {
   constructor(url, token, opts) {
@@ -200,6 +201,7 @@ export class Connection extends EventTarget {
    * Resolves to a Subscription, renewed after each reconnect until its `unsubscribe()`.
    */
   async subscribe(topic, onEvent, { devices = null, onDropped = null } = {}) {
+    if (!this.connected) throw new HubError(ERR_NOT_CONNECTED, "not connected to the hub");
     const sub = new Subscription(this, topic, devices, onEvent, onDropped);
     await this._subscribe(sub);
     this._subscriptions.add(sub);
@@ -211,8 +213,13 @@ export class Connection extends EventTarget {
     if (sub.devices) args.devices = sub.devices;
     // Bind the hub's id as the reply is read, before any later frame (an event of it) is dispatched.
     return this._send("subscribe", args, (result) => {
-      sub.id = result.subscription;
-      if (sub.active) this._byHubId.set(sub.id, sub);
+      if (sub.active) {
+        sub.id = result.subscription;
+        this._byHubId.set(sub.id, sub);
+      } else {
+        // unsubscribe() was called while this request was on its way: end it at the hub too.
+        this._send("unsubscribe", { subscription: result.subscription }, null).catch(() => {});
+      }
     });
   }
 
@@ -269,12 +276,18 @@ export class Connection extends EventTarget {
         this._ws.close(CLOSE_NORMAL);
         return;
       }
-      try {
-        await Promise.all([...this._subscriptions].map((sub) => this._subscribe(sub)));
-      } catch (err) {
-        if (err instanceof HubError && err.code === ERR_CONNECTION_LOST) return; // _lost retries already
-        throw err;
-      }
+      const subs = [...this._subscriptions];
+      const outcomes = await Promise.allSettled(subs.map((sub) => this._subscribe(sub)));
+      if (!this.connected) return; // lost again: _lost has scheduled the next attempt
+      outcomes.forEach((outcome, i) => {
+        if (outcome.status === "rejected") {
+          // The hub refused it this time (too_many_subscriptions, say): it ends, and the page is told.
+          subs[i].active = false;
+          this._forget(subs[i]);
+          this.dispatchEvent(new CustomEvent("subscription-failed",
+            { detail: { subscription: subs[i], error: outcome.reason } }));
+        }
+      });
       this.dispatchEvent(new CustomEvent("ready"));
     }, delay);
   }
