@@ -420,6 +420,42 @@ def test_hub_client_module_in_a_page_of_its_own(page: Page, console_url: str, co
     assert result["viewerSends"] == "forbidden"
 
 
+def test_hub_client_notices_a_hub_that_stopped_answering_and_reconnects(
+    page: Page, console_url: str, console_hub: ConsoleHub, fleet: None
+) -> None:
+    """The hub process is frozen (SIGSTOP: its sockets stay open, nothing answers): the heartbeat's unanswered ping
+    ends the connection; once the hub runs again the client reconnects and its subscription goes on."""
+    process = console_hub.process
+    assert process is not None and process.proc is not None
+    page.goto(console_url + "hub-client.js")
+    page.evaluate(
+        """async ([url, token]) => {
+            const { connect } = await import("/hub-client.js");
+            const options = { heartbeat: 500, openTimeout: 1000, minDelay: 100, maxDelay: 500 };
+            const hub = await connect(url, token, options);
+            window.seen = { events: [], points: 0 };
+            for (const name of ["disconnected", "reconnecting", "ready"]) {
+                hub.addEventListener(name, () => window.seen.events.push(name));
+            }
+            await hub.subscribe("telemetry", () => window.seen.points++, { devices: ["sim-0001"] });
+            window.hub = hub;
+        }""",
+        [console_hub.control_url, console_hub.tokens["alice"]],
+    )
+    page.wait_for_function("window.seen.points > 0", timeout=TIMEOUT_MS)
+    process.signal(signal.SIGSTOP)
+    try:
+        page.wait_for_function("window.seen.events.includes('disconnected')", timeout=TIMEOUT_MS)
+        assert page.evaluate("window.hub.connected") is False
+    finally:
+        process.signal(signal.SIGCONT)
+    page.wait_for_function("window.seen.events.includes('ready')", timeout=TIMEOUT_MS)
+    before = page.evaluate("window.seen.points")
+    page.wait_for_function("(n) => window.seen.points > n", arg=before, timeout=TIMEOUT_MS)
+    assert page.evaluate("window.hub.request('ping').then(() => 'pong')") == "pong"
+    page.evaluate("window.hub.close()")
+
+
 def test_phone_width(browser: Browser, console_url: str, console_hub: ConsoleHub, fleet: None, tmp_path: Path) -> None:
     """At a phone's width nothing needs sideways scrolling, and the send form is there for an operator."""
     context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2)

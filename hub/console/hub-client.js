@@ -44,6 +44,7 @@ const DEFAULTS = {
   minDelay: 500, // ms before the first reconnect attempt ...
   maxDelay: 30000, // ... doubling up to this (each delay is jittered down by up to a half)
   openTimeout: 10000, // ms for the socket to open and the hub to answer the token
+  heartbeat: 20000, // ms between pings; no pong within as long again: the connection is taken for lost. 0: none
   WebSocket: globalThis.WebSocket, // another implementation (e.g. the `ws` package in Node)
 };
 
@@ -164,6 +165,7 @@ export class Connection extends EventTarget {
     this._subscriptions = new Set();
     this._byHubId = new Map(); // hub subscription id -> Subscription
     this._retryTimer = null;
+    this._heartbeatTimer = null;
     this._announced = false;
   }
 
@@ -174,6 +176,22 @@ export class Connection extends EventTarget {
     this.operator = session.operator;
     this.role = session.role;
     this.connected = true;
+    if (this._opts.heartbeat > 0) {
+      this._heartbeatTimer = setInterval(() => this._beat(session.ws), this._opts.heartbeat);
+    }
+  }
+
+  // A network that vanished (a phone changing networks, a suspended laptop) may leave the socket open for minutes
+  // before the browser notices: a ping unanswered for a whole heartbeat ends it, and reconnecting begins.
+  _beat(ws) {
+    const deadline = setTimeout(() => {
+      if (this._ws !== ws) return;
+      ws.onclose = null;
+      ws.onmessage = null;
+      ws.close();
+      this._lost({ code: 1006 });
+    }, this._opts.heartbeat);
+    this.request("ping").then(() => clearTimeout(deadline), () => clearTimeout(deadline));
   }
 
   /**
@@ -234,6 +252,8 @@ export class Connection extends EventTarget {
   }
 
   _lost(event) {
+    clearInterval(this._heartbeatTimer);
+    this._heartbeatTimer = null;
     this.connected = false;
     this._ws = null;
     this._byHubId.clear();
