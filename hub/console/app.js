@@ -45,6 +45,14 @@ function ago(seconds) {
   return new Date(seconds * 1000).toLocaleDateString();
 }
 
+function duration(seconds) {
+  if (typeof seconds !== "number") return "–";
+  if (seconds < 60) return `${Math.floor(seconds)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
+  return `${Math.floor(seconds / 86400)} d ${Math.floor((seconds % 86400) / 3600)} h`;
+}
+
 function bytes(n) {
   if (typeof n !== "number") return "–";
   for (const [size, unit] of [[1024 ** 3, "GiB"], [1024 ** 2, "MiB"], [1024, "KiB"]]) {
@@ -197,7 +205,11 @@ function logout(message = "") {
 // ------------------------------------------------------------------------------------------- fleet and status
 
 async function refreshAll() {
-  await Promise.all([refreshDevices(), refreshStatus(), app.page ? loadDevice(app.page) : null]);
+  const page = app.page;
+  // A device page opened while the connection was down has no live views yet: open it again.
+  const reopen = page !== null && page.subs.length < 2;
+  if (reopen) openDevice(page.name);
+  await Promise.all([refreshDevices(), refreshStatus(), page && !reopen ? loadDevice(page) : null]);
 }
 
 async function refreshDevices() {
@@ -277,7 +289,7 @@ async function refreshStatus() {
   $("st-spooled").textContent = `${count(ingest.points_spooled)} spooled · ${count(ingest.points_replayed)} replayed`;
   $("st-sink").textContent = ingest.sink_up ? "up" : "down";
   $("st-sink").className = `value ${ingest.sink_up ? "good" : "bad"}`;
-  $("st-version").textContent = `hub ${s.version} · up ${ago(Date.now() / 1000 - s.uptime).replace(" ago", "")}` +
+  $("st-version").textContent = `hub ${s.version} · up ${duration(s.uptime)}` +
     ` · ${count(s.control_sessions)} operator sessions`;
   renderFleet(); // the "since" columns age
 }
