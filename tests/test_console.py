@@ -25,6 +25,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from hub.fleet import Registry, registry_path
 from tests.hubproc import HubProcess, run_hub
 from tests.servers import ConsoleSite
+from tests.waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright cannot download its own browsers here
 DESKTOP = {"width": 1280, "height": 860}
@@ -144,6 +145,12 @@ def page(browser: Browser) -> Iterator[Page]:
         yield context.new_page()
     finally:
         context.close()
+
+
+def refused_origins(console_hub: ConsoleHub) -> int:
+    """How many control handshakes the hub has refused for their Origin, by its log."""
+    assert console_hub.process is not None
+    return len(re.findall(r"status=403 reason=origin_not_allowed .*endpoint=control", console_hub.process.log()))
 
 
 def log_in(page: Page, url: str, token: str) -> None:
@@ -335,6 +342,7 @@ def test_a_page_from_a_foreign_origin_cannot_open_the_control_channel(
     browser: Browser, console_url: str, console_hub: ConsoleHub, tmp_path: Path
 ) -> None:
     """The same console served from an origin not in control.allowed_origins: the hub refuses the handshake."""
+    before = refused_origins(console_hub)
     context = browser.new_context(viewport=DESKTOP)
     with ConsoleSite(lambda: console_hub.control_url) as foreign:
         page = context.new_page()
@@ -354,6 +362,8 @@ def test_a_page_from_a_foreign_origin_cannot_open_the_control_channel(
                 console_hub.control_url,
             )
             assert outcome == "closed 1006"
+            # The hub refused the handshakes for their Origin (403), before any token was looked at.
+            wait_until(lambda: refused_origins(console_hub) >= before + 2, what="the hub's log of the refusals")
         finally:
             context.close()
 
