@@ -510,3 +510,12 @@ def test_the_console_reconnects_and_subscribes_again_after_a_hub_restart(
         timeout=TIMEOUT_MS,
     )
     expect(page.locator("#who")).to_have_text("alice · operator")
+    # Reloaded while the hub is away, the tab keeps its token and logs in again once the hub is back.
+    process.signal(signal.SIGTERM)
+    process.wait(30)
+    page.reload()
+    expect(page.locator("#login-error")).to_contain_text("Trying again")
+    process.start()
+    expect(page.locator("#who")).to_have_text("alice · operator")
+    expect(page.locator("#device-name")).to_have_text("sim-0003")
+    expect(page.locator("figure.chart:has(svg)").first).to_be_visible()

@@ -1,7 +1,7 @@
 // The hub's web console: log in with an operator token, watch the fleet and command devices (docs/control.md).
 // Plain DOM, no framework. Device data is only ever set as text (textContent, attributes), never parsed as HTML.
 
-import { AuthError, connect, ERR_CANNOT_CONNECT, ERR_REVOKED, HubError } from "./hub-client.js";
+import { AuthError, connect, ERR_CANNOT_CONNECT, ERR_CONNECTION_LOST, ERR_REVOKED, HubError } from "./hub-client.js";
 
 const CONFIG_URL = "/console/config.json"; // {"control_url": "ws://HOST:PORT/v1/control"}, served by the hub
 const TOKEN_KEY = "hub.operatorToken"; // in sessionStorage: this tab only, never in the URL
@@ -492,12 +492,18 @@ function parseArgs(text) {
   return { args };
 }
 
+function idempotencyKey() {
+  const random = crypto.getRandomValues(new Uint8Array(16)); // randomUUID needs a secure context; this does not
+  return `console-${Array.from(random, (b) => b.toString(16).padStart(2, "0")).join("")}`;
+}
+
 function sendForm(page) {
   const form = $("send-template").content.firstElementChild.cloneNode(true);
   const name = form.querySelector("#send-name");
   const argsBox = form.querySelector("#send-args");
   const error = form.querySelector("#send-error");
   const button = form.querySelector("#send-button");
+  let unanswered = null; // { what, key } of a send whose answer was lost with the connection
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const command = name.value.trim();
@@ -512,11 +518,23 @@ function sendForm(page) {
     }
     error.textContent = "";
     button.disabled = true;
+    // The same command sent again after a lost answer carries the same key: the hub runs it once.
+    const what = JSON.stringify([command, parsed.args]);
+    const key = unanswered && unanswered.what === what ? unanswered.key : idempotencyKey();
     try {
-      const record = await app.hub.request("send_command", { device: page.name, name: command, args: parsed.args });
+      const record = await app.hub.request("send_command",
+        { device: page.name, name: command, args: parsed.args, idempotency_key: key });
+      unanswered = null;
       onCommand(page, record);
     } catch (err) {
-      error.textContent = describe(err);
+      if (err instanceof HubError && err.code === ERR_CONNECTION_LOST) {
+        unanswered = { what, key };
+        error.textContent = "The connection dropped before the hub answered. Sending it again is safe: " +
+          "the hub will not run it twice.";
+      } else {
+        unanswered = null;
+        error.textContent = describe(err);
+      }
     } finally {
       button.disabled = false;
     }
