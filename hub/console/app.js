@@ -13,6 +13,7 @@ const RETRY_LOGIN = 5000; // ms before a saved token is tried again when the hub
 const COMMAND_NAME = /^[A-Za-z0-9_.-]{1,64}$/; // as the device protocol allows
 const MAX_ARGS_BYTES = 16 * 1024; // the hub refuses larger args (bad_command)
 const CANCELLABLE = new Set(["queued", "sent"]);
+const UNFINISHED = ["queued", "sent", "delivered"];
 const SENDERS = new Set(["operator", "admin"]);
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -287,6 +288,10 @@ async function refreshStatus() {
   $("st-dropped").textContent = `${count(ingest.points_dropped)} dropped`;
   $("st-spool").textContent = bytes(ingest.spool_bytes);
   $("st-spooled").textContent = `${count(ingest.points_spooled)} spooled · ${count(ingest.points_replayed)} replayed`;
+  const commands = s.commands || {};
+  $("st-commands").textContent = count(UNFINISHED.reduce((sum, state) => sum + (commands[state] || 0), 0));
+  $("st-command-states").textContent = Object.entries(commands).map(([state, n]) => `${count(n)} ${state}`)
+    .join(" · ") || "none yet";
   $("st-sink").textContent = ingest.sink_up ? "up" : "down";
   $("st-sink").className = `value ${ingest.sink_up ? "good" : "bad"}`;
   $("st-version").textContent = `hub ${s.version} · up ${duration(s.uptime)}` +
