@@ -328,6 +328,7 @@ export class Connection extends EventTarget {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this._retryTimer);
+    clearInterval(this._heartbeatTimer);
     for (const sub of this._subscriptions) sub.active = false;
     this._subscriptions.clear();
     if (this._ws) {
@@ -372,7 +373,7 @@ const FRAME_HANDLERS = {
  * Connect and authenticate with an operator `token`; resolves to a Connection. Rejects with an AuthError when the
  * hub refuses the token, or a HubError (`cannot_connect`, `timeout`, `unavailable`) when no session opens: the first
  * connection is not retried, so a caller learns at once that the URL or token is wrong.
- * `options`: { reconnect, minDelay, maxDelay, openTimeout, WebSocket } (see DEFAULTS).
+ * `options`: { reconnect, minDelay, maxDelay, openTimeout, heartbeat, WebSocket } (see DEFAULTS).
  */
 export async function connect(url, token, options = {}) {
   const opts = { ...DEFAULTS, ...options };
