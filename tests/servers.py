@@ -535,9 +535,17 @@ class ScriptedWriteServer:
 
 class ConsoleSite:
     """The web console's files (hub/console/) over HTTP on 127.0.0.1 port 0, and /console/config.json naming the
-    control channel that `control_url()` returns at each request. Its `origin` is known at once."""
+    control channel that `control_url()` returns at each request. Its `origin` is known at once.
+
+    Every answer carries the Content-Security-Policy the hub's own HTTP port gives the console (no inline script or
+    style, connections only to its own origin and WebSocket URLs), so a console that breaks it fails here too.
+    """
 
     directory = Path(hub.__file__).parent / "console"
+    content_security_policy = (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+    )
 
     def __init__(self, control_url: Callable[[], str]) -> None:
         site = self
@@ -547,6 +555,11 @@ class ConsoleSite:
 
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, directory=str(site.directory), **kwargs)
+
+            def end_headers(self) -> None:
+                self.send_header("Content-Security-Policy", site.content_security_policy)
+                self.send_header("X-Content-Type-Options", "nosniff")
+                super().end_headers()
 
             def do_GET(self) -> None:
                 if self.path.split("?")[0] != "/console/config.json":

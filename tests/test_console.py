@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,14 +138,27 @@ def browser() -> Iterator[Browser]:
             launched.close()
 
 
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    """A fresh tab (its own sessionStorage) at desktop width."""
-    context = browser.new_context(viewport=DESKTOP)
+@contextmanager
+def new_page(browser: Browser, **options: Any) -> Iterator[Page]:
+    """A fresh tab (its own sessionStorage). The test fails if a script in it throws, or something it loads or does
+    breaks the Content-Security-Policy."""
+    context = browser.new_context(**options)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+    page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text else None)
     try:
-        yield context.new_page()
+        yield page
     finally:
         context.close()
+    assert not problems, problems
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh tab at desktop width."""
+    with new_page(browser, viewport=DESKTOP) as tab:
+        yield tab
 
 
 def refused_origins(console_hub: ConsoleHub) -> int:
@@ -343,29 +357,24 @@ def test_a_page_from_a_foreign_origin_cannot_open_the_control_channel(
 ) -> None:
     """The same console served from an origin not in control.allowed_origins: the hub refuses the handshake."""
     before = refused_origins(console_hub)
-    context = browser.new_context(viewport=DESKTOP)
-    with ConsoleSite(lambda: console_hub.control_url) as foreign:
-        page = context.new_page()
-        try:
-            log_in(page, foreign.origin + "/", console_hub.tokens["alice"])
-            expect(page.locator("#login-error")).to_contain_text("Cannot open the control channel")
-            expect(page.locator("#login-error")).to_contain_text(foreign.origin)
-            expect(page.locator("#fleet-view")).to_be_hidden()
-            page.screenshot(path=tmp_path / "foreign-origin.png", full_page=True)
-            # A plain WebSocket from this page never opens.
-            outcome = page.evaluate(
-                """(url) => new Promise((resolve) => {
-                    const ws = new WebSocket(url);
-                    ws.onopen = () => resolve("open");
-                    ws.onclose = (e) => resolve(`closed ${e.code}`);
-                })""",
-                console_hub.control_url,
-            )
-            assert outcome == "closed 1006"
-            # The hub refused the handshakes for their Origin (403), before any token was looked at.
-            wait_until(lambda: refused_origins(console_hub) >= before + 2, what="the hub's log of the refusals")
-        finally:
-            context.close()
+    with ConsoleSite(lambda: console_hub.control_url) as foreign, new_page(browser, viewport=DESKTOP) as page:
+        log_in(page, foreign.origin + "/", console_hub.tokens["alice"])
+        expect(page.locator("#login-error")).to_contain_text("Cannot open the control channel")
+        expect(page.locator("#login-error")).to_contain_text(foreign.origin)
+        expect(page.locator("#fleet-view")).to_be_hidden()
+        page.screenshot(path=tmp_path / "foreign-origin.png", full_page=True)
+        # A plain WebSocket from this page never opens.
+        outcome = page.evaluate(
+            """(url) => new Promise((resolve) => {
+                const ws = new WebSocket(url);
+                ws.onopen = () => resolve("open");
+                ws.onclose = (e) => resolve(`closed ${e.code}`);
+            })""",
+            console_hub.control_url,
+        )
+        assert outcome == "closed 1006"
+        # The hub refused the handshakes for their Origin (403), before any token was looked at.
+        wait_until(lambda: refused_origins(console_hub) >= before + 2, what="the hub's log of the refusals")
 
 
 def test_hub_client_module_in_a_page_of_its_own(page: Page, console_url: str, console_hub: ConsoleHub) -> None:
@@ -452,14 +461,14 @@ def test_hub_client_notices_a_hub_that_stopped_answering_and_reconnects(
         }""",
         [console_hub.control_url, console_hub.tokens["alice"]],
     )
-    page.wait_for_function("window.seen.points > 0", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => window.seen.points > 0", timeout=TIMEOUT_MS)
     process.signal(signal.SIGSTOP)
     try:
-        page.wait_for_function("window.seen.events.includes('disconnected')", timeout=TIMEOUT_MS)
+        page.wait_for_function("() => window.seen.events.includes('disconnected')", timeout=TIMEOUT_MS)
         assert page.evaluate("window.hub.connected") is False
     finally:
         process.signal(signal.SIGCONT)
-    page.wait_for_function("window.seen.events.includes('ready')", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => window.seen.events.includes('ready')", timeout=TIMEOUT_MS)
     before = page.evaluate("window.seen.points")
     page.wait_for_function("(n) => window.seen.points > n", arg=before, timeout=TIMEOUT_MS)
     assert page.evaluate("window.hub.request('ping').then(() => 'pong')") == "pong"
@@ -468,9 +477,7 @@ def test_hub_client_notices_a_hub_that_stopped_answering_and_reconnects(
 
 def test_phone_width(browser: Browser, console_url: str, console_hub: ConsoleHub, fleet: None, tmp_path: Path) -> None:
     """At a phone's width nothing needs sideways scrolling, and the send form is there for an operator."""
-    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2)
-    try:
-        page = context.new_page()
+    with new_page(browser, viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2) as page:
         log_in(page, console_url, console_hub.tokens["alice"])
         expect(fleet_row(page, "sim-0001")).to_have_attribute("data-state", "online")
         page.screenshot(path=tmp_path / "fleet-phone.png", full_page=True)
@@ -483,8 +490,6 @@ def test_phone_width(browser: Browser, console_url: str, console_hub: ConsoleHub
         expect(page.locator('#commands tbody tr[data-state="succeeded"]').first).to_be_visible()
         page.screenshot(path=tmp_path / "device-phone.png", full_page=True)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-    finally:
-        context.close()
 
 
 def test_the_console_reconnects_and_subscribes_again_after_a_hub_restart(
