@@ -82,8 +82,9 @@ def _banner(config: HubConfig, handle: HubHandle, control_url: str, operator_tok
     if handle.metrics_port is not None:
         lines[0] += f"; metrics: http://{config.metrics.http_host}:{handle.metrics_port}/metrics"
         http_host = "127.0.0.1" if config.metrics.http_host in ("0.0.0.0", "") else config.metrics.http_host
+        web = "https" if config.tls.enabled else "http"  # the HTTP port serves the hub's certificate too
         lines += [
-            f"web console: http://{http_host}:{handle.metrics_port}/",
+            f"web console: {web}://{http_host}:{handle.metrics_port}/",
             f"  log in with the demo's operator token: {operator_token}",
         ]
     ca = f" --ca-file {shlex.quote(config.tls.cert_file)}" if config.tls.enabled else ""
