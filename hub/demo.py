@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
+import re
 import shlex
 import signal
 import sys
-from pathlib import Path
 
 import trio
 
@@ -18,7 +17,7 @@ from hub.config import HubConfig
 from hub.control import CONTROL_PATH
 from hub.fleet import DeviceExists, OperatorExists, RegistryStore, open_registry_store
 
-__all__ = ["DEMO_OPERATOR", "OPERATOR_TOKEN_FILE", "SIM_NAME", "demo_operator_token", "register_devices", "run_demo"]
+__all__ = ["DEMO_OPERATOR", "SIM_NAME", "add_demo_operator", "register_devices", "run_demo"]
 
 #: Seconds between progress lines.
 PROGRESS_EVERY = 2.0
@@ -26,10 +25,10 @@ PROGRESS_EVERY = 2.0
 DEMO_INTERVAL = 1.0
 #: Names of the simulated devices: sim-0001, sim-0002, ...
 SIM_NAME = "sim-{:04d}"
-#: The demo's own operator (role operator), for the web console: "demo", or "demo-2", ... if that name is taken.
+#: The demo's own operator (role operator), for the web console and hubctl: "demo", then "demo-2", ... Its token is
+#: printed, never stored, and revoked when the demo ends.
 DEMO_OPERATOR = "demo"
-#: The file in the data directory that keeps the demo operator's token (the registry keeps only its hash).
-OPERATOR_TOKEN_FILE = "demo-operator.token"
+_DEMO_OPERATOR_NAME = re.compile(r"demo(-[0-9]+)?")
 
 
 async def register_devices(registry: RegistryStore, count: int) -> list[str]:
@@ -44,26 +43,22 @@ async def register_devices(registry: RegistryStore, count: int) -> list[str]:
     return tokens
 
 
-async def demo_operator_token(registry: RegistryStore, data_dir: Path) -> str:
-    """A token the registry accepts for an operator: the one an earlier demo saved in `data_dir`, or else a new
-    operator's (saved there, mode 0600, for the next demo)."""
-    path = data_dir / OPERATOR_TOKEN_FILE
-    try:
-        saved = path.read_text().strip()
-    except FileNotFoundError:
-        saved = ""
-    if saved and (found := await registry.authenticate_operator(saved)) is not None and found[1] != "viewer":
-        return saved
+async def add_demo_operator(registry: RegistryStore) -> tuple[str, str]:
+    """Revoke the operators earlier demos left active (a demo killed before it could), then add this demo's:
+    `demo`, or `demo-2`, `demo-3`, ... (names are never reused). Returns its name and token."""
+    known = await registry.list_operators()
+    for record in known:
+        if _DEMO_OPERATOR_NAME.fullmatch(record.name) and not record.revoked:
+            await registry.revoke_operator(record.name)
+    taken = {record.name for record in known}
     for n in itertools.count(1):
-        try:
-            token = await registry.add_operator(DEMO_OPERATOR if n == 1 else f"{DEMO_OPERATOR}-{n}", "operator")
-        except OperatorExists:  # revoked, or made by hand: names are never reused
+        name = DEMO_OPERATOR if n == 1 else f"{DEMO_OPERATOR}-{n}"
+        if name in taken:
             continue
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # a file left from before keeps its mode otherwise
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        return token
+        try:
+            return name, await registry.add_operator(name, "operator")
+        except OperatorExists:  # added meanwhile by another process
+            continue
     raise AssertionError("unreachable")
 
 
@@ -85,7 +80,7 @@ def _banner(config: HubConfig, handle: HubHandle, control_url: str, operator_tok
         web = "https" if config.tls.enabled else "http"  # the HTTP port serves the hub's certificate too
         lines += [
             f"web console: {web}://{http_host}:{handle.metrics_port}/",
-            f"  log in with the demo's operator token: {operator_token}",
+            f"  log in with the demo's operator token (valid until the demo stops): {operator_token}",
         ]
     ca = f" --ca-file {shlex.quote(config.tls.cert_file)}" if config.tls.enabled else ""
     registry = f"--data-dir {shlex.quote(config.storage.data_dir)}"
@@ -103,7 +98,19 @@ async def _demo(config: HubConfig, devices: int, duration: float) -> None:
     config.storage.path.mkdir(parents=True, exist_ok=True)
     async with open_registry_store(config.state, config.storage.path) as registry:
         tokens = await register_devices(registry, devices)
-        operator_token = await demo_operator_token(registry, config.storage.path)
+        operator, operator_token = await add_demo_operator(registry)
+    try:
+        await _run(config, devices, duration, tokens, operator_token)
+    finally:
+        with trio.CancelScope(shield=True):  # even while the demo is cancelled: the token must not outlive it
+            try:
+                async with open_registry_store(config.state, config.storage.path) as registry:
+                    await registry.revoke_operator(operator)
+            except Exception as exc:  # the next demo revokes it; meanwhile, say so
+                print(f"hub: could not revoke the demo's operator {operator!r}: {exc}", file=sys.stderr)
+
+
+async def _run(config: HubConfig, devices: int, duration: float, tokens: list[str], operator_token: str) -> None:
     async with trio.open_nursery() as nursery:
         handle: HubHandle = await nursery.start(serve, config)
         host = "127.0.0.1" if config.server.host in ("0.0.0.0", "") else config.server.host

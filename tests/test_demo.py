@@ -91,13 +91,16 @@ def test_demo_runs_beside_a_hub_and_names_the_control_and_console_urls_and_opera
         control = re.search(r"control channel: (ws://127\.0\.0\.1:(\d+)/v1/control)", text)
         metrics = re.search(r"metrics: http://127\.0\.0\.1:(\d+)/metrics", text)
         console = re.search(r"^web console: http://127\.0\.0\.1:(\d+)/$", text, re.MULTILINE)
-        ready = re.search(r"^  log in with the demo's operator token: (op\.demo\.\S+)$", text, re.MULTILINE)
+        ready = re.search(
+            r"^  log in with the demo's operator token \(valid until the demo stops\): (op\.demo\.\S+)$",
+            text,
+            re.MULTILINE,
+        )
         add = re.search(r"^\s*(hub operator add NAME --role operator --data-dir \S+)", text, re.MULTILINE)
         ctl = re.search(r"^\s*HUBCTL_TOKEN=TOKEN (hubctl --url \S+ status)", text, re.MULTILINE)
         assert control and metrics and console and ready and add and ctl, text
         assert int(control.group(2)) != HubConfig().server.port
         assert console.group(1) == metrics.group(1)  # the console is served on the hub's HTTP port
-        assert (data / "demo-operator.token").stat().st_mode & 0o777 == 0o600
         bin_dir = Path(sys.executable).parent
         argv = shlex.split(ctl.group(1))
         env = {**os.environ, "HUBCTL_TOKEN": ready.group(1)}
@@ -124,23 +127,26 @@ def test_demo_runs_beside_a_hub_and_names_the_control_and_console_urls_and_opera
             demo.kill()
             demo.communicate()
     assert demo.returncode == 0
+    listed = run_hub("operator", "list", "--data-dir", str(data)).stdout
+    assert re.search(r"^demo\b.*revoked", listed, re.MULTILINE), listed  # its token ended with the demo
 
 
-def test_demo_keeps_its_operator_token_for_the_next_run(tmp_path: Path) -> None:
-    """The registry keeps only a hash: the demo saves its operator's token and prints the same one next time."""
+def test_each_demo_has_an_operator_of_its_own_revoked_when_it_ends(tmp_path: Path) -> None:
+    """The registry keeps only a hash, so each demo adds an operator (demo, demo-2, ...) and prints its token, which
+    is revoked when the demo ends: no token is kept anywhere."""
 
     def printed_token() -> str:
         result = run_hub("demo", "--devices", "1", "--duration", "1", "--data-dir", str(data), timeout=120)
         assert result.returncode == 0, result.stderr
-        found = re.search(r"operator token: (op\.\S+)", result.stdout)
+        found = re.search(r"operator token \(valid until the demo stops\): (op\.\S+)", result.stdout)
         assert found, result.stdout
         return found.group(1)
 
     data = tmp_path / "hub"
-    first = printed_token()
-    assert printed_token() == first
-    assert run_hub("operator", "revoke", "demo", "--data-dir", str(data)).returncode == 0
-    third = printed_token()
-    assert third.startswith("op.demo-2.")  # names are never reused
+    assert printed_token().startswith("op.demo.")
+    assert printed_token().startswith("op.demo-2.")
     listed = run_hub("operator", "list", "--data-dir", str(data)).stdout
-    assert re.search(r"demo\b.*revoked", listed) and re.search(r"demo-2\b.*active", listed), listed
+    assert re.search(r"^demo\b.*revoked", listed, re.MULTILINE), listed
+    assert re.search(r"^demo-2\b.*revoked", listed, re.MULTILINE), listed
+    stored = b"".join(f.read_bytes() for f in data.rglob("*") if f.is_file())
+    assert b"op.demo" not in stored
