@@ -471,7 +471,8 @@ function renderCommands(page) {
     return el("tr", { dataset: { command: r.command_id, state: r.state } },
       el("td", { title: r.command_id, class: "nowrap" }, clock(r.created)),
       el("td", {}, el("code", {}, r.name), " ", el("span", { class: "args" }, compact(r.args ?? {}, 60))),
-      el("td", {}, el("span", { class: `state state-${r.state}` }, r.state), el("div", { class: "trail" }, trail)),
+      el("td", {}, el("span", { class: `state state-${r.state}` }, r.state), el("div", { class: "trail" }, trail),
+        outcome ? el("div", { class: "outcome narrow-only" }, outcome) : null), // the Result column's, on a phone
       el("td", { class: "wide outcome" }, outcome),
       el("td", {}, cancel));
   });
