@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
 import shlex
 import signal
 import sys
@@ -13,9 +15,9 @@ from firmware_sim.fleet import FleetTotals, run_fleet
 from hub.app import HubHandle, serve, start_error
 from hub.config import HubConfig
 from hub.control import CONTROL_PATH
-from hub.fleet import DeviceExists, RegistryStore, open_registry_store
+from hub.fleet import DeviceExists, OperatorExists, RegistryStore, open_registry_store
 
-__all__ = ["SIM_NAME", "register_devices", "run_demo"]
+__all__ = ["DEMO_OPERATOR", "SIM_NAME", "add_demo_operator", "register_devices", "run_demo"]
 
 #: Seconds between progress lines.
 PROGRESS_EVERY = 2.0
@@ -23,6 +25,10 @@ PROGRESS_EVERY = 2.0
 DEMO_INTERVAL = 1.0
 #: Names of the simulated devices: sim-0001, sim-0002, ...
 SIM_NAME = "sim-{:04d}"
+#: The demo's own operator (role operator), for the web console and hubctl: "demo", then "demo-2", ... Its token is
+#: printed, never stored, and revoked when the demo ends.
+DEMO_OPERATOR = "demo"
+_DEMO_OPERATOR_NAME = re.compile(r"demo(-[0-9]+)?")
 
 
 async def register_devices(registry: RegistryStore, count: int) -> list[str]:
@@ -37,6 +43,25 @@ async def register_devices(registry: RegistryStore, count: int) -> list[str]:
     return tokens
 
 
+async def add_demo_operator(registry: RegistryStore) -> tuple[str, str]:
+    """Revoke the operators earlier demos left active (a demo killed before it could), then add this demo's:
+    `demo`, or `demo-2`, `demo-3`, ... (names are never reused). Returns its name and token."""
+    known = await registry.list_operators()
+    for record in known:
+        if _DEMO_OPERATOR_NAME.fullmatch(record.name) and not record.revoked:
+            await registry.revoke_operator(record.name)
+    taken = {record.name for record in known}
+    for n in itertools.count(1):
+        name = DEMO_OPERATOR if n == 1 else f"{DEMO_OPERATOR}-{n}"
+        if name in taken:
+            continue
+        try:
+            return name, await registry.add_operator(name, "operator")
+        except OperatorExists:  # added meanwhile by another process
+            continue
+    raise AssertionError("unreachable")
+
+
 def _progress_line(handle: HubHandle, totals: FleetTotals) -> str:
     s = handle.stats
     return (
@@ -46,17 +71,23 @@ def _progress_line(handle: HubHandle, totals: FleetTotals) -> str:
     )
 
 
-def _banner(config: HubConfig, handle: HubHandle, control_url: str) -> str:
-    """Where the control channel and the metrics are, and how to get a token for `hubctl`."""
+def _banner(config: HubConfig, handle: HubHandle, control_url: str, operator_token: str) -> str:
+    """Where the control channel, the metrics and the web console are, and the tokens for them."""
     lines = [f"control channel: {control_url}"]
     if handle.metrics_port is not None:
         lines[0] += f"; metrics: http://{config.metrics.http_host}:{handle.metrics_port}/metrics"
+        http_host = "127.0.0.1" if config.metrics.http_host in ("0.0.0.0", "") else config.metrics.http_host
+        web = "https" if config.tls.enabled else "http"  # the HTTP port serves the hub's certificate too
+        lines += [
+            f"web console: {web}://{http_host}:{handle.metrics_port}/",
+            f"  log in with the demo's operator token (valid until the demo stops): {operator_token}",
+        ]
     ca = f" --ca-file {shlex.quote(config.tls.cert_file)}" if config.tls.enabled else ""
     registry = f"--data-dir {shlex.quote(config.storage.data_dir)}"
     if config.state.backend == "redis":
         registry = "--config FILE"  # FILE: the config whose [state] names this Redis
     lines += [
-        "hubctl needs an operator token; in another terminal:",
+        "hubctl needs an operator token (the demo's will do); more operators, in another terminal:",
         f"  hub operator add NAME --role operator {registry}   # prints the token once",
         f"  HUBCTL_TOKEN=TOKEN hubctl --url {control_url}{ca} status",
     ]
@@ -67,6 +98,19 @@ async def _demo(config: HubConfig, devices: int, duration: float) -> None:
     config.storage.path.mkdir(parents=True, exist_ok=True)
     async with open_registry_store(config.state, config.storage.path) as registry:
         tokens = await register_devices(registry, devices)
+        operator, operator_token = await add_demo_operator(registry)
+    try:
+        await _run(config, devices, duration, tokens, operator_token)
+    finally:
+        with trio.CancelScope(shield=True):  # even while the demo is cancelled: the token must not outlive it
+            try:
+                async with open_registry_store(config.state, config.storage.path) as registry:
+                    await registry.revoke_operator(operator)
+            except Exception as exc:  # the next demo revokes it; meanwhile, say so
+                print(f"hub: could not revoke the demo's operator {operator!r}: {exc}", file=sys.stderr)
+
+
+async def _run(config: HubConfig, devices: int, duration: float, tokens: list[str], operator_token: str) -> None:
     async with trio.open_nursery() as nursery:
         handle: HubHandle = await nursery.start(serve, config)
         host = "127.0.0.1" if config.server.host in ("0.0.0.0", "") else config.server.host
@@ -79,7 +123,8 @@ async def _demo(config: HubConfig, devices: int, duration: float) -> None:
             scheme, trust = "ws", {"allow_insecure": True}
         url = f"{scheme}://{host}:{handle.port}/v1/device"
         print(f"hub listening on {url}; storage: {handle.sink.description}", flush=True)
-        print(_banner(config, handle, f"{scheme}://{host}:{handle.port}{CONTROL_PATH}"), flush=True)
+        control_url = f"{scheme}://{host}:{handle.port}{CONTROL_PATH}"
+        print(_banner(config, handle, control_url, operator_token), flush=True)
         print(f"{devices} simulated devices report every ~{DEMO_INTERVAL:g}s; Ctrl-C stops", flush=True)
         stop = trio.Event()
 

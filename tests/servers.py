@@ -1,5 +1,5 @@
 """Servers for tests, on loopback: real VictoriaMetrics, InfluxDB 1.x and Redis, a scripted HTTP write endpoint, a
-scripted device hub (`FakeHub`)."""
+scripted device hub (`FakeHub`), a static site serving the web console (`ConsoleSite`)."""
 
 from __future__ import annotations
 
@@ -46,12 +46,14 @@ from device_client.protocol import (
     decode,
     encode,
 )
+from hub.web import CONSOLE_DIR, CONTENT_SECURITY_POLICY
 from tests.wire import http_get, http_post
 
 __all__ = [
     "FAST",
     "TS",
     "Conn",
+    "ConsoleSite",
     "FakeHub",
     "HAProxy",
     "InfluxDB1",
@@ -529,6 +531,62 @@ class ScriptedWriteServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class ConsoleSite:
+    """The web console's files (hub/console/) over HTTP on 127.0.0.1 port 0, and /console/config.json naming the
+    control channel that `control_url()` returns at each request: a site of a foreign origin (the hub serves the
+    console itself). Its `origin` is known at once.
+
+    Every answer carries the Content-Security-Policy the hub's own HTTP port gives the console (no inline script or
+    style, connections only to its own origin and WebSocket URLs), so a console that breaks it fails here too.
+    """
+
+    directory = CONSOLE_DIR
+    content_security_policy = CONTENT_SECURITY_POLICY
+
+    def __init__(self, control_url: Callable[[], str]) -> None:
+        site = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript"}
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, directory=str(site.directory), **kwargs)
+
+            def end_headers(self) -> None:
+                self.send_header("Content-Security-Policy", site.content_security_policy)
+                self.send_header("X-Content-Type-Options", "nosniff")
+                super().end_headers()
+
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/console/config.json":
+                    super().do_GET()
+                    return
+                body = json.dumps({"control_url": control_url()}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.origin = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> ConsoleSite:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
 
 
 # ---------------------------------------------------------------------------- a scripted device hub

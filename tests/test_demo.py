@@ -72,10 +72,11 @@ def default_ports_taken() -> Iterator[None]:
         yield
 
 
-def test_demo_runs_beside_a_hub_and_names_the_control_url_and_the_operator_token(
+def test_demo_runs_beside_a_hub_and_names_the_control_and_console_urls_and_operator_tokens(
     tmp_path: Path, default_ports_taken: None
 ) -> None:
-    """With the default ports taken, the demo takes free ones; its banner is enough to use hubctl on it."""
+    """With the default ports taken, the demo takes free ones; its banner is enough to use hubctl and the console:
+    the console's URL on the hub's HTTP port and a working operator token."""
     data = tmp_path / "data"
     cmd = [sys.executable, "-m", "hub.cli", "demo", "--devices", "2", "--data-dir", str(data)]
     demo = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
@@ -88,12 +89,25 @@ def test_demo_runs_beside_a_hub_and_names_the_control_url_and_the_operator_token
                 break
         text = "\n".join(banner)
         control = re.search(r"control channel: (ws://127\.0\.0\.1:(\d+)/v1/control)", text)
-        metrics = re.search(r"metrics: (http://127\.0\.0\.1:\d+/metrics)", text)
+        metrics = re.search(r"metrics: http://127\.0\.0\.1:(\d+)/metrics", text)
+        console = re.search(r"^web console: http://127\.0\.0\.1:(\d+)/$", text, re.MULTILINE)
+        ready = re.search(
+            r"^  log in with the demo's operator token \(valid until the demo stops\): (op\.demo\.\S+)$",
+            text,
+            re.MULTILINE,
+        )
         add = re.search(r"^\s*(hub operator add NAME --role operator --data-dir \S+)", text, re.MULTILINE)
         ctl = re.search(r"^\s*HUBCTL_TOKEN=TOKEN (hubctl --url \S+ status)", text, re.MULTILINE)
-        assert control and metrics and add and ctl, text
+        assert control and metrics and console and ready and add and ctl, text
         assert int(control.group(2)) != HubConfig().server.port
+        assert console.group(1) == metrics.group(1)  # the console is served on the hub's HTTP port
         bin_dir = Path(sys.executable).parent
+        argv = shlex.split(ctl.group(1))
+        env = {**os.environ, "HUBCTL_TOKEN": ready.group(1)}
+        status = subprocess.run(
+            [str(bin_dir / argv[0]), *argv[1:]], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert status.returncode == 0, status.stderr  # the demo's token works as printed
         argv = shlex.split(add.group(1).replace("NAME", "alice"))
         token = subprocess.run(
             [str(bin_dir / argv[0]), *argv[1:]], capture_output=True, text=True, check=True, timeout=60
@@ -113,3 +127,26 @@ def test_demo_runs_beside_a_hub_and_names_the_control_url_and_the_operator_token
             demo.kill()
             demo.communicate()
     assert demo.returncode == 0
+    listed = run_hub("operator", "list", "--data-dir", str(data)).stdout
+    assert re.search(r"^demo\b.*revoked", listed, re.MULTILINE), listed  # its token ended with the demo
+
+
+def test_each_demo_has_an_operator_of_its_own_revoked_when_it_ends(tmp_path: Path) -> None:
+    """The registry keeps only a hash, so each demo adds an operator (demo, demo-2, ...) and prints its token, which
+    is revoked when the demo ends: no token is kept anywhere."""
+
+    def printed_token() -> str:
+        result = run_hub("demo", "--devices", "1", "--duration", "1", "--data-dir", str(data), timeout=120)
+        assert result.returncode == 0, result.stderr
+        found = re.search(r"operator token \(valid until the demo stops\): (op\.\S+)", result.stdout)
+        assert found, result.stdout
+        return found.group(1)
+
+    data = tmp_path / "hub"
+    assert printed_token().startswith("op.demo.")
+    assert printed_token().startswith("op.demo-2.")
+    listed = run_hub("operator", "list", "--data-dir", str(data)).stdout
+    assert re.search(r"^demo\b.*revoked", listed, re.MULTILINE), listed
+    assert re.search(r"^demo-2\b.*revoked", listed, re.MULTILINE), listed
+    stored = b"".join(f.read_bytes() for f in data.rglob("*") if f.is_file())
+    assert b"op.demo" not in stored

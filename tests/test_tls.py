@@ -519,6 +519,7 @@ def test_demo_over_tls(tmp_path: Path) -> None:
     result = run_hub(*args, "--tls-cert", str(issued.cert_file), "--tls-key", str(issued.key_file), timeout=120)
     assert result.returncode == 0, result.stderr
     assert "hub listening on wss://127.0.0.1:" in result.stdout
+    assert re.search(r"^web console: https://127\.0\.0\.1:\d+/$", result.stdout, re.MULTILINE), result.stdout
     match = re.search(r"done: all (\d+) points acked and durable", result.stdout)
     assert match and int(match.group(1)) > 0, result.stdout
 
