@@ -636,7 +636,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
-        return 130
+        return _interrupted()
+    except BaseExceptionGroup as group:
+        if group.split(KeyboardInterrupt)[1] is not None:  # something else went wrong too
+            raise
+        return _interrupted()  # a second Ctrl-C landed in one of the tasks
+
+
+def _interrupted() -> int:
+    """A second Ctrl-C (or SIGINT) cut the graceful stop short: say so in one line; the shell's code for SIGINT."""
+    print("hub: interrupted: stopped without finishing the graceful shutdown", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ from device_client.protocol import Command as DeviceCommand
 from device_client.protocol import CommandAck, CommandResult
 from hub.app import HubHandle
 from hub.cli import _config, build_parser
-from hub.config import ConfigError, check_origin
+from hub.config import ConfigError, StateConfig, check_origin
 from hub.control import CONTROL_PATH, REQUESTS, spec_for
+from hub.fleet import open_registry_store
 from hub.web import ENDPOINTS, HTTP_CODES, MAX_WAITS, OPENAPI_PATH, STATUS, RestApi, openapi, serve_asgi, web_app
 from tests.hubtools import add_devices, add_operators, connect, control, hello, hub_config, receive, start_hub
+from tests.servers import Redis
 from tests.test_tls import tls_hub
 from tests.waiting import eventually
 from tests.wire import open_tcp, read_head
@@ -441,3 +443,28 @@ async def test_sends_with_wait_in_progress_are_bounded_per_operator(tmp_path: Pa
         unwaited = await web.post("/v1/commands", "operator", json={**body, "wait": False})
         assert unwaited.status_code == 202
         nursery.cancel_scope.cancel()
+
+
+async def test_a_request_that_needs_an_unreachable_redis_answers_503_and_works_again_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    redis = Redis(tmp_path / "redis", persistent=True)  # the registry must survive the restart
+    redis.start()
+    try:
+        async with open_registry_store(StateConfig(backend="redis", url=redis.url), tmp_path / "unused") as store:
+            token = await store.add_operator("alice", "viewer")
+        config = hub_config(tmp_path / "hub", **{"state.backend": "redis", "state.url": redis.url})
+        async with trio.open_nursery() as nursery:
+            hub = await start_hub(nursery, config)
+            headers = {"authorization": f"Bearer {token}"}
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{hub.metrics_port}", timeout=30) as http:
+                assert (await http.get("/v1/devices", headers=headers)).status_code == 200
+                await trio.to_thread.run_sync(redis.stop)
+                refused = await http.get("/v1/devices", headers=headers)  # the token is known from the cache
+                assert (refused.status_code, error(refused)) == (503, "unavailable")
+                assert int(refused.headers["retry-after"]) >= 1
+                await trio.to_thread.run_sync(redis.start)
+                assert (await http.get("/v1/devices", headers=headers)).status_code == 200
+            hub.stop()
+    finally:
+        redis.stop()
