@@ -8,6 +8,7 @@ import re
 import shlex
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -111,6 +112,38 @@ async def _demo(config: HubConfig, devices: int, duration: float) -> None:
 
 
 async def _run(config: HubConfig, devices: int, duration: float, tokens: list[str], operator_token: str) -> None:
+    stop = trio.Event()
+    totals: FleetTotals | None = None
+    # Caught for the whole run: the first SIGINT/SIGTERM stops the fleet gracefully, a second cuts it all short (a
+    # signal left to Python would raise KeyboardInterrupt in whichever task runs, mid-close).
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as watching:
+            watching.start_soon(_watch_signals, signals, stop, watching.cancel_scope)
+            totals = await _hub_and_fleet(config, devices, duration, tokens, operator_token, stop)
+            watching.cancel_scope.cancel()
+    if totals is None:
+        print("interrupted: stopped without waiting for the devices and the hub to finish", flush=True)
+    elif totals.points_acked == totals.points_sent:
+        print(f"done: all {totals.points_acked} points acked and durable", flush=True)
+    else:
+        print(f"done: {totals.points_sent - totals.points_acked} points not acked (see the log)", flush=True)
+
+
+async def _watch_signals(signals: AsyncIterator[int], stop: trio.Event, everything: trio.CancelScope) -> None:
+    async for _ in signals:
+        if stop.is_set():
+            everything.cancel()
+            return
+        print("stopping: devices flush their outboxes, then the hub drains (Ctrl-C again: at once)", flush=True)
+        stop.set()
+
+
+async def _hub_and_fleet(
+    config: HubConfig, devices: int, duration: float, tokens: list[str], operator_token: str, stop: trio.Event
+) -> FleetTotals | None:
+    """Run the hub and the fleet until the fleet ends (its duration, or `stop`); the fleet's totals. None if
+    cancelled (a second signal) before it ended."""
+    totals: FleetTotals | None = None
     async with trio.open_nursery() as nursery:
         handle: HubHandle = await nursery.start(serve, config)
         host = "127.0.0.1" if config.server.host in ("0.0.0.0", "") else config.server.host
@@ -126,34 +159,19 @@ async def _run(config: HubConfig, devices: int, duration: float, tokens: list[st
         control_url = f"{scheme}://{host}:{handle.port}{CONTROL_PATH}"
         print(_banner(config, handle, control_url, operator_token), flush=True)
         print(f"{devices} simulated devices report every ~{DEMO_INTERVAL:g}s; Ctrl-C stops", flush=True)
-        stop = trio.Event()
-
-        async def watch_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    print("stopping: devices flush their outboxes, then the hub drains", flush=True)
-                    stop.set()
-                    return
-
-        async with trio.open_nursery() as fleet:
-            fleet.start_soon(watch_signals)
-            totals = await run_fleet(
-                url,
-                tokens,
-                interval=DEMO_INTERVAL,
-                duration=duration or None,
-                stop=stop,
-                progress=lambda t: print(_progress_line(handle, t), flush=True),
-                progress_every=PROGRESS_EVERY,
-                client_options=trust,
-            )
-            fleet.cancel_scope.cancel()
+        totals = await run_fleet(
+            url,
+            tokens,
+            interval=DEMO_INTERVAL,
+            duration=duration or None,
+            stop=stop,
+            progress=lambda t: print(_progress_line(handle, t), flush=True),
+            progress_every=PROGRESS_EVERY,
+            client_options=trust,
+        )
         handle.stop()
     print(_progress_line(handle, totals), flush=True)
-    if totals.points_acked == totals.points_sent:
-        print(f"done: all {totals.points_acked} points acked and durable", flush=True)
-    else:
-        print(f"done: {totals.points_sent - totals.points_acked} points not acked (see the log)", flush=True)
+    return totals
 
 
 def run_demo(config: HubConfig, *, devices: int, duration: float) -> int:

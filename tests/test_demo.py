@@ -152,8 +152,8 @@ def test_each_demo_has_an_operator_of_its_own_revoked_when_it_ends(tmp_path: Pat
     assert b"op.demo" not in stored
 
 
-def test_a_second_ctrl_c_stops_the_demo_with_one_line(tmp_path: Path) -> None:
-    """Ctrl-C twice: the first starts the graceful stop, the second cuts it short; either way no traceback."""
+def test_a_second_ctrl_c_stops_the_demo_at_once_without_a_traceback(tmp_path: Path) -> None:
+    """Ctrl-C twice: the first starts the graceful stop, the second cuts it short, with one line and no traceback."""
     cmd = [sys.executable, "-m", "hub.cli", "demo", "--devices", "20", "--data-dir", str(tmp_path / "hub")]
     demo = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
@@ -166,12 +166,13 @@ def test_a_second_ctrl_c_stops_the_demo_with_one_line(tmp_path: Path) -> None:
             if line.startswith("stopping:"):
                 break
         demo.send_signal(signal.SIGINT)  # while the devices flush and the hub drains
-        _, stderr = demo.communicate(timeout=60)
+        stdout, stderr = demo.communicate(timeout=60)
     finally:
         if demo.poll() is None:
             demo.kill()
             demo.communicate()
     assert "Traceback" not in stderr, stderr
-    assert demo.returncode in (0, 130), stderr
-    if demo.returncode == 130:
-        assert "hub: interrupted: stopped without finishing the graceful shutdown" in stderr, stderr
+    assert demo.returncode == 0, stderr
+    last = stdout.splitlines()[-1]
+    # Cut short; or, on a machine quick enough, already done when the second signal came.
+    assert last.startswith(("interrupted: stopped without waiting", "done: all")), stdout
