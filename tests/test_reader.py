@@ -73,7 +73,9 @@ def same_as_reference(text: str, limits: Limits = DEFAULT_LIMITS) -> Batch | Non
     st.booleans(),
     st.sampled_from([DEFAULT_LIMITS, SMALL]),
 )
-def test_reader_decides_as_the_reference(points: list[dict[str, Any]], ascii_only: bool, spaced: bool, limits: Limits) -> None:
+def test_reader_decides_as_the_reference(
+    points: list[dict[str, Any]], ascii_only: bool, spaced: bool, limits: Limits
+) -> None:
     same_as_reference(frame(points, ascii_only=ascii_only, spaced=spaced), limits)
 
 
