@@ -220,3 +220,15 @@ def test_hub_connection_with_the_reader_answers_as_without() -> None:
             assert (a.error.code, a.error.seq, a.frame) == (b.error.code, b.error.seq, b.frame)
         else:
             assert a == b
+
+
+_NUMBER = st.from_regex(r"-?(0|[1-9][0-9]{0,24})(\.[0-9]{1,40})?([eE][+-]?[0-9]{1,3})?", fullmatch=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_NUMBER, min_size=1, max_size=4))
+def test_number_literals_read_as_the_reference_reads_them(literals: list[str]) -> None:
+    # Long, inexact and huge literals: the same float or int (or the same refusal) as json and orjson give.
+    fields = ",".join(f'"f{i}":{literal}' for i, literal in enumerate(literals))
+    text = f'{{"type":"telemetry","seq":1,"points":[{{"measurement":"m","ts":{TS},"fields":{{{fields}}}}}]}}'
+    same_as_reference(text)
