@@ -130,6 +130,8 @@ class _Refused(Exception):
 class TelemetryReader:
     """Reads one device session's telemetry frames into line protocol, with its series and field-key caches."""
 
+    __slots__ = ("_cache_size", "_decode", "_field_keys", "_prefixes", "device", "limits")
+
     def __init__(self, device: str, limits: Limits, cache_size: int = _CACHE_MAX) -> None:
         self.device = device
         self.limits = limits
