@@ -20,13 +20,16 @@ def py_spy() -> str | None:
     return shutil.which("py-spy")
 
 
-def record(pid: int, seconds: float, out: Path, rate: int = 100) -> subprocess.Popen[bytes]:
-    """Start sampling `pid` for `seconds` into `out` (collapsed stacks, thread names first); returns the process."""
+def record(pid: int, seconds: float, out: Path, rate: int = 100, gil: bool = False) -> subprocess.Popen[bytes]:
+    """Start sampling `pid` for `seconds` into `out` (collapsed stacks, thread names first); returns the process.
+
+    `gil`: only samples of the thread holding the GIL (py-spy `--gil`), so the threads' shares are their GIL shares.
+    """
     exe = py_spy()
     if exe is None:
         raise FileNotFoundError("py-spy is not installed: pip install -e '.[bench]'")
     args = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", str(rate)]
-    args += ["--format", "raw", "--threads", "--output", str(out)]
+    args += ["--format", "raw", "--threads", "--output", str(out), *(["--gil"] if gil else [])]
     log = out.with_suffix(".log").open("wb")
     try:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -90,6 +90,7 @@ class Plan:
     profile_devices: int = 1000
     profile_points: int = 10
     profile_seconds: float = 15.0
+    profile_gil: bool = False  # py-spy --gil: only samples of the thread holding the GIL (who holds it, how long)
     surge_devices: int = 15000  # connecting all at once
     surge_busy: bool = True  # also with a CPU hog beside them
     surge_targets: tuple[str, ...] = ("hub", "transport")
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", type=_combos, metavar="DxP", help="load while profiling (default 1000x10)")
     p.add_argument("--profile-seconds", type=float, metavar="S", help="py-spy sampling time")
+    p.add_argument("--profile-gil", action="store_true", help="sample only the thread holding the GIL (py-spy --gil)")
     p.add_argument("--workers-ingest", type=_combos, metavar="DxP,...", help="loads of the workers scenario")
     p.add_argument("--workers", type=_ints, metavar="N,...", help="--workers counts on Redis (default 1,2)")
     p.add_argument("--workers-rounds", type=int, metavar="N", help="times each workers combination runs")
@@ -210,6 +212,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         changes["surge_busy"] = args.surge_busy == "yes"
     if args.profile_seconds is not None:
         changes["profile_seconds"] = args.profile_seconds
+    if args.profile_gil:
+        changes["profile_gil"] = True
     if args.profile:
         changes["profile_devices"], changes["profile_points"] = args.profile[0]
     if args.hub_arg:
@@ -963,7 +967,7 @@ class Bench(EdgeScenarios, ClusterScenarios):
                 await self.ready(gens, devices)
                 await self.go(gens)
                 await trio.sleep(1.0)
-                spy = profile.record(t.pid, plan.profile_seconds, raw)
+                spy = profile.record(t.pid, plan.profile_seconds, raw, gil=plan.profile_gil)
                 try:
                     results = [await g.expect("result", plan.profile_seconds + DRAIN_TIMEOUT + 60) for g in gens]
                     with trio.move_on_after(30):
@@ -986,6 +990,7 @@ class Bench(EdgeScenarios, ClusterScenarios):
             "points_per_message": points,
             "points_per_s": r["acked_points"] / elapsed,
             "seconds": plan.profile_seconds,
+            "gil": plan.profile_gil,
             "raw_file": str(raw),
             "main_thread_percent": 100 * summary["threads"].get("main", 0) / samples if samples else None,
             **summary,

@@ -37,7 +37,7 @@ from hub.fleet import (
     RegistryStore,
     StoreUnavailable,
 )
-from hub.ingest import LineBuilder, Pipeline
+from hub.ingest import Batch, LineBuilder, Pipeline, TelemetryReader, reader_available
 from hub.ratelimit import DeviceRate, Rate, Throttle, Verdict
 from hub.stats import Stats
 
@@ -250,8 +250,9 @@ class DeviceSession:
             window=cfg.server.window,
             max_errors=cfg.server.max_errors,
             max_offers=2 * cfg.commands.max_queue,
+            read=TelemetryReader(name, cfg.limits).read if reader_available() else None,
         )
-        self._builder = LineBuilder(name)
+        self._builder = LineBuilder(name)  # for the frames the reader leaves to `decode`
         self._throttle = Throttle(server.device_rate(name), cfg.server.throttle_close_after)
         self._holds = 0  # > 0 while the session deliberately reads nothing (window, rate, pipeline backpressure)
         self._hold_end = -math.inf  # when the latest hold ended
@@ -446,6 +447,9 @@ class DeviceSession:
     async def _dispatch(self, text: str | bytes) -> int:
         """Act on one message from the device; the number of points it brought (for the rate limit)."""
         event = self.conn.receive(text, trio.current_time())
+        if type(event) is Batch:
+            await self._batch(event)
+            return event.n
         if type(event) is Telemetry:
             await self._telemetry(event)
             return len(event.points)
@@ -528,6 +532,20 @@ class DeviceSession:
                     await self._send_ack(ack)
             await self.ws.aclose(code, text)
 
+    async def _batch(self, batch: Batch) -> None:
+        """New telemetry the reader took: its lines are built, its points made dicts only where they are kept."""
+        ledger = self.ledger
+        assert ledger is not None
+        n = batch.n
+        await self._submit(batch.lines, n, batch.seq)
+        self.server.stats.points_in += n
+        ledger.last_seen = time.time()
+        ledger.latest.update(batch.latest())
+        server = self.server
+        if server.broadcaster.has_telemetry_subscribers(self.name):
+            server.broadcaster.telemetry(self.name, batch.points())
+        await self._seen()
+
     async def _telemetry(self, msg: Telemetry) -> None:
         ledger = self.ledger
         assert ledger is not None
@@ -542,6 +560,10 @@ class DeviceSession:
         server = self.server
         if server.broadcaster.has_telemetry_subscribers(self.name):
             server.broadcaster.telemetry(self.name, points)
+        await self._seen()
+
+    async def _seen(self) -> None:
+        server = self.server
         status = server.presence.status.get(self.name)
         if status is not None and status.state == "late":
             await server.presence.seen(self.name)

@@ -8,6 +8,7 @@ trio's clock; the states and their table are in `device_client.session`. Text th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -28,6 +29,7 @@ from device_client.protocol import (
     ErrorCode,
     Hello,
     Limits,
+    Message,
     ProtocolError,
     Telemetry,
     Welcome,
@@ -37,6 +39,7 @@ from device_client.protocol import (
 )
 from device_client.session import Role, SessionError, SessionState, Trigger, transition
 from hub.edge import has_bad_utf8
+from hub.ingest import Batch
 
 __all__ = [
     "BAD_UTF8_DETAIL",
@@ -111,8 +114,9 @@ class Refused:
     close: Close | None = None
 
 
-#: What `HubConnection.receive` returns: a message to act on, or what the session makes of it.
-HubEvent = Hello | Telemetry | Resent | CommandAck | CommandResult | Refused
+#: What `HubConnection.receive` returns: a message to act on, or what the session makes of it. New telemetry is a
+#: `Batch` when the connection has a `read` fast path that took it, else a `Telemetry`.
+HubEvent = Hello | Telemetry | Batch | Resent | CommandAck | CommandResult | Refused
 
 _HELLO, _OPEN, _CLOSING = SessionState.HELLO, SessionState.OPEN, SessionState.CLOSING
 
@@ -121,9 +125,11 @@ class HubConnection:
     """The hub's end of one device session: feed it each message with the time, ask it what to send.
 
     `receive(text, now)` returns one `HubEvent` per message: the `Hello`, a new `Telemetry` batch (submit it when
-    `window_full()` is false, then call `submitted(seq)`), a `Resent` batch, a `CommandAck`/`CommandResult` to hand
-    to the command service, or a `Refused` input. `welcome` gives the welcome; `next_outbound` the next command offered
-    or ack due. Refusals past `max_errors` within `error_window` seconds close the session (`too_many_errors`).
+    `window_full()` is false, then call `submitted(seq)`) or the same as a `Batch` when `read` (a
+    `hub.ingest.TelemetryReader`'s, which takes only what `decode` accepts) took the frame, a `Resent` batch, a
+    `CommandAck`/`CommandResult` to hand to the command service, or a `Refused` input. `welcome` gives the welcome;
+    `next_outbound` the next command offered or ack due. Refusals past `max_errors` within `error_window` seconds
+    close the session (`too_many_errors`).
     """
 
     __slots__ = (
@@ -138,6 +144,7 @@ class HubConnection:
         "limits",
         "max_errors",
         "max_offers",
+        "read",
         "window",
     )
 
@@ -149,8 +156,10 @@ class HubConnection:
         max_errors: int = 10,
         max_offers: int = 200,
         error_window: float = ERROR_WINDOW,
+        read: Callable[[str], Batch | None] | None = None,
     ) -> None:
         self.limits = limits
+        self.read = read
         self.window = window
         self.max_errors = max_errors
         self.max_offers = max_offers
@@ -252,11 +261,14 @@ class HubConnection:
             return self.refuse(ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted"), now)
         if has_bad_utf8(text):
             return self.refuse(ProtocolError(ErrorCode.BAD_JSON, BAD_UTF8_DETAIL, telemetry_seq(text)), now)
-        try:
-            msg = decode(text, self.limits)
-        except ProtocolError as exc:
-            return self.refuse(exc, now)
-        if type(msg) is Telemetry:
+        read = self.read
+        msg: Message | Batch | None = None if read is None else read(text)
+        if msg is None:
+            try:
+                msg = decode(text, self.limits)
+            except ProtocolError as exc:
+                return self.refuse(exc, now)
+        if type(msg) is Telemetry or type(msg) is Batch:
             seq, book = msg.seq, self._book
             if seq > book.submitted:
                 return msg

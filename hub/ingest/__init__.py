@@ -1,11 +1,14 @@
 """Ingest: telemetry lines from the sessions to the database, acked once durable.
 
-`_lineproto` builds InfluxDB line protocol, `_pipeline` batches lines and writes them to a sink (`_sinks`: InfluxDB v1
-and v2 APIs, the embedded file sink), `_spool` keeps batches on disk while the database is away.
+`_lineproto` builds InfluxDB line protocol, `_reader` reads telemetry frames straight into it (msgspec), `_pipeline`
+batches lines and writes them to a sink (`_sinks`: InfluxDB v1 and v2 APIs, the embedded file sink), `_spool` keeps
+batches on disk while the database is away.
 """
 
 from hub.ingest._lineproto import LineBuilder, line
 from hub.ingest._pipeline import Mark, OnDurable, Pipeline, PipelineConfig
+from hub.ingest._reader import Batch, TelemetryReader
+from hub.ingest._reader import available as reader_available
 from hub.ingest._sinks import (
     FileSink,
     InfluxV1Sink,
@@ -19,6 +22,7 @@ from hub.ingest._sinks import (
 from hub.ingest._spool import Spool, SpoolError, SpoolFull
 
 __all__ = [
+    "Batch",
     "FileSink",
     "InfluxV1Sink",
     "InfluxV2Sink",
@@ -35,5 +39,7 @@ __all__ = [
     "Spool",
     "SpoolError",
     "SpoolFull",
+    "TelemetryReader",
     "line",
+    "reader_available",
 ]
