@@ -79,9 +79,15 @@ def _sim_stream(model: str, measurement: str | None, n: int, total: int) -> Iter
 #: name -> (what, stream of batches of n points)
 WORKLOADS: dict[str, tuple[str, Callable[[int, int], Iterator[Points]]]] = {
     "template": ("bench/wire.py template: 2 fields (float, int), 1 tag, same values", _template_stream),
-    "env": ("th-100 `environment`: 2 floats (temperature, humidity), no tag", lambda n, t: _sim_stream("th-100", "environment", n, t)),
+    "env": (
+        "th-100 `environment`: 2 floats (temperature, humidity), no tag",
+        lambda n, t: _sim_stream("th-100", "environment", n, t),
+    ),
     "power": ("pm-10 `power`: 4 floats + 1 int counter", lambda n, t: _sim_stream("pm-10", "power", n, t)),
-    "tracker": ("tracker: position (4), radio (2), battery (3) in turn", lambda n, t: _sim_stream("tracker", None, n, t)),
+    "tracker": (
+        "tracker: position (4), radio (2), battery (3) in turn",
+        lambda n, t: _sim_stream("tracker", None, n, t),
+    ),
 }
 
 
@@ -102,7 +108,7 @@ def _deflate_once(data: bytes, wbits: int = 15, zdict: bytes | None = None) -> b
 
 
 def inflate_limited(data: bytes, limit: int = MESSAGE_LIMIT, wbits: int = 15, zdict: bytes | None = None) -> bytes:
-    """`data` inflated (raw deflate), or ValueError once more than `limit` bytes would come out (at most limit + 1 do)."""
+    """`data` inflated (raw deflate); ValueError if more than `limit` bytes come out (inflating limit + 1 at most)."""
     d = zlib.decompressobj(-wbits, *((zdict,) if zdict else ()))
     out = d.decompress(data, limit + 1)
     if len(out) > limit or d.unconsumed_tail:
@@ -450,7 +456,7 @@ def bombs(sizes: list[int], limit: int = MESSAGE_LIMIT) -> list[dict[str, Any]]:
             "refused": refused,
             "inflated_before_refusal": len(out),
             "refuse_cpu_us": cpu * 1e6,
-            "peak_traced_bytes": _peak_while(lambda frame=frame: inflate_limited_safe(frame, limit)),
+            "peak_traced_bytes": _peak_while(lambda frame=frame: _refuses(frame, limit)),
         }
         if size <= 64 << 20:  # what inflating it all would cost (no limit)
             start = time.process_time()
@@ -462,8 +468,8 @@ def bombs(sizes: list[int], limit: int = MESSAGE_LIMIT) -> list[dict[str, Any]]:
     return rows
 
 
-def inflate_limited_safe(data: bytes, limit: int) -> bool:
-    """True if `inflate_limited` refuses `data`."""
+def _refuses(data: bytes, limit: int) -> bool:
+    # True if `inflate_limited` refuses `data`.
     try:
         inflate_limited(data, limit)
     except ValueError:
@@ -494,8 +500,7 @@ def run(quick: bool = False, points: int = 50_000, repeats: int = 3) -> dict[str
             stream = list(make(n, max(total, n * 2)))
             timed = wname in timed_workloads
             report["results"][wname][str(n)] = {
-                s.name: _sizes_and_cpu(s, stream, n, timed and s.wbits == 15, points, repeats)
-                for s in all_schemes
+                s.name: _sizes_and_cpu(s, stream, n, timed and s.wbits == 15, points, repeats) for s in all_schemes
             }
     stream100 = list(_sim_stream("pm-10", "power", 100, 200))
     report["transient_peak_bytes_100pt"] = {s.name: transient(s, stream100) for s in all_schemes if s.wbits in (9, 15)}
@@ -510,23 +515,27 @@ def run(quick: bool = False, points: int = 50_000, repeats: int = 3) -> dict[str
 
 def _print(report: dict[str, Any]) -> None:
     la = report["load_average"]
-    print(f"load average start {' '.join(f'{x:.2f}' for x in la['start'])}, end {' '.join(f'{x:.2f}' for x in la['end'])}")
+    print(
+        f"load average start {' '.join(f'{x:.2f}' for x in la['start'])}, end {' '.join(f'{x:.2f}' for x in la['end'])}"
+    )
     for wname, by_n in report["results"].items():
         print(f"\n## {wname}: {report['workloads'][wname]}")
         print(f"{'scheme':<18} " + " ".join(f"{'B/pt ' + n + 'pt':>10}" for n in by_n) + "  round trip")
         for s in by_n[str(SIZES[0])]:
             ok = all(by_n[n][s]["roundtrip"] for n in by_n)
-            print(f"{s:<18} " + " ".join(f"{by_n[n][s]['wire_per_point']:>10.1f}" for n in by_n) + f"  {'ok' if ok else 'FAILED'}")
+            print(
+                f"{s:<18} "
+                + " ".join(f"{by_n[n][s]['wire_per_point']:>10.1f}" for n in by_n)
+                + f"  {'ok' if ok else 'FAILED'}"
+            )
         timed = [s for s in by_n[str(SIZES[0])] if "hub_s_per_mpt" in by_n[str(SIZES[0])][s]]
         if timed:
             print(f"\nCPU s per million points (least of {report['repeats']}): encode / inflate / to dicts / hub lines")
             for s in timed:
-                cells = [
-                    "{encode_s_per_mpt:.2f} / {inflate_s_per_mpt:.2f} / {to_dicts_s_per_mpt:.2f} / {hub_s_per_mpt:.2f}".format(
-                        **by_n[n][s]
-                    )
-                    for n in by_n
-                ]
+                cell = (
+                    "{encode_s_per_mpt:.2f} / {inflate_s_per_mpt:.2f} / {to_dicts_s_per_mpt:.2f} / {hub_s_per_mpt:.2f}"
+                )
+                cells = [cell.format(**by_n[n][s]) for n in by_n]
                 print(f"{s:<18} " + "  |  ".join(cells))
     print("\n## hub memory per object (tracemalloc / RSS, bytes)")
     for name, m in report["memory"].items():
