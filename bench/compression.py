@@ -12,6 +12,8 @@ import argparse
 import gc
 import json
 import os
+import subprocess
+import sys
 import time
 import tracemalloc
 import zlib
@@ -102,8 +104,8 @@ def _json(seq: int, points: Points) -> bytes:
     return encode(Telemetry(seq, points)).encode()  # type: ignore[arg-type]
 
 
-def _deflate_once(data: bytes, wbits: int = 15, zdict: bytes | None = None) -> bytes:
-    c = zlib.compressobj(6, zlib.DEFLATED, -wbits, 8, zlib.Z_DEFAULT_STRATEGY, *((zdict,) if zdict else ()))
+def _deflate_once(data: bytes, wbits: int = 15, zdict: bytes | None = None, mem_level: int = 8) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, -wbits, mem_level, zlib.Z_DEFAULT_STRATEGY, *((zdict,) if zdict else ()))
     return c.compress(data) + c.flush()
 
 
@@ -204,7 +206,14 @@ def _pmd(wbits: int, takeover: bool) -> Scheme:
     )
 
 
-def _zjson(zdict: bytes | None) -> Scheme:
+#: `ZDICT` with a fleet's own measurement and field names (here the simulator's): what a per-fleet dictionary adds.
+ZDICT_FLEET = (
+    b'"charging":false"snr":"rssi":"heading":"speed":"lat":"lon":"position""radio""energy":{"int":"power_factor":'
+    b'"power":"current":"voltage":"percent":"battery""humidity":"temperature":"environment"' + ZDICT
+)
+
+
+def _zjson(zdict: bytes | None, name: str = "", wbits: int = 15, mem_level: int = 8) -> Scheme:
     def inf(data: bytes) -> bytes:
         return inflate_limited(data, zdict=zdict)
 
@@ -213,9 +222,11 @@ def _zjson(zdict: bytes | None) -> Scheme:
         return lambda data: lines(inf(data))
 
     return Scheme(
-        "zjson+dict" if zdict else "zjson",
-        "deflated JSON per message, binary frame" + (f", preset dictionary ({len(zdict)} B)" if zdict else ""),
-        lambda: lambda seq, points: _deflate_once(_json(seq, points), zdict=zdict),
+        name or ("zjson+dict" if zdict else "zjson"),
+        "deflated JSON per message, binary frame"
+        + (f", preset dictionary ({len(zdict)} B)" if zdict else "")
+        + ("" if (wbits, mem_level) == (15, 8) else f", device deflater window 2^{wbits}, memLevel {mem_level}"),
+        lambda: lambda seq, points: _deflate_once(_json(seq, points), wbits, zdict, mem_level),
         lambda: lambda data: _json_points(inf(data)),
         hub,
         lambda: inf,
@@ -297,7 +308,12 @@ def schemes(quick: bool = False) -> list[Scheme]:
     windows = (9, 12, 15) if quick else tuple(range(9, 16))
     out += [_pmd(w, True) for w in windows]
     out += [_pmd(w, False) for w in windows]
-    out += [_zjson(None), _zjson(ZDICT)]
+    out += [
+        _zjson(None),
+        _zjson(ZDICT),
+        _zjson(ZDICT, "zjson+dict-small", 10, 2),
+        _zjson(ZDICT_FLEET, "zjson+fleetdict"),
+    ]
     if cbor2 is not None:
         out += [_cbor(False), _cbor(True)]
     if msgspec is not None and reader_available():
@@ -372,28 +388,11 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def _held(make: Callable[[], object], count: int) -> dict[str, float]:
-    """Bytes each of `count` live objects from `make` holds: tracemalloc, then RSS growth (a separate batch)."""
-    gc.collect()
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    objs = [make() for _ in range(count)]
-    traced = (tracemalloc.get_traced_memory()[0] - base) / count
-    tracemalloc.stop()
-    del objs
-    gc.collect()
-    before = _rss_kib()
-    objs = [make() for _ in range(count)]
-    rss = (_rss_kib() - before) * 1024 / count
-    del objs
-    return {"tracemalloc_bytes": traced, "rss_bytes": rss}
-
-
-def memory(count: int) -> dict[str, dict[str, float]]:
-    """Per-object memory of zlib's inflaters (the hub side) and deflaters (the device side), idle and after use."""
+def _makers() -> dict[str, Callable[[], object]]:
+    # name -> a maker of one object whose memory is measured: zlib's inflaters (hub) and deflaters (device).
     sample = _json(1, next(_sim_stream("pm-10", "power", 10, 10)))
     big = _json(1, next(_sim_stream("pm-10", "power", 300, 300)))  # ~47 KB: more than the largest window
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, Callable[[], object]] = {}
     for w in range(9, 16):
         frame = zlib.compressobj(6, zlib.DEFLATED, -w)
         data = frame.compress(big) + frame.flush(zlib.Z_SYNC_FLUSH)
@@ -403,15 +402,49 @@ def memory(count: int) -> dict[str, dict[str, float]]:
             d.decompress(data)  # allocated on first use, and all of it touched once a window's worth went through
             return d
 
-        def used_deflater(w: int = w) -> object:
-            c = zlib.compressobj(6, zlib.DEFLATED, -w)
+        out[f"inflater w{w} fresh"] = lambda w=w: zlib.decompressobj(-w)  # type: ignore[misc]
+        out[f"inflater w{w} after a window of data"] = used_inflater
+    for w, level in ((15, 8), (12, 8), (10, 2), (9, 1)):
+
+        def used_deflater(w: int = w, level: int = level) -> object:
+            c = zlib.compressobj(6, zlib.DEFLATED, -w, level)
             c.compress(sample)
             c.flush(zlib.Z_SYNC_FLUSH)
             return c
 
-        out[f"inflater w{w} fresh"] = _held(lambda w=w: zlib.decompressobj(-w), count)  # type: ignore[misc]
-        out[f"inflater w{w} after a window of data"] = _held(used_inflater, count)
-        out[f"deflater w{w} (memLevel 8) after a message"] = _held(used_deflater, max(1, count // 100))
+        out[f"deflater w{w} memLevel {level} after a message"] = used_deflater
+    return out
+
+
+def _probe_rss(name: str, count: int) -> float:
+    """RSS growth per object (bytes) for `count` objects from `_makers()[name]`, in this (fresh) process."""
+    make = _makers()[name]
+    make()
+    gc.collect()
+    before = _rss_kib()
+    objs = [make() for _ in range(count)]
+    rss = (_rss_kib() - before) * 1024 / count
+    del objs
+    return rss
+
+
+def memory(count: int, quick: bool = False) -> dict[str, dict[str, float]]:
+    """Bytes each of `count` live objects holds: tracemalloc here, RSS growth in a fresh process per kind."""
+    out: dict[str, dict[str, float]] = {}
+    for name, make in _makers().items():
+        if quick and " w15 " not in name:
+            continue
+        n = count if name.startswith("inflater") else max(1, count // 20)  # a deflater is up to 260 KB
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        objs = [make() for _ in range(n)]
+        traced = (tracemalloc.get_traced_memory()[0] - base) / n
+        tracemalloc.stop()
+        del objs
+        probe = [sys.executable, "-m", "bench.compression", "--probe-rss", name, str(n)]
+        rss = float(subprocess.run(probe, check=True, capture_output=True, text=True).stdout)
+        out[name] = {"count": n, "tracemalloc_bytes": traced, "rss_bytes": rss}
     return out
 
 
@@ -504,7 +537,7 @@ def run(quick: bool = False, points: int = 50_000, repeats: int = 3) -> dict[str
             }
     stream100 = list(_sim_stream("pm-10", "power", 100, 200))
     report["transient_peak_bytes_100pt"] = {s.name: transient(s, stream100) for s in all_schemes if s.wbits in (9, 15)}
-    report["memory"] = memory(200 if quick else 10_000)
+    report["memory"] = memory(200 if quick else 10_000, quick)
     report["bombs"] = bombs([1 << 20, 4 << 20] if quick else [1 << 20, 16 << 20, 64 << 20, 256 << 20])
     report["load_average"] = {"start": load_start, "end": os.getloadavg()}
     return report
@@ -537,9 +570,9 @@ def _print(report: dict[str, Any]) -> None:
                 )
                 cells = [cell.format(**by_n[n][s]) for n in by_n]
                 print(f"{s:<18} " + "  |  ".join(cells))
-    print("\n## hub memory per object (tracemalloc / RSS, bytes)")
+    print("\n## memory per object (objects, tracemalloc bytes, RSS bytes)")
     for name, m in report["memory"].items():
-        print(f"{name:<42} {m['tracemalloc_bytes']:>10.0f} {m['rss_bytes']:>10.0f}")
+        print(f"{name:<42} {m['count']:>6} {m['tracemalloc_bytes']:>10.0f} {m['rss_bytes']:>10.0f}")
     print("\n## peak traced bytes while decoding one 100-point pm-10 message to dicts")
     for name, b in report["transient_peak_bytes_100pt"].items():
         print(f"{name:<18} {b:>10}")
@@ -558,7 +591,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--points", type=int, default=50_000, help="points per timed run (default 50000)")
     p.add_argument("--repeats", type=int, default=3, help="runs per CPU figure; the least is kept (default 3)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--probe-rss", nargs=2, metavar=("KIND", "COUNT"), help=argparse.SUPPRESS)  # run by `memory`
     args = p.parse_args(argv)
+    if args.probe_rss:
+        print(_probe_rss(args.probe_rss[0], int(args.probe_rss[1])))
+        return
     report = run(args.quick, args.points, args.repeats)
     _print(report)
     if args.json:
