@@ -59,6 +59,7 @@ STATUS: Mapping[str, int] = {
     ErrorCode.QUEUE_FULL: 409,
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: 409,
     ErrorCode.BAD_COMMAND: 422,
+    ErrorCode.BAD_LABEL: 422,
     ErrorCode.EXISTS: 409,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.UNAVAILABLE: 503,
