@@ -29,6 +29,7 @@ from hub.control import (
     ControlServer,
     Device,
     DeviceAdd,
+    DeviceLabel,
     DeviceRevoke,
     DeviceRotate,
     Devices,
@@ -95,11 +96,24 @@ class Endpoint:
 #: Every REST route but the OpenAPI document itself.
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/v1/status", Status, "The hub's figures"),
-    Endpoint("GET", "/v1/devices", Devices, "Device summaries, optionally of one state", query=("state",)),
+    Endpoint(
+        "GET",
+        "/v1/devices",
+        Devices,
+        "Device summaries, optionally of one state and label selector",
+        query=("state", "selector"),
+    ),
     Endpoint("POST", "/v1/devices", DeviceAdd, "Register a device; the answer holds its token", 201, body=True),
     Endpoint("GET", "/v1/devices/{name}", Device, "One device: summary, latest values, recent commands"),
     Endpoint("POST", "/v1/devices/{name}/revoke", DeviceRevoke, "Revoke a device's token; its session is closed"),
     Endpoint("POST", "/v1/devices/{name}/rotate", DeviceRotate, "Give a device a new token; the answer holds it"),
+    Endpoint(
+        "POST",
+        "/v1/devices/{name}/labels",
+        DeviceLabel,
+        "Remove and set a device's labels; the answer holds them",
+        body=True,
+    ),
     Endpoint("GET", "/v1/commands", Commands, "Command records, newest first", query=("device", "state", "limit")),
     Endpoint("POST", "/v1/commands", SendCommand, "Send a command (with wait: answered once final)", 202, body=True),
     Endpoint("GET", "/v1/commands/{command_id}", Command, "One command record"),
