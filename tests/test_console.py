@@ -218,7 +218,7 @@ def test_an_operator_logs_in_and_sees_the_fleet_and_the_hub_status(
         expect(fleet_row(page, name)).to_have_attribute("data-state", "online")
     expect(fleet_row(page, "spare")).to_have_attribute("data-state", "never")
     expect(fleet_row(page, "spare").locator("td.labels")).to_have_text("rack=r1, site=cellar")
-    expect(fleet_row(page, "sim-0001").locator("td.labels")).to_have_text("–")
+    expect(fleet_row(page, "sim-0001").locator("td.labels")).to_have_text("\u2013")  # an en dash: no labels
     expect(page.locator("#st-sink")).to_have_text("up")
     expect(page.locator("#st-connections")).to_have_text(re.compile(r"^\d+$"))
     # The token is in this tab's sessionStorage, never in the URL; a reload logs in again with it.
