@@ -84,6 +84,11 @@ def test_selector_matches(selector: str, labels: dict[str, str], expected: bool)
     assert parse_selector(selector).matches(labels) is expected
 
 
+def test_the_longest_selector_is_accepted() -> None:
+    longest = ",".join(f" {'k' * 61}{i:02} != {'v' * 63} " for i in range(16))
+    assert len(parse_selector(longest).terms) == 16
+
+
 def test_selector_text_round_trips() -> None:
     assert str(parse_selector(" site = berlin,model!=x ,beta")) == "site=berlin,model!=x,beta"
 
@@ -105,6 +110,7 @@ def test_selector_text_round_trips() -> None:
         3,
         ",".join(["k=v"] * 17),
         "k=" + "v" * 2000,
+        "k," + " " * 5000,
     ],
 )
 def test_bad_selectors_are_refused(selector: object) -> None:

@@ -33,9 +33,9 @@ __all__ = [
 LABEL_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
 #: Labels one device may carry.
 MAX_LABELS = 16
-#: Terms in one selector, and its length in characters.
+#: Terms in one selector, and its length in characters (room for `MAX_TERMS` of the longest terms, with spaces).
 MAX_TERMS = 16
-MAX_SELECTOR_LEN = 1100
+MAX_SELECTOR_LEN = 4096
 
 _LABEL = re.compile(LABEL_RE)
 _RULE = "1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
