@@ -11,7 +11,7 @@ import shlex
 import sqlite3
 import sys
 import tomllib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TextIO
@@ -21,14 +21,20 @@ import trio
 
 from hub.config import INFLUX_PASSWORD_ENV, INFLUX_TOKEN_ENV, ConfigError, HubConfig, load_config
 from hub.fleet import (
+    MAX_LABELS,
     REGISTRY_FILE,
     ROLES,
+    BadLabel,
     DeviceRecord,
     OperatorRecord,
     RegistryError,
     RegistryStore,
+    Selector,
     StoreUnavailable,
+    check_label_key,
     open_registry_store,
+    parse_label,
+    parse_selector,
     registry_path,
 )
 from hub.logs import FORMATS, LEVELS, setup_logging
@@ -293,15 +299,43 @@ def build_parser() -> argparse.ArgumentParser:
     actions = device.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, func, text in (
         ("add", _cmd_add, "register a device and print its token (shown only this once)"),
-        ("list", _cmd_list, "list devices: name, state, created, session epoch, last acked sequence"),
+        ("list", _cmd_list, "list devices: name, state, created, session epoch, last acked sequence, labels"),
         ("revoke", _cmd_revoke, "refuse the device's token from now on"),
         ("rotate", _cmd_rotate, "give the device a new token (the old one stops working) and un-revoke it"),
+        ("label", _cmd_label, "set and remove the device's labels (KEY=VALUE) and print them"),
     ):
-        sub = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        epilog = _LABELS_HELP if name in ("add", "list", "label") else None
+        sub = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", epilog=epilog)
         if name == "list":
             sub.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+            sub.add_argument(
+                "--selector",
+                type=_selector_arg,
+                metavar="SELECTOR",
+                help="only devices whose labels match, e.g. site=berlin,model!=th-100,beta (default: all)",
+            )
         else:
             sub.add_argument("name", metavar="NAME", help="device name (1-64 of A-Z a-z 0-9 _ -)")
+        if name == "add":
+            sub.add_argument(
+                "--label",
+                dest="labels",
+                type=_label_arg,
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="a label of the device (repeatable) (default: none)",
+            )
+        if name == "label":
+            sub.add_argument("labels", type=_label_arg, nargs="*", metavar="KEY=VALUE", help="labels to set")
+            sub.add_argument(
+                "--remove",
+                type=_label_key_arg,
+                action="append",
+                default=[],
+                metavar="KEY",
+                help="a label key to remove (repeatable) (default: none)",
+            )
         _add_config(sub)
         _add_options(sub, (_DATA_DIR,))
         sub.set_defaults(func=func)
@@ -530,7 +564,47 @@ def _state(record: DeviceRecord) -> str:
 
 @_registry_command
 async def _cmd_add(registry: RegistryStore, args: argparse.Namespace) -> None:
-    _print_token(await registry.add(args.name))
+    _print_token(await registry.add(args.name, dict(args.labels)))
+
+
+@_registry_command
+async def _cmd_label(registry: RegistryStore, args: argparse.Namespace) -> None:
+    if not args.labels and not args.remove:
+        raise BadLabel("give labels to set (KEY=VALUE), keys to --remove, or both")
+    labels = await registry.set_labels(args.name, dict(args.labels), args.remove)
+    print(_labels_text(labels) or "(no labels)")
+
+
+_LABELS_HELP = (
+    "Labels: KEY=VALUE, each side 1-63 of A-Z a-z 0-9 _ . - starting with a letter or digit; at most "
+    f"{MAX_LABELS} per device. A selector is comma-separated terms that must all match: KEY=VALUE, KEY!=VALUE "
+    "(also matches a device without KEY) or KEY (has the label)."
+)
+
+
+def _label_arg(text: str) -> tuple[str, str]:
+    try:
+        return parse_label(text)
+    except BadLabel as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _label_key_arg(text: str) -> str:
+    try:
+        return check_label_key(text)
+    except BadLabel as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _selector_arg(text: str) -> Selector:
+    try:
+        return parse_selector(text)
+    except BadLabel as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _labels_text(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in labels.items())
 
 
 @_registry_command
@@ -547,6 +621,8 @@ async def _cmd_revoke(registry: RegistryStore, args: argparse.Namespace) -> None
 @_registry_command
 async def _cmd_list(registry: RegistryStore, args: argparse.Namespace) -> None:
     records = await registry.list()
+    if args.selector is not None:
+        records = [r for r in records if args.selector.matches(r.labels)]
     if args.json:
         rows = [
             {
@@ -555,16 +631,19 @@ async def _cmd_list(registry: RegistryStore, args: argparse.Namespace) -> None:
                 "created": _iso(r.created),
                 "epoch": r.epoch,
                 "acked_seq": r.acked_seq,
+                "labels": r.labels,
             }
             for r in records
         ]
         print(json.dumps(rows, indent=2))
         return
-    table = [("NAME", "STATE", "CREATED", "EPOCH", "ACKED_SEQ")]
-    table += [(r.name, _state(r), _iso(r.created), str(r.epoch), str(r.acked_seq)) for r in records]
+    table = [("NAME", "STATE", "CREATED", "EPOCH", "ACKED_SEQ", "LABELS")]
+    table += [
+        (r.name, _state(r), _iso(r.created), str(r.epoch), str(r.acked_seq), _labels_text(r.labels)) for r in records
+    ]
     _print_table(table)
     if not records:
-        print("hub: no devices registered", file=sys.stderr)
+        print("hub: no devices match" if args.selector is not None else "hub: no devices registered", file=sys.stderr)
 
 
 def _print_table(table: Sequence[tuple[str, ...]]) -> None:

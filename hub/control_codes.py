@@ -31,6 +31,7 @@ class ErrorCode(enum.StrEnum):
     QUEUE_FULL = "queue_full"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     BAD_COMMAND = "bad_command"
+    BAD_LABEL = "bad_label"
     EXISTS = "exists"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
@@ -59,6 +60,7 @@ ANSWERS: Mapping[str, Answer] = {
     ErrorCode.QUEUE_FULL: Answer(),
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: Answer(),
     ErrorCode.BAD_COMMAND: Answer(),
+    ErrorCode.BAD_LABEL: Answer(),
     ErrorCode.EXISTS: Answer(),
     ErrorCode.RATE_LIMITED: Answer(quiet=True),
     ErrorCode.UNAVAILABLE: Answer(),

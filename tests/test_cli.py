@@ -66,10 +66,11 @@ HELP = {
         "--allowed-origin",
         "--workers",
     ],
-    ("device",): ["add", "list", "revoke", "rotate", "add-sim"],
-    ("device", "add"): [*_COMMON, "NAME"],
+    ("device",): ["add", "list", "revoke", "rotate", "label", "add-sim"],
+    ("device", "add"): [*_COMMON, "NAME", "--label"],
+    ("device", "label"): [*_COMMON, "NAME", "--remove"],
     ("device", "add-sim"): [*_COMMON, "--tokens-file", "N"],
-    ("device", "list"): [*_COMMON, "--json"],
+    ("device", "list"): [*_COMMON, "--json", "--selector"],
     ("device", "revoke"): [*_COMMON, "NAME"],
     ("device", "rotate"): [*_COMMON, "NAME"],
     ("operator",): ["add", "list", "revoke"],
@@ -178,7 +179,7 @@ def test_device_round_trip(tmp_path: Path) -> None:
         listed = run_hub("device", "list", "--data-dir", data, cwd=tmp_path)
         assert listed.returncode == 0, listed.stderr
         rows = [line.split() for line in listed.stdout.splitlines()]
-        assert rows[0] == ["NAME", "STATE", "CREATED", "EPOCH", "ACKED_SEQ"]
+        assert rows[0] == ["NAME", "STATE", "CREATED", "EPOCH", "ACKED_SEQ", "LABELS"]
         assert [r[:2] + r[3:] for r in rows[1:]] == [["d1", "active", "1", "42"], ["d2", "active", "0", "0"]]
         assert token not in listed.stdout
 
@@ -256,6 +257,59 @@ def test_device_commands_use_the_config_file(tmp_path: Path, capsys: pytest.Capt
     capsys.readouterr()
     assert cli.main(["device", "list", "--json", "--config", str(config)]) == 0
     assert [d["name"] for d in json.loads(capsys.readouterr().out)] == ["d1"]
+
+
+def test_device_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path)]
+    assert cli.main(["device", "add", "b1", "--label", "site=berlin", "--label", "model=th-100", *data]) == 0
+    assert cli.main(["device", "add", "p1", "--label", "site=paris", *data]) == 0
+    assert cli.main(["device", "add", "n1", *data]) == 0
+    capsys.readouterr()
+    assert cli.main(["device", "label", "n1", "site=berlin", "rack=r1", *data]) == 0
+    assert capsys.readouterr().out == "rack=r1,site=berlin\n"
+    assert cli.main(["device", "label", "n1", "--remove", "rack", "--remove", "nothing", *data]) == 0
+    assert capsys.readouterr().out == "site=berlin\n"
+    assert cli.main(["device", "list", "--selector", "site=berlin", *data]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [(r[0], r[-1]) for r in rows] == [
+        ("NAME", "LABELS"),
+        ("b1", "model=th-100,site=berlin"),
+        ("n1", "site=berlin"),
+    ]
+    assert cli.main(["device", "list", "--json", "--selector", "site!=berlin", *data]) == 0
+    assert [(d["name"], d["labels"]) for d in json.loads(capsys.readouterr().out)] == [("p1", {"site": "paris"})]
+    assert cli.main(["device", "list", "--selector", "site=rome", *data]) == 0
+    assert "no devices match" in capsys.readouterr().err
+    with Registry(registry_path(tmp_path)) as reg:
+        assert [r.labels for r in reg.list()] == [
+            {"model": "th-100", "site": "berlin"},
+            {"site": "berlin"},
+            {"site": "paris"},
+        ]
+
+    # Refusals: bad syntax is a usage error (2), what the registry refuses exits 1; nothing changes.
+    for argv in (
+        ["device", "add", "x1", "--label", "site"],
+        ["device", "add", "x1", "--label", "site=a b"],
+        ["device", "label", "n1", "--remove", "bad key"],
+        ["device", "list", "--selector", "site=="],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*argv, *data])
+        assert exit_info.value.code == 2, argv
+        assert "bad " in capsys.readouterr().err or "selector" in argv[-1]
+    assert cli.main(["device", "label", "n1", *data]) == 1
+    assert "give labels to set" in capsys.readouterr().err
+    assert cli.main(["device", "label", "ghost", "a=b", *data]) == 1
+    assert "unknown device" in capsys.readouterr().err
+    many = [f"k{i}=v" for i in range(16)]
+    assert cli.main(["device", "label", "n1", *many, *data]) == 1
+    assert "at most 16 labels" in capsys.readouterr().err
+    assert cli.main(["device", "add", "x1", *[a for kv in many for a in ("--label", kv)], "--label", "z=1", *data]) == 1
+    with Registry(registry_path(tmp_path)) as reg:
+        assert reg.get("x1") is None
+        record = reg.get("n1")
+        assert record is not None and record.labels == {"site": "berlin"}
 
 
 def test_empty_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -46,6 +46,7 @@ class ConsoleHub:
         with Registry(registry_path(data_dir)) as registry:
             for name in [*SIM_DEVICES, "newcomer", "spare"]:
                 self.tokens[name] = registry.add(name)
+            registry.set_labels("spare", {"site": "cellar", "rack": "r1"}, [])
             self.tokens["alice"] = registry.add_operator("alice", "operator")
             self.tokens["victor"] = registry.add_operator("victor", "viewer")
             self.tokens["rita"] = registry.add_operator("rita", "operator")  # revoked by a test
@@ -216,6 +217,8 @@ def test_an_operator_logs_in_and_sees_the_fleet_and_the_hub_status(
     for name in SIM_DEVICES:
         expect(fleet_row(page, name)).to_have_attribute("data-state", "online")
     expect(fleet_row(page, "spare")).to_have_attribute("data-state", "never")
+    expect(fleet_row(page, "spare").locator("td.labels")).to_have_text("rack=r1, site=cellar")
+    expect(fleet_row(page, "sim-0001").locator("td.labels")).to_have_text("\u2013")  # an en dash: no labels
     expect(page.locator("#st-sink")).to_have_text("up")
     expect(page.locator("#st-connections")).to_have_text(re.compile(r"^\d+$"))
     # The token is in this tab's sessionStorage, never in the URL; a reload logs in again with it.
@@ -314,6 +317,7 @@ def test_an_operator_sends_a_command_and_sees_it_succeed(
 def test_an_operator_cancels_a_queued_command(page: Page, console_url: str, console_hub: ConsoleHub) -> None:
     log_in(page, console_url, console_hub.tokens["alice"])
     open_device(page, "spare")  # registered, never connected: its commands wait
+    expect(page.locator("#device-summary")).to_contain_text("rack=r1, site=cellar")
     page.get_by_label("Command").fill("ping")
     page.get_by_role("button", name="Send").click()
     row = page.locator("#commands tbody tr").first
@@ -422,6 +426,7 @@ def test_hub_client_module_in_a_page_of_its_own(page: Page, console_url: str, co
             out.who = [hub.operator, hub.role];
             out.pong = (await hub.request("ping")) === undefined;
             out.names = (await hub.request("devices")).map((d) => d.name);
+            out.cellar = (await hub.request("devices", { selector: "site=cellar" })).map((d) => d.name);
             try {
                 await hub.request("device", { name: "no-such-device" });
             } catch (err) {
@@ -433,7 +438,7 @@ def test_hub_client_module_in_a_page_of_its_own(page: Page, console_url: str, co
                 out.unknown = err.code;
             }
             const seen = [];
-            const sub = await hub.subscribe("commands", (r) => seen.push(r.state), { devices: ["spare"] });
+            const sub = await hub.subscribe("commands", (r) => seen.push(r.state), { selector: "site=cellar" });
             const sent = await hub.request("send_command", { device: "spare", name: "ping" });
             await hub.request("cancel_command", { command_id: sent.command_id });
             while (!seen.includes("cancelled")) await new Promise((r) => setTimeout(r, 20));
@@ -461,6 +466,7 @@ def test_hub_client_module_in_a_page_of_its_own(page: Page, console_url: str, co
     assert result["who"] == ["alice", "operator"]
     assert result["pong"] is True
     assert set(SIM_DEVICES) <= set(result["names"])
+    assert result["cellar"] == ["spare"]
     assert result["notFound"][:2] == [True, "not_found"]
     assert result["unknown"] == "unknown_type"
     assert result["closedError"] is None

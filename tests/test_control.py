@@ -57,7 +57,19 @@ def _ledger() -> DeviceLedger:
     return ledger
 
 
-SUMMARY_KEYS = {"name", "state", "since", "reason", "last_seen", "epoch", "firmware", "model", "interval", "revoked"}
+SUMMARY_KEYS = {
+    "name",
+    "state",
+    "since",
+    "reason",
+    "last_seen",
+    "epoch",
+    "firmware",
+    "model",
+    "interval",
+    "revoked",
+    "labels",
+}
 
 
 def test_summary_of_a_connected_device() -> None:
@@ -73,6 +85,7 @@ def test_summary_of_a_connected_device() -> None:
         "model": "th-100",
         "interval": 5.0,
         "revoked": False,
+        "labels": {},
     }
     json.dumps(summary)  # plain JSON values only
 
@@ -371,6 +384,7 @@ async def test_every_request_type_answers_with_the_reply_shape_of_the_table(tmp_
                 "device_add": {"name": "d2"},
                 "device_rotate": {"name": "d2"},
                 "device_revoke": {"name": "d2"},
+                "device_label": {"name": "d2", "set": {"site": "berlin"}},
             }
             assert set(requests) == set(REQUESTS)
             for kind, args in requests.items():

@@ -466,17 +466,30 @@ async def test_against_a_real_hub(tmp_path: Path) -> None:
     add_devices(data, "boiler-1")
     with Registry(data / "registry.sqlite3") as registry:
         token = registry.add_operator("alice", "operator")
+        admin = registry.add_operator("adam", "admin")
+        registry.add("spare")
     async with trio.open_nursery() as nursery:
         handle = await start_hub(nursery, hub_config(data))
         with trio.fail_after(30):
             async with open_control(f"ws://127.0.0.1:{handle.port}", token) as hub:
                 assert (hub.operator, hub.role) == ("alice", "operator")
                 await hub.ping()
-                assert [d["name"] for d in await hub.devices()] == ["boiler-1"]
+                assert [d["name"] for d in await hub.devices()] == ["boiler-1", "spare"]
                 with pytest.raises(RequestFailed) as info:
                     await hub.device("nope")
                 assert info.value.code == ErrorCode.NOT_FOUND
-                async with hub.subscribe("commands", ["boiler-1"]) as events:
+                with pytest.raises(RequestFailed) as info:
+                    await hub.device_label("boiler-1", {"site": "berlin"})
+                assert info.value.code == ErrorCode.FORBIDDEN
+                with pytest.raises(RequestFailed) as info:  # refused before it is sent, as the hub would
+                    await hub.devices(selector="site==x")
+                assert info.value.code == ErrorCode.BAD_LABEL
+                async with open_control(f"ws://127.0.0.1:{handle.port}", admin) as admin_hub:
+                    labelled = await admin_hub.device_label("boiler-1", {"site": "berlin", "x": "1"}, remove=["y"])
+                    assert labelled == {"name": "boiler-1", "labels": {"site": "berlin", "x": "1"}}
+                    assert (await admin_hub.device_label("boiler-1", remove=["x"]))["labels"] == {"site": "berlin"}
+                assert [d["name"] for d in await hub.devices(selector="site=berlin")] == ["boiler-1"]
+                async with hub.subscribe("commands", selector="site=berlin") as events:
                     record = await hub.send_command("boiler-1", "reboot", {"delay": 5}, ttl=60)
                     assert record["state"] == "queued"
                     await hub.cancel_command(record["command_id"])

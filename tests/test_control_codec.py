@@ -24,6 +24,7 @@ from hub.control import (
     ControlError,
     Device,
     DeviceAdd,
+    DeviceLabel,
     DeviceRevoke,
     DeviceRotate,
     Devices,
@@ -58,7 +59,10 @@ DOCS = (Path(__file__).parent.parent / "docs" / "control.md").read_text(encoding
 EXAMPLES: dict[str, tuple[str, Request]] = {
     "ping": ('{"id":1,"type":"ping"}', Ping()),
     "status": ('{"id":1,"type":"status"}', Status()),
-    "devices": ('{"id":1,"type":"devices","state":"late"}', Devices(state="late")),
+    "devices": (
+        '{"id":1,"type":"devices","state":"late","selector":"site=berlin,model!=x,beta"}',
+        Devices(state="late", selector="site=berlin,model!=x,beta"),
+    ),
     "device": ('{"id":1,"type":"device","name":"sensor-7"}', Device(name="sensor-7")),
     "commands": (
         '{"id":1,"type":"commands","device":"d1","state":"queued","limit":5}',
@@ -81,11 +85,18 @@ EXAMPLES: dict[str, tuple[str, Request]] = {
     ),
     "cancel_command": ('{"id":1,"type":"cancel_command","command_id":"c-1"}', CancelCommand(command_id="c-1")),
     "subscribe": (
-        '{"id":1,"type":"subscribe","topic":"telemetry","devices":["d1","d2"]}',
-        Subscribe(topic="telemetry", devices=["d1", "d2"]),
+        '{"id":1,"type":"subscribe","topic":"telemetry","devices":["d1","d2"],"selector":"site=berlin"}',
+        Subscribe(topic="telemetry", devices=["d1", "d2"], selector="site=berlin"),
     ),
     "unsubscribe": ('{"id":1,"type":"unsubscribe","subscription":3}', Unsubscribe(subscription=3)),
-    "device_add": ('{"id":1,"type":"device_add","name":"d9"}', DeviceAdd(name="d9")),
+    "device_add": (
+        '{"id":1,"type":"device_add","name":"d9","labels":{"site":"berlin"}}',
+        DeviceAdd(name="d9", labels={"site": "berlin"}),
+    ),
+    "device_label": (
+        '{"id":1,"type":"device_label","name":"d9","set":{"site":"paris","rack":"r1"},"remove":["model"]}',
+        DeviceLabel(name="d9", set={"site": "paris", "rack": "r1"}, remove=["model"]),
+    ),
     "device_revoke": ('{"id":1,"type":"device_revoke","name":"d9"}', DeviceRevoke(name="d9")),
     "device_rotate": ('{"id":1,"type":"device_rotate","name":"d9"}', DeviceRotate(name="d9")),
 }
@@ -178,6 +189,20 @@ REFUSED: list[tuple[str | bytes, ErrorCode, str]] = [
     ('{"id":1,"type":"unsubscribe"}', ErrorCode.BAD_REQUEST, "missing 'subscription'"),
     ('{"id":1,"type":"unsubscribe","subscription":"3"}', ErrorCode.BAD_REQUEST, "'subscription' has the wrong"),
     ('{"id":1,"type":"device_add"}', ErrorCode.BAD_REQUEST, "missing 'name'"),
+    ('{"id":1,"type":"device_add","name":"d","labels":["a"]}', ErrorCode.BAD_REQUEST, "'labels' has the wrong"),
+    ('{"id":1,"type":"device_add","name":"d","labels":{"a b":"c"}}', ErrorCode.BAD_LABEL, "labels: bad label key"),
+    ('{"id":1,"type":"device_add","name":"d","labels":{"a":""}}', ErrorCode.BAD_LABEL, "bad value '' of label 'a'"),
+    ('{"id":1,"type":"device_add","name":"d","labels":{"a":7}}', ErrorCode.BAD_LABEL, "bad value 7 of label"),
+    ('{"id":1,"type":"devices","selector":"site="}', ErrorCode.BAD_LABEL, "bad value ''"),
+    ('{"id":1,"type":"devices","selector":""}', ErrorCode.BAD_LABEL, "a selector is"),
+    ('{"id":1,"type":"devices","selector":["a"]}', ErrorCode.BAD_REQUEST, "'selector' has the wrong type"),
+    ('{"id":1,"type":"subscribe","topic":"presence","selector":"a,,b"}', ErrorCode.BAD_LABEL, "bad label key ''"),
+    ('{"id":1,"type":"device_label","name":"d"}', ErrorCode.BAD_REQUEST, "give labels to set, keys to remove"),
+    ('{"id":1,"type":"device_label","name":"d","set":{},"remove":[]}', ErrorCode.BAD_REQUEST, "give labels to"),
+    ('{"id":1,"type":"device_label","name":"d","set":{"k":"a b"}}', ErrorCode.BAD_LABEL, "set: bad value"),
+    ('{"id":1,"type":"device_label","name":"d","remove":"k"}', ErrorCode.BAD_REQUEST, "a list of label keys"),
+    ('{"id":1,"type":"device_label","name":"d","remove":[1]}', ErrorCode.BAD_REQUEST, "a list of label keys"),
+    ('{"id":1,"type":"device_label","name":"d","remove":["k!"]}', ErrorCode.BAD_LABEL, "remove: bad label key"),
 ]
 
 

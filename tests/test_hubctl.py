@@ -34,6 +34,7 @@ from hub.operator.ctl import (
     format_devices,
     format_dropped,
     format_event,
+    format_labels,
     format_status,
     main,
     parse_arg,
@@ -264,6 +265,7 @@ def device_summary(name: str, **kw: object) -> dict[str, object]:
         "model": "th-100",
         "interval": 10,
         "revoked": False,
+        "labels": {"model": "th-100", "site": "berlin"},
     }
     summary.update(kw)
     return summary
@@ -283,15 +285,18 @@ def test_format_devices() -> None:
                 model="",
                 interval=0,
                 revoked=True,
+                labels={},
             ),
         ],
         NOW,
     )
     assert text.splitlines() == [
-        "NAME       STATE            SINCE      LAST SEEN  REASON  FIRMWARE  MODEL   INTERVAL",
-        "boiler-1   online           12s ago    2s ago     hello   1.4.2     th-100  10s",
-        "sensor-22  never (revoked)  1d00h ago  -          -       -         -       -",
+        "NAME       STATE            SINCE      LAST SEEN  REASON  FIRMWARE  MODEL   INTERVAL  LABELS",
+        "boiler-1   online           12s ago    2s ago     hello   1.4.2     th-100  10s       "
+        "model=th-100,site=berlin",
+        "sensor-22  never (revoked)  1d00h ago  -          -       -         -       -         -",
     ]
+    assert format_labels({"k": "v\x1b[2J"}) == "k=v\\x1b[2J" and format_labels(None) == ""  # never a raw escape
     assert format_devices([], NOW, "late") == "no devices late"
 
 
@@ -557,6 +562,35 @@ class Lines:
             while chunk := await self._stream.receive_some():
                 self._buffer += chunk
         return self._buffer.decode()
+
+
+async def test_labels_and_selectors(hub: Hub) -> None:
+    admin = add_operators(hub.data, adm="admin")["adm"]
+    run = await hubctl(hub, "label", "boiler-1", "site=berlin", "model=th-100", token=admin)
+    assert (run.code, run.out) == (0, "model=th-100,site=berlin\n"), run.err
+    run = await hubctl(hub, "--json", "label", "sensor-2", "site=paris", token=admin)
+    assert run.code == 0 and run.json() == {"name": "sensor-2", "labels": {"site": "paris"}}, run.err
+    run = await hubctl(hub, "label", "boiler-1", "--remove", "model", token=admin)
+    assert (run.code, run.out) == (0, "site=berlin\n"), run.err
+
+    run = await hubctl(hub, "devices", "--selector", "site=berlin", token=hub.viewer)
+    assert run.code == 0, run.err
+    lines = run.out.splitlines()
+    assert lines[0].split()[-1] == "LABELS" and [line.split()[0] for line in lines[1:]] == ["boiler-1"]
+    assert lines[1].split()[-1] == "site=berlin"
+    run = await hubctl(hub, "--json", "devices", "--selector", "site!=berlin", token=hub.viewer)
+    assert [d["name"] for d in run.json()] == ["sensor-2"]
+
+    run = await hubctl(hub, "label", "boiler-1", "a=b", token=hub.operator)
+    assert run.code == 1 and "forbidden" in run.err
+    run = await hubctl(hub, "devices", "--selector", "site==x", token=hub.viewer)
+    assert run.code == 1 and "bad_label" in run.err  # checked before anything is sent, as the hub would
+    run = await hubctl(hub, "label", "boiler-1", "a b", token=admin)
+    assert run.code == 2 and "bad label" in run.err
+    run = await hubctl(hub, "label", "boiler-1", token=admin)
+    assert run.code == 2 and "give labels to set" in run.err
+    run = await hubctl(hub, "label", "ghost", "a=b", token=admin)
+    assert run.code == 1 and "not_found" in run.err
 
 
 async def test_devices_device_and_status(hub: Hub) -> None:

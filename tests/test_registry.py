@@ -191,3 +191,29 @@ def test_threads_share_one_registry(reg: Registry) -> None:
         t.join()
     assert errors == []
     assert {r.acked_seq for r in reg.list()} == {202}
+
+
+def test_a_registry_from_before_labels_is_migrated(tmp_path: Path) -> None:
+    path = registry_path(tmp_path / "data")
+    path.parent.mkdir(parents=True)
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE devices (name TEXT PRIMARY KEY, token_hash TEXT NOT NULL, created REAL NOT NULL,
+            revoked INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0, acked_seq INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE operators (name TEXT PRIMARY KEY, role TEXT NOT NULL, token_hash TEXT NOT NULL,
+            revoked INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+        """
+    )
+    digest = hashlib.sha256(b"secret").hexdigest()
+    old.execute("INSERT INTO devices (name, token_hash, created, acked_seq) VALUES ('d1', ?, 1.7e9, 42)", (digest,))
+    old.commit()
+    old.close()
+    with Registry(path) as reg, Registry(path) as second:  # the second opening finds the column there
+        assert reg.get("d1") == DeviceRecord(name="d1", created=1.7e9, revoked=False, epoch=0, acked_seq=42)
+        assert reg.authenticate("d1.secret") == "d1"
+        assert reg.set_labels("d1", {"site": "berlin"}, []) == {"site": "berlin"}
+        record = second.get("d1")
+        assert record is not None and record.labels == {"site": "berlin"}
+        reg.add("d2", {"model": "th-100"})
+        assert [r.labels for r in second.list()] == [{"site": "berlin"}, {"model": "th-100"}]

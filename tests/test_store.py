@@ -11,6 +11,8 @@ import trio
 from device_client.protocol import Point
 from hub.config import StateConfig
 from hub.fleet import (
+    MAX_LABELS,
+    BadLabel,
     BadName,
     BadRole,
     DeviceExists,
@@ -296,3 +298,66 @@ async def test_an_unreachable_redis_is_one_clear_error(tmp_path: Path) -> None:
         (error,) = error.exceptions
     assert isinstance(error, StoreUnavailable)
     assert str(error).startswith(f"cannot reach Redis at unix://{tmp_path}/nothing.sock: ")
+
+
+# ---------------------------------------------------------------------------- labels (both backends)
+
+
+async def test_labels_at_add_set_remove_and_list(registry_store: RegistryStore) -> None:
+    await registry_store.add("d1", {"site": "berlin", "model": "th-100"})
+    await registry_store.add("d2")
+    record = await registry_store.get("d1")
+    assert record is not None and record.labels == {"model": "th-100", "site": "berlin"}
+    assert list(record.labels) == ["model", "site"]  # sorted by key
+    assert await registry_store.set_labels("d2", {"site": "paris"}, []) == {"site": "paris"}
+    labels = await registry_store.set_labels("d1", {"site": "paris", "rack": "r1"}, ["model", "absent"])
+    assert labels == {"rack": "r1", "site": "paris"}
+    assert await registry_store.set_labels("d1", {}, []) == labels  # nothing to change: the labels as they are
+    assert {r.name: r.labels for r in await registry_store.list()} == {"d1": labels, "d2": {"site": "paris"}}
+    assert await registry_store.set_labels("d1", {}, ["rack", "site"]) == {}
+    record = await registry_store.get("d1")
+    assert record is not None and record.labels == {}
+
+
+async def test_bad_labels_are_refused_and_change_nothing(registry_store: RegistryStore) -> None:
+    with pytest.raises(BadLabel):
+        await registry_store.add("d1", {"bad key": "v"})
+    assert await registry_store.get("d1") is None  # not added without its labels
+    await registry_store.add("d1", {f"k{i}": "v" for i in range(MAX_LABELS)})
+    with pytest.raises(BadLabel, match=f"at most {MAX_LABELS}"):
+        await registry_store.set_labels("d1", {"one": "more"}, [])
+    with pytest.raises(BadLabel):
+        await registry_store.set_labels("d1", {"k0": "bad value"}, [])
+    with pytest.raises(BadLabel):
+        await registry_store.set_labels("d1", {}, ["bad key"])
+    record = await registry_store.get("d1")
+    assert record is not None and record.labels == {f"k{i}": "v" for i in range(MAX_LABELS)}
+    assert await registry_store.set_labels("d1", {"one": "more"}, ["k0"]) == {
+        **{f"k{i}": "v" for i in range(1, MAX_LABELS)},
+        "one": "more",
+    }
+    with pytest.raises(UnknownDevice):
+        await registry_store.set_labels("nobody", {"site": "x"}, [])
+
+
+async def test_labels_survive_reopening(state_config: StateConfig, tmp_path: Path) -> None:
+    async with open_registry_store(state_config, tmp_path / "data") as store:
+        await store.add("d1", {"site": "berlin"})
+        await store.revoke("d1")
+        await store.rotate("d1")  # rotating and revoking keep the labels
+    async with open_registry_store(state_config, tmp_path / "data") as store:
+        record = await store.get("d1")
+        assert record is not None and record.labels == {"site": "berlin"}
+
+
+async def test_redis_labels_layout_and_a_device_from_before_labels(redis_server: Redis, tmp_path: Path) -> None:
+    async with open_registry_store(_redis(redis_server), tmp_path) as store:
+        await store.add("d1", {"site": "berlin"})
+        await store.add("old")
+        assert redis_server.command(b"HGET", b"hub:device:d1", b"labels") == b'$17\r\n{"site":"berlin"}\r\n'
+        redis_server.command(b"HDEL", b"hub:device:old", b"labels")  # as an older hub stored it
+        record = await store.get("old")
+        assert record is not None and record.labels == {}
+        assert await store.set_labels("old", {"b": "2", "a": "1"}, ["c"]) == {"a": "1", "b": "2"}
+        assert redis_server.command(b"HGET", b"hub:device:old", b"labels") == b'$17\r\n{"a":"1","b":"2"}\r\n'
+        assert {r.name: r.labels for r in await store.list()} == {"d1": {"site": "berlin"}, "old": {"a": "1", "b": "2"}}

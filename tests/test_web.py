@@ -124,6 +124,34 @@ async def test_device_add_rotate_revoke_for_admins_only(tmp_path: Path) -> None:
         assert (await web.post("/v1/devices/nope/revoke")).status_code == 404
 
 
+async def test_labels_and_selectors(tmp_path: Path) -> None:
+    async with web_hub(tmp_path) as web:
+        added = await web.post("/v1/devices", json={"name": "b1", "labels": {"site": "berlin", "model": "th-100"}})
+        assert added.status_code == 201
+        bad = await web.post("/v1/devices", json={"name": "b2", "labels": {"site": "a b"}})
+        assert bad.status_code == 422 and error(bad) == "bad_label"
+        labelled = await web.post("/v1/devices/d1/labels", json={"set": {"site": "berlin"}})
+        assert labelled.status_code == 200 and labelled.json() == {"name": "d1", "labels": {"site": "berlin"}}
+        refused = await web.post("/v1/devices/d1/labels", "operator", json={"remove": ["site"]})
+        assert refused.status_code == 403 and error(refused) == "forbidden"
+        assert (await web.post("/v1/devices/nope/labels", json={"set": {"a": "b"}})).status_code == 404
+        assert error(await web.post("/v1/devices/d1/labels", json={})) == "bad_request"
+
+        async def selected(selector: str) -> list[str]:
+            reply = await web.get("/v1/devices", params={"selector": selector})
+            assert reply.status_code == 200, reply.text
+            return [d["name"] for d in reply.json()]
+
+        assert await selected("site=berlin") == ["b1", "d1"]
+        assert await selected("site=berlin,model=th-100") == ["b1"]
+        assert await selected("site!=berlin") == ["d2"]
+        assert (await web.get("/v1/devices/b1")).json()["labels"] == {"model": "th-100", "site": "berlin"}
+        reply = await web.get("/v1/devices", params={"selector": "site=="})
+        assert reply.status_code == 422 and error(reply) == "bad_label"
+        removed = await web.post("/v1/devices/b1/labels", json={"remove": ["model"], "set": {"rack": "r1"}})
+        assert removed.json()["labels"] == {"rack": "r1", "site": "berlin"}
+
+
 async def next_command(ws: Any) -> DeviceCommand:
     while True:
         msg = await receive(ws)

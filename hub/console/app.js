@@ -230,7 +230,16 @@ async function refreshDevices() {
   }
 }
 
+function labelsText(labels) {
+  return labels && typeof labels === "object" ? Object.entries(labels).map(([k, v]) => `${k}=${v}`).join(", ") : "";
+}
+
 function onPresence(summary) {
+  // A presence event relayed from another hub of a cluster carries no labels: keep those the list gave.
+  const known = app.devices.get(summary.name);
+  if (known && known.labels && !(summary.labels && Object.keys(summary.labels).length)) {
+    summary = { ...summary, labels: known.labels };
+  }
   app.devices.set(summary.name, summary);
   scheduleFleet();
   if (app.page && app.page.name === summary.name) showSummary(summary);
@@ -260,7 +269,8 @@ function renderFleet() {
       el("td", { title: clock(d.since) }, ago(d.since)),
       el("td", { class: "wide" }, ago(d.last_seen)),
       el("td", { class: "wide" }, d.model || "–"),
-      el("td", { class: "wide" }, d.firmware || "–"));
+      el("td", { class: "wide" }, d.firmware || "–"),
+      el("td", { class: "wide labels" }, labelsText(d.labels) || "–"));
   });
   $("fleet").tBodies[0].replaceChildren(...rows);
   $("fleet-empty").hidden = rows.length > 0 || app.devices.size === 0;
@@ -368,6 +378,7 @@ function showSummary(d) {
     ["firmware", d.firmware || "–"],
     ["interval", typeof d.interval === "number" ? `${d.interval} s` : "–"],
     ["session epoch", d.epoch ?? "–"],
+    ["labels", labelsText(d.labels) || "–"],
   ];
   if (d.revoked) items.push(["token", "revoked"]);
   $("device-summary").replaceChildren(...items.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))]));

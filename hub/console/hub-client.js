@@ -115,10 +115,11 @@ function openSession(url, token, opts, onFrame, onClose) {
 
 /** One subscription: `id` is the hub's number for it, which changes when the client subscribes again. */
 export class Subscription {
-  constructor(connection, topic, devices, onEvent, onDropped) {
+  constructor(connection, topic, devices, onEvent, onDropped, selector = null) {
     this.connection = connection;
     this.topic = topic;
     this.devices = devices;
+    this.selector = selector;
     this.onEvent = onEvent;
     this.onDropped = onDropped;
     this.id = null;
@@ -214,13 +215,14 @@ export class Connection extends EventTarget {
   }
 
   /**
-   * Subscribe to `topic` (telemetry, presence, commands), for `devices` (a list of names; all when omitted).
+   * Subscribe to `topic` (telemetry, presence, commands), for `devices` (a list of names; all when omitted) whose
+   * labels match `selector` (e.g. "site=berlin,model=th-100"; resolved by the hub at each (re)subscription).
    * `onEvent(event)` gets each pushed event, `onDropped({ dropped, coalesced })` each notice of lost events.
    * Resolves to a Subscription, renewed after each reconnect until its `unsubscribe()`.
    */
-  async subscribe(topic, onEvent, { devices = null, onDropped = null } = {}) {
+  async subscribe(topic, onEvent, { devices = null, onDropped = null, selector = null } = {}) {
     if (!this.connected) throw new HubError(ERR_NOT_CONNECTED, "not connected to the hub");
-    const sub = new Subscription(this, topic, devices, onEvent, onDropped);
+    const sub = new Subscription(this, topic, devices, onEvent, onDropped, selector);
     await this._subscribe(sub);
     this._subscriptions.add(sub);
     return sub;
@@ -229,6 +231,7 @@ export class Connection extends EventTarget {
   _subscribe(sub) {
     const args = { topic: sub.topic };
     if (sub.devices) args.devices = sub.devices;
+    if (sub.selector) args.selector = sub.selector;
     // Bind the hub's id as the reply is read, before any later frame (an event of it) is dispatched.
     return this._send("subscribe", args, (result) => {
       if (sub.active) {

@@ -26,7 +26,17 @@ import attrs
 from device_client.protocol import JSON
 from hub.control_codes import ANSWERS, TOPICS, Answer, ControlError, ErrorCode
 from hub.edge import has_bad_utf8
-from hub.fleet import COMMAND_STATES, DEVICE_STATES, CommandRecordDict, DeviceDetail, DeviceSummary
+from hub.fleet import (
+    COMMAND_STATES,
+    DEVICE_STATES,
+    BadLabel,
+    CommandRecordDict,
+    DeviceDetail,
+    DeviceSummary,
+    check_label_key,
+    check_labels,
+    parse_selector,
+)
 
 __all__ = [
     "ANSWERS",
@@ -43,6 +53,8 @@ __all__ = [
     "ControlError",
     "Device",
     "DeviceAdd",
+    "DeviceLabel",
+    "DeviceLabels",
     "DeviceRevoke",
     "DeviceRotate",
     "Devices",
@@ -136,6 +148,33 @@ def _device_list(_: object, attribute: attrs.Attribute[Any], value: tuple[object
         raise ControlError(ErrorCode.BAD_REQUEST, "devices must be a non-empty list of names (or null for all)")
 
 
+def _labels(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        try:
+            check_labels(value)
+        except BadLabel as exc:
+            raise ControlError(ErrorCode.BAD_LABEL, f"{attribute.name}: {exc}") from None
+
+
+def _label_keys(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        if not isinstance(value, tuple) or not all(isinstance(key, str) for key in value):
+            raise ControlError(ErrorCode.BAD_REQUEST, f"{attribute.name} must be a list of label keys")
+        try:
+            for key in value:
+                check_label_key(key)
+        except BadLabel as exc:
+            raise ControlError(ErrorCode.BAD_LABEL, f"{attribute.name}: {exc}") from None
+
+
+def _selector(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        try:
+            parse_selector(value)
+        except BadLabel as exc:
+            raise ControlError(ErrorCode.BAD_LABEL, str(exc)) from None
+
+
 # These return attrs.field's declaration, typed as attrs types it, so the annotated attribute keeps its own type.
 def _name() -> Any:
     return attrs.field(validator=_typed(str))
@@ -143,6 +182,10 @@ def _name() -> Any:
 
 def _optional_str(*more: _Validator) -> Any:
     return attrs.field(default=None, validator=[_typed(str, optional=True), *more])
+
+
+def _optional_selector() -> Any:
+    return _optional_str(_selector)
 
 
 def _optional_seconds() -> Any:
@@ -171,9 +214,11 @@ class Status(Request):
 
 @attrs.frozen(kw_only=True)
 class Devices(Request):
-    """Device summaries, optionally only those in `state` (online, late, offline, never)."""
+    """Device summaries, optionally only those in `state` (online, late, offline, never) and those whose labels match
+    `selector` (hub.fleet.parse_selector)."""
 
     state: str | None = _optional_str(_one_of(DEVICE_STATES))
+    selector: str | None = _optional_selector()
 
 
 @attrs.frozen(kw_only=True)
@@ -231,12 +276,14 @@ class CancelCommand(Request):
 
 @attrs.frozen(kw_only=True)
 class Subscribe(Request):
-    """Push the events of `topic` for `devices` (None: all)."""
+    """Push the events of `topic` for `devices` (None: all) whose labels match `selector` when the subscription is
+    made (None: any labels)."""
 
     topic: str = attrs.field(validator=[_typed(str), _one_of(TOPICS)])
     devices: tuple[str, ...] | None = attrs.field(
         default=None, converter=_names, validator=[_typed(tuple, optional=True), _device_list]
     )
+    selector: str | None = _optional_selector()
 
 
 @attrs.frozen(kw_only=True)
@@ -248,9 +295,23 @@ class Unsubscribe(Request):
 
 @attrs.frozen(kw_only=True)
 class DeviceAdd(Request):
-    """Register a device; the reply holds its token."""
+    """Register a device, with `labels` (key -> value) if given; the reply holds its token."""
 
     name: str = _name()
+    labels: dict[str, str] | None = attrs.field(default=None, validator=[_typed(dict, optional=True), _labels])
+
+
+@attrs.frozen(kw_only=True)
+class DeviceLabel(Request):
+    """Remove the label keys `remove` of a device, then set the labels `set`; the reply holds its labels now."""
+
+    name: str = _name()
+    set: dict[str, str] | None = attrs.field(default=None, validator=[_typed(dict, optional=True), _labels])
+    remove: tuple[str, ...] | None = attrs.field(default=None, converter=_names, validator=_label_keys)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.set and not self.remove:
+            raise ControlError(ErrorCode.BAD_REQUEST, "give labels to set, keys to remove, or both")
 
 
 @attrs.frozen(kw_only=True)
@@ -304,6 +365,13 @@ class NewToken(TypedDict):
     token: str
 
 
+class DeviceLabels(TypedDict):
+    """The `device_label` reply: the device's labels after the change."""
+
+    name: str
+    labels: dict[str, str]
+
+
 class Empty(TypedDict):
     """The `unsubscribe` and `device_revoke` reply: ``{}``."""
 
@@ -317,6 +385,7 @@ Result: TypeAlias = (
     | CommandRecordDict
     | Subscribed
     | NewToken
+    | DeviceLabels
     | Empty
     | None
 )
@@ -333,6 +402,7 @@ class Reply(enum.Enum):
     RECORD = "a command record"
     SUBSCRIPTION = '{"subscription": S}'
     TOKEN = '{"name", "token"}'
+    LABELS = '{"name", "labels"}'
     EMPTY = "{}"
 
     @property
@@ -392,6 +462,7 @@ REQUESTS: Mapping[str, RequestSpec] = _table(
         RequestSpec("device_add", DeviceAdd, "admin", Reply.TOKEN),
         RequestSpec("device_revoke", DeviceRevoke, "admin", Reply.EMPTY),
         RequestSpec("device_rotate", DeviceRotate, "admin", Reply.TOKEN),
+        RequestSpec("device_label", DeviceLabel, "admin", Reply.LABELS),
     ]
 )
 _BY_CLASS: Mapping[type[Request], RequestSpec] = {spec.request: spec for spec in REQUESTS.values()}

@@ -24,6 +24,8 @@ from hub.control._codec import (
     ControlError,
     Device,
     DeviceAdd,
+    DeviceLabel,
+    DeviceLabels,
     DeviceRevoke,
     DeviceRotate,
     Devices,
@@ -38,6 +40,7 @@ from hub.control._codec import (
     Status,
 )
 from hub.fleet import (
+    BadLabel,
     BadName,
     CommandRecordDict,
     DeviceDetail,
@@ -46,6 +49,7 @@ from hub.fleet import (
     DeviceStatus,
     DeviceSummary,
     UnknownDevice,
+    parse_selector,
     role_allows,
 )
 
@@ -168,7 +172,8 @@ class Operations:
         records = await self.server.registry.list()
         names = [r.name for r in records]
         statuses = await self._statuses(names)
-        return fleet.list_summaries(records, statuses, await self._ledgers(names), req.state)
+        selector = None if req.selector is None else parse_selector(req.selector)
+        return fleet.list_summaries(records, statuses, await self._ledgers(names), req.state, selector)
 
     async def _ledgers(self, names: list[str]) -> Callable[[str], DeviceLedger | None]:
         """Each device's ledger here, or (in a cluster) what its hub last saved of it: last_seen, latest points."""
@@ -246,12 +251,14 @@ class Operations:
     async def _device_add(self, caller: Caller, req: DeviceAdd) -> NewToken:
         name = req.name
         try:
-            token = await self.server.registry.add(name)
+            token = await self.server.registry.add(name, req.labels)
         except BadName as exc:
             raise ControlError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        except BadLabel as exc:
+            raise ControlError(ErrorCode.BAD_LABEL, str(exc)) from None
         except DeviceExists:
             raise ControlError(ErrorCode.EXISTS, f"device {name!r} already exists") from None
-        log.info("device added by operator", extra=caller.kv(device=name))
+        log.info("device added by operator", extra=caller.kv(device=name, labels=req.labels or {}))
         return {"name": name, "token": token}
 
     @_handles(DeviceRevoke)
@@ -274,6 +281,18 @@ class Operations:
             raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
         log.info("device token rotated by operator", extra=caller.kv(device=name))
         return {"name": name, "token": token}
+
+    @_handles(DeviceLabel)
+    async def _device_label(self, caller: Caller, req: DeviceLabel) -> DeviceLabels:
+        name = req.name
+        try:
+            labels = await self.server.registry.set_labels(name, req.set or {}, list(req.remove or ()))
+        except UnknownDevice:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no device {name[:64]!r}") from None
+        except BadLabel as exc:
+            raise ControlError(ErrorCode.BAD_LABEL, str(exc)) from None
+        log.info("device labels changed by operator", extra=caller.kv(device=name, labels=labels))
+        return {"name": name, "labels": labels}
 
 
 def retry_seconds(seconds: float) -> int:

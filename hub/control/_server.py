@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -48,6 +48,7 @@ from hub.fleet import (
     RegistryStore,
     StoreUnavailable,
     Subscription,
+    parse_selector,
 )
 from hub.ingest import Pipeline
 from hub.ratelimit import Rate, TokenBucket
@@ -487,7 +488,13 @@ class ControlSession:
             raise ControlError(
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"at most {cfg.max_subscriptions} subscriptions per session"
             )
-        sub = self.server.broadcaster.subscribe(req.topic, req.devices, self._notify, capacity=cfg.buffer)
+        devices: Iterable[str] | None = req.devices
+        if req.selector is not None:
+            # Resolved now: a device labelled later joins no open subscription (subscribe again for it).
+            selector = parse_selector(req.selector)
+            chosen = {r.name for r in await self.server.registry.list() if selector.matches(r.labels)}
+            devices = chosen if req.devices is None else chosen.intersection(req.devices)
+        sub = self.server.broadcaster.subscribe(req.topic, devices, self._notify, capacity=cfg.buffer)
         self._subs[sub.id] = sub
         log.debug("subscribed", extra=self.kv(subscription=sub.id, topic=req.topic))
         return {"subscription": sub.id}

@@ -1,10 +1,10 @@
 """The fleet: what the hub knows of its devices and operators, and the commands sent to them.
 
-`_store` (`RegistryStore`: devices, operators, tokens, acked seqs, epochs, latest values, over SQLite `_registry` or
-Redis `_redis_store` with its handshake cache `_cache`; `_accounts` holds what both share), `_ledger` (per-device
-progress), `_presence` with its state table `_presence_states`, the command service `_commands` with its store
-`_command_store` and state table `_command_states`, `_subscriptions` (events for operators) and `_summary` (device
-summaries for operators).
+`_store` (`RegistryStore`: devices with their labels, operators, tokens, acked seqs, epochs, latest values, over
+SQLite `_registry` or Redis `_redis_store` with its handshake cache `_cache`; `_accounts` holds what both share,
+`_labels` the label and selector rules), `_ledger` (per-device progress), `_presence` with its state table
+`_presence_states`, the command service `_commands` with its store `_command_store` and state table
+`_command_states`, `_subscriptions` (events for operators) and `_summary` (device summaries for operators).
 """
 
 from hub.fleet._accounts import (
@@ -36,6 +36,17 @@ from hub.fleet._command_states import (
 )
 from hub.fleet._command_store import CommandHistoryEntry, CommandRecord, CommandRecordDict, CommandStore
 from hub.fleet._commands import CommandError, CommandService, Elsewhere, Relay, Sender
+from hub.fleet._labels import (
+    LABEL_RE,
+    MAX_LABELS,
+    BadLabel,
+    Selector,
+    apply_labels,
+    check_label_key,
+    check_labels,
+    parse_label,
+    parse_selector,
+)
 from hub.fleet._ledger import DeviceLedger, Ledgers
 from hub.fleet._presence import DeviceStatus, Presence
 from hub.fleet._presence_states import SEEN_STATES, PresenceEvent, PresenceState
@@ -67,10 +78,13 @@ __all__ = [
     "COMMAND_STATES",
     "COMMAND_TTL_STATES",
     "DEVICE_STATES",
+    "LABEL_RE",
+    "MAX_LABELS",
     "NAME_RE",
     "REGISTRY_FILE",
     "ROLES",
     "SEEN_STATES",
+    "BadLabel",
     "BadName",
     "BadRole",
     "Broadcaster",
@@ -102,6 +116,7 @@ __all__ = [
     "RegistryStore",
     "Relay",
     "SQLiteStore",
+    "Selector",
     "Sender",
     "StoreUnavailable",
     "Subscription",
@@ -110,11 +125,16 @@ __all__ = [
     "TelemetryEvent",
     "UnknownDevice",
     "UnknownOperator",
+    "apply_labels",
+    "check_label_key",
+    "check_labels",
     "device_detail",
     "device_summary",
     "latest_points",
     "list_summaries",
     "open_registry_store",
+    "parse_label",
+    "parse_selector",
     "registry_path",
     "role_allows",
     "state_counts",

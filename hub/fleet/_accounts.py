@@ -87,6 +87,7 @@ class DeviceRecord:
     revoked: bool
     epoch: int  # bumped by every accepted session
     acked_seq: int  # highest sequence the hub has made durable
+    labels: dict[str, str] = attrs.field(factory=dict, hash=False)  # key -> value, sorted by key (hub.fleet._labels)
 
 
 @attrs.frozen

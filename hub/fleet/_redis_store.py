@@ -1,9 +1,10 @@
 """`RegistryStore` on Redis (coredis): the registry and the acked seqs shared by every hub process that uses it.
 
 Keys, under a prefix P (default "hub"): a hash per device ``P:device:<name>`` (token_hash, created, revoked, epoch,
-acked_seq) and per operator ``P:operator:<name>`` (role, token_hash, created, revoked); the sets ``P:devices`` and
-``P:operators`` (every name, for listing) and ``P:devices:revoked`` and ``P:operators:revoked``; a hash per device
-``P:latest:<name>`` (last_seen, and "m:<measurement>" -> its newest point as JSON).
+acked_seq, labels: a JSON object, missing in devices added before labels existed) and per operator
+``P:operator:<name>`` (role, token_hash, created, revoked); the sets ``P:devices`` and ``P:operators`` (every name,
+for listing) and ``P:devices:revoked`` and ``P:operators:revoked``; a hash per device ``P:latest:<name>``
+(last_seen, and "m:<measurement>" -> its newest point as JSON).
 
 Every read-modify-write is a small Lua script: Redis runs a script alone, so create-if-absent, bump-and-read and
 raise-only are atomic across hubs in one round trip, where WATCH/MULTI would need a dedicated connection and a retry
@@ -45,6 +46,7 @@ from hub.fleet._accounts import (
     token_matches,
 )
 from hub.fleet._cache import CachedAccount, Kind, RegistryCache
+from hub.fleet._labels import MAX_LABELS, BadLabel, check_label_key, check_labels
 from hub.fleet._redis_pool import Pool
 from hub.fleet._store import StoreUnavailable
 
@@ -69,6 +71,23 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'revoked', ARGV[2], unpack(ARGV, 3))
 if ARGV[2] == '1' then redis.call('SADD', KEYS[2], ARGV[1]) else redis.call('SREM', KEYS[2], ARGV[1]) end
 return 1
+"""
+# KEYS: the device's hash. ARGV: the most labels a device may have, the JSON object of labels to set, then the keys to
+# remove. Returns {1, labels JSON} (sorted by key), {2, count} past the most, {0} for an unknown device.
+_SET_LABELS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local labels = cjson.decode(redis.call('HGET', KEYS[1], 'labels') or '{}')
+for i = 3, #ARGV do labels[ARGV[i]] = nil end
+for key, value in pairs(cjson.decode(ARGV[2])) do labels[key] = value end
+local keys = {}
+for key in pairs(labels) do keys[#keys + 1] = key end
+if #keys > tonumber(ARGV[1]) then return {2, #keys} end
+table.sort(keys)
+local parts = {}
+for i, key in ipairs(keys) do parts[i] = cjson.encode(key) .. ':' .. cjson.encode(labels[key]) end
+local text = '{' .. table.concat(parts, ',') .. '}'
+redis.call('HSET', KEYS[1], 'labels', text)
+return {1, text}
 """
 # KEYS: the device's hash. ARGV: an epoch the new one must exceed (one this hub handed out while Redis was away).
 # Returns {epoch, acked_seq, token_hash, revoked}, or nil for an unknown device.
@@ -119,7 +138,7 @@ end
 return 0
 """
 
-_DEVICE_FIELDS = ("created", "revoked", "epoch", "acked_seq")
+_DEVICE_FIELDS = ("created", "revoked", "epoch", "acked_seq", "labels")
 _OPERATOR_FIELDS = ("role", "created", "revoked")
 #: Seconds after a failed read during which the cache answers what it can without asking Redis first.
 CACHE_FIRST_FOR = 1.0
@@ -159,6 +178,7 @@ class RedisStore:
         self._save_acked = client.register_script(_SAVE_ACKED)
         self._raise_epochs = client.register_script(_RAISE_EPOCHS)
         self._save_latest = client.register_script(_SAVE_LATEST)
+        self._set_labels = client.register_script(_SET_LABELS)
 
     @property
     def client(self) -> coredis.Redis[str]:
@@ -190,15 +210,33 @@ class RedisStore:
                 replies = [pipe.hmget(prefix + name, fields) for name in names]
             return names, [await reply for reply in replies]
 
-    async def add(self, name: str) -> str:
+    async def add(self, name: str, labels: Mapping[str, str] | None = None) -> str:
         check_name(name, "device")
+        text = json.dumps(dict(sorted(check_labels(labels or {}).items())), separators=(",", ":"))
         secret, digest = new_secret()
         fields = ["token_hash", digest, "created", repr(time.time()), "revoked", "0", "epoch", "0", "acked_seq", "0"]
+        fields += ["labels", text]
         with self._reachable():
             created: object = await self._create(keys=[self._device_prefix + name, self._devices], args=[name, *fields])
         if not created:
             raise DeviceExists(f"device {name!r} already exists")
         return f"{name}.{secret}"
+
+    async def set_labels(self, name: str, set_: Mapping[str, str], remove: builtins.list[str]) -> dict[str, str]:
+        set_ = check_labels(set_)
+        for key in remove:
+            check_label_key(key)
+        with self._reachable():
+            reply: object = await self._set_labels(
+                keys=[self._device_prefix + name], args=[str(MAX_LABELS), json.dumps(set_), *remove]
+            )
+        assert isinstance(reply, list), reply
+        if reply[0] == 0:
+            raise UnknownDevice(f"unknown device {name!r}")
+        if reply[0] == 2:
+            raise BadLabel(f"at most {MAX_LABELS} labels per device (this would make {reply[1]})")
+        labels: dict[str, str] = json.loads(reply[1])
+        return labels
 
     async def rotate(self, name: str) -> str:
         secret, digest = new_secret()
@@ -461,11 +499,16 @@ def _json(point: Point) -> str:
 
 
 def _device(name: str, values: tuple[str | None, ...]) -> DeviceRecord | None:
-    created, revoked, epoch, acked_seq = values
+    created, revoked, epoch, acked_seq, labels = values
     if created is None:
         return None
     return DeviceRecord(
-        name=name, created=float(created), revoked=revoked == "1", epoch=int(epoch or 0), acked_seq=int(acked_seq or 0)
+        name=name,
+        created=float(created),
+        revoked=revoked == "1",
+        epoch=int(epoch or 0),
+        acked_seq=int(acked_seq or 0),
+        labels=json.loads(labels or "{}"),
     )
 
 

@@ -1,8 +1,12 @@
-"""The device registry over SQLite: names, hashed tokens, session epochs and last acked sequences, in one file."""
+"""The device registry over SQLite: names, hashed tokens, labels, session epochs and last acked sequences, in one file.
+
+A registry file made before labels existed gets the `labels` column when it is first opened (`_migrate`).
+"""
 
 from __future__ import annotations
 
 import builtins
+import json
 import os
 import sqlite3
 import threading
@@ -26,6 +30,7 @@ from hub.fleet._accounts import (
     operator_token_parts,
     token_matches,
 )
+from hub.fleet._labels import apply_labels, check_label_key, check_labels
 
 __all__ = ["REGISTRY_FILE", "Registry", "registry_path"]
 
@@ -40,7 +45,8 @@ CREATE TABLE IF NOT EXISTS devices (
     created    REAL NOT NULL,
     revoked    INTEGER NOT NULL DEFAULT 0,
     epoch      INTEGER NOT NULL DEFAULT 0,
-    acked_seq  INTEGER NOT NULL DEFAULT 0
+    acked_seq  INTEGER NOT NULL DEFAULT 0,
+    labels     TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS operators (
     name       TEXT PRIMARY KEY,
@@ -78,9 +84,20 @@ class Registry:
             # the file stays consistent. Points themselves are durable in the sink or the spool either way.
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except BaseException:
             self._db.close()
             raise
+
+    def _migrate(self) -> None:
+        """Add the columns a registry file made by an older hub lacks (another process may add them first)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
+        if "labels" not in columns:
+            try:
+                self._db.execute("ALTER TABLE devices ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'")
+            except sqlite3.OperationalError:
+                if "labels" not in {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}:
+                    raise
 
     # -- lifecycle
 
@@ -99,15 +116,16 @@ class Registry:
 
     # -- operator commands
 
-    def add(self, name: str) -> str:
-        """Register a new device; return its token ``"<name>.<secret>"`` (only its hash is stored)."""
+    def add(self, name: str, labels: Mapping[str, str] | None = None) -> str:
+        """Register a new device with `labels`; return its token ``"<name>.<secret>"`` (only its hash is stored)."""
         check_name(name, "device")
+        text = _labels_json(check_labels(labels or {}))
         secret, digest = new_secret()
         try:
             with self._lock, self._db:
                 self._db.execute(
-                    "INSERT INTO devices (name, token_hash, created) VALUES (?, ?, ?)",
-                    (name, digest, time.time()),
+                    "INSERT INTO devices (name, token_hash, created, labels) VALUES (?, ?, ?, ?)",
+                    (name, digest, time.time(), text),
                 )
         except sqlite3.IntegrityError:
             raise DeviceExists(f"device {name!r} already exists") from None
@@ -129,11 +147,25 @@ class Registry:
         if cur.rowcount == 0:
             raise UnknownDevice(f"unknown device {name!r}")
 
+    def set_labels(self, name: str, set_: Mapping[str, str], remove: builtins.list[str]) -> dict[str, str]:
+        """Remove the keys `remove`, then set `set_`; return the device's labels now (BadLabel, UnknownDevice)."""
+        set_ = check_labels(set_)
+        for key in remove:
+            check_label_key(key)
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT labels FROM devices WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise UnknownDevice(f"unknown device {name!r}")
+            labels = apply_labels(json.loads(row[0]), set_, remove)
+            self._db.execute("UPDATE devices SET labels = ? WHERE name = ?", (_labels_json(labels), name))
+        return labels
+
     def get(self, name: str) -> DeviceRecord | None:
         """The device's record, or None if it is not registered."""
         with self._lock:
             row = self._db.execute(
-                "SELECT name, created, revoked, epoch, acked_seq FROM devices WHERE name = ?", (name,)
+                "SELECT name, created, revoked, epoch, acked_seq, labels FROM devices WHERE name = ?", (name,)
             ).fetchone()
         return None if row is None else _record(row)
 
@@ -141,7 +173,7 @@ class Registry:
         """All devices, sorted by name."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT name, created, revoked, epoch, acked_seq FROM devices ORDER BY name"
+                "SELECT name, created, revoked, epoch, acked_seq, labels FROM devices ORDER BY name"
             ).fetchall()
         return [_record(row) for row in rows]
 
@@ -236,6 +268,12 @@ class Registry:
         return (name, role) if token_matches(secret, stored) and not revoked else None
 
 
-def _record(row: tuple[str, float, int, int, int]) -> DeviceRecord:
-    name, created, revoked, epoch, acked_seq = row
-    return DeviceRecord(name=name, created=created, revoked=bool(revoked), epoch=epoch, acked_seq=acked_seq)
+def _record(row: tuple[str, float, int, int, int, str]) -> DeviceRecord:
+    name, created, revoked, epoch, acked_seq, labels = row
+    return DeviceRecord(
+        name=name, created=created, revoked=bool(revoked), epoch=epoch, acked_seq=acked_seq, labels=json.loads(labels)
+    )
+
+
+def _labels_json(labels: Mapping[str, str]) -> str:
+    return json.dumps(dict(sorted(labels.items())), separators=(",", ":"))

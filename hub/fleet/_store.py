@@ -26,12 +26,19 @@ class StoreUnavailable(Exception):
 
 
 class RegistryStore(Protocol):
-    """Devices, operators, their tokens, and each device's session epoch and acked seq; shared by every hub process
-    that opens the same backend. Refusals raise the `RegistryError` family, an unreachable backend
+    """Devices (with their labels), operators, their tokens, and each device's session epoch and acked seq; shared by
+    every hub process that opens the same backend. Refusals raise the `RegistryError` family, an unreachable backend
     `StoreUnavailable`."""
 
-    async def add(self, name: str) -> str:
-        """Register a new device; return its token ``"<name>.<secret>"`` (only its hash is stored)."""
+    async def add(self, name: str, labels: Mapping[str, str] | None = None) -> str:
+        """Register a new device with `labels` (BadLabel if bad); return its token ``"<name>.<secret>"`` (only its
+        hash is stored)."""
+        ...
+
+    async def set_labels(self, name: str, set_: Mapping[str, str], remove: builtins.list[str]) -> dict[str, str]:
+        """Remove the label keys `remove`, then set `set_`, in one atomic step; return the device's labels now.
+
+        BadLabel for a malformed label or past `MAX_LABELS`, UnknownDevice for an unregistered name."""
         ...
 
     async def rotate(self, name: str) -> str:
@@ -116,8 +123,11 @@ class SQLiteStore:
         # put on the registry file. Lost at restart, like the ledgers' own `latest`.
         self._latest: dict[str, tuple[float, dict[str, Point]]] = {}
 
-    async def add(self, name: str) -> str:
-        return await trio.to_thread.run_sync(self.registry.add, name)
+    async def add(self, name: str, labels: Mapping[str, str] | None = None) -> str:
+        return await trio.to_thread.run_sync(self.registry.add, name, labels)
+
+    async def set_labels(self, name: str, set_: Mapping[str, str], remove: builtins.list[str]) -> dict[str, str]:
+        return await trio.to_thread.run_sync(self.registry.set_labels, name, set_, remove)
 
     async def rotate(self, name: str) -> str:
         return await trio.to_thread.run_sync(self.registry.rotate, name)

@@ -12,6 +12,7 @@ from hub.fleet._subscriptions import plain_fields
 
 if TYPE_CHECKING:
     from hub.fleet._accounts import DeviceRecord
+    from hub.fleet._labels import Selector
     from hub.fleet._ledger import DeviceLedger
     from hub.fleet._presence import DeviceStatus
 
@@ -46,6 +47,7 @@ class DeviceSummary(TypedDict):
     model: str
     interval: float
     revoked: bool
+    labels: dict[str, str]  # key -> value, sorted by key (hub.fleet._labels)
 
 
 class LatestPoint(TypedDict):
@@ -70,9 +72,11 @@ def device_summary(
     ledger: DeviceLedger | None,
 ) -> DeviceSummary:
     """The device summary of docs/control.md: name, state, since, reason, last_seen, epoch, firmware, model,
-    interval, revoked. State "never" when there is no status; then `since` is the registration time, if known."""
+    interval, revoked, labels. State "never" when there is no status; then `since` is the registration time, if
+    known."""
     last_seen = ledger.last_seen if ledger is not None else None
     revoked = record.revoked if record is not None else False
+    labels = dict(record.labels) if record is not None else {}
     if status is None:
         return {
             "name": name,
@@ -85,6 +89,7 @@ def device_summary(
             "model": "",
             "interval": 0.0,
             "revoked": revoked,
+            "labels": labels,
         }
     return {
         "name": name,
@@ -97,6 +102,7 @@ def device_summary(
         "model": status.model,
         "interval": status.interval,
         "revoked": revoked,
+        "labels": labels,
     }
 
 
@@ -126,9 +132,10 @@ def list_summaries(
     statuses: Mapping[str, DeviceStatus],
     find_ledger: Callable[[str], DeviceLedger | None],
     state: str | None = None,
+    selector: Selector | None = None,
 ) -> list[DeviceSummary]:
-    """Summaries of every registered device (and any device presence knows of), sorted by name;
-    only those in `state` when it is given."""
+    """Summaries of every registered device (and any device presence knows of, without labels), sorted by name;
+    only those in `state` and whose labels match `selector` when they are given."""
     by_name: dict[str, DeviceRecord | None] = {r.name: r for r in records}
     for name in statuses:
         by_name.setdefault(name, None)
@@ -136,6 +143,9 @@ def list_summaries(
     for name in sorted(by_name):
         status = statuses.get(name)
         current = status.state if status is not None else INITIAL_STATE
+        record = by_name[name]
+        if selector is not None and not selector.matches(record.labels if record is not None else {}):
+            continue
         if state is None or current == state:
             out.append(device_summary(name, by_name[name], status, find_ledger(name)))
     return out

@@ -40,6 +40,8 @@ from hub.control import (
     Commands,
     ControlError,
     Device,
+    DeviceLabel,
+    DeviceLabels,
     Devices,
     ErrorCode,
     HubStatus,
@@ -316,9 +318,22 @@ class ControlClient:
         """The hub's figures (see docs/control.md)."""
         return cast(HubStatus, await self.call(Status()))
 
-    async def devices(self, state: str | None = None) -> list[DeviceSummary]:
-        """Device summaries sorted by name, optionally only those in `state` (online, late, offline, never)."""
-        return cast(list[DeviceSummary], await self.call(_build(Devices, state=state)))
+    async def devices(self, state: str | None = None, selector: str | None = None) -> list[DeviceSummary]:
+        """Device summaries sorted by name, optionally only those in `state` (online, late, offline, never) and
+        those whose labels match `selector` (docs/control.md, "Labels and selectors")."""
+        return cast(list[DeviceSummary], await self.call(_build(Devices, state=state, selector=selector)))
+
+    async def device_label(
+        self, name: str, set: Mapping[str, str] | None = None, remove: Sequence[str] | None = None
+    ) -> DeviceLabels:
+        """Remove the label keys `remove` of device `name`, then set the labels `set` (admins only); its labels now."""
+        request = _build(
+            DeviceLabel,
+            name=name,
+            set=None if set is None else dict(set),
+            remove=None if remove is None else list(remove),
+        )
+        return cast(DeviceLabels, await self.call(request))
 
     async def device(self, name: str) -> DeviceDetail:
         """One device: its summary plus `latest` values and its 20 most recent `commands`."""
@@ -366,9 +381,10 @@ class ControlClient:
 
     @asynccontextmanager
     async def subscribe(
-        self, topic: str, devices: Sequence[str] | None = None, *, buffer: int = 256
+        self, topic: str, devices: Sequence[str] | None = None, *, selector: str | None = None, buffer: int = 256
     ) -> AsyncIterator[Subscription]:
-        """Subscribe to `topic` (telemetry, presence, commands) of `devices` (None: all); unsubscribe on exit."""
+        """Subscribe to `topic` (telemetry, presence, commands) of `devices` (None: all) whose labels match
+        `selector` when the subscription is made (None: any); unsubscribe on exit."""
         send, receive = trio.open_memory_channel[Event | Dropped](buffer)
 
         def route(result: JSON) -> None:
@@ -376,7 +392,7 @@ class ControlClient:
             if (sid := _subscription_id(result)) is not None:
                 self._routes[sid] = _Route(topic, send)
 
-        request = _build(Subscribe, topic=topic, devices=None if devices is None else list(devices))
+        request = _build(Subscribe, topic=topic, devices=None if devices is None else list(devices), selector=selector)
         async with receive:
             result = await self._request("subscribe", lambda rid: encode_request(rid, request), None, route)
             sid = _subscription_id(result)

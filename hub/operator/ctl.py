@@ -53,6 +53,7 @@ __all__ = [
     "format_devices",
     "format_dropped",
     "format_event",
+    "format_labels",
     "format_status",
     "main",
     "parse_arg",
@@ -100,6 +101,16 @@ _EPILOG = """\
 exit codes: 0 ok; 1 the hub answered with an error (its code is on stderr); 2 usage;
 3 cannot connect, token refused, or the connection failed; 4 send --wait: the command
 failed, expired, timed out or was cancelled, or the wait timed out."""
+
+
+_SELECTOR_HELP = "only devices whose labels match, e.g. site=berlin,model!=th-100,beta (all terms must match)"
+
+
+def _label(text: str) -> tuple[str, str]:
+    try:
+        return fleet.parse_label(text)
+    except fleet.BadLabel as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_arg(text: str) -> tuple[str, JSON]:
@@ -204,12 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p, top=False)
         return p
 
-    p = sub("devices", "list devices: state, since when, last seen, firmware")
+    p = sub("devices", "list devices: state, since when, last seen, firmware, labels")
     p.add_argument(
         "--state",
         choices=DEVICE_STATES,
         help="only devices in this state (never: registered, not connected since the hub started)",
     )
+    p.add_argument("--selector", metavar="SELECTOR", help=_SELECTOR_HELP)
+
+    p = sub(
+        "label",
+        "set and remove a device's labels (admins), and print them",
+        "Remove the label keys given with --remove, then set the KEY=VALUE labels, in one step (admins\n"
+        "only); print the device's labels. A key or value is 1-63 of A-Z a-z 0-9 _ . - starting with a\n"
+        f"letter or digit; a device has at most {fleet.MAX_LABELS} labels.",
+    )
+    p.add_argument("name", metavar="NAME", help="the device")
+    p.add_argument("labels", metavar="KEY=VALUE", type=_label, nargs="*", help="labels to set")
+    p.add_argument("--remove", metavar="KEY", action="append", default=[], help="a label key to remove; repeatable")
 
     p = sub("device", "one device: its state, latest values and recent commands")
     p.add_argument("name", metavar="NAME")
@@ -223,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         '{"type": "dropped", "topic": T, "dropped": N, "coalesced": M} (counts are cumulative).',
     )
     p.add_argument("names", metavar="NAME", nargs="*", help="only these devices (default: all)")
+    p.add_argument("--selector", metavar="SELECTOR", help=_SELECTOR_HELP + " when the watch starts")
     p.add_argument("--topic", choices=(*TOPICS, "all"), default="telemetry", help="what to watch (default: telemetry)")
 
     p = sub("send", "send a command to a device")
@@ -406,6 +430,13 @@ def _state(summary: Mapping[str, object]) -> str:
     return f"{state} (revoked)" if summary.get("revoked") else state
 
 
+def format_labels(labels: object) -> str:
+    """Labels as ``key=value,...`` (empty when there are none, or the hub sent none)."""
+    if not isinstance(labels, Mapping):
+        return ""
+    return ",".join(f"{_clean(key)}={_clean(value)}" for key, value in labels.items())
+
+
 def format_devices(devices: Sequence[Mapping[str, object]], now: float, state: str | None = None) -> str:
     """The `devices` table."""
     if not devices:
@@ -422,10 +453,11 @@ def format_devices(devices: Sequence[Mapping[str, object]], now: float, state: s
             _clean(d.get("firmware") or "-"),
             _clean(d.get("model") or "-"),
             duration(d.get("interval")) if d.get("interval") else "-",
+            format_labels(d.get("labels")) or "-",
         ]
         for d in devices
     ]
-    headers = ["NAME", "STATE", "SINCE", "LAST SEEN", "REASON", "FIRMWARE", "MODEL", "INTERVAL"]
+    headers = ["NAME", "STATE", "SINCE", "LAST SEEN", "REASON", "FIRMWARE", "MODEL", "INTERVAL", "LABELS"]
     return "\n".join(table(headers, rows))
 
 
@@ -656,8 +688,14 @@ def _show(opts: argparse.Namespace, result: object, human: Callable[[], str]) ->
 
 
 async def _devices(hub: ControlClient, opts: argparse.Namespace) -> int:
-    devices = await hub.devices(opts.state)
+    devices = await hub.devices(opts.state, opts.selector)
     _show(opts, devices, lambda: format_devices(devices, time.time(), opts.state))
+    return ExitCode.OK
+
+
+async def _label_device(hub: ControlClient, opts: argparse.Namespace) -> int:
+    result = await hub.device_label(opts.name, dict(opts.labels) or None, opts.remove or None)
+    _show(opts, result, lambda: format_labels(result.get("labels")) or "(no labels)")
     return ExitCode.OK
 
 
@@ -740,7 +778,7 @@ async def _watch(hub: ControlClient, opts: argparse.Namespace) -> int:
 
     async def follow(topic: str, nursery: trio.Nursery, ready: trio.Event) -> None:
         try:
-            async with hub.subscribe(topic, devices) as events:
+            async with hub.subscribe(topic, devices, selector=opts.selector) as events:
                 ready.set()
                 async for item in events:
                     if opts.json:
@@ -763,6 +801,8 @@ async def _watch(hub: ControlClient, opts: argparse.Namespace) -> int:
             for ready in readies:
                 await ready.wait()
             who = ", ".join(_clean(n) for n in devices) if devices else "all devices"
+            if opts.selector:
+                who += f" matching {_clean(opts.selector)}"
             _err(f"hubctl: watching {', '.join(topics)} of {who}; Ctrl-C stops")
             async for _ in signals:
                 nursery.cancel_scope.cancel()
@@ -780,6 +820,7 @@ async def _request(hub: ControlClient, opts: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable[int]]] = {
     "devices": _devices,
     "device": _device,
+    "label": _label_device,
     "watch": _watch,
     "send": _send,
     "commands": _commands,
@@ -824,6 +865,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     if opts.command == "send" and opts.wait_timeout is not None and not opts.wait:
         _err("hubctl: error: --wait-timeout needs --wait")
+        return ExitCode.USAGE
+    if opts.command == "label" and not opts.labels and not opts.remove:
+        _err("hubctl: error: give labels to set (KEY=VALUE), keys to --remove, or both")
         return ExitCode.USAGE
     if opts.command == "request":
         try:
