@@ -23,9 +23,17 @@ from typing import Any
 import attrs
 
 from bench.wire import BASE_TS, telemetry_template
-from device_client.protocol import DEFAULT_LIMITS, Telemetry, _wire_point, decode, encode, validate_points
+from device_client.protocol import (
+    DEFAULT_LIMITS,
+    MIN_TS_MS,
+    Telemetry,
+    _wire_point,
+    decode,
+    encode,
+    validate_points,
+)
 from firmware_sim.sensors import make_device
-from hub.ingest import LineBuilder, TelemetryReader, reader_available
+from hub.ingest import LineBuilder, TelemetryReader, reader_available, series_prefix, telemetry_type
 
 try:
     import cbor2
@@ -259,21 +267,19 @@ def _cbor(deflate: bool) -> Scheme:
 
 
 def _msgpack_reader() -> TelemetryReader:
-    from hub.ingest import _reader
-
     class MsgpackReader(TelemetryReader):
         # The hub's reader with msgspec's msgpack decoder for the same typed struct; tags stay raw msgpack.
         __slots__ = ()
 
         def _prefix(self, measurement: str, raw: bytes) -> str:
             tags = msgspec.msgpack.decode(raw) if raw else None
-            probe = {"measurement": measurement, "ts": _reader.MIN_TS_MS, "fields": {"f": 0.0}, "tags": tags}
+            probe = {"measurement": measurement, "ts": MIN_TS_MS, "fields": {"f": 0.0}, "tags": tags}
             validate_points([probe], self.limits)
-            prefix = self._prefixes[measurement, raw] = _reader.series_prefix(measurement, tags or {}, self.device)
+            prefix = self._prefixes[measurement, raw] = series_prefix(measurement, tags or {}, self.device)
             return prefix
 
     reader = MsgpackReader("dev-1", DEFAULT_LIMITS)
-    reader._decode = msgspec.msgpack.Decoder(_reader._message_type(DEFAULT_LIMITS)).decode
+    reader._decode = msgspec.msgpack.Decoder(telemetry_type(DEFAULT_LIMITS)).decode
     return reader
 
 

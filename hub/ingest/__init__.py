@@ -5,10 +5,11 @@ batches lines and writes them to a sink (`_sinks`: InfluxDB v1 and v2 APIs, the 
 batches on disk while the database is away.
 """
 
-from hub.ingest._lineproto import LineBuilder, line
+from hub.ingest._lineproto import LineBuilder, line, series_prefix
 from hub.ingest._pipeline import Mark, OnDurable, Pipeline, PipelineConfig
 from hub.ingest._reader import Batch, TelemetryReader
 from hub.ingest._reader import available as reader_available
+from hub.ingest._reader import message_type as telemetry_type
 from hub.ingest._sinks import (
     FileSink,
     InfluxV1Sink,
@@ -42,4 +43,6 @@ __all__ = [
     "TelemetryReader",
     "line",
     "reader_available",
+    "series_prefix",
+    "telemetry_type",
 ]

@@ -30,7 +30,7 @@ try:  # a hub dependency; without it every frame takes the reference path
 except ImportError:  # pragma: no cover - depends on the install
     msgspec = None  # type: ignore[assignment]
 
-__all__ = ["Batch", "TelemetryReader", "available"]
+__all__ = ["Batch", "TelemetryReader", "available", "message_type"]
 
 _CACHE_MAX = 256
 _FLOAT_MAX = sys.float_info.max
@@ -41,7 +41,7 @@ def available() -> bool:
     return msgspec is not None
 
 
-def _message_type(limits: Limits) -> Any:
+def message_type(limits: Limits) -> Any:
     """The msgspec type of a telemetry message under `limits`: every rule but the names' (checked per cache miss)."""
     meta, raw = msgspec.Meta, msgspec.Raw
     name = Annotated[str, meta(min_length=1, max_length=limits.max_name_len)]
@@ -84,7 +84,7 @@ _decoders: dict[Limits, Any] = {}
 def _decoder(limits: Limits) -> Any:
     dec = _decoders.get(limits)
     if dec is None:
-        dec = _decoders[limits] = msgspec.json.Decoder(_message_type(limits))
+        dec = _decoders[limits] = msgspec.json.Decoder(message_type(limits))
     return dec
 
 
