@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from device_client import DeviceClient
+from device_client.protocol import DEVICE_PATH
 from hub.app import HubHandle
 from hub.operator import Dropped, Event, ctl
 from hub.operator.ctl import (
@@ -42,6 +43,7 @@ from hub.operator.ctl import (
 )
 from tests.hubtools import add_devices, add_operators, hub_config, start_hub
 from tests.ports import refused_port
+from tests.wire import upgrade
 
 NOW = 1_764_000_000.0  # 2025-11-24 16:00:00 UTC
 
@@ -801,3 +803,39 @@ async def test_watch_lines_and_exit_3_when_the_hub_goes_away(hub: Hub) -> None:
             assert await proc.wait() == ExitCode.CONNECT
         rest = await err.rest()
         assert "lost the connection to the hub" in rest and "1001" in rest, rest
+
+
+async def test_admins_add_rotate_and_revoke_devices(hub: Hub) -> None:
+    admin = add_operators(hub.data, adm="admin")["adm"]
+
+    async def answer(token: str) -> int:
+        """The HTTP status the hub answers a device upgrade with `token` (101: accepted)."""
+        status, _, stream = await upgrade(hub.handle.port, DEVICE_PATH, headers={"Authorization": f"Bearer {token}"})
+        await stream.aclose()
+        return status
+
+    run = await hubctl(hub, "add", "pump-3", "site=berlin", token=admin)
+    assert run.code == 0, run.err
+    first = run.out.strip()
+    assert first.startswith("pump-3.") and await answer(first) == 101
+    run = await hubctl(hub, "--json", "device", "pump-3", token=hub.viewer)
+    assert run.json()["labels"] == {"site": "berlin"}
+    run = await hubctl(hub, "add", "pump-3", token=admin)
+    assert run.code == 1 and "exists" in run.err
+
+    run = await hubctl(hub, "--json", "rotate", "pump-3", token=admin)
+    assert run.code == 0, run.err
+    second = run.json()["token"]
+    assert run.json()["name"] == "pump-3" and second != first
+    assert await answer(first) == 401 and await answer(second) == 101
+
+    run = await hubctl(hub, "revoke", "pump-3", token=admin)
+    assert (run.code, run.out) == (0, "revoked pump-3\n"), run.err
+    assert await answer(second) == 401
+
+    for who in (hub.operator, hub.viewer):  # admins only
+        for args in (("add", "pump-4"), ("rotate", "boiler-1"), ("revoke", "boiler-1")):
+            run = await hubctl(hub, *args, token=who)
+            assert run.code == 1 and "forbidden" in run.err, (args, run.err)
+    run = await hubctl(hub, "rotate", "ghost", token=admin)
+    assert run.code == 1 and "not_found" in run.err

@@ -40,11 +40,15 @@ from hub.control import (
     Commands,
     ControlError,
     Device,
+    DeviceAdd,
     DeviceLabel,
     DeviceLabels,
+    DeviceRevoke,
+    DeviceRotate,
     Devices,
     ErrorCode,
     HubStatus,
+    NewToken,
     Ping,
     Request,
     SendCommand,
@@ -334,6 +338,19 @@ class ControlClient:
             remove=None if remove is None else list(remove),
         )
         return cast(DeviceLabels, await self.call(request))
+
+    async def device_add(self, name: str, labels: Mapping[str, str] | None = None) -> NewToken:
+        """Register device `name` (admins only), with `labels` if given; its token, shown only this once."""
+        request = _build(DeviceAdd, name=name, labels=None if labels is None else dict(labels))
+        return cast(NewToken, await self.call(request))
+
+    async def device_revoke(self, name: str) -> None:
+        """Revoke device `name`'s token (admins only); the hub closes its open session."""
+        await self.call(DeviceRevoke(name=name))
+
+    async def device_rotate(self, name: str) -> NewToken:
+        """Give device `name` a new token (admins only; the old one stops working); shown only this once."""
+        return cast(NewToken, await self.call(DeviceRotate(name=name)))
 
     async def device(self, name: str) -> DeviceDetail:
         """One device: its summary plus `latest` values and its 20 most recent `commands`."""

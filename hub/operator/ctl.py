@@ -234,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("labels", metavar="KEY=VALUE", type=_label, nargs="*", help="labels to set")
     p.add_argument("--remove", metavar="KEY", action="append", default=[], help="a label key to remove; repeatable")
 
+    p = sub(
+        "add",
+        "register a device (admins); print its token, shown only this once",
+        "Register device NAME (admins only) with the KEY=VALUE labels given, and print its token: the only\n"
+        "time it is shown (the hub keeps a hash). Give it to the device (device_client's token).",
+    )
+    p.add_argument("name", metavar="NAME", help="the new device")
+    p.add_argument("labels", metavar="KEY=VALUE", type=_label, nargs="*", help="labels to set")
+    p = sub("revoke", "revoke a device's token (admins); its open session is closed")
+    p.add_argument("name", metavar="NAME", help="the device")
+    p = sub("rotate", "give a device a new token (admins); print it, shown only this once")
+    p.add_argument("name", metavar="NAME", help="the device")
+
     p = sub("device", "one device: its state, latest values and recent commands")
     p.add_argument("name", metavar="NAME")
 
@@ -699,6 +712,24 @@ async def _label_device(hub: ControlClient, opts: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+async def _add_device(hub: ControlClient, opts: argparse.Namespace) -> int:
+    added = await hub.device_add(opts.name, dict(opts.labels) or None)
+    _show(opts, added, lambda: added["token"])
+    return ExitCode.OK
+
+
+async def _revoke_device(hub: ControlClient, opts: argparse.Namespace) -> int:
+    await hub.device_revoke(opts.name)
+    _show(opts, {"name": opts.name, "revoked": True}, lambda: f"revoked {opts.name}")
+    return ExitCode.OK
+
+
+async def _rotate_device(hub: ControlClient, opts: argparse.Namespace) -> int:
+    rotated = await hub.device_rotate(opts.name)
+    _show(opts, rotated, lambda: rotated["token"])
+    return ExitCode.OK
+
+
 async def _device(hub: ControlClient, opts: argparse.Namespace) -> int:
     device = await hub.device(opts.name)
     _show(opts, device, lambda: format_device(device, time.time()))
@@ -821,6 +852,9 @@ _COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable[int
     "devices": _devices,
     "device": _device,
     "label": _label_device,
+    "add": _add_device,
+    "revoke": _revoke_device,
+    "rotate": _rotate_device,
     "watch": _watch,
     "send": _send,
     "commands": _commands,
