@@ -22,6 +22,7 @@ from typing import Any
 
 import attrs
 
+from bench.perpoint import least_cpu
 from bench.wire import BASE_TS, telemetry_template
 from device_client.protocol import (
     DEFAULT_LIMITS,
@@ -336,14 +337,9 @@ def ws_header(payload: int) -> int:
 
 
 def _cpu(fn: Callable[[], object], points_per_call: int, points: int, repeats: int) -> float:
+    """CPU seconds per million points of `fn`, which handles `points_per_call` points a call."""
     calls = max(1, points // points_per_call)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        for _ in range(calls):
-            fn()
-        best = min(best, time.process_time() - start)
-    return best / (calls * points_per_call) * 1e6
+    return least_cpu(fn, calls, repeats) / (calls * points_per_call) * 1e6
 
 
 def _roundtrip(scheme: Scheme, stream: list[Points]) -> tuple[list[bytes], bool]:

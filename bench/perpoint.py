@@ -17,10 +17,10 @@ from bench.wire import BASE_TS, telemetry_template
 from device_client.protocol import DEFAULT_LIMITS, Telemetry, decode
 from hub.ingest import LineBuilder, TelemetryReader, reader_available
 
-__all__ = ["main", "measure"]
+__all__ = ["least_cpu", "main", "measure"]
 
 
-def _cpu(fn: Callable[[], object], calls: int, repeats: int) -> float:
+def least_cpu(fn: Callable[[], object], calls: int, repeats: int) -> float:
     """The least CPU seconds of `repeats` runs of `calls` calls (the least is the one others disturbed least)."""
     best = float("inf")
     for _ in range(repeats):
@@ -59,7 +59,7 @@ def measure(points_per_message: int, points: int = 200_000, repeats: int = 3) ->
         plain = msgspec.json.Decoder()
         rows["msgspec untyped alone"] = lambda: plain.decode(text)
         rows["reader (msgspec, lines)"] = lambda: reader.read(text)
-    return {name: _cpu(fn, calls, repeats) / mpt for name, fn in rows.items()}
+    return {name: least_cpu(fn, calls, repeats) / mpt for name, fn in rows.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
