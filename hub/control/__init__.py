@@ -57,7 +57,7 @@ from hub.control._codec import (
     spec_for,
 )
 from hub.control._operations import VERSION, Caller, Operations, retry_seconds
-from hub.control._server import CONTROL_PATH, ControlServer, ControlSession
+from hub.control._server import CONTROL_PATH, ControlServer, ControlSession, split_host
 
 __all__ = [
     "ANSWERS",
@@ -116,4 +116,5 @@ __all__ = [
     "read_frame",
     "retry_seconds",
     "spec_for",
+    "split_host",
 ]

@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hub.control import split_host
 from hub.web._rest import RestApi
 
 __all__ = ["CONSOLE_DIR", "CONTENT_SECURITY_POLICY", "Page", "web_app"]
@@ -51,9 +52,9 @@ def _page(page: Page, name: str) -> Route:
 
 
 def request_host(request: Request, default: str) -> str:
-    """The host the client asked for (the Host header without its port), or `default` if it is not a plain host."""
-    header = request.headers.get("host", "")
-    host = header[: header.index("]") + 1] if header.startswith("[") and "]" in header else header.rsplit(":", 1)[0]
+    """The host the client asked for (the Host header without its port, lower case), or `default` if it is not a
+    plain host."""
+    host = split_host(request.headers.get("host", ""))
     return host if _HOST.fullmatch(host) else default
 
 
