@@ -76,6 +76,7 @@ __all__ = [
     "ClientStats",
     "CommandContext",
     "CommandHandler",
+    "DesiredHandler",
     "DeviceClient",
     "InsecureURLError",
     "TLSHandshakeError",
