@@ -4,6 +4,7 @@ REST and hubctl's client; a change made while the device is offline, conflicts, 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import trio
 from device_client import DeviceClient
 from device_client.protocol import Error, ErrorCode, Report, ReportAck, decode, encode
 from device_client.twin import MAX_TWIN_BYTES, MAX_TWIN_DEPTH
+from firmware_sim.fleet import run_fleet
 from hub.app import HubHandle
 from hub.config import StateConfig
 from hub.control import CONTROL_PATH, ControlError
@@ -240,3 +242,40 @@ def test_a_report_frame_is_plain_json() -> None:
         "patch": {"a": None},
         "desired_version": 2,
     }
+
+
+async def test_the_simulator_takes_its_interval_and_measurements_from_the_twin(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens, ops = await _register(StateConfig(), data, "sim-1")
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(data))
+        # th-100 reports `environment` and `battery`; every 10 minutes until the twin says otherwise.
+        fleet = partial(run_fleet, url(hub), [tokens["sim-1"]], interval=600.0, models=["th-100"], stop=stop)
+        nursery.start_soon(partial(fleet, outbox_dir=tmp_path / "outboxes", client_options=FAST))
+        async with control(hub, ops["operator"]) as op:
+            await eventually(lambda: "sim-1" in hub.server.sessions)
+            await op.ok("twin_set", device="sim-1", patch={"interval": 0.05, "measurements": {"battery": False}})
+
+            async def applied() -> bool:
+                twin = await op.ok("twin", device="sim-1")
+                return twin["applied_version"] == 1 and twin["delta"] == {}
+
+            await eventually(applied, poll=0.1, what="the simulator applied its desired document")
+            twin = await op.ok("twin", device="sim-1")
+            assert twin["reported"]["state"] == {"interval": 0.05, "measurements": {"battery": False}}
+            assert hub.presence.status["sim-1"].interval == 0.05
+
+            def counts() -> tuple[int, int]:
+                lines = written_lines(data)
+                return sum(ln.startswith("environment,") for ln in lines), sum(
+                    ln.startswith("battery,") for ln in lines
+                )
+
+            await eventually(lambda: counts()[0] >= 10, what="reports every 0.05 s")
+            _, battery = counts()
+            assert battery <= 1  # at most one report went out before the twin turned battery off
+            await op.ok("twin_set", device="sim-1", patch={"measurements": None})
+            await eventually(lambda: counts()[1] > battery, what="battery reported again")
+        stop.set()
+        hub.stop()
