@@ -35,6 +35,8 @@ from hub.control import (
     SendCommand,
     Status,
     Subscribe,
+    Twin,
+    TwinSet,
     Unsubscribe,
     decode_auth,
     decode_request,
@@ -92,6 +94,11 @@ EXAMPLES: dict[str, tuple[str, Request]] = {
     "device_add": (
         '{"id":1,"type":"device_add","name":"d9","labels":{"site":"berlin"}}',
         DeviceAdd(name="d9", labels={"site": "berlin"}),
+    ),
+    "twin": ('{"id":1,"type":"twin","device":"d9"}', Twin(device="d9")),
+    "twin_set": (
+        '{"id":1,"type":"twin_set","device":"d9","patch":{"interval":30,"alarm":null},"if_version":4}',
+        TwinSet(device="d9", patch={"interval": 30, "alarm": None}, if_version=4),
     ),
     "device_label": (
         '{"id":1,"type":"device_label","name":"d9","set":{"site":"paris","rack":"r1"},"remove":["model"]}',
