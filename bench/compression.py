@@ -24,6 +24,7 @@ import attrs
 
 from bench.perpoint import least_cpu
 from bench.wire import BASE_TS, telemetry_template
+from device_client.compression import ZDICT
 from device_client.protocol import (
     DEFAULT_LIMITS,
     MIN_TS_MS,
@@ -51,12 +52,6 @@ __all__ = ["MESSAGE_LIMIT", "ZDICT", "main", "run"]
 MESSAGE_LIMIT = 256 * 1024
 SIZES = (1, 10, 100)
 _TAIL = b"\x00\x00\xff\xff"  # RFC 7692: the empty stored block a sync flush ends with, stripped on the wire
-
-#: A preset dictionary of the protocol's common strings (deflate prefers recent matches: the commonest come last).
-ZDICT = (
-    b'"int":{"int":"tags":{}},"tags":{"site":"}}]}"fields":{"value":'
-    b'"measurement":"},{"measurement":"{"type":"telemetry","seq":,"points":[{"measurement":"'
-)
 
 Points = list[dict[str, Any]]
 
