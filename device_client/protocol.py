@@ -182,7 +182,7 @@ class Hello:
     interval: float = 0.0  # declared reporting interval in seconds; 0 = not declared
     proto: int = PROTOCOL_VERSION
     #: Compression schemes offered for telemetry, most preferred first (`device_client.compression`); () = none.
-    compress: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    compress: tuple[str, ...] = ()
 
 
 @attrs.frozen

@@ -251,6 +251,7 @@ class DeviceSession:
             max_errors=cfg.server.max_errors,
             max_offers=2 * cfg.commands.max_queue,
             read=TelemetryReader(name, cfg.limits).read if reader_available() else None,
+            compression=cfg.server.compression,
         )
         self._builder = LineBuilder(name)  # for the frames the reader leaves to `decode`
         self._throttle = Throttle(server.device_rate(name), cfg.server.throttle_close_after)
