@@ -548,11 +548,10 @@ class DeviceConnection:
         return None
 
     def _telemetry_frame(self, entry: Entry) -> str | bytes:
-        # The hub bounds a compressed message's inflated bytes but a text one's characters (as the outbox checked):
-        # a batch whose UTF-8 is longer than the limit, though its characters are not, goes as text.
-        text = entry.text
-        self._deflated = self.compress is not None and (text.isascii() or len(text.encode()) <= self.outbox.max_message)
-        return deflate(text) if self._deflated else text
+        # The outbox checked the text's length against the hub's limit, which bounds the inflated bytes of a
+        # compressed message: the same figure, as `encode` writes ASCII only.
+        self._deflated = self.compress is not None
+        return deflate(entry.text) if self._deflated else entry.text
 
     def frame_written(self) -> bool:
         """The frame from `next_frame` is written; True if it was a command answer (someone may wait for those)."""
