@@ -13,7 +13,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from bench import compression as bench
-from device_client import compression
+from device_client import DeviceClient, compression
 from device_client.compression import DEFLATE_D1, SCHEMES, ZDICT, choose, deflate, inflate
 from device_client.protocol import (
     Ack,
@@ -30,7 +30,17 @@ from device_client.protocol import (
 )
 from device_client.session import Rejected, SessionState
 from hub.devices import Refused
-from tests.hubtools import add_devices, connect, hello, hub_config, points, receive, start_hub, telemetry_lines
+from tests.hubtools import (
+    add_devices,
+    connect,
+    hello,
+    hub_config,
+    points,
+    receive,
+    start_hub,
+    telemetry_lines,
+    url,
+)
 from tests.sessionpair import SessionPair, point
 
 LIMIT = 4096
@@ -362,3 +372,24 @@ async def test_a_real_hub_takes_compressed_frames_and_closes_1009_on_a_bomb(tmp_
         hub.stop()
     assert len(telemetry_lines(data_dir)) == 20
     assert hub.stats.protocol_errors == {"bad_json": 1, "bad_frame": 1, "too_large": 1}
+
+
+@pytest.mark.parametrize("hub_compression", [True, False])
+async def test_device_client_compresses_when_the_hub_offers_it_else_sends_text(
+    tmp_path: Path, hub_compression: bool
+) -> None:
+    data_dir = tmp_path / "hub"
+    tokens = add_devices(data_dir, "d")
+    config = hub_config(data_dir, **{"server.compression": hub_compression})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        async with DeviceClient(url(hub), tokens["d"], backoff_initial=0.05) as client:
+            for k in range(5):
+                await client.send_batch(points(10, start=k * 10))
+            with trio.fail_after(30):
+                await client.wait_acked()
+        hub.stop()
+    stats = client.stats
+    assert (stats.batches_acked, stats.rejected) == (5, 0)
+    assert stats.compressed_sent == (5 if hub_compression else 0)
+    assert len(telemetry_lines(data_dir)) == 50 and not hub.stats.protocol_errors
