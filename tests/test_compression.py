@@ -372,6 +372,7 @@ async def test_a_real_hub_takes_compressed_frames_and_closes_1009_on_a_bomb(tmp_
         hub.stop()
     assert len(telemetry_lines(data_dir)) == 20
     assert hub.stats.protocol_errors == {"bad_json": 1, "bad_frame": 1, "too_large": 1}
+    assert hub.stats.compressed_in == 4 and hub.stats.compressed_bytes_in > len(bomb)
 
 
 @pytest.mark.parametrize("hub_compression", [True, False])

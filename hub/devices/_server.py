@@ -417,6 +417,9 @@ class DeviceSession:
                     return
                 waiting.deadline = math.inf  # the idle clock stops while the hub works (or holds the device back)
                 stats.messages_in += 1
+                if type(text) is bytes:  # compressed telemetry (or a refused binary frame)
+                    stats.compressed_in += 1
+                    stats.compressed_bytes_in += len(text)
                 points = await self._dispatch(text)
                 verdict = self._throttle.charge(1, points, trio.current_time())
                 if verdict.delay and not await self._throttled(verdict):
