@@ -42,6 +42,7 @@ from tests.hubtools import (
     url,
 )
 from tests.sessionpair import SessionPair, point
+from tests.waiting import eventually
 
 LIMIT = 4096
 
@@ -369,6 +370,8 @@ async def test_a_real_hub_takes_compressed_frames_and_closes_1009_on_a_bomb(tmp_
             with pytest.raises(ConnectionClosed) as closed, trio.fail_after(10):
                 await ws.get_message()
             assert closed.value.reason.code == CloseCode.TOO_BIG
+        await eventually(lambda: hub.presence.status["bomb"].state == "offline")
+        assert hub.presence.status["bomb"].reason == "too_big"
         hub.stop()
     assert len(telemetry_lines(data_dir)) == 20
     assert hub.stats.protocol_errors == {"bad_json": 1, "bad_frame": 1, "too_large": 1}

@@ -601,6 +601,12 @@ class DeviceSession:
         if event.close is not None:
             if event.close.error is not None:
                 self.reason = event.close.error.value
+            elif exc.code is ErrorCode.TOO_LARGE:  # a compressed frame inflating past the limit: as a big text frame
+                self.reason = "too_big"
+                limit = self.server.config.server.max_message_bytes
+                log.warning(
+                    "compressed message too big: connection closed", extra=self._kv(reason="too_big", limit=limit)
+                )
             await self._close(event.close)
             self._scope.cancel()
 
