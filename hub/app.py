@@ -34,6 +34,8 @@ from hub.fleet import (
     Presence,
     RegistryStore,
     StoreUnavailable,
+    TwinChange,
+    TwinService,
     device_summary,
     open_registry_store,
 )
@@ -287,11 +289,27 @@ async def _serve(
             write=pipeline.submit,
             on_change=command_changed,
         )
-        server = DeviceServer(config, registry, ledgers, pipeline, presence, stats, commands, broadcaster)
+
+        def twin_changed(change: TwinChange, local: bool) -> None:
+            broadcaster.twin(change.record.to_dict(change.device))
+            if local and cluster is not None:
+                cluster.twin_changed(change)
+
+        twins = TwinService(registry, on_change=twin_changed)
+        server = DeviceServer(config, registry, ledgers, pipeline, presence, stats, commands, broadcaster, twins)
         control = ControlServer(
-            config, registry, presence, ledgers, commands, broadcaster, stats, pipeline, revoke_device=server.revoke
+            config,
+            registry,
+            presence,
+            ledgers,
+            commands,
+            broadcaster,
+            stats,
+            pipeline,
+            revoke_device=server.revoke,
+            twins=twins,
         )
-        cluster = _cluster(config, registry, presence, commands, broadcaster, ledgers, server, control)
+        cluster = _cluster(config, registry, presence, commands, broadcaster, ledgers, server, control, twins)
         edge = Edge(config.server, [server, control], stats)
         hub_id = None if worker is None else f"{socket.gethostname()}-{worker}"
         metrics = HubMetrics(stats, presence, commands, pipeline, sink, started_at=time.time(), hub_id=hub_id)
@@ -420,6 +438,7 @@ def _cluster(
     ledgers: Ledgers,
     server: DeviceServer,
     control: ControlServer,
+    twins: TwinService,
 ) -> Cluster | None:
     """This hub's part in a cluster, when its state is in Redis (shared with other hubs); else None."""
     client = getattr(registry, "client", None)
@@ -438,6 +457,7 @@ def _cluster(
         close_superseded=server.superseded,
         revoke_device=server.revoke,
         revoke_operator=control.revoke_operator,
+        twins=twins,
     )
     control.cluster = cluster
     log.info("in a cluster of hubs", extra={"kv": {"hub_id": hub_id}})

@@ -33,6 +33,7 @@ from hub.fleet import (
     CommandRecordDict,
     DeviceDetail,
     DeviceSummary,
+    TwinDict,
     check_label_key,
     check_labels,
     parse_selector,
@@ -67,6 +68,8 @@ __all__ = [
     "SendCommand",
     "Status",
     "Subscribe",
+    "Twin",
+    "TwinSet",
     "Unsubscribe",
     "decode_auth",
     "decode_request",
@@ -328,6 +331,23 @@ class DeviceRotate(Request):
     name: str = _name()
 
 
+@attrs.frozen(kw_only=True)
+class Twin(Request):
+    """A device's twin: desired and reported documents with their versions, the applied version, the delta."""
+
+    device: str = _name()
+
+
+@attrs.frozen(kw_only=True)
+class TwinSet(Request):
+    """Merge `patch` (a JSON merge patch, RFC 7386) into the device's desired document; with `if_version`, only if
+    the desired document is at that version now (else `version_conflict`). The reply is the twin after it."""
+
+    device: str = _name()
+    patch: dict[str, JSON] = attrs.field(validator=_typed(dict, message="patch must be a JSON object"))
+    if_version: int | None = attrs.field(default=None, validator=_typed(int, optional=True))
+
+
 class IngestCounts(TypedDict):
     """The `status` reply's ingest figures."""
 
@@ -386,6 +406,7 @@ Result: TypeAlias = (
     | Subscribed
     | NewToken
     | DeviceLabels
+    | TwinDict
     | Empty
     | None
 )
@@ -403,6 +424,7 @@ class Reply(enum.Enum):
     SUBSCRIPTION = '{"subscription": S}'
     TOKEN = '{"name", "token"}'
     LABELS = '{"name", "labels"}'
+    TWIN = "a device twin"
     EMPTY = "{}"
 
     @property
@@ -463,6 +485,8 @@ REQUESTS: Mapping[str, RequestSpec] = _table(
         RequestSpec("device_revoke", DeviceRevoke, "admin", Reply.EMPTY),
         RequestSpec("device_rotate", DeviceRotate, "admin", Reply.TOKEN),
         RequestSpec("device_label", DeviceLabel, "admin", Reply.LABELS),
+        RequestSpec("twin", Twin, "viewer", Reply.TWIN),
+        RequestSpec("twin_set", TwinSet, "operator", Reply.TWIN),
     ]
 )
 _BY_CLASS: Mapping[type[Request], RequestSpec] = {spec.request: spec for spec in REQUESTS.values()}

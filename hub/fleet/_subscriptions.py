@@ -12,6 +12,7 @@ from hub.control_codes import TOPICS as CONTROL_TOPICS
 if TYPE_CHECKING:
     from hub.fleet._command_store import CommandRecordDict
     from hub.fleet._summary import DeviceSummary
+    from hub.fleet._twins import TwinDict
 
 __all__ = [
     "TOPICS",
@@ -45,9 +46,9 @@ class TelemetryEvent(TypedDict):
 
 
 #: What a subscription buffers: ``(device, point)`` for telemetry (the event is built when it is sent), else the event.
-SubscriptionItem: TypeAlias = "tuple[str, Point] | DeviceSummary | CommandRecordDict"
-#: What a subscription pushes: a telemetry event, a device summary or a command record.
-SubscriptionEvent: TypeAlias = "TelemetryEvent | DeviceSummary | CommandRecordDict"
+SubscriptionItem: TypeAlias = "tuple[str, Point] | DeviceSummary | CommandRecordDict | TwinDict"
+#: What a subscription pushes: a telemetry event, a device summary, a command record or a twin.
+SubscriptionEvent: TypeAlias = "TelemetryEvent | DeviceSummary | CommandRecordDict | TwinDict"
 
 
 class EventBuffer(Generic[_T]):
@@ -167,6 +168,7 @@ class Broadcaster:
         self._telemetry_by_device: dict[str, dict[int, Subscription]] = {}
         self._presence: dict[int, Subscription] = {}
         self._commands: dict[int, Subscription] = {}
+        self._twins: dict[int, Subscription] = {}
         self._relays = 0  # relay subscriptions among the telemetry ones
         #: Called when the devices this hub's operators watch change (the cluster tells the other hubs).
         self.on_watch_change: Callable[[], None] | None = None
@@ -205,6 +207,8 @@ class Broadcaster:
             self._watch_changed(sub)
         elif topic == "presence":
             self._presence[sub.id] = sub
+        elif topic == "twin":
+            self._twins[sub.id] = sub
         else:
             self._commands[sub.id] = sub
         return sub
@@ -217,6 +221,7 @@ class Broadcaster:
         self._telemetry_all.pop(sub.id, None)
         self._presence.pop(sub.id, None)
         self._commands.pop(sub.id, None)
+        self._twins.pop(sub.id, None)
         if sub.topic == "telemetry" and sub.devices is not None:
             for device in sub.devices:
                 by_id = self._telemetry_by_device.get(device)
@@ -293,4 +298,12 @@ class Broadcaster:
         for sub in self._commands.values():
             if sub.wants(device):
                 sub.buffer.put(record["command_id"], record)
+                sub.notify()
+
+    def twin(self, twin: TwinDict) -> None:
+        """A device's twin after a change (coalesced per device)."""
+        device = twin["device"]
+        for sub in self._twins.values():
+            if sub.wants(device):
+                sub.buffer.put(("twin", device), twin)
                 sub.notify()
