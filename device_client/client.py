@@ -77,6 +77,7 @@ __all__ = [
     "ClientStats",
     "CommandContext",
     "CommandHandler",
+    "DesiredHandler",
     "DeviceClient",
     "InsecureURLError",
     "TLSHandshakeError",

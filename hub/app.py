@@ -291,7 +291,8 @@ async def _serve(
         )
 
         def twin_changed(change: TwinChange, local: bool) -> None:
-            broadcaster.twin(change.record.to_dict(change.device))
+            if broadcaster.has_twin_subscribers():
+                broadcaster.twin(change.record.to_dict(change.device))
             if local and cluster is not None:
                 cluster.twin_changed(change)
 

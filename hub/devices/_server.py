@@ -300,7 +300,7 @@ class DeviceSession:
                             self.server.commands.attach(self.name, self._offer_command)
                             if self.conn.desired_sent is not None:
                                 self.server.twins.attach(self.name, self._push_desired)
-                                await self._sync_twin()
+                                nursery.start_soon(self._sync_twin)  # a slow store does not hold telemetry back
                             with self._reader_scope:
                                 await self._read()
                             if not self.server.closing:

@@ -125,8 +125,8 @@ class RegistryStore(Protocol):
 class SQLiteStore:
     """`RegistryStore` over the SQLite `Registry` file of one data directory.
 
-    The handshake's calls (`authenticate`, `begin_session`) and `get` are one indexed read or update each and run on
-    the trio thread, as they always did; the rest run in a worker thread, where a busy file may make them wait.
+    The handshake's calls (`authenticate`, `begin_session`), `get` and `twin` are one indexed read or update each and
+    run on the trio thread, as they always did; the rest run in a worker thread, where a busy file may make them wait.
     """
 
     def __init__(self, registry: Registry) -> None:
@@ -179,7 +179,7 @@ class SQLiteStore:
         return {name: (found[0], dict(found[1])) for name in names if (found := stored.get(name)) is not None}
 
     async def twin(self, name: str) -> TwinRecord:
-        return await trio.to_thread.run_sync(self.registry.twin, name)
+        return self.registry.twin(name)  # one indexed read, on the loop like `get` (each twin device's connect)
 
     async def patch_twin(
         self, name: str, side: Side, patch: object, *, if_version: int | None = None, applied: int | None = None

@@ -300,6 +300,10 @@ class Broadcaster:
                 sub.buffer.put(record["command_id"], record)
                 sub.notify()
 
+    def has_twin_subscribers(self) -> bool:
+        """Whether any subscription wants twin events (so the caller can skip building them)."""
+        return bool(self._twins)
+
     def twin(self, twin: TwinDict) -> None:
         """A device's twin after a change (coalesced per device)."""
         device = twin["device"]
