@@ -9,14 +9,15 @@ stays open, and any other parse failure is answered with a real close frame (`Cl
 from __future__ import annotations
 
 import codecs
+import itertools
 import re
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from typing import cast
 
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import AcceptConnection, CloseConnection, Event
 from wsproto.frame_protocol import Frame, MessageDecoder, Opcode
 
@@ -59,40 +60,61 @@ class _TolerantText(MessageDecoder):
 
 
 class Guard:
-    """Stands in for one connection's `WSConnection` (trio-websocket's `_wsproto`); see the module docstring."""
+    """Stands in for one connection's `WSConnection` (trio-websocket's `_wsproto`); see the module docstring.
+
+    Once the upgrade is sent it keeps wsproto's `Connection` (the frames) alone: the handshake's objects (h11's
+    connection and buffers, the request), about 3 KB a connection, are then garbage."""
 
     def __init__(self, inner: WSConnection) -> None:
-        self._inner = inner
+        self._inner: WSConnection | None = inner  # until the upgrade
+        self._conn: Connection | None = None  # from the upgrade on
+        self._pending: list[Event] = []  # handshake events not read when it was let go (none, in practice)
+        self.client = inner.client
         #: (code, wsproto's description) once the peer's frames could not be parsed, else None.
         self.failure: tuple[int, str] | None = None
 
     @property
-    def client(self) -> bool:
-        return self._inner.client
-
-    @property
     def state(self) -> ConnectionState:
+        if self._conn is not None:
+            return self._conn.state
+        assert self._inner is not None
         return self._inner.state
 
     def receive_data(self, data: bytes | None) -> None:
-        self._inner.receive_data(data)
+        if self._conn is not None:
+            self._conn.receive_data(data)
+        else:
+            assert self._inner is not None
+            self._inner.receive_data(data)
 
     def send(self, event: Event) -> bytes:
-        data = self._inner.send(event)
-        if type(event) is AcceptConnection and self._inner.connection is not None:
+        if self._conn is not None:
+            return self._conn.send(event)
+        inner = self._inner
+        assert inner is not None
+        data = inner.send(event)
+        conn = inner.connection
+        if type(event) is AcceptConnection and conn is not None:
             # The frame parser exists from here on, and has parsed nothing yet (that happens in `events`).
-            self._inner.connection._proto._message_decoder = _TolerantText()
+            conn._proto._message_decoder = _TolerantText()
+            self._pending = list(inner.handshake.events())
+            self._conn, self._inner = conn, None
         return data
 
     def events(self) -> Generator[Event, None, None]:
-        inner = self._inner
-        for event in inner.events():
-            if type(event) is CloseConnection and inner.state is ConnectionState.OPEN and inner.connection:
+        if self._conn is None:
+            assert self._inner is not None
+            source: Iterable[Event] = self._inner.events()  # goes on to the frames' events after the upgrade
+        else:
+            source, self._pending = itertools.chain(self._pending, self._conn.events()), []
+        for event in source:
+            conn = self._conn
+            if type(event) is CloseConnection and conn is not None and conn.state is ConnectionState.OPEN:
                 # Not a close frame (that would have moved the state on): wsproto failed to parse a frame and
                 # cannot read more. Present it as the peer's close, so that trio-websocket answers it with a close
                 # frame carrying this code and a stable reason, then closes the TCP connection.
                 self.failure = (event.code, event.reason or "")  # wsproto gives its parse error's text
-                inner.connection._state = ConnectionState.REMOTE_CLOSING
+                conn._state = ConnectionState.REMOTE_CLOSING
                 event = CloseConnection(event.code, PARSE_FAILURE_REASONS.get(event.code, "protocol_error"))
             yield event
 
