@@ -129,7 +129,7 @@ class CommandAction:
                 break
         if record.state is CommandState.SUCCEEDED:
             return ActionResult(True)
-        error = f"{record.state}: {record.error}" if record.error else f"command {record.state}"
+        error = f"{record.state}: {record.error}" if record.error else str(record.state)
         return ActionResult(False, error, stopped=record.state is CommandState.CANCELLED)
 
     async def stop(self, device: str, ref: str) -> None:

@@ -1,0 +1,340 @@
+"""Fleet jobs: state tables and rollout decisions with plain values, then real hubs with simulated devices."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from firmware_sim import run_fleet
+from hub.app import HubHandle
+from hub.control_codes import ControlError
+from hub.fleet import (
+    ABORT_MIN_OUTCOMES,
+    CommandSpec,
+    DesiredSpec,
+    DeviceEvent,
+    DeviceOutcome,
+    DeviceState,
+    JobEvent,
+    JobState,
+    Registry,
+    Rollout,
+    parse_action,
+)
+from hub.fleet._job_states import (  # the tables themselves: tests may read the private module
+    DEVICE_FINAL_STATES,
+    DEVICE_TRANSITIONS,
+    JOB_FINAL_STATES,
+    JOB_TRANSITIONS,
+    IllegalTransition,
+    next_device_state,
+    next_job_state,
+)
+from hub.fleet._jobs import Abort, Finish, Start, Wait, abort_due, decide
+from tests.hubtools import Ctl, add_operators, control, hub_config, start_hub
+from tests.waiting import eventually
+
+_J, _D = JobState, DeviceState
+
+# ---------------------------------------------------------------------------- the tables
+
+
+def test_job_table() -> None:
+    assert next_job_state(_J.RUNNING, JobEvent.FINISH) is _J.COMPLETED
+    assert next_job_state(_J.RUNNING, JobEvent.CANCEL) is _J.CANCELLING
+    assert next_job_state(_J.RUNNING, JobEvent.ABORT) is _J.ABORTING
+    assert next_job_state(_J.CANCELLING, JobEvent.SETTLE) is _J.CANCELLED
+    assert next_job_state(_J.ABORTING, JobEvent.SETTLE) is _J.ABORTED
+    assert {_J.COMPLETED, _J.CANCELLED, _J.ABORTED} == JOB_FINAL_STATES
+    for state in JOB_FINAL_STATES:
+        for event in JobEvent:
+            with pytest.raises(IllegalTransition):
+                next_job_state(state, event)
+    with pytest.raises(IllegalTransition):
+        next_job_state(_J.CANCELLING, JobEvent.CANCEL)  # a second cancel is the caller's invalid_state
+    assert set(JOB_TRANSITIONS) == set(JobState)
+
+
+def test_device_table() -> None:
+    assert next_device_state(_D.PENDING, DeviceEvent.START) is _D.RUNNING
+    assert next_device_state(_D.PENDING, DeviceEvent.CANCEL) is _D.CANCELLED
+    assert next_device_state(_D.PENDING, DeviceEvent.SKIP) is _D.SKIPPED
+    assert next_device_state(_D.RUNNING, DeviceEvent.SUCCEED) is _D.SUCCEEDED
+    assert next_device_state(_D.RUNNING, DeviceEvent.FAIL) is _D.FAILED
+    assert next_device_state(_D.RUNNING, DeviceEvent.CANCEL) is _D.CANCELLED
+    with pytest.raises(IllegalTransition):
+        next_device_state(_D.RUNNING, DeviceEvent.SKIP)  # a started device has a real outcome
+    with pytest.raises(IllegalTransition):
+        next_device_state(_D.PENDING, DeviceEvent.SUCCEED)
+    assert {_D.SUCCEEDED, _D.FAILED, _D.CANCELLED, _D.SKIPPED} == DEVICE_FINAL_STATES
+    assert set(DEVICE_TRANSITIONS) == set(DeviceState)
+
+
+def test_device_outcome_times() -> None:
+    o = DeviceOutcome("d1").after(DeviceEvent.START, 10.0)
+    assert (o.state, o.started, o.finished) == (_D.RUNNING, 10.0, None)
+    o = o.after(DeviceEvent.FAIL, 12.5, error="expired")
+    assert (o.state, o.started, o.finished, o.error, o.final) == (_D.FAILED, 10.0, 12.5, "expired", True)
+    assert o.as_dict()["state"] == "failed"
+
+
+# ---------------------------------------------------------------------------- the rollout's decisions
+
+
+def counts(**by_state: int) -> dict[DeviceState, int]:
+    return {DeviceState(k): v for k, v in by_state.items()}
+
+
+def test_abort_threshold_is_checked_after_enough_outcomes() -> None:
+    r = Rollout(abort_percent=20)
+    assert not abort_due(r, counts(failed=9), 100)  # 9 outcomes < ABORT_MIN_OUTCOMES: not checked yet
+    assert abort_due(r, counts(failed=ABORT_MIN_OUTCOMES), 100)
+    assert not abort_due(r, counts(failed=2, succeeded=8), 100)  # exactly 20 %: not more than
+    assert abort_due(r, counts(failed=3, succeeded=8), 100)
+    assert abort_due(r, counts(failed=1, succeeded=2), 3)  # a small job: all its 3 outcomes count
+    assert not abort_due(r, counts(failed=1, succeeded=1), 3)
+    assert not abort_due(Rollout(), counts(failed=100), 100)  # no threshold
+    assert abort_due(Rollout(abort_percent=0), counts(failed=1, succeeded=9), 100)  # any failure
+    assert not abort_due(Rollout(abort_percent=0), counts(succeeded=10), 100)
+    assert not abort_due(Rollout(abort_percent=100), counts(failed=10), 10)
+
+
+def test_decisions_follow_rate_in_flight_and_state() -> None:
+    r = Rollout(rate=2, max_in_flight=3, abort_percent=50)
+    assert decide(_J.RUNNING, r, counts(pending=5), 5, now=0.0, not_before=-math.inf) == Start()
+    assert decide(_J.RUNNING, r, counts(pending=4, running=1), 5, now=0.1, not_before=0.5) == Wait(0.5)
+    assert decide(_J.RUNNING, r, counts(pending=2, running=3), 5, now=9.0, not_before=0.5) == Wait()
+    assert decide(_J.RUNNING, r, counts(running=2, succeeded=3), 5, now=9.0, not_before=0.5) == Wait()
+    assert decide(_J.RUNNING, r, counts(succeeded=3, failed=2), 5, 9.0, 0.5) == Finish(JobEvent.FINISH)
+    assert decide(_J.RUNNING, r, counts(pending=10, failed=10), 20, 9.0, 0.5) == Abort()
+    assert decide(_J.RUNNING, r, counts(pending=1, failed=4), 5, 9.0, 0.5) == Start()  # 4 outcomes of 5: too few
+    assert decide(_J.CANCELLING, r, counts(running=1, cancelled=4), 5, 9.0, 0.5) == Wait()
+    assert decide(_J.CANCELLING, r, counts(cancelled=5), 5, 9.0, 0.5) == Finish(JobEvent.SETTLE)
+    assert decide(_J.ABORTING, r, counts(failed=3, skipped=2), 5, 9.0, 0.5) == Finish(JobEvent.SETTLE)
+    assert r.interval == 0.5
+
+
+def test_actions_and_rollouts_are_checked() -> None:
+    assert parse_action({"type": "command", "name": "reboot"}) == CommandSpec("reboot")
+    spec = parse_action({"type": "command", "name": "echo", "args": {"x": 1}, "ttl": 5, "timeout": 2})
+    assert spec == CommandSpec("echo", {"x": 1}, 5.0, 2.0)
+    assert parse_action(spec.as_dict()) == spec  # as stored
+    assert parse_action({"type": "desired", "patch": {"interval": 5}}) == DesiredSpec({"interval": 5})
+    for bad, code in [
+        ("reboot", "bad_request"),
+        ({"name": "reboot"}, "bad_request"),
+        ({"type": "firmware"}, "bad_request"),
+        ({"type": "command", "name": "x y"}, "bad_command"),
+        ({"type": "command", "name": "x", "args": [1]}, "bad_command"),
+        ({"type": "command", "name": "x", "ttl": 0}, "bad_command"),
+        ({"type": "command", "name": "x", "colour": 1}, "bad_request"),
+        ({"type": "desired", "patch": {}}, "bad_request"),
+        ({"type": "desired", "patch": [1]}, "bad_request"),
+    ]:
+        with pytest.raises(ControlError) as caught:
+            parse_action(bad)
+        assert caught.value.code == code, bad
+    for kw in [{"rate": 0}, {"rate": -1}, {"rate": 1e9}, {"max_in_flight": 0}, {"abort_percent": 101}]:
+        with pytest.raises(ControlError):
+            Rollout(**kw)
+
+
+# ---------------------------------------------------------------------------- a real hub
+
+
+def register(data_dir: Path, names: list[str], labels: Mapping[str, str]) -> list[str]:
+    """Register devices with `labels`; their tokens in the order given."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with Registry(data_dir / "registry.sqlite3") as registry:
+        return [registry.add(name, labels) for name in names]
+
+
+@asynccontextmanager
+async def fleet_of(hub_url: str, tokens: list[str]) -> AsyncIterator[None]:
+    """Simulated devices (firmware_sim) connected to the hub while the block runs."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(run_fleet, hub_url, tokens, interval=30.0, stop=stop, close_timeout=2.0))
+        try:
+            yield
+        finally:
+            stop.set()
+
+
+async def online(ctl: Ctl, n: int, selector: str) -> None:
+    async def enough() -> bool:
+        return len(await ctl.ok("devices", selector=selector, state="online")) >= n
+
+    await eventually(enough, timeout=60, poll=0.1, what=f"{n} devices online")
+
+
+async def finished(ctl: Ctl, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    """The job's record once it is final."""
+    record: dict[str, Any] = {}
+
+    async def final() -> bool:
+        record.update(await ctl.ok("job", job_id=job_id, limit=1))
+        return record["state"] in {s.value for s in JOB_FINAL_STATES}
+
+    await eventually(final, timeout=timeout, poll=0.05, what=f"job {job_id} final")
+    return record
+
+
+async def all_devices(ctl: Ctl, job_id: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    while True:
+        page = (await ctl.ok("job", job_id=job_id, limit=100, offset=len(out)))["devices"]
+        out.extend(page)
+        if len(page) < 100:
+            return out
+
+
+async def job_commands(ctl: Ctl, job_id: str) -> list[dict[str, Any]]:
+    records = await ctl.ok("commands", limit=1000)
+    return [r for r in records if r["idempotency_key"] == f"job:{job_id}"]
+
+
+def url(hub: HubHandle) -> str:
+    return f"ws://127.0.0.1:{hub.port}/v1/device"
+
+
+def nonzero(record: Mapping[str, Any]) -> dict[str, int]:
+    return {k: v for k, v in record["counts"].items() if v}
+
+
+async def test_job_across_200_devices_with_some_offline(tmp_path: Path) -> None:
+    """190 simulated devices answer `echo`; 10 are offline, so their commands expire (ttl 3 s): exact counts, one
+    command per device, the rate and the in-flight limit kept."""
+    online_names = [f"th-{i:03d}" for i in range(190)]
+    offline_names = [f"th-{i:03d}-off" for i in range(0, 190, 19)]  # interleaved in rollout (name) order
+    tokens = register(tmp_path, online_names, {"site": "berlin", "model": "th-100"})
+    register(tmp_path, offline_names, {"site": "berlin", "model": "th-100"})
+    register(tmp_path, ["paris-1"], {"site": "paris", "model": "th-100"})  # not selected
+    ops = add_operators(tmp_path, op="operator")
+    rate, in_flight = 200.0, 40
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        async with fleet_of(url(hub), tokens), control(hub, ops["op"]) as ctl:
+            await online(ctl, 190, "site=berlin")
+            action = {"type": "command", "name": "echo", "args": {"job": True}, "ttl": 3}
+            job = await ctl.ok(
+                "job_create", selector="site=berlin,model=th-100", action=action, rate=rate, max_in_flight=in_flight
+            )
+            assert job["state"] == "running" and job["total"] == 200 and job["counts"]["pending"] == 200
+            assert job["selector"] == "site=berlin,model=th-100" and job["operator"] == "op"
+            listed = await ctl.ok("jobs")
+            assert [j["job_id"] for j in listed] == [job["job_id"]]
+            done = await finished(ctl, job["job_id"])
+            assert done["state"] == "completed"
+            assert nonzero(done) == {"succeeded": 190, "failed": 10}
+            devices = await all_devices(ctl, job["job_id"])
+            assert len(devices) == 200 and [d["device"] for d in devices] == sorted(online_names + offline_names)
+            failed = {d["device"] for d in devices if d["state"] == "failed"}
+            assert failed == set(offline_names)
+            assert all(d["error"] == "expired" for d in devices if d["state"] == "failed")
+            assert [d["device"] for d in (await ctl.ok("job", job_id=job["job_id"], state="failed"))["devices"]] == (
+                sorted(offline_names)
+            )
+            commands = await job_commands(ctl, job["job_id"])
+            assert sorted(c["device"] for c in commands) == sorted(online_names + offline_names)  # one each
+            assert {d["ref"] for d in devices} == {c["command_id"] for c in commands}
+
+            starts = sorted(d["started"] for d in devices)
+            gaps = [b - a for a, b in itertools.pairwise(starts)]
+            assert min(gaps) >= 0.9 / rate  # starts are spaced by 1/rate (clock granularity aside)
+            for d in devices:  # devices in flight when each started, itself included
+                running = sum(1 for o in devices if o["started"] <= d["started"] < o["finished"])
+                assert running <= in_flight
+        hub.stop()
+
+
+async def test_abort_threshold_stops_the_job(tmp_path: Path) -> None:
+    names = [f"s-{i:02d}" for i in range(20)]
+    tokens = register(tmp_path, names, {"site": "lab"})
+    ops = add_operators(tmp_path, op="operator")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        async with fleet_of(url(hub), tokens), control(hub, ops["op"]) as ctl:
+            await online(ctl, 20, "site=lab")
+            action = {"type": "command", "name": "fail", "args": {"message": "no"}}
+            job = await ctl.ok(
+                "job_create", selector="site=lab", action=action, rate=1000, max_in_flight=1, abort_percent=50
+            )
+            done = await finished(ctl, job["job_id"])
+            # One in flight at a time: the 10th failure is the first outcome checked, and aborts before a next start.
+            assert done["state"] == "aborted"
+            assert nonzero(done) == {"failed": ABORT_MIN_OUTCOMES, "skipped": 20 - ABORT_MIN_OUTCOMES}
+            assert "10 of 10 outcomes failed" in done["reason"]
+            assert len(await job_commands(ctl, job["job_id"])) == ABORT_MIN_OUTCOMES
+            failed = (await ctl.ok("job", job_id=job["job_id"], state="failed"))["devices"]
+            assert all(d["error"] == "failed: no" for d in failed)
+            assert await ctl.error("job_cancel", job_id=job["job_id"]) == "invalid_state"
+        hub.stop()
+
+
+async def test_cancel_cancels_pending_devices_and_queued_commands(tmp_path: Path) -> None:
+    names = [f"off-{i:02d}" for i in range(12)]
+    register(tmp_path, names, {"site": "far"})  # never connected: their commands stay queued
+    ops = add_operators(tmp_path, op="operator", viewer="viewer")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        async with control(hub, ops["op"]) as ctl, control(hub, ops["viewer"]) as viewer:
+            action = {"type": "command", "name": "reboot"}
+            job = await ctl.ok("job_create", selector="site=far", action=action, rate=1000, max_in_flight=5)
+
+            async def five_running() -> bool:
+                return (await ctl.ok("job", job_id=job["job_id"]))["counts"]["running"] == 5
+
+            await eventually(five_running, timeout=30)
+            assert await viewer.error("job_cancel", job_id=job["job_id"]) == "forbidden"
+            cancelled = await ctl.ok("job_cancel", job_id=job["job_id"])
+            assert cancelled["state"] in ("cancelling", "cancelled") and cancelled["reason"] == "cancelled by op"
+            done = await finished(ctl, job["job_id"])
+            assert done["state"] == "cancelled" and nonzero(done) == {"cancelled": 12}
+            commands = await job_commands(ctl, job["job_id"])
+            assert len(commands) == 5 and {c["state"] for c in commands} == {"cancelled"}
+            assert await ctl.error("job_cancel", job_id=job["job_id"]) == "invalid_state"
+            assert await ctl.error("job_cancel", job_id="j-nothing") == "not_found"
+            assert [j["state"] for j in await viewer.ok("jobs", state="cancelled")] == ["cancelled"]
+            assert await viewer.ok("jobs", state="running") == []
+        hub.stop()
+
+
+async def test_job_requests_check_roles_and_input(tmp_path: Path) -> None:
+    register(tmp_path, ["a1"], {"site": "a"})
+    ops = add_operators(tmp_path, op="operator", viewer="viewer")
+    cmd = {"type": "command", "name": "reboot"}
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        async with control(hub, ops["op"]) as ctl, control(hub, ops["viewer"]) as viewer:
+            assert await viewer.error("job_create", selector="site=a", action=cmd) == "forbidden"
+            for args, code in [
+                ({"selector": "site=", "action": cmd}, "bad_label"),
+                ({"selector": "", "action": cmd}, "bad_label"),
+                ({"action": cmd}, "bad_request"),
+                ({"selector": "site=a"}, "bad_request"),
+                ({"selector": "site=a", "action": {"type": "firmware"}}, "bad_request"),
+                ({"selector": "site=a", "action": "reboot"}, "bad_request"),
+                ({"selector": "site=a", "action": {"type": "command", "name": "bad name"}}, "bad_command"),
+                ({"selector": "site=a", "action": cmd, "rate": 0}, "bad_request"),
+                ({"selector": "site=a", "action": cmd, "rate": "fast"}, "bad_request"),
+                ({"selector": "site=a", "action": cmd, "max_in_flight": 0}, "bad_request"),
+                ({"selector": "site=a", "action": cmd, "max_in_flight": 1.5}, "bad_request"),
+                ({"selector": "site=a", "action": cmd, "abort_percent": 150}, "bad_request"),
+                ({"selector": "site=nowhere", "action": cmd}, "not_found"),
+                ({"selector": "site=a", "action": {"type": "desired", "patch": {"interval": 5}}}, "bad_request"),
+            ]:
+                assert await ctl.error("job_create", **args) == code, args
+            assert await viewer.error("job", job_id="j-none") == "not_found"
+            assert await viewer.error("job", job_id="j-none", state="lost") == "bad_request"
+            assert await viewer.error("jobs", state="lost") == "bad_request"
+            assert await viewer.ok("jobs") == []
+        hub.stop()
