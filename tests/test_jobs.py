@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import signal
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from firmware_sim import run_fleet
+from firmware_sim import FleetTotals, run_fleet
 from hub.app import HubHandle
 from hub.control_codes import ControlError
 from hub.fleet import (
@@ -39,6 +40,8 @@ from hub.fleet._job_states import (  # the tables themselves: tests may read the
     next_job_state,
 )
 from hub.fleet._jobs import Abort, Finish, Start, Wait, abort_due, decide
+from hub.operator import ControlClient, open_control
+from tests.hubproc import HubProcess
 from tests.hubtools import Ctl, add_operators, control, hub_config, start_hub
 from tests.waiting import eventually
 
@@ -338,3 +341,68 @@ async def test_job_requests_check_roles_and_input(tmp_path: Path) -> None:
             assert await viewer.error("jobs", state="lost") == "bad_request"
             assert await viewer.ok("jobs") == []
         hub.stop()
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+async def test_job_resumes_after_a_hub_restart(tmp_path: Path, stop: str) -> None:
+    """A `hub serve` process stopped (gracefully, or killed) in the middle of a job, then started again: the job goes
+    on where it was, and every device ran the job's command exactly once."""
+    names = [f"r-{i:02d}" for i in range(30)]
+    tokens = register(tmp_path, names, {"site": "restart"})
+    ops = add_operators(tmp_path, op="operator")
+    hub = HubProcess(tmp_path, "--log-level", "info")
+    await trio.to_thread.run_sync(hub.start)
+    totals: list[FleetTotals] = []
+    fleet_stop = trio.Event()
+
+    async def fleet() -> None:
+        options = {"backoff_max": 0.5}
+        totals.append(await run_fleet(hub.url, tokens, interval=30.0, stop=fleet_stop, client_options=options))
+
+    def control_url() -> str:
+        return f"ws://127.0.0.1:{hub.port}/v1/control"
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fleet)
+            async with open_control(control_url(), ops["op"]) as ctl:
+                await eventually(
+                    lambda: _count_online(ctl, "site=restart", 30), timeout=60, poll=0.1, what="30 devices online"
+                )
+                action = {"type": "command", "name": "echo", "args": {"n": 1}}
+                job = await ctl.job_create("site=restart", action, rate=5, max_in_flight=3)
+                job_id = job["job_id"]
+
+                async def some_done() -> bool:
+                    return (await ctl.job(job_id, limit=1))["counts"]["succeeded"] >= 6
+
+                await eventually(some_done, timeout=60, poll=0.05)
+            if stop == "sigterm":
+                hub.signal(signal.SIGTERM)
+                assert await trio.to_thread.run_sync(hub.wait) == 0
+            else:
+                await trio.to_thread.run_sync(hub.kill)
+            await trio.to_thread.run_sync(hub.start)
+            async with open_control(control_url(), ops["op"]) as ctl:
+                before = await ctl.job(job_id, limit=1)
+                assert before["state"] == "running" and before["counts"]["succeeded"] < 30
+
+                async def completed() -> bool:
+                    return (await ctl.job(job_id, limit=1))["state"] == "completed"
+
+                await eventually(completed, timeout=90, poll=0.1, what="the job completed after the restart")
+                done = await ctl.job(job_id, limit=100)
+                assert nonzero(done) == {"succeeded": 30}
+                assert all(d["state"] == "succeeded" and d["ref"] for d in done["devices"])
+                commands = [c for c in await ctl.commands(limit=1000) if c["idempotency_key"] == f"job:{job_id}"]
+                assert sorted(c["device"] for c in commands) == names  # one command per device, no second one
+                assert {c["command_id"] for c in commands} == {d["ref"] for d in done["devices"]}
+                assert "job resumed" in hub.log()
+            fleet_stop.set()
+    finally:
+        await trio.to_thread.run_sync(hub.kill)
+    assert totals[0].commands == 30  # each device ran it once (a repeat would be answered from its log, not run)
+
+
+async def _count_online(ctl: ControlClient, selector: str, n: int) -> bool:
+    return len(await ctl.devices("online", selector)) >= n
