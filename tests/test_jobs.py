@@ -43,6 +43,7 @@ from hub.fleet._jobs import Abort, Finish, Start, Wait, abort_due, decide
 from hub.operator import ControlClient, open_control
 from tests.hubproc import HubProcess
 from tests.hubtools import Ctl, add_operators, control, hub_config, start_hub
+from tests.test_web import error, web_hub
 from tests.waiting import eventually
 
 _J, _D = JobState, DeviceState
@@ -406,3 +407,47 @@ async def test_job_resumes_after_a_hub_restart(tmp_path: Path, stop: str) -> Non
 
 async def _count_online(ctl: ControlClient, selector: str, n: int) -> bool:
     return len(await ctl.devices("online", selector)) >= n
+
+
+async def test_jobs_over_rest(tmp_path: Path) -> None:
+    async with web_hub(tmp_path) as web:
+        for name in ("d1", "d2"):  # registered, never connected: their commands stay queued
+            assert (await web.post(f"/v1/devices/{name}/labels", json={"set": {"site": "rest"}})).status_code == 200
+        body = {"selector": "site=rest", "action": {"type": "command", "name": "reboot"}, "max_in_flight": 1}
+        assert error(await web.post("/v1/jobs", "viewer", json=body)) == "forbidden"
+        created = await web.post("/v1/jobs", "operator", json=body)
+        assert created.status_code == 201, created.text
+        job = created.json()
+        assert job["state"] == "running" and job["total"] == 2 and job["max_in_flight"] == 1
+        for bad, status, code in [
+            ({**body, "selector": "site=="}, 422, "bad_label"),
+            ({**body, "rate": 0}, 400, "bad_request"),
+            ({**body, "action": {"type": "nope"}}, 400, "bad_request"),
+            ({**body, "action": {"type": "command", "name": "no way"}}, 422, "bad_command"),
+            ({**body, "selector": "site=none"}, 404, "not_found"),
+            ({**body, "action": {"type": "desired", "patch": {"a": 1}}}, 400, "bad_request"),
+        ]:
+            reply = await web.post("/v1/jobs", "operator", json=bad)
+            assert (reply.status_code, error(reply)) == (status, code), bad
+        listed = await web.get("/v1/jobs", params={"state": "running"})
+        assert listed.status_code == 200 and [j["job_id"] for j in listed.json()] == [job["job_id"]]
+
+        async def one_running() -> bool:
+            shown = (await web.get(f"/v1/jobs/{job['job_id']}", params={"state": "running"})).json()
+            return [d["device"] for d in shown["devices"]] == ["d1"]
+
+        await eventually(one_running, timeout=30)
+        assert error(await web.post(f"/v1/jobs/{job['job_id']}/cancel", "viewer")) == "forbidden"
+        cancelled = await web.post(f"/v1/jobs/{job['job_id']}/cancel", "operator")
+        assert cancelled.status_code == 200 and cancelled.json()["state"] in ("cancelling", "cancelled")
+
+        async def settled() -> bool:
+            return (await web.get(f"/v1/jobs/{job['job_id']}")).json()["state"] == "cancelled"
+
+        await eventually(settled, timeout=30)
+        shown = (await web.get(f"/v1/jobs/{job['job_id']}", params={"limit": 1, "offset": 1})).json()
+        assert [d["device"] for d in shown["devices"]] == ["d2"] and shown["offset"] == 1
+        assert shown["counts"]["cancelled"] == 2
+        assert error(await web.post(f"/v1/jobs/{job['job_id']}/cancel", "operator")) == "invalid_state"
+        assert error(await web.get("/v1/jobs/j-unknown")) == "not_found"
+        assert error(await web.get("/v1/jobs", params={"limit": 0})) == "bad_request"
