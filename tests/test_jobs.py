@@ -43,6 +43,7 @@ from hub.fleet._jobs import Abort, Finish, Start, Wait, abort_due, decide
 from hub.operator import ControlClient, open_control
 from tests.hubproc import HubProcess
 from tests.hubtools import Ctl, add_operators, control, hub_config, start_hub
+from tests.test_hubctl import Hub, device, hubctl
 from tests.test_web import error, web_hub
 from tests.waiting import eventually
 
@@ -451,3 +452,48 @@ async def test_jobs_over_rest(tmp_path: Path) -> None:
         assert error(await web.post(f"/v1/jobs/{job['job_id']}/cancel", "operator")) == "invalid_state"
         assert error(await web.get("/v1/jobs/j-unknown")) == "not_found"
         assert error(await web.get("/v1/jobs", params={"limit": 0})) == "bad_request"
+
+
+async def test_hubctl_job_create_list_show_cancel(tmp_path: Path) -> None:
+    data = tmp_path / "hub"
+    tokens = dict(zip(["boiler-1", "sensor-2"], register(data, ["boiler-1", "sensor-2"], {"site": "ctl"}), strict=True))
+    register(data, ["far-1"], {"site": "far"})  # never connects
+    operators = add_operators(data, alice="operator", victor="viewer")
+    async with trio.open_nursery() as nursery:
+        handle = await start_hub(nursery, hub_config(data))
+        hub = Hub(handle, data, tokens, operators["alice"], operators["victor"])
+        async with device(hub, "boiler-1"), device(hub, "sensor-2"):
+            run = await hubctl(hub, "job", "create", "--selector", "site=ctl", "--command", "echo", "--arg", "n=1",
+                               "--rate", "100", "--wait")  # fmt: skip
+            assert run.code == 0, run.err
+            assert "completed: 2/2 done (2 succeeded), 0 running, 0 pending" in run.err  # the progress line
+            assert run.out.splitlines()[1].split() == ["state", "completed"]
+            assert {line.split()[0] for line in run.out.splitlines() if "succeeded" in line.split()[1:2]} == set(tokens)
+
+            run = await hubctl(hub, "--json", "job", "list", token=hub.viewer)
+            assert run.code == 0 and [j["state"] for j in run.json()] == ["completed"], run.err
+            job_id = run.json()[0]["job_id"]
+            run = await hubctl(hub, "job", "show", job_id, "--follow", token=hub.viewer)
+            assert run.code == 0 and "2/2 done" in run.out, run.err
+            run = await hubctl(hub, "job", "list", "--state", "completed", token=hub.viewer)
+            assert run.code == 0 and run.out.split()[:3] == ["ID", "STATE", "DONE"] and job_id in run.out
+
+            run = await hubctl(hub, "job", "create", "--selector", "site=ctl", "--command", "fail", "--wait")
+            assert run.code == 4 and "2 failed" in run.err, run.err
+            run = await hubctl(hub, "job", "create", "--selector", "site=ctl", "--command", "echo", token=hub.viewer)
+            assert run.code == 1 and "forbidden" in run.err
+            run = await hubctl(hub, "job", "cancel", job_id)
+            assert run.code == 1 and "invalid_state" in run.err
+            run = await hubctl(hub, "job", "create", "--selector", "site=ctl", "--command", "echo", "--rate", "0")
+            assert run.code == 2 and "--rate" in run.err
+            run = await hubctl(hub, "job", "create", "--selector", "site=", "--command", "echo")
+            assert run.code == 1 and "bad_label" in run.err
+
+            run = await hubctl(hub, "--json", "job", "create", "--selector", "site=far", "--command", "reboot")
+            assert run.code == 0, run.err
+            far = run.json()["job_id"]
+            run = await hubctl(hub, "job", "cancel", far)
+            assert run.code == 0 and f"job {far} cancel" in run.out, run.err
+            run = await hubctl(hub, "job", "show", far, "--follow", "--state", "cancelled")
+            assert run.code == 4 and "far-1" in run.out and "cancelled by alice" in run.out, run.err
+        handle.stop()
