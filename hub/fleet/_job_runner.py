@@ -323,18 +323,19 @@ class JobRunner:
         while True:
             try:
                 ref = await job.action.start(name, key)
+                if job.outcomes[name].ref != ref:
+                    self._put_device(job, attrs.evolve(job.outcomes[name], ref=ref))
+                if job.record.state is not JobState.RUNNING:  # stopped while it was starting
+                    await job.action.stop(name, ref)
+                result = await job.action.result(name, ref)
                 break
             except ControlError as exc:  # the device cannot take it: queue full, a limit the command breaks
                 self._device_event(job, name, DeviceEvent.FAIL, error=f"{exc.code}: {exc.message}")
                 return
-            except StoreUnavailable as exc:
-                log.warning("job device waits for the state store", extra={"kv": {"device": name, "error": str(exc)}})
+            except (StoreUnavailable, sqlite3.Error, OSError) as exc:  # the same key finds the same run again
+                kv = {"job_id": job.record.job_id, "device": name, "error": str(exc)}
+                log.warning("job device waits for its stores", extra={"kv": kv})
                 await trio.sleep(RETRY_EVERY)
-        if job.outcomes[name].ref != ref:
-            self._put_device(job, attrs.evolve(job.outcomes[name], ref=ref))
-        if job.record.state is not JobState.RUNNING:  # stopped while it was starting
-            await job.action.stop(name, ref)
-        result = await job.action.result(name, ref)
         if result.ok:
             self._device_event(job, name, DeviceEvent.SUCCEED)
         elif result.stopped and job.record.state is not JobState.RUNNING:
