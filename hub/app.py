@@ -296,7 +296,7 @@ async def _serve(
             config, registry, presence, ledgers, commands, broadcaster, stats, pipeline, revoke_device=server.revoke
         )
         cluster = _cluster(config, registry, presence, commands, broadcaster, ledgers, server, control)
-        jobs = JobRunner(job_store, commands, devices=registry.list)
+        jobs = JobRunner(job_store, commands, devices=registry.list, on_change=broadcaster.job)
         control.jobs = jobs
         edge = Edge(config.server, [server, control], stats)
         hub_id = None if worker is None else f"{socket.gethostname()}-{worker}"

@@ -17,7 +17,7 @@ from device_client.protocol import CloseCode
 __all__ = ["ANSWERS", "TOPICS", "Answer", "ControlError", "ErrorCode"]
 
 #: Subscription topics.
-TOPICS = ("telemetry", "presence", "commands")
+TOPICS = ("telemetry", "presence", "commands", "jobs")
 
 
 class ErrorCode(enum.StrEnum):

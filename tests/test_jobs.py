@@ -7,6 +7,7 @@ import math
 import signal
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ from hub.fleet._job_states import (  # the tables themselves: tests may read the
     next_job_state,
 )
 from hub.fleet._jobs import Abort, Finish, Start, Wait, abort_due, decide
-from hub.operator import ControlClient, open_control
+from hub.operator import ControlClient, Event, open_control
+from hub.operator.ctl import format_event
 from tests.hubproc import HubProcess
 from tests.hubtools import Ctl, add_operators, control, hub_config, start_hub
 from tests.test_hubctl import Hub, device, hubctl
@@ -497,3 +499,29 @@ async def test_hubctl_job_create_list_show_cancel(tmp_path: Path) -> None:
             run = await hubctl(hub, "job", "show", far, "--follow", "--state", "cancelled")
             assert run.code == 4 and "far-1" in run.out and "cancelled by alice" in run.out, run.err
         handle.stop()
+
+
+async def test_jobs_topic_pushes_progress(tmp_path: Path) -> None:
+    register(tmp_path, ["t-1", "t-2", "t-3"], {"site": "topic"})  # never connected: their commands stay queued
+    ops = add_operators(tmp_path, op="operator", viewer="viewer")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        async with control(hub, ops["op"]) as ctl, control(hub, ops["viewer"]) as viewer:
+            sub = (await viewer.ok("subscribe", topic="jobs"))["subscription"]
+            action = {"type": "command", "name": "reboot"}
+            job = await ctl.ok("job_create", selector="site=topic", action=action, max_in_flight=1)
+            seen = [(await viewer.events(sub, 1))[0]]
+            assert seen[0]["job_id"] == job["job_id"] and seen[0]["state"] == "running"
+            await ctl.ok("job_cancel", job_id=job["job_id"])
+            while seen[-1]["state"] != "cancelled":
+                seen.append((await viewer.events(sub, 1, timeout=30))[0])
+            assert nonzero(seen[-1]) == {"cancelled": 3} and seen[-1]["reason"] == "cancelled by op"
+        hub.stop()
+
+
+def test_watch_line_of_a_job_event() -> None:
+    record = {"job_id": "j-1", "state": "running", "total": 10, "updated": 1_764_000_000.0}
+    record["counts"] = {"pending": 5, "running": 2, "succeeded": 2, "failed": 1, "cancelled": 0, "skipped": 0}
+    assert format_event(Event(3, "jobs", record), UTC) == (
+        "2025-11-24 16:00:00.000  job j-1 running: 3/10 done (2 succeeded, 1 failed), 2 running, 5 pending"
+    )

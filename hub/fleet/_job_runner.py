@@ -167,12 +167,14 @@ class JobRunner:
         *,
         devices: Callable[[], Awaitable[builtins.list[DeviceRecord]]],
         desired: DesiredActionFactory | None = None,
+        on_change: Callable[[JobRecord], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._commands = commands
         self._devices = devices
         self.desired = desired  # the device twin's action factory, once it exists
+        self._on_change = on_change  # every new version of a job's record (hub: the `jobs` topic)
         self._clock = clock
         self._active: dict[str, _Active] = {}
         self._nursery: trio.Nursery | None = None
@@ -210,6 +212,8 @@ class JobRunner:
         )
         await trio.to_thread.run_sync(self._store.create, record, names)
         self._begin(record, [DeviceOutcome(name) for name in names], job_action)
+        if self._on_change is not None:
+            self._on_change(record)
         log.info("job created", extra={"kv": {"job_id": record.job_id, "devices": len(names), "operator": operator}})
         return record
 
@@ -357,9 +361,7 @@ class JobRunner:
 
     def _job_event(self, job: _Active, event: JobEvent, reason: str = "") -> None:
         job.record = job.record.after(event, self._clock(), reason)
-        self._store.put_job(job.current())
-        self._dirty.set()
-        job.changed.set()
+        self._put_job(job)
 
     def _device_event(self, job: _Active, name: str, event: DeviceEvent, *, error: str = "") -> None:
         old = job.outcomes[name]
@@ -369,8 +371,15 @@ class JobRunner:
         job.counts[old.state] -= 1
         job.counts[new.state] += 1
         self._put_device(job, new)
-        self._store.put_job(job.current())
+        self._put_job(job)
+
+    def _put_job(self, job: _Active) -> None:
+        record = job.current()
+        self._store.put_job(record)
+        self._dirty.set()
         job.changed.set()
+        if self._on_change is not None:
+            self._on_change(record)
 
     def _put_device(self, job: _Active, outcome: DeviceOutcome) -> None:
         job.outcomes[outcome.device] = outcome

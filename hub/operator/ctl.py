@@ -674,6 +674,8 @@ def format_event(item: Event, tz: tzinfo | None = None) -> str:
         name = _clean(e.get("name", "?"))
         cid = _clean(e.get("command_id", "?"))
         return f"{_when(e.get('updated'), tz, ms=True)}  {device:<12} command      {cid} {name} {state}{extra}"
+    if item.topic == "jobs":
+        return f"{_when(e.get('updated'), tz, ms=True)}  {format_job_progress(e)}"
     return f"{_clean(item.topic)}: {_compact(e)}"
 
 
