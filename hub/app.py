@@ -296,6 +296,7 @@ async def _serve(
             config, registry, presence, ledgers, commands, broadcaster, stats, pipeline, revoke_device=server.revoke
         )
         cluster = _cluster(config, registry, presence, commands, broadcaster, ledgers, server, control)
+        # Desired-state jobs: pass desired=<the device twin's JobAction factory> here (hub/fleet/_job_runner.py).
         jobs = JobRunner(job_store, commands, devices=registry.list, on_change=broadcaster.job)
         control.jobs = jobs
         edge = Edge(config.server, [server, control], stats)

@@ -20,13 +20,18 @@ from hub.app import HubHandle
 from hub.control_codes import ControlError
 from hub.fleet import (
     ABORT_MIN_OUTCOMES,
+    ActionResult,
     CommandSpec,
     DesiredSpec,
     DeviceEvent,
     DeviceOutcome,
+    DeviceRecord,
     DeviceState,
     JobEvent,
+    JobRecord,
+    JobRunner,
     JobState,
+    JobStore,
     Registry,
     Rollout,
     parse_action,
@@ -525,3 +530,106 @@ def test_watch_line_of_a_job_event() -> None:
     assert format_event(Event(3, "jobs", record), UTC) == (
         "2025-11-24 16:00:00.000  job j-1 running: 3/10 done (2 succeeded, 1 failed), 2 running, 5 pending"
     )
+
+
+# ---------------------------------------------------------------------------- the runner on trio's mock clock
+
+
+class FakeAction:
+    """A `JobAction` that takes `seconds[device]` (trio time) per device and fails the devices in `failing`."""
+
+    def __init__(self, seconds: Mapping[str, float], failing: frozenset[str] = frozenset()) -> None:
+        self.seconds = seconds
+        self.failing = failing
+        self.starts: list[tuple[float, str, str]] = []  # (trio time, device, key)
+        self.in_flight = 0
+        self.peak = 0
+        self.stopped: list[str] = []
+        self._stop: dict[str, trio.Event] = {}
+
+    async def start(self, device: str, key: str) -> str:
+        self.starts.append((trio.current_time(), device, key))
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        self._stop[device] = trio.Event()
+        return f"r-{device}"
+
+    async def result(self, device: str, ref: str) -> ActionResult:
+        with trio.move_on_after(self.seconds[device]):
+            await self._stop[device].wait()
+        self.in_flight -= 1
+        if self._stop[device].is_set():
+            return ActionResult(False, "stopped", stopped=True)
+        return ActionResult(device not in self.failing, "" if device not in self.failing else "broken")
+
+    async def stop(self, device: str, ref: str) -> None:
+        self.stopped.append(device)
+        self._stop[device].set()
+
+
+def _records(names: list[str]) -> list[DeviceRecord]:
+    return [DeviceRecord(name=n, created=0.0, revoked=False, epoch=0, acked_seq=0, labels={"g": "x"}) for n in names]
+
+
+async def _runner(
+    tmp_path: Path, action: FakeAction, names: list[str], nursery: trio.Nursery
+) -> tuple[JobRunner, JobStore]:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+
+    async def devices() -> list[DeviceRecord]:
+        return _records(names)
+
+    runner = JobRunner(store, None, devices=devices, desired=lambda spec, operator: action)  # type: ignore[arg-type]
+    await nursery.start(runner.run)
+    return runner, store
+
+
+async def until_final(runner: JobRunner, job_id: str) -> JobRecord:
+    while True:
+        record = await runner.get(job_id)
+        assert record is not None
+        if record.final:
+            return record
+        await trio.sleep(0.01)
+
+
+async def test_runner_keeps_rate_and_in_flight_on_the_mock_clock(tmp_path: Path, autojump_clock: Any) -> None:
+    names = [f"d{i:02d}" for i in range(30)]
+    action = FakeAction({n: 0.1 + (i % 7) * 0.3 for i, n in enumerate(names)}, failing=frozenset(names[::10]))
+    async with trio.open_nursery() as nursery:
+        runner, store = await _runner(tmp_path, action, names, nursery)
+        desired = {"type": "desired", "patch": {"interval": 30}}  # the twin's plug: here the fake action
+        job = await runner.create("g=x", desired, Rollout(rate=4, max_in_flight=3), "op")
+        done = await until_final(runner, job.job_id)
+        nursery.cancel_scope.cancel()
+    assert done.state is JobState.COMPLETED
+    assert {s: n for s, n in done.counts.items() if n} == {DeviceState.SUCCEEDED: 27, DeviceState.FAILED: 3}
+    times = [t for t, _, _ in action.starts]
+    assert [d for _, d, _ in action.starts] == names  # in rollout order, each once
+    assert {k for _, _, k in action.starts} == {f"job:{job.job_id}"}
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.25 - 1e-9  # 4 per second
+    assert action.peak == 3
+    outcomes = store.devices(job.job_id, limit=100)
+    assert [o.error for o in outcomes if o.state is DeviceState.FAILED] == ["broken"] * 3
+    store.close()
+
+
+async def test_runner_cancel_stops_devices_in_flight(tmp_path: Path, autojump_clock: Any) -> None:
+    names = [f"d{i}" for i in range(10)]
+    action = FakeAction(dict.fromkeys(names, math.inf))  # only a stop ends them
+    async with trio.open_nursery() as nursery:
+        runner, store = await _runner(tmp_path, action, names, nursery)
+        job = await runner.create("g=x", {"type": "desired", "patch": {"a": 1}}, Rollout(rate=10, max_in_flight=4))
+        while action.in_flight < 4:
+            await trio.sleep(0.01)
+        await trio.sleep(5)  # nothing more starts while four are in flight
+        assert len(action.starts) == 4
+        cancelled = await runner.cancel(job.job_id, "op")
+        assert cancelled.state in (JobState.CANCELLING, JobState.CANCELLED)  # settled already if stops were quick
+        assert cancelled.counts[DeviceState.PENDING] == 0 and cancelled.counts[DeviceState.CANCELLED] >= 6
+        assert sorted(action.stopped) == names[:4]
+        done = await until_final(runner, job.job_id)
+        nursery.cancel_scope.cancel()
+    assert done.state is JobState.CANCELLED and done.counts[DeviceState.CANCELLED] == 10
+    assert done.reason == "cancelled by op"
+    store.close()
