@@ -4,13 +4,14 @@ from device_client.client import (
     ClientStats,
     CommandContext,
     CommandHandler,
+    DesiredHandler,
     DeviceClient,
     InsecureURLError,
     TLSHandshakeError,
     backoff_delay,
     device_url,
 )
-from device_client.outbox import CommandLog, Entry, Outbox, OutboxFull
+from device_client.outbox import CommandLog, Entry, Outbox, OutboxFull, PendingReport, TwinLog
 from device_client.protocol import (
     JSON,
     MAX_RESULT_BYTES,
@@ -32,6 +33,7 @@ __all__ = [
     "CommandContext",
     "CommandHandler",
     "CommandLog",
+    "DesiredHandler",
     "DeviceClient",
     "DeviceConnection",
     "Entry",
@@ -41,10 +43,12 @@ __all__ = [
     "Limits",
     "Outbox",
     "OutboxFull",
+    "PendingReport",
     "Point",
     "ProtocolError",
     "SessionState",
     "TLSHandshakeError",
+    "TwinLog",
     "backoff_delay",
     "device_url",
     "int_value",

@@ -29,6 +29,7 @@ from device_client.outbox import (
     CommandLog,
     Outbox,
     OutboxFull,
+    TwinLog,
     check_points,
 )
 from device_client.protocol import (
@@ -55,22 +56,27 @@ from device_client.session import (
     ClientStats,
     CloseVerdict,
     CommandReceived,
+    DesiredChanged,
     DeviceConnection,
     DeviceEvent,
     HubError,
     Ignored,
     PeerClosed,
     Rejected,
+    ReportAcked,
+    ReportRefused,
     SessionEnd,
     SessionState,
     Welcomed,
 )
+from device_client.twin import TwinError, check_patch
 
 __all__ = [
     "STABLE_SESSION",
     "ClientStats",
     "CommandContext",
     "CommandHandler",
+    "DesiredHandler",
     "DeviceClient",
     "InsecureURLError",
     "TLSHandshakeError",
@@ -94,6 +100,8 @@ MAX_OUTGOING = 1000
 #: A command handler: ``async def handler(args)`` or ``async def handler(args, ctx)``, returning a JSON value.
 CommandHandler: TypeAlias = Callable[..., Awaitable[JSON]]
 _Handler = TypeVar("_Handler", bound=CommandHandler)
+#: A desired-document handler: ``async def handler(desired)``, returning a patch to report with it, or None.
+DesiredHandler: TypeAlias = Callable[[dict[str, JSON]], Awaitable[Mapping[str, JSON] | None]]
 
 
 @attrs.frozen
@@ -331,6 +339,9 @@ class DeviceClient:
     with jittered exponential backoff and resends what is not acked, in order. When the
     outbox is full, `send` and `send_batch` wait (pass ``block=False`` to get `OutboxFull`).
     Handlers registered with `command` answer the hub's commands, each id at most once.
+    With `twin` (the default), the client keeps the device twin: `desired` is the latest desired document the hub
+    sent (kept in the outbox file), a handler registered with `on_desired` applies each one, and `report` merges a
+    patch into the reported document, resent after reconnects until the hub acknowledges it.
     A wss:// hub's certificate is verified against the system CAs, or only `ca_file`;
     plain ws:// is refused (`InsecureURLError`) to hosts that are not loopback unless
     `allow_insecure`.
@@ -358,6 +369,7 @@ class DeviceClient:
         command_log_limit: int = 1000,
         ca_file: str | os.PathLike[str] | None = None,
         allow_insecure: bool = False,
+        twin: bool = True,
     ) -> None:
         if not token or not token.isascii() or not token.isprintable() or " " in token:
             raise ValueError("token must be printable ASCII without spaces")
@@ -394,6 +406,10 @@ class DeviceClient:
         self._with_context: dict[str, bool] = {}
         self._command_log_limit = command_log_limit
         self._log: CommandLog | None = None
+        self._use_twin = twin
+        self._twin: TwinLog | None = None
+        self._on_desired: DesiredHandler | None = None
+        self._desired_lock = trio.Lock()  # desired documents are applied one at a time, in order
         self._tasks: trio.Nursery | None = None
         self.stats = ClientStats()
         self._outbox: Outbox | None = None
@@ -423,11 +439,14 @@ class DeviceClient:
         )
         try:
             self._log = CommandLog(self._outbox_path, limit=self._command_log_limit)
+            self._twin = TwinLog(self._outbox_path) if self._use_twin else None
         except BaseException:
             self._outbox.close()
+            if self._log is not None:
+                self._log.close()
             raise
         # Results finished before a restart and never written are the first answers to send.
-        self._conn = DeviceConnection(self._outbox, self._log, self.stats, name=self._name)
+        self._conn = DeviceConnection(self._outbox, self._log, self.stats, name=self._name, twin=self._twin)
         for entry in self._outbox.unreadable:
             detail = "the stored batch is not valid UTF-8 (outbox file damaged)"
             self._on_rejected_event(self._conn.discard(entry, ErrorCode.BAD_JSON, detail))
@@ -456,6 +475,8 @@ class DeviceClient:
             assert self._outbox is not None and self._log is not None
             self._outbox.close()
             self._log.close()
+            if self._twin is not None:
+                self._twin.close()
         return False
 
     async def _main(self) -> None:
@@ -625,6 +646,82 @@ class DeviceClient:
             return handler
 
         return register
+
+    # ------------------------------------------------------------------ twin
+
+    @property
+    def desired(self) -> dict[str, JSON]:
+        """The latest desired twin document the hub sent (``{}`` before the first); kept across restarts."""
+        return dict(self._twin_log().desired)
+
+    @property
+    def desired_version(self) -> int:
+        """The version of `desired` (0 before the first)."""
+        return self._twin_log().desired_version
+
+    @property
+    def reports_pending(self) -> int:
+        """Twin reports the hub has not acknowledged yet."""
+        return len(self._twin_log().pending)
+
+    def on_desired(self, handler: DesiredHandler) -> DesiredHandler:
+        """Decorator registering ``async def handler(desired: dict) -> dict | None``, run for each new desired document
+        (one at a time; a document superseded meanwhile is skipped). What it returns is reported with the version
+        applied; an exception leaves the version unapplied (operators see it in the delta) and is logged."""
+        fn: Callable[..., object] = handler
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError("a desired handler must be an async function")
+        self._on_desired = handler
+        return handler
+
+    async def report(self, patch: Mapping[str, JSON]) -> int:
+        """Merge `patch` (a JSON merge patch: null removes a key) into the reported twin document; the report's id.
+
+        Kept with the twin (on disk with `outbox_path`) and sent, again after reconnects, until the hub acknowledges
+        it; returns once it is queued. ValueError for a patch that is not an object, too large or too deep."""
+        self._check_open()
+        try:
+            checked = check_patch(dict(patch))
+        except TwinError as exc:
+            raise ValueError(exc.detail) from None
+        report = self._connection().report(checked)
+        self._notify()
+        await trio.lowlevel.checkpoint()
+        return report.id
+
+    async def wait_reported(self) -> None:
+        """Wait until the hub has acknowledged every twin report queued so far."""
+        self._check_open()
+        target = self._twin_log().newest_id
+        while any(r.id <= target for r in self._twin_log().pending):
+            self._check_open()
+            await self._changed.wait()
+
+    def _twin_log(self) -> TwinLog:
+        if self._twin is None:
+            raise RuntimeError("this client keeps no twin (twin=False), or is not running")
+        return self._twin
+
+    async def _apply_desired(self, event: DesiredChanged) -> None:
+        async with self._desired_lock:
+            twin = self._twin_log()
+            if twin.desired_version != event.version:
+                return  # superseded while an earlier one was applied
+            patch: Mapping[str, JSON] | None = None
+            handler = self._on_desired
+            if handler is not None:
+                try:
+                    patch = await handler(dict(event.desired))
+                except Exception:
+                    log.exception("%s: the desired handler failed on version %d", self._name, event.version)
+                    return
+            try:
+                checked = check_patch(dict(patch or {}))
+            except TwinError as exc:
+                log.error("%s: the desired handler returned a bad report (%s): reporting none", self._name, exc)
+                checked = {}
+            self._connection().report(checked, event.version)
+            self._notify()
 
     @property
     def commands(self) -> dict[str, CommandHandler]:
@@ -911,6 +1008,17 @@ class DeviceClient:
             "answering with its result" if event.answered else "still running",
         )
 
+    def _on_desired_changed(self, event: DesiredChanged) -> None:
+        assert self._tasks is not None
+        log.info("%s: desired twin document version %d received", self._name, event.version)
+        self._tasks.start_soon(self._apply_desired, event, name=f"desired {event.version}")
+
+    def _on_report_acked(self, event: ReportAcked) -> None:
+        pass  # waiters wake on the notification
+
+    def _on_report_refused(self, event: ReportRefused) -> None:
+        log.error("%s: the hub refused a twin report for good: %s %s", self._name, event.code, event.detail)
+
     def _on_ignored(self, event: Ignored) -> None:
         log.warning("%s: %s", self._name, event.why)
 
@@ -1025,6 +1133,9 @@ _EVENT_HANDLERS: dict[type, Callable[[DeviceClient, Any], None]] = {
     Rejected: DeviceClient._on_rejected_event,
     HubError: DeviceClient._on_hub_error,
     CommandReceived: DeviceClient._on_command,
+    DesiredChanged: DeviceClient._on_desired_changed,
+    ReportAcked: DeviceClient._on_report_acked,
+    ReportRefused: DeviceClient._on_report_refused,
     Ignored: DeviceClient._on_ignored,
 }
 

@@ -1,7 +1,8 @@
-"""The device's durable state: the telemetry outbox and the command log (sans-I/O, optionally on SQLite)."""
+"""The device's durable state: the telemetry outbox, the command log and the twin (sans-I/O, optionally on SQLite)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sqlite3
@@ -13,6 +14,7 @@ import attrs
 from device_client.protocol import (
     DEFAULT_LIMITS,
     INT64_MAX,
+    JSON,
     ErrorCode,
     Limits,
     Point,
@@ -21,8 +23,19 @@ from device_client.protocol import (
     encode,
     validate_points,
 )
+from device_client.twin import compose
 
-__all__ = ["DEFAULT_MAX_MESSAGE", "TOO_LARGE", "CommandLog", "Entry", "Outbox", "OutboxFull", "check_points"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE",
+    "TOO_LARGE",
+    "CommandLog",
+    "Entry",
+    "Outbox",
+    "OutboxFull",
+    "PendingReport",
+    "TwinLog",
+    "check_points",
+]
 
 #: Largest encoded telemetry message (characters) the outbox accepts: the hub's default `max_message_bytes`.
 DEFAULT_MAX_MESSAGE = 262_144
@@ -449,3 +462,119 @@ class CommandLog:
         if self._db is not None:
             with self._db:
                 self._db.execute(sql, args)
+
+
+# ---------------------------------------------------------------------------- twin
+
+_TWIN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS twin (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@attrs.frozen
+class PendingReport:
+    """A twin report not acknowledged yet: merge `patch` into the reported document, say `desired_version`."""
+
+    id: int
+    patch: dict[str, JSON]
+    desired_version: int | None = None
+
+
+class TwinLog:
+    """The device's side of its twin: the desired document it applied (and its version) and the reports the hub has
+    not acknowledged, oldest first.
+
+    Plain state like `Outbox`. `report` queues a patch, folding it into the newest pending report when one merge patch
+    can do both (`device_client.twin.compose`), so a device offline for long keeps a short queue; `acked(id)` drops
+    the reports up to `id`. With `path` (the outbox file), every change is committed to the table `twin` before a
+    method returns: after a reboot the device still knows its desired document and resends what was not acknowledged.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.desired: dict[str, JSON] = {}
+        self.desired_version = 0
+        self._reports: list[PendingReport] = []
+        self._next_id = 1
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            self._open(path)
+
+    def _open(self, path: str | os.PathLike[str]) -> None:
+        db = sqlite3.connect(os.fspath(path))
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_TWIN_SCHEMA)
+            stored = dict(db.execute("SELECT key, value FROM twin").fetchall())
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        if "desired" in stored:
+            self.desired = json.loads(stored["desired"])
+            self.desired_version = int(stored["desired_version"])
+        if "reports" in stored:
+            self._reports = [PendingReport(r[0], r[1], r[2]) for r in json.loads(stored["reports"])]
+            self._next_id = int(stored["next_id"])
+
+    def close(self) -> None:
+        """Close the SQLite file, if any (the in-memory state stays readable)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def newest_id(self) -> int:
+        """The id of the newest pending report (0 when none is pending)."""
+        return self._reports[-1].id if self._reports else 0
+
+    @property
+    def pending(self) -> list[PendingReport]:
+        """The reports not acknowledged yet, oldest first."""
+        return list(self._reports)
+
+    def apply_desired(self, version: int, doc: dict[str, JSON]) -> None:
+        """The device now holds desired document `doc` at `version`."""
+        self.desired, self.desired_version = doc, version
+        self._save(desired=json.dumps(doc), desired_version=str(version))
+
+    def report(self, patch: dict[str, JSON], desired_version: int | None = None) -> PendingReport:
+        """Queue a report (it may be folded into the newest pending one, which then gets a new id); the report."""
+        reports = self._reports
+        last = reports[-1] if reports else None
+        merged = None if last is None else compose(last.patch, patch)
+        if last is not None and merged is not None:
+            applied = desired_version if desired_version is not None else last.desired_version
+            reports[-1] = PendingReport(self._next_id, merged, applied)
+        else:
+            reports.append(PendingReport(self._next_id, dict(patch), desired_version))
+        self._next_id += 1
+        self._save_reports()
+        return reports[-1]
+
+    def acked(self, report_id: int) -> int:
+        """The hub stored the reports up to `report_id`: forget them; how many were forgotten."""
+        keep = [r for r in self._reports if r.id > report_id]
+        gone = len(self._reports) - len(keep)
+        if gone:
+            self._reports = keep
+            self._save_reports()
+        return gone
+
+    def drop(self, report_id: int) -> PendingReport | None:
+        """The hub refused report `report_id` for good: forget it; the report, if it was pending."""
+        for i, r in enumerate(self._reports):
+            if r.id == report_id:
+                del self._reports[i]
+                self._save_reports()
+                return r
+        return None
+
+    def _save_reports(self) -> None:
+        rows = [[r.id, r.patch, r.desired_version] for r in self._reports]
+        self._save(reports=json.dumps(rows), next_id=str(self._next_id))
+
+    def _save(self, **values: str) -> None:
+        if self._db is not None:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO twin (key, value) VALUES (?, ?)", list(values.items()))

@@ -35,6 +35,7 @@ __all__ = [
     "Ack",
     "Answer",
     "CloseCode",
+    "Desired",
     "Error",
     "ErrorCode",
     "FieldValue",
@@ -43,6 +44,8 @@ __all__ = [
     "Message",
     "Point",
     "ProtocolError",
+    "Report",
+    "ReportAck",
     "Telemetry",
     "Welcome",
     "decode",
@@ -97,6 +100,7 @@ class ErrorCode(enum.StrEnum):
     BAD_SEQ = "bad_seq"  # sequence number missing or out of range
     TOO_MANY_ERRORS = "too_many_errors"
     UNKNOWN_COMMAND = "unknown_command"  # a command ack/result for an id this device was not sent
+    BAD_REPORT = "bad_report"  # a twin report refused (patch too large or too deep): dropped, the device goes on
     RATE_LIMITED = "rate_limited"  # informational: over the message/point rate, the hub slows its reading
     TOO_LARGE = "too_large"  # client side: a batch over the hub's frame limit (the hub closes with 1009)
     INTERNAL = "internal"
@@ -181,6 +185,8 @@ class Hello:
     model: str = ""
     interval: float = 0.0  # declared reporting interval in seconds; 0 = not declared
     proto: int = PROTOCOL_VERSION
+    #: The desired twin version the device has applied (0: none yet); None: the device does not use the twin.
+    desired_version: int | None = None
 
 
 @attrs.frozen
@@ -232,6 +238,39 @@ class Error:
     code: str
     detail: str = ""
     seq: int | None = None
+    report: int | None = None  # the refused twin report's id, if any
+
+
+@attrs.frozen
+class Desired:
+    """Hub -> device: the desired twin document at `version`: whole (`state`) or as a merge patch on `version` - 1.
+
+    Exactly one of `state` and `patch` is set. Apply it, then `Report` with `desired_version` = `version`.
+    """
+
+    version: int
+    state: dict[str, JSON] | None = None
+    patch: dict[str, JSON] | None = None
+
+
+@attrs.frozen
+class Report:
+    """Device -> hub: merge `patch` into the reported twin document; `desired_version` says what is applied.
+
+    `id` grows with each new report; the same report may be sent again after a reconnect (merging is idempotent).
+    """
+
+    id: int
+    patch: dict[str, JSON]
+    desired_version: int | None = None
+
+
+@attrs.frozen
+class ReportAck:
+    """Hub -> device: reports up to `id` are stored; the reported document is at `version`."""
+
+    id: int
+    version: int
 
 
 @attrs.frozen
@@ -265,7 +304,9 @@ class CommandResult:
     error: str = ""
 
 
-Message = Hello | Welcome | Telemetry | Ack | Error | Command | CommandAck | CommandResult
+Message = (
+    Hello | Welcome | Telemetry | Ack | Error | Command | CommandAck | CommandResult | Desired | Report | ReportAck
+)
 
 #: The optional limit fields of `Welcome`.
 _WELCOME_LIMITS = (*(name for name in LIMIT_FIELDS if name != "max_points"), "max_message_bytes")
@@ -279,6 +320,9 @@ _TYPE_NAMES: dict[type, str] = {
     Command: "command",
     CommandAck: "command_ack",
     CommandResult: "command_result",
+    Desired: "desired",
+    Report: "report",
+    ReportAck: "report_ack",
 }
 
 #: Longest command id, command name, and result error text.
@@ -329,9 +373,7 @@ def encode(msg: Message) -> str:
         }
     else:
         body = {"type": kind, **attrs.asdict(msg)}
-        if isinstance(msg, Error) and msg.seq is None:
-            del body["seq"]
-        elif isinstance(msg, Welcome):
+        if isinstance(msg, Error | Hello | Desired | Report | Welcome):
             body = {key: value for key, value in body.items() if value is not None}
         elif isinstance(msg, CommandResult):
             if msg.ok:
@@ -407,6 +449,16 @@ def check_command_name(name: object) -> str:
 def json_size(value: object) -> int:
     """Bytes of `value` as compact JSON (for the args/result bounds)."""
     return len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+
+
+def _version(obj: dict[str, JSON], key: str, least: int, default: object = ...) -> Any:
+    """An integer from `least` to 2**63-1 under `key` (`default` when missing, if given)."""
+    value = obj.get(key, default)
+    if value is default and default is not ...:
+        return value
+    if type(value) is not int or not least <= value <= INT64_MAX:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{key!r} must be an integer from {least} to 2**63-1")
+    return value
 
 
 def _seq(obj: dict[str, JSON]) -> int:
@@ -630,7 +682,8 @@ def _decode(obj: dict[str, JSON], limits: Limits) -> Message:
         model = _get(obj, "model", str, "")
         if len(firmware) > 64 or len(model) > 64:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "firmware and model are at most 64 characters")
-        return Hello(firmware=firmware, model=model, interval=float(interval), proto=proto)
+        desired_version = _version(obj, "desired_version", 0, None)
+        return Hello(firmware, model, float(interval), proto, desired_version)
     if kind == "welcome":
         return Welcome(
             device=_get(obj, "device", str),
@@ -661,10 +714,20 @@ def _decode(obj: dict[str, JSON], limits: Limits) -> Message:
             timeout=_float(_get(obj, "timeout", (int, float)), "timeout"),
         )
     if kind == "error":
-        seq = obj.get("seq")
+        seq, report = obj.get("seq"), obj.get("report")
         return Error(
             code=_get(obj, "code", str),
             detail=_get(obj, "detail", str, ""),
             seq=seq if type(seq) is int else None,
+            report=report if type(report) is int else None,
         )
+    if kind == "report":
+        return Report(_version(obj, "id", 1), _get(obj, "patch", dict), _version(obj, "desired_version", 0, None))
+    if kind == "report_ack":
+        return ReportAck(_version(obj, "id", 1), _version(obj, "version", 0))
+    if kind == "desired":
+        state, patch = _get(obj, "state", dict, None), _get(obj, "patch", dict, None)
+        if (state is None) == (patch is None):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "desired carries either 'state' or 'patch'")
+        return Desired(_version(obj, "version", 1), state, patch)
     raise ProtocolError(ErrorCode.BAD_MESSAGE, "unknown or missing message type")

@@ -22,23 +22,28 @@ from collections import deque
 
 import attrs
 
-from device_client.outbox import TOO_LARGE, CommandLog, Entry, Outbox
+from device_client.outbox import TOO_LARGE, CommandLog, Entry, Outbox, PendingReport, TwinLog
 from device_client.protocol import (
     DEFAULT_LIMITS,
+    JSON,
     Ack,
     CloseCode,
     Command,
     CommandAck,
     CommandResult,
+    Desired,
     Error,
     ErrorCode,
     Hello,
     Limits,
     ProtocolError,
+    Report,
+    ReportAck,
     Welcome,
     decode,
     encode,
 )
+from device_client.twin import merge_patch
 
 __all__ = [
     "CULPRIT_CLOSES",
@@ -47,12 +52,15 @@ __all__ = [
     "ClientStats",
     "CloseVerdict",
     "CommandReceived",
+    "DesiredChanged",
     "DeviceConnection",
     "DeviceEvent",
     "HubError",
     "Ignored",
     "PeerClosed",
     "Rejected",
+    "ReportAcked",
+    "ReportRefused",
     "Role",
     "SessionEnd",
     "SessionError",
@@ -213,6 +221,33 @@ class CommandReceived:
 
 
 @attrs.frozen
+class DesiredChanged:
+    """The hub sent a new desired twin document: `desired` at `version` is now the device's (stored already)."""
+
+    version: int
+    desired: dict[str, JSON]
+    previous: dict[str, JSON]
+
+
+@attrs.frozen
+class ReportAcked:
+    """The hub stored the twin reports up to `id`; the reported document is at `version`."""
+
+    id: int
+    version: int
+    done: int  # pending reports forgotten
+
+
+@attrs.frozen
+class ReportRefused:
+    """The hub refused twin report `report` for good (too large, too deep): it is dropped."""
+
+    report: PendingReport | None
+    code: str
+    detail: str
+
+
+@attrs.frozen
 class Ignored:
     """A message from the hub that means nothing here: invalid, or not expected now."""
 
@@ -242,7 +277,9 @@ class PeerClosed:
     dropped: Rejected | None = None  # DROPPED: the batch found to cause the close
 
 
-DeviceEvent = Welcomed | Acked | Rejected | HubError | CommandReceived | Ignored
+DeviceEvent = (
+    Welcomed | Acked | Rejected | HubError | CommandReceived | DesiredChanged | ReportAcked | ReportRefused | Ignored
+)
 
 #: Closes that one batch in flight causes, and how such a batch is reported: (error code, why).
 CULPRIT_CLOSES: dict[int, tuple[ErrorCode, str]] = {
@@ -279,9 +316,13 @@ class DeviceConnection:
         *,
         name: str = "",
         limits: Limits = DEFAULT_LIMITS,
+        twin: TwinLog | None = None,
     ) -> None:
         self.outbox = outbox
         self.commands = commands
+        #: The device's twin, if it uses one (its hello then says the desired version it applied).
+        self.twin = twin
+        self._reports_sent = 0  # twin reports up to this id are written on this connection
         self.stats = ClientStats() if stats is None else stats
         #: The device name: from the token until a welcome says it.
         self.device = name
@@ -327,9 +368,12 @@ class DeviceConnection:
     # ------------------------------------------------------------------ connection
 
     def connect(self, hello: Hello) -> str:
-        """A new connection: the hello to send as soon as it is open."""
+        """A new connection: the hello to send as soon as it is open (with the desired version, with a twin)."""
         self._go(Trigger.CONNECT)
         self._end = None
+        self._reports_sent = 0
+        if self.twin is not None:
+            hello = attrs.evolve(hello, desired_version=self.twin.desired_version)
         return encode(hello)
 
     def set_end(self, end: SessionEnd) -> None:
@@ -393,6 +437,10 @@ class DeviceConnection:
                 return self._command(msg)
             if isinstance(msg, Error):
                 return self._error(msg)
+            if isinstance(msg, Desired):
+                return self._desired(msg)
+            if isinstance(msg, ReportAck):
+                return self._report_acked(msg)
             return Ignored(f"unexpected {type(msg).__name__} from the hub")
         if state is _HELLO:
             msg = decode(text)
@@ -428,7 +476,9 @@ class DeviceConnection:
             self.stats.points_acked += points
         return Acked(seq, len(done), points)
 
-    def _error(self, error: Error) -> Rejected | HubError:
+    def _error(self, error: Error) -> Rejected | HubError | ReportRefused:
+        if error.report is not None and self.twin is not None:
+            return ReportRefused(self.twin.drop(error.report), error.code, error.detail)
         # An unknown_command names our ack or result of a command the hub does not know (it expired there, say).
         if error.seq is None or error.code == ErrorCode.UNKNOWN_COMMAND:
             return HubError(error.code, error.detail)
@@ -448,6 +498,33 @@ class DeviceConnection:
     def _count_rejected(self, entry: Entry) -> None:
         self.stats.rejected += 1
         self.stats.points_rejected += entry.points
+
+    # ------------------------------------------------------------------ twin
+
+    def _desired(self, msg: Desired) -> DesiredChanged | Ignored:
+        twin = self.twin
+        if twin is None:
+            return Ignored("a desired document, but this device keeps no twin")
+        previous = twin.desired
+        if msg.state is not None:
+            doc = msg.state
+        elif msg.version == twin.desired_version + 1:
+            doc = merge_patch(previous, msg.patch)
+        else:
+            return Ignored(f"desired patch to version {msg.version} does not follow version {twin.desired_version}")
+        twin.apply_desired(msg.version, doc)
+        return DesiredChanged(msg.version, doc, previous)
+
+    def report(self, patch: dict[str, JSON], desired_version: int | None = None) -> PendingReport:
+        """Queue a twin report (kept with the twin until the hub acknowledges it); ValueError without a twin."""
+        if self.twin is None:
+            raise ValueError("this device keeps no twin")
+        return self.twin.report(patch, desired_version)
+
+    def _report_acked(self, msg: ReportAck) -> ReportAcked | Ignored:
+        if self.twin is None:
+            return Ignored("a report_ack, but this device keeps no twin")
+        return ReportAcked(msg.id, msg.version, self.twin.acked(msg.id))
 
     # ------------------------------------------------------------------ commands
 
@@ -510,13 +587,20 @@ class DeviceConnection:
     def next_frame(self) -> str | SessionEnd | None:
         """The next frame to write, a `SessionEnd` when this end closes now (planned), or None: nothing is due.
 
-        Command answers go first (they are small and the hub times commands out), then telemetry within the window.
+        Command answers go first (they are small and the hub times commands out), then twin reports, then telemetry
+        within the window.
         """
         if self._state is not _OPEN:
             return None
         if self._answers:
             item = self._writing = self._answers.popleft()
             return item[1]
+        twin = self.twin
+        if twin is not None and twin.newest_id > self._reports_sent:
+            for report in twin.pending:
+                if report.id > self._reports_sent:
+                    self._reports_sent = report.id
+                    return encode(Report(report.id, report.patch, report.desired_version))
         ready, outbox = self._ready, self.outbox
         while ready:
             entry = ready.popleft()
@@ -540,6 +624,8 @@ class DeviceConnection:
     def frame_written(self) -> bool:
         """The frame from `next_frame` is written; True if it was a command answer (someone may wait for those)."""
         item, self._writing = self._writing, None
+        if item is None:  # a twin report
+            return False
         if type(item) is Entry:
             self.stats.batches_sent += 1
             if item.seq <= self._ready_resent:

@@ -14,6 +14,13 @@
 
 Bad args (a missing or out-of-range number, say) make the command fail with a message
 that names the argument; a name not listed fails with ``unknown command 'NAME'``.
+
+The twin (`register_twin`): a simulated device takes from its desired document
+- `interval` (seconds, 0.01..86400): its reporting interval, as `set_interval` does;
+- `measurements` ``{name: false, ...}``: the measurements it stops reporting (``true`` or
+  ``null`` turns one back on);
+and reports back what it now does: ``{"interval": s, "measurements": {name: bool}}``. A value out
+of range is left unapplied (the twin's delta keeps showing it).
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ __all__ = [
     "MAX_INTERVAL",
     "MIN_INTERVAL",
     "SimState",
+    "apply_desired",
     "register_commands",
+    "register_twin",
 ]
 
 #: Seconds a simulated reboot keeps the device offline unless `reboot` says otherwise.
@@ -58,6 +67,7 @@ class SimState:
     clock_offset_ms: float = 0.0  # this device's clock runs off by this much
     config: dict[str, Any] = attrs.field(factory=dict)
     reboots: int = 0
+    disabled: set[str] = attrs.field(factory=set)  # measurements the twin turned off
     _interval_changed: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     def now_ms(self) -> int:
@@ -126,3 +136,30 @@ def register_commands(client: DeviceClient, state: SimState) -> None:
     @client.command("echo")
     async def echo(args: dict[str, Any]) -> dict[str, Any]:
         return args
+
+
+def apply_desired(state: SimState, desired: dict[str, Any]) -> dict[str, Any]:
+    """Take the reporting interval and measurement switches from a desired document; what to report back."""
+    interval = desired.get("interval")
+    if isinstance(interval, int | float) and not isinstance(interval, bool) and math.isfinite(interval):
+        seconds = float(interval)
+        if MIN_INTERVAL <= seconds <= MAX_INTERVAL and seconds != state.interval:
+            state.set_interval(seconds)
+    switches = desired.get("measurements")
+    reported: dict[str, Any] = {"interval": state.interval}
+    if isinstance(switches, dict):
+        state.disabled = {name for name, on in switches.items() if on is False}
+        reported["measurements"] = {name: name not in state.disabled for name in switches}
+    else:
+        state.disabled = set()
+    return reported
+
+
+def register_twin(client: DeviceClient, state: SimState) -> None:
+    """Apply each desired document (`apply_desired`) and report what the device now does."""
+
+    @client.on_desired
+    async def desired(doc: dict[str, Any]) -> dict[str, Any]:
+        reported = apply_desired(state, doc)
+        client.interval = state.interval
+        return reported

@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from device_client import DeviceClient
-from firmware_sim.commands import SimState, register_commands
+from firmware_sim.commands import SimState, apply_desired, register_commands, register_twin
 from firmware_sim.sensors import MODELS, make_device
 
 __all__ = ["FleetTotals", "device_seed", "run_fleet"]
@@ -84,13 +84,12 @@ async def run_fleet(
 ) -> FleetTotals:
     """Run one simulated device per token until `duration` seconds pass or `stop` is set; return the totals.
 
-    Device i has model ``models[i % len(models)]``, a reporting interval of `interval`
-    seconds jittered by ±10 % per report, a start staggered within the first interval,
-    and a clock off by up to ±`clock_skew` seconds (its timestamps come from that clock).
-    Each answers the hub's commands (`firmware_sim.commands`); `set_interval` changes its
-    interval. On the end (or cancellation) every device flushes and waits up to
-    `close_timeout` for acks. `progress` gets the totals every `progress_every` seconds
-    and at the end.
+    Device i has model ``models[i % len(models)]``, a reporting interval of `interval` seconds jittered by ±10 % per
+    report, a start staggered within the first interval, and a clock off by up to ±`clock_skew` seconds (its
+    timestamps come from that clock). Each answers the hub's commands (`firmware_sim.commands`); `set_interval`
+    changes its interval, and so does its twin's desired `interval` (`measurements` turns measurements off). On the
+    end (or cancellation) every device flushes and waits up to `close_timeout` for acks. `progress` gets the totals
+    every `progress_every` seconds and at the end.
     """
     if not tokens:
         raise ValueError("no tokens: a fleet needs at least one device")
@@ -138,7 +137,11 @@ async def run_fleet(
         state = SimState(interval, clock_offset_ms=rng.uniform(-clock_skew, clock_skew) * 1000.0)
         sim, client = sims[index], clients[index]
         register_commands(client, state)
+        register_twin(client, state)
         async with client:
+            if client.desired:  # kept in the outbox file: the device starts as it was configured
+                apply_desired(state, client.desired)
+                client.interval = state.interval
             with trio.CancelScope(deadline=end) as scope:
                 scopes.append(scope)
                 if stop.is_set():
@@ -155,6 +158,8 @@ async def run_fleet(
                         continue
                     ts = state.now_ms()
                     for p in sim.read(ts):
+                        if p["measurement"] in state.disabled:
+                            continue
                         await client.send(p["measurement"], p["fields"], tags=p["tags"], ts=ts)
                     last_report = next_report
                     next_report += state.interval * rng.uniform(0.9, 1.1)

@@ -37,6 +37,8 @@ from hub.fleet import (
     Presence,
     RegistryStore,
     StoreUnavailable,
+    TwinChange,
+    TwinService,
     device_summary,
     open_registry_store,
 )
@@ -291,11 +293,28 @@ async def _serve(
             write=pipeline.submit,
             on_change=command_changed,
         )
-        server = DeviceServer(config, registry, ledgers, pipeline, presence, stats, commands, broadcaster)
+
+        def twin_changed(change: TwinChange, local: bool) -> None:
+            if broadcaster.has_twin_subscribers():
+                broadcaster.twin(change.record.to_dict(change.device))
+            if local and cluster is not None:
+                cluster.twin_changed(change)
+
+        twins = TwinService(registry, on_change=twin_changed)
+        server = DeviceServer(config, registry, ledgers, pipeline, presence, stats, commands, broadcaster, twins)
         control = ControlServer(
-            config, registry, presence, ledgers, commands, broadcaster, stats, pipeline, revoke_device=server.revoke
+            config,
+            registry,
+            presence,
+            ledgers,
+            commands,
+            broadcaster,
+            stats,
+            pipeline,
+            revoke_device=server.revoke,
+            twins=twins,
         )
-        cluster = _cluster(config, registry, presence, commands, broadcaster, ledgers, server, control)
+        cluster = _cluster(config, registry, presence, commands, broadcaster, ledgers, server, control, twins)
         # Desired-state jobs: pass desired=<the device twin's JobAction factory> here (hub/fleet/_job_runner.py).
         jobs = JobRunner(job_store, commands, devices=registry.list, on_change=broadcaster.job)
         control.jobs = jobs
@@ -429,6 +448,7 @@ def _cluster(
     ledgers: Ledgers,
     server: DeviceServer,
     control: ControlServer,
+    twins: TwinService,
 ) -> Cluster | None:
     """This hub's part in a cluster, when its state is in Redis (shared with other hubs); else None."""
     client = getattr(registry, "client", None)
@@ -447,6 +467,7 @@ def _cluster(
         close_superseded=server.superseded,
         revoke_device=server.revoke,
         revoke_operator=control.revoke_operator,
+        twins=twins,
     )
     control.cluster = cluster
     log.info("in a cluster of hubs", extra={"kv": {"hub_id": hub_id}})

@@ -17,7 +17,7 @@ from device_client.protocol import CloseCode
 __all__ = ["ANSWERS", "TOPICS", "Answer", "ControlError", "ErrorCode"]
 
 #: Subscription topics.
-TOPICS = ("telemetry", "presence", "commands", "jobs")
+TOPICS = ("telemetry", "presence", "commands", "twin", "jobs")
 
 
 class ErrorCode(enum.StrEnum):
@@ -32,6 +32,9 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     BAD_COMMAND = "bad_command"
     BAD_LABEL = "bad_label"
+    BAD_PATCH = "bad_patch"
+    TOO_LARGE = "too_large"
+    VERSION_CONFLICT = "version_conflict"
     EXISTS = "exists"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
@@ -61,6 +64,9 @@ ANSWERS: Mapping[str, Answer] = {
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: Answer(),
     ErrorCode.BAD_COMMAND: Answer(),
     ErrorCode.BAD_LABEL: Answer(),
+    ErrorCode.BAD_PATCH: Answer(),
+    ErrorCode.TOO_LARGE: Answer(),
+    ErrorCode.VERSION_CONFLICT: Answer(),
     ErrorCode.EXISTS: Answer(),
     ErrorCode.RATE_LIMITED: Answer(quiet=True),
     ErrorCode.UNAVAILABLE: Answer(),

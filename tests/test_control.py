@@ -388,6 +388,8 @@ async def test_every_request_type_answers_with_the_reply_shape_of_the_table(tmp_
                 "device_rotate": {"name": "d2"},
                 "device_revoke": {"name": "d2"},
                 "device_label": {"name": "d2", "set": {"site": "berlin"}},
+                "twin": {"device": "d1"},
+                "twin_set": {"device": "d1", "patch": {"interval": 5}},
                 "job_create": job,
                 "jobs": {},
                 "job": {"job_id": job_id},

@@ -839,3 +839,26 @@ async def test_admins_add_rotate_and_revoke_devices(hub: Hub) -> None:
             assert run.code == 1 and "forbidden" in run.err, (args, run.err)
     run = await hubctl(hub, "rotate", "ghost", token=admin)
     assert run.code == 1 and "not_found" in run.err
+
+
+async def test_twin_get_and_set(hub: Hub) -> None:
+    run = await hubctl(hub, "twin", "set", "boiler-1", '{"interval": 30, "alarm": {"high": 28}}')
+    assert run.code == 0, run.err
+    lines = run.out.splitlines()
+    assert lines[0].split()[:2] == ["desired", "v1"] and '"alarm":{"high":28}' in lines[0], run.out
+    assert lines[2].split() == ["applied", "v0"]
+    assert lines[3].startswith("delta") and '"interval":30' in lines[3]
+    run = await hubctl(hub, "--json", "twin", "get", "boiler-1", token=hub.viewer)
+    assert run.code == 0 and run.json()["desired"]["state"] == {"interval": 30, "alarm": {"high": 28}}, run.err
+    run = await hubctl(hub, "twin", "get", "boiler-1", "--json", token=hub.viewer)
+    assert run.code == 0 and run.json()["delta"] == {"interval": 30, "alarm": {"high": 28}}, run.err
+    run = await hubctl(hub, "twin", "set", "boiler-1", '{"alarm": null}', "--if-version", "0")
+    assert run.code == 1 and "version_conflict" in run.err
+    run = await hubctl(hub, "twin", "set", "boiler-1", '{"alarm": null}', "--if-version", "1")
+    assert run.code == 0 and run.out.startswith("desired   v2"), run.out
+    run = await hubctl(hub, "twin", "set", "boiler-1", "[1]")
+    assert run.code == 2 and "JSON object" in run.err
+    run = await hubctl(hub, "twin", "set", "boiler-1", '{"a": 1}', token=hub.viewer)
+    assert run.code == 1 and "forbidden" in run.err
+    run = await hubctl(hub, "twin", "get", "ghost")
+    assert run.code == 1 and "not_found" in run.err

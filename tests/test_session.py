@@ -245,7 +245,7 @@ def test_refusals_that_keep_the_session_open() -> None:
     events = pair.to_device()
     assert events[:2] == [
         HubError(ErrorCode.NOT_READY, "hello was already received"),
-        HubError(ErrorCode.BAD_MESSAGE, "devices send hello, telemetry, command_ack and command_result only"),
+        HubError(ErrorCode.BAD_MESSAGE, "devices send hello, telemetry, command_ack, command_result and report only"),
     ]
     assert events[2] == Rejected(7, ErrorCode.BAD_JSON, "text is not valid UTF-8", None)  # not pending here
 

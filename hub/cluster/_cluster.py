@@ -50,6 +50,9 @@ from hub.fleet import (
     Sender,
     StoreUnavailable,
     Subscription,
+    TwinChange,
+    TwinRecord,
+    TwinService,
     device_summary,
 )
 
@@ -120,6 +123,7 @@ class Cluster:
         close_superseded: Callable[[str, int], None],
         revoke_device: Callable[[str], None],
         revoke_operator: Callable[[str], None],
+        twins: TwinService | None = None,
     ) -> None:
         self.bus = bus
         self.hub_id = bus.hub_id
@@ -131,6 +135,7 @@ class Cluster:
         self._close_superseded = close_superseded
         self._revoke_device = revoke_device
         self._revoke_operator = revoke_operator
+        self._twins = twins
         self._claims: deque[_Claim] = deque()
         self._running = False
         self._claims_ready = trio.Event()
@@ -152,6 +157,7 @@ class Cluster:
         bus.handle(Kind.TELEMETRY, self._on_telemetry)
         bus.handle(Kind.WATCH, self._on_watch)
         bus.handle(Kind.REVOKE, self._on_revoke)
+        bus.handle(Kind.TWIN, self._on_twin)
         bus.handle(Kind.OFFER, self._on_offer)
         bus.handle(Kind.RELAY, self._on_relay)
         bus.handle(Kind.CALL, self._on_call)
@@ -584,6 +590,31 @@ class Cluster:
             self._revoke_device(msg["name"])
         elif msg["what"] == "operator":
             self._revoke_operator(msg["name"])
+
+    # ------------------------------------------------------------------ twins
+
+    def twin_changed(self, change: TwinChange) -> None:
+        """A twin changed here: tell the other hubs (the device's hub sends a desired change to it)."""
+        record = attrs.asdict(change.record)
+        self.bus.broadcast(
+            Kind.TWIN,
+            hub=self.hub_id,
+            device=change.device,
+            side=change.side,
+            version=change.version,
+            patch=change.patch,
+            record=record,
+        )
+
+    async def _on_twin(self, msg: Message) -> None:
+        if self._twins is None or msg["side"] not in ("desired", "reported"):
+            return
+        try:
+            record = TwinRecord(**msg["record"])
+        except TypeError:
+            log.warning("bad twin message on the bus", extra={"kv": {"device": msg["device"]}})
+            return
+        self._twins.changed_elsewhere(TwinChange(msg["device"], msg["side"], msg["version"], msg["patch"], record))
 
 
 def _status(summary: Mapping[str, Any]) -> DeviceStatus | None:

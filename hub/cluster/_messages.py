@@ -1,10 +1,10 @@
 """The messages hubs send each other over the bus (Redis pub/sub): pure values, encoded as JSON text.
 
 Two kinds of channel: the **broadcast** channel every hub reads (presence, command records, telemetry of watched
-devices, watch lists changed, revocations) and each hub's **direct** channel (command offers for a device it holds,
-the device's answers relayed to the command's owner, calls and their replies). Every message is one JSON object
-with its kind in ``"k"``; `decode` checks the kind and the types of the fields a receiver relies on and raises
-`BadMessage` otherwise (a hub of another version, or anything else on the channel, is logged and skipped).
+devices, watch lists changed, revocations, twin changes) and each hub's **direct** channel (command offers for a
+device it holds, the device's answers relayed to the command's owner, calls and their replies). Every message is one
+JSON object with its kind in ``"k"``; `decode` checks the kind and the types of the fields a receiver relies on and
+raises `BadMessage` otherwise (a hub of another version, or anything else on the channel, is logged and skipped).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Kind(enum.StrEnum):
     TELEMETRY = "telemetry"  # hub, device, points: points of a device someone watches
     WATCH = "watch"  # hub: the devices `hub` watches changed (read them from the store)
     REVOKE = "revoke"  # what ("device" or "operator"), name: close its sessions now
+    TWIN = "twin"  # hub, device, side, version, patch, record: a device twin changed on `hub`
     # direct
     OFFER = "offer"  # origin, device, command: send this command to the device you hold
     RELAY = "relay"  # device, id, event ("sent", "ack", "result"), ok, result, error: the device's answer
@@ -51,6 +52,7 @@ REQUIRED: dict[Kind, dict[str, type]] = {
     Kind.TELEMETRY: {"hub": _STR, "device": _STR, "points": _LIST},
     Kind.WATCH: {"hub": _STR},
     Kind.REVOKE: {"what": _STR, "name": _STR},
+    Kind.TWIN: {"hub": _STR, "device": _STR, "side": _STR, "version": _INT, "patch": _DICT, "record": _DICT},
     Kind.OFFER: {"origin": _STR, "device": _STR, "command": _DICT},
     Kind.RELAY: {"device": _STR, "id": _STR, "event": _STR},
     Kind.CALL: {"origin": _STR, "rid": _INT, "op": _STR, "args": _DICT},

@@ -40,6 +40,7 @@ from hub.fleet import (
     DeviceSummary,
     JobRecordDict,
     Rollout,
+    TwinDict,
     check_label_key,
     check_labels,
     parse_action,
@@ -80,6 +81,8 @@ __all__ = [
     "SendCommand",
     "Status",
     "Subscribe",
+    "Twin",
+    "TwinSet",
     "Unsubscribe",
     "decode_auth",
     "decode_request",
@@ -341,6 +344,23 @@ class DeviceRotate(Request):
     name: str = _name()
 
 
+@attrs.frozen(kw_only=True)
+class Twin(Request):
+    """A device's twin: desired and reported documents with their versions, the applied version, the delta."""
+
+    device: str = _name()
+
+
+@attrs.frozen(kw_only=True)
+class TwinSet(Request):
+    """Merge `patch` (a JSON merge patch, RFC 7386) into the device's desired document; with `if_version`, only if
+    the desired document is at that version now (else `version_conflict`). The reply is the twin after it."""
+
+    device: str = _name()
+    patch: dict[str, JSON] = attrs.field(validator=_typed(dict, message="patch must be a JSON object"))
+    if_version: int | None = attrs.field(default=None, validator=_typed(int, optional=True))
+
+
 def _action(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     parse_action(value)
 
@@ -461,6 +481,7 @@ Result: TypeAlias = (
     | Subscribed
     | NewToken
     | DeviceLabels
+    | TwinDict
     | Empty
     | JobRecordDict
     | list[JobRecordDict]
@@ -481,6 +502,7 @@ class Reply(enum.Enum):
     SUBSCRIPTION = '{"subscription": S}'
     TOKEN = '{"name", "token"}'
     LABELS = '{"name", "labels"}'
+    TWIN = "a device twin"
     EMPTY = "{}"
     JOB = "a job record"
     JOBS = "a list of job records"
@@ -544,6 +566,8 @@ REQUESTS: Mapping[str, RequestSpec] = _table(
         RequestSpec("device_revoke", DeviceRevoke, "admin", Reply.EMPTY),
         RequestSpec("device_rotate", DeviceRotate, "admin", Reply.TOKEN),
         RequestSpec("device_label", DeviceLabel, "admin", Reply.LABELS),
+        RequestSpec("twin", Twin, "viewer", Reply.TWIN),
+        RequestSpec("twin_set", TwinSet, "operator", Reply.TWIN),
         RequestSpec("job_create", JobCreate, "operator", Reply.JOB),
         RequestSpec("jobs", Jobs, "viewer", Reply.JOBS),
         RequestSpec("job", Job, "viewer", Reply.JOB_DETAIL),

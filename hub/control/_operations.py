@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 import trio
 
+from device_client.twin import TwinError
 from hub import fleet
 from hub.control._codec import (
     CancelCommand,
@@ -43,6 +44,8 @@ from hub.control._codec import (
     Result,
     SendCommand,
     Status,
+    Twin,
+    TwinSet,
 )
 from hub.fleet import (
     BadLabel,
@@ -55,7 +58,9 @@ from hub.fleet import (
     DeviceSummary,
     JobRecordDict,
     JobRunner,
+    TwinDict,
     UnknownDevice,
+    VersionConflict,
     parse_selector,
     role_allows,
 )
@@ -300,6 +305,31 @@ class Operations:
             raise ControlError(ErrorCode.BAD_LABEL, str(exc)) from None
         log.info("device labels changed by operator", extra=caller.kv(device=name, labels=labels))
         return {"name": name, "labels": labels}
+
+    # ------------------------------------------------------------------ twins
+
+    @_handles(Twin)
+    async def _twin(self, caller: Caller, req: Twin) -> TwinDict:
+        try:
+            rec = await self.server.twins.get(req.device)
+        except UnknownDevice:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no device {req.device[:64]!r}") from None
+        return rec.to_dict(req.device)
+
+    @_handles(TwinSet)
+    async def _twin_set(self, caller: Caller, req: TwinSet) -> TwinDict:
+        device = req.device
+        try:
+            rec = await self.server.twins.set_desired(device, req.patch, if_version=req.if_version)
+        except UnknownDevice:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no device {device[:64]!r}") from None
+        except VersionConflict as exc:
+            raise ControlError(ErrorCode.VERSION_CONFLICT, str(exc)) from None
+        except TwinError as exc:
+            code = ErrorCode.TOO_LARGE if exc.reason == "too_large" else ErrorCode.BAD_PATCH
+            raise ControlError(code, exc.detail) from None
+        log.info("desired twin changed by operator", extra=caller.kv(device=device, version=rec.desired_version))
+        return rec.to_dict(device)
 
     # ------------------------------------------------------------------ jobs (hub/fleet/_job_runner.py)
 

@@ -49,6 +49,7 @@ from hub.fleet import (
     RegistryStore,
     StoreUnavailable,
     Subscription,
+    TwinService,
     parse_selector,
 )
 from hub.ingest import Pipeline
@@ -131,6 +132,7 @@ class ControlServer:
         stats: Stats,
         pipeline: Pipeline,
         revoke_device: Callable[[str], None],
+        twins: TwinService | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -140,6 +142,7 @@ class ControlServer:
         self.broadcaster = broadcaster
         self.stats = stats
         self.pipeline = pipeline
+        self.twins = TwinService(registry) if twins is None else twins
         self.revoke_device = revoke_device  # closes the device's open session (4003)
         self.started_at = time.time()
         self.closing = False

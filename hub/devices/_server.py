@@ -7,10 +7,11 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
+import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -20,11 +21,16 @@ from device_client.protocol import (
     Command,
     CommandAck,
     CommandResult,
+    Desired,
+    Error,
     ErrorCode,
     Hello,
     ProtocolError,
+    Report,
+    ReportAck,
     Telemetry,
 )
+from device_client.twin import TwinError
 from hub.config import HubConfig
 from hub.devices._session import Close, HubConnection, Refused, Resent
 from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, Unavailable, close_stream, parse_failure
@@ -36,6 +42,10 @@ from hub.fleet import (
     Presence,
     RegistryStore,
     StoreUnavailable,
+    TwinChange,
+    TwinRecord,
+    TwinService,
+    reported_point,
 )
 from hub.ingest import Batch, LineBuilder, Pipeline, TelemetryReader, reader_available
 from hub.ratelimit import DeviceRate, Rate, Throttle, Verdict
@@ -76,9 +86,11 @@ class DeviceServer:
         stats: Stats,
         commands: CommandService,
         broadcaster: Broadcaster,
+        twins: TwinService,
     ) -> None:
         self.config = config
         self.commands = commands
+        self.twins = twins
         self.broadcaster = broadcaster
         self.registry = registry
         self.ledgers = ledgers
@@ -285,6 +297,9 @@ class DeviceSession:
                             ledger.listener = self
                             self.server.schedule_ping(self)
                             self.server.commands.attach(self.name, self._offer_command)
+                            if self.conn.desired_sent is not None:
+                                self.server.twins.attach(self.name, self._push_desired)
+                                nursery.start_soon(self._sync_twin)  # a slow store does not hold telemetry back
                             with self._reader_scope:
                                 await self._read()
                             if not self.server.closing:
@@ -295,6 +310,7 @@ class DeviceSession:
                     if ledger.listener is self:
                         ledger.listener = None
                     self.server.commands.detach(self.name, self._offer_command)
+                    self.server.twins.detach(self.name, self._push_desired)
                     if self.epoch:
                         with trio.CancelScope(shield=True):
                             await self.server.presence.offline(self.name, self.epoch, self.reason)
@@ -600,6 +616,59 @@ class DeviceSession:
             await self._close(event.close)
             self._scope.cancel()
 
+    # ------------------------------------------------------------------ twin
+
+    async def _sync_twin(self) -> None:
+        """The device uses the twin: send the desired document if its hello named another version, note the one it
+        applied."""
+        hello = self.conn.hello
+        assert hello is not None and hello.desired_version is not None
+        twins = self.server.twins
+        try:
+            rec = await twins.get(self.name)
+            untouched = self.conn.desired_sent == hello.desired_version  # no change was pushed since the attach
+            if untouched and rec.desired_version and rec.desired_version != hello.desired_version:
+                self._push_desired(TwinChange(self.name, "desired", rec.desired_version, {}, rec), whole=True)
+            if rec.applied_version != hello.desired_version:
+                await twins.report(self.name, {}, hello.desired_version)
+        except StoreUnavailable as exc:  # the device gets its document at its next connection, or the next change
+            log.warning("twin not read: no state store", extra=self._kv(error=str(exc)))
+
+    def _push_desired(self, change: TwinChange, *, whole: bool = False) -> None:
+        """The desired document changed (or the device needs it whole): queue it for the outbound task."""
+        if self.conn.offer_desired(change.version, change.record.desired, change.patch, whole=whole):
+            self._unpark()
+
+    async def _report(self, msg: Report) -> None:
+        """A twin report: store it, write the reported document as a point, ack it (or refuse it: bad_report)."""
+        server = self.server
+        try:
+            rec, changed = await server.twins.report(self.name, msg.patch, msg.desired_version)
+        except TwinError as exc:
+            refused = self.conn.refuse(ProtocolError(ErrorCode.BAD_REPORT, exc.detail), trio.current_time())
+            if refused.frame is not None:
+                frame = protocol.encode(Error(ErrorCode.BAD_REPORT, exc.detail, report=msg.id))
+                refused = attrs.evolve(refused, frame=frame)
+            await self._refused(refused)
+            return
+        except StoreUnavailable as exc:  # no ack: the device sends the report again on its next connection
+            log.warning("twin report not stored: no state store", extra=self._kv(error=str(exc)))
+            return
+        if changed:
+            self._reported(rec, msg.patch)
+        await self.ws.send_message(protocol.encode(ReportAck(msg.id, rec.reported_version)))
+
+    def _reported(self, rec: TwinRecord, patch: Mapping[str, object]) -> None:
+        """A reported document changed: presence takes a new interval at once; the document goes in as a point."""
+        server = self.server
+        interval = patch.get("interval")
+        if isinstance(interval, int | float) and not isinstance(interval, bool) and 0 <= interval <= 604_800:
+            server.presence.set_interval(self.name, self.epoch, float(interval))
+        point = reported_point(rec.reported, int(rec.reported_at * 1000))
+        if point is not None and not server.pipeline.try_submit(self._builder.lines([point]), 1):
+            server.stats.count_error("twin_point_dropped")
+            log.warning("reported twin point not written: pipeline full", extra=self._kv())
+
     def _offer_command(self, command: Command) -> bool:
         if not self.conn.offer(command):
             log.warning("command queue of the session full", extra=self._kv(command_id=command.id))
@@ -633,6 +702,8 @@ class DeviceSession:
                     await trio.lowlevel.wait_task_rescheduled(self._abort_park)
                 elif isinstance(item, str):
                     await self._send_ack(item)
+                elif isinstance(item, Desired):
+                    await self.ws.send_message(protocol.encode(item))
                 elif commands.is_open(item.id):
                     await self.ws.send_message(protocol.encode(item))
                     await commands.on_sent(self.name, item.id)
@@ -702,5 +773,6 @@ _ON_EVENT: dict[type, Callable[[DeviceSession, Any], Awaitable[None]]] = {
     Resent: DeviceSession._resent,
     CommandAck: DeviceSession._command_answer,
     CommandResult: DeviceSession._command_answer,
+    Report: DeviceSession._report,
     Refused: DeviceSession._refused,
 }

@@ -18,6 +18,7 @@ from device_client.protocol import (
     DEFAULT_LIMITS,
     HANDSHAKE_ANSWER,
     INT64_MAX,
+    JSON,
     LIMIT_FIELDS,
     PROTOCOL_VERSION,
     Answer,
@@ -25,12 +26,14 @@ from device_client.protocol import (
     Command,
     CommandAck,
     CommandResult,
+    Desired,
     Error,
     ErrorCode,
     Hello,
     Limits,
     Message,
     ProtocolError,
+    Report,
     Telemetry,
     Welcome,
     decode,
@@ -116,7 +119,7 @@ class Refused:
 
 #: What `HubConnection.receive` returns: a message to act on, or what the session makes of it. New telemetry is a
 #: `Batch` when the connection has a `read` fast path that took it, else a `Telemetry`.
-HubEvent = Hello | Telemetry | Batch | Resent | CommandAck | CommandResult | Refused
+HubEvent = Hello | Telemetry | Batch | Resent | CommandAck | CommandResult | Report | Refused
 
 _HELLO, _OPEN, _CLOSING = SessionState.HELLO, SessionState.OPEN, SessionState.CLOSING
 
@@ -127,18 +130,21 @@ class HubConnection:
     `receive(text, now)` returns one `HubEvent` per message: the `Hello`, a new `Telemetry` batch (submit it when
     `window_full()` is false, then call `submitted(seq)`) or the same as a `Batch` when `read` (a
     `hub.ingest.TelemetryReader`'s, which takes only what `decode` accepts) took the frame, a `Resent` batch, a
-    `CommandAck`/`CommandResult` to hand to the command service, or a `Refused` input. `welcome` gives the welcome;
-    `next_outbound` the next command offered or ack due. Refusals past `max_errors` within `error_window` seconds
-    close the session (`too_many_errors`).
+    `CommandAck`/`CommandResult` to hand to the command service, a twin `Report`, or a `Refused` input. `welcome`
+    gives the welcome; `offer_desired` queues the device's desired twin document; `next_outbound` gives the next
+    command offered, desired document or ack due. Refusals past `max_errors` within `error_window` seconds close the
+    session (`too_many_errors`).
     """
 
     __slots__ = (
         "_book",
+        "_desired",
         "_errors",
         "_inflight",
         "_last_ack",
         "_offers",
         "_state",
+        "desired_sent",
         "error_window",
         "hello",
         "limits",
@@ -172,6 +178,9 @@ class HubConnection:
         self._last_ack = 0
         self._errors: list[float] = []  # times of recent refusals
         self._offers: list[Command] = []  # offered by the command service, not handed out yet
+        #: The desired twin version the device has or is being sent; None: it does not use the twin (no hello yet).
+        self.desired_sent: int | None = None
+        self._desired: Desired | None = None  # the desired document to send, not handed out yet
 
     @property
     def state(self) -> SessionState:
@@ -204,6 +213,7 @@ class HubConnection:
             detail = f"this hub speaks proto {PROTOCOL_VERSION}"
             return self._refuse_hello(ProtocolError(ErrorCode.UNSUPPORTED_VERSION, detail))
         self.hello = msg
+        self.desired_sent = msg.desired_version
         self._go(Trigger.HELLO)
         return msg
 
@@ -274,11 +284,11 @@ class HubConnection:
                 return msg
             # A resend: never written again; acked again if durable, else its ack follows when it is.
             return Resent(seq, self._ack(book.durable) if seq <= book.durable else None)
-        if isinstance(msg, CommandAck | CommandResult):
+        if isinstance(msg, CommandAck | CommandResult | Report):
             return msg
         if isinstance(msg, Hello):
             return self.refuse(ProtocolError(ErrorCode.NOT_READY, "hello was already received"), now)
-        detail = "devices send hello, telemetry, command_ack and command_result only"
+        detail = "devices send hello, telemetry, command_ack, command_result and report only"
         return self.refuse(ProtocolError(ErrorCode.BAD_MESSAGE, detail), now)
 
     def refuse(self, exc: ProtocolError, now: float) -> Refused:
@@ -347,10 +357,33 @@ class HubConnection:
         self._offers.append(command)
         return True
 
-    def next_outbound(self) -> Command | str | None:
-        """The next command offered (commands first: their latency is seen), else the ack due, else None."""
-        if self._offers and self._state is _OPEN:
-            return self._offers.pop(0)
+    def offer_desired(
+        self, version: int, state: dict[str, JSON], patch: dict[str, JSON] | None = None, *, whole: bool = False
+    ) -> bool:
+        """The desired document is at `version` (`state`, reached by `patch` from `version` - 1 if given): queue what
+        the device needs to get there. False when it needs nothing (it does not use the twin, or has it already).
+        `whole`: the device's version is not the hub's (from its hello): send `state` whatever the versions."""
+        sent = self.desired_sent
+        if sent is None or (version <= sent and not whole):
+            return False
+        if whole:
+            patch = None
+        if patch is not None and version == sent + 1 and self._desired is None:
+            self._desired = Desired(version, patch=patch)
+        else:
+            self._desired = Desired(version, state=state)
+        self.desired_sent = version
+        return True
+
+    def next_outbound(self) -> Command | Desired | str | None:
+        """The next command offered (commands first: their latency is seen), else the desired document due, else the
+        ack due, else None."""
+        if self._state is _OPEN:
+            if self._offers:
+                return self._offers.pop(0)
+            if self._desired is not None:
+                desired, self._desired = self._desired, None
+                return desired
         return self.ack_due()
 
 

@@ -2,10 +2,10 @@
 
 `_store` (`RegistryStore`: devices with their labels, operators, tokens, acked seqs, epochs, latest values, over
 SQLite `_registry` or Redis `_redis_store` with its handshake cache `_cache`; `_accounts` holds what both share,
-`_labels` the label and selector rules), `_ledger` (per-device progress), `_presence` with its state table
-`_presence_states`, the command service `_commands` with its store `_command_store` and state table
-`_command_states`, `_subscriptions` (events for operators) and `_summary` (device summaries for operators). Jobs:
-`_jobs` (values and the rollout's decisions), `_job_states` (their tables), `_job_store` (SQLite), `_job_runner`.
+`_labels` the label and selector rules, `_twins` the device twins), `_ledger` (per-device progress), `_presence`
+with its state table `_presence_states`, the command service `_commands` with its store `_command_store` and state
+table `_command_states`, `_subscriptions` (events for operators) and `_summary` (device summaries for operators).
+Jobs: `_jobs` (values and the rollout's decisions), `_job_states` (their tables), `_job_store` (SQLite), `_job_runner`.
 """
 
 from hub.fleet._accounts import (
@@ -104,6 +104,17 @@ from hub.fleet._summary import (
     list_summaries,
     state_counts,
 )
+from hub.fleet._twins import (
+    REPORTED_MEASUREMENT,
+    Side,
+    TwinChange,
+    TwinDict,
+    TwinRecord,
+    TwinService,
+    VersionConflict,
+    patch_twin,
+    reported_point,
+)
 
 __all__ = [
     "ABORT_MIN_OUTCOMES",
@@ -124,6 +135,7 @@ __all__ = [
     "MAX_RATE",
     "NAME_RE",
     "REGISTRY_FILE",
+    "REPORTED_MEASUREMENT",
     "ROLES",
     "SEEN_STATES",
     "ActionResult",
@@ -177,13 +189,19 @@ __all__ = [
     "SQLiteStore",
     "Selector",
     "Sender",
+    "Side",
     "StoreUnavailable",
     "Subscription",
     "SubscriptionEvent",
     "SubscriptionItem",
     "TelemetryEvent",
+    "TwinChange",
+    "TwinDict",
+    "TwinRecord",
+    "TwinService",
     "UnknownDevice",
     "UnknownOperator",
+    "VersionConflict",
     "apply_labels",
     "check_label_key",
     "check_labels",
@@ -195,7 +213,9 @@ __all__ = [
     "parse_action",
     "parse_label",
     "parse_selector",
+    "patch_twin",
     "registry_path",
+    "reported_point",
     "role_allows",
     "state_counts",
     "telemetry_event",

@@ -108,6 +108,14 @@ class Presence:
             return
         await self._move(name, current, PresenceEvent.DISCONNECT, reason)
 
+    def set_interval(self, name: str, epoch: int, interval: float) -> bool:
+        """The device reports a new interval (its twin) under session `epoch`: late is judged by it from now on."""
+        current = self.status.get(name)
+        if current is None or current.epoch != epoch or not current.online:
+            return False
+        self.status[name] = attrs.evolve(current, interval=interval)
+        return True
+
     async def seen(self, name: str) -> None:
         """Telemetry arrived: a late device is online again."""
         current = self.status.get(name)

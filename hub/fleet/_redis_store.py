@@ -4,7 +4,8 @@ Keys, under a prefix P (default "hub"): a hash per device ``P:device:<name>`` (t
 acked_seq, labels: a JSON object, missing in devices added before labels existed) and per operator
 ``P:operator:<name>`` (role, token_hash, created, revoked); the sets ``P:devices`` and ``P:operators`` (every name,
 for listing) and ``P:devices:revoked`` and ``P:operators:revoked``; a hash per device ``P:latest:<name>``
-(last_seen, and "m:<measurement>" -> its newest point as JSON).
+(last_seen, and "m:<measurement>" -> its newest point as JSON); a hash per device ``P:twin:<name>`` (desired and
+reported as JSON, their versions and times, applied_version), changed by a compare-and-set script.
 
 Every read-modify-write is a small Lua script: Redis runs a script alone, so create-if-absent, bump-and-read and
 raise-only are atomic across hubs in one round trip, where WATCH/MULTI would need a dedicated connection and a retry
@@ -49,6 +50,7 @@ from hub.fleet._cache import CachedAccount, Kind, RegistryCache
 from hub.fleet._labels import MAX_LABELS, BadLabel, check_label_key, check_labels
 from hub.fleet._redis_pool import Pool
 from hub.fleet._store import StoreUnavailable
+from hub.fleet._twins import Side, TwinRecord, patch_twin
 
 __all__ = ["RedisStore", "open_redis_store"]
 
@@ -138,6 +140,27 @@ end
 return 0
 """
 
+# KEYS: the device's hash, its twin's hash. ARGV: the twin's desired_version, reported_version and applied_version as
+# read, then the fields and values to set. Returns 0 for an unknown device, 2 if the twin changed since it was read.
+_SET_TWIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local now = redis.call('HMGET', KEYS[2], 'desired_version', 'reported_version', 'applied_version')
+for i = 1, 3 do if (now[i] or '0') ~= ARGV[i] then return 2 end end
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+return 1
+"""
+_TWIN_FIELDS = (
+    "desired",
+    "desired_version",
+    "reported",
+    "reported_version",
+    "applied_version",
+    "desired_at",
+    "reported_at",
+)
+#: Compare-and-set tries of a twin change before giving up (each lost try means another hub changed it meanwhile).
+TWIN_TRIES = 50
+
 _DEVICE_FIELDS = ("created", "revoked", "epoch", "acked_seq", "labels")
 _OPERATOR_FIELDS = ("role", "created", "revoked")
 #: Seconds after a failed read during which the cache answers what it can without asking Redis first.
@@ -179,6 +202,8 @@ class RedisStore:
         self._raise_epochs = client.register_script(_RAISE_EPOCHS)
         self._save_latest = client.register_script(_SAVE_LATEST)
         self._set_labels = client.register_script(_SET_LABELS)
+        self._set_twin = client.register_script(_SET_TWIN)
+        self._twin_prefix = f"{prefix}:twin:"
 
     @property
     def client(self) -> coredis.Redis[str]:
@@ -395,6 +420,50 @@ class RedisStore:
 
     # -- operators
 
+    # -- twins
+
+    async def twin(self, name: str) -> TwinRecord:
+        with self._reachable():
+            async with self._client.pipeline(transaction=False) as pipe:
+                exists = pipe.exists([self._device_prefix + name])
+                values = pipe.hmget(self._twin_prefix + name, _TWIN_FIELDS)
+            if not await exists:
+                raise UnknownDevice(f"unknown device {name!r}")
+            desired, dv, reported, rv, applied, desired_at, reported_at = await values
+        return TwinRecord(
+            json.loads(desired or "{}"),
+            int(dv or 0),
+            json.loads(reported or "{}"),
+            int(rv or 0),
+            int(applied or 0),
+            float(desired_at or 0),
+            float(reported_at or 0),
+        )
+
+    async def patch_twin(
+        self, name: str, side: Side, patch: object, *, if_version: int | None = None, applied: int | None = None
+    ) -> tuple[TwinRecord, bool]:
+        keys = [self._device_prefix + name, self._twin_prefix + name]
+        for _ in range(TWIN_TRIES):
+            old = await self.twin(name)
+            rec, changed = patch_twin(old, side, patch, if_version=if_version, applied=applied)
+            if rec == old:
+                return rec, changed
+            seen = [str(old.desired_version), str(old.reported_version), str(old.applied_version)]
+            fields = [
+                *("desired", _json_text(rec.desired), "desired_version", str(rec.desired_version)),
+                *("desired_at", repr(rec.desired_at), "reported", _json_text(rec.reported)),
+                *("reported_version", str(rec.reported_version), "reported_at", repr(rec.reported_at)),
+                *("applied_version", str(rec.applied_version)),
+            ]
+            with self._reachable():
+                done: object = await self._set_twin(keys=keys, args=[*seen, *fields])
+            if done == 0:
+                raise UnknownDevice(f"unknown device {name!r}")
+            if done == 1:
+                return rec, changed
+        raise StoreUnavailable(f"the twin of {name!r} kept changing under {TWIN_TRIES} tries")
+
     async def add_operator(self, name: str, role: str) -> str:
         check_name(name, "operator")
         check_role(role)
@@ -488,6 +557,10 @@ class RedisStore:
 
     async def aclose(self) -> None:
         """Nothing to do: `open_redis_store` closes the client's connections."""
+
+
+def _json_text(doc: object) -> str:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _json(point: Point) -> str:

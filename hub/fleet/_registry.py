@@ -1,4 +1,5 @@
-"""The device registry over SQLite: names, hashed tokens, labels, session epochs and last acked sequences, in one file.
+"""The device registry over SQLite: names, hashed tokens, labels, session epochs, last acked sequences and twins,
+in one file.
 
 A registry file made before labels existed gets the `labels` column when it is first opened (`_migrate`).
 """
@@ -31,6 +32,7 @@ from hub.fleet._accounts import (
     token_matches,
 )
 from hub.fleet._labels import apply_labels, check_label_key, check_labels
+from hub.fleet._twins import Side, TwinRecord, patch_twin
 
 __all__ = ["REGISTRY_FILE", "Registry", "registry_path"]
 
@@ -47,6 +49,16 @@ CREATE TABLE IF NOT EXISTS devices (
     epoch      INTEGER NOT NULL DEFAULT 0,
     acked_seq  INTEGER NOT NULL DEFAULT 0,
     labels     TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS twins (
+    name             TEXT PRIMARY KEY,
+    desired          TEXT NOT NULL DEFAULT '{}',
+    desired_version  INTEGER NOT NULL DEFAULT 0,
+    desired_at       REAL NOT NULL DEFAULT 0,
+    reported         TEXT NOT NULL DEFAULT '{}',
+    reported_version INTEGER NOT NULL DEFAULT 0,
+    reported_at      REAL NOT NULL DEFAULT 0,
+    applied_version  INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS operators (
     name       TEXT PRIMARY KEY,
@@ -177,6 +189,52 @@ class Registry:
             ).fetchall()
         return [_record(row) for row in rows]
 
+    # -- twins
+
+    def twin(self, name: str) -> TwinRecord:
+        """The device's twin (UnknownDevice for an unregistered name)."""
+        with self._lock:
+            return self._twin(name)
+
+    def _twin(self, name: str) -> TwinRecord:
+        row = self._db.execute(
+            "SELECT t.desired, t.desired_version, t.reported, t.reported_version, t.applied_version, t.desired_at,"
+            " t.reported_at, d.name FROM devices d LEFT JOIN twins t ON t.name = d.name WHERE d.name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise UnknownDevice(f"unknown device {name!r}")
+        if row[0] is None:
+            return TwinRecord()
+        desired, dv, reported, rv, applied, desired_at, reported_at, _ = row
+        return TwinRecord(json.loads(desired), dv, json.loads(reported), rv, applied, desired_at, reported_at)
+
+    def patch_twin(
+        self, name: str, side: Side, patch: object, if_version: int | None = None, applied: int | None = None
+    ) -> tuple[TwinRecord, bool]:
+        """`hub.fleet.patch_twin` on the device's stored twin, in one transaction; the twin after it, and whether
+        the document changed."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            old = self._twin(name)
+            rec, changed = patch_twin(old, side, patch, if_version=if_version, applied=applied)
+            if rec != old:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO twins (name, desired, desired_version, desired_at, reported,"
+                    " reported_version, reported_at, applied_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        _json(rec.desired),
+                        rec.desired_version,
+                        rec.desired_at,
+                        _json(rec.reported),
+                        rec.reported_version,
+                        rec.reported_at,
+                        rec.applied_version,
+                    ),
+                )
+        return rec, changed
+
     # -- the hub's calls
 
     def revoked_names(self) -> set[str]:
@@ -273,6 +331,10 @@ def _record(row: tuple[str, float, int, int, int, str]) -> DeviceRecord:
     return DeviceRecord(
         name=name, created=created, revoked=bool(revoked), epoch=epoch, acked_seq=acked_seq, labels=json.loads(labels)
     )
+
+
+def _json(doc: object) -> str:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _labels_json(labels: Mapping[str, str]) -> str:

@@ -17,6 +17,7 @@ from device_client.protocol import Point
 from hub.config import StateConfig
 from hub.fleet._accounts import DeviceRecord, OperatorRecord
 from hub.fleet._registry import Registry, registry_path
+from hub.fleet._twins import Side, TwinRecord
 
 __all__ = ["RegistryStore", "SQLiteStore", "StoreUnavailable", "open_registry_store"]
 
@@ -85,6 +86,17 @@ class RegistryStore(Protocol):
         """``(last_seen, latest points by measurement)`` of those `names` that have any, in one round trip."""
         ...
 
+    async def twin(self, name: str) -> TwinRecord:
+        """The device's twin (UnknownDevice for an unregistered name)."""
+        ...
+
+    async def patch_twin(
+        self, name: str, side: Side, patch: object, *, if_version: int | None = None, applied: int | None = None
+    ) -> tuple[TwinRecord, bool]:
+        """`hub.fleet.patch_twin` on the device's twin in one atomic step; the twin after it, and whether the
+        document changed (TwinError, VersionConflict, UnknownDevice)."""
+        ...
+
     async def add_operator(self, name: str, role: str) -> str:
         """Create an operator; return its token ``"op.<name>.<secret>"`` (names are never reused)."""
         ...
@@ -113,8 +125,8 @@ class RegistryStore(Protocol):
 class SQLiteStore:
     """`RegistryStore` over the SQLite `Registry` file of one data directory.
 
-    The handshake's calls (`authenticate`, `begin_session`) and `get` are one indexed read or update each and run on
-    the trio thread, as they always did; the rest run in a worker thread, where a busy file may make them wait.
+    The handshake's calls (`authenticate`, `begin_session`), `get` and `twin` are one indexed read or update each and
+    run on the trio thread, as they always did; the rest run in a worker thread, where a busy file may make them wait.
     """
 
     def __init__(self, registry: Registry) -> None:
@@ -165,6 +177,14 @@ class SQLiteStore:
     async def latest(self, names: builtins.list[str]) -> dict[str, tuple[float, dict[str, Point]]]:
         stored = self._latest
         return {name: (found[0], dict(found[1])) for name in names if (found := stored.get(name)) is not None}
+
+    async def twin(self, name: str) -> TwinRecord:
+        return self.registry.twin(name)  # one indexed read, on the loop like `get` (each twin device's connect)
+
+    async def patch_twin(
+        self, name: str, side: Side, patch: object, *, if_version: int | None = None, applied: int | None = None
+    ) -> tuple[TwinRecord, bool]:
+        return await trio.to_thread.run_sync(self.registry.patch_twin, name, side, patch, if_version, applied)
 
     async def add_operator(self, name: str, role: str) -> str:
         return await trio.to_thread.run_sync(self.registry.add_operator, name, role)

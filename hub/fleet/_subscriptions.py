@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from hub.fleet._command_store import CommandRecordDict
     from hub.fleet._jobs import JobRecord, JobRecordDict
     from hub.fleet._summary import DeviceSummary
+    from hub.fleet._twins import TwinDict
 
 __all__ = [
     "TOPICS",
@@ -47,9 +48,9 @@ class TelemetryEvent(TypedDict):
 
 #: What a subscription buffers: ``(device, point)`` for telemetry and a `JobRecord` for jobs (their events are built
 #: when sent), else the event.
-SubscriptionItem: TypeAlias = "tuple[str, Point] | DeviceSummary | CommandRecordDict | JobRecord"
-#: What a subscription pushes: a telemetry event, a device summary, a command record or a job record.
-SubscriptionEvent: TypeAlias = "TelemetryEvent | DeviceSummary | CommandRecordDict | JobRecordDict"
+SubscriptionItem: TypeAlias = "tuple[str, Point] | DeviceSummary | CommandRecordDict | TwinDict | JobRecord"
+#: What a subscription pushes: a telemetry event, a device summary, a command record, a twin or a job record.
+SubscriptionEvent: TypeAlias = "TelemetryEvent | DeviceSummary | CommandRecordDict | TwinDict | JobRecordDict"
 
 
 class EventBuffer(Generic[_T]):
@@ -171,6 +172,7 @@ class Broadcaster:
         self._telemetry_by_device: dict[str, dict[int, Subscription]] = {}
         self._presence: dict[int, Subscription] = {}
         self._commands: dict[int, Subscription] = {}
+        self._twins: dict[int, Subscription] = {}
         self._jobs: dict[int, Subscription] = {}
         self._relays = 0  # relay subscriptions among the telemetry ones
         #: Called when the devices this hub's operators watch change (the cluster tells the other hubs).
@@ -210,6 +212,8 @@ class Broadcaster:
             self._watch_changed(sub)
         elif topic == "presence":
             self._presence[sub.id] = sub
+        elif topic == "twin":
+            self._twins[sub.id] = sub
         elif topic == "jobs":
             self._jobs[sub.id] = sub
         else:
@@ -224,6 +228,7 @@ class Broadcaster:
         self._telemetry_all.pop(sub.id, None)
         self._presence.pop(sub.id, None)
         self._commands.pop(sub.id, None)
+        self._twins.pop(sub.id, None)
         self._jobs.pop(sub.id, None)
         if sub.topic == "telemetry" and sub.devices is not None:
             for device in sub.devices:
@@ -301,6 +306,18 @@ class Broadcaster:
         for sub in self._commands.values():
             if sub.wants(device):
                 sub.buffer.put(record["command_id"], record)
+                sub.notify()
+
+    def has_twin_subscribers(self) -> bool:
+        """Whether any subscription wants twin events (so the caller can skip building them)."""
+        return bool(self._twins)
+
+    def twin(self, twin: TwinDict) -> None:
+        """A device's twin after a change (coalesced per device)."""
+        device = twin["device"]
+        for sub in self._twins.values():
+            if sub.wants(device):
+                sub.buffer.put(("twin", device), twin)
                 sub.notify()
 
     def job(self, record: JobRecord) -> None:

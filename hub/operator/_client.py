@@ -59,13 +59,22 @@ from hub.control import (
     SendCommand,
     Status,
     Subscribe,
+    Twin,
+    TwinSet,
     Unsubscribe,
     encode_auth,
     encode_request,
     spec_for,
 )
 from hub.control_codes import TOPICS as CONTROL_TOPICS
-from hub.fleet import COMMAND_FINAL_STATES, CommandRecordDict, DeviceDetail, DeviceSummary, JobRecordDict
+from hub.fleet import (
+    COMMAND_FINAL_STATES,
+    CommandRecordDict,
+    DeviceDetail,
+    DeviceSummary,
+    JobRecordDict,
+    TwinDict,
+)
 
 __all__ = [
     "CONTROL_PATH",
@@ -356,6 +365,14 @@ class ControlClient:
     async def device_rotate(self, name: str) -> NewToken:
         """Give device `name` a new token (admins only; the old one stops working); shown only this once."""
         return cast(NewToken, await self.call(DeviceRotate(name=name)))
+
+    async def twin(self, device: str) -> TwinDict:
+        """The device's twin: desired and reported documents with versions, applied version, delta."""
+        return cast(TwinDict, await self.call(_build(Twin, device=device)))
+
+    async def twin_set(self, device: str, patch: Mapping[str, JSON], if_version: int | None = None) -> TwinDict:
+        """Merge `patch` into the device's desired document (operators); `if_version`: only at that version."""
+        return cast(TwinDict, await self.call(_build(TwinSet, device=device, patch=dict(patch), if_version=if_version)))
 
     async def device(self, name: str) -> DeviceDetail:
         """One device: its summary plus `latest` values and its 20 most recent `commands`."""

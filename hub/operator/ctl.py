@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
@@ -58,6 +58,7 @@ __all__ = [
     "format_jobs",
     "format_labels",
     "format_status",
+    "format_twin",
     "job_action",
     "main",
     "parse_arg",
@@ -252,6 +253,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="the device")
     p = sub("rotate", "give a device a new token (admins); print it, shown only this once")
     p.add_argument("name", metavar="NAME", help="the device")
+
+    p = commands.add_parser(
+        "twin",
+        help="a device's twin: get it, or set its desired document",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="`twin get NAME` prints the device's desired and reported documents with their versions, the\n"
+        "desired version the device applied, and the delta (desired keys not reported yet).\n"
+        "`twin set NAME PATCH` merges the JSON merge patch PATCH (RFC 7386: null removes a key) into the\n"
+        "desired document (operators); the device gets it now if connected, else when it connects.",
+    )
+    twin = p.add_subparsers(dest="twin_action", metavar="ACTION", required=True)
+    q = twin.add_parser("get", help="print the twin", description="Print the device's twin.")
+    _add_common(q, top=False)
+    q.add_argument("name", metavar="NAME", help="the device")
+    q = twin.add_parser(
+        "set",
+        help="merge a patch into the desired document",
+        description="Merge PATCH (a JSON object; null removes a key) into the device's desired document.",
+    )
+    _add_common(q, top=False)
+    q.add_argument("name", metavar="NAME", help="the device")
+    q.add_argument("patch", metavar="PATCH", type=_json_object, help="a JSON merge patch, e.g. '{\"interval\": 5}'")
+    q.add_argument(
+        "--if-version",
+        metavar="N",
+        type=int,
+        help="only if the desired document is at version N now (else version_conflict, exit 1)",
+    )
 
     p = sub("device", "one device: its state, latest values and recent commands")
     p.add_argument("name", metavar="NAME")
@@ -674,9 +704,23 @@ def format_event(item: Event, tz: tzinfo | None = None) -> str:
         name = _clean(e.get("name", "?"))
         cid = _clean(e.get("command_id", "?"))
         return f"{_when(e.get('updated'), tz, ms=True)}  {device:<12} command      {cid} {name} {state}{extra}"
+    if item.topic == "twin":
+        desired, reported = _mapping(e.get("desired")), _mapping(e.get("reported"))
+        when = _when(max(_number(desired.get("updated")), _number(reported.get("updated"))), tz, ms=True)
+        versions = f"desired v{_clean(desired.get('version', 0))} reported v{_clean(reported.get('version', 0))}"
+        delta = e.get("delta")
+        return f"{when}  {device:<12} twin         {versions} delta={_shorten(_compact(delta or {}), 200)}"
     if item.topic == "jobs":
         return f"{_when(e.get('updated'), tz, ms=True)}  {format_job_progress(e)}"
     return f"{_clean(item.topic)}: {_compact(e)}"
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
 def format_dropped(item: Dropped) -> str:
@@ -738,6 +782,27 @@ async def _rotate_device(hub: ControlClient, opts: argparse.Namespace) -> int:
     rotated = await hub.device_rotate(opts.name)
     _show(opts, rotated, lambda: rotated["token"])
     return ExitCode.OK
+
+
+async def _twin(hub: ControlClient, opts: argparse.Namespace) -> int:
+    if opts.twin_action == "set":
+        twin = await hub.twin_set(opts.name, opts.patch, opts.if_version)
+    else:
+        twin = await hub.twin(opts.name)
+    _show(opts, twin, lambda: format_twin(twin))
+    return ExitCode.OK
+
+
+def format_twin(twin: Mapping[str, Any]) -> str:
+    """`twin get` and `twin set`: both documents with their versions, the applied version, the delta."""
+    lines = []
+    for side in ("desired", "reported"):
+        doc = twin.get(side) or {}
+        lines.append(f"{side:<9} v{_clean(doc.get('version', 0))}  {_shorten(_compact(doc.get('state', {})), 400)}")
+    lines.append(f"applied   v{_clean(twin.get('applied_version', 0))}")
+    delta = twin.get("delta") or {}
+    lines.append(f"delta     {_shorten(_compact(delta), 400) if delta else '(in sync)'}")
+    return "\n".join(lines)
 
 
 async def _device(hub: ControlClient, opts: argparse.Namespace) -> int:
@@ -1149,6 +1214,7 @@ _JOB_COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable
 _COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable[int]]] = {
     "devices": _devices,
     "device": _device,
+    "twin": _twin,
     "label": _label_device,
     "add": _add_device,
     "revoke": _revoke_device,
