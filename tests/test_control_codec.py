@@ -39,6 +39,8 @@ from hub.control import (
     SendCommand,
     Status,
     Subscribe,
+    Twin,
+    TwinSet,
     Unsubscribe,
     decode_auth,
     decode_request,
@@ -103,6 +105,11 @@ EXAMPLES: dict[str, tuple[str, Request]] = {
     ),
     "device_revoke": ('{"id":1,"type":"device_revoke","name":"d9"}', DeviceRevoke(name="d9")),
     "device_rotate": ('{"id":1,"type":"device_rotate","name":"d9"}', DeviceRotate(name="d9")),
+    "twin": ('{"id":1,"type":"twin","device":"d9"}', Twin(device="d9")),
+    "twin_set": (
+        '{"id":1,"type":"twin_set","device":"d9","patch":{"interval":30},"if_version":4}',
+        TwinSet(device="d9", patch={"interval": 30}, if_version=4),
+    ),
     "job_create": (
         '{"id":1,"type":"job_create","selector":"site=berlin","action":{"type":"command","name":"reboot"},'
         '"rate":2.5,"max_in_flight":4,"abort_percent":20.0}',
