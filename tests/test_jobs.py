@@ -633,3 +633,29 @@ async def test_runner_cancel_stops_devices_in_flight(tmp_path: Path, autojump_cl
     assert done.state is JobState.CANCELLED and done.counts[DeviceState.CANCELLED] == 10
     assert done.reason == "cancelled by op"
     store.close()
+
+
+async def test_a_job_whose_action_is_missing_is_not_resumed(tmp_path: Path, autojump_clock: Any) -> None:
+    """A desired-state job stored by a hub with the twin's action, then a hub without it: the hub starts, the job
+    waits on disk (logged), untouched."""
+    names = ["d1", "d2"]
+    async with trio.open_nursery() as nursery:
+        runner, store = await _runner(tmp_path, FakeAction(dict.fromkeys(names, math.inf)), names, nursery)
+        job = await runner.create("g=x", {"type": "desired", "patch": {"a": 1}}, Rollout(max_in_flight=1))
+        nursery.cancel_scope.cancel()
+    store.close()
+    store = JobStore(tmp_path / "jobs.sqlite3")
+
+    async def devices() -> list[DeviceRecord]:
+        return _records(names)
+
+    async with trio.open_nursery() as nursery:
+        runner = JobRunner(store, None, devices=devices)  # type: ignore[arg-type]
+        await nursery.start(runner.run)
+        record = await runner.get(job.job_id)
+        assert record is not None and record.state is JobState.RUNNING
+        with pytest.raises(ControlError) as refused:
+            await runner.cancel(job.job_id)
+        assert refused.value.code == "invalid_state" and "not run by this hub" in refused.value.message
+        nursery.cancel_scope.cancel()
+    store.close()

@@ -221,8 +221,11 @@ class JobRunner:
         """Cancel a running job: pending devices are cancelled, devices in flight asked to stop; its record."""
         job = self._active.get(job_id)
         if job is None:
-            if await self.get(job_id) is None:
+            stored = await self.get(job_id)
+            if stored is None:
                 raise ControlError(ErrorCode.NOT_FOUND, f"no job {job_id[:64]!r}")
+            if not stored.final:  # not resumed (its action is missing here): see the hub's log
+                raise ControlError(ErrorCode.INVALID_STATE, f"job {job_id[:64]!r} is not run by this hub")
             raise ControlError(ErrorCode.INVALID_STATE, f"job {job_id[:64]!r} is already finished")
         if job.record.state is not JobState.RUNNING:
             raise ControlError(ErrorCode.INVALID_STATE, f"job {job_id[:64]!r} is {job.record.state}: already stopping")
@@ -251,13 +254,6 @@ class JobRunner:
         """A job's devices in rollout order (flushed first: as they are now)."""
         return await trio.to_thread.run_sync(self._store.devices, job_id, state, limit, offset)
 
-    def counts(self) -> dict[str, int]:
-        """Jobs being driven, by state."""
-        out: dict[str, int] = {}
-        for job in list(self._active.values()):
-            out[job.record.state] = out.get(job.record.state, 0) + 1
-        return out
-
     def _action(self, spec: CommandSpec | DesiredSpec, operator: str) -> JobAction:
         if isinstance(spec, CommandSpec):
             return CommandAction(self._commands, spec, operator)
@@ -275,10 +271,14 @@ class JobRunner:
             nursery.start_soon(self._write_behind)
             for record, outcomes in resumed:
                 running = sum(o.state is DeviceState.RUNNING for o in outcomes)
-                log.info(
-                    "job resumed", extra={"kv": {"job_id": record.job_id, "state": record.state, "running": running}}
-                )
-                self._begin(record, outcomes, self._action(record.action, record.operator))
+                kv = {"job_id": record.job_id, "state": record.state, "running": running}
+                try:
+                    action = self._action(record.action, record.operator)
+                except ControlError as exc:  # e.g. a desired-state job on a hub without the twin: it waits on disk
+                    log.error("job not resumed", extra={"kv": {**kv, "reason": exc.message}})
+                    continue
+                log.info("job resumed", extra={"kv": kv})
+                self._begin(record, outcomes, action)
             task_status.started()
             try:
                 await trio.sleep_forever()
