@@ -1101,9 +1101,13 @@ def format_jobs(jobs: Sequence[Mapping[str, object]], now: float) -> str:
 
 def format_job(job: Mapping[str, object], now: float, tz: tzinfo | None = None, *, filtered: bool = False) -> str:
     """The `job show ID` view: the record, its progress and a page of its devices (`filtered`: of one state)."""
+
+    def num(value: object) -> str:
+        return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else _clean(value)
+
     abort = job.get("abort_percent")
-    rollout = f"{_clean(job.get('rate', '?'))}/s, at most {_clean(job.get('max_in_flight', '?'))} in flight"
-    rollout += f", abort past {_clean(abort)} % failed" if abort is not None else ", never aborts"
+    rollout = f"{num(job.get('rate', '?'))}/s, at most {num(job.get('max_in_flight', '?'))} in flight"
+    rollout += f", abort past {num(abort)} % failed" if abort is not None else ", never aborts"
     pairs = [
         ("job", _clean(job.get("job_id", "?"))),
         ("state", _clean(job.get("state", "?"))),
