@@ -24,9 +24,11 @@ import attrs
 
 from bench.perpoint import least_cpu
 from bench.wire import BASE_TS, telemetry_template
+from device_client.compression import DEFLATE_D1, SCHEMES, ZDICT, deflate
 from device_client.protocol import (
     DEFAULT_LIMITS,
     MIN_TS_MS,
+    Hello,
     Telemetry,
     _wire_point,
     decode,
@@ -34,7 +36,8 @@ from device_client.protocol import (
     validate_points,
 )
 from firmware_sim.sensors import make_device
-from hub.ingest import LineBuilder, TelemetryReader, reader_available, series_prefix, telemetry_type
+from hub.devices import HubConnection
+from hub.ingest import Batch, LineBuilder, TelemetryReader, reader_available, series_prefix, telemetry_type
 
 try:
     import cbor2
@@ -45,18 +48,12 @@ try:
 except ImportError:  # pragma: no cover - depends on the install
     msgspec = None  # type: ignore[assignment]
 
-__all__ = ["MESSAGE_LIMIT", "ZDICT", "main", "run"]
+__all__ = ["MESSAGE_LIMIT", "ZDICT", "built", "main", "run"]
 
 #: The hub's largest message (hub config `max_message_bytes`).
 MESSAGE_LIMIT = 256 * 1024
 SIZES = (1, 10, 100)
 _TAIL = b"\x00\x00\xff\xff"  # RFC 7692: the empty stored block a sync flush ends with, stripped on the wire
-
-#: A preset dictionary of the protocol's common strings (deflate prefers recent matches: the commonest come last).
-ZDICT = (
-    b'"int":{"int":"tags":{}},"tags":{"site":"}}]}"fields":{"value":'
-    b'"measurement":"},{"measurement":"{"type":"telemetry","seq":,"points":[{"measurement":"'
-)
 
 Points = list[dict[str, Any]]
 
@@ -545,6 +542,70 @@ def run(quick: bool = False, points: int = 50_000, repeats: int = 3) -> dict[str
     return report
 
 
+# ---------------------------------------------------------------------------- as built
+
+
+@attrs.define
+class _Book:
+    durable: int = 0
+    submitted: int = 0  # stays 0: every message is new to the session
+
+
+def _hub_session(compressed: bool) -> HubConnection:
+    # The hub's session as `DeviceSession` makes it (with the reader when msgspec is there), welcomed.
+    read = TelemetryReader("dev-1", DEFAULT_LIMITS).read if reader_available() else None
+    conn = HubConnection(DEFAULT_LIMITS, read=read)
+    conn.receive(encode(Hello(compress=SCHEMES if compressed else ())), 0.0)
+    conn.welcome("dev-1", 1, _Book(), [], ping_interval=10.0, max_message_bytes=MESSAGE_LIMIT)
+    assert conn.compress == (DEFLATE_D1 if compressed else None)
+    return conn
+
+
+def built(points: int = 50_000, repeats: int = 3, quick: bool = False) -> dict[str, Any]:
+    """`device_client`'s frames, text and `deflate-d1`, through the hub's `HubConnection.receive` (issue 14, item 4).
+
+    Per workload and batch size: wire bytes per point, the device's `deflate` and the hub's receive (inflate, reader,
+    lines) in CPU seconds per million points.
+    """
+    total = 100 if quick else 1000
+    out: dict[str, Any] = {}
+    for wname in ("template",) if quick else ("template", "env", "power", "tracker"):
+        _, make = WORKLOADS[wname]
+        out[wname] = {}
+        for n in SIZES:
+            texts = [encode(Telemetry(seq, pts)) for seq, pts in enumerate(make(n, max(total, n * 2)), 1)]  # type: ignore[arg-type]
+            count = n * len(texts)
+            modes: dict[str, list[str] | list[bytes]] = {"text": texts, DEFLATE_D1: [deflate(t) for t in texts]}
+            row: dict[str, float] = {}
+            for mode, frames in modes.items():
+                conn = _hub_session(mode != "text")
+
+                def receive_all(conn: HubConnection = conn, frames: list[str] | list[bytes] = frames) -> None:
+                    for frame in frames:
+                        conn.receive(frame, 0.0)
+
+                events = [conn.receive(frame, 0.0) for frame in frames]
+                assert all(type(e) is Batch or type(e) is Telemetry for e in events), events[:1]
+                sizes = [len(f) if type(f) is bytes else len(f.encode()) for f in frames]
+                row[f"{mode}_wire_per_point"] = sum(b + ws_header(b) for b in sizes) / count
+                row[f"{mode}_hub_s_per_mpt"] = _cpu(receive_all, count, points, repeats)
+            row["deflate_s_per_mpt"] = _cpu(lambda texts=texts: [deflate(t) for t in texts], count, points, repeats)
+            out[wname][str(n)] = row
+    return out
+
+
+def _print_built(report: dict[str, Any], repeats: int) -> None:
+    print(f"As built: wire B/pt text -> {DEFLATE_D1}; hub receive CPU s/Mpt text -> {DEFLATE_D1} (least of {repeats});")
+    print("device deflate CPU s/Mpt")
+    for wname, by_n in report.items():
+        for n, r in by_n.items():
+            wire, hub = r[DEFLATE_D1 + "_wire_per_point"], r[DEFLATE_D1 + "_hub_s_per_mpt"]
+            print(
+                f"{wname:<9} {n:>3} pt: {r['text_wire_per_point']:7.1f} -> {wire:6.1f} B/pt"
+                f"   hub {r['text_hub_s_per_mpt']:5.2f} -> {hub:5.2f}   deflate {r['deflate_s_per_mpt']:5.2f}"
+            )
+
+
 # ---------------------------------------------------------------------------- output
 
 
@@ -593,13 +654,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--points", type=int, default=50_000, help="points per timed run (default 50000)")
     p.add_argument("--repeats", type=int, default=3, help="runs per CPU figure; the least is kept (default 3)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--built", action="store_true", help="only the scheme as built, through the hub's session code")
     p.add_argument("--probe-rss", nargs=2, metavar=("KIND", "COUNT"), help=argparse.SUPPRESS)  # run by `memory`
     args = p.parse_args(argv)
     if args.probe_rss:
         print(_probe_rss(args.probe_rss[0], int(args.probe_rss[1])))
         return
-    report = run(args.quick, args.points, args.repeats)
-    _print(report)
+    if args.built:
+        points, repeats = (200, 1) if args.quick else (args.points, args.repeats)
+        report = built(points, repeats, args.quick)
+        _print_built(report, repeats)
+    else:
+        report = run(args.quick, args.points, args.repeats)
+        _print(report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -23,6 +23,7 @@ import trio
 import trio_websocket
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, HandshakeError
 
+from device_client.compression import SCHEMES
 from device_client.outbox import (
     DEFAULT_MAX_MESSAGE,
     TOO_LARGE,
@@ -344,7 +345,8 @@ class DeviceClient:
     patch into the reported document, resent after reconnects until the hub acknowledges it.
     A wss:// hub's certificate is verified against the system CAs, or only `ca_file`;
     plain ws:// is refused (`InsecureURLError`) to hosts that are not loopback unless
-    `allow_insecure`.
+    `allow_insecure`. Telemetry goes compressed (deflated binary frames) on every connection whose hub accepts
+    it; `compress=False` never offers it.
     """
 
     def __init__(
@@ -370,6 +372,7 @@ class DeviceClient:
         ca_file: str | os.PathLike[str] | None = None,
         allow_insecure: bool = False,
         twin: bool = True,
+        compress: bool = True,
     ) -> None:
         if not token or not token.isascii() or not token.isprintable() or " " in token:
             raise ValueError("token must be printable ASCII without spaces")
@@ -389,7 +392,10 @@ class DeviceClient:
         if self._ssl_context is None and not is_loopback(urllib.parse.urlsplit(self.url).hostname or ""):
             log.warning("%s: plain ws:// to %s: the token and telemetry travel unencrypted", self._name, self.url)
         self._headers = [(b"authorization", b"Bearer " + token.encode("ascii"))]
-        self._hello = Hello(firmware=firmware, model=model, interval=float(interval), proto=PROTOCOL_VERSION)
+        offer: tuple[str, ...] = SCHEMES if compress else ()  # offered in every hello, used when the hub accepts it
+        self._hello = Hello(
+            firmware=firmware, model=model, interval=float(interval), proto=PROTOCOL_VERSION, compress=offer
+        )
         self._outbox_path = outbox_path
         self._outbox_limit = outbox_limit
         self._outbox_bytes = outbox_bytes
@@ -931,7 +937,7 @@ class DeviceClient:
                 frame = conn.next_frame()
                 if frame is None:
                     await changed.wait()
-                elif isinstance(frame, str):
+                elif isinstance(frame, str | bytes):
                     await ws.send_message(frame)
                     if conn.frame_written():
                         self._notify()

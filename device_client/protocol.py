@@ -187,6 +187,8 @@ class Hello:
     proto: int = PROTOCOL_VERSION
     #: The desired twin version the device has applied (0: none yet); None: the device does not use the twin.
     desired_version: int | None = None
+    #: Compression schemes offered for telemetry, most preferred first (`device_client.compression`); () = none.
+    compress: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -209,6 +211,7 @@ class Welcome:
     max_tag_value_len: int | None = None
     max_string_len: int | None = None
     max_message_bytes: int | None = None  # largest telemetry message, in bytes of UTF-8 JSON
+    compress: str | None = None  # the offered compression scheme the hub accepts; None: text frames only
 
     def limits(self, base: Limits = DEFAULT_LIMITS) -> Limits:
         """`base` with every limit this welcome carries (one missing, or not above 0, stays as in `base`)."""
@@ -329,6 +332,8 @@ _TYPE_NAMES: dict[type, str] = {
 MAX_ID_LEN = 64
 MAX_COMMAND_NAME_LEN = 64
 MAX_ERROR_LEN = 1024
+#: Most compression schemes a hello may offer (each name at most 32 characters).
+MAX_COMPRESS_OFFERS = 8
 #: Largest encoded command `args` or `result` (bytes of JSON).
 MAX_ARGS_BYTES = 16 * 1024
 MAX_RESULT_BYTES = 16 * 1024
@@ -375,6 +380,8 @@ def encode(msg: Message) -> str:
         body = {"type": kind, **attrs.asdict(msg)}
         if isinstance(msg, Error | Hello | Desired | Report | Welcome):
             body = {key: value for key, value in body.items() if value is not None}
+            if isinstance(msg, Hello) and not msg.compress:
+                del body["compress"]  # what a device that offers nothing has always sent
         elif isinstance(msg, CommandResult):
             if msg.ok:
                 del body["error"]
@@ -682,8 +689,12 @@ def _decode(obj: dict[str, JSON], limits: Limits) -> Message:
         model = _get(obj, "model", str, "")
         if len(firmware) > 64 or len(model) > 64:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "firmware and model are at most 64 characters")
+        compress = _get(obj, "compress", list, [])
+        if len(compress) > MAX_COMPRESS_OFFERS or not all(type(c) is str and len(c) <= 32 for c in compress):
+            detail = f"compress must be a list of at most {MAX_COMPRESS_OFFERS} scheme names"
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, detail)
         desired_version = _version(obj, "desired_version", 0, None)
-        return Hello(firmware, model, float(interval), proto, desired_version)
+        return Hello(firmware, model, float(interval), proto, desired_version, tuple(compress))
     if kind == "welcome":
         return Welcome(
             device=_get(obj, "device", str),
@@ -694,6 +705,7 @@ def _decode(obj: dict[str, JSON], limits: Limits) -> Message:
             ping_interval=_float(_get(obj, "ping_interval", (int, float)), "ping_interval"),
             proto=_get(obj, "proto", int),
             **{key: _get(obj, key, int, None) for key in _WELCOME_LIMITS},
+            compress=_get(obj, "compress", str, None),
         )
     if kind == "command_ack":
         return CommandAck(_command_id(obj))

@@ -22,6 +22,7 @@ from collections import deque
 
 import attrs
 
+from device_client.compression import deflate
 from device_client.outbox import TOO_LARGE, CommandLog, Entry, Outbox, PendingReport, TwinLog
 from device_client.protocol import (
     DEFAULT_LIMITS,
@@ -166,6 +167,7 @@ class ClientStats:
     commands_succeeded: int = 0
     commands_failed: int = 0  # unknown names, raising handlers, results too large or not JSON
     results_sent: int = 0  # command_result frames written, repeats included
+    compressed_sent: int = 0  # of `batches_sent`, messages sent compressed (binary frames)
 
 
 @attrs.frozen
@@ -342,6 +344,10 @@ class DeviceConnection:
         self._writing: Entry | tuple[str | None, str] | None = None  # handed out by next_frame, not confirmed
         self._reconnect_after: dict[str, float] = {}  # command id -> delay, once its result is written
         self._reconnect: tuple[str | None, float] | None = None  # (after this result is written | None, delay)
+        self._offered: tuple[str, ...] = ()  # the compression schemes this connection's hello offered
+        #: The compression scheme the hub accepted for this connection, if any: telemetry goes out deflated then.
+        self.compress: str | None = None
+        self._deflated = False  # the telemetry frame handed out last was compressed
 
     @property
     def state(self) -> SessionState:
@@ -371,6 +377,7 @@ class DeviceConnection:
         """A new connection: the hello to send as soon as it is open (with the desired version, with a twin)."""
         self._go(Trigger.CONNECT)
         self._end = None
+        self._offered, self.compress = hello.compress, None
         self._reports_sent = 0
         if self.twin is not None:
             hello = attrs.evolve(hello, desired_version=self.twin.desired_version)
@@ -460,6 +467,8 @@ class DeviceConnection:
         self.limits = welcome.limits(self._base_limits)
         largest = welcome.max_message_bytes
         self.outbox.max_message = min(self._base_max_message, largest) if largest else self._base_max_message
+        # Only a scheme this connection offered (a hub that names another is ignored: text it is).
+        self.compress = welcome.compress if welcome.compress in self._offered else None
         stats = self.stats
         stats.connected = True
         stats.epoch = welcome.epoch
@@ -584,11 +593,11 @@ class DeviceConnection:
 
     # ------------------------------------------------------------------ to the hub
 
-    def next_frame(self) -> str | SessionEnd | None:
+    def next_frame(self) -> str | bytes | SessionEnd | None:
         """The next frame to write, a `SessionEnd` when this end closes now (planned), or None: nothing is due.
 
         Command answers go first (they are small and the hub times commands out), then twin reports, then telemetry
-        within the window.
+        within the window. Telemetry is a binary frame (bytes) when the welcome agreed compression, else text.
         """
         if self._state is not _OPEN:
             return None
@@ -606,7 +615,7 @@ class DeviceConnection:
             entry = ready.popleft()
             if entry.seq in outbox:  # not acked or rejected while the ones before it were written
                 self._writing = entry
-                return entry.text
+                return self._telemetry_frame(entry)
         reconnect = self._reconnect
         if reconnect is not None and reconnect[0] is None:
             self._reconnect = None
@@ -618,8 +627,14 @@ class DeviceConnection:
         ready.extend(outbox.take(self._window_now()))
         if ready:
             entry = self._writing = ready.popleft()
-            return entry.text
+            return self._telemetry_frame(entry)
         return None
+
+    def _telemetry_frame(self, entry: Entry) -> str | bytes:
+        # The outbox checked the text's length against the hub's limit, which bounds the inflated bytes of a
+        # compressed message: the same figure, as `encode` writes ASCII only.
+        self._deflated = self.compress is not None
+        return deflate(entry.text) if self._deflated else entry.text
 
     def frame_written(self) -> bool:
         """The frame from `next_frame` is written; True if it was a command answer (someone may wait for those)."""
@@ -628,6 +643,8 @@ class DeviceConnection:
             return False
         if type(item) is Entry:
             self.stats.batches_sent += 1
+            if self._deflated:
+                self.stats.compressed_sent += 1
             if item.seq <= self._ready_resent:
                 self.stats.resent += 1
             return False

@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress refresh period (default: 1 on a terminal, 5 otherwise)",
     )
     parser.add_argument(
+        "--no-compress",
+        action="store_true",
+        help="send telemetry as plain JSON text even to a hub that accepts compressed telemetry (default: compress)",
+    )
+    parser.add_argument(
         "--log-level",
         default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -188,8 +193,8 @@ async def _watch_signals(stop: trio.Event, hard_stop: trio.CancelScope, stream: 
 
 
 def _client_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The DeviceClient options given on the command line (TLS)."""
-    return {"ca_file": args.ca_file, "allow_insecure": args.insecure_plain_ws}
+    """The DeviceClient options given on the command line (TLS, compression)."""
+    return {"ca_file": args.ca_file, "allow_insecure": args.insecure_plain_ws, "compress": not args.no_compress}
 
 
 async def _run(args: argparse.Namespace, tokens: list[str], models: list[str]) -> FleetTotals | None:

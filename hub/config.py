@@ -84,6 +84,7 @@ class ServerConfig:
     point_rate: float = 20000.0  # points per second a device may send on average ...
     point_burst: int = 40000  # ... and in a burst
     throttle_close_after: float = 30.0  # seconds of uninterrupted throttling before a close with 1013
+    compression: bool = True  # accept compressed telemetry from devices that offer it (docs/protocol.md)
 
 
 @attrs.frozen

@@ -15,6 +15,8 @@ class Stats:
     admission_refused: int = 0  # of those: refused unread, too many handshakes in progress (503/429 + Retry-After)
     admission_unanswered: int = 0  # of those: closed without an answer (past the hub's refusal-answer budget)
     messages_in: int = 0
+    compressed_in: int = 0  # of those, binary frames: compressed telemetry (accepted or refused)
+    compressed_bytes_in: int = 0  # their payload bytes, before inflating
     points_in: int = 0  # points accepted into the pipeline
     points_written: int = 0  # points written to the sink
     points_spooled: int = 0  # points appended to the spool

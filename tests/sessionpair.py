@@ -44,13 +44,14 @@ class SessionPair:
         max_errors: int = 10,
         max_message_bytes: int = 262_144,
         outbox: Outbox | None = None,
+        compression: bool = True,
     ) -> None:
         self.outbox = Outbox() if outbox is None else outbox
         self.log = CommandLog()
         self.device = DeviceConnection(self.outbox, self.log, name=DEVICE)
         self.book = MemoryBook()
         self.inflight: list[int] = []
-        self._hub_args: dict[str, Any] = {"window": window, "max_errors": max_errors}
+        self._hub_args: dict[str, Any] = {"window": window, "max_errors": max_errors, "compression": compression}
         self.hub_limits = hub_limits
         self.max_message_bytes = max_message_bytes
         self.hub = self._new_hub()
@@ -84,9 +85,9 @@ class SessionPair:
         """`n` new batches in the outbox; their seqs."""
         return [self.outbox.add([point(i) for i in range(points)]) for _ in range(n)]
 
-    def device_frames(self) -> list[str]:
-        """Everything the device would write now, each confirmed as written."""
-        out: list[str] = []
+    def device_frames(self) -> list[str | bytes]:
+        """Everything the device would write now (bytes: a compressed frame), each confirmed as written."""
+        out: list[str | bytes] = []
         while True:
             frame = self.device.next_frame()
             if frame is None or isinstance(frame, SessionEnd):
@@ -94,7 +95,7 @@ class SessionPair:
             out.append(frame)
             self.device.frame_written()
 
-    def to_hub(self, frames: list[str] | None = None) -> list[HubEvent]:
+    def to_hub(self, frames: list[str | bytes] | None = None) -> list[HubEvent]:
         """Carry `frames` (default: what the device would write now) to the hub, acting on each as its driver would."""
         events = []
         for text in self.device_frames() if frames is None else frames:

@@ -63,3 +63,18 @@ def test_inflate_limited_refuses_past_the_limit_and_takes_up_to_it() -> None:
     frame = bomb.compress(bytes(limit * 1000)) + bomb.flush()
     with pytest.raises(ValueError):
         compression.inflate_limited(frame, limit)
+
+
+def test_built_report_goes_through_the_hub_session_and_matches_the_measured_bytes() -> None:
+    report = compression.built(points=200, repeats=1, quick=True)
+    rows = report["template"]
+    assert set(rows) == {"1", "10", "100"}
+    for row in rows.values():
+        assert row["deflate-d1_wire_per_point"] < row["text_wire_per_point"]
+        assert row["text_hub_s_per_mpt"] > 0 and row["deflate-d1_hub_s_per_mpt"] > 0 and row["deflate_s_per_mpt"] > 0
+    # device_client's frames are the measured scheme's, byte for byte (tests/test_compression.py): same sizes here.
+    stream = list(compression.WORKLOADS["template"][1](10, 100))
+    frames, ok = compression._roundtrip(next(s for s in compression.schemes() if s.name == "zjson+dict"), stream)
+    assert ok
+    wire = sum(len(f) + compression.ws_header(len(f)) for f in frames) / 100
+    assert rows["10"]["deflate-d1_wire_per_point"] == pytest.approx(wire)

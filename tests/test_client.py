@@ -43,7 +43,9 @@ async def test_send_batches_and_acks(hub: FakeHub) -> None:
         assert c.pending == 0 and c.buffered == 0
     assert not c.stats.connected
     conn = hub.conns[0]
-    assert conn.hello == Hello(firmware="fw-1.2", model="th-100", interval=5.0, desired_version=0)
+    assert conn.hello == Hello(
+        firmware="fw-1.2", model="th-100", interval=5.0, desired_version=0, compress=("deflate-d1",)
+    )
     assert conn.headers[b"authorization"] == b"Bearer dev1.s3cret"
     assert b"origin" not in conn.headers
     assert [len(hub.points["dev1"][s]) for s in hub.seqs("dev1")] == [4, 4, 2]

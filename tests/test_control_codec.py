@@ -99,17 +99,17 @@ EXAMPLES: dict[str, tuple[str, Request]] = {
         '{"id":1,"type":"device_add","name":"d9","labels":{"site":"berlin"}}',
         DeviceAdd(name="d9", labels={"site": "berlin"}),
     ),
+    "twin": ('{"id":1,"type":"twin","device":"d9"}', Twin(device="d9")),
+    "twin_set": (
+        '{"id":1,"type":"twin_set","device":"d9","patch":{"interval":30,"alarm":null},"if_version":4}',
+        TwinSet(device="d9", patch={"interval": 30, "alarm": None}, if_version=4),
+    ),
     "device_label": (
         '{"id":1,"type":"device_label","name":"d9","set":{"site":"paris","rack":"r1"},"remove":["model"]}',
         DeviceLabel(name="d9", set={"site": "paris", "rack": "r1"}, remove=["model"]),
     ),
     "device_revoke": ('{"id":1,"type":"device_revoke","name":"d9"}', DeviceRevoke(name="d9")),
     "device_rotate": ('{"id":1,"type":"device_rotate","name":"d9"}', DeviceRotate(name="d9")),
-    "twin": ('{"id":1,"type":"twin","device":"d9"}', Twin(device="d9")),
-    "twin_set": (
-        '{"id":1,"type":"twin_set","device":"d9","patch":{"interval":30},"if_version":4}',
-        TwinSet(device="d9", patch={"interval": 30}, if_version=4),
-    ),
     "job_create": (
         '{"id":1,"type":"job_create","selector":"site=berlin","action":{"type":"command","name":"reboot"},'
         '"rate":2.5,"max_in_flight":4,"abort_percent":20.0}',

@@ -234,3 +234,26 @@ async def test_hub_killed_mid_stream_loses_nothing_acked(tmp_path: Path, victori
     # With deduplication on (as InfluxDB overwrites a point with the same series and time), the database holds
     # exactly the points sent: nothing acked before the kill was lost, and the resent rest arrived.
     check_database(victoria, devices, batches, size, exactly_once=True)
+
+
+async def test_compressed_and_plain_devices_on_one_hub_deliver_the_same_points(
+    tmp_path: Path, exact_victoria: VictoriaMetrics
+) -> None:
+    # Issue 14 item 5: dev0 sends deflated binary frames (the default), dev1 plain text (compress=False).
+    devices, batches, size = 2, 20, 25
+    tokens = add_devices(tmp_path / "hub", "dev0", "dev1")
+    config = hub_config(tmp_path / "hub", **{"influx.url": exact_victoria.url})
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, config)
+        fleet = [
+            DeviceClient(url(hub), tokens["dev0"], backoff_initial=0.05, backoff_max=0.5),
+            DeviceClient(url(hub), tokens["dev1"], backoff_initial=0.05, backoff_max=0.5, compress=False),
+        ]
+        async with trio.open_nursery() as running:
+            start_fleet(running, fleet, batches, size)
+        hub.stop()
+    zipped, plain = (client.stats for client in fleet)
+    assert (zipped.compressed_sent, zipped.batches_acked, zipped.rejected) == (batches, batches, 0)
+    assert (plain.compressed_sent, plain.batches_acked, plain.rejected) == (0, batches, 0)
+    assert hub.stats.points_in == devices * batches * size and not hub.stats.protocol_errors
+    check_database(exact_victoria, devices, batches, size, exactly_once=True)

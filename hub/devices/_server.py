@@ -263,6 +263,7 @@ class DeviceSession:
             max_errors=cfg.server.max_errors,
             max_offers=2 * cfg.commands.max_queue,
             read=TelemetryReader(name, cfg.limits).read if reader_available() else None,
+            compression=cfg.server.compression,
         )
         self._builder = LineBuilder(name)  # for the frames the reader leaves to `decode`
         self._throttle = Throttle(server.device_rate(name), cfg.server.throttle_close_after)
@@ -432,6 +433,9 @@ class DeviceSession:
                     return
                 waiting.deadline = math.inf  # the idle clock stops while the hub works (or holds the device back)
                 stats.messages_in += 1
+                if type(text) is bytes:  # compressed telemetry (or a refused binary frame)
+                    stats.compressed_in += 1
+                    stats.compressed_bytes_in += len(text)
                 points = await self._dispatch(text)
                 verdict = self._throttle.charge(1, points, trio.current_time())
                 if verdict.delay and not await self._throttled(verdict):
@@ -613,6 +617,12 @@ class DeviceSession:
         if event.close is not None:
             if event.close.error is not None:
                 self.reason = event.close.error.value
+            elif exc.code is ErrorCode.TOO_LARGE:  # a compressed frame inflating past the limit: as a big text frame
+                self.reason = "too_big"
+                limit = self.server.config.server.max_message_bytes
+                log.warning(
+                    "compressed message too big: connection closed", extra=self._kv(reason="too_big", limit=limit)
+                )
             await self._close(event.close)
             self._scope.cancel()
 

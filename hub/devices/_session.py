@@ -2,7 +2,9 @@
 
 `DeviceSession` (hub/devices/_server.py) makes one per connection and drives it with the WebSocket, the pipeline and
 trio's clock; the states and their table are in `device_client.session`. Text that was not UTF-8 on the wire reaches
-`receive` with lone surrogates in it (hub/edge/_wire.py decodes it that way).
+`receive` with lone surrogates in it (hub/edge/_wire.py decodes it that way). A binary frame is compressed telemetry
+(`device_client.compression`), taken only once the welcome agreed a scheme: inflated within the message limit, then
+read exactly as that text would be.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Protocol
 
 import attrs
 
+from device_client.compression import choose, inflate
 from device_client.protocol import (
     ANSWERS,
     DEFAULT_LIMITS,
@@ -144,11 +147,14 @@ class HubConnection:
         "_last_ack",
         "_offers",
         "_state",
+        "compress",
+        "compression",
         "desired_sent",
         "error_window",
         "hello",
         "limits",
         "max_errors",
+        "max_message_bytes",
         "max_offers",
         "read",
         "window",
@@ -163,8 +169,15 @@ class HubConnection:
         max_offers: int = 200,
         error_window: float = ERROR_WINDOW,
         read: Callable[[str], Batch | None] | None = None,
+        compression: bool = True,
     ) -> None:
         self.limits = limits
+        #: Accept a compression scheme the device offers (the hub's `server.compression`).
+        self.compression = compression
+        #: The compression scheme agreed in the welcome, if any: binary telemetry frames are accepted then.
+        self.compress: str | None = None
+        #: The largest message, inflated (set by `welcome`).
+        self.max_message_bytes = 0
         self.read = read
         self.window = window
         self.max_errors = max_errors
@@ -213,6 +226,8 @@ class HubConnection:
             detail = f"this hub speaks proto {PROTOCOL_VERSION}"
             return self._refuse_hello(ProtocolError(ErrorCode.UNSUPPORTED_VERSION, detail))
         self.hello = msg
+        if self.compression:
+            self.compress = choose(msg.compress)
         self.desired_sent = msg.desired_version
         self._go(Trigger.HELLO)
         return msg
@@ -244,6 +259,7 @@ class HubConnection:
         self._book = book
         self._inflight = inflight
         self._last_ack = book.durable
+        self.max_message_bytes = max_message_bytes
         limits = {name: getattr(self.limits, name) for name in LIMIT_FIELDS}
         welcome = Welcome(
             device=device,
@@ -252,6 +268,7 @@ class HubConnection:
             window=self.window,
             ping_interval=ping_interval,
             max_message_bytes=max_message_bytes,
+            compress=self.compress,
             **limits,
         )
         return encode(welcome)
@@ -267,8 +284,16 @@ class HubConnection:
     # ------------------------------------------------------------------ open
 
     def _receive_open(self, text: str | bytes, now: float) -> HubEvent:
-        if type(text) is not str:
-            return self.refuse(ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted"), now)
+        binary = False
+        if not isinstance(text, str):
+            if self.compress is None:
+                return self.refuse(ProtocolError(ErrorCode.BAD_FRAME, "binary frames are not accepted"), now)
+            try:  # the bomb check, before any parse: at most max_message_bytes + 1 bytes are inflated
+                data = inflate(text, self.max_message_bytes)
+            except ProtocolError as exc:
+                return self.refuse(exc, now)
+            # As a text frame arrives (hub/edge/_wire.py): invalid UTF-8 becomes lone surrogates, refused below.
+            text, binary = data.decode("utf-8", "surrogateescape"), True
         if has_bad_utf8(text):
             return self.refuse(ProtocolError(ErrorCode.BAD_JSON, BAD_UTF8_DETAIL, telemetry_seq(text)), now)
         read = self.read
@@ -278,6 +303,8 @@ class HubConnection:
                 msg = decode(text, self.limits)
             except ProtocolError as exc:
                 return self.refuse(exc, now)
+        if binary and type(msg) is not Telemetry and type(msg) is not Batch:
+            return self.refuse(ProtocolError(ErrorCode.BAD_FRAME, "only telemetry may be compressed"), now)
         if type(msg) is Telemetry or type(msg) is Batch:
             seq, book = msg.seq, self._book
             if seq > book.submitted:

@@ -46,6 +46,8 @@ _INT_FIELDS: Final = (
     "devices_late",
     "devices_offline",
     "messages_in",
+    "compressed_in",
+    "compressed_bytes_in",
     "points_in",
     "points_written",
     "points_spooled",
@@ -98,6 +100,8 @@ class Snapshot(TypedDict):
     devices_late: int
     devices_offline: int
     messages_in: int
+    compressed_in: int
+    compressed_bytes_in: int
     points_in: int
     points_written: int
     points_spooled: int
@@ -205,6 +209,8 @@ class HubMetrics:
             "devices_late": devices["late"],
             "devices_offline": devices["offline"],
             "messages_in": s.messages_in,
+            "compressed_in": s.compressed_in,
+            "compressed_bytes_in": s.compressed_bytes_in,
             "points_in": s.points_in,
             "points_written": s.points_written,
             "points_spooled": s.points_spooled,
@@ -353,6 +359,8 @@ _Collected = Literal[
     "handshakes_busy",
     "handshakes_unanswered",
     "messages_in",
+    "compressed_in",
+    "compressed_bytes_in",
     "points_in",
     "points_written",
     "points_spooled",
@@ -394,6 +402,12 @@ class _HubCollector:
             "Of those, closed without an answer: past the hub's budget of refusal answers per second.",
         ),
         ("messages_in", "hub_messages_in", "Messages received from devices."),
+        (
+            "compressed_in",
+            "hub_compressed_messages_in",
+            "Of those, binary frames: compressed telemetry (accepted or refused).",
+        ),
+        ("compressed_bytes_in", "hub_compressed_bytes_in", "Payload bytes of compressed frames, before inflating."),
         ("points_in", "hub_points_in", "Points accepted into the pipeline."),
         ("points_written", "hub_points_written", "Points written to the sink, replays included."),
         ("points_spooled", "hub_points_spooled", "Points appended to the on-disk spool."),
