@@ -551,3 +551,28 @@ def test_the_console_reconnects_and_subscribes_again_after_a_hub_restart(
         timeout=TIMEOUT_MS,
     )
     expect(page.locator("#who")).to_have_text("alice · operator")
+
+
+def test_an_operator_changes_the_desired_twin_and_sees_the_device_apply_it(
+    page: Page, console_url: str, console_hub: ConsoleHub, fleet: None, tmp_path: Path
+) -> None:
+    log_in(page, console_url, console_hub.tokens["alice"])
+    open_device(page, "sim-0001")
+    expect(page.locator("#twin-desired-version")).to_have_text(re.compile(r"v\d+"))
+    page.get_by_label("Desired change").fill("[1]")
+    page.get_by_role("button", name="Set desired").click()
+    expect(page.locator("#twin-error")).to_contain_text("must be a JSON object")
+    # The simulator applies its interval from the twin and reports it back; markup in a document stays text.
+    page.get_by_label("Desired change").fill('{"interval": 0.4, "note": "<b>x</b>"}')
+    page.get_by_role("button", name="Set desired").click()
+    expect(page.locator("#twin-error")).to_have_text("")
+    expect(page.locator("#twin-desired")).to_contain_text('"interval": 0.4')
+    expect(page.locator("#twin-reported")).to_contain_text('"interval": 0.4', timeout=20_000)
+    expect(page.locator("#twin-sync")).to_contain_text("Not applied yet")  # `note` is not the simulator's
+    expect(page.locator(".twin b")).to_have_count(0)
+    version = page.locator("#twin-desired-version").inner_text()
+    page.get_by_label("Desired change").fill('{"note": null}')
+    page.get_by_role("button", name="Set desired").click()
+    expect(page.locator("#twin-sync")).to_have_attribute("data-sync", "in-sync", timeout=20_000)
+    expect(page.locator("#twin-desired-version")).not_to_have_text(version)
+    page.screenshot(path=tmp_path / "twin.png", full_page=True)

@@ -18,7 +18,7 @@ from firmware_sim.fleet import run_fleet
 from hub.app import HubHandle
 from hub.config import StateConfig
 from hub.control import CONTROL_PATH, ControlError
-from hub.fleet import open_registry_store
+from hub.fleet import TwinService, open_registry_store
 from hub.operator import open_control
 from tests.hubtools import connect, control, hello, hub_config, start_hub, url, written_lines
 from tests.servers import Redis
@@ -279,3 +279,29 @@ async def test_the_simulator_takes_its_interval_and_measurements_from_the_twin(t
             await eventually(lambda: counts()[1] > battery, what="battery reported again")
         stop.set()
         hub.stop()
+
+
+async def test_wait_applied_wakes_on_the_report_and_gives_up_at_its_timeout(
+    state_config: StateConfig, tmp_path: Path
+) -> None:
+    async with open_registry_store(state_config, tmp_path / "data") as store:
+        await store.add("d1")
+        twins = TwinService(store)
+        rec = await twins.set_desired("d1", {"interval": 5})
+        assert await twins.wait_applied("d1", rec.desired_version, 0.05) is None  # not applied: gives up
+        got: list[Any] = []
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                got.append(await twins.wait_applied("d1", rec.desired_version, 30))
+
+            nursery.start_soon(wait)
+            await trio.sleep(0.05)
+            await twins.report("d1", {"interval": 5}, 0)  # a report, but of an older version: waits on
+            await trio.sleep(0.05)
+            assert got == []
+            with trio.fail_after(2):  # well before RECHECK: woken by the report
+                await twins.report("d1", {}, rec.desired_version)
+                while not got:
+                    await trio.sleep(0.01)
+        assert got[0].applied_version == rec.desired_version

@@ -321,7 +321,7 @@ function closeDevice() {
 
 async function openDevice(name) {
   closeDevice();
-  const page = { name, subs: [], charts: new Map(), commands: new Map(), closed: false };
+  const page = { name, subs: [], charts: new Map(), commands: new Map(), twin: null, closed: false };
   app.page = page;
   $("device-name").textContent = name;
   $("device-state").textContent = "";
@@ -331,6 +331,10 @@ async function openDevice(name) {
   $("charts-empty").hidden = true;
   $("commands-empty").hidden = true;
   $("send-slot").replaceChildren(canSend() ? sendForm(page) : "");
+  $("twin-slot").replaceChildren(canSend() ? twinForm(page) : "");
+  for (const id of ["twin-desired", "twin-reported", "twin-desired-version", "twin-reported-version", "twin-sync"]) {
+    $(id).textContent = "";
+  }
   showView("device-view");
   try {
     // Subscribe before reading the snapshot, so that no change falls between the two.
@@ -338,6 +342,8 @@ async function openDevice(name) {
     page.subs.push(telemetry);
     const commands = await app.hub.subscribe("commands", (r) => onCommand(page, r), { devices: [name] });
     page.subs.push(commands);
+    const twin = await app.hub.subscribe("twin", (t) => onTwin(page, t), { devices: [name] });
+    page.subs.push(twin);
   } catch (err) {
     showBanner(describe(err));
   }
@@ -365,6 +371,70 @@ async function loadDevice(page) {
   for (const record of detail.commands || []) onCommand(page, record);
   $("charts-empty").hidden = page.charts.size > 0;
   $("commands-empty").hidden = page.commands.size > 0;
+  await loadTwin(page);
+}
+
+// ------------------------------------------------------------------------------------------- twin
+
+async function loadTwin(page) {
+  try {
+    onTwin(page, await app.hub.request("twin", { device: page.name }));
+  } catch (err) {
+    if (!page.closed) showBanner(describe(err));
+  }
+}
+
+/** Show a twin unless the page already shows a newer one (a snapshot may arrive after an event). */
+function onTwin(page, twin) {
+  if (page.closed) return;
+  const known = page.twin;
+  const older = known && (twin.desired.version < known.desired.version ||
+    twin.reported.version < known.reported.version);
+  if (older) return;
+  page.twin = twin;
+  $("twin-desired-version").textContent = `v${twin.desired.version}`;
+  $("twin-reported-version").textContent = `v${twin.reported.version}`;
+  $("twin-desired").textContent = JSON.stringify(twin.desired.state, null, 2);
+  $("twin-reported").textContent = JSON.stringify(twin.reported.state, null, 2);
+  const pending = Object.keys(twin.delta || {}).length > 0;
+  $("twin-sync").textContent = pending
+    ? `Not applied yet: ${compact(twin.delta)} (the device applied v${twin.applied_version})`
+    : `In sync (the device applied v${twin.applied_version}).`;
+  $("twin-sync").dataset.sync = pending ? "pending" : "in-sync";
+}
+
+function twinForm(page) {
+  const form = $("twin-template").content.firstElementChild.cloneNode(true);
+  const patchBox = form.querySelector("#twin-patch");
+  const error = form.querySelector("#twin-error");
+  const button = form.querySelector("#twin-button");
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const parsed = parseArgs(patchBox.value, "The change");
+    if (parsed.error || !patchBox.value.trim()) {
+      error.textContent = parsed.error || "Give a JSON object, like {\"interval\": 5}";
+      return;
+    }
+    error.textContent = "";
+    button.disabled = true;
+    try {
+      // Only on top of the document shown: a change made meanwhile by someone else is not overwritten unseen.
+      const args = { device: page.name, patch: parsed.args };
+      if (page.twin) args.if_version = page.twin.desired.version;
+      onTwin(page, await app.hub.request("twin_set", args));
+      patchBox.value = "";
+    } catch (err) {
+      if (err instanceof HubError && err.code === "version_conflict") {
+        error.textContent = "The desired state changed meanwhile: it is shown now; check it and set again.";
+        await loadTwin(page);
+      } else {
+        error.textContent = describe(err);
+      }
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return form;
 }
 
 function showSummary(d) {
@@ -492,19 +562,19 @@ function renderCommands(page) {
 }
 
 /** The args of the send form as an object, or an error message. */
-function parseArgs(text) {
+function parseArgs(text, what = "Arguments") {
   if (!text.trim()) return { args: {} };
   let args;
   try {
     args = JSON.parse(text);
   } catch (err) {
-    return { error: `Arguments are not valid JSON: ${err.message}` };
+    return { error: `${what} ${what.endsWith("s") ? "are" : "is"} not valid JSON: ${err.message}` };
   }
   if (args === null || typeof args !== "object" || Array.isArray(args)) {
-    return { error: 'Arguments must be a JSON object, like {"interval": 5}.' };
+    return { error: `${what} must be a JSON object, like {"interval": 5}.` };
   }
   if (new TextEncoder().encode(JSON.stringify(args)).length > MAX_ARGS_BYTES) {
-    return { error: `Arguments must be at most ${MAX_ARGS_BYTES} bytes of JSON.` };
+    return { error: `${what} must be at most ${MAX_ARGS_BYTES} bytes of JSON.` };
   }
   return { args };
 }

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict
 
 import attrs
+import trio
 
 from device_client.protocol import FieldValue, Point
 from device_client.twin import check_document, check_patch, delta, merge_patch
@@ -37,6 +38,8 @@ __all__ = [
 Side: TypeAlias = Literal["desired", "reported"]
 #: The measurement a device's reported document is written to at each change (numbers and booleans, flattened).
 REPORTED_MEASUREMENT = "twin_reported"
+#: Seconds between two reads of a twin while `wait_applied` waits (besides being woken by reports).
+RECHECK = 5.0
 #: Longest flattened key written as a field (longer ones are left out of the point).
 _MAX_FIELD_KEY = 128
 
@@ -180,6 +183,7 @@ class TwinService:
         self.store = store
         self.on_change = on_change
         self._sessions: dict[str, Callable[[TwinChange], None]] = {}
+        self._applied: dict[str, trio.Event] = {}  # device -> set at its next report (`wait_applied`)
 
     async def get(self, device: str) -> TwinRecord:
         """The device's twin (UnknownDevice for an unregistered name)."""
@@ -202,6 +206,24 @@ class TwinService:
             self._changed(TwinChange(device, "reported", rec.reported_version, patch, rec), local=True)
         return rec, changed
 
+    async def wait_applied(self, device: str, version: int, timeout: float) -> TwinRecord | None:
+        """Wait until the device says it applied desired `version` (or a later one); the twin then, None after
+        `timeout` seconds. Woken by its reports here or on other hubs, and re-reads every `RECHECK` seconds anyway
+        (a report whose news was lost on the bus)."""
+        deadline = trio.current_time() + timeout
+        while True:
+            woken = self._applied.get(device)
+            if woken is None:
+                woken = self._applied[device] = trio.Event()
+            rec = await self.store.twin(device)
+            if rec.applied_version >= version:
+                return rec
+            now = trio.current_time()
+            if now >= deadline:
+                return None
+            with trio.move_on_at(min(deadline, now + RECHECK)):
+                await woken.wait()
+
     def attach(self, device: str, push: Callable[[TwinChange], None]) -> None:
         """The device's session here wants its desired changes (replacing any earlier session's wish)."""
         self._sessions[device] = push
@@ -216,6 +238,10 @@ class TwinService:
         self._changed(change, local=False)
 
     def _changed(self, change: TwinChange, *, local: bool) -> None:
+        if change.side == "reported":
+            woken = self._applied.pop(change.device, None)
+            if woken is not None:
+                woken.set()
         if change.side == "desired":
             push = self._sessions.get(change.device)
             if push is not None:
