@@ -26,10 +26,13 @@ from hub.control import ControlServer
 from hub.devices import DeviceServer
 from hub.edge import Edge, ServerTLS
 from hub.fleet import (
+    JOBS_FILE,
     Broadcaster,
     CommandRecordDict,
     CommandService,
     CommandStore,
+    JobRunner,
+    JobStore,
     Ledgers,
     Presence,
     RegistryStore,
@@ -248,6 +251,7 @@ async def _serve(
 ) -> None:
     sink = sink or make_sink(config)
     command_store = CommandStore(config.storage.path / "commands.sqlite3")
+    job_store = JobStore(config.storage.path / JOBS_FILE)  # per hub, as commands are (docs/scaling.md)
     spool = Spool(config.storage.path / "spool", config.storage.spool_max_bytes)
     stats = Stats()
     ledgers = Ledgers(registry)
@@ -311,6 +315,9 @@ async def _serve(
             twins=twins,
         )
         cluster = _cluster(config, registry, presence, commands, broadcaster, ledgers, server, control, twins)
+        # Desired-state jobs: pass desired=<the device twin's JobAction factory> here (hub/fleet/_job_runner.py).
+        jobs = JobRunner(job_store, commands, devices=registry.list, on_change=broadcaster.job)
+        control.jobs = jobs
         edge = Edge(config.server, [server, control], stats)
         hub_id = None if worker is None else f"{socket.gethostname()}-{worker}"
         metrics = HubMetrics(stats, presence, commands, pipeline, sink, started_at=time.time(), hub_id=hub_id)
@@ -336,6 +343,7 @@ async def _serve(
                         if cluster is not None:
                             await tasks.start(cluster.run)
                         await tasks.start(commands.run)
+                        await tasks.start(jobs.run)
                         await tasks.start(server.run)
                         await tasks.start(control.run)
                         await tasks.start(partial(metrics.write_loop, pipeline.submit, config.metrics.interval))
@@ -416,6 +424,7 @@ async def _serve(
             spool.close()
             sink.close()
             command_store.close()
+            job_store.close()
 
 
 def _web_app(

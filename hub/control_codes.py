@@ -17,7 +17,7 @@ from device_client.protocol import CloseCode
 __all__ = ["ANSWERS", "TOPICS", "Answer", "ControlError", "ErrorCode"]
 
 #: Subscription topics.
-TOPICS = ("telemetry", "presence", "commands", "twin")
+TOPICS = ("telemetry", "presence", "commands", "twin", "jobs")
 
 
 class ErrorCode(enum.StrEnum):

@@ -370,6 +370,9 @@ async def test_every_request_type_answers_with_the_reply_shape_of_the_table(tmp_
         async with control(hub, ops["a"]) as ctl:
             queued = (await ctl.ok("send_command", device="d1", name="x"))["command_id"]
             sub = (await ctl.ok("subscribe", topic="commands"))["subscription"]
+            await ctl.ok("device_label", name="d1", set={"site": "x"})
+            job = {"selector": "site=x", "action": {"type": "command", "name": "z"}}
+            job_id = (await ctl.ok("job_create", **job))["job_id"]  # d1 is offline: the job stays running
             requests: dict[str, dict[str, Any]] = {
                 "ping": {},
                 "status": {},
@@ -387,6 +390,10 @@ async def test_every_request_type_answers_with_the_reply_shape_of_the_table(tmp_
                 "device_label": {"name": "d2", "set": {"site": "berlin"}},
                 "twin": {"device": "d1"},
                 "twin_set": {"device": "d1", "patch": {"interval": 5}},
+                "job_create": job,
+                "jobs": {},
+                "job": {"job_id": job_id},
+                "job_cancel": {"job_id": job_id},
             }
             assert set(requests) == set(REQUESTS)
             for kind, args in requests.items():

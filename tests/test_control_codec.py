@@ -29,6 +29,10 @@ from hub.control import (
     DeviceRotate,
     Devices,
     ErrorCode,
+    Job,
+    JobCancel,
+    JobCreate,
+    Jobs,
     Ping,
     Reply,
     Request,
@@ -106,6 +110,23 @@ EXAMPLES: dict[str, tuple[str, Request]] = {
     ),
     "device_revoke": ('{"id":1,"type":"device_revoke","name":"d9"}', DeviceRevoke(name="d9")),
     "device_rotate": ('{"id":1,"type":"device_rotate","name":"d9"}', DeviceRotate(name="d9")),
+    "job_create": (
+        '{"id":1,"type":"job_create","selector":"site=berlin","action":{"type":"command","name":"reboot"},'
+        '"rate":2.5,"max_in_flight":4,"abort_percent":20.0}',
+        JobCreate(
+            selector="site=berlin",
+            action={"type": "command", "name": "reboot"},
+            rate=2.5,
+            max_in_flight=4,
+            abort_percent=20,
+        ),
+    ),
+    "jobs": ('{"id":1,"type":"jobs","state":"running","limit":5}', Jobs(state="running", limit=5)),
+    "job": (
+        '{"id":1,"type":"job","job_id":"j-1","state":"failed","limit":10,"offset":20}',
+        Job(job_id="j-1", state="failed", limit=10, offset=20),
+    ),
+    "job_cancel": ('{"id":1,"type":"job_cancel","job_id":"j-1"}', JobCancel(job_id="j-1")),
 }
 
 

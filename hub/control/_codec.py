@@ -28,14 +28,22 @@ from hub.control_codes import ANSWERS, TOPICS, Answer, ControlError, ErrorCode
 from hub.edge import has_bad_utf8
 from hub.fleet import (
     COMMAND_STATES,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RATE,
     DEVICE_STATES,
+    JOB_DEVICE_STATES,
+    JOB_STATES,
     BadLabel,
     CommandRecordDict,
     DeviceDetail,
+    DeviceOutcomeDict,
     DeviceSummary,
+    JobRecordDict,
+    Rollout,
     TwinDict,
     check_label_key,
     check_labels,
+    parse_action,
     parse_selector,
 )
 
@@ -61,6 +69,11 @@ __all__ = [
     "Devices",
     "ErrorCode",
     "Frame",
+    "Job",
+    "JobCancel",
+    "JobCreate",
+    "JobDetail",
+    "Jobs",
     "Ping",
     "Reply",
     "Request",
@@ -348,6 +361,68 @@ class TwinSet(Request):
     if_version: int | None = attrs.field(default=None, validator=_typed(int, optional=True))
 
 
+def _action(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    parse_action(value)
+
+
+def _offset_range(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ControlError(ErrorCode.BAD_REQUEST, "offset must be 0 or more")
+
+
+@attrs.frozen(kw_only=True)
+class JobCreate(Request):
+    """Apply `action` to every device `selector` matches now: at most `rate` devices started per second and
+    `max_in_flight` at once; abort when more than `abort_percent` % of the outcomes so far failed (docs/control.md,
+    "Jobs")."""
+
+    selector: str = attrs.field(validator=[_typed(str), _selector])
+    action: dict[str, JSON] = attrs.field(validator=[_typed(dict, message="action must be an object"), _action])
+    rate: float = attrs.field(default=DEFAULT_RATE, converter=_seconds, validator=_typed(int, float))
+    max_in_flight: int = attrs.field(default=DEFAULT_MAX_IN_FLIGHT, validator=_typed(int))
+    abort_percent: float | None = _optional_seconds()
+
+    def __attrs_post_init__(self) -> None:
+        self.rollout()  # checks the three together, as the job keeps them
+
+    def rollout(self) -> Rollout:
+        """The job's rollout; ControlError(bad_request) if a value is out of range."""
+        return Rollout(self.rate, self.max_in_flight, self.abort_percent)
+
+
+@attrs.frozen(kw_only=True)
+class Jobs(Request):
+    """Job records, newest first."""
+
+    state: str | None = _optional_str(_one_of(JOB_STATES))
+    limit: int = attrs.field(default=DEFAULT_LIMIT, validator=[_typed(int), _limit_range])
+
+
+@attrs.frozen(kw_only=True)
+class Job(Request):
+    """One job: its record with progress counts, and up to `limit` of its devices from `offset` (in rollout order),
+    only those in `state` if given."""
+
+    job_id: str = _name()
+    state: str | None = _optional_str(_one_of(JOB_DEVICE_STATES))
+    limit: int = attrs.field(default=DEFAULT_LIMIT, validator=[_typed(int), _limit_range])
+    offset: int = attrs.field(default=0, validator=[_typed(int), _offset_range])
+
+
+@attrs.frozen(kw_only=True)
+class JobCancel(Request):
+    """Cancel a running job: pending devices are cancelled, commands still queued or sent are cancelled."""
+
+    job_id: str = _name()
+
+
+class JobDetail(JobRecordDict):
+    """The `job` reply: the job record and a page of its devices."""
+
+    devices: list[DeviceOutcomeDict]
+    offset: int
+
+
 class IngestCounts(TypedDict):
     """The `status` reply's ingest figures."""
 
@@ -408,6 +483,9 @@ Result: TypeAlias = (
     | DeviceLabels
     | TwinDict
     | Empty
+    | JobRecordDict
+    | list[JobRecordDict]
+    | JobDetail
     | None
 )
 
@@ -426,13 +504,16 @@ class Reply(enum.Enum):
     LABELS = '{"name", "labels"}'
     TWIN = "a device twin"
     EMPTY = "{}"
+    JOB = "a job record"
+    JOBS = "a list of job records"
+    JOB_DETAIL = "a job record with a page of its devices"
 
     @property
     def json_type(self) -> type | None:
         """The JSON type of the `result` (list or dict); None for a pong, which has none."""
         if self is Reply.PONG:
             return None
-        return list if self in (Reply.SUMMARIES, Reply.RECORDS) else dict
+        return list if self in (Reply.SUMMARIES, Reply.RECORDS, Reply.JOBS) else dict
 
 
 _MISSING: Final = object()
@@ -487,6 +568,10 @@ REQUESTS: Mapping[str, RequestSpec] = _table(
         RequestSpec("device_label", DeviceLabel, "admin", Reply.LABELS),
         RequestSpec("twin", Twin, "viewer", Reply.TWIN),
         RequestSpec("twin_set", TwinSet, "operator", Reply.TWIN),
+        RequestSpec("job_create", JobCreate, "operator", Reply.JOB),
+        RequestSpec("jobs", Jobs, "viewer", Reply.JOBS),
+        RequestSpec("job", Job, "viewer", Reply.JOB_DETAIL),
+        RequestSpec("job_cancel", JobCancel, "operator", Reply.JOB),
     ]
 )
 _BY_CLASS: Mapping[type[Request], RequestSpec] = {spec.request: spec for spec in REQUESTS.values()}

@@ -33,6 +33,11 @@ from hub.control._codec import (
     Empty,
     ErrorCode,
     HubStatus,
+    Job,
+    JobCancel,
+    JobCreate,
+    JobDetail,
+    Jobs,
     NewToken,
     Request,
     RequestSpec,
@@ -51,6 +56,8 @@ from hub.fleet import (
     DeviceLedger,
     DeviceStatus,
     DeviceSummary,
+    JobRecordDict,
+    JobRunner,
     TwinDict,
     UnknownDevice,
     VersionConflict,
@@ -323,6 +330,39 @@ class Operations:
             raise ControlError(code, exc.detail) from None
         log.info("desired twin changed by operator", extra=caller.kv(device=device, version=rec.desired_version))
         return rec.to_dict(device)
+
+    # ------------------------------------------------------------------ jobs (hub/fleet/_job_runner.py)
+
+    def _jobs(self) -> JobRunner:
+        jobs = self.server.jobs
+        if jobs is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "this hub runs no jobs")
+        return jobs
+
+    @_handles(JobCreate)
+    async def _job_create(self, caller: Caller, req: JobCreate) -> JobRecordDict:
+        record = await self._jobs().create(req.selector, req.action, req.rollout(), caller.operator)
+        log.info("job created by operator", extra=caller.kv(job_id=record.job_id, devices=record.total))
+        return record.as_dict()
+
+    @_handles(Jobs)
+    async def _jobs_list(self, caller: Caller, req: Jobs) -> list[JobRecordDict]:
+        return [r.as_dict() for r in await self._jobs().list(req.state, req.limit)]
+
+    @_handles(Job)
+    async def _job(self, caller: Caller, req: Job) -> JobDetail:
+        jobs = self._jobs()
+        record = await jobs.get(req.job_id)
+        if record is None:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no job {req.job_id[:64]!r}")
+        devices = await jobs.devices(req.job_id, req.state, req.limit, req.offset)
+        return {**record.as_dict(), "devices": [d.as_dict() for d in devices], "offset": req.offset}
+
+    @_handles(JobCancel)
+    async def _job_cancel(self, caller: Caller, req: JobCancel) -> JobRecordDict:
+        record = await self._jobs().cancel(req.job_id, caller.operator)
+        log.info("job cancelled by operator", extra=caller.kv(job_id=req.job_id))
+        return record.as_dict()
 
 
 def retry_seconds(seconds: float) -> int:

@@ -43,6 +43,7 @@ from hub.fleet import (
     CommandRecordDict,
     CommandService,
     DeviceStatus,
+    JobRunner,
     Ledgers,
     Presence,
     RegistryStore,
@@ -150,6 +151,7 @@ class ControlServer:
         self._buckets: dict[str, TokenBucket] = {}  # per operator, shared by its sessions
         self._closers: trio.Nursery | None = None  # while `run` runs
         self.cluster: ClusterView | None = None  # the other hubs, in a cluster (hub.cluster)
+        self.jobs: JobRunner | None = None  # this hub's fleet jobs, once its runner is set (hub.app)
         self.operations = Operations(self)  # each request, for this channel's sessions and for REST
 
     def bucket(self, operator: str) -> TokenBucket:

@@ -5,6 +5,7 @@ SQLite `_registry` or Redis `_redis_store` with its handshake cache `_cache`; `_
 `_labels` the label and selector rules, `_twins` the device twins), `_ledger` (per-device progress), `_presence`
 with its state table `_presence_states`, the command service `_commands` with its store `_command_store` and state
 table `_command_states`, `_subscriptions` (events for operators) and `_summary` (device summaries for operators).
+Jobs: `_jobs` (values and the rollout's decisions), `_job_states` (their tables), `_job_store` (SQLite), `_job_runner`.
 """
 
 from hub.fleet._accounts import (
@@ -36,6 +37,37 @@ from hub.fleet._command_states import (
 )
 from hub.fleet._command_store import CommandHistoryEntry, CommandRecord, CommandRecordDict, CommandStore
 from hub.fleet._commands import CommandError, CommandService, Elsewhere, Relay, Sender
+from hub.fleet._job_runner import ActionResult, CommandAction, DesiredActionFactory, JobAction, JobRunner
+from hub.fleet._job_states import (
+    DEVICE_FINAL_STATES as JOB_DEVICE_FINAL_STATES,
+)
+from hub.fleet._job_states import (
+    DEVICE_STATES as JOB_DEVICE_STATES,
+)
+from hub.fleet._job_states import (
+    JOB_FINAL_STATES,
+    JOB_STATES,
+    DeviceEvent,
+    DeviceState,
+    JobEvent,
+    JobState,
+)
+from hub.fleet._job_store import JOBS_FILE, JobStore
+from hub.fleet._jobs import (
+    ABORT_MIN_OUTCOMES,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RATE,
+    MAX_IN_FLIGHT,
+    MAX_RATE,
+    CommandSpec,
+    DesiredSpec,
+    DeviceOutcome,
+    DeviceOutcomeDict,
+    JobRecord,
+    JobRecordDict,
+    Rollout,
+    parse_action,
+)
 from hub.fleet._labels import (
     LABEL_RE,
     MAX_LABELS,
@@ -85,37 +117,63 @@ from hub.fleet._twins import (
 )
 
 __all__ = [
+    "ABORT_MIN_OUTCOMES",
     "COMMAND_FINAL_STATES",
     "COMMAND_STATES",
     "COMMAND_TTL_STATES",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_RATE",
     "DEVICE_STATES",
+    "JOBS_FILE",
+    "JOB_DEVICE_FINAL_STATES",
+    "JOB_DEVICE_STATES",
+    "JOB_FINAL_STATES",
+    "JOB_STATES",
     "LABEL_RE",
+    "MAX_IN_FLIGHT",
     "MAX_LABELS",
+    "MAX_RATE",
     "NAME_RE",
     "REGISTRY_FILE",
     "REPORTED_MEASUREMENT",
     "ROLES",
     "SEEN_STATES",
+    "ActionResult",
     "BadLabel",
     "BadName",
     "BadRole",
     "Broadcaster",
+    "CommandAction",
     "CommandError",
     "CommandEvent",
     "CommandHistoryEntry",
     "CommandRecord",
     "CommandRecordDict",
     "CommandService",
+    "CommandSpec",
     "CommandState",
     "CommandStore",
+    "DesiredActionFactory",
+    "DesiredSpec",
     "DeviceDetail",
+    "DeviceEvent",
     "DeviceExists",
     "DeviceLedger",
+    "DeviceOutcome",
+    "DeviceOutcomeDict",
     "DeviceRecord",
+    "DeviceState",
     "DeviceStatus",
     "DeviceSummary",
     "Elsewhere",
     "EventBuffer",
+    "JobAction",
+    "JobEvent",
+    "JobRecord",
+    "JobRecordDict",
+    "JobRunner",
+    "JobState",
+    "JobStore",
     "LatestPoint",
     "Ledgers",
     "OperatorExists",
@@ -127,6 +185,7 @@ __all__ = [
     "RegistryError",
     "RegistryStore",
     "Relay",
+    "Rollout",
     "SQLiteStore",
     "Selector",
     "Sender",
@@ -151,6 +210,7 @@ __all__ = [
     "latest_points",
     "list_summaries",
     "open_registry_store",
+    "parse_action",
     "parse_label",
     "parse_selector",
     "patch_twin",

@@ -11,6 +11,7 @@ from hub.control_codes import TOPICS as CONTROL_TOPICS
 
 if TYPE_CHECKING:
     from hub.fleet._command_store import CommandRecordDict
+    from hub.fleet._jobs import JobRecord, JobRecordDict
     from hub.fleet._summary import DeviceSummary
     from hub.fleet._twins import TwinDict
 
@@ -45,10 +46,11 @@ class TelemetryEvent(TypedDict):
     tags: dict[str, str]
 
 
-#: What a subscription buffers: ``(device, point)`` for telemetry (the event is built when it is sent), else the event.
-SubscriptionItem: TypeAlias = "tuple[str, Point] | DeviceSummary | CommandRecordDict | TwinDict"
-#: What a subscription pushes: a telemetry event, a device summary, a command record or a twin.
-SubscriptionEvent: TypeAlias = "TelemetryEvent | DeviceSummary | CommandRecordDict | TwinDict"
+#: What a subscription buffers: ``(device, point)`` for telemetry and a `JobRecord` for jobs (their events are built
+#: when sent), else the event.
+SubscriptionItem: TypeAlias = "tuple[str, Point] | DeviceSummary | CommandRecordDict | TwinDict | JobRecord"
+#: What a subscription pushes: a telemetry event, a device summary, a command record, a twin or a job record.
+SubscriptionEvent: TypeAlias = "TelemetryEvent | DeviceSummary | CommandRecordDict | TwinDict | JobRecordDict"
 
 
 class EventBuffer(Generic[_T]):
@@ -145,6 +147,8 @@ class Subscription:
         if isinstance(item, tuple):  # only telemetry items are tuples
             device, point = item
             return telemetry_event(device, point)
+        if not isinstance(item, dict):  # only job items are records
+            return item.as_dict()
         return item
 
     def wants(self, device: str) -> bool:
@@ -169,6 +173,7 @@ class Broadcaster:
         self._presence: dict[int, Subscription] = {}
         self._commands: dict[int, Subscription] = {}
         self._twins: dict[int, Subscription] = {}
+        self._jobs: dict[int, Subscription] = {}
         self._relays = 0  # relay subscriptions among the telemetry ones
         #: Called when the devices this hub's operators watch change (the cluster tells the other hubs).
         self.on_watch_change: Callable[[], None] | None = None
@@ -209,6 +214,8 @@ class Broadcaster:
             self._presence[sub.id] = sub
         elif topic == "twin":
             self._twins[sub.id] = sub
+        elif topic == "jobs":
+            self._jobs[sub.id] = sub
         else:
             self._commands[sub.id] = sub
         return sub
@@ -222,6 +229,7 @@ class Broadcaster:
         self._presence.pop(sub.id, None)
         self._commands.pop(sub.id, None)
         self._twins.pop(sub.id, None)
+        self._jobs.pop(sub.id, None)
         if sub.topic == "telemetry" and sub.devices is not None:
             for device in sub.devices:
                 by_id = self._telemetry_by_device.get(device)
@@ -311,3 +319,10 @@ class Broadcaster:
             if sub.wants(device):
                 sub.buffer.put(("twin", device), twin)
                 sub.notify()
+
+    def job(self, record: JobRecord) -> None:
+        """A job record after a change of its state or counts (coalesced per job id; a job is not any one device's,
+        so a subscription's device filter does not apply)."""
+        for sub in self._jobs.values():
+            sub.buffer.put(record.job_id, record)
+            sub.notify()

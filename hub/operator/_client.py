@@ -48,6 +48,11 @@ from hub.control import (
     Devices,
     ErrorCode,
     HubStatus,
+    Job,
+    JobCancel,
+    JobCreate,
+    JobDetail,
+    Jobs,
     NewToken,
     Ping,
     Request,
@@ -62,7 +67,14 @@ from hub.control import (
     spec_for,
 )
 from hub.control_codes import TOPICS as CONTROL_TOPICS
-from hub.fleet import COMMAND_FINAL_STATES, CommandRecordDict, DeviceDetail, DeviceSummary, TwinDict
+from hub.fleet import (
+    COMMAND_FINAL_STATES,
+    CommandRecordDict,
+    DeviceDetail,
+    DeviceSummary,
+    JobRecordDict,
+    TwinDict,
+)
 
 __all__ = [
     "CONTROL_PATH",
@@ -405,6 +417,41 @@ class ControlClient:
     async def cancel_command(self, command_id: str) -> CommandRecordDict:
         """Cancel a command still queued or sent; its record, now cancelled."""
         return cast(CommandRecordDict, await self.call(_build(CancelCommand, command_id=command_id)))
+
+    async def job_create(
+        self,
+        selector: str,
+        action: Mapping[str, JSON],
+        *,
+        rate: float | None = None,
+        max_in_flight: int | None = None,
+        abort_percent: float | None = None,
+    ) -> JobRecordDict:
+        """Start a job (operators): `action` on every device `selector` matches now; its record."""
+        request = _build(
+            JobCreate,
+            selector=selector,
+            action=dict(action),
+            rate=rate,
+            max_in_flight=max_in_flight,
+            abort_percent=abort_percent,
+        )
+        return cast(JobRecordDict, await self.call(request))
+
+    async def jobs(self, state: str | None = None, limit: int | None = None) -> list[JobRecordDict]:
+        """Job records, newest first."""
+        return cast(list[JobRecordDict], await self.call(_build(Jobs, state=state, limit=limit)))
+
+    async def job(
+        self, job_id: str, *, state: str | None = None, limit: int | None = None, offset: int | None = None
+    ) -> JobDetail:
+        """One job: its record with progress counts and a page of its devices."""
+        request = _build(Job, job_id=job_id, state=state, limit=limit, offset=offset)
+        return cast(JobDetail, await self.call(request))
+
+    async def job_cancel(self, job_id: str) -> JobRecordDict:
+        """Cancel a running job (operators); its record, now cancelling or cancelled."""
+        return cast(JobRecordDict, await self.call(_build(JobCancel, job_id=job_id)))
 
     @asynccontextmanager
     async def subscribe(

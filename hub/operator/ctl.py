@@ -53,9 +53,13 @@ __all__ = [
     "format_devices",
     "format_dropped",
     "format_event",
+    "format_job",
+    "format_job_progress",
+    "format_jobs",
     "format_labels",
     "format_status",
     "format_twin",
+    "job_action",
     "main",
     "parse_arg",
     "table",
@@ -78,7 +82,7 @@ class ExitCode:
     ERROR = 1  # the hub answered with an error (its code and message are on stderr)
     USAGE = 2
     CONNECT = 3  # cannot connect, token refused, or the connection failed
-    COMMAND = 4  # send --wait: the command did not succeed, or the wait timed out
+    COMMAND = 4  # send --wait: the command did not succeed, or the wait timed out; a followed job not all succeeded
     INTERRUPTED = 130
 
 
@@ -101,7 +105,9 @@ is refused to any host but loopback (localhost, 127.0.0.0/8, ::1) unless --insec
 _EPILOG = """\
 exit codes: 0 ok; 1 the hub answered with an error (its code is on stderr); 2 usage;
 3 cannot connect, token refused, or the connection failed; 4 send --wait: the command
-failed, expired, timed out or was cancelled, or the wait timed out."""
+failed, expired, timed out or was cancelled, or the wait timed out; job create --wait and
+job show --follow: the job ended with a device that did not succeed (failed, cancelled or
+skipped), or was cancelled or aborted."""
 
 
 _SELECTOR_HELP = "only devices whose labels match, e.g. site=berlin,model!=th-100,beta (all terms must match)"
@@ -330,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command_id", metavar="ID")
 
     sub("status", "the hub's figures: connections, devices, ingest, commands")
+
+    _add_job_parser(sub)
 
     p = sub(
         "request",
@@ -702,6 +710,8 @@ def format_event(item: Event, tz: tzinfo | None = None) -> str:
         versions = f"desired v{_clean(desired.get('version', 0))} reported v{_clean(reported.get('version', 0))}"
         delta = e.get("delta")
         return f"{when}  {device:<12} twin         {versions} delta={_shorten(_compact(delta or {}), 200)}"
+    if item.topic == "jobs":
+        return f"{_when(e.get('updated'), tz, ms=True)}  {format_job_progress(e)}"
     return f"{_clean(item.topic)}: {_compact(e)}"
 
 
@@ -913,6 +923,298 @@ async def _request(hub: ControlClient, opts: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+# ---------------------------------------------------------------------------- jobs
+
+JOB_STATES = tuple(s.value for s in fleet.JOB_STATES)
+JOB_DEVICE_STATES = tuple(s.value for s in fleet.JOB_DEVICE_STATES)
+#: Seconds between two looks at a followed job.
+FOLLOW_EVERY = 0.5
+
+_JOB_DESCRIPTION = """\
+Fleet jobs: one action on every device a label selector matches when the job starts, at most
+--rate devices started per second and --max-in-flight at once, each device with its own outcome
+(docs/control.md, "Jobs"). Creating and cancelling need the operator role; list and show, viewer.
+Jobs are durable: a restarted hub resumes them."""
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in 0..100, not {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of devices per second, not {text}")
+    return value
+
+
+def _add_job_parser(sub: Callable[..., argparse.ArgumentParser]) -> None:
+    job = sub("job", "fleet jobs: create, list, show, cancel", _JOB_DESCRIPTION)
+    actions = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
+
+    def action(name: str, help: str, description: str = "") -> argparse.ArgumentParser:
+        p = actions.add_parser(
+            name,
+            help=help,
+            description=description or help,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_common(p, top=False)
+        return p
+
+    p = action(
+        "create",
+        "start a job: a command on every device a selector matches",
+        "Start a job that sends command --command to every device --selector matches now (each with the\n"
+        "idempotency key job:<job id>) and print its id. With --wait, print a live progress line until it\n"
+        "ends, then its outcome; exit 4 unless every device succeeded.",
+    )
+    p.add_argument("--selector", metavar="SELECTOR", required=True, help="the devices, e.g. site=berlin,model=th-100")
+    p.add_argument("--command", dest="command_name", metavar="NAME", required=True, help="the command to send")
+    p.add_argument(
+        "--arg",
+        dest="args",
+        metavar="K=V",
+        type=parse_arg,
+        action="append",
+        default=[],
+        help="a command argument; V is parsed as JSON when it parses, else taken as a string; repeatable",
+    )
+    p.add_argument("--args", dest="args_json", metavar="JSON", type=_json_object, help="arguments as a JSON object")
+    p.add_argument("--ttl", metavar="S", type=_seconds, help="seconds each command may wait for delivery (hub: 3600)")
+    p.add_argument("--timeout", metavar="S", type=_seconds, help="seconds a device has to answer (hub: 30)")
+    p.add_argument(
+        "--rate", metavar="R", type=_rate, help=f"devices started per second (default {fleet.DEFAULT_RATE:g})"
+    )
+    p.add_argument(
+        "--max-in-flight",
+        metavar="N",
+        type=_positive_int,
+        help=f"devices in flight at once (default {fleet.DEFAULT_MAX_IN_FLIGHT})",
+    )
+    p.add_argument(
+        "--abort-percent",
+        metavar="X",
+        type=_percent,
+        help=f"abort when more than X%% of the outcomes so far failed (checked from min({fleet.ABORT_MIN_OUTCOMES},"
+        " devices) outcomes on; default: never)",
+    )
+    p.add_argument("--wait", action="store_true", help="follow the job with a progress line until it ends")
+
+    p = action("list", "list jobs, newest first")
+    p.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N jobs (hub default: 50, max 1000)")
+
+    p = action(
+        "show",
+        "one job: its progress and its devices' outcomes",
+        "Show a job: its action, rollout, progress by state and a page of its devices' outcomes.\n"
+        "With --follow, print a live progress line until the job ends first; exit 4 unless every\n"
+        "device succeeded.",
+    )
+    p.add_argument("job_id", metavar="ID")
+    p.add_argument("--state", choices=JOB_DEVICE_STATES, help="only devices in this state")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="at most N devices (hub default: 50, max 1000)")
+    p.add_argument("--offset", type=int, metavar="N", help="skip the first N devices")
+    p.add_argument("--follow", action="store_true", help="print a live progress line until the job ends")
+
+    p = action("cancel", "cancel a running job: pending devices are cancelled, queued commands too")
+    p.add_argument("job_id", metavar="ID")
+
+
+def job_action(opts: argparse.Namespace) -> dict[str, JSON]:
+    """The `action` object of `job create`."""
+    action: dict[str, JSON] = {"type": "command", "name": opts.command_name}
+    args = command_args(opts)
+    if args is not None:
+        action["args"] = args
+    if opts.ttl is not None:
+        action["ttl"] = opts.ttl
+    if opts.timeout is not None:
+        action["timeout"] = opts.timeout
+    return action
+
+
+def format_job_progress(job: Mapping[str, object]) -> str:
+    """One line of a job's progress: ``job j-1 running: 57/200 done (50 succeeded, 7 failed), 10 running, ...``."""
+    counts = _object(job.get("counts"))
+
+    def n(state: str) -> int:
+        value = counts.get(state, 0)
+        return value if isinstance(value, int) else 0
+
+    done = sum(n(s) for s in ("succeeded", "failed", "cancelled", "skipped"))
+    outcomes = ", ".join(f"{n(s)} {s}" for s in ("succeeded", "failed", "cancelled", "skipped") if n(s))
+    total = _clean(job.get("total", "?"))
+    line = f"job {_clean(job.get('job_id', '?'))} {_clean(job.get('state', '?'))}: {done}/{total} done"
+    if outcomes:
+        line += f" ({outcomes})"
+    line += f", {n('running')} running, {n('pending')} pending"
+    return line
+
+
+def _action_text(action: object) -> str:
+    a = _object(action)
+    if a.get("type") == "command":
+        text = f"command {_clean(a.get('name', '?'))}"
+        if a.get("args"):
+            text += f" {_compact(a['args'])}"
+        for key in ("ttl", "timeout"):
+            if a.get(key) is not None:
+                text += f" {key} {duration(a[key])}"
+        return text
+    return _compact(a)
+
+
+def format_jobs(jobs: Sequence[Mapping[str, object]], now: float) -> str:
+    """The `job list` table (newest first)."""
+    if not jobs:
+        return "no jobs"
+    rows = []
+    for j in jobs:
+        counts = _object(j.get("counts"))
+        done = sum(v for k, v in counts.items() if k not in ("pending", "running") and isinstance(v, int))
+        rows.append(
+            [
+                _clean(j.get("job_id", "?")),
+                _clean(j.get("state", "?")),
+                f"{done}/{_clean(j.get('total', '?'))}",
+                _clean(counts.get("failed", 0)),
+                _shorten(_action_text(j.get("action")), 40),
+                _shorten(_clean(j.get("selector", "?")), 40),
+                ago(j.get("created"), now),
+                _clean(j.get("operator") or "-"),
+            ]
+        )
+    return "\n".join(table(["ID", "STATE", "DONE", "FAILED", "ACTION", "SELECTOR", "CREATED", "OPERATOR"], rows))
+
+
+def format_job(job: Mapping[str, object], now: float, tz: tzinfo | None = None, *, filtered: bool = False) -> str:
+    """The `job show ID` view: the record, its progress and a page of its devices (`filtered`: of one state)."""
+
+    def num(value: object) -> str:
+        return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else _clean(value)
+
+    abort = job.get("abort_percent")
+    rollout = f"{num(job.get('rate', '?'))}/s, at most {num(job.get('max_in_flight', '?'))} in flight"
+    rollout += f", abort past {num(abort)} % failed" if abort is not None else ", never aborts"
+    pairs = [
+        ("job", _clean(job.get("job_id", "?"))),
+        ("state", _clean(job.get("state", "?"))),
+        ("reason", _clean(job.get("reason") or "-")),
+        ("action", _action_text(job.get("action"))),
+        ("selector", _clean(job.get("selector", "?"))),
+        ("rollout", rollout),
+        ("operator", _clean(job.get("operator") or "-")),
+        ("created", _at(job.get("created"), now, tz)),
+        ("updated", _at(job.get("updated"), now, tz)),
+        ("progress", format_job_progress(job).split(": ", 1)[-1]),
+    ]
+    lines = _pairs(pairs)
+    devices = job.get("devices")
+    if isinstance(devices, list) and devices:
+        lines.append("")
+        rows = [
+            [
+                _clean(d.get("device", "?")),
+                _clean(d.get("state", "?")),
+                ago(d.get("started"), now),
+                ago(d.get("finished"), now),
+                _clean(d.get("ref") or "-"),
+                _shorten(_clean(d.get("error") or "")),
+            ]
+            for d in devices
+            if isinstance(d, dict)
+        ]
+        lines.extend(table(["DEVICE", "STATE", "STARTED", "FINISHED", "COMMAND", "ERROR"], rows))
+        offset = job.get("offset")
+        first = offset if isinstance(offset, int) else 0
+        total = job.get("total")
+        if isinstance(total, int) and first + len(rows) < total and not filtered:
+            lines.append(f"(devices {first + 1}-{first + len(rows)} of {total}: --offset for more)")
+    return "\n".join(lines)
+
+
+def _job_exit(job: Mapping[str, object]) -> int:
+    counts = _object(job.get("counts"))
+    if job.get("state") == "completed" and counts.get("succeeded") == job.get("total"):
+        return ExitCode.OK
+    _err(f"hubctl: {format_job_progress(job)}")
+    return ExitCode.COMMAND
+
+
+async def _follow_job(hub: ControlClient, job_id: str) -> None:
+    """Print the job's progress line until it ends: in place on a terminal, a line per change otherwise."""
+    tty = sys.stderr.isatty()
+    last = ""
+    while True:
+        job = await hub.job(job_id, limit=1)
+        line = format_job_progress(job)
+        if line != last:
+            print(("\r\x1b[K" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+            last = line
+        if job.get("state") in fleet.JOB_FINAL_STATES:
+            if tty:
+                print(file=sys.stderr, flush=True)
+            return
+        await trio.sleep(FOLLOW_EVERY)
+
+
+async def _job_create(hub: ControlClient, opts: argparse.Namespace) -> int:
+    job = await hub.job_create(
+        opts.selector,
+        job_action(opts),
+        rate=opts.rate,
+        max_in_flight=opts.max_in_flight,
+        abort_percent=opts.abort_percent,
+    )
+    if not opts.wait:
+        _show(opts, job, lambda: f"{format_job_progress(job)}\nfollow it: hubctl job show {job['job_id']} --follow")
+        return ExitCode.OK
+    await _follow_job(hub, job["job_id"])
+    final = await hub.job(job["job_id"])
+    _show(opts, final, lambda: format_job(final, time.time()))
+    return _job_exit(final)
+
+
+async def _job_list(hub: ControlClient, opts: argparse.Namespace) -> int:
+    jobs = await hub.jobs(opts.state, opts.limit)
+    _show(opts, jobs, lambda: format_jobs(jobs, time.time()))
+    return ExitCode.OK
+
+
+async def _job_show(hub: ControlClient, opts: argparse.Namespace) -> int:
+    if opts.follow:
+        await _follow_job(hub, opts.job_id)
+    job = await hub.job(opts.job_id, state=opts.state, limit=opts.limit, offset=opts.offset)
+    _show(opts, job, lambda: format_job(job, time.time(), filtered=opts.state is not None))
+    return _job_exit(job) if opts.follow else ExitCode.OK
+
+
+async def _job_cancel(hub: ControlClient, opts: argparse.Namespace) -> int:
+    job = await hub.job_cancel(opts.job_id)
+    _show(opts, job, lambda: format_job_progress(job))
+    return ExitCode.OK
+
+
+_JOB_COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable[int]]] = {
+    "create": _job_create,
+    "list": _job_list,
+    "show": _job_show,
+    "cancel": _job_cancel,
+}
+
+
 _COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable[int]]] = {
     "devices": _devices,
     "device": _device,
@@ -928,6 +1230,7 @@ _COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], Awaitable[int
     "cancel": _cancel,
     "status": _status,
     "request": _request,
+    "job": lambda hub, opts: _JOB_COMMANDS[opts.job_command](hub, opts),
 }
 
 

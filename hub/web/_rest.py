@@ -34,6 +34,10 @@ from hub.control import (
     DeviceRotate,
     Devices,
     ErrorCode,
+    Job,
+    JobCancel,
+    JobCreate,
+    Jobs,
     Request,
     Result,
     SendCommand,
@@ -131,6 +135,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/commands", SendCommand, "Send a command (with wait: answered once final)", 202, body=True),
     Endpoint("GET", "/v1/commands/{command_id}", Command, "One command record"),
     Endpoint("POST", "/v1/commands/{command_id}/cancel", CancelCommand, "Cancel a command still queued or sent"),
+    Endpoint("GET", "/v1/jobs", Jobs, "Job records, newest first", query=("state", "limit")),
+    Endpoint("POST", "/v1/jobs", JobCreate, "Start a job on every device a selector matches", 201, body=True),
+    Endpoint(
+        "GET",
+        "/v1/jobs/{job_id}",
+        Job,
+        "One job: progress counts and a page of its devices",
+        query=("state", "limit", "offset"),
+    ),
+    Endpoint("POST", "/v1/jobs/{job_id}/cancel", JobCancel, "Cancel a running job"),
 )
 
 
