@@ -31,6 +31,7 @@ from hub.fleet import (
     CommandRecordDict,
     CommandService,
     CommandStore,
+    DesiredAction,
     JobRunner,
     JobStore,
     Ledgers,
@@ -315,8 +316,13 @@ async def _serve(
             twins=twins,
         )
         cluster = _cluster(config, registry, presence, commands, broadcaster, ledgers, server, control, twins)
-        # Desired-state jobs: pass desired=<the device twin's JobAction factory> here (hub/fleet/_job_runner.py).
-        jobs = JobRunner(job_store, commands, devices=registry.list, on_change=broadcaster.job)
+        jobs = JobRunner(
+            job_store,
+            commands,
+            devices=registry.list,
+            on_change=broadcaster.job,
+            desired=lambda spec, operator: DesiredAction(twins, spec, operator),
+        )
         control.jobs = jobs
         edge = Edge(config.server, [server, control], stats)
         hub_id = None if worker is None else f"{socket.gethostname()}-{worker}"

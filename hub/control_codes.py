@@ -13,8 +13,9 @@ from collections.abc import Mapping
 import attrs
 
 from device_client.protocol import CloseCode
+from device_client.twin import TwinError
 
-__all__ = ["ANSWERS", "TOPICS", "Answer", "ControlError", "ErrorCode"]
+__all__ = ["ANSWERS", "TOPICS", "Answer", "ControlError", "ErrorCode", "twin_error"]
 
 #: Subscription topics.
 TOPICS = ("telemetry", "presence", "commands", "twin", "jobs")
@@ -90,3 +91,8 @@ class ControlError(Exception):
     def answer(self) -> Answer:
         """What the hub does besides replying (`ANSWERS`)."""
         return ANSWERS[self.code]
+
+
+def twin_error(exc: TwinError) -> ControlError:
+    """The control error of a twin patch refused (`too_large`, or `bad_patch` for anything else)."""
+    return ControlError(ErrorCode.TOO_LARGE if exc.reason == "too_large" else ErrorCode.BAD_PATCH, exc.detail)

@@ -17,11 +17,13 @@ import trio
 
 from firmware_sim import FleetTotals, run_fleet
 from hub.app import HubHandle
+from hub.config import StateConfig
 from hub.control_codes import ControlError
 from hub.fleet import (
     ABORT_MIN_OUTCOMES,
     ActionResult,
     CommandSpec,
+    DesiredAction,
     DesiredSpec,
     DeviceEvent,
     DeviceOutcome,
@@ -34,6 +36,8 @@ from hub.fleet import (
     JobStore,
     Registry,
     Rollout,
+    TwinService,
+    open_registry_store,
     parse_action,
 )
 from hub.fleet._job_states import (  # the tables themselves: tests may read the private module
@@ -140,6 +144,8 @@ def test_actions_and_rollouts_are_checked() -> None:
     assert spec == CommandSpec("echo", {"x": 1}, 5.0, 2.0)
     assert parse_action(spec.as_dict()) == spec  # as stored
     assert parse_action({"type": "desired", "patch": {"interval": 5}}) == DesiredSpec({"interval": 5})
+    desired = parse_action({"type": "desired", "patch": {"interval": 5}, "timeout": 30})
+    assert desired == DesiredSpec({"interval": 5}, 30.0) and parse_action(desired.as_dict()) == desired
     for bad, code in [
         ("reboot", "bad_request"),
         ({"name": "reboot"}, "bad_request"),
@@ -150,6 +156,11 @@ def test_actions_and_rollouts_are_checked() -> None:
         ({"type": "command", "name": "x", "colour": 1}, "bad_request"),
         ({"type": "desired", "patch": {}}, "bad_request"),
         ({"type": "desired", "patch": [1]}, "bad_request"),
+        ({"type": "desired", "patch": {"a": 1}, "timeout": 0}, "bad_command"),
+        ({"type": "desired", "patch": {"a": 1}, "timeout": 1e9}, "bad_command"),
+        ({"type": "desired", "patch": {"a": 1}, "ttl": 5}, "bad_request"),
+        ({"type": "desired", "patch": {"a": "x" * 20_000}}, "too_large"),
+        ({"type": "desired", "patch": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}}}, "bad_patch"),
     ]:
         with pytest.raises(ControlError) as caught:
             parse_action(bad)
@@ -268,6 +279,41 @@ async def test_job_across_200_devices_with_some_offline(tmp_path: Path) -> None:
         hub.stop()
 
 
+async def test_a_desired_state_job_succeeds_where_devices_apply_it(tmp_path: Path) -> None:
+    """30 simulated devices take their interval from the twin; 3 are offline and never apply it (timeout 2 s): each
+    online device's twin is in sync, the offline ones keep the change for their next connection."""
+    online_names = [f"th-{i:02d}" for i in range(30)]
+    offline_names = ["th-05-off", "th-15-off", "th-25-off"]
+    tokens = register(tmp_path, online_names, {"site": "berlin"})
+    register(tmp_path, offline_names, {"site": "berlin"})
+    ops = add_operators(tmp_path, op="operator")
+    async with trio.open_nursery() as nursery:
+        hub = await start_hub(nursery, hub_config(tmp_path))
+        async with fleet_of(url(hub), tokens), control(hub, ops["op"]) as ctl:
+            await online(ctl, 30, "site=berlin")
+            action = {"type": "desired", "patch": {"interval": 20}, "timeout": 2}
+            job = await ctl.ok("job_create", selector="site=berlin", action=action, rate=100, max_in_flight=10)
+            assert job["action"] == action
+            done = await finished(ctl, job["job_id"])
+            assert done["state"] == "completed" and nonzero(done) == {"succeeded": 30, "failed": 3}
+            devices = await all_devices(ctl, job["job_id"])
+            failed = {d["device"]: d["error"] for d in devices if d["state"] == "failed"}
+            assert set(failed) == set(offline_names)
+            assert all(e.startswith("not applied within 2 s") for e in failed.values()), failed
+            for name in online_names:
+                twin = await ctl.ok("twin", device=name)
+                assert twin["delta"] == {} and twin["reported"]["state"]["interval"] == 20, twin
+                assert twin["desired"]["version"] == 1 and twin["applied_version"] == 1
+            for name in offline_names:
+                twin = await ctl.ok("twin", device=name)
+                assert twin["desired"]["state"] == {"interval": 20} and twin["applied_version"] == 0
+            # The same patch again: nothing changes, the devices are at that version already.
+            again = await ctl.ok("job_create", selector="site=berlin", action=action, rate=100, max_in_flight=10)
+            assert nonzero(await finished(ctl, again["job_id"])) == {"succeeded": 30, "failed": 3}
+            assert (await ctl.ok("twin", device="th-00"))["desired"]["version"] == 1
+        hub.stop()
+
+
 async def test_abort_threshold_stops_the_job(tmp_path: Path) -> None:
     names = [f"s-{i:02d}" for i in range(20)]
     tokens = register(tmp_path, names, {"site": "lab"})
@@ -342,7 +388,7 @@ async def test_job_requests_check_roles_and_input(tmp_path: Path) -> None:
                 ({"selector": "site=a", "action": cmd, "max_in_flight": 1.5}, "bad_request"),
                 ({"selector": "site=a", "action": cmd, "abort_percent": 150}, "bad_request"),
                 ({"selector": "site=nowhere", "action": cmd}, "not_found"),
-                ({"selector": "site=a", "action": {"type": "desired", "patch": {"interval": 5}}}, "bad_request"),
+                ({"selector": "site=a", "action": {"type": "desired", "patch": []}}, "bad_request"),
             ]:
                 assert await ctl.error("job_create", **args) == code, args
             assert await viewer.error("job", job_id="j-none") == "not_found"
@@ -433,7 +479,7 @@ async def test_jobs_over_rest(tmp_path: Path) -> None:
             ({**body, "action": {"type": "nope"}}, 400, "bad_request"),
             ({**body, "action": {"type": "command", "name": "no way"}}, 422, "bad_command"),
             ({**body, "selector": "site=none"}, 404, "not_found"),
-            ({**body, "action": {"type": "desired", "patch": {"a": 1}}}, 400, "bad_request"),
+            ({**body, "action": {"type": "desired", "patch": {"a": "x" * 20_000}}}, 413, "too_large"),
         ]:
             reply = await web.post("/v1/jobs", "operator", json=bad)
             assert (reply.status_code, error(reply)) == (status, code), bad
@@ -495,6 +541,19 @@ async def test_hubctl_job_create_list_show_cancel(tmp_path: Path) -> None:
             assert run.code == 2 and "--rate" in run.err
             run = await hubctl(hub, "job", "create", "--selector", "site=", "--command", "echo")
             assert run.code == 1 and "bad_label" in run.err
+
+            # A desired-state job: the device clients keep a twin and say when they applied it.
+            desired = '{"mode": "eco"}'
+            run = await hubctl(hub, "job", "create", "--selector", "site=ctl", "--desired", desired, "--wait")
+            assert run.code == 0 and "2/2 done (2 succeeded)" in run.err, run.err
+            run = await hubctl(hub, "--json", "twin", "get", "sensor-2", token=hub.viewer)
+            assert run.json()["desired"]["state"] == {"mode": "eco"} and run.json()["applied_version"] == 1
+            run = await hubctl(hub, "job", "create", "--selector", "site=ctl", "--desired", desired, "--command", "x")
+            assert run.code == 2 and "not allowed with" in run.err
+            run = await hubctl(hub, "job", "create", "--selector", "site=ctl", "--desired", desired, "--ttl", "5")
+            assert run.code == 2 and "go with --command" in run.err
+            run = await hubctl(hub, "job", "create", "--selector", "site=ctl", "--desired", "[1]")
+            assert run.code == 2 and "JSON object" in run.err
 
             run = await hubctl(hub, "--json", "job", "create", "--selector", "site=far", "--command", "reboot")
             assert run.code == 0, run.err
@@ -659,3 +718,30 @@ async def test_a_job_whose_action_is_missing_is_not_resumed(tmp_path: Path, auto
         assert refused.value.code == "invalid_state" and "not run by this hub" in refused.value.message
         nursery.cancel_scope.cancel()
     store.close()
+
+
+async def test_a_stopped_desired_action_ends_stopped_and_keeps_its_change(tmp_path: Path) -> None:
+    async with open_registry_store(StateConfig(), tmp_path) as store:
+        await store.add("d1")
+        twins = TwinService(store)
+        action = DesiredAction(twins, DesiredSpec({"mode": "eco"}, 60.0), "op")
+        ref = await action.start("d1", "job:j-1")
+        assert ref == "1" and await action.start("d1", "job:j-1") == "1"  # started again: the same version
+        results: list[ActionResult] = []
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                results.append(await action.result("d1", ref))
+
+            nursery.start_soon(wait)
+            await trio.sleep(0.05)
+            await action.stop("d1", ref)
+        assert results == [ActionResult(False, "stopped (the desired change stays in place)", stopped=True)]
+        await action.stop("d1", ref)  # stopped before its wait began: it ends at once
+        assert (await action.result("d1", ref)).stopped
+        assert (await twins.get("d1")).desired == {"mode": "eco"}
+        await twins.report("d1", {"mode": "eco"}, 1)
+        assert await action.result("d1", ref) == ActionResult(True)
+        with pytest.raises(ControlError) as caught:
+            await action.start("ghost", "job:j-1")
+        assert caught.value.code == "not_found"

@@ -47,6 +47,7 @@ from hub.control._codec import (
     Twin,
     TwinSet,
 )
+from hub.control_codes import twin_error
 from hub.fleet import (
     BadLabel,
     BadName,
@@ -326,8 +327,7 @@ class Operations:
         except VersionConflict as exc:
             raise ControlError(ErrorCode.VERSION_CONFLICT, str(exc)) from None
         except TwinError as exc:
-            code = ErrorCode.TOO_LARGE if exc.reason == "too_large" else ErrorCode.BAD_PATCH
-            raise ControlError(code, exc.detail) from None
+            raise twin_error(exc) from None
         log.info("desired twin changed by operator", extra=caller.kv(device=device, version=rec.desired_version))
         return rec.to_dict(device)
 

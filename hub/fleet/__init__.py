@@ -37,7 +37,14 @@ from hub.fleet._command_states import (
 )
 from hub.fleet._command_store import CommandHistoryEntry, CommandRecord, CommandRecordDict, CommandStore
 from hub.fleet._commands import CommandError, CommandService, Elsewhere, Relay, Sender
-from hub.fleet._job_runner import ActionResult, CommandAction, DesiredActionFactory, JobAction, JobRunner
+from hub.fleet._job_runner import (
+    ActionResult,
+    CommandAction,
+    DesiredAction,
+    DesiredActionFactory,
+    JobAction,
+    JobRunner,
+)
 from hub.fleet._job_states import (
     DEVICE_FINAL_STATES as JOB_DEVICE_FINAL_STATES,
 )
@@ -153,6 +160,7 @@ __all__ = [
     "CommandSpec",
     "CommandState",
     "CommandStore",
+    "DesiredAction",
     "DesiredActionFactory",
     "DesiredSpec",
     "DeviceDetail",

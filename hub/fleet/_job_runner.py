@@ -2,7 +2,8 @@
 
 The decisions are `hub.fleet._jobs.decide` (pure); the states are hub/fleet/_job_states.py; the store is
 hub/fleet/_job_store.py. What a job does to one device is a `JobAction`: `CommandAction` sends a command through the
-command service; a desired-state action (the device twin) plugs in as the runner's `desired` factory.
+command service; `DesiredAction` changes each device's desired state (the device twin) and waits until the device
+applied it, plugged in as the runner's `desired` factory.
 
 What is durable when:
 - a new job with its devices (all pending): committed before `create` returns;
@@ -28,8 +29,9 @@ from typing import Protocol
 import attrs
 import trio
 
-from hub.control_codes import ControlError, ErrorCode
-from hub.fleet._accounts import DeviceRecord
+from device_client.twin import TwinError
+from hub.control_codes import ControlError, ErrorCode, twin_error
+from hub.fleet._accounts import DeviceRecord, UnknownDevice
 from hub.fleet._command_states import CommandState
 from hub.fleet._commands import CommandService
 from hub.fleet._job_states import (
@@ -42,6 +44,7 @@ from hub.fleet._job_states import (
 )
 from hub.fleet._job_store import JobStore
 from hub.fleet._jobs import (
+    DESIRED_TIMEOUT,
     MAX_JOB_DEVICES,
     Abort,
     CommandSpec,
@@ -56,8 +59,17 @@ from hub.fleet._jobs import (
 from hub.fleet._jobs import decide as decide_next
 from hub.fleet._labels import BadLabel, parse_selector
 from hub.fleet._store import StoreUnavailable
+from hub.fleet._twins import TwinService
 
-__all__ = ["WRITE_BEHIND", "ActionResult", "CommandAction", "DesiredActionFactory", "JobAction", "JobRunner"]
+__all__ = [
+    "WRITE_BEHIND",
+    "ActionResult",
+    "CommandAction",
+    "DesiredAction",
+    "DesiredActionFactory",
+    "JobAction",
+    "JobRunner",
+]
 
 log = logging.getLogger("hub.jobs")
 
@@ -137,6 +149,55 @@ class CommandAction:
             await self._commands.cancel(ref)
         except ControlError as exc:  # already delivered or final: it ends by itself
             log.debug("job command not cancelled", extra={"kv": {"command_id": ref, "reason": exc.code}})
+
+
+class DesiredAction:
+    """Merge a patch into each device's desired state (the device twin) and wait until the device applied it.
+
+    Started again after a restart, the same patch changes nothing more (a merge patch applied twice is applied once),
+    so its version is the one to wait for. Stopping does not undo the change: the devices that have it keep it."""
+
+    def __init__(self, twins: TwinService, spec: DesiredSpec, operator: str) -> None:
+        self._twins = twins
+        self._spec = spec
+        self._operator = operator
+        self._waiting: dict[str, trio.CancelScope] = {}  # device -> its `result` wait
+        self._stopped: set[str] = set()  # stopped before its wait began
+
+    async def start(self, device: str, key: str) -> str:
+        try:
+            rec = await self._twins.set_desired(device, self._spec.patch)
+        except UnknownDevice:
+            raise ControlError(ErrorCode.NOT_FOUND, f"no device {device[:64]!r}") from None
+        except TwinError as exc:  # the device's document would be over the limits
+            raise twin_error(exc) from None
+        kv = {"device": device, "version": rec.desired_version, "operator": self._operator, "key": key}
+        log.info("desired twin changed by a job", extra={"kv": kv})
+        return str(rec.desired_version)
+
+    async def result(self, device: str, ref: str) -> ActionResult:
+        timeout = self._spec.timeout or DESIRED_TIMEOUT
+        with trio.CancelScope() as waiting:
+            if device in self._stopped:
+                waiting.cancel()
+            self._waiting[device] = waiting
+            try:
+                rec = await self._twins.wait_applied(device, int(ref), timeout)
+            finally:
+                del self._waiting[device]
+                self._stopped.discard(device)
+        if waiting.cancelled_caught:
+            return ActionResult(False, "stopped (the desired change stays in place)", stopped=True)
+        if rec is None:
+            return ActionResult(False, f"not applied within {timeout:g} s (the desired change stays in place)")
+        return ActionResult(True)
+
+    async def stop(self, device: str, ref: str) -> None:
+        waiting = self._waiting.get(device)
+        if waiting is not None:
+            waiting.cancel()
+        else:
+            self._stopped.add(device)
 
 
 class _Active:

@@ -15,7 +15,8 @@ import attrs
 
 from device_client import protocol
 from device_client.protocol import JSON, ProtocolError
-from hub.control_codes import ControlError, ErrorCode
+from device_client.twin import TwinError, check_patch
+from hub.control_codes import ControlError, ErrorCode, twin_error
 from hub.fleet._job_states import (
     DEVICE_FINAL_STATES,
     DEVICE_STATES,
@@ -62,6 +63,9 @@ DEFAULT_MAX_IN_FLIGHT = 10
 MAX_IN_FLIGHT = 1000
 #: Devices one job may target.
 MAX_JOB_DEVICES = 100_000
+#: Seconds a device of a desired-state job has to apply it, by default and at most.
+DESIRED_TIMEOUT = 3600.0
+MAX_DESIRED_TIMEOUT = 7 * 86_400.0
 #: Outcomes needed before the abort threshold is checked (fewer when the job has fewer devices).
 ABORT_MIN_OUTCOMES = 10
 #: The action types a job may carry.
@@ -96,12 +100,14 @@ class CommandSpec:
 
 @attrs.frozen
 class DesiredSpec:
-    """Merge `patch` (RFC 7386) into each device's desired state (the device twin)."""
+    """Merge `patch` (RFC 7386) into each device's desired state (the device twin); a device succeeds once it says it
+    applied that version, fails if it has not within `timeout` seconds (None: `DESIRED_TIMEOUT`)."""
 
     patch: dict[str, JSON]
+    timeout: float | None = None
 
     def as_dict(self) -> dict[str, JSON]:
-        return {"type": "desired", "patch": self.patch}
+        return {"type": "desired", "patch": self.patch, "timeout": self.timeout}
 
 
 Action: TypeAlias = CommandSpec | DesiredSpec
@@ -120,13 +126,20 @@ def parse_action(action: object) -> Action:
     if kind not in ACTIONS:
         raise _bad(f"action type must be one of {', '.join(ACTIONS)}")
     if kind == "desired":
-        unknown = set(action) - {"type", "patch"}
+        unknown = set(action) - {"type", "patch", "timeout"}
         if unknown:
             raise _bad(f"unknown action fields: {', '.join(sorted(map(str, unknown)))}")
         patch = action.get("patch")
         if not isinstance(patch, dict) or not patch:
             raise _bad("a desired action needs 'patch': a non-empty JSON object (a merge patch)")
-        return DesiredSpec(patch)
+        try:
+            check_patch(patch)
+        except TwinError as exc:
+            raise twin_error(exc) from None
+        timeout = _optional_seconds(action, "timeout")
+        if timeout is not None and timeout > MAX_DESIRED_TIMEOUT:
+            raise ControlError(ErrorCode.BAD_COMMAND, f"action.timeout is at most {MAX_DESIRED_TIMEOUT:g} seconds")
+        return DesiredSpec(patch, timeout)
     unknown = set(action) - {"type", "name", "args", "ttl", "timeout"}
     if unknown:
         raise _bad(f"unknown action fields: {', '.join(sorted(map(str, unknown)))}")

@@ -974,13 +974,19 @@ def _add_job_parser(sub: Callable[..., argparse.ArgumentParser]) -> None:
 
     p = action(
         "create",
-        "start a job: a command on every device a selector matches",
-        "Start a job that sends command --command to every device --selector matches now (each with the\n"
-        "idempotency key job:<job id>) and print its id. With --wait, print a live progress line until it\n"
-        "ends, then its outcome; exit 4 unless every device succeeded.",
+        "start a job: a command or a desired-state change on every device a selector matches",
+        "Start a job on every device --selector matches now and print its id: --command NAME sends a\n"
+        "command (each with the idempotency key job:<job id>); --desired PATCH merges a JSON merge patch\n"
+        "into each device's desired twin state, and a device succeeds once it applied it (--timeout: how\n"
+        "long it has, hub default 3600 s). With --wait, print a live progress line until it ends, then its\n"
+        "outcome; exit 4 unless every device succeeded.",
     )
     p.add_argument("--selector", metavar="SELECTOR", required=True, help="the devices, e.g. site=berlin,model=th-100")
-    p.add_argument("--command", dest="command_name", metavar="NAME", required=True, help="the command to send")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--command", dest="command_name", metavar="NAME", help="the command to send")
+    what.add_argument(
+        "--desired", metavar="PATCH", type=_json_object, help="a desired-state merge patch, e.g. '{\"interval\": 30}'"
+    )
     p.add_argument(
         "--arg",
         dest="args",
@@ -992,7 +998,12 @@ def _add_job_parser(sub: Callable[..., argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--args", dest="args_json", metavar="JSON", type=_json_object, help="arguments as a JSON object")
     p.add_argument("--ttl", metavar="S", type=_seconds, help="seconds each command may wait for delivery (hub: 3600)")
-    p.add_argument("--timeout", metavar="S", type=_seconds, help="seconds a device has to answer (hub: 30)")
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_seconds,
+        help="seconds a device has to answer a command (hub: 30), or to apply --desired (hub: 3600)",
+    )
     p.add_argument(
         "--rate", metavar="R", type=_rate, help=f"devices started per second (default {fleet.DEFAULT_RATE:g})"
     )
@@ -1034,6 +1045,11 @@ def _add_job_parser(sub: Callable[..., argparse.ArgumentParser]) -> None:
 
 def job_action(opts: argparse.Namespace) -> dict[str, JSON]:
     """The `action` object of `job create`."""
+    if opts.desired is not None:
+        desired: dict[str, JSON] = {"type": "desired", "patch": opts.desired}
+        if opts.timeout is not None:
+            desired["timeout"] = opts.timeout
+        return desired
     action: dict[str, JSON] = {"type": "command", "name": opts.command_name}
     args = command_args(opts)
     if args is not None:
@@ -1271,6 +1287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.USAGE
     if opts.command == "label" and not opts.labels and not opts.remove:
         _err("hubctl: error: give labels to set (KEY=VALUE), keys to --remove, or both")
+        return ExitCode.USAGE
+    commandless = opts.command == "job" and opts.job_command == "create" and opts.desired is not None
+    if commandless and (opts.args or opts.args_json is not None or opts.ttl is not None):
+        _err("hubctl: error: --arg, --args and --ttl go with --command, not --desired")
         return ExitCode.USAGE
     if opts.command == "request":
         try:
