@@ -105,8 +105,10 @@ class Guard:
         if self._conn is None:
             assert self._inner is not None
             source: Iterable[Event] = self._inner.events()  # goes on to the frames' events after the upgrade
-        else:
+        elif self._pending:
             source, self._pending = itertools.chain(self._pending, self._conn.events()), []
+        else:
+            source = self._conn.events()  # every message after the upgrade: no wrapper
         for event in source:
             conn = self._conn
             if type(event) is CloseConnection and conn is not None and conn.state is ConnectionState.OPEN:
