@@ -8,6 +8,7 @@ import os
 import sqlite3
 from collections import OrderedDict
 from types import TracebackType
+from typing import Any
 
 import attrs
 
@@ -329,6 +330,20 @@ class Outbox:
 
 # ---------------------------------------------------------------------------- commands
 
+
+def _open_table(path: str | os.PathLike[str], schema: str, query: str) -> tuple[sqlite3.Connection, list[Any]]:
+    """The outbox file opened (WAL, every commit synced) with `schema` made, and the rows of `query`."""
+    db = sqlite3.connect(os.fspath(path))
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(schema)
+        return db, db.execute(query).fetchall()
+    except BaseException:
+        db.close()
+        raise
+
+
 _COMMANDS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (id TEXT PRIMARY KEY, result TEXT NOT NULL, sent INTEGER NOT NULL);
 """
@@ -361,15 +376,7 @@ class CommandLog:
             self._open(path)
 
     def _open(self, path: str | os.PathLike[str]) -> None:
-        db = sqlite3.connect(os.fspath(path))
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_COMMANDS_SCHEMA)
-            rows = db.execute("SELECT id, result, sent FROM commands ORDER BY rowid").fetchall()
-        except BaseException:
-            db.close()
-            raise
+        db, rows = _open_table(path, _COMMANDS_SCHEMA, "SELECT id, result, sent FROM commands ORDER BY rowid")
         self._db = db
         for cid, text, sent in rows:
             self._results[cid] = text
@@ -500,15 +507,8 @@ class TwinLog:
             self._open(path)
 
     def _open(self, path: str | os.PathLike[str]) -> None:
-        db = sqlite3.connect(os.fspath(path))
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_TWIN_SCHEMA)
-            stored = dict(db.execute("SELECT key, value FROM twin").fetchall())
-        except BaseException:
-            db.close()
-            raise
+        db, rows = _open_table(path, _TWIN_SCHEMA, "SELECT key, value FROM twin")
+        stored = dict(rows)
         self._db = db
         if "desired" in stored:
             self.desired = json.loads(stored["desired"])

@@ -211,16 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def sub(name: str, help: str, description: str = "") -> argparse.ArgumentParser:
-        p = commands.add_parser(
-            name,
-            help=help,
-            description=description or help,
-            epilog=_EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        _add_common(p, top=False)
-        return p
+    def sub(name: str, help: str, description: str = "", *, common: bool = True) -> argparse.ArgumentParser:
+        return _subparser(commands, name, help, description, common=common)
 
     p = sub("devices", "list devices: state, since when, last seen, firmware, labels")
     p.add_argument(
@@ -254,26 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub("rotate", "give a device a new token (admins); print it, shown only this once")
     p.add_argument("name", metavar="NAME", help="the device")
 
-    p = commands.add_parser(
+    p = sub(
         "twin",
-        help="a device's twin: get it, or set its desired document",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "a device's twin: get it, or set its desired document",
+        common=False,  # on its actions: argparse would let their defaults override options given before them
         description="`twin get NAME` prints the device's desired and reported documents with their versions, the\n"
         "desired version the device applied, and the delta (desired keys not reported yet).\n"
         "`twin set NAME PATCH` merges the JSON merge patch PATCH (RFC 7386: null removes a key) into the\n"
         "desired document (operators); the device gets it now if connected, else when it connects.",
     )
     twin = p.add_subparsers(dest="twin_action", metavar="ACTION", required=True)
-    q = twin.add_parser("get", help="print the twin", description="Print the device's twin.")
-    _add_common(q, top=False)
+    q = _subparser(twin, "get", "print the twin", "Print the device's twin.")
     q.add_argument("name", metavar="NAME", help="the device")
-    q = twin.add_parser(
+    q = _subparser(
+        twin,
         "set",
-        help="merge a patch into the desired document",
-        description="Merge PATCH (a JSON object; null removes a key) into the device's desired document.",
+        "merge a patch into the desired document",
+        "Merge PATCH (a JSON object; null removes a key) into the device's desired document.",
     )
-    _add_common(q, top=False)
     q.add_argument("name", metavar="NAME", help="the device")
     q.add_argument("patch", metavar="PATCH", type=_json_object, help="a JSON merge patch, e.g. '{\"interval\": 5}'")
     q.add_argument(
@@ -354,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="an argument; V is parsed as JSON when it parses (limit=5 is a number), else taken as a string",
     )
     return parser
+
+
+def _subparser(
+    group: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    description: str = "",
+    *,
+    common: bool = True,
+) -> argparse.ArgumentParser:
+    """A sub-command of `group` with hubctl's epilog and, unless `common` is false, its common options."""
+    p = group.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if common:
+        _add_common(p, top=False)
+    return p
 
 
 def command_args(opts: argparse.Namespace) -> dict[str, JSON] | None:
@@ -958,19 +969,11 @@ def _rate(text: str) -> float:
 
 
 def _add_job_parser(sub: Callable[..., argparse.ArgumentParser]) -> None:
-    job = sub("job", "fleet jobs: create, list, show, cancel", _JOB_DESCRIPTION)
+    job = sub("job", "fleet jobs: create, list, show, cancel", _JOB_DESCRIPTION, common=False)  # on its actions
     actions = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
 
     def action(name: str, help: str, description: str = "") -> argparse.ArgumentParser:
-        p = actions.add_parser(
-            name,
-            help=help,
-            description=description or help,
-            epilog=_EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        _add_common(p, top=False)
-        return p
+        return _subparser(actions, name, help, description)
 
     p = action(
         "create",
