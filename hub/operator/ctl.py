@@ -146,14 +146,22 @@ def _json_object(text: str) -> dict[str, JSON]:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
-    return value
+def _float_arg(what: str, ok: Callable[[float], bool], must: str) -> Callable[[str], float]:
+    """An argparse type: a float that is `ok`, else the error "not WHAT" or "must be MUST"."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must}, not {text}")
+        return value
+
+    return parse
+
+
+_seconds = _float_arg("a number of seconds", lambda v: v > 0 and math.isfinite(v), "a positive number of seconds")
 
 
 def _positive_int(text: str) -> int:
@@ -948,24 +956,8 @@ Fleet jobs: one action on every device a label selector matches when the job sta
 Jobs are durable: a restarted hub resumes them."""
 
 
-def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be in 0..100, not {text}")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of devices per second, not {text}")
-    return value
+_percent = _float_arg("a number", lambda v: 0 <= v <= 100, "in 0..100")
+_rate = _float_arg("a number", lambda v: v > 0 and math.isfinite(v), "a positive number of devices per second")
 
 
 def _add_job_parser(sub: Callable[..., argparse.ArgumentParser]) -> None:
