@@ -299,16 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub("send", "send a command to a device")
     p.add_argument("name", metavar="NAME", help="the device")
     p.add_argument("command_name", metavar="COMMAND", help="the command's name")
-    p.add_argument(
-        "--arg",
-        dest="args",
-        metavar="K=V",
-        type=parse_arg,
-        action="append",
-        default=[],
-        help="an argument; V is parsed as JSON when it parses (n=5 is a number), else taken as a string; repeatable",
-    )
-    p.add_argument("--args-json", metavar="JSON", type=_json_object, help="arguments as a JSON object (--arg adds)")
+    _add_command_args(p)
     p.add_argument("--ttl", metavar="S", type=_seconds, help="seconds the command may wait for delivery (hub: 3600)")
     p.add_argument(
         "--timeout", metavar="S", type=_seconds, help="seconds the device has to answer once delivered (hub: 30)"
@@ -373,6 +364,27 @@ def _subparser(
     if common:
         _add_common(p, top=False)
     return p
+
+
+def _add_command_args(p: argparse.ArgumentParser) -> None:
+    """--arg K=V (repeatable) and --args-json JSON (also --args): a command's arguments (`command_args`)."""
+    p.add_argument(
+        "--arg",
+        dest="args",
+        metavar="K=V",
+        type=parse_arg,
+        action="append",
+        default=[],
+        help="an argument; V is parsed as JSON when it parses (n=5 is a number), else taken as a string; repeatable",
+    )
+    p.add_argument(
+        "--args-json",
+        "--args",
+        dest="args_json",
+        metavar="JSON",
+        type=_json_object,
+        help="arguments as a JSON object (--arg adds)",
+    )
 
 
 def command_args(opts: argparse.Namespace) -> dict[str, JSON] | None:
@@ -982,16 +994,7 @@ def _add_job_parser(sub: Callable[..., argparse.ArgumentParser]) -> None:
     what.add_argument(
         "--desired", metavar="PATCH", type=_json_object, help="a desired-state merge patch, e.g. '{\"interval\": 30}'"
     )
-    p.add_argument(
-        "--arg",
-        dest="args",
-        metavar="K=V",
-        type=parse_arg,
-        action="append",
-        default=[],
-        help="a command argument; V is parsed as JSON when it parses, else taken as a string; repeatable",
-    )
-    p.add_argument("--args", dest="args_json", metavar="JSON", type=_json_object, help="arguments as a JSON object")
+    _add_command_args(p)
     p.add_argument("--ttl", metavar="S", type=_seconds, help="seconds each command may wait for delivery (hub: 3600)")
     p.add_argument(
         "--timeout",
