@@ -665,19 +665,23 @@ class DeviceSession:
             log.warning("twin report not stored: no state store", extra=self._kv(error=str(exc)))
             return
         if changed:
-            self._reported(rec, msg.patch)
+            await self._reported(rec, msg.patch)
         await self.ws.send_message(protocol.encode(ReportAck(msg.id, rec.reported_version)))
 
-    def _reported(self, rec: TwinRecord, patch: Mapping[str, object]) -> None:
-        """A reported document changed: presence takes a new interval at once; the document goes in as a point."""
+    async def _reported(self, rec: TwinRecord, patch: Mapping[str, object]) -> None:
+        """A reported document changed: presence takes a new interval at once; the document goes in as a point
+        (held back like telemetry while the pipeline is full)."""
         server = self.server
         interval = patch.get("interval")
         if isinstance(interval, int | float) and not isinstance(interval, bool) and 0 <= interval <= 604_800:
             server.presence.set_interval(self.name, self.epoch, float(interval))
         point = reported_point(rec.reported, int(rec.reported_at * 1000))
-        if point is not None and not server.pipeline.try_submit(self._builder.lines([point]), 1):
-            server.stats.count_error("twin_point_dropped")
-            log.warning("reported twin point not written: pipeline full", extra=self._kv())
+        if point is None:
+            return
+        text = self._builder.lines([point])
+        if not server.pipeline.try_submit(text, 1):
+            with self._holding():
+                await server.pipeline.submit(text, 1)
 
     def _offer_command(self, command: Command) -> bool:
         if not self.conn.offer(command):
