@@ -273,6 +273,7 @@ class DeviceSession:
         self._nursery: trio.Nursery | None = None  # the session's own tasks, while they run
         self._pinging = False
         self._reader_scope = trio.CancelScope()
+        self._reading_stopped = False  # `stop_reading` was called (so a cancelled read is no idle timeout)
         self._scope = trio.CancelScope()
         self._done = trio.Event()
 
@@ -284,37 +285,41 @@ class DeviceSession:
         try:
             with self._scope:
                 hello = await self._receive_hello()
-                if hello is None:
+                if hello is None or not await self._start(hello):
                     return
-                if not await self._start(hello):
-                    return
-                ledger = self.ledger
-                assert ledger is not None  # `_start` opened it
-                try:
-                    async with trio.open_nursery() as nursery:
-                        self._nursery = nursery
-                        try:
-                            nursery.start_soon(self._outbound, name=OUTBOUND_TASK)
-                            ledger.listener = self
-                            self.server.schedule_ping(self)
-                            self.server.commands.attach(self.name, self._offer_command)
-                            if self.conn.desired_sent is not None:
-                                self.server.twins.attach(self.name, self._push_desired)
-                                nursery.start_soon(self._sync_twin)  # a slow store does not hold telemetry back
-                            with self._reader_scope:
-                                await self._read()
-                            if not self.server.closing:
-                                nursery.cancel_scope.cancel()
-                        finally:
-                            self._nursery = None  # before the nursery closes: no ping may start in it from now
-                finally:
-                    if ledger.listener is self:
-                        ledger.listener = None
-                    self.server.commands.detach(self.name, self._offer_command)
-                    self.server.twins.detach(self.name, self._push_desired)
-                    if self.epoch:
-                        with trio.CancelScope(shield=True):
-                            await self.server.presence.offline(self.name, self.epoch, self.reason)
+            if self._scope.cancelled_caught:
+                return
+            ledger = self.ledger
+            assert ledger is not None  # `_start` opened it
+            try:
+                async with trio.open_nursery() as nursery:
+                    # From here the nursery's scope is the session's (a live scope costs each connection memory);
+                    # no checkpoint since the one above: a cancel asked meanwhile is carried over, not lost.
+                    asked, self._scope = self._scope, nursery.cancel_scope
+                    if asked.cancel_called:
+                        self._scope.cancel()
+                    self._nursery = nursery
+                    try:
+                        nursery.start_soon(self._outbound, name=OUTBOUND_TASK)
+                        ledger.listener = self
+                        self.server.schedule_ping(self)
+                        self.server.commands.attach(self.name, self._offer_command)
+                        if self.conn.desired_sent is not None:
+                            self.server.twins.attach(self.name, self._push_desired)
+                            nursery.start_soon(self._sync_twin)  # a slow store does not hold telemetry back
+                        await self._read()
+                        if not self.server.closing:
+                            nursery.cancel_scope.cancel()
+                    finally:
+                        self._nursery = None  # before the nursery closes: no ping may start in it from now
+            finally:
+                if ledger.listener is self:
+                    ledger.listener = None
+                self.server.commands.detach(self.name, self._offer_command)
+                self.server.twins.detach(self.name, self._push_desired)
+                if self.epoch:
+                    with trio.CancelScope(shield=True):
+                        await self.server.presence.offline(self.name, self.epoch, self.reason)
         except ConnectionClosed:
             pass  # gone during the handshake phase: nothing to clean up
         except Exception:
@@ -423,7 +428,9 @@ class DeviceSession:
         stats = self.server.stats
         idle = self.idle_timeout()
         get_message = self.ws.get_message
-        with trio.CancelScope() as waiting:  # one scope for the session: its deadline is moved, not re-made
+        # One scope for reading, all session long: `stop_reading` cancels it, its deadline is the idle clock (moved,
+        # never re-made: a live scope costs its session memory).
+        with self._reader_scope as waiting:
             while True:
                 waiting.deadline = trio.current_time() + idle
                 try:
@@ -440,6 +447,8 @@ class DeviceSession:
                 verdict = self._throttle.charge(1, points, trio.current_time())
                 if verdict.delay and not await self._throttled(verdict):
                     return
+        if self._reading_stopped:
+            return
         self.reason = "idle"
         log.info("device idle: closing", extra=self._kv(reason="idle", seconds=idle))
         await self._end(CloseCode.GOING_AWAY, "idle timeout")
@@ -762,6 +771,7 @@ class DeviceSession:
 
     def stop_reading(self) -> None:
         """Stop taking telemetry (hub shutdown); acks keep flowing until `close`."""
+        self._reading_stopped = True
         self._reader_scope.cancel()
 
     async def close(self, code: int, text: str, *, reason: str = "hub_shutdown") -> None:
