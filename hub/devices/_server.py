@@ -270,6 +270,11 @@ class DeviceSession:
         self._holds = 0  # > 0 while the session deliberately reads nothing (window, rate, pipeline backpressure)
         self._hold_end = -math.inf  # when the latest hold ended
         self._parked: trio.lowlevel.Task | None = None  # the outbound task, while it waits for work
+        # The outbound task runs only while there is work now and then: started by the first work, it ends when a
+        # ping finds it waited a whole ping interval (an idle device costs no task of its own).
+        self._sending = False  # the outbound task exists
+        self._sent_since_ping = False  # it sent something since the last ping
+        self._retire = False  # it is to end once it finds nothing to send
         self._nursery: trio.Nursery | None = None  # the session's own tasks, while they run
         self._pinging = False
         self._reader_scope = trio.CancelScope()
@@ -300,7 +305,6 @@ class DeviceSession:
                         self._scope.cancel()
                     self._nursery = nursery
                     try:
-                        nursery.start_soon(self._outbound, name=OUTBOUND_TASK)
                         ledger.listener = self
                         self.server.schedule_ping(self)
                         self.server.commands.attach(self.name, self._offer_command)
@@ -310,6 +314,8 @@ class DeviceSession:
                         await self._read()
                         if not self.server.closing:
                             nursery.cancel_scope.cancel()
+                        else:  # shutdown: acks still go out (the outbound task starts on demand) until `close`
+                            await trio.sleep_forever()
                     finally:
                         self._nursery = None  # before the nursery closes: no ping may start in it from now
             finally:
@@ -704,26 +710,34 @@ class DeviceSession:
         self._unpark()
 
     def _unpark(self) -> None:
+        """Work for the outbound task: wake it, or start it."""
         task = self._parked
         if task is not None:
             self._parked = None
             trio.lowlevel.reschedule(task)
+        elif not self._sending and self._nursery is not None:
+            self._sending = True
+            self._nursery.start_soon(self._outbound, name=OUTBOUND_TASK)
 
     def _abort_park(self, _raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         self._parked = None
         return trio.lowlevel.Abort.SUCCEEDED
 
     async def _outbound(self) -> None:
-        """Send command frames and acks as they become due; one task per session does both."""
+        """Send command frames and acks as they become due; one task per session does both, while there is work."""
         commands = self.server.commands
         conn = self.conn
         try:
             while True:
                 item = conn.next_outbound()
                 if item is None:
+                    if self._retire:  # a whole ping interval without work (see `ping_due`)
+                        return
                     self._parked = trio.lowlevel.current_task()
                     await trio.lowlevel.wait_task_rescheduled(self._abort_park)
-                elif isinstance(item, str):
+                    continue
+                self._sent_since_ping = True
+                if isinstance(item, str):
                     await self._send_ack(item)
                 elif isinstance(item, Desired):
                     await self.ws.send_message(protocol.encode(item))
@@ -732,6 +746,8 @@ class DeviceSession:
                     await commands.on_sent(self.name, item.id)
         except ConnectionClosed:
             self._scope.cancel()
+        finally:
+            self._sending = self._retire = False
 
     async def _send_ack(self, text: str) -> None:
         await self.ws.send_message(text)
@@ -742,6 +758,12 @@ class DeviceSession:
         nursery = self._nursery
         if nursery is None:
             return False
+        parked = self._parked
+        if parked is not None and not self._sent_since_ping:  # idle for a ping interval: let the task go
+            self._retire = True
+            self._parked = None
+            trio.lowlevel.reschedule(parked)
+        self._sent_since_ping = False
         if not self._pinging:
             self._pinging = True
             nursery.start_soon(self._ping, name=PING_TASK)
