@@ -282,27 +282,39 @@ class Edge:
             log.exception("handshake failed", extra={"kv": {"remote": remote_of(request)}})
 
     async def _check_and_serve(self, request: WebSocketRequest, ticket: Ticket) -> None:
+        # The checks keep their locals (headers, credentials) in a frame of their own, gone before the session runs.
+        admitted = await self._admit(request)
+        if admitted is None:
+            return
+        endpoint, identity = admitted
+        _wire.guard(request)
+        ws = await request.accept()
+        await endpoint.serve(ws, identity, remote_of(request), ticket)
+
+    async def _admit(self, request: WebSocketRequest) -> tuple[Endpoint, Identity | None] | None:
+        """The endpoint of `request` and who it is, once every check before the upgrade passed; else None (the
+        request was answered with its refusal)."""
         path, _, query = request.path.partition("?")
         endpoint = self.endpoints.get(path)
         if endpoint is None:
             served = ", ".join(sorted(self.endpoints))
             await self._refuse(request, 404, "unknown_path", f"no endpoint here; the hub serves {served}")
-            return
+            return None
         name = endpoint.name
         if "token" in query.lower():
             # Never log the query string: it would put the credential in the logs.
             body = "credentials go in the Authorization header, not the URL"
             await self._refuse(request, 401, "token_in_url", body, endpoint=name)
-            return
+            return None
         headers: dict[bytes, bytes] = {k.lower(): v for k, v in request.headers}
         refusal = endpoint.refuse_origin(headers.get(b"origin"), _host_header(request))
         if refusal is not None:
             origin = headers.get(b"origin", b"").decode("latin-1")[:200]
             await self._refuse(request, 403, *refusal, endpoint=name, origin=origin)
-            return
+            return None
         if self.closing:
             await self._refuse(request, 503, "shutting_down", "hub shutting down; retry later", endpoint=name)
-            return
+            return None
         auth = headers.get(b"authorization")
         identity = None
         if auth is not None or endpoint.bearer_required:
@@ -316,11 +328,9 @@ class Edge:
                 body = "the hub cannot check credentials right now; retry later"
                 retry_after = self.config.retry_after
                 await self._refuse(request, 503, "state_unavailable", body, endpoint=name, retry_after=retry_after)
-                return
+                return None
             if identity is None:
                 body = f"missing, unknown or revoked {endpoint.credential}"
                 await self._refuse(request, 401, "bad_credentials", body, endpoint=name)
-                return
-        _wire.guard(request)
-        ws = await request.accept()
-        await endpoint.serve(ws, identity, remote_of(request), ticket)
+                return None
+        return endpoint, identity

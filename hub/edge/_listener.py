@@ -420,6 +420,7 @@ async def serve_listener(
                 if exc.event_hint is not None:
                     await connection._send(exc.event_hint)
             return
+        head = None  # this frame lives as long as the connection: no copy of the request head with it
 
         handshake = trio.CancelScope(deadline=deadline)  # the rest of it: the request's event, normally at once
 
