@@ -289,6 +289,7 @@ class Edge:
         endpoint, identity = admitted
         _wire.guard(request)
         ws = await request.accept()
+        _wire.forget_request(request)
         await endpoint.serve(ws, identity, remote_of(request), ticket)
 
     async def _admit(self, request: WebSocketRequest) -> tuple[Endpoint, Identity | None] | None:
