@@ -52,6 +52,7 @@ __all__ = [
     "encode",
     "encode_ack",
     "int_value",
+    "is_field_key",
     "validate_points",
 ]
 
@@ -473,6 +474,15 @@ def _seq(obj: dict[str, JSON]) -> int:
     if type(seq) is not int or not 0 < seq <= INT64_MAX:
         raise ProtocolError(ErrorCode.BAD_SEQ, "seq must be an integer from 1 to 2**63-1")
     return seq
+
+
+def is_field_key(name: str, limits: Limits = DEFAULT_LIMITS) -> bool:
+    """Whether `name` may be a field key (docs/protocol.md, "Names")."""
+    try:
+        _check_name(name, "field key", limits)
+    except ProtocolError:
+        return False
+    return True
 
 
 def _check_name(name: object, what: str, limits: Limits) -> str:

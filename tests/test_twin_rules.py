@@ -194,6 +194,12 @@ def test_the_reported_point_keeps_numbers_and_booleans() -> None:
         "tags": {},
     }
     assert reported_point({"name": "x"}, 1) is None
+    assert reported_point({"#n": 1, "a\\b": 2, "x" * 129: 3}, 1) == {  # the protocol's field-key rule, no other
+        "measurement": "twin_reported",
+        "ts": 1,
+        "fields": {"#n": 1.0},
+        "tags": {},
+    }
 
 
 def test_twin_log_folds_reports_and_survives_a_restart(tmp_path: Path) -> None:
@@ -284,6 +290,9 @@ def test_the_hub_end_sends_patches_in_order_and_whole_documents_otherwise() -> N
     assert conn.next_outbound() == Desired(1, state={"b": 1})
     report = encode(Report(1, {"a": 6}, 7))
     assert conn.receive(report, 1.0) == Report(1, {"a": 6}, 7)
+    refused = conn.refuse(ProtocolError(ErrorCode.BAD_REPORT, "too large"), 2.0, report=1)
+    assert refused.frame is not None and decode(refused.frame) == Error(ErrorCode.BAD_REPORT, "too large", report=1)
+    assert refused.close is None and refused.resolve is None
     plain = _hub(None)  # no twin
     assert not plain.offer_desired(1, {"a": 1}, {"a": 1})
     assert protocol.ErrorCode.BAD_REPORT == "bad_report"

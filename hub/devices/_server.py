@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from functools import partial
 from typing import Any
 
-import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -22,7 +21,6 @@ from device_client.protocol import (
     CommandAck,
     CommandResult,
     Desired,
-    Error,
     ErrorCode,
     Hello,
     ProtocolError,
@@ -670,11 +668,8 @@ class DeviceSession:
         try:
             rec, changed = await server.twins.report(self.name, msg.patch, msg.desired_version)
         except TwinError as exc:
-            refused = self.conn.refuse(ProtocolError(ErrorCode.BAD_REPORT, exc.detail), trio.current_time())
-            if refused.frame is not None:
-                frame = protocol.encode(Error(ErrorCode.BAD_REPORT, exc.detail, report=msg.id))
-                refused = attrs.evolve(refused, frame=frame)
-            await self._refused(refused)
+            error = ProtocolError(ErrorCode.BAD_REPORT, exc.detail)
+            await self._refused(self.conn.refuse(error, trio.current_time(), report=msg.id))
             return
         except StoreUnavailable as exc:  # no ack: the device sends the report again on its next connection
             log.warning("twin report not stored: no state store", extra=self._kv(error=str(exc)))

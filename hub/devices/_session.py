@@ -318,10 +318,11 @@ class HubConnection:
         detail = "devices send hello, telemetry, command_ack, command_result and report only"
         return self.refuse(ProtocolError(ErrorCode.BAD_MESSAGE, detail), now)
 
-    def refuse(self, exc: ProtocolError, now: float) -> Refused:
-        """Answer a refused input (`ANSWERS`); it counts against the error budget, which closes the session past it."""
+    def refuse(self, exc: ProtocolError, now: float, *, report: int | None = None) -> Refused:
+        """Answer a refused input (`ANSWERS`; `report`: the id of a refused twin report, named in the error frame); it
+        counts against the error budget, which closes the session past it."""
         answer = ANSWERS[exc.code]
-        frame = encode(Error(exc.code, exc.detail[:MAX_DETAIL], exc.seq)) if answer.frame else None
+        frame = encode(Error(exc.code, exc.detail[:MAX_DETAIL], exc.seq, report)) if answer.frame else None
         seq = exc.seq
         resolve = seq if seq is not None and seq > self._book.submitted else None
         errors = self._errors

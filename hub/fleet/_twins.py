@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict
 import attrs
 import trio
 
-from device_client.protocol import FieldValue, Point
+from device_client.protocol import FieldValue, Point, is_field_key
 from device_client.twin import check_document, check_patch, delta, merge_patch
 
 if TYPE_CHECKING:
@@ -40,8 +40,6 @@ Side: TypeAlias = Literal["desired", "reported"]
 REPORTED_MEASUREMENT = "twin_reported"
 #: Seconds between two reads of a twin while `wait_applied` waits (besides being woken by reports).
 RECHECK = 5.0
-#: Longest flattened key written as a field (longer ones are left out of the point).
-_MAX_FIELD_KEY = 128
 
 
 class VersionConflict(Exception):
@@ -145,14 +143,7 @@ def _flatten(doc: dict[str, Any], prefix: str, out: dict[str, FieldValue]) -> No
         name = prefix + key
         if isinstance(value, dict):
             _flatten(value, name + ".", out)
-        elif (
-            not name
-            or len(name) > _MAX_FIELD_KEY
-            or name[0] in "_#"
-            or name == "time"
-            or "\\" in name
-            or not name.isprintable()
-        ):
+        elif not is_field_key(name):
             continue
         elif isinstance(value, bool):
             out[name] = value
