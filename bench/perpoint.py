@@ -3,7 +3,8 @@
 Times, in CPU seconds per million points (`time.process_time`, so other load on the machine matters less), for the
 frames the bench's lean generator sends (`bench.wire.telemetry_template`) at 1, 10 and 100 points per message:
 the reference path (`protocol.decode`: orjson + validation in Python, then `LineBuilder.lines`), each of its two
-halves, the bare JSON parsers, and the msgspec `TelemetryReader` (decode, checks and lines in one call).
+halves, the bare JSON parsers, and the msgspec `TelemetryReader` (decode, checks and lines in one call) with its line
+loop in Python and, where it was compiled, in C.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 
 from bench.wire import BASE_TS, telemetry_template
 from device_client.protocol import DEFAULT_LIMITS, Telemetry, decode
-from hub.ingest import LineBuilder, TelemetryReader, reader_available
+from hub.ingest import LineBuilder, TelemetryReader, lines_compiled, reader_available
 
 __all__ = ["least_cpu", "main", "measure"]
 
@@ -53,12 +55,14 @@ def measure(points_per_message: int, points: int = 200_000, repeats: int = 3) ->
     if reader_available():
         import msgspec
 
-        reader = TelemetryReader("dev-1", DEFAULT_LIMITS)
-        batch = reader.read(text)
-        assert batch is not None and batch.lines == builder.lines(msg.points)
         plain = msgspec.json.Decoder()
         rows["msgspec untyped alone"] = lambda: plain.decode(text)
-        rows["reader (msgspec, lines)"] = lambda: reader.read(text)
+        natives = (False, True) if lines_compiled() else (False,)
+        for native in natives:
+            reader = TelemetryReader("dev-1", DEFAULT_LIMITS, native=native)
+            batch = reader.read(text)
+            assert batch is not None and batch.lines == builder.lines(msg.points)
+            rows[f"reader (msgspec, lines in {'C' if native else 'Python'})"] = partial(reader.read, text)
     return {name: least_cpu(fn, calls, repeats) / mpt for name, fn in rows.items()}
 
 

@@ -22,7 +22,7 @@ from device_client.protocol import (
     decode,
 )
 from hub.devices._session import Book, HubConnection, Refused
-from hub.ingest import Batch, LineBuilder, TelemetryReader
+from hub.ingest import Batch, LineBuilder, TelemetryReader, lines_compiled
 from tests.test_properties_db import hostile_points
 
 pytest.importorskip("msgspec")
@@ -30,15 +30,22 @@ pytest.importorskip("msgspec")
 DEVICE = "dev-1"
 TS = 1_700_000_000_000
 SMALL = Limits(max_points=3, max_fields=2, max_tags=2, max_name_len=6, max_tag_value_len=5, max_string_len=8)
-_readers: dict[Limits, TelemetryReader] = {}
+_readers: dict[tuple[Limits, bool], TelemetryReader] = {}
+NATIVE = (True, False)  # the line loop in C (hub/ingest/_fastlines.c) and in Python: both are held to the reference
 
 
-def reader(limits: Limits) -> TelemetryReader:
+def reader(limits: Limits, native: bool = True) -> TelemetryReader:
     # One reader per limits across examples: its caches carry names from one example to the next, as in a session.
-    r = _readers.get(limits)
+    r = _readers.get((limits, native))
     if r is None:
-        r = _readers[limits] = TelemetryReader(DEVICE, limits)
+        r = _readers[limits, native] = TelemetryReader(DEVICE, limits, native=native)
     return r
+
+
+def test_the_line_loop_in_c_is_built() -> None:
+    # setup.py compiles it where a C compiler is at hand (CI installs one): a test run without it fails here.
+    assert lines_compiled()
+    assert TelemetryReader(DEVICE, DEFAULT_LIMITS).native  # and sessions use it by default
 
 
 def frame(points: Any, seq: Any = 7, ascii_only: bool = True, spaced: bool = False, **extra: Any) -> str:
@@ -54,11 +61,12 @@ def same_as_reference(text: str, limits: Limits = DEFAULT_LIMITS) -> Batch | Non
         assert type(ref) is Telemetry
     except ProtocolError:
         ref = None
-    batch = reader(limits).read(text)
+    batch, python = (reader(limits, native).read(text) for native in NATIVE)
     if ref is None:
-        assert batch is None
+        assert batch is None and python is None
         return None
-    assert batch is not None, "the reader left an accepted batch to the reference"
+    assert batch is not None and python is not None, "the reader left an accepted batch to the reference"
+    assert batch.lines == python.lines
     assert batch.seq == ref.seq
     assert batch.points() == ref.points
     assert batch.lines == LineBuilder(DEVICE).lines(ref.points)
@@ -148,7 +156,7 @@ REFUSED = [
 
 @pytest.mark.parametrize(("text", "code"), REFUSED, ids=[f"{i}-{code}" for i, (_, code) in enumerate(REFUSED)])
 def test_refused_batches_are_left_to_the_reference(text: str, code: ErrorCode) -> None:
-    assert reader(DEFAULT_LIMITS).read(text) is None
+    assert all(reader(DEFAULT_LIMITS, native).read(text) is None for native in NATIVE)
     with pytest.raises(ProtocolError) as info:
         decode(text)
     assert info.value.code == code
@@ -171,6 +179,47 @@ def test_accepted_batches_match_the_reference(points: list[dict[str, Any]]) -> N
     assert same_as_reference(frame(points, ascii_only=False, spaced=True)) is not None
 
 
+def test_series_change_within_a_batch() -> None:
+    # The C loop reuses the previous point's prefix while measurement and tags stay the same: every change counts.
+    points = [
+        _with(measurement="a", tags={"t": "1"}),
+        _with(measurement="b", tags={"t": "1"}),
+        _with(measurement="b", tags={"t": "2"}),
+        _with(measurement="b", tags={"t": "2"}),
+        _with(measurement="a", tags={"t": "2"}),
+        _with(measurement="a"),
+        _with(measurement="a", tags=None),
+        _with(measurement="a", tags={"t": "1"}),
+    ]
+    batch = same_as_reference(frame(points))
+    assert batch is not None
+    assert [line.split(" ")[0] for line in batch.lines.splitlines()] == [
+        "a,device=dev-1,t=1",
+        "b,device=dev-1,t=1",
+        "b,device=dev-1,t=2",
+        "b,device=dev-1,t=2",
+        "a,device=dev-1,t=2",
+        "a,device=dev-1",
+        "a,device=dev-1",
+        "a,device=dev-1,t=1",
+    ]
+
+
+def test_a_full_batch_of_long_lines() -> None:
+    # 5,000 points of 100 fields with long strings: the C loop's buffer grows many times over.
+    fields = {f"f{i}": "x" * 40 + '"\\' if i % 2 else float(i) / 7 for i in range(100)}
+    points = [_with(ts=TS + i, fields=fields, tags={"t": str(i % 3)}) for i in range(5000)]
+    batch = same_as_reference(frame(points))
+    assert batch is not None and batch.n == 5000 and len(batch.lines) > 5000 * 100 * 20
+
+
+def test_a_refused_string_after_good_points_refuses_the_batch() -> None:
+    text = frame([_OK] * 3 + [_with(fields={"v": 1.0, "s": "a\nb"})])
+    assert all(reader(DEFAULT_LIMITS, native).read(text) is None for native in NATIVE)
+    with pytest.raises(ProtocolError):
+        decode(text)
+
+
 def test_duplicate_keys_keep_the_last_as_json_does() -> None:
     text = (
         '{"type":"telemetry","type":"telemetry","seq":1,"seq":2,"points":[{"measurement":"a","measurement":"b",'
@@ -190,9 +239,9 @@ def test_other_messages_and_unknown_keys_go_to_the_reference() -> None:
 
 def test_a_name_refused_once_is_refused_again() -> None:
     # Only names that passed enter the caches: the second sight of a bad one is refused the same way.
-    text = frame([_with(tags={"device": "x"})])
-    for _ in range(2):
-        assert reader(DEFAULT_LIMITS).read(text) is None
+    for text in (frame([_OK, _with(tags={"device": "x"})]), frame([_OK, _with(fields={"_f": 1.0})])):
+        for _ in range(2):
+            assert all(reader(DEFAULT_LIMITS, native).read(text) is None for native in NATIVE)
 
 
 class _Book:

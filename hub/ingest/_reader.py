@@ -30,7 +30,12 @@ try:  # a hub dependency; without it every frame takes the reference path
 except ImportError:  # pragma: no cover - depends on the install
     msgspec = None  # type: ignore[assignment]
 
-__all__ = ["Batch", "TelemetryReader", "available", "message_type"]
+try:  # compiled by setup.py where a C compiler is at hand; else the same loop in Python
+    from hub.ingest import _fastlines
+except ImportError:  # pragma: no cover - depends on the install
+    _fastlines = None  # type: ignore[assignment]
+
+__all__ = ["Batch", "TelemetryReader", "available", "compiled", "message_type"]
 
 _CACHE_MAX = 256
 _FLOAT_MAX = sys.float_info.max
@@ -39,6 +44,11 @@ _FLOAT_MAX = sys.float_info.max
 def available() -> bool:
     """True if msgspec is installed (else there is no fast path: `decode` reads every frame)."""
     return msgspec is not None
+
+
+def compiled() -> bool:
+    """True if the line loop in C (hub/ingest/_fastlines.c) was built: readers use it by default."""
+    return _fastlines is not None
 
 
 def message_type(limits: Limits) -> Any:
@@ -130,15 +140,22 @@ class _Refused(Exception):
 class TelemetryReader:
     """Reads one device session's telemetry frames into line protocol, with its series and field-key caches."""
 
-    __slots__ = ("_cache_size", "_decode", "_field_keys", "_prefixes", "device", "limits")
+    __slots__ = ("_cache_size", "_decode", "_field_keys", "_lines", "_prefixes", "device", "limits", "native")
 
-    def __init__(self, device: str, limits: Limits, cache_size: int = _CACHE_MAX) -> None:
+    def __init__(self, device: str, limits: Limits, cache_size: int = _CACHE_MAX, native: bool | None = None) -> None:
+        """`native`: build lines in C (the default where it was compiled) or in Python (False); True requires C."""
         self.device = device
         self.limits = limits
         self._decode = _decoder(limits).decode
         self._cache_size = cache_size
         self._prefixes: dict[tuple[str, bytes], str] = {}
         self._field_keys: dict[str, str] = {}
+        if native is None:
+            native = _fastlines is not None
+        if native and _fastlines is None:
+            raise RuntimeError("hub.ingest._fastlines was not compiled (see setup.py)")
+        self.native = native
+        self._lines = self._native_lines if native else self._python_lines
 
     def read(self, text: str | bytes) -> Batch | None:
         """The batch in `text`, or None if the reference decoder must decide it (not telemetry, or refused)."""
@@ -165,7 +182,13 @@ class TelemetryReader:
         ek = self._field_keys[name] = escape_key(name) + "="
         return ek
 
-    def _lines(self, points: list[Any]) -> str:
+    def _native_lines(self, points: list[Any]) -> str:
+        text: str | None = _fastlines.build(points, self._prefixes, self._field_keys, self._prefix, self._field_key)
+        if text is None:
+            raise _Refused  # a line break in a string value
+        return text
+
+    def _python_lines(self, points: list[Any]) -> str:
         value: Any  # a field value, dispatched on type(value) held in a local (mypy cannot narrow through it)
         prefixes = self._prefixes
         field_keys = self._field_keys
