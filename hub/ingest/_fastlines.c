@@ -13,9 +13,44 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <string.h>
 
 static PyObject *s_measurement, *s_ts, *s_fields, *s_tags, *s_int;
+
+/* Where a point type keeps its four attributes: msgspec makes them slots (member descriptors), read at their offset
+ * as a slot's getter would; a type laid out otherwise (offset 0) is read with getattr. One type is remembered: a
+ * reader's point type depends on its Limits only, and a hub has one set of limits. */
+enum { MEASUREMENT, TS, FIELDS, TAGS, NATTRS };
+static PyTypeObject *layout_type; /* owned */
+static Py_ssize_t layout[NATTRS];
+
+static void resolve_layout(PyTypeObject *tp) {
+    PyObject *names[NATTRS] = {s_measurement, s_ts, s_fields, s_tags};
+    for (int i = 0; i < NATTRS; i++) {
+        PyObject *d = _PyType_Lookup(tp, names[i]); /* borrowed */
+        layout[i] = 0;
+        if (d != NULL && Py_TYPE(d) == &PyMemberDescr_Type) {
+            PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+            if (m->type == T_OBJECT_EX && !(m->flags & READ_RESTRICTED)) layout[i] = m->offset;
+        }
+    }
+    Py_INCREF(tp); /* held: another type can never come to live at this address */
+    Py_XSETREF(layout_type, tp);
+}
+
+/* Attribute `i` of `point` (a new reference), from its slot where the type has one. */
+static PyObject *attr(PyObject *point, int i) {
+    static PyObject **names[NATTRS] = {&s_measurement, &s_ts, &s_fields, &s_tags};
+    if (layout[i] == 0) return PyObject_GetAttr(point, *names[i]);
+    PyObject *v = *(PyObject **)((char *)point + layout[i]);
+    if (v == NULL) {
+        PyErr_SetObject(PyExc_AttributeError, *names[i]);
+        return NULL;
+    }
+    Py_INCREF(v);
+    return v;
+}
 
 typedef struct {
     char *data;
@@ -173,10 +208,11 @@ static int build_point(Buf *b, PyObject *point, Series *last, PyObject *prefixes
     int rc = -1;
     PyObject *measurement = NULL, *tags = NULL, *fields = NULL, *ts = NULL;
     Py_buffer view = {0};
-    if ((measurement = PyObject_GetAttr(point, s_measurement)) == NULL) goto done;
-    if ((tags = PyObject_GetAttr(point, s_tags)) == NULL) goto done;
-    if ((fields = PyObject_GetAttr(point, s_fields)) == NULL) goto done;
-    if ((ts = PyObject_GetAttr(point, s_ts)) == NULL) goto done;
+    if (Py_TYPE(point) != layout_type) resolve_layout(Py_TYPE(point));
+    if ((measurement = attr(point, MEASUREMENT)) == NULL) goto done;
+    if ((tags = attr(point, TAGS)) == NULL) goto done;
+    if ((fields = attr(point, FIELDS)) == NULL) goto done;
+    if ((ts = attr(point, TS)) == NULL) goto done;
     if (!PyDict_Check(fields)) {
         PyErr_SetString(PyExc_TypeError, "a point's fields must be a dict");
         goto done;

@@ -1,0 +1,3 @@
+"""hub/edge/_unmask.c: WebSocket payload unmasking (what wsproto's XorMaskerSimple does), in C."""
+
+def unmask(data: bytes | bytearray, key: bytes | bytearray, offset: int) -> bytearray: ...
