@@ -72,7 +72,7 @@ class ServerConfig:
     max_handshakes_per_address: int = 64  # ... from one IP address; more: 429 + Retry-After; 0: no limit
     evict_slow_handshake_after: float = 1.0  # all places taken: a newcomer evicts one this old without its request
     hello_timeout: float = 10.0  # seconds after the upgrade for the device's hello
-    window: int = 64  # unacked telemetry messages a device may have in flight
+    window: int = 256  # unacked telemetry messages a device may have in flight
     max_errors: int = 10  # protocol errors in one session before it is closed with 1008
     shutdown_grace: float = 10.0  # seconds to drain the pipeline on SIGINT/SIGTERM
     max_connections: int = 10000  # open WebSocket connections (devices + operators); more: 503 before the upgrade
