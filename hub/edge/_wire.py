@@ -15,14 +15,14 @@ from __future__ import annotations
 import codecs
 import itertools
 import re
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from typing import cast
 
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import WSConnection, frame_protocol
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import AcceptConnection, CloseConnection, Event, Request
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Event, Request, TextMessage
 from wsproto.frame_protocol import Frame, MessageDecoder, Opcode
 
 try:  # compiled by setup.py where a C compiler is at hand
@@ -45,6 +45,9 @@ __all__ = [
 PARSE_FAILURE_REASONS = {1002: "protocol_error", 1007: "bad_utf8"}
 
 _utf8 = codecs.getincrementaldecoder("utf-8")
+
+#: The longest data frame the fast path reads itself (a frame of 126..65535 bytes has a two-byte length).
+FAST_MAX_PAYLOAD = 65535
 
 # Invalid UTF-8 bytes arrive as U+DC80..U+DCFF (surrogateescape); no valid UTF-8 text can hold a lone surrogate.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -105,13 +108,17 @@ class Guard:
     Once the upgrade is sent it keeps wsproto's `Connection` (the frames) alone: the handshake's objects (h11's
     connection and buffers, the request), about 3 KB a connection, are then garbage."""
 
-    def __init__(self, inner: WSConnection) -> None:
+    def __init__(self, inner: WSConnection, max_payload: int = 0) -> None:
         self._inner: WSConnection | None = inner  # until the upgrade
         self._conn: Connection | None = None  # from the upgrade on
         self._pending: list[Event] = []  # handshake events not read when it was let go (none, in practice)
         self.client = inner.client
         #: (code, wsproto's description) once the peer's frames could not be parsed, else None.
         self.failure: tuple[int, str] | None = None
+        # The fast path (`_frames`): whole masked data frames of at most `_max_payload` bytes are read here, what
+        # they leave in `_buf` waits for the rest of its frame; everything else goes to wsproto. 0: never.
+        self._max_payload = max_payload if unmask is not None and not inner.client else 0
+        self._buf: bytes | bytearray = b""
 
     @property
     def state(self) -> ConnectionState:
@@ -121,8 +128,21 @@ class Guard:
         return self._inner.state
 
     def receive_data(self, data: bytes | None) -> None:
-        if self._conn is not None:
-            self._conn.receive_data(data)
+        conn = self._conn
+        if conn is not None:
+            if data and self._max_payload and _at_frame_start(conn):
+                buf = self._buf
+                if not buf:
+                    self._buf = data
+                elif type(buf) is bytearray:
+                    buf += data  # the start of a frame waiting for its rest
+                else:
+                    self._buf = buf + data
+                return
+            if self._buf:  # wsproto takes over mid-stream: what is buffered comes first
+                conn.receive_data(bytes(self._buf))
+                self._buf = b""
+            conn.receive_data(data)
         else:
             assert self._inner is not None
             self._inner.receive_data(data)
@@ -137,6 +157,8 @@ class Guard:
         if type(event) is AcceptConnection and conn is not None:
             # The frame parser exists from here on, and has parsed nothing yet (that happens in `events`).
             conn._proto._message_decoder = _TolerantText()
+            if conn._proto.extensions:
+                self._max_payload = 0  # frames an extension changes (none is offered) are wsproto's to read
             self._pending = list(inner.handshake.events())
             self._conn, self._inner = conn, None
         return data
@@ -146,8 +168,11 @@ class Guard:
             assert self._inner is not None
             source: Iterable[Event] = self._inner.events()  # goes on to the frames' events after the upgrade
         elif self._pending:
-            source, self._pending = itertools.chain(self._pending, self._conn.events()), []
+            pending, self._pending = self._pending, []
+            source = itertools.chain(pending, self._frames(self._conn), self._conn.events())
         else:
+            if self._buf:
+                yield from self._frames(self._conn)
             source = self._conn.events()  # every message after the upgrade: no wrapper
         for event in source:
             conn = self._conn
@@ -160,11 +185,69 @@ class Guard:
                 event = CloseConnection(event.code, PARSE_FAILURE_REASONS.get(event.code, "protocol_error"))
             yield event
 
+    def _frames(self, conn: Connection) -> Iterator[Event]:
+        """The messages of the whole data frames in `_buf`, as wsproto would give them; the first frame this path
+        does not take (control, fragment, extension bits, longer than `_max_payload`) and all after it go to wsproto.
+
+        Taken: FIN set, RSV clear, opcode text or binary, masked, the length in its shortest form: a frame wsproto
+        reads in one piece, and as wsproto would read it (text decoded as `_TolerantText` decodes it)."""
+        buf, self._buf = self._buf, b""
+        end = len(buf)
+        pos = 0
+        limit = self._max_payload
+        while end - pos >= 6:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            if (b0 != 0x81 and b0 != 0x82) or b1 < 0x80:
+                break  # not a whole masked data frame without extension bits: wsproto's
+            size = b1 & 0x7F
+            start = pos + 6
+            if size == 126:
+                start = pos + 8
+                if end < start:
+                    self._buf = bytearray(buf[pos:])
+                    return
+                size = (buf[pos + 2] << 8) | buf[pos + 3]
+                if size < 126:
+                    break  # not the shortest form: wsproto refuses it
+            elif size == 127:
+                break  # 64 KiB and more: wsproto's (it streams what it reads)
+            if size > limit:
+                break
+            stop = start + size
+            if stop > end:
+                self._buf = bytearray(buf[pos:])  # the rest of this frame has not come yet
+                return
+            payload = unmask(memoryview(buf)[start:stop], buf[start - 4 : start], 0)
+            pos = stop
+            if b0 == 0x81:
+                yield TextMessage(payload.decode("utf-8", "surrogateescape"), True, True)
+            else:
+                yield BytesMessage(bytes(payload), True, True)
+        rest = end - pos
+        if rest and rest < 6 and buf[pos] in (0x81, 0x82) and (rest < 2 or buf[pos + 1] >= 0x80):
+            self._buf = bytearray(buf[pos:])  # a header cut short: it may start a frame this path takes
+        elif rest:
+            conn.receive_data(bytes(buf[pos:]))
+
+
+def _at_frame_start(conn: Connection) -> bool:
+    """True if wsproto holds no part of a frame or message (so bytes that come next start a frame)."""
+    proto = conn._proto
+    decoder = proto._frame_decoder
+    return (
+        conn.state is ConnectionState.OPEN
+        and decoder.header is None
+        and not decoder.buffer.buffer
+        and proto._message_decoder.opcode is None
+        and not conn._events
+    )
+
 
 def guard(request: WebSocketRequest) -> Guard:
     """Guard the connection of `request`; call it before `request.accept()`."""
     connection = request._connection  # trio-websocket has no public hook for its wsproto object
-    wire = Guard(connection._wsproto)
+    wire = Guard(connection._wsproto, min(connection._max_message_size, FAST_MAX_PAYLOAD))
     connection._wsproto = wire  # type: ignore[assignment]  # Guard stands in for WSConnection (duck-typed)
     return wire
 

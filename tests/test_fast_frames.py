@@ -1,0 +1,157 @@
+"""The hub's own reading of whole data frames (hub/edge/_wire.py `Guard`) gives what wsproto alone gives.
+
+A byte stream of frames a client sends (text and binary of every length form, fragments, pings, a close, and frames
+wsproto refuses), cut at random points and fed piece by piece as trio-websocket feeds it, must come out as the same
+messages, control events and parse failures through the guard (fast path) as through a plain wsproto connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Request, TextMessage
+
+from hub.edge._wire import FAST_MAX_PAYLOAD, Guard, _TolerantText
+
+
+def _pair() -> tuple[WSConnection, WSConnection]:
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="h", target="/")))
+    return client, server
+
+
+def guarded(max_payload: int = FAST_MAX_PAYLOAD) -> Guard:
+    client, server = _pair()
+    guard = Guard(server, max_payload)
+    assert [type(e) for e in guard.events()] == [Request]
+    client.receive_data(guard.send(AcceptConnection()))
+    return guard
+
+
+def plain() -> WSConnection:
+    client, server = _pair()
+    assert [type(e) for e in server.events()] == [Request]
+    client.receive_data(server.send(AcceptConnection()))
+    assert server.connection is not None
+    server.connection._proto._message_decoder = _TolerantText()  # the same text decoding as the guard's
+    return server
+
+
+def read(conn: Any, stream: bytes, cuts: list[int]) -> list[tuple[Any, ...]]:
+    """What a reader sees: whole messages (parts joined), pings, closes; events drained after every piece."""
+    out: list[tuple[Any, ...]] = []
+    parts: list[Any] = []
+    bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
+    for a, b in itertools.pairwise(bounds):
+        if a == b:
+            continue
+        conn.receive_data(stream[a:b])
+        for event in conn.events():
+            if isinstance(event, Message):
+                parts.append(event.data)
+                if event.message_finished:
+                    joined = "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
+                    out.append((type(event).__name__, joined))
+                    parts = []
+            elif isinstance(event, CloseConnection):
+                out.append(("close", event.code))
+                return out
+            else:
+                out.append((type(event).__name__, bytes(getattr(event, "payload", b""))))
+    return out
+
+
+def frames(client: WSConnection, kinds: list[tuple[str, int]]) -> bytes:
+    out = b""
+    for kind, n in kinds:
+        if kind == "text":
+            out += client.send(TextMessage("é" * (n // 2) + "a" * (n % 2)))
+        elif kind == "bytes":
+            out += client.send(BytesMessage(bytes(i % 251 for i in range(n))))
+        elif kind == "fragments":
+            out += client.send(TextMessage("x" * n, message_finished=False))
+            out += client.send(TextMessage("yz", message_finished=True))
+        elif kind == "ping":
+            out += client.send(Ping(b"p" * min(n, 125)))
+        elif kind == "bad_utf8":  # invalid UTF-8 in a text frame: the hub refuses it as text, the session stays
+            out += _masked(0x81, b"ok \xff\xfe end"[: max(n, 4)])
+        elif kind == "long_form":  # a 2-byte length for a short payload: wsproto refuses it (1002)
+            out += bytes([0x81, 0x80 | 126, 0, 3]) + b"\0\0\0\0" + b"abc"
+        elif kind == "unmasked":  # a client frame without a mask: refused
+            out += bytes([0x81, 3]) + b"abc"
+        elif kind == "rsv":  # an extension bit nobody agreed: refused
+            out += _masked(0xC1, b"abc")
+    return out
+
+
+def _masked(b0: int, payload: bytes) -> bytes:
+    key = b"\x11\x22\x33\x44"
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    assert len(payload) < 126
+    return bytes([b0, 0x80 | len(payload)]) + key + body
+
+
+SIZES = st.sampled_from([0, 1, 5, 125, 126, 127, 1000, 65535, 65536, 70000])
+KINDS = st.lists(
+    st.tuples(
+        st.sampled_from(["text", "text", "bytes", "fragments", "ping", "bad_utf8", "long_form", "unmasked", "rsv"]),
+        SIZES,
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(KINDS, st.lists(st.integers(0, 1 << 20), max_size=12), st.booleans())
+def test_the_guard_reads_as_wsproto_reads(kinds: list[tuple[str, int]], cuts: list[int], close: bool) -> None:
+    stream = frames(_client(), kinds)
+    if close:
+        stream += _client().send(CloseConnection(1000, "bye"))
+    assert read(guarded(), stream, cuts) == read(plain(), stream, cuts)
+
+
+def _client() -> WSConnection:
+    client, server = _pair()
+    client.receive_data(server.send(AcceptConnection()))
+    assert [type(e) for e in client.events()] == [AcceptConnection]
+    return client
+
+
+def test_small_frames_take_the_fast_path() -> None:
+    guard = guarded()
+    client = _client()
+    stream = b"".join(client.send(TextMessage(f"m{i}")) for i in range(3)) + client.send(BytesMessage(b"\x00\x01"))
+    guard.receive_data(stream[:-3])
+    assert guard._buf  # waiting here, not in wsproto: the last frame's rest has not come
+    first = list(guard.events())
+    guard.receive_data(stream[-3:])
+    assert [(type(e), e.data) for e in [*first, *guard.events()]] == [
+        (TextMessage, "m0"),
+        (TextMessage, "m1"),
+        (TextMessage, "m2"),
+        (BytesMessage, b"\x00\x01"),
+    ]
+    conn = guard._conn
+    assert conn is not None and not conn._proto._frame_decoder.buffer.buffer  # wsproto saw none of it
+
+
+def test_a_ping_between_messages_goes_through_wsproto_and_back() -> None:
+    guard = guarded()
+    client = _client()
+    guard.receive_data(client.send(TextMessage("a")) + client.send(Ping(b"p")) + client.send(TextMessage("b")))
+    assert [type(e) for e in guard.events()] == [TextMessage, Ping, TextMessage]
+    guard.receive_data(client.send(TextMessage("c")))
+    assert guard._buf  # wsproto is done with its part: the next frame is read here again
+    assert [(type(e), e.data) for e in guard.events()] == [(TextMessage, "c")]
+
+
+def test_without_a_limit_wsproto_reads_everything() -> None:
+    guard = guarded(max_payload=0)
+    guard.receive_data(_client().send(TextMessage("a")))
+    assert not guard._buf
+    assert [e.data for e in guard.events() if isinstance(e, TextMessage)] == ["a"]
