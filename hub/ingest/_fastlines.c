@@ -1,11 +1,13 @@
 /* The line loop of hub/ingest/_reader.py in C: a batch of decoded telemetry points into InfluxDB line protocol.
  *
- * build(points, prefixes, field_keys, prefix_miss, key_miss) -> str | None
+ * build(points, prefixes, field_keys, prefix_miss, key_miss, last) -> str | None
  *
  * `points` is the list of msgspec structs `TelemetryReader` decodes (attributes measurement, ts, fields, tags: the
  * tags' raw JSON text as a msgspec.Raw). `prefixes` maps (measurement, tags' bytes) to the escaped series prefix and
  * `field_keys` a field name to its escaped `key=`; on a miss `prefix_miss(measurement, tags_bytes)` or
- * `key_miss(name)` is called (the reader's checks, which fill the caches or raise). Values are written as
+ * `key_miss(name)` is called (the reader's checks, which fill the caches or raise). `last` is a list of three kept
+ * from call to call: the last series' measurement, tags' bytes and prefix (None at first), so that a device's next
+ * message on the same series makes no key at all. Values are written as
  * `TelemetryReader._lines` writes them: a float as repr() spells it, {"int": n} as `ni`, a plain int unsuffixed,
  * booleans as true/false, strings quoted with `\` and `"` escaped. A string holding a line break gives None (the
  * reader then leaves the frame to the reference decoder). The text is the Python loop's to the byte
@@ -257,17 +259,24 @@ done:
 }
 
 static PyObject *build(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "build(points, prefixes, field_keys, prefix_miss, key_miss)");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "build(points, prefixes, field_keys, prefix_miss, key_miss, last)");
         return NULL;
     }
-    PyObject *points = args[0], *prefixes = args[1], *field_keys = args[2];
-    if (!PyList_Check(points) || !PyDict_Check(prefixes) || !PyDict_Check(field_keys)) {
-        PyErr_SetString(PyExc_TypeError, "points must be a list, prefixes and field_keys dicts");
+    PyObject *points = args[0], *prefixes = args[1], *field_keys = args[2], *kept = args[5];
+    if (!PyList_Check(points) || !PyDict_Check(prefixes) || !PyDict_Check(field_keys) || !PyList_CheckExact(kept)
+        || PyList_GET_SIZE(kept) != 3) {
+        PyErr_SetString(PyExc_TypeError, "points must be a list, prefixes and field_keys dicts, last a list of 3");
         return NULL;
     }
     Buf b = {0};
     Series last = {0};
+    if (PyUnicode_CheckExact(PyList_GET_ITEM(kept, 0)) && PyBytes_CheckExact(PyList_GET_ITEM(kept, 1))
+        && PyUnicode_CheckExact(PyList_GET_ITEM(kept, 2))) {
+        last.measurement = Py_NewRef(PyList_GET_ITEM(kept, 0));
+        last.tags = Py_NewRef(PyList_GET_ITEM(kept, 1));
+        last.prefix = Py_NewRef(PyList_GET_ITEM(kept, 2));
+    }
     PyObject *result = NULL;
     int rc = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(points) && rc == 0; i++) {
@@ -279,15 +288,17 @@ static PyObject *build(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssiz
         result = Py_NewRef(Py_None);
     }
     PyMem_Free(b.data);
-    Py_XDECREF(last.measurement);
-    Py_XDECREF(last.tags);
-    Py_XDECREF(last.prefix);
+    if (last.prefix != NULL) { /* kept for the next call (the list takes the references) */
+        PyList_SetItem(kept, 0, last.measurement);
+        PyList_SetItem(kept, 1, last.tags);
+        PyList_SetItem(kept, 2, last.prefix);
+    }
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"build", (PyCFunction)(void (*)(void))build, METH_FASTCALL,
-     "build(points, prefixes, field_keys, prefix_miss, key_miss) -> str | None: the batch's lines (None: refused)."},
+     "build(points, prefixes, field_keys, prefix_miss, key_miss, last) -> str | None: the lines (None: refused)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,4 +9,5 @@ def build(
     field_keys: dict[str, str],
     prefix_miss: Callable[[str, bytes], str],
     key_miss: Callable[[str], str],
+    last: list[Any],
 ) -> str | None: ...

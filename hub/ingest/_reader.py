@@ -107,7 +107,7 @@ def _tags(raw: Any) -> Any:
     return {} if tags is None else tags
 
 
-@attrs.frozen
+@attrs.define(slots=True)  # not frozen: one is made per message, and a frozen class's __init__ costs three times more
 class Batch:
     """A telemetry batch the reader took: its `seq`, its points as `lines` of line protocol, and the points."""
 
@@ -140,7 +140,7 @@ class _Refused(Exception):
 class TelemetryReader:
     """Reads one device session's telemetry frames into line protocol, with its series and field-key caches."""
 
-    __slots__ = ("_cache_size", "_decode", "_field_keys", "_lines", "_prefixes", "device", "limits", "native")
+    __slots__ = ("_cache_size", "_decode", "_field_keys", "_last", "_lines", "_prefixes", "device", "limits", "native")
 
     def __init__(self, device: str, limits: Limits, cache_size: int = _CACHE_MAX, native: bool | None = None) -> None:
         """`native`: build lines in C (the default where it was compiled) or in Python (False); True requires C."""
@@ -150,6 +150,7 @@ class TelemetryReader:
         self._cache_size = cache_size
         self._prefixes: dict[tuple[str, bytes], str] = {}
         self._field_keys: dict[str, str] = {}
+        self._last: list[Any] = [None, None, None]  # the C loop's last series, from one batch to the next
         if native is None:
             native = _fastlines is not None
         if native and _fastlines is None:
@@ -183,7 +184,7 @@ class TelemetryReader:
         return ek
 
     def _native_lines(self, points: list[Any]) -> str:
-        text: str | None = _fastlines.build(points, self._prefixes, self._field_keys, self._prefix, self._field_key)
+        text = _fastlines.build(points, self._prefixes, self._field_keys, self._prefix, self._field_key, self._last)
         if text is None:
             raise _Refused  # a line break in a string value
         return text
