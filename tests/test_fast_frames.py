@@ -10,12 +10,14 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Request, TextMessage
 
-from hub.edge._wire import FAST_MAX_PAYLOAD, Guard, _TolerantText
+from hub.edge._wire import FAST_MAX_PAYLOAD, Guard, SendLock, _TolerantText
 
 
 def _pair() -> tuple[WSConnection, WSConnection]:
@@ -155,3 +157,26 @@ def test_without_a_limit_wsproto_reads_everything() -> None:
     guard.receive_data(_client().send(TextMessage("a")))
     assert not guard._buf
     assert [e.data for e in guard.events() if isinstance(e, TextMessage)] == ["a"]
+
+
+async def test_a_free_send_lock_is_taken_without_a_scheduling_round() -> None:
+    lock = SendLock(trio.StrictFIFOLock())
+    with trio.testing.assert_no_checkpoints():
+        async with lock:
+            pass
+
+
+async def test_a_held_send_lock_serves_its_waiters_in_order() -> None:
+    lock = SendLock(trio.StrictFIFOLock())
+    order: list[int] = []
+
+    async def send(i: int) -> None:
+        async with lock:
+            order.append(i)
+            await trio.sleep(0.01)  # holds it across a checkpoint, as send_all does
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(send, i)
+            await trio.testing.wait_all_tasks_blocked()  # each queues behind the one before
+    assert order == [0, 1, 2, 3, 4]

@@ -1,13 +1,14 @@
-"""Per-connection fixes to how trio-websocket 0.12 and wsproto 1.3 treat a peer's malformed frames; faster unmasking.
+"""Per-connection fixes to how trio-websocket 0.12 and wsproto 1.3 treat a peer's malformed frames; faster paths.
 
 Unpatched, a text frame that is not UTF-8, or any frame wsproto cannot parse, makes wsproto report a close the peer
 never sent; trio-websocket then closes the TCP connection without a close frame (the peer sees 1006). `guard` fixes
 both for one connection: invalid UTF-8 reaches the session as text it can refuse (`has_bad_utf8`) while the session
 stays open, and any other parse failure is answered with a real close frame (`CloseCode.PROTOCOL_ERROR`).
 
-Where hub/edge/_unmask.c was compiled, importing this module puts `Masker` in place of wsproto's `XorMaskerSimple`
-for the whole process (wsproto makes one per masked frame and has no hook for it): payloads are unmasked in one C
-call instead of four `bytes.translate` passes and their copies.
+`guard` also reads whole data frames itself (`Guard._frames`) and lets a frame to send take a free send lock at
+once (`SendLock`). Where hub/edge/_unmask.c was compiled, importing this module puts `Masker` in place of wsproto's
+`XorMaskerSimple` for the whole process (wsproto makes one per masked frame and has no hook for it): payloads are
+unmasked in one C call instead of four `bytes.translate` passes and their copies.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "PARSE_FAILURE_REASONS",
     "Guard",
     "Masker",
+    "SendLock",
     "close_stream",
     "forget_request",
     "guard",
@@ -244,11 +246,35 @@ def _at_frame_start(conn: Connection) -> bool:
     )
 
 
+class SendLock:
+    """trio-websocket's send lock (a `StrictFIFOLock`) without the scheduling round an uncontended acquire waits.
+
+    Every message the hub sends took the lock first, and trio's `acquire` yields to the scheduler even when the lock
+    is free: the frame then waited one whole round of the loop (under load, every other ready session's work) before
+    its bytes went out. Here a free lock is taken at once, so the bytes go out in the sender's own step; `send_all`
+    still checkpoints (before and after its write), and waiters are served first come, first served, as before."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: trio.StrictFIFOLock) -> None:
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()  # refuses while anyone holds it or waits for it: FIFO is kept
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
 def guard(request: WebSocketRequest) -> Guard:
     """Guard the connection of `request`; call it before `request.accept()`."""
     connection = request._connection  # trio-websocket has no public hook for its wsproto object
     wire = Guard(connection._wsproto, min(connection._max_message_size, FAST_MAX_PAYLOAD))
     connection._wsproto = wire  # type: ignore[assignment]  # Guard stands in for WSConnection (duck-typed)
+    connection._stream_lock = SendLock(connection._stream_lock)  # type: ignore[assignment]  # duck-typed too
     return wire
 
 
