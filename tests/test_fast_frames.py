@@ -180,3 +180,24 @@ async def test_a_held_send_lock_serves_its_waiters_in_order() -> None:
             nursery.start_soon(send, i)
             await trio.testing.wait_all_tasks_blocked()  # each queues behind the one before
     assert order == [0, 1, 2, 3, 4]
+
+
+def test_messages_go_straight_into_the_channel_while_it_has_room() -> None:
+    send, receive = trio.open_memory_channel[str | bytes](2)
+    client, server = _pair()
+    guard = Guard(server, FAST_MAX_PAYLOAD, send.send_nowait)
+    assert [type(e) for e in guard.events()] == [Request]
+    client.receive_data(guard.send(AcceptConnection()))
+    client = _client()
+    stream = b"".join(client.send(TextMessage(f"m{i}")) for i in range(4)) + client.send(Ping(b"p"))
+    guard.receive_data(stream)
+    events = guard.events()
+    third = next(events)  # m0 and m1 filled the channel: m2 is handed to the reader, which waits for room
+    assert (type(third), third.data) == (TextMessage, "m2")
+    assert [receive.receive_nowait(), receive.receive_nowait()] == ["m0", "m1"]
+    rest = list(events)  # room again: m3 goes straight in; the ping is wsproto's, after it
+    assert [type(e) for e in rest] == [Ping]
+    assert receive.receive_nowait() == "m3"
+    receive.close()
+    guard.receive_data(client.send(TextMessage("dropped")))
+    assert list(guard.events()) == []  # nobody reads: dropped, as trio-websocket drops it

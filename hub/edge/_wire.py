@@ -16,7 +16,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import re
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import cast
 
 import trio
@@ -110,7 +110,9 @@ class Guard:
     Once the upgrade is sent it keeps wsproto's `Connection` (the frames) alone: the handshake's objects (h11's
     connection and buffers, the request), about 3 KB a connection, are then garbage."""
 
-    def __init__(self, inner: WSConnection, max_payload: int = 0) -> None:
+    def __init__(
+        self, inner: WSConnection, max_payload: int = 0, deliver: Callable[[str | bytes], None] | None = None
+    ) -> None:
         self._inner: WSConnection | None = inner  # until the upgrade
         self._conn: Connection | None = None  # from the upgrade on
         self._pending: list[Event] = []  # handshake events not read when it was let go (none, in practice)
@@ -121,6 +123,10 @@ class Guard:
         # they leave in `_buf` waits for the rest of its frame; everything else goes to wsproto. 0: never.
         self._max_payload = max_payload if unmask is not None and not inner.client else 0
         self._buf: bytes | bytearray = b""
+        # The connection's message channel (`send_nowait`): a message the fast path reads goes straight into it
+        # while it has room, instead of being yielded for trio-websocket's reader to pass on (an event, a handler,
+        # and two scheduling rounds of its reader task per message). None: every message is yielded.
+        self._deliver = deliver
 
     @property
     def state(self) -> ConnectionState:
@@ -188,8 +194,9 @@ class Guard:
             yield event
 
     def _frames(self, conn: Connection) -> Iterator[Event]:
-        """The messages of the whole data frames in `_buf`, as wsproto would give them; the first frame this path
-        does not take (control, fragment, extension bits, longer than `_max_payload`) and all after it go to wsproto.
+        """The messages of the whole data frames in `_buf` (delivered, or yielded as wsproto would give them); the
+        first frame this path does not take (control, fragment, extension bits, longer than `_max_payload`) and all
+        after it go to wsproto.
 
         Taken: FIN set, RSV clear, opcode text or binary, masked, the length in its shortest form: a frame wsproto
         reads in one piece, and as wsproto would read it (text decoded as `_TolerantText` decodes it)."""
@@ -197,6 +204,7 @@ class Guard:
         end = len(buf)
         pos = 0
         limit = self._max_payload
+        deliver = self._deliver
         while end - pos >= 6:
             b0 = buf[pos]
             b1 = buf[pos + 1]
@@ -222,10 +230,19 @@ class Guard:
                 return
             payload = unmask(memoryview(buf)[start:stop], buf[start - 4 : start], 0)
             pos = stop
-            if b0 == 0x81:
-                yield TextMessage(payload.decode("utf-8", "surrogateescape"), True, True)
+            message: str | bytes = payload.decode("utf-8", "surrogateescape") if b0 == 0x81 else bytes(payload)
+            if deliver is not None:
+                try:
+                    deliver(message)
+                    continue
+                except trio.WouldBlock:
+                    pass  # the reader waits for room, as it would for any message: backpressure is unchanged
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    continue  # nobody reads any more: trio-websocket drops the message the same way
+            if type(message) is str:
+                yield TextMessage(message, True, True)
             else:
-                yield BytesMessage(bytes(payload), True, True)
+                yield BytesMessage(cast(bytes, message), True, True)
         rest = end - pos
         if rest and rest < 6 and buf[pos] in (0x81, 0x82) and (rest < 2 or buf[pos + 1] >= 0x80):
             self._buf = bytearray(buf[pos:])  # a header cut short: it may start a frame this path takes
@@ -272,7 +289,11 @@ class SendLock:
 def guard(request: WebSocketRequest) -> Guard:
     """Guard the connection of `request`; call it before `request.accept()`."""
     connection = request._connection  # trio-websocket has no public hook for its wsproto object
-    wire = Guard(connection._wsproto, min(connection._max_message_size, FAST_MAX_PAYLOAD))
+    wire = Guard(
+        connection._wsproto,
+        min(connection._max_message_size, FAST_MAX_PAYLOAD),
+        connection._send_channel.send_nowait,
+    )
     connection._wsproto = wire  # type: ignore[assignment]  # Guard stands in for WSConnection (duck-typed)
     connection._stream_lock = SendLock(connection._stream_lock)  # type: ignore[assignment]  # duck-typed too
     return wire
