@@ -201,3 +201,17 @@ def test_messages_go_straight_into_the_channel_while_it_has_room() -> None:
     receive.close()
     guard.receive_data(client.send(TextMessage("dropped")))
     assert list(guard.events()) == []  # nobody reads: dropped, as trio-websocket drops it
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=3), st.binary(max_size=3), SIZES), min_size=1, max_size=6))
+def test_frames_the_guard_sends_are_wsprotos(messages: list[Any]) -> None:
+    guard, reference = guarded(), plain()
+    for message in messages:
+        if isinstance(message, int):
+            message = "é" * message if message % 2 else b"\x01" * message
+        event = TextMessage(message) if isinstance(message, str) else BytesMessage(message)
+        assert guard.send(event) == reference.send(event)
+    # A message sent in parts, and frames after it, stay wsproto's own.
+    for event in (TextMessage("a", message_finished=False), TextMessage("b"), BytesMessage(b"c"), Ping(b"p")):
+        assert guard.send(event) == reference.send(event)

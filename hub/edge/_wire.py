@@ -156,8 +156,16 @@ class Guard:
             self._inner.receive_data(data)
 
     def send(self, event: Event) -> bytes:
-        if self._conn is not None:
-            return self._conn.send(event)
+        conn = self._conn
+        if conn is not None:
+            if (
+                isinstance(event, TextMessage | BytesMessage)
+                and event.message_finished
+                and self._max_payload
+                and _at_message_start(conn)
+            ):
+                return _data_frame(event.data)  # as wsproto would frame it
+            return conn.send(event)
         inner = self._inner
         assert inner is not None
         data = inner.send(event)
@@ -248,6 +256,25 @@ class Guard:
             self._buf = bytearray(buf[pos:])  # a header cut short: it may start a frame this path takes
         elif rest:
             conn.receive_data(bytes(buf[pos:]))
+
+
+def _at_message_start(conn: Connection) -> bool:
+    """True if a whole message may go out as one frame now: the connection open, no message of ours half sent."""
+    return conn.state is ConnectionState.OPEN and conn._proto._outbound_opcode is None
+
+
+def _data_frame(message: str | bytes | bytearray) -> bytes:
+    """A server's unmasked frame of one whole message, as wsproto's `FrameProtocol.send_data` makes it."""
+    if isinstance(message, str):
+        first, data = 0x81, message.encode()
+    else:
+        first, data = 0x82, bytes(message)
+    n = len(data)
+    if n < 126:
+        return bytes((first, n)) + data
+    if n < 65536:
+        return bytes((first, 126, n >> 8, n & 0xFF)) + data
+    return bytes((first, 127)) + n.to_bytes(8, "big") + data
 
 
 def _at_frame_start(conn: Connection) -> bool:
