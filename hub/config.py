@@ -73,6 +73,7 @@ class ServerConfig:
     evict_slow_handshake_after: float = 1.0  # all places taken: a newcomer evicts one this old without its request
     hello_timeout: float = 10.0  # seconds after the upgrade for the device's hello
     window: int = 256  # unacked telemetry messages a device may have in flight
+    ack_interval: float = 0.05  # acks to one device at least this far apart while < window / 2 wait; 0: at once
     max_errors: int = 10  # protocol errors in one session before it is closed with 1008
     shutdown_grace: float = 10.0  # seconds to drain the pipeline on SIGINT/SIGTERM
     max_connections: int = 10000  # open WebSocket connections (devices + operators); more: 503 before the upgrade
@@ -252,6 +253,7 @@ _ZERO_OK = frozenset(
         "max_connections_per_address",
         "max_handshakes_per_address",
         "idle_timeout",
+        "ack_interval",
         "cache_ttl",
     }
 )

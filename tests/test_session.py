@@ -23,6 +23,7 @@ from device_client.protocol import (
     Welcome,
     decode,
     encode,
+    encode_ack,
 )
 from device_client.session import (
     TRANSITIONS,
@@ -405,3 +406,53 @@ def test_limits_are_those_of_the_latest_welcome() -> None:
     pair.hub_limits = Limits()
     pair.connect()
     assert pair.device.limits == DEFAULT_LIMITS
+
+
+def test_acks_are_paced_while_less_than_half_the_window_waits() -> None:
+    pair = SessionPair(window=8)
+    pair.connect()
+    hub = pair.hub
+    hub.ack_interval = 0.05
+
+    def batches(n: int) -> None:
+        pair.queue(n)
+        pair.to_hub()
+        pair.make_durable()
+
+    def ack(now: float | None) -> object:
+        frame = hub.next_outbound(now)
+        if isinstance(frame, str):
+            pair.to_device([frame])
+        return frame
+
+    batches(1)
+    assert ack(10.0) == encode_ack(1)  # the first goes at once
+    batches(1)
+    assert ack(10.02) is None  # held back: one ack went out 20 ms ago
+    assert hub.ack_held(10.02) == pytest.approx(10.05)
+    batches(2)
+    assert hub.ack_held(10.03) == pytest.approx(10.05)  # three batches wait: fewer than half the window
+    assert ack(10.05) == encode_ack(4)  # one cumulative ack for all three
+    assert hub.ack_held(10.05) is None and ack(10.05) is None  # nothing more is due
+    batches(4)
+    assert ack(10.06) == encode_ack(8)  # half the window waits: at once
+    batches(1)
+    assert ack(None) == encode_ack(9)  # without a time (the close path): never held back
+    assert pair.device.stats.points_acked == 9
+
+
+def test_commands_are_never_held_back_by_ack_pacing() -> None:
+    pair = SessionPair(window=8)
+    pair.connect()
+    pair.hub.ack_interval = 10.0
+    pair.queue(1)
+    pair.to_hub()
+    pair.make_durable()
+    assert pair.hub.next_outbound(0.0) == encode_ack(1)
+    pair.queue(1)
+    pair.to_hub()
+    pair.make_durable()
+    command = Command(id="c-1", name="ping", args={}, timeout=30.0)
+    assert pair.hub.offer(command)
+    assert pair.hub.next_outbound(1.0) == command
+    assert pair.hub.next_outbound(1.0) is None and pair.hub.ack_held(1.0) == pytest.approx(10.0)

@@ -265,12 +265,14 @@ class DeviceSession:
             max_offers=2 * cfg.commands.max_queue,
             read=TelemetryReader(name, cfg.limits).read if reader_available() else None,
             compression=cfg.server.compression,
+            ack_interval=cfg.server.ack_interval,
         )
         self._builder = LineBuilder(name)  # for the frames the reader leaves to `decode`
         self._throttle = Throttle(server.device_rate(name), cfg.server.throttle_close_after)
         self._holds = 0  # > 0 while the session deliberately reads nothing (window, rate, pipeline backpressure)
         self._hold_end = -math.inf  # when the latest hold ended
         self._parked: trio.lowlevel.Task | None = None  # the outbound task, while it waits for work
+        self._parked_until = math.inf  # ... or until a held-back ack is due (`HubConnection.ack_held`)
         # The outbound task runs only while there is work now and then: started by the first work, it ends when a
         # ping finds it waited a whole ping interval (an idle device costs no task of its own).
         self._sending = False  # the outbound task exists
@@ -712,7 +714,13 @@ class DeviceSession:
         return True
 
     def durable_advanced(self) -> None:
-        """The ledger's news that more is durable: the outbound task sends the ack."""
+        """The ledger's news that more is durable: the outbound task sends the ack (at once, or when it is due)."""
+        if (
+            self._parked is not None
+            and self._parked_until < math.inf
+            and self.conn.ack_held(trio.current_time()) is not None
+        ):
+            return  # the outbound task wakes for a held-back ack anyway, and sends the newest one then
         self._unpark()
 
     def _unpark(self) -> None:
@@ -735,12 +743,22 @@ class DeviceSession:
         conn = self.conn
         try:
             while True:
-                item = conn.next_outbound()
+                now = trio.current_time()
+                item = conn.next_outbound(now)
                 if item is None:
-                    if self._retire:  # a whole ping interval without work (see `ping_due`)
+                    held = conn.ack_held(now)
+                    if self._retire and held is None:  # a whole ping interval without work (see `ping_due`)
                         return
                     self._parked = trio.lowlevel.current_task()
-                    await trio.lowlevel.wait_task_rescheduled(self._abort_park)
+                    if held is None:
+                        await trio.lowlevel.wait_task_rescheduled(self._abort_park)
+                        continue
+                    self._parked_until = held
+                    try:
+                        with trio.move_on_at(held):
+                            await trio.lowlevel.wait_task_rescheduled(self._abort_park)
+                    finally:
+                        self._parked_until = math.inf
                     continue
                 self._sent_since_ping = True
                 if isinstance(item, str):

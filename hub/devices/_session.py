@@ -10,6 +10,7 @@ read exactly as that text would be.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -145,8 +146,10 @@ class HubConnection:
         "_errors",
         "_inflight",
         "_last_ack",
+        "_last_ack_at",
         "_offers",
         "_state",
+        "ack_interval",
         "compress",
         "compression",
         "desired_sent",
@@ -170,8 +173,12 @@ class HubConnection:
         error_window: float = ERROR_WINDOW,
         read: Callable[[str], Batch | None] | None = None,
         compression: bool = True,
+        ack_interval: float = 0.0,
     ) -> None:
         self.limits = limits
+        #: Acks `next_outbound` hands out are at least this far apart while less than half the window waits for one
+        #: (cumulative acks: a later one covers what an earlier one would have; fewer frames both ways).
+        self.ack_interval = ack_interval
         #: Accept a compression scheme the device offers (the hub's `server.compression`).
         self.compression = compression
         #: The compression scheme agreed in the welcome, if any: binary telemetry frames are accepted then.
@@ -189,6 +196,7 @@ class HubConnection:
         self._book: Book = _NoBook()
         self._inflight: list[int] = []  # seqs handed to the pipeline and maybe not durable yet, oldest first
         self._last_ack = 0
+        self._last_ack_at = -math.inf  # when `next_outbound` last handed out an ack
         self._errors: list[float] = []  # times of recent refusals
         self._offers: list[Command] = []  # offered by the command service, not handed out yet
         #: The desired twin version the device has or is being sent; None: it does not use the twin (no hello yet).
@@ -369,9 +377,22 @@ class HubConnection:
         self._inflight.append(seq)
 
     def ack_due(self) -> str | None:
-        """The ack to send now, if more is durable than this session has acked."""
+        """The ack to send now, if more is durable than this session has acked (whenever it was last sent)."""
         durable = self._book.durable
         return self._ack(durable) if durable > self._last_ack else None
+
+    def ack_held(self, now: float) -> float | None:
+        """When the ack due is to go out, if `ack_interval` holds it back at `now`; None if none is held back.
+
+        Held back: more is durable than acked, the last ack went out less than `ack_interval` ago, and fewer than
+        half the window's batches wait for an ack (counted as seqs above the last ack: devices number batches one
+        by one)."""
+        if self._book.durable <= self._last_ack:
+            return None
+        at = self._last_ack_at + self.ack_interval
+        if now >= at or self._book.submitted - self._last_ack >= self.window // 2:
+            return None
+        return at
 
     def _ack(self, seq: int) -> str:
         if seq > self._last_ack:
@@ -403,16 +424,23 @@ class HubConnection:
         self.desired_sent = version
         return True
 
-    def next_outbound(self) -> Command | Desired | str | None:
+    def next_outbound(self, now: float | None = None) -> Command | Desired | str | None:
         """The next command offered (commands first: their latency is seen), else the desired document due, else the
-        ack due, else None."""
+        ack due unless `ack_held(now)`, else None. Without `now`, an ack due is never held back."""
         if self._state is _OPEN:
             if self._offers:
                 return self._offers.pop(0)
             if self._desired is not None:
                 desired, self._desired = self._desired, None
                 return desired
-        return self.ack_due()
+        if now is None:
+            return self.ack_due()
+        if self.ack_held(now) is not None:
+            return None
+        ack = self.ack_due()
+        if ack is not None:
+            self._last_ack_at = now
+        return ack
 
 
 def _close(code: ErrorCode, detail: str, answer: Answer) -> Close:
