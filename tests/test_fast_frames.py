@@ -160,14 +160,14 @@ def test_without_a_limit_wsproto_reads_everything() -> None:
 
 
 async def test_a_free_send_lock_is_taken_without_a_scheduling_round() -> None:
-    lock = SendLock(trio.StrictFIFOLock())
+    lock = SendLock()
     with trio.testing.assert_no_checkpoints():
         async with lock:
             pass
 
 
 async def test_a_held_send_lock_serves_its_waiters_in_order() -> None:
-    lock = SendLock(trio.StrictFIFOLock())
+    lock = SendLock()
     order: list[int] = []
 
     async def send(i: int) -> None:
@@ -180,12 +180,43 @@ async def test_a_held_send_lock_serves_its_waiters_in_order() -> None:
             nursery.start_soon(send, i)
             await trio.testing.wait_all_tasks_blocked()  # each queues behind the one before
     assert order == [0, 1, 2, 3, 4]
+    with trio.testing.assert_no_checkpoints():
+        async with lock:  # free again
+            pass
+
+
+async def test_a_send_lock_waiter_cancelled_leaves_the_queue() -> None:
+    lock = SendLock()
+    order: list[str] = []
+    cancelled = trio.CancelScope()
+
+    async def send(name: str) -> None:
+        async with lock:
+            order.append(name)
+            await trio.sleep(0.01)
+
+    async def cancelled_send() -> None:
+        with cancelled:
+            await send("cancelled")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(cancelled_send)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(send, "last")
+        await trio.testing.wait_all_tasks_blocked()
+        cancelled.cancel()  # while it waits behind "first"
+    assert order == ["first", "last"]
+    with trio.testing.assert_no_checkpoints():
+        async with lock:
+            pass
 
 
 def test_messages_go_straight_into_the_channel_while_it_has_room() -> None:
     send, receive = trio.open_memory_channel[str | bytes](2)
     client, server = _pair()
-    guard = Guard(server, FAST_MAX_PAYLOAD, send.send_nowait)
+    guard = Guard(server, FAST_MAX_PAYLOAD, send)
     assert [type(e) for e in guard.events()] == [Request]
     client.receive_data(guard.send(AcceptConnection()))
     client = _client()

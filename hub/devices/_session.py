@@ -48,6 +48,8 @@ from device_client.session import Role, SessionError, SessionState, Trigger, tra
 from hub.edge import has_bad_utf8
 from hub.ingest import Batch
 
+_NEVER = -math.inf  # one float for every session (an expression would make one each)
+
 __all__ = [
     "BAD_UTF8_DETAIL",
     "ERROR_WINDOW",
@@ -196,7 +198,7 @@ class HubConnection:
         self._book: Book = _NoBook()
         self._inflight: list[int] = []  # seqs handed to the pipeline and maybe not durable yet, oldest first
         self._last_ack = 0
-        self._last_ack_at = -math.inf  # when `next_outbound` last handed out an ack
+        self._last_ack_at = _NEVER  # when `next_outbound` last handed out an ack
         self._errors: list[float] = []  # times of recent refusals
         self._offers: list[Command] = []  # offered by the command service, not handed out yet
         #: The desired twin version the device has or is being sent; None: it does not use the twin (no hello yet).

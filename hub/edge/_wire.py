@@ -16,14 +16,14 @@ from __future__ import annotations
 import codecs
 import itertools
 import re
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import cast
 
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 from wsproto import WSConnection, frame_protocol
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Event, Request, TextMessage
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Event, TextMessage
 from wsproto.frame_protocol import Frame, MessageDecoder, Opcode
 
 try:  # compiled by setup.py where a C compiler is at hand
@@ -110,12 +110,14 @@ class Guard:
     Once the upgrade is sent it keeps wsproto's `Connection` (the frames) alone: the handshake's objects (h11's
     connection and buffers, the request), about 3 KB a connection, are then garbage."""
 
+    __slots__ = ("_buf", "_conn", "_deliver", "_inner", "_max_payload", "_pending", "client", "failure")
+
     def __init__(
-        self, inner: WSConnection, max_payload: int = 0, deliver: Callable[[str | bytes], None] | None = None
+        self, inner: WSConnection, max_payload: int = 0, deliver: trio.MemorySendChannel[str | bytes] | None = None
     ) -> None:
         self._inner: WSConnection | None = inner  # until the upgrade
         self._conn: Connection | None = None  # from the upgrade on
-        self._pending: list[Event] = []  # handshake events not read when it was let go (none, in practice)
+        self._pending: Sequence[Event] = ()  # handshake events not read when it was let go (none, in practice)
         self.client = inner.client
         #: (code, wsproto's description) once the peer's frames could not be parsed, else None.
         self.failure: tuple[int, str] | None = None
@@ -123,7 +125,7 @@ class Guard:
         # they leave in `_buf` waits for the rest of its frame; everything else goes to wsproto. 0: never.
         self._max_payload = max_payload if unmask is not None and not inner.client else 0
         self._buf: bytes | bytearray = b""
-        # The connection's message channel (`send_nowait`): a message the fast path reads goes straight into it
+        # The connection's message channel: a message the fast path reads goes straight into it (`send_nowait`)
         # while it has room, instead of being yielded for trio-websocket's reader to pass on (an event, a handler,
         # and two scheduling rounds of its reader task per message). None: every message is yielded.
         self._deliver = deliver
@@ -175,7 +177,7 @@ class Guard:
             conn._proto._message_decoder = _TolerantText()
             if conn._proto.extensions:
                 self._max_payload = 0  # frames an extension changes (none is offered) are wsproto's to read
-            self._pending = list(inner.handshake.events())
+            self._pending = tuple(inner.handshake.events())
             self._conn, self._inner = conn, None
         return data
 
@@ -184,7 +186,7 @@ class Guard:
             assert self._inner is not None
             source: Iterable[Event] = self._inner.events()  # goes on to the frames' events after the upgrade
         elif self._pending:
-            pending, self._pending = self._pending, []
+            pending, self._pending = self._pending, ()
             source = itertools.chain(pending, self._frames(self._conn), self._conn.events())
         else:
             if self._buf:
@@ -212,7 +214,7 @@ class Guard:
         end = len(buf)
         pos = 0
         limit = self._max_payload
-        deliver = self._deliver
+        deliver = None if self._deliver is None else self._deliver.send_nowait
         while end - pos >= 6:
             b0 = buf[pos]
             b1 = buf[pos + 1]
@@ -291,26 +293,36 @@ def _at_frame_start(conn: Connection) -> bool:
 
 
 class SendLock:
-    """trio-websocket's send lock (a `StrictFIFOLock`) without the scheduling round an uncontended acquire waits.
+    """Stands in for trio-websocket's send lock (a `StrictFIFOLock`): a free lock is taken without a scheduling round.
 
-    Every message the hub sends took the lock first, and trio's `acquire` yields to the scheduler even when the lock
+    Every message the hub sends takes the lock first, and trio's `acquire` yields to the scheduler even when the lock
     is free: the frame then waited one whole round of the loop (under load, every other ready session's work) before
-    its bytes went out. Here a free lock is taken at once, so the bytes go out in the sender's own step; `send_all`
-    still checkpoints (before and after its write), and waiters are served first come, first served, as before."""
+    its bytes went out. Here a free lock is taken at once, so the bytes go out in the sender's own step (`send_all`
+    still checkpoints, before and after its write). Senders that find it taken wait first come, first served, and
+    the lock passes straight to the next one. The queue is made on first contention: an idle connection holds two
+    slots instead of a lock, its parking lot and that lot's ordered dict (about 340 bytes)."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_held", "_waiting")
 
-    def __init__(self, lock: trio.StrictFIFOLock) -> None:
-        self._lock = lock
+    def __init__(self) -> None:
+        self._held = False
+        self._waiting: trio.lowlevel.ParkingLot | None = None
 
     async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()  # refuses while anyone holds it or waits for it: FIFO is kept
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        if not self._held:
+            self._held = True
+            return
+        waiting = self._waiting
+        if waiting is None:
+            waiting = self._waiting = trio.lowlevel.ParkingLot()
+        await waiting.park()  # woken by `__aexit__`, which hands the lock over (it stays held)
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._lock.release()
+        waiting = self._waiting
+        if waiting:
+            waiting.unpark()
+        else:
+            self._held = False
 
 
 def guard(request: WebSocketRequest) -> Guard:
@@ -319,18 +331,22 @@ def guard(request: WebSocketRequest) -> Guard:
     wire = Guard(
         connection._wsproto,
         min(connection._max_message_size, FAST_MAX_PAYLOAD),
-        connection._send_channel.send_nowait,
+        connection._send_channel,
     )
     connection._wsproto = wire  # type: ignore[assignment]  # Guard stands in for WSConnection (duck-typed)
-    connection._stream_lock = SendLock(connection._stream_lock)  # type: ignore[assignment]  # duck-typed too
+    connection._stream_lock = SendLock()  # type: ignore[assignment]  # duck-typed too
     return wire
 
 
 def forget_request(request: WebSocketRequest) -> None:
     """After the upgrade: keep only the request's host and path. trio-websocket holds the request for the whole
-    connection; its headers and proposals are of no more use (about 0.6 KB a connection)."""
+    connection; its headers and proposals are of no more use (about 1.2 KB a connection).
+
+    Emptied in place: trio-websocket's reader task also holds the event, as the last one it handled, and with
+    messages going straight into the channel (`Guard._frames`) an idle device's reader may never handle another."""
     event = request._event
-    request._event = Request(host=event.host, target=event.target)
+    for name in ("extra_headers", "extensions", "subprotocols"):
+        object.__setattr__(event, name, ())  # a frozen dataclass, referenced by trio-websocket only
 
 
 def parse_failure(ws: WebSocketConnection) -> tuple[int, str] | None:

@@ -140,7 +140,7 @@ class _Refused(Exception):
 class TelemetryReader:
     """Reads one device session's telemetry frames into line protocol, with its series and field-key caches."""
 
-    __slots__ = ("_cache_size", "_decode", "_field_keys", "_last", "_lines", "_prefixes", "device", "limits", "native")
+    __slots__ = ("_cache_size", "_decode", "_field_keys", "_last", "_prefixes", "device", "limits", "native")
 
     def __init__(self, device: str, limits: Limits, cache_size: int = _CACHE_MAX, native: bool | None = None) -> None:
         """`native`: build lines in C (the default where it was compiled) or in Python (False); True requires C."""
@@ -150,19 +150,19 @@ class TelemetryReader:
         self._cache_size = cache_size
         self._prefixes: dict[tuple[str, bytes], str] = {}
         self._field_keys: dict[str, str] = {}
-        self._last: list[Any] = [None, None, None]  # the C loop's last series, from one batch to the next
+        self._last: list[Any] | None = None  # the C loop's last series, kept from one batch to the next
         if native is None:
             native = _fastlines is not None
         if native and _fastlines is None:
             raise RuntimeError("hub.ingest._fastlines was not compiled (see setup.py)")
         self.native = native
-        self._lines = self._native_lines if native else self._python_lines
 
     def read(self, text: str | bytes) -> Batch | None:
         """The batch in `text`, or None if the reference decoder must decide it (not telemetry, or refused)."""
         try:
             msg = self._decode(text)
-            return Batch(msg.seq, self._lines(msg.points), msg.points)
+            points = msg.points
+            return Batch(msg.seq, self._native_lines(points) if self.native else self._python_lines(points), points)
         except (ValueError, RecursionError, ProtocolError, _Refused):
             # msgspec's errors are ValueErrors, and so is the UnicodeEncodeError of a lone surrogate.
             return None
@@ -184,7 +184,10 @@ class TelemetryReader:
         return ek
 
     def _native_lines(self, points: list[Any]) -> str:
-        text = _fastlines.build(points, self._prefixes, self._field_keys, self._prefix, self._field_key, self._last)
+        last = self._last
+        if last is None:  # made on the first batch: an idle device's reader holds no list
+            last = self._last = [None, None, None]
+        text = _fastlines.build(points, self._prefixes, self._field_keys, self._prefix, self._field_key, last)
         if text is None:
             raise _Refused  # a line break in a string value
         return text
