@@ -30,12 +30,17 @@ static Py_ssize_t layout[NATTRS];
 static void resolve_layout(PyTypeObject *tp) {
     PyObject *names[NATTRS] = {s_measurement, s_ts, s_fields, s_tags};
     for (int i = 0; i < NATTRS; i++) {
-        PyObject *d = _PyType_Lookup(tp, names[i]); /* borrowed */
+        PyObject *d = PyObject_GetAttr((PyObject *)tp, names[i]); /* on the type: the descriptor itself */
         layout[i] = 0;
-        if (d != NULL && Py_TYPE(d) == &PyMemberDescr_Type) {
+        if (d == NULL) {
+            PyErr_Clear(); /* read with getattr, which will say what is wrong */
+            continue;
+        }
+        if (Py_TYPE(d) == &PyMemberDescr_Type && ((PyMemberDescrObject *)d)->d_common.d_type == tp) {
             PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
             if (m->type == T_OBJECT_EX && !(m->flags & READ_RESTRICTED)) layout[i] = m->offset;
         }
+        Py_DECREF(d);
     }
     Py_INCREF(tp); /* held: another type can never come to live at this address */
     Py_XSETREF(layout_type, tp);
