@@ -7,11 +7,10 @@
  * `field_keys` a field name to its escaped `key=`; on a miss `prefix_miss(measurement, tags_bytes)` or
  * `key_miss(name)` is called (the reader's checks, which fill the caches or raise). `last` is a list of three kept
  * from call to call: the last series' measurement, tags' bytes and prefix (None at first), so that a device's next
- * message on the same series makes no key at all. Values are written as
- * `TelemetryReader._lines` writes them: a float as repr() spells it, {"int": n} as `ni`, a plain int unsuffixed,
- * booleans as true/false, strings quoted with `\` and `"` escaped. A string holding a line break gives None (the
- * reader then leaves the frame to the reference decoder). The text is the Python loop's to the byte
- * (tests/test_reader.py runs both).
+ * message on the same series makes no key at all. Values are written as `TelemetryReader._python_lines` writes
+ * them: a float as repr() spells it, {"int": n} as `ni`, a plain int unsuffixed, booleans as true/false, strings
+ * quoted with `\` and `"` escaped. A string holding a line break gives None (the reader then leaves the frame to
+ * the reference decoder). The text is the Python loop's to the byte (tests/test_reader.py runs both).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
