@@ -163,8 +163,9 @@ class TelemetryReader:
             msg = self._decode(text)
             points = msg.points
             return Batch(msg.seq, self._native_lines(points) if self.native else self._python_lines(points), points)
-        except (ValueError, RecursionError, ProtocolError, _Refused):
-            # msgspec's errors are ValueErrors, and so is the UnicodeEncodeError of a lone surrogate.
+        except (ValueError, OverflowError, RecursionError, ProtocolError, _Refused):
+            # msgspec's errors are ValueErrors, and so is the UnicodeEncodeError of a lone surrogate; an int the C
+            # loop cannot hold (msgspec's range checks make it none) would be an OverflowError: the reference decides.
             return None
 
     def _prefix(self, measurement: str, raw: bytes) -> str:
