@@ -433,10 +433,14 @@ class DeviceSession:
         interval = self.conn.hello.interval if self.conn.hello is not None else 0.0
         return max(idle, IDLE_FACTOR * interval) if idle > 0 else math.inf
 
+    def _idle_rearm(self) -> float:
+        """How far ahead the idle clock is set when it is moved: the idle time and its slack (`IDLE_SLACK`)."""
+        return self.idle_timeout() * (1 + IDLE_SLACK)
+
     async def _read_loop(self) -> None:
         stats = self.server.stats
         idle = self.idle_timeout()
-        rearm = idle * (1 + IDLE_SLACK)
+        rearm = self._idle_rearm()
         get_message = self.ws.get_message
         # One scope for reading, all session long: `stop_reading` cancels it, its deadline is the idle clock (moved,
         # never re-made: a live scope costs its session memory). It is moved on only when less than `idle` is left
@@ -535,7 +539,7 @@ class DeviceSession:
             self._holds -= 1
             self._hold_end = now = trio.current_time()
             if self._holds == 0:
-                reading.deadline = now + self.idle_timeout() * (1 + IDLE_SLACK)
+                reading.deadline = now + self._idle_rearm()
 
     async def _make_room(self) -> None:
         """Read nothing more until fewer than `server.window` batches of this device wait for their ack."""
