@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -226,3 +227,36 @@ def test_a_record_moves_only_along_the_table() -> None:
     with pytest.raises(IllegalTransition):
         rec.after(CommandEvent.SUCCEED, 3.0)  # a result needs delivery first
     assert rec.as_dict()["state"] == "queued" and type(rec.as_dict()["state"]) is str
+
+
+def test_every_transition_reads_back_from_sqlite_as_it_was_made(tmp_path: Path) -> None:
+    # A transition rewrites only the columns it can change (an upsert): all it changes must reach the file.
+    path = tmp_path / "commands.sqlite3"
+    queued = CommandRecord("c", "d1", "x", {"n": 1}, CommandState.QUEUED, 1.0, 1.0, 61.0, 30.0, "k", "op")
+    paths: list[list[tuple[CommandEvent, dict[str, Any]]]] = [
+        [(CommandEvent.SEND, {}), (CommandEvent.ACK, {"delivered_at": 3.0}), (CommandEvent.SUCCEED, {"result": [7]})],
+        [(CommandEvent.ACK, {"delivered_at": 2.0}), (CommandEvent.FAIL, {"result": None, "error": "it broke"})],
+        [(CommandEvent.SEND, {}), (CommandEvent.CANCEL, {})],
+        [(CommandEvent.EXPIRE, {})],
+    ]
+    finals = []
+    store = CommandStore(path)
+    try:
+        for i, steps in enumerate(paths):
+            rec = attrs.evolve(queued, command_id=f"c-{i}", idempotency_key=f"k{i}")
+            store.put(rec)
+            store.flush()
+            for at, (event, changes) in enumerate(steps, start=2):
+                rec = rec.after(event, float(at), **changes)
+                store.put(rec)
+                store.flush()
+                assert store.get(rec.command_id) == rec
+            finals.append(rec)
+    finally:
+        store.close()
+    reopened = CommandStore(path)
+    try:
+        assert reopened.list(limit=10) == finals[::-1]  # newest first
+        assert [reopened.by_key("d1", f"k{i}") for i in range(len(paths))] == finals
+    finally:
+        reopened.close()

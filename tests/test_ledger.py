@@ -10,6 +10,7 @@ import trio.testing
 
 from device_client.protocol import Point
 from hub.fleet import DeviceLedger, Ledgers, Registry, SQLiteStore, StoreUnavailable, registry_path
+from hub.fleet._ledger import LATEST_CHUNK
 from tests.waiting import eventually
 
 
@@ -172,3 +173,36 @@ async def test_save_loop_saves_latest_values_after_the_acked_seqs(tmp_path: Path
             await _until_stored(registry, {"d1": 3})
             await eventually(lambda: len(store.calls) == 1, 30)
             nursery.cancel_scope.cancel()
+
+
+class _AcksInPlace(_Recording):
+    """Saves acked seqs without yielding to the scheduler: a save's first checkpoint is then the latest values'."""
+
+    async def save_acked(self, updates: Mapping[str, int]) -> None:
+        self.registry.save_acked(updates)
+
+
+async def test_latest_values_of_many_devices_are_copied_a_chunk_a_step(tmp_path: Path) -> None:
+    names = [f"d{i}" for i in range(2 * LATEST_CHUNK + 50)]
+    with _registry(tmp_path, *names) as registry:
+        store = _AcksInPlace(registry)
+        ledgers = Ledgers(store)
+        devices = [ledgers.get(name, 0) for name in names]
+        for i, ledger in enumerate(devices):
+            _telemetry(ledger, 100.0, _point("env", i))
+        await ledgers.on_durable_callback()([(ledger, 1) for ledger in devices])
+
+        async def change_all() -> None:  # runs at one of the save's checkpoints between its chunks
+            for ledger in devices:
+                _telemetry(ledger, 101.0, _point("env", -1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(change_all)
+            await ledgers.save()
+        first = store.calls[0]
+        assert first.keys() == set(names)
+        copied_before = [name for name, (seen, _) in first.items() if seen == 100.0]
+        assert 0 < len(copied_before) < len(names) and len(copied_before) % LATEST_CHUNK == 0  # whole chunks
+        await ledgers.save()  # what changed after its copy is saved now
+        assert len(store.calls) == 2 and store.calls[1].keys() == set(copied_before)
+        assert await store.latest(names) == {name: (101.0, {"env": _point("env", -1)}) for name in names}

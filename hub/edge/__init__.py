@@ -10,10 +10,11 @@ from hub.edge._edge import Edge, Endpoint, Identity, Ticket, Unavailable
 from hub.edge._listener import reason_phrase
 from hub.edge._sockets import bind_shared, open_shared_listeners
 from hub.edge._tls import ServerTLS, TLSError, certificate_fingerprint, check_tls_files
-from hub.edge._wire import PARSE_FAILURE_REASONS, close_stream, has_bad_utf8, parse_failure
+from hub.edge._wire import PARSE_FAILURE_REASONS, READ_BURST, close_stream, has_bad_utf8, parse_failure, waiting_message
 
 __all__ = [
     "PARSE_FAILURE_REASONS",
+    "READ_BURST",
     "Edge",
     "Endpoint",
     "Identity",
@@ -29,4 +30,5 @@ __all__ = [
     "open_shared_listeners",
     "parse_failure",
     "reason_phrase",
+    "waiting_message",
 ]

@@ -20,7 +20,7 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import cast
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import WSConnection, frame_protocol
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Event, TextMessage
@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = [
     "PARSE_FAILURE_REASONS",
+    "READ_BURST",
     "Guard",
     "Masker",
     "SendLock",
@@ -41,6 +42,7 @@ __all__ = [
     "guard",
     "has_bad_utf8",
     "parse_failure",
+    "waiting_message",
 ]
 
 #: Close reasons the hub sends when it cannot parse the peer's frames, by close code (stable: documented).
@@ -48,6 +50,8 @@ PARSE_FAILURE_REASONS = {1002: "protocol_error", 1007: "bad_utf8"}
 
 _utf8 = codecs.getincrementaldecoder("utf-8")
 
+#: Messages a reader takes in a row with `waiting_message` before it awaits `get_message` (and lets others run).
+READ_BURST = 4
 #: The longest data frame the fast path reads itself (a frame of 126..65535 bytes has a two-byte length).
 FAST_MAX_PAYLOAD = 65535
 
@@ -347,6 +351,21 @@ def forget_request(request: WebSocketRequest) -> None:
     event = request._event
     for name in ("extra_headers", "extensions", "subprotocols"):
         object.__setattr__(event, name, ())  # a frozen dataclass, referenced by trio-websocket only
+
+
+def waiting_message(ws: WebSocketConnection) -> str | bytes | None:
+    """The next message of `ws` if it has already come, taken without a scheduling round; None if none waits.
+
+    `get_message` yields to the scheduler before it takes even a message that is waiting: a device's command ack and
+    result, read in one piece, were handled a whole loop round apart. A reader that takes up to `READ_BURST` this way in
+    a row, then awaits `get_message` again, still lets every other task run between its bursts. Raises
+    `ConnectionClosed` as `get_message` does once the connection has ended and nothing waits."""
+    try:
+        return ws._recv_channel.receive_nowait()
+    except trio.WouldBlock:
+        return None
+    except (trio.ClosedResourceError, trio.EndOfChannel):
+        raise ConnectionClosed(ws._close_reason) from None
 
 
 def parse_failure(ws: WebSocketConnection) -> tuple[int, str] | None:

@@ -218,7 +218,13 @@ def _record(row: _Row) -> CommandRecord:
 
 _FINAL = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
 _UNFINISHED = f"WHERE state NOT IN ({_FINAL}) ORDER BY created, rowid"
-_INSERT = f"INSERT OR REPLACE INTO commands ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
+#: The columns a transition changes (`CommandRecord.after`): the only ones an upsert rewrites, so that a transition
+#: touches the row and the state index, not every index as a replace (a delete and an insert) would.
+_CHANGING = ("state", "updated", "history", *RecordChanges.__annotations__)
+_INSERT = (
+    f"INSERT INTO commands ({_COLUMNS}) VALUES ({', '.join('?' * 15)}) ON CONFLICT (command_id) DO UPDATE SET "
+    + ", ".join(f"{column} = excluded.{column}" for column in _CHANGING)
+)
 
 
 class CommandStore:

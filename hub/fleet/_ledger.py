@@ -24,6 +24,8 @@ log = logging.getLogger("hub.ledger")
 
 #: Seconds between saves of the acked seqs to the registry.
 SAVE_EVERY = 1.0
+#: Devices whose latest values are copied for a save in one step of the loop.
+LATEST_CHUNK = 200
 
 
 class Listener(Protocol):
@@ -129,13 +131,18 @@ class Ledgers:
                     continue  # the store is away: no latest values either (dropped, newer ones come)
             await self._save_latest()
 
-    def _changed_latest(self) -> dict[str, tuple[float, dict[str, Point]]]:
-        """``(last_seen, latest)`` of every device whose values changed since they were last handed to the store."""
+    async def _changed_latest(self) -> dict[str, tuple[float, dict[str, Point]]]:
+        """``(last_seen, latest)`` of every device whose values changed since they were last handed to the store.
+
+        Copied `LATEST_CHUNK` devices a step: in one step, 1,000 streaming devices held the loop for 1.6-2.6 ms.
+        A device whose values change meanwhile is looked at again next time (it is among the recent ones)."""
         candidates = self._latest_dirty | self._latest_recent
         self._latest_dirty = set()
         recent: set[DeviceLedger] = set()
         values: dict[str, tuple[float, dict[str, Point]]] = {}
-        for ledger in candidates:
+        for i, ledger in enumerate(candidates):
+            if i and not i % LATEST_CHUNK:
+                await trio.lowlevel.checkpoint()
             seen = ledger.last_seen
             if seen is not None and seen != ledger.latest_saved:
                 values[ledger.name] = seen, dict(ledger.latest)
@@ -145,7 +152,7 @@ class Ledgers:
         return values
 
     async def _save_latest(self) -> None:
-        values = self._changed_latest()
+        values = await self._changed_latest()
         if not values:
             return
         try:
