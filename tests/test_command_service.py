@@ -114,7 +114,7 @@ async def test_a_sent_command_expires_at_its_ttl_unless_acknowledged(store: Comm
         unacked = await svc.submit("d1", "a", ttl=30, timeout=300)
         acked = await svc.submit("d1", "b", ttl=30, timeout=300)
         for rec in (unacked, acked):
-            await svc.on_sent("d1", rec.command_id)
+            svc.on_sent("d1", rec.command_id)
         assert device.ids == [unacked.command_id, acked.command_id]
         await trio.sleep(20)
         assert await svc.on_ack("d1", acked.command_id)
@@ -127,7 +127,7 @@ async def test_the_result_timeout_counts_from_delivery(store: CommandStore, auto
     async with service(store) as svc:
         svc.attach("d1", Device())
         rec = await svc.submit("d1", "slow", ttl=3600, timeout=30)
-        await svc.on_sent("d1", rec.command_id)
+        svc.on_sent("d1", rec.command_id)
         await trio.sleep(100)  # sent, not acknowledged: only the TTL runs
         t_ack = trio.current_time()
         assert await svc.on_ack("d1", rec.command_id)
@@ -188,7 +188,7 @@ async def test_cancel_only_where_the_table_allows_it(store: CommandStore, autoju
         assert (await svc.cancel(queued.command_id)).state == "cancelled"
         svc.attach("d1", device)
         sent = await svc.submit("d1", "b")
-        await svc.on_sent("d1", sent.command_id)
+        svc.on_sent("d1", sent.command_id)
         assert (await svc.cancel(sent.command_id)).state == "cancelled"
         delivered = await svc.submit("d1", "c")
         await svc.on_ack("d1", delivered.command_id)
@@ -206,13 +206,13 @@ async def test_answers_follow_the_table(store: CommandStore, autojump_clock: Any
         assert not await svc.on_ack("d1", never_sent.command_id)  # another device's
         svc.attach("d1", Device())
         sent = await svc.submit("d1", "b")
-        await svc.on_sent("d1", sent.command_id)
+        svc.on_sent("d1", sent.command_id)
         assert await svc.on_result("d1", sent.command_id, False, None, "it broke")  # the result implies the ack
         final = await record(svc, sent.command_id)
         assert (states(final), final.error) == (["queued", "sent", "delivered", "failed"], "it broke")
         early = await svc.submit("d1", "c")
         assert await svc.on_ack("d1", early.command_id)  # an ack may overtake the session's "written"
-        await svc.on_sent("d1", early.command_id)  # too late to matter
+        svc.on_sent("d1", early.command_id)  # too late to matter
         assert states(await record(svc, early.command_id)) == ["queued", "delivered"]
 
 
@@ -260,3 +260,37 @@ def test_every_transition_reads_back_from_sqlite_as_it_was_made(tmp_path: Path) 
         assert [reopened.by_key("d1", f"k{i}") for i in range(len(paths))] == finals
     finally:
         reopened.close()
+
+
+async def test_a_final_hook_runs_once_after_the_commit_and_before_waiters_wake(
+    store: CommandStore, autojump_clock: Any
+) -> None:
+    seen: list[tuple[str, str | None]] = []  # (state given, state in SQLite then)
+    async with service(store) as svc:
+        svc.attach("d1", Device())
+        rec = await svc.submit("d1", "x")
+        waiter_woke = trio.Event()
+
+        async def waiter() -> None:
+            await svc.wait_final(rec.command_id, 100)
+            assert len(seen) == 1  # the hook ran first
+            waiter_woke.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+
+            def hook(final: CommandRecord) -> None:
+                seen.append((final.state, store.get(final.command_id).state))  # type: ignore[union-attr]
+
+            assert svc.when_final(rec.command_id, hook)
+            svc.on_sent("d1", rec.command_id)
+            assert await svc.on_result("d1", rec.command_id, True, 1, "")
+            assert seen == [("succeeded", "succeeded")]  # called in the step that made it final, committed
+        assert waiter_woke.is_set()
+        assert not svc.when_final(rec.command_id, hook)  # final already: nothing will call it
+        other = await svc.submit("d1", "y")
+        assert svc.when_final(other.command_id, hook)
+        svc.when_final(other.command_id, None)  # forgotten
+        await svc.cancel(other.command_id)
+        assert seen == [("succeeded", "succeeded")]

@@ -705,6 +705,10 @@ async def test_send_command_wait_with_raw_device(tmp_path: Path) -> None:
             reply = await ctl.reply(102)
             assert reply["success"] is True and reply["result"]["command_id"] == pending.id
             assert reply["result"]["state"] in ("queued", "sent")
+            await dev.send_message(protocol.encode(CommandResult(pending.id, True)))  # final after the wait ended
+            await eventually(lambda: hub.commands.is_open(pending.id) is False, 10)
+            assert (await ctl.call("ping"))["type"] == "pong"  # every frame sent before it has been read
+            assert [f for f in ctl.pushes if f.get("type") == "result"] == []  # each wait answered once
         hub.stop()
 
 

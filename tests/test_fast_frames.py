@@ -8,6 +8,8 @@ messages, control events and parse failures through the guard (fast path) as thr
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -15,11 +17,21 @@ import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, WebSocketRequest, open_websocket_url, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, open_websocket_url, serve_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Request, TextMessage
 
-from hub.edge._wire import FAST_MAX_PAYLOAD, Guard, SendLock, _TolerantText, guard, waiting_message
+from hub.edge._wire import (
+    FAST_MAX_PAYLOAD,
+    Guard,
+    SendLock,
+    Sent,
+    _TolerantText,
+    flush_unsent,
+    guard,
+    send_now,
+    waiting_message,
+)
 from tests.waiting import eventually
 
 
@@ -277,3 +289,52 @@ async def test_waiting_messages_are_taken_without_a_scheduling_round() -> None:
         with trio.fail_after(10):
             await done.wait()
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _served(handler: Any) -> AsyncIterator[WebSocketConnection]:
+    """A client connected to a guarded server connection that `handler(ws)` serves."""
+    async with trio.open_nursery() as nursery:
+
+        async def accept(request: WebSocketRequest) -> None:
+            guard(request)
+            await handler(await request.accept())
+
+        server = await nursery.start(serve_websocket, accept, "127.0.0.1", 0, None)
+        async with open_websocket_url(f"ws://127.0.0.1:{server.port}/", max_message_size=1 << 20) as client:
+            yield client
+        nursery.cancel_scope.cancel()
+
+
+async def test_send_now_writes_a_whole_message_in_the_callers_step() -> None:
+    results: list[Sent] = []
+
+    async def handler(ws: WebSocketConnection) -> None:
+        with trio.testing.assert_no_checkpoints():
+            results.append(send_now(ws, "first"))
+        await ws.send_message("second")  # after it, as written
+        async with ws._stream_lock:  # held by another sender: not now
+            results.append(send_now(ws, "never"))
+        await ws.send_message("third")
+        await trio.sleep_forever()
+
+    async with _served(handler) as client:
+        assert [await client.get_message() for _ in range(3)] == ["first", "second", "third"]
+        assert results == [Sent.WHOLE, Sent.NOTHING]
+
+
+async def test_what_the_socket_cannot_take_goes_out_ahead_of_the_next_frame() -> None:
+    big = "x" * 1_000_000  # more than a fresh connection's buffers hold, while the client cannot read
+    results: list[Sent] = []
+
+    async def handler(ws: WebSocketConnection) -> None:
+        results.append(send_now(ws, big))
+        results.append(send_now(ws, "not while a frame is half out"))
+        await flush_unsent(ws)
+        await ws.send_message("after")
+        await trio.sleep_forever()
+
+    async with _served(handler) as client:
+        assert await client.get_message() == big
+        assert await client.get_message() == "after"
+        assert results == [Sent.PART, Sent.NOTHING]

@@ -279,6 +279,17 @@ def test_the_hub_offers_at_most_max_offers() -> None:
     assert [hub.offer(Command(f"c{i}", "x", {}, 1.0)) for i in range(3)] == [True, True, False]
 
 
+def test_a_command_may_skip_the_queue_only_when_the_session_is_open_and_none_waits() -> None:
+    pair = SessionPair()
+    assert not pair.hub.may_send_at_once()  # no welcome yet
+    pair.connect()
+    assert pair.hub.may_send_at_once()
+    pair.hub.offer(Command("c1", "x", {}, 1.0))
+    assert not pair.hub.may_send_at_once()  # c1 goes first
+    assert pair.hub.next_outbound() == Command("c1", "x", {}, 1.0)
+    assert pair.hub.may_send_at_once()
+
+
 def test_a_result_whose_write_failed_waits_for_the_next_connection_acks_do_not() -> None:
     pair = SessionPair()
     pair.connect()

@@ -473,7 +473,7 @@ class Cluster:
         device, command_id, event = msg["device"], msg["id"], msg["event"]
         commands = self._commands
         if event == "sent":
-            await commands.on_sent(device, command_id)
+            commands.on_sent(device, command_id)
         elif event == "ack":
             await commands.on_ack(device, command_id)
         elif event == "result":

@@ -37,9 +37,20 @@ from hub.control._codec import (
     read_frame,
 )
 from hub.control._operations import Caller, Operations
-from hub.edge import PARSE_FAILURE_REASONS, Identity, Ticket, Unavailable, close_stream, parse_failure
+from hub.edge import (
+    PARSE_FAILURE_REASONS,
+    Identity,
+    Sent,
+    Ticket,
+    Unavailable,
+    close_stream,
+    flush_unsent,
+    parse_failure,
+    send_now,
+)
 from hub.fleet import (
     Broadcaster,
+    CommandRecord,
     CommandRecordDict,
     CommandService,
     DeviceStatus,
@@ -407,7 +418,7 @@ class ControlSession:
             if isinstance(request, SendCommand) and request.wait:
                 record = await self._submit(request)
                 await self._waits.acquire()
-                nursery.start_soon(self._wait_and_reply, frame.id, request, record["command_id"])
+                nursery.start_soon(self._wait_and_reply, nursery, frame.id, request, record["command_id"])
                 return
             handler = _SESSION_HANDLERS.get(spec.request)
             if handler is not None:
@@ -473,14 +484,32 @@ class ControlSession:
         """Submit the command (as `Operations` does for every caller); its record."""
         return await self.server.operations.submit(self.caller, req)
 
-    async def _wait_and_reply(self, req_id: int, req: SendCommand, command_id: str) -> None:
+    async def _wait_and_reply(self, nursery: trio.Nursery, req_id: int, req: SendCommand, command_id: str) -> None:
+        """Reply with the command's record once final (or at the wait's timeout).
+
+        The reply is written by whoever makes the command final, as soon as it is committed, when the connection
+        takes it at once (`send_now`): this task would only wake a scheduling round later. Else this task sends it."""
+        replied = False
+
+        def reply_now(rec: CommandRecord) -> None:
+            nonlocal replied
+            sent = send_now(self.ws, encode_reply(req_id, req, rec.as_dict()))
+            if sent is Sent.PART:
+                nursery.start_soon(flush_unsent, self.ws)
+            replied = sent is not Sent.NOTHING
+
+        commands = self.server.commands
+        commands.when_final(command_id, reply_now)
         try:
             try:
                 record = await self.server.operations.wait_final(req, command_id)
             except ControlError as exc:
                 await self._send(encode_error(req_id, exc))
                 return
-            await self._send(encode_reply(req_id, req, record))
+            finally:
+                commands.when_final(command_id, None)  # from here this task answers (at the timeout: not final)
+            if not replied:
+                await self._send(encode_reply(req_id, req, record))
         except ConnectionClosed:
             self._scope.cancel()
         finally:

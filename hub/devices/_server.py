@@ -35,10 +35,13 @@ from hub.edge import (
     PARSE_FAILURE_REASONS,
     READ_BURST,
     Identity,
+    Sent,
     Ticket,
     Unavailable,
     close_stream,
+    flush_unsent,
     parse_failure,
+    send_now,
     waiting_message,
 )
 from hub.fleet import (
@@ -727,6 +730,17 @@ class DeviceSession:
                 await server.pipeline.submit(text, 1)
 
     def _offer_command(self, command: Command) -> bool:
+        """The command service's `Sender`: write the frame now if it may go out at once (`send_now`: no round of
+        the outbound task), else queue it for the outbound task."""
+        nursery = self._nursery
+        if nursery is not None and self.conn.may_send_at_once():
+            sent = send_now(self.ws, protocol.encode(command))
+            if sent is not Sent.NOTHING:
+                if sent is Sent.PART:
+                    nursery.start_soon(flush_unsent, self.ws)
+                self._sent_since_ping = True
+                self.server.commands.on_sent(self.name, command.id)
+                return True
         if not self.conn.offer(command):
             log.warning("command queue of the session full", extra=self._kv(command_id=command.id))
             return False
@@ -787,7 +801,7 @@ class DeviceSession:
                     await self.ws.send_message(protocol.encode(item))
                 elif commands.is_open(item.id):
                     await self.ws.send_message(protocol.encode(item))
-                    await commands.on_sent(self.name, item.id)
+                    commands.on_sent(self.name, item.id)
         except ConnectionClosed:
             self._scope.cancel()
         finally:

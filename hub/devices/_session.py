@@ -401,6 +401,11 @@ class HubConnection:
             self._last_ack = seq
         return encode_ack(seq)
 
+    def may_send_at_once(self) -> bool:
+        """A command offered now may be written at once instead of queued: the session is open and no command waits
+        (commands go out in the order they are offered)."""
+        return self._state is _OPEN and not self._offers
+
     def offer(self, command: Command) -> bool:
         """The command service offers a command to send; False when too many wait already."""
         if len(self._offers) >= self.max_offers:

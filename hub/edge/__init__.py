@@ -10,7 +10,17 @@ from hub.edge._edge import Edge, Endpoint, Identity, Ticket, Unavailable
 from hub.edge._listener import reason_phrase
 from hub.edge._sockets import bind_shared, open_shared_listeners
 from hub.edge._tls import ServerTLS, TLSError, certificate_fingerprint, check_tls_files
-from hub.edge._wire import PARSE_FAILURE_REASONS, READ_BURST, close_stream, has_bad_utf8, parse_failure, waiting_message
+from hub.edge._wire import (
+    PARSE_FAILURE_REASONS,
+    READ_BURST,
+    Sent,
+    close_stream,
+    flush_unsent,
+    has_bad_utf8,
+    parse_failure,
+    send_now,
+    waiting_message,
+)
 
 __all__ = [
     "PARSE_FAILURE_REASONS",
@@ -18,6 +28,7 @@ __all__ = [
     "Edge",
     "Endpoint",
     "Identity",
+    "Sent",
     "ServerTLS",
     "TLSError",
     "Ticket",
@@ -26,9 +37,11 @@ __all__ = [
     "certificate_fingerprint",
     "check_tls_files",
     "close_stream",
+    "flush_unsent",
     "has_bad_utf8",
     "open_shared_listeners",
     "parse_failure",
     "reason_phrase",
+    "send_now",
     "waiting_message",
 ]

@@ -6,7 +6,9 @@ both for one connection: invalid UTF-8 reaches the session as text it can refuse
 stays open, and any other parse failure is answered with a real close frame (`CloseCode.PROTOCOL_ERROR`).
 
 `guard` also reads whole data frames itself (`Guard._frames`) and lets a frame to send take a free send lock at
-once (`SendLock`). Where hub/edge/_unmask.c was compiled, importing this module puts `Masker` in place of wsproto's
+once (`SendLock`). Two more shortcuts spare a scheduling round: `waiting_message` takes a message that has already
+come without yielding first, and `send_now` writes a message from the step of the task that made it (a command for a
+device, the reply to an operator) when the connection can take it at once. Where hub/edge/_unmask.c was compiled, importing this module puts `Masker` in place of wsproto's
 `XorMaskerSimple` for the whole process (wsproto makes one per masked frame and has no hook for it): payloads are
 unmasked in one C call instead of four `bytes.translate` passes and their copies.
 """
@@ -14,6 +16,8 @@ unmasked in one C call instead of four `bytes.translate` passes and their copies
 from __future__ import annotations
 
 import codecs
+import contextlib
+import enum
 import itertools
 import re
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -37,11 +41,14 @@ __all__ = [
     "Guard",
     "Masker",
     "SendLock",
+    "Sent",
     "close_stream",
+    "flush_unsent",
     "forget_request",
     "guard",
     "has_bad_utf8",
     "parse_failure",
+    "send_now",
     "waiting_message",
 ]
 
@@ -114,7 +121,7 @@ class Guard:
     Once the upgrade is sent it keeps wsproto's `Connection` (the frames) alone: the handshake's objects (h11's
     connection and buffers, the request), about 3 KB a connection, are then garbage."""
 
-    __slots__ = ("_buf", "_conn", "_deliver", "_inner", "_max_payload", "_pending", "client", "failure")
+    __slots__ = ("_buf", "_conn", "_deliver", "_inner", "_max_payload", "_pending", "_unsent", "client", "failure")
 
     def __init__(
         self, inner: WSConnection, max_payload: int = 0, deliver: trio.MemorySendChannel[str | bytes] | None = None
@@ -133,6 +140,8 @@ class Guard:
         # while it has room, instead of being yielded for trio-websocket's reader to pass on (an event, a handler,
         # and two scheduling rounds of its reader task per message). None: every message is yielded.
         self._deliver = deliver
+        # The part of a frame `send_now` could not write: it goes out ahead of the next frame sent (`send`).
+        self._unsent = b""
 
     @property
     def state(self) -> ConnectionState:
@@ -170,8 +179,12 @@ class Guard:
                 and self._max_payload
                 and _at_message_start(conn)
             ):
-                return _data_frame(event.data)  # as wsproto would frame it
-            return conn.send(event)
+                data = _data_frame(event.data)  # as wsproto would frame it
+            else:
+                data = conn.send(event)
+            if self._unsent:
+                data, self._unsent = self._unsent + data, b""
+            return data
         inner = self._inner
         assert inner is not None
         data = inner.send(event)
@@ -366,6 +379,56 @@ def waiting_message(ws: WebSocketConnection) -> str | bytes | None:
         return None
     except (trio.ClosedResourceError, trio.EndOfChannel):
         raise ConnectionClosed(ws._close_reason) from None
+
+
+class Sent(enum.Enum):
+    """What `send_now` did with a message."""
+
+    NOTHING = "nothing"  # nothing written: send it the usual way (`send_message`)
+    WHOLE = "whole"  # written whole
+    PART = "part"  # written in part: the rest goes out ahead of the next frame, which must come soon (`flush_unsent`)
+
+
+def send_now(ws: WebSocketConnection, message: str) -> Sent:
+    """Write a whole text message on `ws` in the caller's own step, without awaiting.
+
+    For a frame one connection's task makes for another connection (a command for a device, the reply to an
+    operator): handed to that connection's own task, it waited a scheduling round (under load, every other ready
+    session's work) before its bytes went out. Only tried when the frame may go out now as `send_message` would
+    write it: the connection open and ours alone (send lock free, no message half sent), plain TCP (not TLS), the
+    guard framing whole messages. The socket takes what its buffer has room for: what it could not take is kept
+    ahead of the connection's next frame, and the caller must make one soon (`Sent.PART`: `flush_unsent`)."""
+    wire: object = ws._wsproto
+    lock: object = ws._stream_lock
+    stream = ws._stream
+    if (
+        type(wire) is not Guard
+        or type(lock) is not SendLock
+        or lock._held
+        or wire._unsent
+        or not wire._max_payload
+        or wire._conn is None
+        or not _at_message_start(wire._conn)
+        or ws._close_reason is not None
+        or type(stream) is not trio.SocketStream
+    ):
+        return Sent.NOTHING
+    frame = _data_frame(message)
+    try:
+        written = stream.socket._sock.send(frame)  # type: ignore[attr-defined]  # trio's socket wraps a stdlib one
+    except OSError:  # the buffer full (BlockingIOError), or the connection broken: `send_message` will tell
+        return Sent.NOTHING
+    if written == len(frame):
+        return Sent.WHOLE
+    wire._unsent = frame[written:]
+    return Sent.PART
+
+
+async def flush_unsent(ws: WebSocketConnection) -> None:
+    """Send what `send_now` left of a frame, ahead of a pong (unsolicited pongs are allowed and ignored, RFC 6455
+    5.5.3); nothing if the connection has closed meanwhile."""
+    with contextlib.suppress(ConnectionClosed):
+        await ws.pong()
 
 
 def parse_failure(ws: WebSocketConnection) -> tuple[int, str] | None:

@@ -148,6 +148,7 @@ class CommandService:
         self._foreign: dict[str, tuple[str, Relay]] = {}  # id -> (device, relay): other hubs' commands sent here
         self.elsewhere: Elsewhere | None = None  # the other hubs, when this one is part of a cluster
         self._final_events: dict[str, trio.Event] = {}
+        self._final_hooks: dict[str, Callable[[CommandRecord], None]] = {}  # id -> called once final (`when_final`)
         self._due: dict[str, float] = {}  # unfinished id -> when its state's timer fires, on trio's clock
         self._wake = trio.Event()  # a deadline may have changed
         self._dirty = trio.Event()  # something was put: write it behind
@@ -244,11 +245,11 @@ class CommandService:
                     del self._keys[(device, idempotency_key)]
                 self._counts[CommandState.QUEUED] -= 1
             raise
+        self._announce(rec)  # before it is offered: a session may write it, and announce it sent, at once
         if remote is not None and device not in self._senders:
             self.attach_remote(device, remote)  # offers this one with any older ones
         else:
             self._offer(rec)
-        self._announce(rec)
         return rec
 
     async def cancel(self, command_id: str) -> CommandRecord:
@@ -294,6 +295,18 @@ class CommandService:
     def counts(self) -> dict[str, int]:
         """Commands by state (from memory; safe to call from a worker thread)."""
         return {state: n for state, n in list(self._counts.items()) if n}
+
+    def when_final(self, command_id: str, hook: Callable[[CommandRecord], None] | None) -> bool:
+        """Call `hook` with the record once the command is final and committed, before `wait_final`'s waiters wake
+        (they do a scheduling round later); None forgets the hook. False if the command is not unfinished here (final
+        already, or another hub's): nothing will be called."""
+        if hook is None:
+            self._final_hooks.pop(command_id, None)
+            return False
+        if command_id not in self._open and command_id not in self._finishing:
+            return False
+        self._final_hooks[command_id] = hook
+        return True
 
     async def wait_final(self, command_id: str, timeout: float) -> CommandRecord:
         """The record once final (and committed), or as it is when `timeout` seconds have passed."""
@@ -371,8 +384,8 @@ class CommandService:
         found[1](event, answer or {})
         return True
 
-    async def on_sent(self, device: str, command_id: str) -> None:
-        """The session wrote the command frame."""
+    def on_sent(self, device: str, command_id: str) -> None:
+        """The session wrote the command frame (from within its `Sender`, or later)."""
         if self._relayed(device, command_id, "sent"):
             return
         rec = self._open.get(command_id)
@@ -547,6 +560,12 @@ class CommandService:
     def _announce(self, rec: CommandRecord) -> None:
         """Tell waiters, subscribers, the log and the database (a point) about a transition."""
         if rec.final:
+            hook = self._final_hooks.pop(rec.command_id, None)
+            if hook is not None:
+                try:
+                    hook(rec)
+                except Exception:  # a waiter's failure: the record is final whatever it does
+                    log.exception("command final hook failed", extra={"kv": {"command_id": rec.command_id}})
             event = self._final_events.pop(rec.command_id, None)
             if event is not None:
                 event.set()
