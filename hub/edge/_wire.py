@@ -8,8 +8,10 @@ stays open, and any other parse failure is answered with a real close frame (`Cl
 `guard` also reads whole data frames itself (`Guard._frames`) and lets a frame to send take a free send lock at
 once (`SendLock`). Two more shortcuts spare a scheduling round: `waiting_message` takes a message that has already
 come without yielding first, and `send_now` writes a message from the step of the task that made it (a command for a
-device, the reply to an operator) when the connection can take it at once. Where hub/edge/_unmask.c was compiled, importing this module puts `Masker` in place of wsproto's
-`XorMaskerSimple` for the whole process (wsproto makes one per masked frame and has no hook for it): payloads are
+device, the reply to an operator) when the connection can take it at once.
+
+Where hub/edge/_unmask.c was compiled, importing this module puts `Masker` in place of wsproto's `XorMaskerSimple`
+for the whole process (wsproto makes one per masked frame and has no hook for it): payloads are
 unmasked in one C call instead of four `bytes.translate` passes and their copies.
 """
 
