@@ -294,3 +294,24 @@ async def test_a_final_hook_runs_once_after_the_commit_and_before_waiters_wake(
         svc.when_final(other.command_id, None)  # forgotten
         await svc.cancel(other.command_id)
         assert seen == [("succeeded", "succeeded")]
+
+
+async def test_timers_fire_in_deadline_order_and_finished_ones_do_not_pile_up(
+    store: CommandStore, autojump_clock: Any
+) -> None:
+    async with service(store) as svc:
+        t0 = trio.current_time()
+        ttls = [17, 3, 45, 8, 30, 1, 22, 12]
+        recs = {ttl: await svc.submit("d2", f"t{ttl}", ttl=ttl) for ttl in ttls}
+        for ttl in sorted(ttls):
+            assert await state_at(svc, recs[ttl].command_id, t0 + ttl - 0.01) == "queued"
+            assert await state_at(svc, recs[ttl].command_id, t0 + ttl + 0.01) == "expired"
+        device = Device()
+        svc.attach("d1", device)
+        for i in range(2000):  # each leaves a deadline behind (its TTL's), long after it is final
+            rec = await svc.submit("d1", "quick", ttl=3600)
+            svc.on_sent("d1", rec.command_id)
+            assert await svc.on_result("d1", rec.command_id, True, i, "")
+        assert len(svc._timers) <= 2 * len(svc._due) + 64  # rebuilt from the live deadlines as it grew
+        late = await svc.submit("d1", "late", ttl=5)
+        assert await state_at(svc, late.command_id, trio.current_time() + 5.01) == "expired"

@@ -32,6 +32,7 @@ about 0.1 ms.
 from __future__ import annotations
 
 import builtins
+import heapq
 import logging
 import math
 import secrets
@@ -150,7 +151,11 @@ class CommandService:
         self._final_events: dict[str, trio.Event] = {}
         self._final_hooks: dict[str, Callable[[CommandRecord], None]] = {}  # id -> called once final (`when_final`)
         self._due: dict[str, float] = {}  # unfinished id -> when its state's timer fires, on trio's clock
-        self._wake = trio.Event()  # a deadline may have changed
+        # The same deadlines as a heap of (when, id), for `_expire`; an entry whose time is no longer the id's in
+        # `_due` (its state moved on, or it is final) is stale, and skipped when it comes up.
+        self._timers: list[tuple[float, str]] = []
+        self._timer_at = math.inf  # when `_expire` wakes next unless woken
+        self._wake = trio.Event()  # a deadline earlier than `_timer_at` was set
         self._dirty = trio.Event()  # something was put: write it behind
         self._points: deque[str] = deque()  # transition points for the pipeline, in order
         self._points_ready = trio.Event()
@@ -231,7 +236,7 @@ class CommandService:
             history=((CommandState.QUEUED, now),),
         )
         self._add_open(rec)
-        self._due[rec.command_id] = trio.current_time() + ttl
+        self._set_due(rec.command_id, trio.current_time() + ttl)
         if idempotency_key is not None:
             self._keys[(device, idempotency_key)] = rec.command_id
         self._counts[CommandState.QUEUED] += 1
@@ -456,23 +461,43 @@ class CommandService:
             await self._expire()
 
     async def _expire(self) -> None:
-        due_at = self._due  # every unfinished command has its entry once `run` started
+        due_at, timers = self._due, self._timers  # every unfinished command has its deadline once `run` started
         while True:
             now = trio.current_time()
-            due = [rec for rec in list(self._open.values()) if due_at[rec.command_id] <= now]
-            for rec in due:
-                self._apply(rec, TIMER_EVENTS[rec.state])
-            if due:
+            fired = False
+            while timers and timers[0][0] <= now:
+                at, command_id = heapq.heappop(timers)
+                rec = self._open.get(command_id)
+                if rec is not None and due_at.get(command_id) == at:
+                    self._apply(rec, TIMER_EVENTS[rec.state])  # final: its deadline goes
+                    fired = True
+            if fired:
                 self._commit()  # one commit for every command due now
+            while timers and due_at.get(timers[0][1]) != timers[0][0]:
+                heapq.heappop(timers)  # stale
+            self._timer_at = timers[0][0] if timers else math.inf
             self._wake = trio.Event()
-            with trio.move_on_at(min(due_at.values(), default=math.inf)):
+            with trio.move_on_at(self._timer_at):
                 await self._wake.wait()
+
+    def _set_due(self, command_id: str, at: float) -> None:
+        """Set the command's timer to fire at `at` (trio's clock); wake `_expire` only if that is sooner than it
+        would wake anyway (a transition costs no wake-up, and no pass over every unfinished command)."""
+        self._due[command_id] = at
+        timers = self._timers
+        heapq.heappush(timers, (at, command_id))
+        if len(timers) > 2 * len(self._due) + 64:  # mostly stale (finished commands' deadlines): start afresh
+            timers[:] = [(when, cid) for cid, when in self._due.items()]
+            heapq.heapify(timers)
+        if at < self._timer_at:
+            self._wake.set()
 
     def _due_at(self, rec: CommandRecord) -> float:
         """When `rec`'s timer fires on trio's clock; for a command of the last run, counted from its record now."""
         due = self._due.get(rec.command_id)
         if due is None:
-            due = self._due[rec.command_id] = trio.current_time() + (rec.deadline() - self._clock())
+            due = trio.current_time() + (rec.deadline() - self._clock())
+            self._set_due(rec.command_id, due)
         return due
 
     async def _write_behind(self) -> None:
@@ -515,7 +540,7 @@ class CommandService:
         else:
             self._open[new.command_id] = new
             if TIMER_EVENTS[new.state] is not TIMER_EVENTS[rec.state]:  # the result timeout starts at delivery
-                self._due[new.command_id] = trio.current_time() + (new.deadline() - now)
+                self._set_due(new.command_id, trio.current_time() + (new.deadline() - now))
         self._put(new)
         return new
 
@@ -534,7 +559,6 @@ class CommandService:
     def _put(self, rec: CommandRecord) -> None:
         self._store.put(rec)
         self._dirty.set()
-        self._wake.set()  # its deadline may be the next one
 
     def _commit(self) -> None:
         """Commit everything put so far (on this thread: no fsync, see CommandStore), then announce the finals."""
