@@ -189,6 +189,7 @@ def _pipeline_config(config: HubConfig) -> PipelineConfig:
         queue_items=b.queue_items,
         write_attempts=b.write_attempts,
         flush_when_idle=b.flush_when_idle,
+        early_flush_interval=b.early_flush_interval,
         backoff_initial=b.backoff_initial,
         backoff_max=b.backoff_max,
         spool_after=b.spool_after,

@@ -205,6 +205,7 @@ class BatchConfig:
     queue_items: int = 1024
     write_attempts: int = 3
     flush_when_idle: bool = True  # an idle writer gets a batch at once; under load batches fill up by themselves
+    early_flush_interval: float = 0.05  # ... but no sooner than this long after the last write began
     backoff_initial: float = 0.2
     backoff_max: float = 30.0
     spool_after: float = 2.0  # a batch not written within this many seconds is spooled (and acked) instead
@@ -254,6 +255,7 @@ _ZERO_OK = frozenset(
         "max_handshakes_per_address",
         "idle_timeout",
         "ack_interval",
+        "early_flush_interval",
         "cache_ttl",
     }
 )

@@ -108,6 +108,27 @@ async def test_idle_writer_gets_a_batch_at_once(scripted: ScriptedWriteServer, t
     assert [body.count("\n") for _, body in scripted.requests] == [1, 1, 1]
 
 
+async def test_an_idle_writer_waits_the_early_flush_interval_after_its_last_write(
+    scripted: ScriptedWriteServer, tmp_path: Path
+) -> None:
+    # The writer is idle again right after the first write, but the second line waits: early flushes come at most
+    # once per `early_flush_interval` (an hour here), so a steady load does not keep the writer writing back to back.
+    config = PipelineConfig(max_lines=1000, max_delay=3600, early_flush_interval=3600)
+    pipeline, _stats, acks, spool = make(v2(scripted.url), tmp_path / "spool", config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        await pipeline.submit(lines(1, 1), 1, ("d", 1))
+        await eventually(lambda: acks.marks == [("d", 1)], timeout=60)  # the first: at once
+        await pipeline.submit(lines(2, 1), 1, ("d", 2))
+        await eventually(lambda: pipeline._receive.statistics().current_buffer_used == 0, timeout=60)
+        await trio.sleep(0.2)  # the batcher holds it: nothing can write it before the hour is up
+        assert len(scripted.requests) == 1 and acks.marks == [("d", 1)]
+        pipeline.close_input()  # the end of input flushes what is held
+    spool.close()
+    assert [body.count("\n") for _, body in scripted.requests] == [1, 1]
+    assert acks.marks == [("d", 1), ("d", 2)]
+
+
 async def test_batch_flushes_at_max_bytes(scripted: ScriptedWriteServer, tmp_path: Path) -> None:
     one = lines(0, 1)
     config = PipelineConfig(max_lines=1000, max_delay=3600, max_bytes=len(one) * 4, flush_when_idle=False)
