@@ -10,7 +10,7 @@ import trio.testing
 
 from device_client.protocol import Point
 from hub.fleet import DeviceLedger, Ledgers, Registry, SQLiteStore, StoreUnavailable, registry_path
-from hub.fleet._ledger import LATEST_CHUNK
+from hub.fleet._ledger import ACK_CHUNK, LATEST_CHUNK
 from tests.waiting import eventually
 
 
@@ -206,3 +206,32 @@ async def test_latest_values_of_many_devices_are_copied_a_chunk_a_step(tmp_path:
         await ledgers.save()  # what changed after its copy is saved now
         assert len(store.calls) == 2 and store.calls[1].keys() == set(copied_before)
         assert await store.latest(names) == {name: (101.0, {"env": _point("env", -1)}) for name in names}
+
+
+async def test_the_acks_of_a_write_go_out_a_chunk_a_step(tmp_path: Path) -> None:
+    names = [f"d{i}" for i in range(3 * ACK_CHUNK)]
+    with _registry(tmp_path, *names) as registry:
+        ledgers = Ledgers(SQLiteStore(registry))
+        told: list[str] = []
+
+        class Session:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def durable_advanced(self) -> None:
+                told.append(self.name)
+
+        devices = [ledgers.get(name, 0) for name in names]
+        for ledger in devices:
+            ledger.listener = Session(ledger.name)
+        told_before_other: list[int] = []
+
+        async def other() -> None:  # another task: it runs between two chunks
+            told_before_other.append(len(told))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await ledgers.on_durable_callback()([(ledger, 1) for ledger in devices])
+        assert told == names  # every session told, in order
+        assert len(told_before_other) == 1 and 0 < told_before_other[0] < len(names)
+        assert told_before_other[0] % ACK_CHUNK == 0

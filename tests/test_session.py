@@ -452,6 +452,32 @@ def test_acks_are_paced_while_less_than_half_the_window_waits() -> None:
     assert pair.device.stats.points_acked == 9
 
 
+def test_an_ack_written_at_once_follows_the_same_rules_as_the_outbound_tasks() -> None:
+    pair = SessionPair(window=8)
+    pair.connect()
+    hub = pair.hub
+    hub.ack_interval = 0.05
+
+    def batches(n: int) -> None:
+        pair.queue(n)
+        pair.to_hub()
+        pair.make_durable()
+
+    assert hub.ack_at_once(1.0) is None  # nothing durable yet
+    batches(1)
+    assert hub.ack_at_once(1.0) == 1
+    assert hub.ack_at_once(1.0) == 1  # nothing recorded until it is written
+    hub.ack_written(1, 1.0)
+    assert hub.ack_at_once(1.0) is None and hub.next_outbound(1.0) is None  # acked: nothing due for the task
+    batches(1)
+    assert hub.ack_at_once(1.02) is None and hub.ack_held(1.02) == pytest.approx(1.05)  # paced like the task's
+    assert hub.ack_at_once(1.05) == 2
+    command = Command(id="c-1", name="ping", args={}, timeout=30.0)
+    hub.offer(command)
+    assert hub.ack_at_once(1.05) is None  # a command waits: the outbound task sends it first, then the ack
+    assert hub.next_outbound(1.05) == command and hub.next_outbound(1.05) == encode_ack(2)
+
+
 def test_commands_are_never_held_back_by_ack_pacing() -> None:
     pair = SessionPair(window=8)
     pair.connect()

@@ -27,6 +27,7 @@ from device_client.protocol import (
     Report,
     ReportAck,
     Telemetry,
+    encode_ack,
 )
 from device_client.twin import TwinError
 from hub.config import HubConfig
@@ -748,7 +749,22 @@ class DeviceSession:
         return True
 
     def durable_advanced(self) -> None:
-        """The ledger's news that more is durable: the outbound task sends the ack (at once, or when it is due)."""
+        """The ledger's news that more is durable: the ack goes out now, written here when it may go out at once
+        (`send_now`: one write instead of a step of the outbound task), else the outbound task sends it (at once,
+        or when it is due)."""
+        nursery = self._nursery
+        if nursery is not None:
+            now = trio.current_time()
+            seq = self.conn.ack_at_once(now)
+            if seq is not None:
+                sent = send_now(self.ws, encode_ack(seq))
+                if sent is not Sent.NOTHING:
+                    if sent is Sent.PART:
+                        nursery.start_soon(flush_unsent, self.ws)
+                    self.conn.ack_written(seq, now)
+                    self._sent_since_ping = True
+                    self.server.stats.acks_sent += 1
+                    return
         if (
             self._parked is not None
             and self._parked_until < math.inf

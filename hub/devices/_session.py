@@ -431,6 +431,26 @@ class HubConnection:
         self.desired_sent = version
         return True
 
+    def ack_at_once(self, now: float) -> int | None:
+        """The seq to ack, when its ack may be written at once by whoever learns that more is durable, instead of by
+        the outbound task: the session open, no command or desired document waiting (they go first), and nothing
+        held back (`ack_held`). Records nothing: call `ack_written` once it went out."""
+        durable = self._book.durable
+        if (
+            self._state is not _OPEN
+            or self._offers
+            or self._desired is not None
+            or durable <= self._last_ack
+            or self.ack_held(now) is not None
+        ):
+            return None
+        return durable
+
+    def ack_written(self, seq: int, now: float) -> None:
+        """The ack of `seq` (from `ack_at_once`) went out at `now`."""
+        self._ack(seq)
+        self._last_ack_at = now
+
     def next_outbound(self, now: float | None = None) -> Command | Desired | str | None:
         """The next command offered (commands first: their latency is seen), else the desired document due, else the
         ack due unless `ack_held(now)`, else None. Without `now`, an ack due is never held back."""

@@ -26,6 +26,8 @@ log = logging.getLogger("hub.ledger")
 SAVE_EVERY = 1.0
 #: Devices whose latest values are copied for a save in one step of the loop.
 LATEST_CHUNK = 200
+#: Devices whose ledgers advance (and whose acks go out) in one step of the loop, after a write.
+ACK_CHUNK = 16
 
 
 class Listener(Protocol):
@@ -106,10 +108,14 @@ class Ledgers:
                 if seq > best.get(ledger, 0):
                     best[ledger] = seq
             unsaved = self._unsaved
+            advanced = 0
             for ledger, seq in best.items():
                 if seq > ledger.durable:
-                    ledger.advance(seq)
+                    ledger.advance(seq)  # its session writes the ack, or wakes its outbound task to
                     unsaved[ledger.name] = seq
+                    advanced += 1
+                    if not advanced % ACK_CHUNK:
+                        await trio.lowlevel.checkpoint()  # a write's acks, a chunk a step: no long loop round
             self._latest_dirty.update(best)
 
         return on_durable

