@@ -25,9 +25,7 @@ from hub.edge._wire import (
     FAST_MAX_PAYLOAD,
     Guard,
     SendLock,
-    Sent,
     _TolerantText,
-    flush_unsent,
     guard,
     send_now,
     waiting_message,
@@ -307,34 +305,38 @@ async def _served(handler: Any) -> AsyncIterator[WebSocketConnection]:
 
 
 async def test_send_now_writes_a_whole_message_in_the_callers_step() -> None:
-    results: list[Sent] = []
+    results: list[bool] = []
 
     async def handler(ws: WebSocketConnection) -> None:
-        with trio.testing.assert_no_checkpoints():
-            results.append(send_now(ws, "first"))
-        await ws.send_message("second")  # after it, as written
-        async with ws._stream_lock:  # held by another sender: not now
-            results.append(send_now(ws, "never"))
-        await ws.send_message("third")
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            with trio.testing.assert_no_checkpoints():
+                results.append(send_now(ws, "first", nursery))
+            await ws.send_message("second")  # after it, as written
+            async with ws._stream_lock:  # held by another sender: not now
+                results.append(send_now(ws, "never", nursery))
+            await ws.send_message("third")
+            await trio.testing.wait_all_tasks_blocked()
+            assert not nursery.child_tasks  # written whole: nothing to finish
+            await trio.sleep_forever()
 
     async with _served(handler) as client:
         assert [await client.get_message() for _ in range(3)] == ["first", "second", "third"]
-        assert results == [Sent.WHOLE, Sent.NOTHING]
+        assert results == [True, False]
 
 
 async def test_what_the_socket_cannot_take_goes_out_ahead_of_the_next_frame() -> None:
     big = "x" * 1_000_000  # more than a fresh connection's buffers hold, while the client cannot read
-    results: list[Sent] = []
+    results: list[bool] = []
 
     async def handler(ws: WebSocketConnection) -> None:
-        results.append(send_now(ws, big))
-        results.append(send_now(ws, "not while a frame is half out"))
-        await flush_unsent(ws)
+        async with trio.open_nursery() as nursery:
+            results.append(send_now(ws, big, nursery))  # in part: the rest, and a pong for it, from a task
+            results.append(send_now(ws, "not while a frame is half out", nursery))
+            assert len(nursery.child_tasks) == 1
         await ws.send_message("after")
         await trio.sleep_forever()
 
     async with _served(handler) as client:
         assert await client.get_message() == big
         assert await client.get_message() == "after"
-        assert results == [Sent.PART, Sent.NOTHING]
+        assert results == [True, False]

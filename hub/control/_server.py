@@ -40,11 +40,9 @@ from hub.control._operations import Caller, Operations
 from hub.edge import (
     PARSE_FAILURE_REASONS,
     Identity,
-    Sent,
     Ticket,
     Unavailable,
     close_stream,
-    flush_unsent,
     parse_failure,
     send_now,
 )
@@ -493,10 +491,7 @@ class ControlSession:
 
         def reply_now(rec: CommandRecord) -> None:
             nonlocal replied
-            sent = send_now(self.ws, encode_reply(req_id, req, rec.as_dict()))
-            if sent is Sent.PART:
-                nursery.start_soon(flush_unsent, self.ws)
-            replied = sent is not Sent.NOTHING
+            replied = send_now(self.ws, encode_reply(req_id, req, rec.as_dict()), nursery)
 
         commands = self.server.commands
         commands.when_final(command_id, reply_now)

@@ -36,11 +36,9 @@ from hub.edge import (
     PARSE_FAILURE_REASONS,
     READ_BURST,
     Identity,
-    Sent,
     Ticket,
     Unavailable,
     close_stream,
-    flush_unsent,
     parse_failure,
     send_now,
     waiting_message,
@@ -734,14 +732,14 @@ class DeviceSession:
         """The command service's `Sender`: write the frame now if it may go out at once (`send_now`: no round of
         the outbound task), else queue it for the outbound task."""
         nursery = self._nursery
-        if nursery is not None and self.conn.may_send_at_once():
-            sent = send_now(self.ws, protocol.encode(command))
-            if sent is not Sent.NOTHING:
-                if sent is Sent.PART:
-                    nursery.start_soon(flush_unsent, self.ws)
-                self._sent_since_ping = True
-                self.server.commands.on_sent(self.name, command.id)
-                return True
+        if (
+            nursery is not None
+            and self.conn.may_send_at_once()
+            and send_now(self.ws, protocol.encode(command), nursery)
+        ):
+            self._sent_since_ping = True
+            self.server.commands.on_sent(self.name, command.id)
+            return True
         if not self.conn.offer(command):
             log.warning("command queue of the session full", extra=self._kv(command_id=command.id))
             return False
@@ -756,15 +754,11 @@ class DeviceSession:
         if nursery is not None:
             now = trio.current_time()
             seq = self.conn.ack_at_once(now)
-            if seq is not None:
-                sent = send_now(self.ws, encode_ack(seq))
-                if sent is not Sent.NOTHING:
-                    if sent is Sent.PART:
-                        nursery.start_soon(flush_unsent, self.ws)
-                    self.conn.ack_written(seq, now)
-                    self._sent_since_ping = True
-                    self.server.stats.acks_sent += 1
-                    return
+            if seq is not None and send_now(self.ws, encode_ack(seq), nursery):
+                self.conn.ack_written(seq, now)
+                self._sent_since_ping = True
+                self.server.stats.acks_sent += 1
+                return
         if (
             self._parked is not None
             and self._parked_until < math.inf

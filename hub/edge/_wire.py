@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import enum
 import itertools
 import re
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -43,9 +42,7 @@ __all__ = [
     "Guard",
     "Masker",
     "SendLock",
-    "Sent",
     "close_stream",
-    "flush_unsent",
     "forget_request",
     "guard",
     "has_bad_utf8",
@@ -383,23 +380,17 @@ def waiting_message(ws: WebSocketConnection) -> str | bytes | None:
         raise ConnectionClosed(ws._close_reason) from None
 
 
-class Sent(enum.Enum):
-    """What `send_now` did with a message."""
+def send_now(ws: WebSocketConnection, message: str, nursery: trio.Nursery) -> bool:
+    """Write a whole text message on `ws` in the caller's own step, without awaiting; False if nothing was written
+    (then send it the usual way, `send_message`).
 
-    NOTHING = "nothing"  # nothing written: send it the usual way (`send_message`)
-    WHOLE = "whole"  # written whole
-    PART = "part"  # written in part: the rest goes out ahead of the next frame, which must come soon (`flush_unsent`)
-
-
-def send_now(ws: WebSocketConnection, message: str) -> Sent:
-    """Write a whole text message on `ws` in the caller's own step, without awaiting.
-
-    For a frame one connection's task makes for another connection (a command for a device, the reply to an
-    operator): handed to that connection's own task, it waited a scheduling round (under load, every other ready
-    session's work) before its bytes went out. Only tried when the frame may go out now as `send_message` would
-    write it: the connection open and ours alone (send lock free, no message half sent), plain TCP (not TLS), the
-    guard framing whole messages. The socket takes what its buffer has room for: what it could not take is kept
-    ahead of the connection's next frame, and the caller must make one soon (`Sent.PART`: `flush_unsent`)."""
+    For a frame that one task makes for a connection another task serves (a command for a device, the reply to an
+    operator, an ack once a write is durable): handed to the connection's own task, it waited a scheduling round
+    (under load, every other ready session's work) before its bytes went out. Only tried when the frame may go out
+    now as `send_message` would write it: the connection open and ours alone (send lock free, no message half sent),
+    plain TCP (not TLS), the guard framing whole messages. The socket takes what its buffer has room for; what it
+    could not take goes out ahead of the connection's next frame, and a task started in `nursery` makes one at once
+    (`_flush_unsent`)."""
     wire: object = ws._wsproto
     lock: object = ws._stream_lock
     stream = ws._stream
@@ -414,19 +405,19 @@ def send_now(ws: WebSocketConnection, message: str) -> Sent:
         or ws._close_reason is not None
         or type(stream) is not trio.SocketStream
     ):
-        return Sent.NOTHING
+        return False
     frame = _data_frame(message)
     try:
         written = stream.socket._sock.send(frame)  # type: ignore[attr-defined]  # trio's socket wraps a stdlib one
     except OSError:  # the buffer full (BlockingIOError), or the connection broken: `send_message` will tell
-        return Sent.NOTHING
-    if written == len(frame):
-        return Sent.WHOLE
-    wire._unsent = frame[written:]
-    return Sent.PART
+        return False
+    if written < len(frame):
+        wire._unsent = frame[written:]
+        nursery.start_soon(_flush_unsent, ws)
+    return True
 
 
-async def flush_unsent(ws: WebSocketConnection) -> None:
+async def _flush_unsent(ws: WebSocketConnection) -> None:
     """Send what `send_now` left of a frame, ahead of a pong (unsolicited pongs are allowed and ignored, RFC 6455
     5.5.3); nothing if the connection has closed meanwhile."""
     with contextlib.suppress(ConnectionClosed):

@@ -25,6 +25,7 @@ __all__ = ["RegistryStore", "SQLiteStore", "StoreUnavailable", "open_registry_st
 #: Devices whose latest values the in-process store merges in one step of the loop.
 MERGE_CHUNK = 200
 
+
 class StoreUnavailable(Exception):
     """The state backend cannot be reached (Redis down, refused, wrong password)."""
 
