@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 
@@ -419,16 +420,23 @@ def test_limits_are_those_of_the_latest_welcome() -> None:
     assert pair.device.limits == DEFAULT_LIMITS
 
 
-def test_acks_are_paced_while_less_than_half_the_window_waits() -> None:
+def _paced() -> tuple[SessionPair, Callable[[int], None]]:
+    """A connected pair with window 8 and acks paced 50 ms apart; and a way to make `n` more batches durable."""
     pair = SessionPair(window=8)
     pair.connect()
-    hub = pair.hub
-    hub.ack_interval = 0.05
+    pair.hub.ack_interval = 0.05
 
     def batches(n: int) -> None:
         pair.queue(n)
         pair.to_hub()
         pair.make_durable()
+
+    return pair, batches
+
+
+def test_acks_are_paced_while_less_than_half_the_window_waits() -> None:
+    pair, batches = _paced()
+    hub = pair.hub
 
     def ack(now: float | None) -> object:
         frame = hub.next_outbound(now)
@@ -453,16 +461,8 @@ def test_acks_are_paced_while_less_than_half_the_window_waits() -> None:
 
 
 def test_an_ack_written_at_once_follows_the_same_rules_as_the_outbound_tasks() -> None:
-    pair = SessionPair(window=8)
-    pair.connect()
+    pair, batches = _paced()
     hub = pair.hub
-    hub.ack_interval = 0.05
-
-    def batches(n: int) -> None:
-        pair.queue(n)
-        pair.to_hub()
-        pair.make_durable()
-
     assert hub.ack_at_once(1.0) is None  # nothing durable yet
     batches(1)
     assert hub.ack_at_once(1.0) == 1
