@@ -16,7 +16,7 @@ from functools import partial
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from bench.jsonl import emit, raise_fd_limit, stdin_lines
+from bench.jsonl import emit, quiet_gc, raise_fd_limit, stdin_lines
 from bench.wire import COMMAND_RESULT_PREFIX
 from device_client import protocol
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: `python -m bench.baseline` (no arguments)."""
     del argv
     raise_fd_limit()
+    quiet_gc()
     trio.run(_main)
     return 0
 

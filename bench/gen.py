@@ -29,7 +29,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, Request, TextMessage
 from wsproto.utilities import ProtocolError as WSProtocolError
 
-from bench.jsonl import emit, raise_fd_limit, stdin_lines
+from bench.jsonl import emit, quiet_gc, raise_fd_limit, stdin_lines
 from bench.wire import BASE_TS, client_frame, parse_ack, points_for, telemetry_template
 from device_client import protocol
 
@@ -741,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: `python -m bench.gen SPEC.json`."""
     args = sys.argv[1:] if argv is None else argv
     raise_fd_limit()
+    quiet_gc()
     spec = GenSpec.load(args[0])
     trio.run(_main, spec)
     return 0

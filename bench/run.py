@@ -341,6 +341,7 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("max ms", "max_ms"),
         ("stream pts/s", "stream_points_per_s"),
         ("hops p50/p99 ms", "hops_ms"),
+        ("slowest: its hops ms", "slowest_ms"),
     ],
     "storm": [
         ("target", "target"),
@@ -400,6 +401,16 @@ def hop_figures(hops: dict[str, list[float]]) -> str:
         if ms:
             cells.append(f"{hop} {_percentile(ms, 50):.2g}/{_percentile(ms, 99):.2g}")
     return " · ".join(cells)
+
+
+def slowest_figure(hops: dict[str, list[float]]) -> str | None:
+    """The slowest command and its hops in ms, in one cell: ``12 = request 0.2 · to device 0.1 · ack 11 · ...``, from
+    the "total" times `_hub_commands` keeps beside the hops; None when some command lacks a step (no line-up)."""
+    total = hops.get("total", [])
+    if not total or any(len(hops.get(hop, ())) != len(total) for hop in HOPS):
+        return None
+    i = max(range(len(total)), key=total.__getitem__)
+    return f"{total[i] * 1000:.3g} = " + " · ".join(f"{hop} {hops[hop][i] * 1000:.2g}" for hop in HOPS)
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -796,6 +807,7 @@ class Bench(EdgeScenarios, ClusterScenarios):
             "mean_ms": statistics.fmean(ms) if ms else None,
             "stream_points_per_s": n * plan.command_points / plan.command_interval,
             "hops_ms": hop_figures(hops) if hops else None,
+            "slowest_ms": slowest_figure(hops) if hops else None,
             "generator": r,
         }
         if target == "hub":
@@ -834,6 +846,7 @@ class Bench(EdgeScenarios, ClusterScenarios):
                         at = [wall, *(float(h["at"]) for h in record["history"]), wall + took]
                         for hop, start, end in zip(HOPS, at, at[1:], strict=False):
                             hops.setdefault(hop, []).append(end - start)
+                        hops.setdefault("total", []).append(took)
         return latencies, failures
 
     async def _relay_commands(self, port: int, names: list[str]) -> tuple[list[float], dict[str, int]]:
