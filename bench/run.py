@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -405,12 +406,13 @@ def hop_figures(hops: dict[str, list[float]]) -> str:
 
 def slowest_figure(hops: dict[str, list[float]]) -> str | None:
     """The slowest command and its hops in ms, in one cell: ``12 = request 0.2 · to device 0.1 · ack 11 · ...``, from
-    the "total" times `_hub_commands` keeps beside the hops; None when some command lacks a step (no line-up)."""
-    total = hops.get("total", [])
-    if not total or any(len(hops.get(hop, ())) != len(total) for hop in HOPS):
+    what `_hub_commands` keeps beside the hops (under "slowest": its time, then its steps); None without it."""
+    slowest = hops.get("slowest", [])
+    if len(slowest) < 2:
         return None
-    i = max(range(len(total)), key=total.__getitem__)
-    return f"{total[i] * 1000:.3g} = " + " · ".join(f"{hop} {hops[hop][i] * 1000:.2g}" for hop in HOPS)
+    took, *steps = slowest
+    cells = [f"{hop} {step * 1000:.2g}" for hop, step in zip(HOPS, steps, strict=False)]
+    return f"{took * 1000:.3g} = " + " · ".join(cells)
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -844,9 +846,11 @@ class Bench(EdgeScenarios, ClusterScenarios):
                     latencies.append(took)
                     if hops is not None:
                         at = [wall, *(float(h["at"]) for h in record["history"]), wall + took]
-                        for hop, start, end in zip(HOPS, at, at[1:], strict=False):
-                            hops.setdefault(hop, []).append(end - start)
-                        hops.setdefault("total", []).append(took)
+                        steps = [end - start for start, end in itertools.pairwise(at)]
+                        for hop, step in zip(HOPS, steps, strict=False):
+                            hops.setdefault(hop, []).append(step)
+                        if took > hops.get("slowest", [0.0])[0]:
+                            hops["slowest"] = [took, *steps[: len(HOPS)]]
         return latencies, failures
 
     async def _relay_commands(self, port: int, names: list[str]) -> tuple[list[float], dict[str, int]]:

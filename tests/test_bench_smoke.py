@@ -107,7 +107,8 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
     assert commands[1]["hops_ms"] is None  # the relay: no steps to time
     slowest, _, its_hops = commands[0]["slowest_ms"].partition(" = ")
     assert float(slowest) == pytest.approx(commands[0]["max_ms"], rel=0.01)  # the max, and where its time went
-    assert [cell.rpartition(" ")[0] for cell in its_hops.split(" · ")] == list(HOPS)
+    names = [cell.rpartition(" ")[0] for cell in its_hops.split(" · ")]
+    assert len(names) >= 4 and names == list(HOPS)[: len(names)]  # a command whose ack overtook "sent" has four
 
     storm = results["scenarios"]["storm"]["runs"]
     hub_storm = storm[0]
