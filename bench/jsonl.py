@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import resource
@@ -12,19 +11,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["LineReader", "emit", "lines", "quiet_gc", "raise_fd_limit", "stdin_lines"]
-
-#: The cyclic GC thresholds of the harness's child processes: the hub's own (`hub.app.GC_THRESHOLDS`).
-GC_THRESHOLDS = (20_000, 20, 100)
-
-
-def quiet_gc() -> None:
-    """Collect cycles as the hub does: what start-up made frozen, the thresholds raised. With Python's defaults the
-    load generator paused for 3-9 ms every 0.3 s (generation 0) and 35-40 ms once a run (generation 2) at 1,000
-    devices, pauses a device's answer to a command waited out: the harness's, not the hub's or the relay's."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+__all__ = ["LineReader", "emit", "lines", "raise_fd_limit", "stdin_lines"]
 
 
 def emit(event: str, **fields: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from hub.fleet import (
     device_summary,
     open_registry_store,
 )
+from hub.gctune import tune_gc
 from hub.ingest import FileSink, InfluxV1Sink, InfluxV2Sink, Pipeline, PipelineConfig, Sink, Spool
 from hub.ops import HubMetrics
 from hub.stats import Stats
@@ -533,20 +533,6 @@ def _report_ready(fd: int, worker: int | None, handle: HubHandle) -> None:
     report = {"worker": worker, "pid": os.getpid(), "port": handle.port, "metrics_port": handle.metrics_port}
     with open(fd, "w") as ready:
         ready.write(json.dumps(report) + "\n")
-
-
-#: Cyclic-GC thresholds of the hub process (Python's are 700, 10, 10). Most of the hub's garbage is freed by
-#: reference counting; with the defaults, collections of the older generations (every live session object scanned)
-#: paused the loop for up to 38 ms (generation 1) and 149 ms (generation 2) at 1,000 streaming devices, the tail of
-#: the command round trip. With these, a 300-command run saw 14 young collections (at most 9 ms) and no others.
-GC_THRESHOLDS = (20_000, 20, 100)
-
-
-def tune_gc() -> None:
-    """Freeze what start-up allocated (never garbage: modules, configuration) and collect less often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(config: HubConfig, *, worker: int | None = None, ready_fd: int | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from hub.app import GC_THRESHOLDS, tune_gc
+from hub.gctune import GC_THRESHOLDS, tune_gc
 
 
 def test_tune_gc_freezes_start_up_objects_and_raises_the_thresholds() -> None:

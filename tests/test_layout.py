@@ -16,7 +16,7 @@ HUB = ROOT / "hub"
 #: Sub-packages: the hub's parts.
 PARTS = sorted(p.name for p in HUB.iterdir() if (p / "__init__.py").exists())
 #: Modules at the top of hub/ that several parts import; they import no part.
-SHARED = {"config", "stats", "ratelimit", "logs", "control_codes"}
+SHARED = {"config", "stats", "ratelimit", "logs", "control_codes", "gctune"}
 #: Modules at the top of hub/ that put the parts together (the server's tree, the `hub` command, the demo).
 ASSEMBLY = {"app", "cli", "demo"}
 
