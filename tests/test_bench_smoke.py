@@ -72,6 +72,7 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
         connections=(50,),
         command_devices=20,
         commands=10,
+        command_targets=3,
         command_interval=0.5,
         storm_devices=30,
         storm_interval=1.0,
@@ -101,8 +102,9 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
     commands = results["scenarios"]["commands"]["runs"]
     for row in commands:
         assert row["succeeded"] == 10, row
+        assert row["targets"] == "3 apart"  # the commanded devices' own generator answered every command
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
-    assert commands[0]["db_verified"] is True
+    assert commands[0]["db_verified"] is True  # both generators' points: 20 devices streamed
     _assert_hops(commands[0])
     assert commands[1]["hops_ms"] is None  # the relay: no steps to time
     slowest, _, its_hops = commands[0]["slowest_ms"].partition(" = ")
