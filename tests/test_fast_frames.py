@@ -13,12 +13,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, open_websocket_url, serve_websocket
+from trio_websocket import WebSocketConnection, WebSocketRequest, open_websocket_url, serve_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Request, TextMessage
 
@@ -29,9 +28,7 @@ from hub.edge._wire import (
     _TolerantText,
     guard,
     send_now,
-    waiting_message,
 )
-from tests.waiting import eventually
 
 
 def _pair() -> tuple[WSConnection, WSConnection]:
@@ -260,34 +257,6 @@ def test_frames_the_guard_sends_are_wsprotos(messages: list[Any]) -> None:
     # A message sent in parts, and frames after it, stay wsproto's own.
     for event in (TextMessage("a", message_finished=False), TextMessage("b"), BytesMessage(b"c"), Ping(b"p")):
         assert guard.send(event) == reference.send(event)
-
-
-async def test_waiting_messages_are_taken_without_a_scheduling_round() -> None:
-    done = trio.Event()
-
-    async def handler(request: WebSocketRequest) -> None:
-        guard(request)
-        ws = await request.accept()
-        assert await ws.get_message() == "one"
-        # trio-websocket's channel holds one message: "two" waits in it, "three" with the reader, which waits for room
-        await eventually(lambda: ws._recv_channel.statistics().tasks_waiting_send == 1)
-        with trio.testing.assert_no_checkpoints():
-            taken = [waiting_message(ws), waiting_message(ws), waiting_message(ws)]
-        assert taken == ["two", b"three", None]  # in order, then nothing: no wait
-        await eventually(lambda: ws.closed is not None)  # the client closed
-        with pytest.raises(ConnectionClosed):
-            waiting_message(ws)
-        done.set()
-
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-        port = server.port
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/") as client:
-            for message in ("one", "two", b"three"):
-                await client.send_message(message)
-        with trio.fail_after(10):
-            await done.wait()
-        nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager

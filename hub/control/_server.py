@@ -39,6 +39,7 @@ from hub.control._codec import (
 from hub.control._operations import Caller, Operations
 from hub.edge import (
     PARSE_FAILURE_REASONS,
+    DirectReader,
     Identity,
     Ticket,
     Unavailable,
@@ -378,13 +379,14 @@ class ControlSession:
     async def _read(self, nursery: trio.Nursery) -> None:
         limit = self.server.config.control.max_message_bytes
         try:
-            while True:
-                text = await self.ws.get_message()
-                if _too_big(text, limit):
-                    log.warning("control message too big", extra=self.kv(reason="too_big"))
-                    await self._abort(CloseCode.TOO_BIG, "message too big")
-                    return
-                await self._dispatch(text, nursery)
+            with DirectReader(self.ws) as reader:  # the session reads its socket: one scheduling round a request
+                while True:
+                    text = await reader.next()
+                    if _too_big(text, limit):
+                        log.warning("control message too big", extra=self.kv(reason="too_big"))
+                        await self._abort(CloseCode.TOO_BIG, "message too big")
+                        return
+                    await self._dispatch(text, nursery)
         except ConnectionClosed:
             await self._closed_while_reading()
 

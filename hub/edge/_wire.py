@@ -6,9 +6,9 @@ both for one connection: invalid UTF-8 reaches the session as text it can refuse
 stays open, and any other parse failure is answered with a real close frame (`CloseCode.PROTOCOL_ERROR`).
 
 `guard` also reads whole data frames itself (`Guard._frames`) and lets a frame to send take a free send lock at
-once (`SendLock`). Two more shortcuts spare a scheduling round: `waiting_message` takes a message that has already
-come without yielding first, and `send_now` writes a message from the step of the task that made it (a command for a
-device, the reply to an operator) when the connection can take it at once.
+once (`SendLock`). `send_now` spares a scheduling round: it writes a message from the step of the task that made it
+(a command for a device, the reply to an operator) when the connection can take it at once; `Guard.take` reads the
+frames a session reads from its socket itself (hub/edge/_direct.py).
 
 Where hub/edge/_unmask.c was compiled, importing this module puts `Masker` in place of wsproto's `XorMaskerSimple`
 for the whole process (wsproto makes one per masked frame and has no hook for it): payloads are
@@ -21,8 +21,8 @@ import codecs
 import contextlib
 import itertools
 import re
-from collections.abc import Generator, Iterable, Iterator, Sequence
-from typing import cast
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, cast
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -31,6 +31,9 @@ from wsproto.connection import Connection, ConnectionState
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Event, TextMessage
 from wsproto.frame_protocol import Frame, MessageDecoder, Opcode
 
+if TYPE_CHECKING:
+    from hub.edge._direct import SocketShare
+
 try:  # compiled by setup.py where a C compiler is at hand
     from hub.edge._unmask import unmask
 except ImportError:  # pragma: no cover - depends on the install
@@ -38,7 +41,6 @@ except ImportError:  # pragma: no cover - depends on the install
 
 __all__ = [
     "PARSE_FAILURE_REASONS",
-    "READ_BURST",
     "Guard",
     "Masker",
     "SendLock",
@@ -48,7 +50,6 @@ __all__ = [
     "has_bad_utf8",
     "parse_failure",
     "send_now",
-    "waiting_message",
 ]
 
 #: Close reasons the hub sends when it cannot parse the peer's frames, by close code (stable: documented).
@@ -56,8 +57,6 @@ PARSE_FAILURE_REASONS = {1002: "protocol_error", 1007: "bad_utf8"}
 
 _utf8 = codecs.getincrementaldecoder("utf-8")
 
-#: Messages a reader takes in a row with `waiting_message` before it awaits `get_message` (and lets others run).
-READ_BURST = 4
 #: The longest data frame the fast path reads itself (a frame of 126..65535 bytes has a two-byte length).
 FAST_MAX_PAYLOAD = 65535
 
@@ -120,10 +119,24 @@ class Guard:
     Once the upgrade is sent it keeps wsproto's `Connection` (the frames) alone: the handshake's objects (h11's
     connection and buffers, the request), about 3 KB a connection, are then garbage."""
 
-    __slots__ = ("_buf", "_conn", "_deliver", "_inner", "_max_payload", "_pending", "_unsent", "client", "failure")
+    __slots__ = (
+        "_buf",
+        "_conn",
+        "_deliver",
+        "_inner",
+        "_max_payload",
+        "_pending",
+        "_share",
+        "_unsent",
+        "client",
+        "failure",
+    )
 
     def __init__(
-        self, inner: WSConnection, max_payload: int = 0, deliver: trio.MemorySendChannel[str | bytes] | None = None
+        self,
+        inner: WSConnection,
+        max_payload: int = 0,
+        deliver: trio.MemorySendChannel[str | bytes] | None = None,
     ) -> None:
         self._inner: WSConnection | None = inner  # until the upgrade
         self._conn: Connection | None = None  # from the upgrade on
@@ -141,6 +154,28 @@ class Guard:
         self._deliver = deliver
         # The part of a frame `send_now` could not write: it goes out ahead of the next frame sent (`send`).
         self._unsent = b""
+        # The connection's stream once a session reads it itself (`DirectReader` sets it): a close frame sent gives
+        # the socket back to trio-websocket's reader, which must read the peer's close.
+        self._share: SocketShare | None = None
+
+    def at_frame_start(self) -> bool:
+        """True if the next bytes that come start a frame the fast path may read (`take`): the upgrade done, the fast
+        path on, and nothing of a frame or message held by wsproto."""
+        conn = self._conn
+        return conn is not None and self._max_payload > 0 and not self._pending and _at_frame_start(conn)
+
+    def take(self, data: bytes, deliver: Callable[[str | bytes], object]) -> bytes:
+        """The fast path for a session that reads the socket itself, at a frame start: the messages of the whole data
+        frames in `data` (after what waits in `_buf`) go to `deliver`; returns what must go to trio-websocket's reader
+        as it came (from the first frame this path does not take; b"" if none)."""
+        conn = self._conn
+        assert conn is not None
+        buf = self._buf
+        self._buf = data if not buf else buf + data
+        spill: list[bytes] = []
+        for _event in self._frames(conn, deliver, spill):  # `deliver` never refuses: nothing is yielded
+            pass
+        return spill[0] if spill else b""
 
     @property
     def state(self) -> ConnectionState:
@@ -172,6 +207,8 @@ class Guard:
     def send(self, event: Event) -> bytes:
         conn = self._conn
         if conn is not None:
+            if type(event) is CloseConnection and self._share is not None:
+                self._share.give_back()  # the close handshake needs trio-websocket's reader
             if (
                 isinstance(event, TextMessage | BytesMessage)
                 and event.message_finished
@@ -219,10 +256,12 @@ class Guard:
                 event = CloseConnection(event.code, PARSE_FAILURE_REASONS.get(event.code, "protocol_error"))
             yield event
 
-    def _frames(self, conn: Connection) -> Iterator[Event]:
+    def _frames(
+        self, conn: Connection, deliver: Callable[[str | bytes], object] | None = None, spill: list[bytes] | None = None
+    ) -> Iterator[Event]:
         """The messages of the whole data frames in `_buf` (delivered, or yielded as wsproto would give them); the
         first frame this path does not take (control, fragment, extension bits, longer than `_max_payload`) and all
-        after it go to wsproto.
+        after it go to wsproto (or, given `spill`, into it, for trio-websocket's reader: see `take`).
 
         Taken: FIN set, RSV clear, opcode text or binary, masked, the length in its shortest form: a frame wsproto
         reads in one piece, and as wsproto would read it (text decoded as `_TolerantText` decodes it)."""
@@ -230,7 +269,8 @@ class Guard:
         end = len(buf)
         pos = 0
         limit = self._max_payload
-        deliver = None if self._deliver is None else self._deliver.send_nowait
+        if deliver is None and self._deliver is not None:
+            deliver = self._deliver.send_nowait
         while end - pos >= 6:
             b0 = buf[pos]
             b1 = buf[pos + 1]
@@ -272,6 +312,8 @@ class Guard:
         rest = end - pos
         if rest and rest < 6 and buf[pos] in (0x81, 0x82) and (rest < 2 or buf[pos + 1] >= 0x80):
             self._buf = bytearray(buf[pos:])  # a header cut short: it may start a frame this path takes
+        elif rest and spill is not None:
+            spill.append(bytes(buf[pos:]))
         elif rest:
             conn.receive_data(bytes(buf[pos:]))
 
@@ -363,21 +405,6 @@ def forget_request(request: WebSocketRequest) -> None:
     event = request._event
     for name in ("extra_headers", "extensions", "subprotocols"):
         object.__setattr__(event, name, ())  # a frozen dataclass, referenced by trio-websocket only
-
-
-def waiting_message(ws: WebSocketConnection) -> str | bytes | None:
-    """The next message of `ws` if it has already come, taken without a scheduling round; None if none waits.
-
-    `get_message` yields to the scheduler before it takes even a message that is waiting: a device's command ack and
-    result, read in one piece, were handled a whole loop round apart. A reader that takes up to `READ_BURST` this way in
-    a row, then awaits `get_message` again, still lets every other task run between its bursts. Raises
-    `ConnectionClosed` as `get_message` does once the connection has ended and nothing waits."""
-    try:
-        return ws._recv_channel.receive_nowait()
-    except trio.WouldBlock:
-        return None
-    except (trio.ClosedResourceError, trio.EndOfChannel):
-        raise ConnectionClosed(ws._close_reason) from None
 
 
 def send_now(ws: WebSocketConnection, message: str, nursery: trio.Nursery) -> bool:
