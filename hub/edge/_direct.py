@@ -53,16 +53,16 @@ class SocketShare:
     Installed as the stream's `receive_some` for as long as the session reads (trio's `SocketStream` cannot be
     subclassed); trio-websocket's reader alone calls it."""
 
-    __slots__ = ("_channel", "_forward", "_parked", "_waiting", "lent", "stream", "wanted")
+    __slots__ = ("_channel", "_forward", "_parked", "lent", "stream", "waiting", "wanted")
 
     def __init__(self, stream: trio.SocketStream, channel: trio.MemorySendChannel[object]) -> None:
         self.stream = stream
         self._channel = channel  # the connection's messages (and `HANDOVER`)
         self.wanted = True  # the session reads the socket whenever the reader has parked
         self.lent = False  # the session holds the socket now (it took `HANDOVER` and has not forwarded since)
+        self.waiting = False  # the session waits for the socket to be readable (the reader must not, meanwhile)
         self._forward: bytes | BaseException | None = None  # for the parked reader: what its read returns (raises)
-        self._parked: trio.Event | None = None  # set to wake the parked reader
-        self._waiting: trio.CancelScope | None = None  # the session's wait for the socket, while it waits
+        self._parked: trio.lowlevel.Task | None = None  # the reader, parked (no object made for it: idle devices)
         stream.receive_some = self.receive_some  # type: ignore[method-assign]  # this connection only
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -82,11 +82,8 @@ class SocketShare:
                 self.wanted = False  # nobody reads the messages any more
                 continue
             if self._forward is None and self.wanted:
-                self._parked = parked = trio.Event()
-                try:
-                    await parked.wait()
-                finally:
-                    self._parked = None
+                self._parked = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._unpark)
 
     def forward(self, data: bytes | BaseException) -> None:
         """The session hands `data` (bytes as they came, b"" at the end of the stream, or an error) to the reader,
@@ -96,15 +93,26 @@ class SocketShare:
         self._wake_reader()
 
     def give_back(self) -> None:
-        """The socket is the reader's for good (the connection closing, the session done reading)."""
-        self.wanted = self.lent = False
-        if self._waiting is not None:
-            self._waiting.cancel()
+        """The socket is the reader's for good (the connection closing, the session done reading); a session
+        waiting for it to be readable hands it over when that wait ends (two tasks cannot wait on one socket)."""
+        self.wanted = False
+        if not self.waiting:
+            self.release()
+
+    def release(self) -> None:
+        """The session no longer holds the socket: the reader reads it."""
+        self.lent = False
         self._wake_reader()
 
     def _wake_reader(self) -> None:
-        if self._parked is not None:
-            self._parked.set()
+        task = self._parked
+        if task is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(task)
+
+    def _unpark(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self._parked = None  # cancelled while parked: nobody wakes it again
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class DirectReader:
@@ -202,14 +210,15 @@ class DirectReader:
                     return message  # type: ignore[return-value]  # str or bytes
                 self._take(share)
             else:
-                with trio.CancelScope() as waiting:  # `give_back` cancels it: the reader needs the socket
-                    share._waiting = waiting
-                    try:
-                        await trio.lowlevel.wait_readable(share.stream.socket._sock)  # type: ignore[attr-defined]
-                    except (trio.ClosedResourceError, OSError, ValueError):
-                        share.give_back()  # closed under us: the reader finds out and ends the channel
-                    finally:
-                        share._waiting = None
+                share.waiting = True
+                try:
+                    await trio.lowlevel.wait_readable(share.stream.socket._sock)  # type: ignore[attr-defined]
+                except (trio.ClosedResourceError, OSError, ValueError):
+                    share.wanted = False  # closed under us: the reader finds out and ends the channel
+                finally:
+                    share.waiting = False
+                if not share.wanted:  # given back meanwhile: the reader reads what came
+                    share.release()
             message = self.get_nowait()
             if message is not None:
                 return message
