@@ -18,7 +18,7 @@ from hub import fleet
 from hub.app import HubHandle
 from hub.control import CONTROL_PATH, REQUESTS, Reply
 from hub.control._operations import HANDLERS
-from hub.control._server import _SESSION_HANDLERS
+from hub.control._server import _SESSION_HANDLERS, MAX_WAITS
 from hub.fleet import DeviceLedger, DeviceRecord, DeviceStatus, Registry
 from tests.hubtools import (
     BASE_TS,
@@ -709,6 +709,29 @@ async def test_send_command_wait_with_raw_device(tmp_path: Path) -> None:
             await eventually(lambda: hub.commands.is_open(pending.id) is False, 10)
             assert (await ctl.call("ping"))["type"] == "pong"  # every frame sent before it has been read
             assert [f for f in ctl.pushes if f.get("type") == "result"] == []  # each wait answered once
+        hub.stop()
+
+
+async def test_wait_answered_by_the_final_transition_even_before_its_task_runs(tmp_path: Path) -> None:
+    # The reply hook goes in as the command is submitted, not when the session's waiting task first runs: with every
+    # wait slot taken (MAX_WAITS) the session holds before it starts that task, yet the reply comes when the command
+    # is final, not when a slot frees (30 s later here).
+    ops = add_operators(tmp_path, o="operator")
+    tokens = add_devices(tmp_path, "d1", "d2")
+    async with trio.open_nursery() as nursery:
+        hub = await start(nursery, tmp_path)
+        async with control(hub, ops["o"]) as ctl, connect(hub, tokens["d1"]) as dev:
+            await hello(dev)
+            for i in range(MAX_WAITS):  # d2 is offline: each of these waits 30 s
+                frame = {"id": 200 + i, "type": "send_command", "device": "d2", "name": "x", "wait": True}
+                await ctl.send({**frame, "wait_timeout": 30})
+            await ctl.send({"id": 300, "type": "send_command", "device": "d1", "name": "now", "wait": True})
+            command = await next_command(dev)
+            await dev.send_message(protocol.encode(CommandAck(command.id)))
+            await dev.send_message(protocol.encode(CommandResult(command.id, True, "done")))
+            with trio.fail_after(10):
+                reply = await ctl.reply(300)
+            assert (reply["result"]["state"], reply["result"]["result"]) == ("succeeded", "done")
         hub.stop()
 
 

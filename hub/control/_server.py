@@ -261,6 +261,21 @@ class ControlServer:
         self._sessions.discard(session)
 
 
+class _WaitedReply:
+    """The reply to a `send_command` with `wait`. Written by whoever makes the command final, as soon as it is
+    committed (`now`, a `CommandService.when_final` hook), when the connection takes it at once (`send_now`): the
+    session's waiting task would only wake a scheduling round later; else that task sends it."""
+
+    __slots__ = ("nursery", "req", "req_id", "sent", "ws")
+
+    def __init__(self, ws: WebSocketConnection, req_id: int, req: SendCommand, nursery: trio.Nursery) -> None:
+        self.ws, self.req_id, self.req, self.nursery = ws, req_id, req, nursery
+        self.sent = False
+
+    def now(self, rec: CommandRecord) -> None:
+        self.sent = send_now(self.ws, encode_reply(self.req_id, self.req, rec.as_dict()), self.nursery)
+
+
 class ControlSession:
     """One operator connection: auth, a reader that answers requests, a sender that drains subscriptions."""
 
@@ -417,8 +432,17 @@ class ControlSession:
             request = spec.decode(frame.body)
             if isinstance(request, SendCommand) and request.wait:
                 record = await self._submit(request)
-                await self._waits.acquire()
-                nursery.start_soon(self._wait_and_reply, nursery, frame.id, request, record["command_id"])
+                # The hook goes in before anything awaits: the device's answer may be read in the next round, before
+                # a task started now would run.
+                reply = _WaitedReply(self.ws, frame.id, request, nursery)
+                commands = self.server.commands
+                commands.when_final(record["command_id"], reply.now)
+                try:
+                    await self._waits.acquire()
+                except BaseException:
+                    commands.when_final(record["command_id"], None)
+                    raise
+                nursery.start_soon(self._wait_and_reply, reply, record["command_id"])
                 return
             handler = _SESSION_HANDLERS.get(spec.request)
             if handler is not None:
@@ -484,29 +508,21 @@ class ControlSession:
         """Submit the command (as `Operations` does for every caller); its record."""
         return await self.server.operations.submit(self.caller, req)
 
-    async def _wait_and_reply(self, nursery: trio.Nursery, req_id: int, req: SendCommand, command_id: str) -> None:
-        """Reply with the command's record once final (or at the wait's timeout).
-
-        The reply is written by whoever makes the command final, as soon as it is committed, when the connection
-        takes it at once (`send_now`): this task would only wake a scheduling round later. Else this task sends it."""
-        replied = False
-
-        def reply_now(rec: CommandRecord) -> None:
-            nonlocal replied
-            replied = send_now(self.ws, encode_reply(req_id, req, rec.as_dict()), nursery)
-
+    async def _wait_and_reply(self, reply: _WaitedReply, command_id: str) -> None:
+        """Reply with the command's record once final (or at the wait's timeout), unless `reply.now` did."""
         commands = self.server.commands
-        commands.when_final(command_id, reply_now)
         try:
+            if reply.sent:
+                return
             try:
-                record = await self.server.operations.wait_final(req, command_id)
+                record = await self.server.operations.wait_final(reply.req, command_id)
             except ControlError as exc:
-                await self._send(encode_error(req_id, exc))
+                await self._send(encode_error(reply.req_id, exc))
                 return
             finally:
                 commands.when_final(command_id, None)  # from here this task answers (at the timeout: not final)
-            if not replied:
-                await self._send(encode_reply(req_id, req, record))
+            if not reply.sent:
+                await self._send(encode_reply(reply.req_id, reply.req, record))
         except ConnectionClosed:
             self._scope.cancel()
         finally:
