@@ -541,6 +541,40 @@ def test_timestamp_is_utc_with_milliseconds() -> None:
     assert logs.KvFormatter().format(record).startswith("ts=1971-01-01T00:00:01.250Z level=info")
 
 
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        ("", '""'),
+        ("a b", '"a b"'),
+        ('a"b', '"a\\"b"'),
+        ("k=v", '"k=v"'),
+        ("\x00", '"\x00"'),
+        ("\x1f", '"\x1f"'),
+        ("tab\t", '"tab\\t"'),
+        ("\x7f", '"\x7f"'),
+        ("é-ü_ok", "é-ü_ok"),
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        (None, "null"),
+        (False, "false"),
+        (12.5, "12.5"),
+    ],
+)
+def test_kv_values_quoted_exactly_when_needed(value: object, written: str) -> None:
+    assert logs._kv_value(value) == written
+
+
+def test_timestamps_of_different_seconds() -> None:
+    formatter = logs.KvFormatter()
+    for created, expected in [
+        (1.5, "1970-01-01T00:00:01.500Z"),
+        (3601.004, "1970-01-01T01:00:01.004Z"),
+        (1.25, "1970-01-01T00:00:01.250Z"),
+    ]:
+        record = logging.makeLogRecord({"name": "x", "msg": "m", "levelno": logging.INFO, "levelname": "INFO"})
+        record.created, record.msecs = created, round((created - int(created)) * 1000, 3)
+        assert formatter.format(record).startswith(f"ts={expected} ")
+
+
 def test_setup_twice_replaces_the_handler(capsys: pytest.CaptureFixture[str]) -> None:
     logs.setup_logging("info", "json")
     logs.setup_logging("info", "kv")

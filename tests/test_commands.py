@@ -14,6 +14,7 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection
 
+import hub.fleet._commands as commands_module
 from device_client import protocol
 from device_client.protocol import Command, CommandAck, CommandResult, Error, ErrorCode
 from hub.app import HubHandle
@@ -351,4 +352,30 @@ async def test_a_full_pipeline_holds_back_no_transition_and_loses_no_point(tmp_p
             hub.stop()
     lines = [ln.split(" ")[0] for ln in db.accepted_lines() if ln.startswith("command,")]
     assert lines == [f"command,device=d1,name=ping,state={s}" for s in ("queued", "sent", "delivered", "succeeded")]
+    assert hub.commands.points_lost == 0
+
+
+async def test_transition_points_go_out_in_chunks_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The feeder builds the points' lines itself, POINT_CHUNK at a time: every one arrives, in transition order.
+    monkeypatch.setattr(commands_module, "POINT_CHUNK", 3)
+    tokens = add_devices(tmp_path, "d1")
+    with ScriptedWriteServer(lambda path, body: (204, {}, b"")) as db:
+        config = hub_config(tmp_path, **{"influx.url": db.url})
+        async with trio.open_nursery() as nursery:
+            hub = await start_hub(nursery, config)
+            async with connect(hub, tokens["d1"]) as ws:
+                await hello(ws)
+                ids = []
+                for i in range(4):
+                    rec = await hub.commands.submit("d1", f"c{i}")
+                    await answer(ws, await next_command(ws))
+                    await hub.commands.wait_final(rec.command_id, 10)
+                    ids.append(rec.command_id)
+                await eventually(lambda: sum(ln.startswith("command,") for ln in db.accepted_lines()) == 16, 10)
+            hub.stop()
+    lines = [ln for ln in db.accepted_lines() if ln.startswith("command,")]
+    expected = [(cid, s) for cid in ids for s in ("queued", "sent", "delivered", "succeeded")]
+    assert [
+        (ln.split('command_id="')[1].split('"')[0], ln.split("state=")[1].split(" ")[0]) for ln in lines
+    ] == expected
     assert hub.commands.points_lost == 0
