@@ -16,13 +16,13 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from hub.edge._direct import HANDOVER, DirectReader
-from hub.edge._wire import FAST_MAX_PAYLOAD, guard
+from hub.edge._wire import FAST_MAX_PAYLOAD
 from tests.waiting import eventually
-from tests.wire import RawClient, open_tcp
+from tests.wire import RawClient, guarded_server, open_tcp
 
 Handler = Callable[[WebSocketConnection], Awaitable[None]]
 
@@ -30,21 +30,10 @@ Handler = Callable[[WebSocketConnection], Awaitable[None]]
 @asynccontextmanager
 async def served(handler: Handler) -> AsyncIterator[RawClient]:
     """A raw client connected to a guarded trio-websocket server connection that `handler(ws)` serves."""
-    async with trio.open_nursery() as nursery:
-
-        async def accept(request: WebSocketRequest) -> None:
-            guard(request)
-            await handler(await request.accept())
-
-        server = await nursery.start(
-            lambda task_status: serve_websocket(
-                accept, "127.0.0.1", 0, None, max_message_size=2**20, task_status=task_status
-            )
-        )
-        client = RawClient(await open_tcp(server.port))
+    async with guarded_server(handler) as port:
+        client = RawClient(await open_tcp(port))
         await client.handshake("/", "t")
         yield client
-        nursery.cancel_scope.cancel()
 
 
 async def until_lent(reader: DirectReader) -> None:

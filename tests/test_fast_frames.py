@@ -17,7 +17,7 @@ import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trio_websocket import WebSocketConnection, WebSocketRequest, open_websocket_url, serve_websocket
+from trio_websocket import WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Request, TextMessage
 
@@ -26,9 +26,9 @@ from hub.edge._wire import (
     Guard,
     SendLock,
     _TolerantText,
-    guard,
     send_now,
 )
+from tests.wire import guarded_server
 
 
 def _pair() -> tuple[WSConnection, WSConnection]:
@@ -262,16 +262,11 @@ def test_frames_the_guard_sends_are_wsprotos(messages: list[Any]) -> None:
 @asynccontextmanager
 async def _served(handler: Any) -> AsyncIterator[WebSocketConnection]:
     """A client connected to a guarded server connection that `handler(ws)` serves."""
-    async with trio.open_nursery() as nursery:
-
-        async def accept(request: WebSocketRequest) -> None:
-            guard(request)
-            await handler(await request.accept())
-
-        server = await nursery.start(serve_websocket, accept, "127.0.0.1", 0, None)
-        async with open_websocket_url(f"ws://127.0.0.1:{server.port}/", max_message_size=1 << 20) as client:
-            yield client
-        nursery.cancel_scope.cancel()
+    async with (
+        guarded_server(handler) as port,
+        open_websocket_url(f"ws://127.0.0.1:{port}/", max_message_size=1 << 20) as client,
+    ):
+        yield client
 
 
 async def test_send_now_writes_a_whole_message_in_the_callers_step() -> None:

@@ -5,18 +5,23 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
+from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Event, Ping, Request, TextMessage
 
 from device_client import protocol
+from hub.edge._wire import guard
 
 __all__ = [
     "RawClient",
     "closed_by_peer",
     "exchange",
     "get_request",
+    "guarded_server",
     "http_get",
     "http_post",
     "open_tcp",
@@ -27,6 +32,21 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------- TCP and HTTP/1.1 by hand
+
+
+@asynccontextmanager
+async def guarded_server(handler: Callable[[WebSocketConnection], Awaitable[None]]) -> AsyncIterator[int]:
+    """A trio-websocket server on loopback whose connections the hub's guard takes (hub/edge/_wire.py `guard`)
+    before `handler(ws)` serves them; its port. Stopped on leaving."""
+    async with trio.open_nursery() as nursery:
+
+        async def accept(request: WebSocketRequest) -> None:
+            guard(request)
+            await handler(await request.accept())
+
+        server = await nursery.start(serve_websocket, accept, "127.0.0.1", 0, None)
+        yield server.port
+        nursery.cancel_scope.cancel()
 
 
 async def open_tcp(port: int, source: str = "127.0.0.1") -> trio.SocketStream:

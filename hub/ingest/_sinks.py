@@ -165,6 +165,16 @@ class _KeptAlive:
             return resp.status, resp.headers, answer
         raise AssertionError("unreachable: the second attempt returns or raises")
 
+    def write(self, path: str, headers: dict[str, str], body: str, gzip_level: int) -> None:
+        """POST `body` (line protocol) to `path`, gzipped at `gzip_level` (0: not); raise `SinkUnavailable`,
+        `SinkRejected` or `SinkTooLarge` on failure."""
+        data = body.encode()
+        if gzip_level:
+            data = gzip_module.compress(data, compresslevel=gzip_level)
+        status, answer_headers, answer = self.post(path, data, headers)
+        if not 200 <= status < 300:
+            raise error_for_status(status, answer_headers, _error_text(answer))
+
     def close(self) -> None:
         """Close the kept-alive connection."""
         if self._conn is not None:
@@ -207,12 +217,7 @@ class InfluxV2Sink:
 
     def write(self, body: str) -> None:
         """POST the lines; raise `SinkUnavailable`, `SinkRejected` or `SinkTooLarge` on failure."""
-        data = body.encode()
-        if self._gzip:
-            data = gzip_module.compress(data, compresslevel=1)
-        status, headers, answer = self._http.post(self._write_path, data, self._headers)
-        if not 200 <= status < 300:
-            raise error_for_status(status, headers, _error_text(answer))
+        self._http.write(self._write_path, self._headers, body, 1 if self._gzip else 0)
 
     def check(self) -> bool:
         """Whether `/ping` answers within a couple of seconds."""
@@ -275,12 +280,7 @@ class InfluxV1Sink:
 
     def write(self, body: str) -> None:
         """POST the lines; raise `SinkUnavailable`, `SinkRejected` or `SinkTooLarge` on failure."""
-        data = body.encode()
-        if self._gzip:
-            data = gzip_module.compress(data, compresslevel=5)
-        status, headers, answer = self._http.post(self._write_path, data, self._headers)
-        if not 200 <= status < 300:
-            raise error_for_status(status, headers, _error_text(answer))
+        self._http.write(self._write_path, self._headers, body, 5 if self._gzip else 0)
 
     def check(self) -> bool:
         """Whether `/ping` answers 204 within a couple of seconds (a separate connection: thread-safe)."""
