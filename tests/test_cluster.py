@@ -82,9 +82,16 @@ async def test_a_command_sent_on_one_hub_runs_on_a_device_connected_to_another(
         record = await ctl.ok("send_command", device="d1", name="echo", args={"x": 1}, wait=True, wait_timeout=20)
         assert record["state"] == "succeeded", record
         assert record["result"] == {"echo": {"x": 1}}
-        # The owner's states reached an operator on a third hub, in order.
-        states = [e["state"] for e in await watcher.events(sub, 4)]
-        assert states == ["queued", "sent", "delivered", "succeeded"]
+        # The owner's states reached an operator on a third hub, in order. As docs/control.md has it, a state may be
+        # replaced by a newer one of the same command still waiting to be sent (coalesced), never the last one: the
+        # device's ack and result come in one packet, and "delivered" and "succeeded" can reach the watcher's hub
+        # before its sender runs. None is lost: what is missing was coalesced.
+        states: list[str] = []
+        while "succeeded" not in states:
+            states += [e["state"] for e in await watcher.events(sub, 1)]
+        every = ["queued", "sent", "delivered", "succeeded"]
+        assert states == [s for s in every if s in states], states
+        assert c.broadcaster.totals() == {"dropped": 0, "coalesced": len(every) - len(states)}
         # Any hub reads the record (mirrored in Redis) and lists it.
         assert (await watcher.ok("command", command_id=record["command_id"]))["state"] == "succeeded"
         listed = await watcher.ok("commands", device="d1")

@@ -154,8 +154,8 @@ class Guard:
         self._deliver = deliver
         # The part of a frame `send_now` could not write: it goes out ahead of the next frame sent (`send`).
         self._unsent = b""
-        # The connection's stream once a session reads it itself (`DirectReader` sets it): a close frame sent gives
-        # the socket back to trio-websocket's reader, which must read the peer's close.
+        # The connection's `SocketShare` while a session reads its socket itself (`DirectReader` sets it): a close
+        # frame sent gives the socket back to trio-websocket's reader, which must read the peer's close.
         self._share: SocketShare | None = None
 
     def at_frame_start(self) -> bool:
