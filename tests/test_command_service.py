@@ -315,3 +315,23 @@ async def test_timers_fire_in_deadline_order_and_finished_ones_do_not_pile_up(
         assert len(svc._timers) <= 2 * len(svc._due) + 64  # rebuilt from the live deadlines as it grew
         late = await svc.submit("d1", "late", ttl=5)
         assert await state_at(svc, late.command_id, trio.current_time() + 5.01) == "expired"
+
+
+async def test_commands_that_come_and_go_do_not_wake_the_timer_task(store: CommandStore, autojump_clock: Any) -> None:
+    # Their deadlines are seconds to an hour away, and the timer task wakes at least every TIMER_TICK anyway: no
+    # command's transitions wake it (they did, twice a command, when no other command was open: a task step each).
+    async with service(store) as svc:
+        device = Device()
+        svc.attach("d1", device)
+        first = await svc.submit("d1", "first")
+        await trio.sleep(0.5)  # the timer task has seen the first deadline
+        wake, t = svc._wake, trio.current_time()
+        for i in range(200):
+            rec = await svc.submit("d1", "quick")
+            svc.on_sent("d1", rec.command_id)
+            assert await svc.on_result("d1", rec.command_id, True, i, "")
+        assert trio.current_time() == t  # no tick came meanwhile
+        assert svc._wake is wake and not wake.is_set()
+        late = await svc.submit("d2", "late", ttl=0.25)  # sooner than the next tick: it still wakes the task
+        assert await state_at(svc, late.command_id, t + 0.26) == "expired"
+        assert (await record(svc, first.command_id)).state == "queued"  # open all along: its hour-long TTL

@@ -74,6 +74,10 @@ COMMAND_MEASUREMENT = "command"
 
 #: Seconds a non-final transition may wait in memory before it is committed (if no commit takes it sooner).
 WRITE_BEHIND = 0.2
+#: The longest the timer task sleeps (s): a deadline further away than that never wakes it. Commands come and go in
+#: milliseconds while their deadlines are seconds to hours away; with no bound the task slept for good whenever no
+#: command was open, and each new command's deadlines woke it (twice a command, a task step each).
+TIMER_TICK = 1.0
 #: Final records kept in memory after their commit, for `get`, `wait_final` and late answers.
 RECENT_FINALS = 1024
 #: Transition points waiting for room in the pipeline; more are counted in `points_lost` and logged.
@@ -480,14 +484,15 @@ class CommandService:
                 self._commit()  # one commit for every command due now
             while timers and due_at.get(timers[0][1]) != timers[0][0]:
                 heapq.heappop(timers)  # stale
-            self._timer_at = timers[0][0] if timers else math.inf
+            self._timer_at = min(timers[0][0] if timers else math.inf, now + TIMER_TICK)
             self._wake = trio.Event()
             with trio.move_on_at(self._timer_at):
                 await self._wake.wait()
 
     def _set_due(self, command_id: str, at: float) -> None:
         """Set the command's timer to fire at `at` (trio's clock); wake `_expire` only if that is sooner than it
-        would wake anyway (a transition costs no wake-up, and no pass over every unfinished command)."""
+        would wake anyway, at most `TIMER_TICK` ahead (a transition costs no wake-up, and no pass over every
+        unfinished command)."""
         self._due[command_id] = at
         timers = self._timers
         heapq.heappush(timers, (at, command_id))
