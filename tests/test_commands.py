@@ -5,8 +5,6 @@ tests/test_command_service.py."""
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from device_client import protocol
 from device_client.protocol import Command, CommandAck, CommandResult, Error, ErrorCode
 from hub.app import HubHandle
 from hub.fleet import CommandError
+from hub.fleet._command_store import stored
 from hub.fleet._commands import FINAL_STATES, CommandStore
 from tests.hubtools import (
     add_devices,
@@ -63,10 +62,9 @@ def states(rec) -> list[str]:
 
 
 def stored_state(path: Path, command_id: str) -> str | None:
-    """The state SQLite holds for a command right now, read through a connection of its own."""
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        row = db.execute("SELECT state FROM commands WHERE command_id = ?", (command_id,)).fetchone()
-    return None if row is None else row[0]
+    """The state that is durable for a command right now (SQLite and the store's journal, read from outside)."""
+    rec = stored(path, command_id)
+    return None if rec is None else rec.state
 
 
 async def test_round_trip_and_transition_points(tmp_path: Path) -> None:
