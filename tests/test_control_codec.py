@@ -242,6 +242,21 @@ def test_bad_frames_get_the_documented_code(text: str | bytes, code: ErrorCode, 
     assert message in info.value.message
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        '{"n":123456789012345678901234567890,"m":-9223372036854775809}',  # integers past 64 bits, exact
+        '{"x":1.0000000000000002,"y":1e-320,"z":0.1e1,"big":1e400}',  # floats as json reads them (1e400: inf)
+        '{"s":"\\ud800 alone","t":"\\u00e9\\ud83d\\ude00","a":1,"a":2}',  # a lone surrogate; the last key wins
+        '{"deep":' + "[" * 200 + "]" * 200 + "}",
+    ],
+)
+def test_requests_read_as_json_reads_them(args: str) -> None:
+    # The C decoder reads what it can, json what it refuses: either way the values are json's.
+    text = '{"id":1,"type":"send_command","device":"d","name":"n","args":' + args + "}"
+    assert read_frame(text).body == json.loads(text)
+
+
 def test_the_id_is_read_before_anything_else_is_checked() -> None:
     frame = read_frame('{"id":7,"type":"nope","name":5}')
     assert (frame.id, frame.type) == (7, "nope")
