@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +27,18 @@ from tests.hubtools import add_devices, add_operators
 def queued(n: int, **changes: object) -> CommandRecord:
     rec = CommandRecord(f"c-{n}", "d1", "x", {"n": n}, CommandState.QUEUED, 1.0, 1.0, 61.0, 30.0, None, "op")
     return rec.after(CommandEvent.SEND, 2.0) if changes.get("sent") else rec
+
+
+def version(n: int, k: int) -> CommandRecord:
+    """Command `c-n` after its first `k` transitions (0 queued, 1 sent, 2 delivered, 3 succeeded)."""
+    rec = queued(n)
+    if k >= 1:
+        rec = rec.after(CommandEvent.SEND, 2.0)
+    if k >= 2:
+        rec = rec.after(CommandEvent.ACK, 3.0, delivered_at=3.0)
+    if k >= 3:
+        rec = rec.after(CommandEvent.SUCCEED, 4.0, result={"n": n})
+    return rec
 
 
 def sqlite_ids(path: Path) -> list[str]:
@@ -198,3 +211,54 @@ async def test_a_hub_killed_with_sigkill_keeps_every_command_it_accepted(tmp_pat
     assert sorted(told.values()).count("queued") == 40
     assert sorted(told.values()).count("succeeded") == sorted(told.values()).count("failed") == 20
     assert after == told
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_killed_while_flushing_syncing_and_reading_it_keeps_every_flushed_version(tmp_path: Path, seed: int) -> None:
+    """A process flushes command versions one by one (printing each once `flush` returned) while one thread syncs and
+    checkpoints and another reads, over and over; it is killed at a random moment. Opened again, the store has, for
+    every command, at least the last version it was told was flushed."""
+    path = tmp_path / "commands.sqlite3"
+    script = f"""
+import sys, threading
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_command_journal import version
+from hub.fleet import CommandStore
+store = CommandStore({str(path)!r})
+def forever(step):
+    while True:
+        step()
+threading.Thread(target=forever, args=(lambda: (store.sync(), store.checkpoint()),), daemon=True).start()
+threading.Thread(target=forever, args=(lambda: (store.list(limit=20), store.get("c-3")),), daemon=True).start()
+for i in range(1_000_000):
+    store.put(version(*divmod(i, 4)))
+    store.flush()
+    print(i, flush=True)
+"""
+    kill_after = random.Random(seed).randrange(400, 3000)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    flushed = -1
+    try:
+        for line in child.stdout:
+            flushed = int(line)
+            if flushed >= kill_after:
+                break
+        child.kill()
+        flushed = max([flushed, *map(int, child.stdout.read().split())])  # printed before the kill: flushed too
+    finally:
+        child.kill()
+        child.wait(30)
+    assert flushed >= kill_after, f"the child stopped at {flushed}"
+    last_n, last_k = divmod(flushed, 4)
+    store = CommandStore(path)
+    try:
+        found = {rec.command_id: rec for rec in store.list(limit=last_n + 10)}
+        for n in range(last_n):
+            assert found.pop(f"c-{n}") == version(n, 3)
+        newest = found.pop(f"c-{last_n}")
+        assert len(newest.history) >= last_k and newest == version(last_n, len(newest.history))  # a step each
+        assert set(found) <= {f"c-{last_n + 1}"}  # put and maybe flushed after the last line printed, no more
+    finally:
+        store.close()
+    assert journal_files(path) == []
