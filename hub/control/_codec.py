@@ -666,7 +666,7 @@ def decode_auth(text: str | bytes) -> str | None:
 
 
 def _dumps(obj: Mapping[str, object]) -> str:
-    # json's, not msgspec's (measured 2-3 times faster): msgspec writes NaN and infinities as null, json refuses them.
+    # json's, not msgspec's: msgspec writes NaN and infinities as null, where the control channel refuses them.
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 

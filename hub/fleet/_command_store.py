@@ -304,7 +304,7 @@ class CommandStore:
 
     `put` queues a record's newest version in memory. `flush` makes every record put before it survive a crash of
     the process: it appends them to the journal file, one write and no fsync, no SQLite and no lock shared with a
-    reader, so it may run on the trio thread (a SQLite commit there cost 15 writes, 12 file locks and 60-100 us).
+    reader, so it may run on the trio thread (a SQLite commit there cost 7-8 writes, 6 file locks and 60-100 us).
     `sync` moves what was flushed into SQLite in one transaction and starts a new journal file; `checkpoint` copies
     SQLite's WAL into the database file (the fsync). Those and the reads block on SQLite: call them from a worker
     thread. Reads see every record put before them (they sync first). Opening the store replays the journal files a
