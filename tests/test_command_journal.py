@@ -24,9 +24,9 @@ from tests.hubproc import HubProcess
 from tests.hubtools import add_devices, add_operators
 
 
-def queued(n: int, **changes: object) -> CommandRecord:
-    rec = CommandRecord(f"c-{n}", "d1", "x", {"n": n}, CommandState.QUEUED, 1.0, 1.0, 61.0, 30.0, None, "op")
-    return rec.after(CommandEvent.SEND, 2.0) if changes.get("sent") else rec
+def queued(n: int) -> CommandRecord:
+    """Command `c-n` as submitted."""
+    return CommandRecord(f"c-{n}", "d1", "x", {"n": n}, CommandState.QUEUED, 1.0, 1.0, 61.0, 30.0, None, "op")
 
 
 def version(n: int, k: int) -> CommandRecord:
@@ -73,7 +73,7 @@ def die_after(path: Path, steps: str) -> None:
     script = f"""
 import os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_command_journal import queued
+from test_command_journal import queued, version
 from hub.fleet import CommandStore
 store = CommandStore({str(path)!r})
 {textwrap.dedent(steps)}
@@ -91,20 +91,20 @@ def test_what_was_flushed_survives_a_killed_process(tmp_path: Path) -> None:
         store.put(queued(2))
         store.flush()
         store.sync()  # 1 and 2 in SQLite
-        store.put(queued(2, sent=True))
+        store.put(version(2, 1))
         store.put(queued(3))
         store.flush()  # the newer 2 and 3 in the journal only
         store.put(queued(4))  # put, never flushed: not promised, lost with the process
         """,
     )
     assert sqlite_ids(path) == ["c-1", "c-2"]
-    assert [stored(path, f"c-{n}") for n in (1, 2, 3, 4)] == [queued(1), queued(2, sent=True), queued(3), None]
+    assert [stored(path, f"c-{n}") for n in (1, 2, 3, 4)] == [queued(1), version(2, 1), queued(3), None]
     left = journal_files(path)
     assert len(left) == 1  # the one written after the sync (the one before it was removed)
     reopened = CommandStore(path)
     try:
         assert sqlite_ids(path) == ["c-1", "c-2", "c-3"]  # replayed at the open
-        assert [reopened.get(f"c-{n}") for n in (1, 2, 3, 4)] == [queued(1), queued(2, sent=True), queued(3), None]
+        assert [reopened.get(f"c-{n}") for n in (1, 2, 3, 4)] == [queued(1), version(2, 1), queued(3), None]
         assert [p for p in journal_files(path) if p in left] == []
     finally:
         reopened.close()
@@ -123,19 +123,19 @@ def test_a_failed_sqlite_write_keeps_the_journal_until_one_works(tmp_path: Path)
         store.put(queued(2))
         with pytest.raises(sqlite3.Error, match="disk full"):
             store.sync()
-        store.put(queued(1, sent=True))
+        store.put(version(1, 1))
         store.flush()  # flushes go on meanwhile
         with pytest.raises(sqlite3.Error):
             store.sync()
         assert sqlite_ids(path) == []
-        assert [stored(path, f"c-{n}") for n in (1, 2)] == [queued(1, sent=True), queued(2)]
+        assert [stored(path, f"c-{n}") for n in (1, 2)] == [version(1, 1), queued(2)]
         assert len(journal_files(path)) == 3  # two retired, unsynced, and the current one
         with contextlib.closing(sqlite3.connect(path)) as other:
             other.execute("DROP TRIGGER refuse")
             other.commit()
         assert store.sync() == 2
         assert sqlite_ids(path) == ["c-1", "c-2"]
-        assert store.get("c-1") == queued(1, sent=True)  # the newer version, not the retired file's
+        assert store.get("c-1") == version(1, 1)  # the newer version, not the retired file's
         assert [p.stat().st_size for p in journal_files(path)] == [0]
     finally:
         store.close()
@@ -162,8 +162,7 @@ def test_journal_lines_keep_integers_orjson_cannot(tmp_path: Path) -> None:
     big = 2**70 + 1
     store = CommandStore(path)
     try:
-        rec = queued(1, sent=True).after(CommandEvent.ACK, 3.0, delivered_at=3.0)
-        rec = rec.after(CommandEvent.SUCCEED, 4.0, result={"big": big, "s": "é\u2028"})
+        rec = version(1, 2).after(CommandEvent.SUCCEED, 4.0, result={"big": big, "s": "é\u2028"})
         store.put(rec)
         store.flush()
         assert stored(path, "c-1") == rec
