@@ -37,6 +37,7 @@ __all__ = [
     "hub_limit_overrides",
     "listening_ports",
     "rss_bytes",
+    "sched_seconds",
     "toml_config",
     "tree_cpu_seconds",
 ]
@@ -78,6 +79,21 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def sched_seconds(pid: int) -> tuple[float, float, int]:
+    """What the scheduler did with process `pid`'s live threads: seconds on a CPU, seconds runnable but waiting for one
+    (in a run queue), and timeslices (from /proc/PID/task/*/schedstat; a thread that ended meanwhile drops out)."""
+    run = wait = slices = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except OSError:  # the thread ended
+            continue
+        run += int(fields[0])
+        wait += int(fields[1])
+        slices += int(fields[2])
+    return run / 1e9, wait / 1e9, slices
 
 
 def descendants(pid: int) -> list[int]:

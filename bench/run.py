@@ -40,8 +40,10 @@ from bench.procs import (
     HubProcess,
     VictoriaMetrics,
     cpu_seconds,
+    descendants,
     hub_limit_overrides,
     rss_bytes,
+    sched_seconds,
     tree_cpu_seconds,
 )
 from bench.wire import FIELDS_PER_POINT
@@ -362,6 +364,7 @@ TABLES: dict[str, list[tuple[str, str]]] = {
         ("stream pts/s", "stream_points_per_s"),
         ("hops p50/p99 ms", "hops_ms"),
         ("slowest: its hops ms", "slowest_ms"),
+        ("cores / run-queue wait us per slice", "sched_cell"),
     ],
     "storm": [
         ("target", "target"),
@@ -394,7 +397,7 @@ class Table:
         self.columns = TABLES[name]
         self.widths = [max(12, len(h) + 1) for h, _ in self.columns]
         print(f"\n== {name}")
-        print("".join(h.rjust(w) for (h, _), w in zip(self.columns, self.widths, strict=True)), flush=True)
+        print("".join(_cell(h, w) for (h, _), w in zip(self.columns, self.widths, strict=True)), flush=True)
 
     def row(self, values: dict[str, Any]) -> None:
         """Print one row."""
@@ -402,7 +405,12 @@ class Table:
             print(f"   error: {values['error']}", flush=True)
             return
         cells = [_fmt(values.get(key)) for _, key in self.columns]
-        print("".join(c.rjust(w) for c, w in zip(cells, self.widths, strict=True)), flush=True)
+        print("".join(_cell(c, w) for c, w in zip(cells, self.widths, strict=True)), flush=True)
+
+
+def _cell(text: str, width: int) -> str:
+    """`text` right-aligned in `width`, with a space before it however long it is (cells never run together)."""
+    return text.rjust(width) if len(text) < width else " " + text
 
 
 # ---------------------------------------------------------------------------- the bench
@@ -432,6 +440,43 @@ def slowest_figure(hops: dict[str, list[float]]) -> str | None:
     took, *steps = slowest
     cells = [f"{hop} {step * 1000:.2g}" for hop, step in zip(HOPS, steps, strict=False)]
     return f"{took * 1000:.3g} = " + " · ".join(cells)
+
+
+def sched_window(roles: dict[str, list[int]]) -> dict[str, tuple[float, float, int]]:
+    """`sched_seconds` of each role's processes, summed (a process gone meanwhile counts nothing)."""
+    out = {}
+    for role, pids in roles.items():
+        run = wait = 0.0
+        slices = 0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                r, w, n = sched_seconds(pid)
+                run, wait, slices = run + r, wait + w, slices + n
+        out[role] = run, wait, slices
+    return out
+
+
+def sched_figures(
+    before: dict[str, tuple[float, float, int]], after: dict[str, tuple[float, float, int]], seconds: float
+) -> dict[str, dict[str, float]]:
+    """Each role's share of the machine over a window of `seconds` (two `sched_window`s): the CPUs it used (`cores`),
+    and how long its threads waited in a run queue for one, per second (`wait_ms_per_s`) and per timeslice
+    (`wait_us_per_slice`): whether the processes a command passes through got a CPU when they had work."""
+    out = {}
+    for role, (run1, wait1, slices1) in after.items():
+        run0, wait0, slices0 = before.get(role, (0.0, 0.0, 0))
+        slices = slices1 - slices0
+        out[role] = {
+            "cores": (run1 - run0) / seconds,
+            "wait_ms_per_s": (wait1 - wait0) / seconds * 1000,
+            "wait_us_per_slice": (wait1 - wait0) / slices * 1e6 if slices > 0 else 0.0,
+        }
+    return out
+
+
+def sched_cell(figures: dict[str, dict[str, float]]) -> str:
+    """`sched_figures` in one cell: ``hub 0.52/56 · fleet 0.25/85 · ...`` (cores / µs waited per timeslice)."""
+    return " · ".join(f"{role} {f['cores']:.2f}/{f['wait_us_per_slice']:.0f}" for role, f in figures.items())
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -798,19 +843,32 @@ class Bench(EdgeScenarios, ClusterScenarios):
                 "acks": target == "hub",
                 "drain_timeout": DRAIN_TIMEOUT,
             }
-            gens = await self.generators(label, t.port, self.tokens[: n - apart], n, **stream)
+            fleet = await self.generators(label, t.port, self.tokens[: n - apart], n, **stream)
+            commanded = []
             if apart:
-                gens += await self.generators(f"{label}_targets", t.port, self.tokens[n - apart : n], n, **stream)
+                commanded = await self.generators(f"{label}_targets", t.port, self.tokens[n - apart : n], n, **stream)
+            gens = fleet + commanded
             try:
                 await self.ready(gens, n)
                 await self.go(gens)
                 await trio.sleep(min(2.0, plan.command_interval * 2))
                 names = [token.rpartition(".")[0] for token in self.tokens[n - apart if apart else 0 : n]]
                 hops: dict[str, list[float]] = {}
+                # What the processes a command passes through got of the machine while the commands ran.
+                roles = {
+                    "hub" if target == "hub" else "relay": [t.pid, *descendants(t.pid)],
+                    "fleet": [g.pid for g in fleet],
+                    "commanded": [g.pid for g in commanded],
+                    "operator": [os.getpid()],
+                }
+                if target == "hub":
+                    roles["database"] = [self.vm.pid]
+                sched0, started = sched_window(roles), time.monotonic()
                 if target == "hub":
                     latencies, failures = await self._hub_commands(t.port, names, self.operator_token, hops)
                 else:
                     latencies, failures = await self._relay_commands(t.port, names)
+                sched = sched_figures(sched0, sched_window(roles), time.monotonic() - started)
                 for g in gens:
                     await g.send("stop")
                 results = [await g.expect("result", DRAIN_TIMEOUT + 60) for g in gens]
@@ -833,6 +891,8 @@ class Bench(EdgeScenarios, ClusterScenarios):
             "stream_points_per_s": n * plan.command_points / plan.command_interval,
             "hops_ms": hop_figures(hops) if hops else None,
             "slowest_ms": slowest_figure(hops) if hops else None,
+            "sched": sched,
+            "sched_cell": sched_cell(sched),
             "generator": r,
         }
         if target == "hub":

@@ -7,6 +7,8 @@ exactly the acked points.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 from bench import profile
-from bench.run import HOPS, Plan, run_bench
+from bench.procs import sched_seconds
+from bench.run import HOPS, Plan, run_bench, sched_cell, sched_figures
 from bench.wire import client_frame, parse_ack, telemetry_template
 from device_client import protocol
 
@@ -59,6 +62,26 @@ def test_profile_summary_counts_self_and_total(tmp_path: Path) -> None:
     assert summary["threads"] == {"worker": 60, "main": 40}
     totals = {row["function"]: row["samples"] for row in summary["top_total_main"]}
     assert totals["run (a/app.py)"] == 40
+
+
+def test_sched_seconds_counts_this_process_on_a_cpu() -> None:
+    run0, wait0, slices0 = sched_seconds(os.getpid())
+    spent = time.thread_time() + 0.05
+    while time.thread_time() < spent:  # 50 ms of this thread's CPU, however busy the machine is
+        pass
+    run1, wait1, slices1 = sched_seconds(os.getpid())
+    assert run1 - run0 >= 0.049
+    assert wait1 >= wait0 and slices1 >= slices0  # no switch at all on an idle CPU: no new slice
+
+
+def test_sched_figures_per_role() -> None:
+    before = {"hub": (1.0, 0.5, 100), "fleet": (2.0, 0.0, 10)}
+    after = {"hub": (1.5, 0.6, 300), "fleet": (2.2, 0.0, 10), "operator": (0.1, 0.01, 50)}
+    figures = sched_figures(before, after, 2.0)
+    assert figures["hub"] == pytest.approx({"cores": 0.25, "wait_ms_per_s": 50.0, "wait_us_per_slice": 500.0})
+    assert figures["fleet"] == pytest.approx({"cores": 0.1, "wait_ms_per_s": 0.0, "wait_us_per_slice": 0.0})
+    assert figures["operator"]["wait_us_per_slice"] == pytest.approx(200.0)  # started in the window: from zero
+    assert sched_cell(figures) == "hub 0.25/500 · fleet 0.10/0 · operator 0.05/200"
 
 
 @pytest.mark.e2e
@@ -107,6 +130,12 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
     assert commands[0]["db_verified"] is True  # both generators' points: 20 devices streamed
     _assert_hops(commands[0])
     assert commands[1]["hops_ms"] is None  # the relay: no steps to time
+    roles = {"fleet", "commanded", "operator"}
+    assert commands[0]["sched"].keys() == roles | {"hub", "database"}
+    assert commands[1]["sched"].keys() == roles | {"relay"}
+    for row, target in zip(commands, ("hub", "relay"), strict=True):
+        assert row["sched"][target]["cores"] > 0 and row["sched"]["operator"]["cores"] > 0  # both had commands to do
+        assert all(f["wait_us_per_slice"] >= 0 for f in row["sched"].values())
     slowest, _, its_hops = commands[0]["slowest_ms"].partition(" = ")
     assert float(slowest) == pytest.approx(commands[0]["max_ms"], rel=0.01)  # the max, and where its time went
     names = [cell.rpartition(" ")[0] for cell in its_hops.split(" · ")]
