@@ -88,6 +88,9 @@ class Plan:
     # The commands go to this many of the streaming devices, simulated in a generator process of their own (0: all
     # in one process, as before 2026-12-05). A device is a machine of its own: it never waits for 999 others' acks.
     command_targets: int = 10
+    # Seconds from one command's answer to the next command (0: one after another). Back to back, the command path
+    # is half the hub's work in the window; spaced out, a command meets the stream as an operator's would.
+    command_gap: float = 0.0
     command_interval: float = 1.0  # the command scenario's streaming: one message per device per interval ...
     command_points: int = 10  # ... of this many points
     storm_devices: int = 5000
@@ -178,12 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdk", type=_combos, metavar="DxP,...", help="ingest runs through device_client ('' for none)")
     p.add_argument("--connections", type=_ints, metavar="N,...", help="idle fleet sizes")
     p.add_argument("--command-devices", type=int, metavar="N", help="streaming devices in the command scenario")
-    p.add_argument("--commands", type=int, metavar="N", help="commands sent one after another")
+    p.add_argument("--commands", type=int, metavar="N", help="commands sent, one after another (see --command-gap)")
     p.add_argument(
         "--command-targets",
         type=int,
         metavar="N",
         help="commanded devices, simulated in a process of their own (default 10; 0: one process for all)",
+    )
+    p.add_argument(
+        "--command-gap",
+        type=float,
+        metavar="S",
+        help="seconds from one command's answer to the next command (default 0: one after another)",
     )
     p.add_argument("--storm-devices", type=int, metavar="N", help="devices in the reconnect storm")
     p.add_argument("--surge-devices", type=int, metavar="N", help="devices connecting at once in the surge")
@@ -220,6 +229,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         "command_devices",
         "commands",
         "command_targets",
+        "command_gap",
     ):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
@@ -881,6 +891,7 @@ class Bench(EdgeScenarios, ClusterScenarios):
             "devices": n,
             "targets": f"{apart} apart" if apart else "all",
             "commands": plan.commands,
+            "command_gap_s": plan.command_gap,
             "succeeded": len(ms),
             "failures": failures,
             "p50_ms": _percentile(ms, 50),
@@ -914,6 +925,8 @@ class Bench(EdgeScenarios, ClusterScenarios):
         warmup = 5
         async with open_control(f"ws://127.0.0.1:{port}/v1/control", operator_token) as control:
             for i in range(warmup + self.plan.commands):
+                if i and self.plan.command_gap:
+                    await trio.sleep(self.plan.command_gap)
                 device = names[(i * 7919) % len(names)]
                 started, wall = time.perf_counter(), time.time()
                 try:
@@ -944,6 +957,8 @@ class Bench(EdgeScenarios, ClusterScenarios):
         warmup = 5
         async with open_websocket_url(f"ws://127.0.0.1:{port}/relay") as ws:
             for i in range(warmup + self.plan.commands):
+                if i and self.plan.command_gap:
+                    await trio.sleep(self.plan.command_gap)
                 device = names[(i * 7919) % len(names)]
                 started = time.perf_counter()
                 await ws.send_message(json.dumps({"device": device, "id": f"c{i}"}))

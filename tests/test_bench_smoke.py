@@ -96,6 +96,7 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
         command_devices=20,
         commands=10,
         command_targets=3,
+        command_gap=0.01,
         command_interval=0.5,
         storm_devices=30,
         storm_interval=1.0,
@@ -126,6 +127,7 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
     for row in commands:
         assert row["succeeded"] == 10, row
         assert row["targets"] == "3 apart"  # the commanded devices' own generator answered every command
+        assert row["command_gap_s"] == 0.01
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
     assert commands[0]["db_verified"] is True  # both generators' points: 20 devices streamed
     _assert_hops(commands[0])
