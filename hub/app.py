@@ -42,7 +42,7 @@ from hub.fleet import (
     device_summary,
     open_registry_store,
 )
-from hub.gctune import tune_gc
+from hub.gctune import collect_on_time, tune_gc
 from hub.ingest import FileSink, InfluxV1Sink, InfluxV2Sink, Pipeline, PipelineConfig, Sink, Spool
 from hub.ops import HubMetrics
 from hub.stats import Stats
@@ -347,6 +347,7 @@ async def _serve(
             async def run_background(task_status: trio.TaskStatus[int | None]) -> None:
                 with background:
                     async with trio.open_nursery() as tasks:
+                        await tasks.start(collect_on_time)  # young collections of 0.1 s of survivors, not seconds
                         if cluster is not None:
                             await tasks.start(cluster.run)
                         await tasks.start(commands.run)
