@@ -370,9 +370,18 @@ def encode(msg: Message) -> str:
     """The JSON text of one message, compact, ready for a WebSocket text frame."""
     if type(msg) is Ack:
         return encode_ack(msg.seq)
+    if type(msg) is Command:  # the hub writes one per command: its fields as they are, no recursive copy
+        body: dict[str, object] = {
+            "type": "command",
+            "id": msg.id,
+            "name": msg.name,
+            "args": msg.args,
+            "timeout": msg.timeout,
+        }
+        return json.dumps(body, separators=(",", ":"), allow_nan=False)
     kind = _TYPE_NAMES[type(msg)]
     if isinstance(msg, Telemetry):
-        body: dict[str, object] = {
+        body = {
             "type": kind,
             "seq": msg.seq,
             "points": [_wire_point(p) for p in msg.points],

@@ -27,7 +27,7 @@ from hub.edge import Edge, ServerTLS
 from hub.fleet import (
     JOBS_FILE,
     Broadcaster,
-    CommandRecordDict,
+    CommandRecord,
     CommandService,
     CommandStore,
     DesiredAction,
@@ -283,7 +283,10 @@ async def _serve(
         )
         cluster: Cluster | None = None
 
-        def command_changed(record: CommandRecordDict) -> None:
+        def command_changed(rec: CommandRecord) -> None:
+            if cluster is None and not broadcaster.has_command_subscribers():
+                return  # nobody to tell: no record dict built (four a command)
+            record = rec.as_dict()
             broadcaster.command(record)
             if cluster is not None:
                 cluster.command_changed(record)

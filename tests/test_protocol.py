@@ -17,6 +17,7 @@ from device_client.protocol import (
     MAX_TS_MS,
     MIN_TS_MS,
     Ack,
+    Command,
     Error,
     ErrorCode,
     Hello,
@@ -86,6 +87,8 @@ ROUND_TRIP = [
     Error(ErrorCode.BAD_FIELD, "field 'x' has a line break", seq=42),
     Error(ErrorCode.BAD_JSON, "not valid JSON"),
     Error(ErrorCode.INTERNAL),
+    Command("c-1", "ping", {}, 30.0),
+    Command("c-2", "set", {"level": [1, {"deep": 2.5, "s": "é"}], "off": None, "on": True}, 0.5),
 ]
 
 
@@ -101,6 +104,14 @@ def test_round_trip_text_and_bytes(msg: Any) -> None:
 def test_encode_is_compact_json_with_type() -> None:
     text = encode(Ack(7))
     assert text == '{"type":"ack","seq":7}'
+
+
+def test_command_frame_is_compact_and_refuses_what_json_cannot_say() -> None:
+    assert encode(Command("c-1", "ping", {"n": 1}, 30.0)) == (
+        '{"type":"command","id":"c-1","name":"ping","args":{"n":1},"timeout":30.0}'
+    )
+    with pytest.raises(ValueError, match="JSON compliant"):
+        encode(Command("c-1", "set", {"x": float("nan")}, 30.0))
 
 
 def test_error_without_seq_has_no_seq_key() -> None:

@@ -213,6 +213,17 @@ def test_commands_coalesce_by_id_and_filter_by_device() -> None:
     assert [r["command_id"] for r in _drain(d2.buffer)] == ["c-2"]
 
 
+def test_has_command_subscribers_follows_the_command_subscriptions() -> None:
+    b = Broadcaster()
+    tele = b.subscribe("telemetry", None, Wakes())
+    assert not b.has_command_subscribers()  # the hub then builds no record dict for each transition
+    cmds = b.subscribe("commands", ["d2"], Wakes())
+    assert b.has_command_subscribers()
+    b.unsubscribe(cmds)
+    b.unsubscribe(tele)
+    assert not b.has_command_subscribers()
+
+
 def test_topics_do_not_mix() -> None:
     b = Broadcaster()
     tele = b.subscribe("telemetry", None, Wakes())

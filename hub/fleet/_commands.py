@@ -50,7 +50,7 @@ from device_client.protocol import JSON, Command, ProtocolError
 from hub.config import CommandsConfig
 from hub.control_codes import ControlError
 from hub.fleet._command_states import FINAL_STATES, STATES, TIMER_EVENTS, CommandEvent, CommandState, allows
-from hub.fleet._command_store import CommandRecord, CommandRecordDict, CommandStore, RecordChanges
+from hub.fleet._command_store import CommandRecord, CommandStore, RecordChanges
 from hub.ingest import line
 
 # FINAL_STATES, STATES (_command_states.py), CommandRecord and CommandStore (_command_store.py) are re-exported; outside
@@ -142,7 +142,7 @@ class CommandService:
         *,
         device_exists: Callable[[str], Awaitable[bool]],
         write: Callable[[str, int, None], Awaitable[None]],
-        on_change: Callable[[CommandRecordDict], None] | None = None,
+        on_change: Callable[[CommandRecord], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -614,7 +614,7 @@ class CommandService:
             extra={"kv": {"command_id": rec.command_id, "device": rec.device, "name": rec.name}},
         )
         if self._on_change is not None:
-            self._on_change(rec.as_dict())
+            self._on_change(rec)
         if self._points_closed:
             self._lose(1, "pipeline closed")
         elif len(self._points) >= POINT_BUFFER:

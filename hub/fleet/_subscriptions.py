@@ -300,6 +300,10 @@ class Broadcaster:
                 sub.buffer.put(device, summary)
                 sub.notify()
 
+    def has_command_subscribers(self) -> bool:
+        """Whether any subscription wants command events (so the caller can skip building them)."""
+        return bool(self._commands)
+
     def command(self, record: CommandRecordDict) -> None:
         """A command record after a state change (coalesced per command id)."""
         device = record["device"]
