@@ -19,7 +19,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from bench.jsonl import emit, raise_fd_limit, stdin_lines
 from bench.wire import COMMAND_RESULT_PREFIX
 from device_client import protocol
-from hub.gctune import tune_gc
+from hub.gctune import ALLOCATION_THRESHOLDS, tune_gc
 
 __all__ = ["Baseline", "main"]
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: `python -m bench.baseline` (no arguments)."""
     del argv
     raise_fd_limit()
-    tune_gc()  # as the hub does: the harness adds no collector pauses of its own to what it measures
+    tune_gc(ALLOCATION_THRESHOLDS)  # the harness adds no collector pauses of its own to what it measures
     trio.run(_main)
     return 0
 

@@ -32,7 +32,7 @@ from wsproto.utilities import ProtocolError as WSProtocolError
 from bench.jsonl import emit, raise_fd_limit, stdin_lines
 from bench.wire import BASE_TS, client_frame, parse_ack, points_for, telemetry_template
 from device_client import protocol
-from hub.gctune import tune_gc
+from hub.gctune import ALLOCATION_THRESHOLDS, tune_gc
 
 __all__ = ["GenSpec", "LeanFleet", "SdkFleet", "main"]
 
@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: `python -m bench.gen SPEC.json`."""
     args = sys.argv[1:] if argv is None else argv
     raise_fd_limit()
-    tune_gc()  # as the hub does: the harness adds no collector pauses of its own to what it measures
+    tune_gc(ALLOCATION_THRESHOLDS)  # the harness adds no collector pauses of its own to what it measures
     spec = GenSpec.load(args[0])
     trio.run(_main, spec)
     return 0

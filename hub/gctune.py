@@ -7,18 +7,21 @@ import gc
 
 import trio
 
-__all__ = ["COLLECT_EVERY", "GC_THRESHOLDS", "collect_on_time", "due_generation", "tune_gc"]
+__all__ = ["ALLOCATION_THRESHOLDS", "COLLECT_EVERY", "GC_THRESHOLDS", "collect_on_time", "due_generation", "tune_gc"]
 
 #: Cyclic-GC thresholds (Python's are 700, 10, 10). Most of the hub's garbage is freed by reference counting; with the
 #: defaults, collections of the older generations (every live session object scanned) paused the loop for up to 38 ms
 #: (generation 1) and 149 ms (generation 2) at 1,000 streaming devices, the tail of the command round trip. A young
 #: collection's pause grows with what it scans, mostly young survivors: the coroutines, wait objects and scopes of
 #: each session waiting on its socket since its last message (20,000: 51,000 objects, 14-19 ms; 5,000: 6.7-9.5 ms).
-#: Young collections also come on a timer (`collect_on_time`, ten a second), which resets the allocation count, so
-#: generation 1 is collected after 600 young collections (once a minute), generation 2 after 100 of those; 5,000
-#: still triggers one between two ticks in a burst of allocations. The bench's load generator paused 3-9 ms every
-#: 0.3 s (generation 0) and 35-40 ms once a run (generation 2) at 1,000 devices with the defaults.
+#: The hub's young collections also come on a timer (`collect_on_time`, ten a second), which resets the allocation
+#: count, so generation 1 is collected after 600 young collections (once a minute), generation 2 after 100 of those;
+#: 5,000 still triggers one between two ticks in a burst of allocations.
 GC_THRESHOLDS = (5_000, 600, 100)
+#: For a process that collects on allocations alone (no `collect_on_time`): the bench's load generator and relay.
+#: Generation 1 after 80 young collections: 400,000 net allocations, as rare as at 20,000 x 20. The generator paused
+#: 3-9 ms every 0.3 s (generation 0) and 35-40 ms once a run (generation 2) at 1,000 devices with Python's defaults.
+ALLOCATION_THRESHOLDS = (5_000, 80, 100)
 
 #: Seconds between the collections `collect_on_time` makes. What a young collection scans is mostly survivors: each
 #: session's waits since its last message. They die when its next message comes, already in an older generation, and
@@ -28,11 +31,12 @@ GC_THRESHOLDS = (5_000, 600, 100)
 COLLECT_EVERY = 0.1
 
 
-def tune_gc() -> None:
-    """Freeze what start-up allocated (never garbage: modules, configuration) and collect less often."""
+def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
+    """Freeze what start-up allocated (never garbage: modules, configuration) and collect less often: `thresholds`
+    (`GC_THRESHOLDS` with `collect_on_time` running, `ALLOCATION_THRESHOLDS` without it)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    gc.set_threshold(*thresholds)
 
 
 def due_generation(counts: tuple[int, int, int], thresholds: tuple[int, int, int]) -> int:

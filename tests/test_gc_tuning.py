@@ -9,14 +9,15 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from hub.gctune import GC_THRESHOLDS, collect_on_time, due_generation, tune_gc
+from hub.gctune import ALLOCATION_THRESHOLDS, GC_THRESHOLDS, collect_on_time, due_generation, tune_gc
 
 
-def test_tune_gc_freezes_start_up_objects_and_raises_the_thresholds() -> None:
+@pytest.mark.parametrize("thresholds", [GC_THRESHOLDS, ALLOCATION_THRESHOLDS])
+def test_tune_gc_freezes_start_up_objects_and_raises_the_thresholds(thresholds: tuple[int, int, int]) -> None:
     before = gc.get_threshold()
     try:
-        tune_gc()
-        assert gc.get_threshold() == GC_THRESHOLDS
+        tune_gc(thresholds)
+        assert gc.get_threshold() == thresholds
         assert gc.get_freeze_count() > 0  # start-up objects are out of every collection's way
         garbage: list[object] = []
         garbage.append(garbage)  # a cycle made after the freeze is still collected
