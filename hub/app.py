@@ -373,6 +373,7 @@ async def _serve(
                             http_port = None
                         await tasks.start(partial(presence.watch_late, _last_seen(ledgers)))
                         await tasks.start(ledgers.save_loop)
+                        await tasks.start(ledgers.ack_loop)
                         task_status.started(http_port)
 
             metrics_port = await nursery.start(run_background)
