@@ -748,6 +748,29 @@ async def test_wait_reply_for_command_to_offline_device_times_out(tmp_path: Path
         hub.stop()
 
 
+async def test_waits_are_answered_in_deadline_order_and_a_closed_session_leaves_no_hook(tmp_path: Path) -> None:
+    # One timer per session answers the waits still open at their deadlines: a short wait sent after a long one is
+    # answered first (the timer wakes for it), and the long ones' hooks go with the session.
+    ops = add_operators(tmp_path, o="operator")
+    add_devices(tmp_path, "d1")
+    async with trio.open_nursery() as nursery:
+        hub = await start(nursery, tmp_path)
+        async with control(hub, ops["o"]) as ctl:
+            for rid in (1, 2):
+                await ctl.send({"id": rid, "type": "send_command", "device": "d1", "name": "x", "wait": True})
+            await ctl.send(
+                {"id": 3, "type": "send_command", "device": "d1", "name": "y", "wait": True, "wait_timeout": 0.2}
+            )
+            reply = await ctl.recv(20)  # a hang guard: the others wait the default 30 s
+            assert (reply["id"], reply["success"], reply["result"]["state"]) == (3, True, "queued")
+            waiting = [rec.command_id for rec in await hub.commands.list(state="queued")]
+            assert len(waiting) == 3
+        assert hub.commands.when_final(waiting[0], lambda rec: None)  # still open: a hook may go in...
+        hub.commands.when_final(waiting[0], None)
+        await eventually(lambda: not hub.commands._final_hooks, 10)  # ...but the closed session's are gone
+        hub.stop()
+
+
 # ---------------------------------------------------------------------------- subscriptions
 
 

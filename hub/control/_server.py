@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections import deque
@@ -262,18 +264,21 @@ class ControlServer:
 
 
 class _WaitedReply:
-    """The reply to a `send_command` with `wait`. Written by whoever makes the command final, as soon as it is
-    committed (`now`, a `CommandService.when_final` hook), when the connection takes it at once (`send_now`): the
-    session's waiting task would only wake a scheduling round later; else that task sends it."""
+    """The reply to a `send_command` with `wait`, once the command is final or the wait is over.
 
-    __slots__ = ("nursery", "req", "req_id", "sent", "ws")
+    Written by whoever makes the command final, as soon as it is committed (`now`, a `CommandService.when_final`
+    hook): a waiting task would only wake a scheduling round later. The session's one timer task (`_time_out_waits`)
+    answers those still open at their deadline; a command the hook cannot follow (another hub's, or final already)
+    gets a task of its own (`_wait_and_reply`)."""
 
-    def __init__(self, ws: WebSocketConnection, req_id: int, req: SendCommand, nursery: trio.Nursery) -> None:
-        self.ws, self.req_id, self.req, self.nursery = ws, req_id, req, nursery
-        self.sent = False
+    __slots__ = ("command_id", "done", "req", "req_id", "session")
+
+    def __init__(self, session: ControlSession, req_id: int, req: SendCommand, command_id: str) -> None:
+        self.session, self.req_id, self.req, self.command_id = session, req_id, req, command_id
+        self.done = False
 
     def now(self, rec: CommandRecord) -> None:
-        self.sent = send_now(self.ws, encode_reply(self.req_id, self.req, rec.as_dict()), self.nursery)
+        self.session._answer(self, rec.as_dict())
 
 
 class ControlSession:
@@ -292,6 +297,12 @@ class ControlSession:
         self._limited = False  # the latest request was refused for the rate: log only the first of a run
         self.caller = Caller("", "", remote)
         self._waits = trio.Semaphore(MAX_WAITS)
+        # Waited replies the command service's hook answers, by deadline (trio's clock); done ones leave lazily.
+        self._deadlines: list[tuple[float, int, _WaitedReply]] = []
+        self._order = itertools.count()
+        self._timer_at: float | None = None  # when `_time_out_waits` wakes next, while it runs
+        self._timer_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None  # the session's, while it serves requests
         self._scope = trio.CancelScope()
         self._done = trio.Event()
 
@@ -319,6 +330,7 @@ class ControlSession:
                 await self._send(encode_auth_ok(self.operator, self.role))
                 log.info("operator connected", extra=self.kv())
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(self._sender)
                     nursery.start_soon(self._keepalive)
                     await self._read(nursery)
@@ -329,6 +341,7 @@ class ControlSession:
             log.exception("control session failed", extra=self.kv())
             await self._abort(CloseCode.INTERNAL, "internal error")
         finally:
+            self._nursery = None
             for sub in self._subs.values():
                 server.broadcaster.unsubscribe(sub)
             self._subs.clear()
@@ -431,18 +444,7 @@ class ControlSession:
             Operations.check_role(self.caller, spec)
             request = spec.decode(frame.body)
             if isinstance(request, SendCommand) and request.wait:
-                record = await self._submit(request)
-                # The hook goes in before anything awaits: the device's answer may be read in the next round, before
-                # a task started now would run.
-                reply = _WaitedReply(self.ws, frame.id, request, nursery)
-                commands = self.server.commands
-                commands.when_final(record["command_id"], reply.now)
-                try:
-                    await self._waits.acquire()
-                except BaseException:
-                    commands.when_final(record["command_id"], None)
-                    raise
-                nursery.start_soon(self._wait_and_reply, reply, record["command_id"])
+                await self._submit_and_wait(frame.id, request, nursery)
                 return
             handler = _SESSION_HANDLERS.get(spec.request)
             if handler is not None:
@@ -504,29 +506,102 @@ class ControlSession:
     async def _ping(self, req: Ping) -> None:
         return None
 
-    async def _submit(self, req: SendCommand) -> CommandRecordDict:
-        """Submit the command (as `Operations` does for every caller); its record."""
-        return await self.server.operations.submit(self.caller, req)
-
-    async def _wait_and_reply(self, reply: _WaitedReply, command_id: str) -> None:
-        """Reply with the command's record once final (or at the wait's timeout), unless `reply.now` did."""
+    async def _submit_and_wait(self, req_id: int, req: SendCommand, nursery: trio.Nursery) -> None:
+        """Submit the command; reply once it is final, or at the wait's timeout (at most `MAX_WAITS` open: the
+        session reads no more requests until one is answered)."""
+        record = await self.server.operations.submit_record(self.caller, req)
+        # The hook goes in before anything awaits: the device's answer may be read in the next round.
+        reply = _WaitedReply(self, req_id, req, record.command_id)
         commands = self.server.commands
+        hooked = commands.when_final(record.command_id, reply.now)
         try:
-            if reply.sent:
-                return
-            try:
-                record = await self.server.operations.wait_final(reply.req, command_id)
-            except ControlError as exc:
-                await self._send(encode_error(reply.req_id, exc))
-                return
-            finally:
-                commands.when_final(command_id, None)  # from here this task answers (at the timeout: not final)
-            if not reply.sent:
-                await self._send(encode_reply(reply.req_id, reply.req, record))
+            await self._waits.acquire()
+        except BaseException:
+            commands.when_final(record.command_id, None)
+            raise
+        if reply.done:  # answered while the session waited for room
+            return
+        if not hooked:
+            nursery.start_soon(self._wait_and_reply, reply)
+            return
+        at = trio.current_time() + req.wait_timeout
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * MAX_WAITS:  # mostly answered ones: keep the open
+            deadlines[:] = [entry for entry in deadlines if not entry[2].done]
+            heapq.heapify(deadlines)
+        heapq.heappush(deadlines, (at, next(self._order), reply))
+        if self._timer_at is None:
+            self._timer_at = at
+            nursery.start_soon(self._time_out_waits)
+        elif at < self._timer_at:
+            self._timer_wake.set()
+
+    def _answer(self, reply: _WaitedReply, record: CommandRecordDict) -> None:
+        """Send `reply` with `record`: written now when the connection takes it at once (`send_now`), else by a task."""
+        if reply.done:
+            return
+        reply.done = True
+        self._waits.release()
+        text = encode_reply(reply.req_id, reply.req, record)
+        nursery = self._nursery
+        if nursery is not None and not send_now(self.ws, text, nursery):
+            nursery.start_soon(self._send_answer, text)
+
+    async def _send_answer(self, text: str) -> None:
+        try:
+            await self._send(text)
         except ConnectionClosed:
             self._scope.cancel()
+
+    async def _time_out_waits(self) -> None:
+        """Answer each waited reply still open at its deadline with the command as it is then; runs while any is
+        open. At the session's end, the hooks of those still open go."""
+        deadlines = self._deadlines
+        commands = self.server.commands
+        try:
+            while deadlines:
+                at, _, reply = deadlines[0]
+                if reply.done:
+                    heapq.heappop(deadlines)
+                    continue
+                if trio.current_time() < at:
+                    self._timer_at = at
+                    self._timer_wake = trio.Event()
+                    with trio.move_on_at(at):
+                        await self._timer_wake.wait()
+                    continue
+                heapq.heappop(deadlines)
+                commands.when_final(reply.command_id, None)  # from here this task answers
+                try:
+                    record = await commands.wait_final(reply.command_id, 0.0)
+                except ControlError as exc:
+                    if not reply.done:
+                        reply.done = True
+                        self._waits.release()
+                        await self._send_answer(encode_error(reply.req_id, exc))
+                    continue
+                self._answer(reply, record.as_dict())
         finally:
-            self._waits.release()
+            self._timer_at = None
+            for _, _, reply in deadlines:
+                if not reply.done:
+                    commands.when_final(reply.command_id, None)
+            deadlines.clear()
+
+    async def _wait_and_reply(self, reply: _WaitedReply) -> None:
+        """Reply with the command's record once final (or at the wait's timeout), for a command the service's hook
+        does not follow (another hub's, or final already)."""
+        try:
+            try:
+                record = await self.server.operations.wait_final(reply.req, reply.command_id)
+            except ControlError as exc:
+                reply.done = True
+                self._waits.release()
+                await self._send(encode_error(reply.req_id, exc))
+                return
+            self._answer(reply, record)
+        except ConnectionClosed:
+            self._scope.cancel()
 
     @_handles(Subscribe)
     async def _subscribe(self, req: Subscribe) -> Subscribed:

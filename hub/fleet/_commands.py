@@ -596,8 +596,8 @@ class CommandService:
 
     def _announce(self, rec: CommandRecord) -> None:
         """Tell waiters, subscribers, the log and the database (a point) about a transition. The log says at info
-        level how a command ended unless it succeeded ("command submitted" said who sent it; every transition is a
-        point and an event): one info line per command that went well, not two."""
+        level how a command ended unless it succeeded (the record says who sent it; every transition is a point and
+        an event): no info line for a command that went well."""
         if rec.final:
             hook = self._final_hooks.pop(rec.command_id, None)
             if hook is not None:
