@@ -1,12 +1,14 @@
 """The transport baseline: a bare trio-websocket server that only receives (run as `python -m bench.baseline`).
 
-It answers a device's first message with a fixed `welcome`, then counts what arrives and never acks. For the
-command round trip it relays: an operator on `/relay` sends `{"device": NAME, "id": ID}`, the server sends that
+It answers a device's first message with a fixed `welcome`, then counts what arrives and never acks (with `--ack`,
+it acks each telemetry message as it arrives, as a transport with at-least-once delivery does: MQTT's QoS 1). For
+the command round trip it relays: an operator on `/relay` sends `{"device": NAME, "id": ID}`, the server sends that
 device a `command`, and forwards the device's `command_result` back. Commands on stdin: `report`, `reset`, `exit`.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import sys
@@ -17,7 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from bench.jsonl import emit, raise_fd_limit, stdin_lines
-from bench.wire import COMMAND_RESULT_PREFIX
+from bench.wire import COMMAND_RESULT_PREFIX, TELEMETRY_PREFIX
 from device_client import protocol
 from hub.gctune import ALLOCATION_THRESHOLDS, tune_gc
 
@@ -32,7 +34,8 @@ CLOSE_TIMEOUT = 2.0
 class Baseline:
     """Counts received messages; relays commands between `/relay` operators and devices."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ack: bool = False) -> None:
+        self.ack = ack  # ack each telemetry message on arrival
         self.devices: dict[str, WebSocketConnection] = {}
         self.waiting: dict[str, WebSocketConnection] = {}  # command id -> the operator that sent it
         self.connections = 0
@@ -82,6 +85,9 @@ class Baseline:
                 self.t_last = now
                 if text.startswith(COMMAND_RESULT_PREFIX):
                     await self._result(text)
+                elif self.ack and text.startswith(TELEMETRY_PREFIX):
+                    start = len(TELEMETRY_PREFIX)
+                    await ws.send_message(protocol.encode_ack(int(text[start : text.index(",", start)])))
         except ConnectionClosed:
             pass
         finally:
@@ -111,8 +117,8 @@ class Baseline:
             pass
 
 
-async def _main() -> None:
-    baseline = Baseline()
+async def _main(ack: bool) -> None:
+    baseline = Baseline(ack=ack)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
             partial(
@@ -141,11 +147,13 @@ async def _main() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: `python -m bench.baseline` (no arguments)."""
-    del argv
+    """Entry point: `python -m bench.baseline [--ack]`."""
+    parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ack", action="store_true", help="ack each telemetry message as it arrives")
+    args = parser.parse_args(argv)
     raise_fd_limit()
     tune_gc(ALLOCATION_THRESHOLDS)  # the harness adds no collector pauses of its own to what it measures
-    trio.run(_main)
+    trio.run(_main, args.ack)
     return 0
 
 

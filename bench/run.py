@@ -91,6 +91,9 @@ class Plan:
     # Seconds from one command's answer to the next command (0: one after another). Back to back, the command path
     # is half the hub's work in the window; spaced out, a command meets the stream as an operator's would.
     command_gap: float = 0.0
+    # Also run the relay acking each telemetry message as it arrives (a third row, "transport+acks"): the relay of
+    # record acks nothing, so its streaming devices' generator has no acks to read either.
+    relay_acks: bool = False
     command_interval: float = 1.0  # the command scenario's streaming: one message per device per interval ...
     command_points: int = 10  # ... of this many points
     storm_devices: int = 5000
@@ -194,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds from one command's answer to the next command (default 0: one after another)",
     )
+    p.add_argument(
+        "--relay-acks",
+        action="store_true",
+        help="commands: also run the relay acking each telemetry message on arrival (a third row)",
+    )
     p.add_argument("--storm-devices", type=int, metavar="N", help="devices in the reconnect storm")
     p.add_argument("--surge-devices", type=int, metavar="N", help="devices connecting at once in the surge")
     p.add_argument("--slow-sockets", type=int, metavar="N", help="slow-handshake sockets beside good devices")
@@ -245,6 +253,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         changes["profile_seconds"] = args.profile_seconds
     if args.profile_gil:
         changes["profile_gil"] = True
+    if args.relay_acks:
+        changes["relay_acks"] = True
     if args.profile:
         changes["profile_devices"], changes["profile_points"] = args.profile[0]
     if args.hub_arg:
@@ -552,21 +562,23 @@ class Bench(EdgeScenarios, ClusterScenarios):
         hub.start()
         return hub
 
-    async def start_baseline(self, label: str) -> tuple[Child, int]:
-        """A fresh transport-baseline server; it and its port."""
+    async def start_baseline(self, label: str, *, ack: bool = False) -> tuple[Child, int]:
+        """A fresh transport-baseline server (acking each telemetry message with `ack`); it and its port."""
         self._runs += 1
-        child = await Child.start(f"baseline-{self._runs:02d}-{label}", ["bench.baseline"], self.logs)
+        args = ["bench.baseline", "--ack"] if ack else ["bench.baseline"]
+        child = await Child.start(f"baseline-{self._runs:02d}-{label}", args, self.logs)
         port = (await child.expect("listening", 20))["port"]
         return child, int(port)
 
     @asynccontextmanager
-    async def target(self, kind: str, label: str) -> AsyncIterator[Target]:
-        """A fresh hub (`kind` "hub") or transport baseline (`kind` "transport"), stopped on exit."""
+    async def target(self, kind: str, label: str, *, ack: bool = False) -> AsyncIterator[Target]:
+        """A fresh hub (`kind` "hub") or transport baseline (`kind` "transport", acking telemetry with `ack`), stopped
+        on exit."""
         if kind == "hub":
             hub = self.start_hub(label)
             target = Target(kind, hub.pid, hub.port, hub=hub)
         else:
-            child, port = await self.start_baseline(label)
+            child, port = await self.start_baseline(label, ack=ack)
             target = Target(kind, child.pid, port, baseline=child)
         try:
             yield target
@@ -833,9 +845,15 @@ class Bench(EdgeScenarios, ClusterScenarios):
 
     async def commands(self, table: Table) -> dict[str, Any]:
         """Round-trip latency operator -> device -> operator while the devices stream."""
-        return {"runs": await self._on_both_targets(table, self._commands)}
+        runs = await self._on_both_targets(table, self._commands)
+        if self.plan.relay_acks:
+            row = await self._guarded(self._commands, "transport", True)
+            table.row(row)
+            runs.append(row)
+        return {"runs": runs}
 
-    async def _commands(self, target: str) -> dict[str, Any]:
+    async def _commands(self, target: str, acking: bool = False) -> dict[str, Any]:
+        """One target's row; `acking`: the transport acks each telemetry message (`--relay-acks`)."""
         plan = self.plan
         n = plan.command_devices
         # The commanded devices stream like the rest, from a process of their own: in one process with all the
@@ -844,13 +862,13 @@ class Bench(EdgeScenarios, ClusterScenarios):
         apart = min(plan.command_targets, n)
         label = f"cmd_{n}"
         measurement = self.measurement(label)
-        async with self.target(target, label) as t:
+        async with self.target(target, label, ack=acking) as t:
             stream = {
                 "measurement": measurement,
                 "points": plan.command_points,
                 "interval": plan.command_interval,
                 "duration": 0,
-                "acks": target == "hub",
+                "acks": target == "hub" or acking,
                 "drain_timeout": DRAIN_TIMEOUT,
             }
             fleet = await self.generators(label, t.port, self.tokens[: n - apart], n, **stream)
@@ -887,7 +905,7 @@ class Bench(EdgeScenarios, ClusterScenarios):
         r = _merge(results)
         ms = sorted(x * 1000 for x in latencies)
         row = {
-            "target": target,
+            "target": "transport+acks" if acking else target,
             "devices": n,
             "targets": f"{apart} apart" if apart else "all",
             "commands": plan.commands,

@@ -21,6 +21,8 @@ FIELDS_PER_POINT = 2
 ACK_PREFIX = '{"type":"ack","seq":'
 #: What `protocol.encode(CommandResult(...))` starts with (the baseline relay forwards these).
 COMMAND_RESULT_PREFIX = '{"type":"command_result"'
+#: How every telemetry message of `telemetry_template` begins; its seq follows.
+TELEMETRY_PREFIX = '{"type":"telemetry","seq":'
 
 _VALUE = 21.537  # not a short literal: float formatting costs what it costs for real readings
 

@@ -97,6 +97,7 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
         commands=10,
         command_targets=3,
         command_gap=0.01,
+        relay_acks=True,
         command_interval=0.5,
         storm_devices=30,
         storm_interval=1.0,
@@ -124,6 +125,10 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
         assert row["connected"] == 50 and row["kib_per_connection"] is not None
 
     commands = results["scenarios"]["commands"]["runs"]
+    assert [r["target"] for r in commands] == ["hub", "transport", "transport+acks"]
+    assert commands[1]["generator"]["acked_points"] == 0  # the relay of record acks nothing...
+    assert commands[2]["generator"]["acked_points"] > 0  # ...with --relay-acks, every telemetry message
+    assert commands[2]["generator"]["drained"] is True
     for row in commands:
         assert row["succeeded"] == 10, row
         assert row["targets"] == "3 apart"  # the commanded devices' own generator answered every command
@@ -135,7 +140,8 @@ async def test_harness_smoke_run(tmp_path: Path) -> None:
     roles = {"fleet", "commanded", "operator"}
     assert commands[0]["sched"].keys() == roles | {"hub", "database"}
     assert commands[1]["sched"].keys() == roles | {"relay"}
-    for row, target in zip(commands, ("hub", "relay"), strict=True):
+    assert commands[2]["sched"].keys() == roles | {"relay"}
+    for row, target in zip(commands, ("hub", "relay", "relay"), strict=True):
         assert row["sched"][target]["cores"] > 0 and row["sched"]["operator"]["cores"] > 0  # both had commands to do
         assert all(f["wait_us_per_slice"] >= 0 for f in row["sched"].values())
     slowest, _, its_hops = commands[0]["slowest_ms"].partition(" = ")
