@@ -3,7 +3,8 @@ periodically and at shutdown."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -13,6 +14,8 @@ from device_client.protocol import Point
 from hub.fleet import DeviceLedger, Ledgers, Registry, SQLiteStore, StoreUnavailable, registry_path
 from hub.fleet._ledger import ACK_CHUNK, ACK_SPREAD, LATEST_CHUNK
 from tests.waiting import eventually
+
+OnDurable = Callable[[list[tuple[object, int]]], Awaitable[None]]
 
 
 def _registry(tmp_path: Path, *names: str) -> Registry:
@@ -248,73 +251,64 @@ class _Session:
         self.told.append((self.name, trio.current_time()))
 
 
-def _listening(ledgers: Ledgers, names: list[str], told: list[tuple[str, float]]) -> list[DeviceLedger]:
-    devices = [ledgers.get(name, 0) for name in names]
-    for ledger in devices:
-        ledger.listener = _Session(ledger.name, told)
-    return devices
+@asynccontextmanager
+async def _ack_loop_running(
+    tmp_path: Path, names: list[str]
+) -> AsyncIterator[tuple[list[DeviceLedger], list[tuple[str, float]], OnDurable]]:
+    """Ledgers of `names`, each with a session that records when it was told; the ack loop runs inside."""
+    with _registry(tmp_path, *names) as registry:
+        ledgers = Ledgers(SQLiteStore(registry))
+        told: list[tuple[str, float]] = []
+        devices = [ledgers.get(name, 0) for name in names]
+        for ledger in devices:
+            ledger.listener = _Session(ledger.name, told)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ledgers.ack_loop)
+            yield devices, told, ledgers.on_durable_callback()
+            nursery.cancel_scope.cancel()
 
 
 async def test_with_the_ack_loop_a_writes_acks_are_spread_and_durable_moves_at_once(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     names = [f"d{i}" for i in range(3 * ACK_CHUNK + 1)]  # four chunks: three gaps of ACK_SPREAD / 3
-    with _registry(tmp_path, *names) as registry:
-        ledgers = Ledgers(SQLiteStore(registry))
-        told: list[tuple[str, float]] = []
-        devices = _listening(ledgers, names, told)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(ledgers.ack_loop)
-            start = trio.current_time()
-            await ledgers.on_durable_callback()([(ledger, 1) for ledger in devices])
-            assert [ledger.durable for ledger in devices] == [1] * len(names)  # before any session was told
-            assert told == []  # the writer is not held up by the acks
-            await eventually(lambda: len(told) == len(names), 30)
-            nursery.cancel_scope.cancel()
-        assert [name for name, _ in told] == names  # in order
-        at = [when - start for _, when in told]
-        for chunk in range(4):
-            expected = chunk * ACK_SPREAD / 3
-            assert all(abs(t - expected) < 1e-6 for t in at[chunk * ACK_CHUNK : (chunk + 1) * ACK_CHUNK]), at
+    async with _ack_loop_running(tmp_path, names) as (devices, told, on_durable):
+        start = trio.current_time()
+        await on_durable([(ledger, 1) for ledger in devices])
+        assert [ledger.durable for ledger in devices] == [1] * len(names)  # before any session was told
+        assert told == []  # the writer is not held up by the acks
+        await eventually(lambda: len(told) == len(names), 30)
+    assert [name for name, _ in told] == names  # in order
+    at = [when - start for _, when in told]
+    for chunk in range(4):
+        expected = chunk * ACK_SPREAD / 3
+        assert all(abs(t - expected) < 1e-6 for t in at[chunk * ACK_CHUNK : (chunk + 1) * ACK_CHUNK]), at
 
 
 async def test_the_ack_loop_does_not_pause_while_a_later_write_waits(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     names = [f"d{i}" for i in range(4 * ACK_CHUNK)]
-    with _registry(tmp_path, *names) as registry:
-        ledgers = Ledgers(SQLiteStore(registry))
-        told: list[tuple[str, float]] = []
-        devices = _listening(ledgers, names, told)
-        on_durable = ledgers.on_durable_callback()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(ledgers.ack_loop)
-            start = trio.current_time()
-            await on_durable([(ledger, 1) for ledger in devices[: 2 * ACK_CHUNK]])
-            await on_durable([(ledger, 1) for ledger in devices[2 * ACK_CHUNK :]])  # before the loop ran
-            await eventually(lambda: len(told) == len(names), 30)
-            nursery.cancel_scope.cancel()
-        assert [name for name, _ in told] == names
-        first_write = [when - start for _, when in told[: 2 * ACK_CHUNK]]
-        assert first_write == [0.0] * (2 * ACK_CHUNK)  # behind it another write waited: no pause
-        assert told[-1][1] - start == ACK_SPREAD  # the last write's own chunks, one gap apart
+    async with _ack_loop_running(tmp_path, names) as (devices, told, on_durable):
+        start = trio.current_time()
+        await on_durable([(ledger, 1) for ledger in devices[: 2 * ACK_CHUNK]])
+        await on_durable([(ledger, 1) for ledger in devices[2 * ACK_CHUNK :]])  # before the loop ran
+        await eventually(lambda: len(told) == len(names), 30)
+    assert [name for name, _ in told] == names
+    first_write = [when - start for _, when in told[: 2 * ACK_CHUNK]]
+    assert first_write == [0.0] * (2 * ACK_CHUNK)  # behind it another write waited: no pause
+    assert told[-1][1] - start == ACK_SPREAD  # the last write's own chunks, one gap apart
 
 
 async def test_a_cancelled_ack_loop_tells_every_session_left_and_on_durable_tells_them_itself(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     names = [f"d{i}" for i in range(3 * ACK_CHUNK)]
-    with _registry(tmp_path, *names) as registry:
-        ledgers = Ledgers(SQLiteStore(registry))
-        told: list[tuple[str, float]] = []
-        devices = _listening(ledgers, names, told)
-        on_durable = ledgers.on_durable_callback()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(ledgers.ack_loop)
-            await on_durable([(ledger, 1) for ledger in devices])
-            await eventually(lambda: len(told) == ACK_CHUNK, 30)  # the first chunk; the loop sleeps
-            nursery.cancel_scope.cancel()
-        assert [name for name, _ in told] == names  # the rest at once, in order, as the loop ended
-        told.clear()
-        await on_durable([(ledger, 2) for ledger in devices])  # no loop: told within the call, a chunk a step
-        assert [name for name, _ in told] == names
+    async with _ack_loop_running(tmp_path, names) as (devices, told, on_durable):
+        await on_durable([(ledger, 1) for ledger in devices])
+        await trio.testing.wait_all_tasks_blocked()  # before the clock jumps: the loop sleeps after a chunk
+        assert len(told) == ACK_CHUNK
+    assert [name for name, _ in told] == names  # the rest at once, in order, as the loop ended
+    told.clear()
+    await on_durable([(ledger, 2) for ledger in devices])  # no loop: told within the call, a chunk a step
+    assert [name for name, _ in told] == names
