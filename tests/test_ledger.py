@@ -12,7 +12,7 @@ import trio.testing
 
 from device_client.protocol import Point
 from hub.fleet import DeviceLedger, Ledgers, Registry, SQLiteStore, StoreUnavailable, registry_path
-from hub.fleet._ledger import ACK_CHUNK, ACK_SPREAD, LATEST_CHUNK
+from hub.fleet._ledger import ACK_CHUNK, ACK_SPREAD, ADVANCE_CHUNK, LATEST_CHUNK
 from tests.waiting import eventually
 
 OnDurable = Callable[[list[tuple[object, int]]], Awaitable[None]]
@@ -312,3 +312,20 @@ async def test_a_cancelled_ack_loop_tells_every_session_left_and_on_durable_tell
     told.clear()
     await on_durable([(ledger, 2) for ledger in devices])  # no loop: told within the call, a chunk a step
     assert [name for name, _ in told] == names
+
+
+async def test_a_write_of_many_devices_advances_their_ledgers_a_chunk_a_step(tmp_path: Path) -> None:
+    names = [f"d{i}" for i in range(2 * ADVANCE_CHUNK + 1)]
+    with _registry(tmp_path) as registry:
+        ledgers = Ledgers(SQLiteStore(registry))
+        devices = [ledgers.get(name, 0) for name in names]
+        durable_seen: list[int] = []
+
+        async def other() -> None:  # another task: it runs between two chunks
+            durable_seen.append(sum(ledger.durable for ledger in devices))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await ledgers.on_durable_callback()([(ledger, 1) for ledger in devices])
+        assert [ledger.durable for ledger in devices] == [1] * len(names)
+        assert len(durable_seen) == 1 and 0 < durable_seen[0] < len(names) and durable_seen[0] % ADVANCE_CHUNK == 0

@@ -32,9 +32,12 @@ ACK_CHUNK = 8
 #: Seconds over which the acks of one write are spread, `ACK_CHUNK` devices at a time, while `ack_loop` runs and no
 #: later write's acks wait. All at once, a write's acks to ~50 devices were a burst of loopback sends on the loop and
 #: a burst of work for whatever reads them, on the same cores as the commands: spread over 20 ms, the command round
-#: trip's p99 with 1,000 devices streaming fell by a fifth (docs/benchmarks.md, issue 15 item 2, sixth sitting).
-#: `durable` itself moves at once: flow control, `wait_beyond` and the last ack of a closing session never wait.
+#: trip's p99 with 1,000 devices streaming fell by about a tenth in one sitting, within the runs' spread in another
+#: (docs/benchmarks.md, issue 15 item 2, sixth sitting). `durable` itself moves at once: flow control, `wait_beyond`
+#: and the last ack of a closing session never wait for the spread.
 ACK_SPREAD = 0.02
+#: Ledgers advanced in one step of the loop after a write (no I/O: a write of thousands of devices stays short steps).
+ADVANCE_CHUNK = 1000
 
 
 class Listener(Protocol):
@@ -131,6 +134,8 @@ class Ledgers:
                 if ledger.advance(seq, tell=False):
                     unsaved[ledger.name] = seq
                     advanced.append(ledger)
+                    if not len(advanced) % ADVANCE_CHUNK:
+                        await trio.lowlevel.checkpoint()
             self._latest_dirty.update(best)
             if not advanced:
                 return
