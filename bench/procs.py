@@ -38,6 +38,7 @@ __all__ = [
     "listening_ports",
     "rss_bytes",
     "sched_seconds",
+    "sched_threads",
     "toml_config",
     "tree_cpu_seconds",
 ]
@@ -81,19 +82,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def sched_seconds(pid: int) -> tuple[float, float, int]:
-    """What the scheduler did with process `pid`'s live threads: seconds on a CPU, seconds runnable but waiting for one
-    (in a run queue), and timeslices (from /proc/PID/task/*/schedstat; a thread that ended meanwhile drops out)."""
-    run = wait = slices = 0
+def sched_threads(pid: int) -> dict[int, tuple[float, float, int]]:
+    """What the scheduler did with each live thread of process `pid`, by thread id: seconds on a CPU, seconds runnable
+    but waiting for one (in a run queue), and timeslices (from /proc/PID/task/*/schedstat)."""
+    out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "schedstat").read_text().split()
         except OSError:  # the thread ended
             continue
-        run += int(fields[0])
-        wait += int(fields[1])
-        slices += int(fields[2])
-    return run / 1e9, wait / 1e9, slices
+        out[int(task.name)] = int(fields[0]) / 1e9, int(fields[1]) / 1e9, int(fields[2])
+    return out
+
+
+def sched_seconds(pid: int) -> tuple[float, float, int]:
+    """`sched_threads` of process `pid`, summed over its live threads."""
+    threads = sched_threads(pid).values()
+    return sum(t[0] for t in threads), sum(t[1] for t in threads), sum(t[2] for t in threads)
 
 
 def descendants(pid: int) -> list[int]:

@@ -43,7 +43,7 @@ from bench.procs import (
     descendants,
     hub_limit_overrides,
     rss_bytes,
-    sched_seconds,
+    sched_threads,
     tree_cpu_seconds,
 )
 from bench.wire import FIELDS_PER_POINT
@@ -462,34 +462,42 @@ def slowest_figure(hops: dict[str, list[float]]) -> str | None:
     return f"{took * 1000:.3g} = " + " · ".join(cells)
 
 
-def sched_window(roles: dict[str, list[int]]) -> dict[str, tuple[float, float, int]]:
-    """`sched_seconds` of each role's processes, summed (a process gone meanwhile counts nothing)."""
-    out = {}
+#: `sched_threads` of a role's processes: by (process id, thread id).
+SchedWindow = dict[str, dict[tuple[int, int], tuple[float, float, int]]]
+
+
+def sched_window(roles: dict[str, list[int]]) -> SchedWindow:
+    """`sched_threads` of each role's processes (a process gone meanwhile counts nothing)."""
+    out: SchedWindow = {}
     for role, pids in roles.items():
-        run = wait = 0.0
-        slices = 0
+        threads = out[role] = {}
         for pid in pids:
             with contextlib.suppress(OSError):
-                r, w, n = sched_seconds(pid)
-                run, wait, slices = run + r, wait + w, slices + n
-        out[role] = run, wait, slices
+                threads.update(((pid, tid), figures) for tid, figures in sched_threads(pid).items())
     return out
 
 
-def sched_figures(
-    before: dict[str, tuple[float, float, int]], after: dict[str, tuple[float, float, int]], seconds: float
-) -> dict[str, dict[str, float]]:
+def sched_figures(before: SchedWindow, after: SchedWindow, seconds: float) -> dict[str, dict[str, float]]:
     """Each role's share of the machine over a window of `seconds` (two `sched_window`s): the CPUs it used (`cores`),
     and how long its threads waited in a run queue for one, per second (`wait_ms_per_s`) and per timeslice
-    (`wait_us_per_slice`): whether the processes a command passes through got a CPU when they had work."""
+    (`wait_us_per_slice`): whether the processes a command passes through got a CPU when they had work.
+
+    Counted thread by thread: one that ended in the window drops out (a sum over the live threads would go down), one
+    that started in it (or took an ended one's id) counts from zero."""
     out = {}
-    for role, (run1, wait1, slices1) in after.items():
-        run0, wait0, slices0 = before.get(role, (0.0, 0.0, 0))
-        slices = slices1 - slices0
+    for role, threads in after.items():
+        earlier = before.get(role, {})
+        run = wait = 0.0
+        slices = 0
+        for key, (run1, wait1, slices1) in threads.items():
+            run0, wait0, slices0 = earlier.get(key, (0.0, 0.0, 0))
+            if run1 < run0 or wait1 < wait0 or slices1 < slices0:  # not the same thread
+                run0, wait0, slices0 = 0.0, 0.0, 0
+            run, wait, slices = run + run1 - run0, wait + wait1 - wait0, slices + slices1 - slices0
         out[role] = {
-            "cores": (run1 - run0) / seconds,
-            "wait_ms_per_s": (wait1 - wait0) / seconds * 1000,
-            "wait_us_per_slice": (wait1 - wait0) / slices * 1e6 if slices > 0 else 0.0,
+            "cores": run / seconds,
+            "wait_ms_per_s": wait / seconds * 1000,
+            "wait_us_per_slice": wait / slices * 1e6 if slices > 0 else 0.0,
         }
     return out
 

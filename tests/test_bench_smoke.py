@@ -74,14 +74,24 @@ def test_sched_seconds_counts_this_process_on_a_cpu() -> None:
     assert wait1 >= wait0 and slices1 >= slices0  # no switch at all on an idle CPU: no new slice
 
 
-def test_sched_figures_per_role() -> None:
-    before = {"hub": (1.0, 0.5, 100), "fleet": (2.0, 0.0, 10)}
-    after = {"hub": (1.5, 0.6, 300), "fleet": (2.2, 0.0, 10), "operator": (0.1, 0.01, 50)}
+def test_sched_figures_per_role_thread_by_thread() -> None:
+    before = {
+        "hub": {(1, 1): (1.0, 0.5, 100), (1, 2): (9.0, 9.0, 900)},  # thread 2 ends in the window: it drops out
+        "fleet": {(2, 2): (2.0, 0.0, 10)},
+        "relay": {(3, 7): (5.0, 1.0, 500)},
+    }
+    after = {
+        "hub": {(1, 1): (1.5, 0.6, 300)},
+        "fleet": {(2, 2): (2.2, 0.0, 10)},
+        "operator": {(4, 4): (0.1, 0.01, 50)},  # started in the window: from zero
+        "relay": {(3, 7): (0.2, 0.02, 10)},  # a new thread that took an ended one's id: from zero too
+    }
     figures = sched_figures(before, after, 2.0)
     assert figures["hub"] == pytest.approx({"cores": 0.25, "wait_ms_per_s": 50.0, "wait_us_per_slice": 500.0})
     assert figures["fleet"] == pytest.approx({"cores": 0.1, "wait_ms_per_s": 0.0, "wait_us_per_slice": 0.0})
-    assert figures["operator"]["wait_us_per_slice"] == pytest.approx(200.0)  # started in the window: from zero
-    assert sched_cell(figures) == "hub 0.25/500 · fleet 0.10/0 · operator 0.05/200"
+    assert figures["operator"]["wait_us_per_slice"] == pytest.approx(200.0)
+    assert figures["relay"] == pytest.approx({"cores": 0.1, "wait_ms_per_s": 10.0, "wait_us_per_slice": 2000.0})
+    assert sched_cell(figures) == "hub 0.25/500 · fleet 0.10/0 · operator 0.05/200 · relay 0.10/2000"
 
 
 @pytest.mark.e2e
