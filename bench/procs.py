@@ -37,7 +37,6 @@ __all__ = [
     "hub_limit_overrides",
     "listening_ports",
     "rss_bytes",
-    "sched_seconds",
     "sched_threads",
     "toml_config",
     "tree_cpu_seconds",
@@ -93,12 +92,6 @@ def sched_threads(pid: int) -> dict[int, tuple[float, float, int]]:
             continue
         out[int(task.name)] = int(fields[0]) / 1e9, int(fields[1]) / 1e9, int(fields[2])
     return out
-
-
-def sched_seconds(pid: int) -> tuple[float, float, int]:
-    """`sched_threads` of process `pid`, summed over its live threads."""
-    threads = sched_threads(pid).values()
-    return sum(t[0] for t in threads), sum(t[1] for t in threads), sum(t[2] for t in threads)
 
 
 def descendants(pid: int) -> list[int]:

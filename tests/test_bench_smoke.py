@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 from bench import profile
-from bench.procs import sched_seconds
+from bench.procs import sched_threads
 from bench.run import HOPS, Plan, run_bench, sched_cell, sched_figures
 from bench.wire import client_frame, parse_ack, telemetry_template
 from device_client import protocol
@@ -64,12 +65,13 @@ def test_profile_summary_counts_self_and_total(tmp_path: Path) -> None:
     assert totals["run (a/app.py)"] == 40
 
 
-def test_sched_seconds_counts_this_process_on_a_cpu() -> None:
-    run0, wait0, slices0 = sched_seconds(os.getpid())
+def test_sched_threads_counts_this_thread_on_a_cpu() -> None:
+    me = threading.get_native_id()
+    run0, wait0, slices0 = sched_threads(os.getpid())[me]
     spent = time.thread_time() + 0.05
     while time.thread_time() < spent:  # 50 ms of this thread's CPU, however busy the machine is
         pass
-    run1, wait1, slices1 = sched_seconds(os.getpid())
+    run1, wait1, slices1 = sched_threads(os.getpid())[me]
     assert run1 - run0 >= 0.049
     assert wait1 >= wait0 and slices1 >= slices0  # no switch at all on an idle CPU: no new slice
 

@@ -64,15 +64,13 @@ class DeviceLedger:
     latest_saved: float | None = None  # the `last_seen` of the latest values last handed to the store
     _changed: trio.Event | None = None  # made only while someone waits in `wait_beyond`
 
-    def advance(self, seq: int, *, tell: bool = True) -> bool:
-        """Record that every batch up to `seq` is durable (or resolved) and wake any waiter; with `tell`, the session
-        too (else call `tell_listener` later). False if `seq` is not beyond `durable`: nothing changed."""
+    def advance(self, seq: int) -> bool:
+        """Record that every batch up to `seq` is durable (or resolved) and wake any waiter; the session learns it from
+        `tell_listener`. False if `seq` is not beyond `durable`: nothing changed."""
         if seq <= self.durable:
             return False
         self.durable = seq
         self.submitted = max(self.submitted, seq)
-        if tell and self.listener is not None:
-            self.listener.durable_advanced()
         if self._changed is not None:
             self._changed.set()
             self._changed = None
@@ -131,7 +129,7 @@ class Ledgers:
             unsaved = self._unsaved
             advanced: deque[DeviceLedger] = deque()
             for ledger, seq in best.items():
-                if ledger.advance(seq, tell=False):
+                if ledger.advance(seq):
                     unsaved[ledger.name] = seq
                     advanced.append(ledger)
                     if not len(advanced) % ADVANCE_CHUNK:
