@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import signal
+import statistics
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC
@@ -270,9 +271,13 @@ async def test_job_across_200_devices_with_some_offline(tmp_path: Path) -> None:
             assert sorted(c["device"] for c in commands) == sorted(online_names + offline_names)  # one each
             assert {d["ref"] for d in devices} == {c["command_id"] for c in commands}
 
+            # Starts are 1/rate apart on the loop's clock (exactly so on the mock clock: test_runner_keeps_rate_...);
+            # each recorded wall-clock start can come a preemption after its decision on a busy machine, which
+            # shortens one gap and lengthens the one before: the span and the median hold, a single gap need not.
             starts = sorted(d["started"] for d in devices)
             gaps = [b - a for a, b in itertools.pairwise(starts)]
-            assert min(gaps) >= 0.9 / rate  # starts are spaced by 1/rate (clock granularity aside)
+            assert starts[-1] - starts[0] >= (len(starts) - 1) / rate - 0.01
+            assert statistics.median(gaps) >= 0.9 / rate
             for d in devices:  # devices in flight when each started, itself included
                 running = sum(1 for o in devices if o["started"] <= d["started"] < o["finished"])
                 assert running <= in_flight
