@@ -52,7 +52,6 @@ from hub.edge import (
 from hub.fleet import (
     Broadcaster,
     CommandRecord,
-    CommandRecordDict,
     CommandService,
     DeviceStatus,
     JobRunner,
@@ -278,7 +277,8 @@ class _WaitedReply:
         self.done = False
 
     def now(self, rec: CommandRecord) -> None:
-        self.session._answer(self, rec.as_dict())
+        if not self.done:
+            self.session._answer(self, encode_reply(self.req_id, self.req, rec.as_dict()))
 
 
 class ControlSession:
@@ -536,13 +536,13 @@ class ControlSession:
         elif at < self._timer_at:
             self._timer_wake.set()
 
-    def _answer(self, reply: _WaitedReply, record: CommandRecordDict) -> None:
-        """Send `reply` with `record`: written now when the connection takes it at once (`send_now`), else by a task."""
+    def _answer(self, reply: _WaitedReply, text: str) -> None:
+        """Answer `reply` with the frame `text` (its record, or an error), once: written now when the connection takes
+        it at once (`send_now`), else by a task."""
         if reply.done:
             return
         reply.done = True
         self._waits.release()
-        text = encode_reply(reply.req_id, reply.req, record)
         nursery = self._nursery
         if nursery is not None and not send_now(self.ws, text, nursery):
             nursery.start_soon(self._send_answer, text)
@@ -575,12 +575,9 @@ class ControlSession:
                 try:
                     record = await commands.wait_final(reply.command_id, 0.0)
                 except ControlError as exc:
-                    if not reply.done:
-                        reply.done = True
-                        self._waits.release()
-                        await self._send_answer(encode_error(reply.req_id, exc))
+                    self._answer(reply, encode_error(reply.req_id, exc))
                     continue
-                self._answer(reply, record.as_dict())
+                self._answer(reply, encode_reply(reply.req_id, reply.req, record.as_dict()))
         finally:
             self._timer_at = None
             for _, _, reply in deadlines:
@@ -592,16 +589,11 @@ class ControlSession:
         """Reply with the command's record once final (or at the wait's timeout), for a command the service's hook
         does not follow (another hub's, or final already)."""
         try:
-            try:
-                record = await self.server.operations.wait_final(reply.req, reply.command_id)
-            except ControlError as exc:
-                reply.done = True
-                self._waits.release()
-                await self._send(encode_error(reply.req_id, exc))
-                return
-            self._answer(reply, record)
-        except ConnectionClosed:
-            self._scope.cancel()
+            record = await self.server.operations.wait_final(reply.req, reply.command_id)
+        except ControlError as exc:
+            self._answer(reply, encode_error(reply.req_id, exc))
+            return
+        self._answer(reply, encode_reply(reply.req_id, reply.req, record))
 
     @_handles(Subscribe)
     async def _subscribe(self, req: Subscribe) -> Subscribed:
